@@ -1,0 +1,158 @@
+//! Messages between `mesh-agent` and `mesh-manager`.
+//!
+//! The agent keeps one TCP connection open. Flow:
+//! 1. agent → [`AgentMsg::Hello`]; manager → [`ManagerMsg::Welcome`] (or [`ManagerMsg::Refused`]
+//!    and close).
+//! 2. manager → [`ManagerMsg::Assign`] with the node's complete desired state, at once and after
+//!    every change that concerns the node. Each carries a higher `revision`; the agent applies the
+//!    newest and answers [`AgentMsg::Applied`].
+//! 3. agent → [`AgentMsg::TaskStatus`] whenever a task changes state, and [`AgentMsg::Heartbeat`]
+//!    every [`HEARTBEAT_SECS`]. The manager marks a node down after [`NODE_DOWN_SECS`] of silence.
+//!
+//! The assignment is the whole truth for the node: anything the agent owns that it does not name
+//! is stale and goes. While the manager is unreachable the agent keeps the last one applied.
+
+use std::net::IpAddr;
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Attachment, Role, TaskState};
+
+pub const HEARTBEAT_SECS: u64 = 2;
+pub const NODE_DOWN_SECS: u64 = 10;
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum AgentMsg {
+    Hello {
+        version: u32,
+        hostname: String,
+        /// The node's underlay address (VTEP).
+        advertise_addr: IpAddr,
+        /// The id the manager gave this node before, kept in the agent's state dir.
+        node_id: Option<String>,
+    },
+    TaskStatus(TaskStatus),
+    Applied {
+        revision: u64,
+    },
+    Heartbeat,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskStatus {
+    pub task_id: String,
+    pub state: TaskState,
+    /// Why a task failed, e.g. "exit status 1" or "spawn hello-server: No such file or directory".
+    pub error: Option<String>,
+    pub pid: Option<u32>,
+    /// The task's network namespace file on the node.
+    pub netns: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ManagerMsg {
+    Welcome {
+        version: u32,
+        node_id: String,
+        role: Role,
+    },
+    Refused {
+        reason: String,
+    },
+    Assign(Assignment),
+}
+
+/// The complete desired state of one node.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Assignment {
+    pub revision: u64,
+    /// Networks that have at least one task on this node (overlays are built lazily, as in Swarm).
+    pub networks: Vec<NetworkSpec>,
+    pub tasks: Vec<TaskSpec>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkSpec {
+    pub id: String,
+    pub name: String,
+    pub subnet: Ipv4Net,
+    /// The gateway address with its prefix, held by the sandbox's br0.
+    pub gateway: Ipv4Net,
+    pub vni: u32,
+    /// Endpoints of this network on other nodes, with the VTEP that reaches each.
+    pub peers: Vec<Peer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Peer {
+    pub ip: std::net::Ipv4Addr,
+    pub mac: String,
+    /// The underlay address of the node that holds the endpoint.
+    pub vtep: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskSpec {
+    pub id: String,
+    /// `<service>.<slot>.<task id>`: also the name of the task's namespace file.
+    pub name: String,
+    pub service_id: String,
+    pub service_name: String,
+    /// argv of the task's process, run inside its namespace.
+    pub command: Vec<String>,
+    /// One endpoint per network; the first becomes eth0, the next eth1, …
+    pub attachments: Vec<Attachment>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode_frame, encode_frame};
+
+    #[test]
+    fn hello_has_a_stable_wire_form() {
+        let msg = AgentMsg::Hello {
+            version: 1,
+            hostname: "node1".into(),
+            advertise_addr: "192.168.56.11".parse().unwrap(),
+            node_id: None,
+        };
+        let line = encode_frame(&msg);
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "{\"type\":\"hello\",\"version\":1,\"hostname\":\"node1\",\"advertise_addr\":\"192.168.56.11\",\"node_id\":null}\n"
+        );
+        assert_eq!(decode_frame::<AgentMsg>(&line).unwrap(), msg);
+    }
+
+    #[test]
+    fn assignment_round_trips() {
+        let a = ManagerMsg::Assign(Assignment {
+            revision: 7,
+            networks: vec![NetworkSpec {
+                id: "n1".into(),
+                name: "backend".into(),
+                subnet: "10.0.9.0/24".parse().unwrap(),
+                gateway: "10.0.9.1/24".parse().unwrap(),
+                vni: 4096,
+                peers: vec![Peer {
+                    ip: "10.0.9.3".parse().unwrap(),
+                    mac: "02:42:0a:00:09:03".into(),
+                    vtep: "192.168.56.12".parse().unwrap(),
+                }],
+            }],
+            tasks: vec![],
+        });
+        let back: ManagerMsg = decode_frame(&encode_frame(&a)).unwrap();
+        assert_eq!(back, a);
+    }
+
+    #[test]
+    fn garbage_is_a_clear_error() {
+        let err = decode_frame::<AgentMsg>(b"{\"type\":\"nope\"}").unwrap_err();
+        assert!(err.to_string().contains("malformed frame"), "{err}");
+    }
+}

@@ -1,0 +1,268 @@
+//! Messages between `meshctl` and `mesh-manager`.
+//!
+//! The API listens on a Unix socket (default [`DEFAULT_API_SOCKET`]) and optionally on TCP. Each
+//! connection carries newline-delimited JSON frames: the client sends one [`Request`], the
+//! manager answers exactly one [`Response`], and the client may send the next request on the
+//! same connection. A refused request is answered with [`Response::Error`] and changes nothing.
+//!
+//! Objects are named by id, by name, or by an unambiguous id prefix, as with `docker`.
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use serde::{Deserialize, Serialize};
+
+use crate::model::{Availability, Network, Node, TaskState};
+
+/// Where `mesh-manager` listens for `meshctl` unless told otherwise.
+pub const DEFAULT_API_SOCKET: &str = "/run/meshnet/manager.sock";
+
+/// The name of the routing-mesh network; users can neither create nor remove it.
+pub const INGRESS_NETWORK: &str = "ingress";
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Request {
+    NodeLs,
+    NodeInspect {
+        node: String,
+    },
+    /// `meshctl node update`: fields left out are kept.
+    NodeUpdate {
+        node: String,
+        #[serde(default)]
+        availability: Option<Availability>,
+        #[serde(default)]
+        label_add: BTreeMap<String, String>,
+        #[serde(default)]
+        label_rm: Vec<String>,
+    },
+    NetworkCreate {
+        name: String,
+        driver: String,
+        /// A CIDR such as "10.0.9.0/24"; the manager picks a free /24 from 10.0.0.0/8 when absent.
+        /// Kept as text so that the manager validates it and explains what is wrong.
+        #[serde(default)]
+        subnet: Option<String>,
+    },
+    NetworkLs,
+    NetworkInspect {
+        network: String,
+    },
+    NetworkRm {
+        network: String,
+    },
+    ServiceCreate {
+        spec: ServiceSpec,
+    },
+    ServiceLs,
+    ServiceInspect {
+        service: String,
+    },
+    /// The service's tasks, current ones first per slot, then their history.
+    ServicePs {
+        service: String,
+    },
+    ServiceScale {
+        service: String,
+        replicas: u64,
+    },
+    ServiceRm {
+        service: String,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Error { message: String },
+    Nodes { nodes: Vec<NodeInfo> },
+    Node { node: NodeInfo },
+    Networks { networks: Vec<Network> },
+    Network { network: NetworkDetail },
+    Services { services: Vec<ServiceInfo> },
+    Service { service: ServiceInfo },
+    Tasks { tasks: Vec<TaskInfo> },
+    /// The id of the object that a `rm` removed.
+    Removed { id: String },
+}
+
+/// What a user asks for with `meshctl service create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceSpec {
+    pub name: String,
+    pub replicas: u64,
+    /// Network names or ids in a request; the manager stores ids. The first becomes eth0.
+    #[serde(default)]
+    pub networks: Vec<String>,
+    /// Placement constraints such as `node.role==worker` or `node.labels.zone==a`.
+    #[serde(default)]
+    pub constraints: Vec<String>,
+    /// argv of each task's process.
+    pub command: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeInfo {
+    #[serde(flatten)]
+    pub node: Node,
+    /// Tasks the manager wants on this node now.
+    pub tasks: usize,
+    /// The revision of the node's latest assignment, and the one its agent reported applied.
+    pub revision: u64,
+    pub applied_revision: u64,
+}
+
+/// `meshctl network inspect`: the network with its endpoints and the nodes that carry it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkDetail {
+    #[serde(flatten)]
+    pub network: Network,
+    pub created_at: u64,
+    pub endpoints: Vec<NetworkEndpoint>,
+    /// Nodes with at least one endpoint on this network, as in Docker's `Peers`.
+    pub peers: Vec<NetworkPeer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkEndpoint {
+    pub task_id: String,
+    /// The task's full name `<service>.<slot>.<task id>`.
+    pub task_name: String,
+    pub service: String,
+    pub addr: Ipv4Net,
+    pub mac: String,
+    pub node_id: Option<String>,
+    pub node: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkPeer {
+    pub node_id: String,
+    /// The node's hostname.
+    pub name: String,
+    /// The node's underlay address (VTEP).
+    pub ip: IpAddr,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceInfo {
+    pub id: String,
+    /// The spec as stored: `networks` holds network ids.
+    pub spec: ServiceSpec,
+    /// The same networks as `spec.networks`, by name.
+    pub network_names: Vec<String>,
+    /// Tasks that run now, against `spec.replicas`.
+    pub running: usize,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskInfo {
+    pub id: String,
+    /// `<service>.<slot>`, as `docker service ps` shows it.
+    pub name: String,
+    pub service_id: String,
+    pub service_name: String,
+    pub slot: u64,
+    pub node_id: Option<String>,
+    /// The hostname of the node the task is assigned to.
+    pub node: Option<String>,
+    /// `running` for a current task, `shutdown` for one kept as history.
+    pub desired_state: TaskState,
+    pub state: TaskState,
+    pub error: Option<String>,
+    pub pid: Option<u32>,
+    /// The task's network namespace file on its node, once the agent reported it.
+    pub netns: Option<String>,
+    pub endpoints: Vec<TaskEndpoint>,
+    pub created_at: u64,
+    /// When `state` last changed (seconds since the Unix epoch).
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskEndpoint {
+    pub network_id: String,
+    pub network: String,
+    pub addr: Ipv4Net,
+    pub mac: String,
+}
+
+impl TaskEndpoint {
+    pub fn ip(&self) -> Ipv4Addr {
+        self.addr.addr()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{decode_frame, encode_frame};
+
+    #[test]
+    fn requests_have_a_stable_wire_form() {
+        let req = Request::ServiceScale {
+            service: "web".into(),
+            replicas: 3,
+        };
+        let line = encode_frame(&req);
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "{\"type\":\"service_scale\",\"service\":\"web\",\"replicas\":3}\n"
+        );
+        assert_eq!(decode_frame::<Request>(&line).unwrap(), req);
+    }
+
+    #[test]
+    fn optional_request_fields_may_be_left_out() {
+        let req: Request =
+            decode_frame(br#"{"type":"network_create","name":"backend","driver":"overlay"}"#)
+                .unwrap();
+        assert_eq!(
+            req,
+            Request::NetworkCreate {
+                name: "backend".into(),
+                driver: "overlay".into(),
+                subnet: None
+            }
+        );
+    }
+
+    #[test]
+    fn a_negative_replica_count_is_not_a_request() {
+        let err =
+            decode_frame::<Request>(br#"{"type":"service_scale","service":"web","replicas":-1}"#)
+                .unwrap_err();
+        assert!(err.to_string().contains("malformed frame"), "{err}");
+    }
+
+    #[test]
+    fn network_detail_flattens_the_network() {
+        let detail = NetworkDetail {
+            network: Network {
+                id: "abc".into(),
+                name: "backend".into(),
+                driver: "overlay".into(),
+                subnet: "10.0.9.0/24".parse().unwrap(),
+                gateway: "10.0.9.1".parse().unwrap(),
+                vni: 4097,
+                ingress: false,
+            },
+            created_at: 1,
+            endpoints: vec![],
+            peers: vec![NetworkPeer {
+                node_id: "n1".into(),
+                name: "node1".into(),
+                ip: "192.168.56.11".parse().unwrap(),
+            }],
+        };
+        let value: serde_json::Value = serde_json::from_slice(&encode_frame(&detail)).unwrap();
+        assert_eq!(value["vni"], 4097);
+        assert_eq!(value["peers"][0]["ip"], "192.168.56.11");
+        let back: NetworkDetail = decode_frame(&encode_frame(&detail)).unwrap();
+        assert_eq!(back, detail);
+    }
+}
