@@ -6,6 +6,7 @@
 //!
 //! Both are used by the `lab` binary, the lab and guest test tiers, the demo and the benchmarks.
 
+pub mod cluster;
 pub mod guest;
 pub mod lab;
 mod teardown;

@@ -1,4 +1,6 @@
-//! Lab tier (root, host kernel): the lab itself.
+//! Lab tier (root, host kernel): the lab itself, and meshnet clusters built in it.
+
+mod overlay;
 
 use std::fs;
 use std::io::{BufRead, BufReader};

@@ -1,0 +1,318 @@
+//! A meshnet cluster in a lab: `mesh-manager` on node1, `mesh-agent` on every node, and
+//! `meshctl` against the manager's API socket. Everything runs as real processes of the built
+//! binaries, and is removed with the lab.
+
+use std::collections::BTreeMap;
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use proto::api::{NodeInfo, TaskInfo};
+use proto::model::{NodeStatus, TaskState};
+use serde::de::DeserializeOwned;
+
+use crate::lab::{Lab, LabConfig, LabError};
+
+/// The manager's agent port, as Swarm's 2377.
+pub const MANAGER_PORT: u16 = 2377;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClusterError {
+    #[error(transparent)]
+    Lab(#[from] LabError),
+    #[error("`meshctl {args}` failed ({status}): {stderr}")]
+    Meshctl {
+        args: String,
+        status: String,
+        stderr: String,
+    },
+    #[error("`meshctl {args}` printed what is not the expected JSON ({cause}): {stdout}")]
+    Json {
+        args: String,
+        cause: serde_json::Error,
+        stdout: String,
+    },
+    #[error("timed out after {0:?} waiting for {1}")]
+    Timeout(Duration, String),
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
+}
+
+pub type Result<T> = std::result::Result<T, ClusterError>;
+
+/// Where the built binaries are: beside the running test's own executable (target/debug/deps/..).
+pub fn bin_dir() -> PathBuf {
+    let exe = std::env::current_exe().expect("current executable");
+    let dir = exe.parent().expect("executable has a directory");
+    if dir.ends_with("deps") {
+        dir.parent().unwrap().to_path_buf()
+    } else {
+        dir.to_path_buf()
+    }
+}
+
+pub fn bin(name: &str) -> PathBuf {
+    bin_dir().join(name)
+}
+
+pub struct Cluster {
+    pub lab: Lab,
+    agents: BTreeMap<String, u32>,
+    manager: Option<u32>,
+    lb: String,
+}
+
+impl Cluster {
+    /// A lab of `nodes` nodes with the manager on node1 and an agent on each node, all ready.
+    pub fn up(nodes: usize, lb: &str) -> Result<Cluster> {
+        let lab = Lab::up(LabConfig {
+            nodes,
+            ..LabConfig::default()
+        })?;
+        fs::create_dir_all(lab.root().join("logs")).map_err(|cause| ClusterError::Io {
+            what: "create log directory".into(),
+            cause,
+        })?;
+        let mut cluster = Cluster {
+            lab,
+            agents: BTreeMap::new(),
+            manager: None,
+            lb: lb.to_string(),
+        };
+        cluster.start_manager()?;
+        let names: Vec<String> = cluster.lab.nodes().iter().map(|n| n.name.clone()).collect();
+        for n in &names {
+            cluster.start_agent(n)?;
+        }
+        cluster.wait_for(Duration::from_secs(30), "every node ready", |c| {
+            let nodes: Vec<NodeInfo> = c.json(&["node", "ls"]).ok()?;
+            (nodes.len() == names.len() && nodes.iter().all(|n| n.node.status == NodeStatus::Ready))
+                .then_some(())
+        })?;
+        Ok(cluster)
+    }
+
+    pub fn api_socket(&self) -> PathBuf {
+        self.lab.root().join("manager.sock")
+    }
+
+    pub fn manager_data_dir(&self) -> PathBuf {
+        self.lab.root().join("manager")
+    }
+
+    /// An agent's state directory (its namespaces are under `netns/` there).
+    pub fn state_dir(&self, node: &str) -> PathBuf {
+        self.lab.node_dir(node)
+    }
+
+    pub fn log_path(&self, process: &str) -> PathBuf {
+        self.lab.root().join("logs").join(format!("{process}.log"))
+    }
+
+    fn log_file(&self, process: &str) -> Result<(File, File)> {
+        let open = |p: &Path| {
+            File::options()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|cause| ClusterError::Io {
+                    what: format!("open {}", p.display()),
+                    cause,
+                })
+        };
+        let f = open(&self.log_path(process))?;
+        let g = f.try_clone().map_err(|cause| ClusterError::Io {
+            what: "duplicate log file".into(),
+            cause,
+        })?;
+        Ok((f, g))
+    }
+
+    pub fn start_manager(&mut self) -> Result<()> {
+        let node1 = &self.lab.nodes()[0];
+        let (out, err) = self.log_file("manager")?;
+        let mut cmd = Command::new(bin("mesh-manager"));
+        cmd.arg("--listen")
+            .arg(format!("{}:{MANAGER_PORT}", node1.ip))
+            .arg("--data-dir")
+            .arg(self.manager_data_dir())
+            .arg("--api-socket")
+            .arg(self.api_socket())
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let pid = self.lab.spawn("node1", &mut cmd)?;
+        self.manager = Some(pid);
+        let socket = self.api_socket();
+        self.wait_for(Duration::from_secs(10), "the manager's API socket", |_| {
+            socket.exists().then_some(())
+        })
+    }
+
+    pub fn start_agent(&mut self, node: &str) -> Result<()> {
+        let manager_ip = self.lab.nodes()[0].ip;
+        let ip = self.lab.node(node)?.ip;
+        let (out, err) = self.log_file(&format!("agent-{node}"))?;
+        let mut cmd = Command::new(bin("mesh-agent"));
+        cmd.arg("--manager")
+            .arg(format!("{manager_ip}:{MANAGER_PORT}"))
+            .arg("--advertise-addr")
+            .arg(ip.to_string())
+            .arg("--hostname")
+            .arg(node)
+            .arg("--state-dir")
+            .arg(self.state_dir(node))
+            .arg("--lb")
+            .arg(&self.lb)
+            .arg("--reconcile-interval")
+            .arg("2")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let pid = self.lab.spawn(node, &mut cmd)?;
+        self.agents.insert(node.to_string(), pid);
+        Ok(())
+    }
+
+    /// Sends `signal` to the node's agent and waits until it is gone.
+    pub fn kill_agent(&mut self, node: &str, signal: Signal) {
+        if let Some(pid) = self.agents.remove(node) {
+            stop(pid, signal);
+        }
+    }
+
+    pub fn kill_manager(&mut self, signal: Signal) {
+        if let Some(pid) = self.manager.take() {
+            stop(pid, signal);
+        }
+    }
+
+    /// Runs meshctl with `args` from node1.
+    pub fn meshctl(&self, args: &[&str]) -> Result<Output> {
+        let mut cmd = self.lab.command(bin("meshctl"));
+        cmd.arg("--host")
+            .arg(format!("unix://{}", self.api_socket().display()))
+            .args(args)
+            .stdin(Stdio::null());
+        Ok(self.lab.node("node1")?.ns.output(&mut cmd).map_err(LabError::from)?)
+    }
+
+    /// Runs meshctl and returns its stdout; a non-zero exit is an error with its stderr.
+    pub fn meshctl_ok(&self, args: &[&str]) -> Result<String> {
+        let out = self.meshctl(args)?;
+        if !out.status.success() {
+            return Err(ClusterError::Meshctl {
+                args: args.join(" "),
+                status: out.status.to_string(),
+                stderr: String::from_utf8_lossy(&out.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+
+    /// Runs meshctl with `--format json` and parses its output.
+    pub fn json<T: DeserializeOwned>(&self, args: &[&str]) -> Result<T> {
+        let mut full = args.to_vec();
+        full.extend(["--format", "json"]);
+        let stdout = self.meshctl_ok(&full)?;
+        serde_json::from_str(&stdout).map_err(|cause| ClusterError::Json {
+            args: full.join(" "),
+            cause,
+            stdout,
+        })
+    }
+
+    /// The service's current tasks (desired running), by slot.
+    pub fn tasks(&self, service: &str) -> Result<Vec<TaskInfo>> {
+        let mut tasks: Vec<TaskInfo> = self.json(&["service", "ps", service])?;
+        tasks.retain(|t| t.desired_state == TaskState::Running);
+        tasks.sort_by_key(|t| t.slot);
+        Ok(tasks)
+    }
+
+    /// Waits until the service has exactly `n` current tasks, all running with a namespace.
+    pub fn wait_running(&self, service: &str, n: usize) -> Result<Vec<TaskInfo>> {
+        self.wait_for(
+            Duration::from_secs(60),
+            &format!("{n} running tasks of {service}"),
+            |c| {
+                let tasks = c.tasks(service).ok()?;
+                (tasks.len() == n
+                    && tasks
+                        .iter()
+                        .all(|t| t.state == TaskState::Running && t.netns.is_some()))
+                .then_some(tasks)
+            },
+        )
+    }
+
+    /// Runs a command inside a task's network namespace.
+    pub fn task_exec(&self, task: &TaskInfo, args: &[&str]) -> Result<Output> {
+        let ns = task.netns.as_deref().ok_or_else(|| {
+            ClusterError::Timeout(Duration::ZERO, format!("task {} has no namespace", task.name))
+        })?;
+        let ns = netns::Netns::open(Path::new(ns)).map_err(LabError::from)?;
+        let mut cmd = self.lab.command(args[0]);
+        cmd.args(&args[1..]).stdin(Stdio::null());
+        Ok(ns.output(&mut cmd).map_err(LabError::from)?)
+    }
+
+    /// Polls `f` every 100 ms until it returns Some, or fails after `timeout`.
+    pub fn wait_for<T>(
+        &self,
+        timeout: Duration,
+        what: &str,
+        mut f: impl FnMut(&Cluster) -> Option<T>,
+    ) -> Result<T> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(v) = f(self) {
+                return Ok(v);
+            }
+            if Instant::now() > deadline {
+                return Err(ClusterError::Timeout(timeout, what.to_string()));
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// The last lines of every process log, for a failing test's message.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        let Ok(entries) = fs::read_dir(self.lab.root().join("logs")) else {
+            return out;
+        };
+        let mut paths: Vec<PathBuf> = entries.filter_map(|e| e.ok().map(|e| e.path())).collect();
+        paths.sort();
+        for p in paths {
+            let text = fs::read_to_string(&p).unwrap_or_default();
+            let lines: Vec<&str> = text.lines().collect();
+            out += &format!("--- {} (last 40 lines)\n", p.display());
+            for l in &lines[lines.len().saturating_sub(40)..] {
+                out += l;
+                out.push('\n');
+            }
+        }
+        out
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("cluster logs of lab {}:\n{}", self.lab.prefix(), self.logs());
+        }
+    }
+}
+
+fn stop(pid: u32, signal: Signal) {
+    let _ = kill(Pid::from_raw(pid as i32), signal);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    // Our own children become zombies until the lab reaps them: gone means no namespace left.
+    while fs::metadata(format!("/proc/{pid}/ns/net")).is_ok() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
