@@ -197,7 +197,12 @@ impl Cluster {
             .arg(format!("unix://{}", self.api_socket().display()))
             .args(args)
             .stdin(Stdio::null());
-        Ok(self.lab.node("node1")?.ns.output(&mut cmd).map_err(LabError::from)?)
+        Ok(self
+            .lab
+            .node("node1")?
+            .ns
+            .output(&mut cmd)
+            .map_err(LabError::from)?)
     }
 
     /// Runs meshctl and returns its stdout; a non-zero exit is an error with its stderr.
@@ -252,7 +257,10 @@ impl Cluster {
     /// Runs a command inside a task's network namespace.
     pub fn task_exec(&self, task: &TaskInfo, args: &[&str]) -> Result<Output> {
         let ns = task.netns.as_deref().ok_or_else(|| {
-            ClusterError::Timeout(Duration::ZERO, format!("task {} has no namespace", task.name))
+            ClusterError::Timeout(
+                Duration::ZERO,
+                format!("task {} has no namespace", task.name),
+            )
         })?;
         let ns = netns::Netns::open(Path::new(ns)).map_err(LabError::from)?;
         let mut cmd = self.lab.command(args[0]);
@@ -303,7 +311,11 @@ impl Cluster {
 impl Drop for Cluster {
     fn drop(&mut self) {
         if std::thread::panicking() {
-            eprintln!("cluster logs of lab {}:\n{}", self.lab.prefix(), self.logs());
+            eprintln!(
+                "cluster logs of lab {}:\n{}",
+                self.lab.prefix(),
+                self.logs()
+            );
         }
     }
 }

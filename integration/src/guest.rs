@@ -37,14 +37,19 @@ pub const MODULES: &[&str] = &[
 pub enum GuestError {
     #[error("no guest kernel: install linux-image-amd64 (no /boot/vmlinuz-*) or set MESHNET_GUEST_KERNEL")]
     NoKernel,
-    #[error("start the guest with vng (install virtme-ng with pip and qemu-system-x86 with apt): {0}")]
+    #[error(
+        "start the guest with vng (install virtme-ng with pip and qemu-system-x86 with apt): {0}"
+    )]
     Spawn(std::io::Error),
     #[error("guest did not finish within {0:?}; console:\n{1}")]
     Timeout(Duration, String),
     #[error("guest ended before running every command (exit {status}); console:\n{console}")]
     Incomplete { status: String, console: String },
     #[error("guest scratch directory {path}: {cause}")]
-    Scratch { path: PathBuf, cause: std::io::Error },
+    Scratch {
+        path: PathBuf,
+        cause: std::io::Error,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -105,7 +110,7 @@ pub fn default_kernel() -> Option<PathBuf> {
                 .is_some_and(|n| n.starts_with("vmlinuz-"))
         })
         .collect();
-    kernels.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+    kernels.sort_by_key(|k| version_key(k));
     kernels.pop()
 }
 
@@ -125,7 +130,10 @@ fn shell_quote(s: &str) -> String {
 fn script(dir: &Path, config: &GuestConfig, commands: &[String]) -> String {
     let d = dir.display();
     let mut s = String::from("#!/bin/sh\n");
-    s += &format!("modprobe -a {} > {d}/modprobe.log 2>&1\n", MODULES.join(" "));
+    s += &format!(
+        "modprobe -a {} > {d}/modprobe.log 2>&1\n",
+        MODULES.join(" ")
+    );
     s += "export MESHNET_GUEST=1\n";
     for (k, v) in &config.env {
         s += &format!("export {k}={}\n", shell_quote(v));
@@ -166,7 +174,12 @@ pub fn run(config: &GuestConfig, commands: &[String]) -> Result<GuestRun, GuestE
         .args(["--disable-kvm", "--force-9p", "--user", "root"])
         .arg("--run")
         .arg(&kernel)
-        .args(["--memory", &config.memory, "--cpus", &config.cpus.to_string()])
+        .args([
+            "--memory",
+            &config.memory,
+            "--cpus",
+            &config.cpus.to_string(),
+        ])
         .arg("--rwdir")
         .arg(&dir)
         .arg("--exec")
@@ -262,7 +275,7 @@ mod tests {
             PathBuf::from("/boot/vmlinuz-6.1.0-56-amd64"),
             PathBuf::from("/boot/vmlinuz-5.10.0-30-amd64"),
         ];
-        v.sort_by(|a, b| version_key(a).cmp(&version_key(b)));
+        v.sort_by_key(|k| version_key(k));
         assert_eq!(v[2], PathBuf::from("/boot/vmlinuz-6.1.0-56-amd64"));
     }
 

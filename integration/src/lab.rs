@@ -181,7 +181,10 @@ impl Lab {
             children: Mutex::new(Vec::new()),
             owner: Owner::Process,
         };
-        lab.run_in(&lab.underlay, &["ip", "link", "add", UNDERLAY_BRIDGE, "type", "bridge"])?;
+        lab.run_in(
+            &lab.underlay,
+            &["ip", "link", "add", UNDERLAY_BRIDGE, "type", "bridge"],
+        )?;
         lab.run_in(&lab.underlay, &["ip", "link", "set", UNDERLAY_BRIDGE, "up"])?;
         for i in 1..=config.nodes {
             let node = lab.attach(&format!("node{i}"), node_ip(i))?;
@@ -249,7 +252,10 @@ impl Lab {
             &self.underlay,
             &["ip", "link", "set", &port, "master", UNDERLAY_BRIDGE, "up"],
         )?;
-        self.run_in(&ns, &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"])?;
+        self.run_in(
+            &ns,
+            &["ip", "addr", "add", &format!("{ip}/24"), "dev", "eth0"],
+        )?;
         self.run_in(&ns, &["ip", "link", "set", "eth0", "up"])?;
         Ok(Node {
             name: name.to_string(),
@@ -351,7 +357,12 @@ impl Drop for Lab {
             return;
         }
         teardown::remove(&self.root);
-        for child in self.children.lock().map(|mut c| std::mem::take(&mut *c)).unwrap_or_default() {
+        for child in self
+            .children
+            .lock()
+            .map(|mut c| std::mem::take(&mut *c))
+            .unwrap_or_default()
+        {
             let mut child = child;
             let _ = child.kill();
             let _ = child.wait();
@@ -386,7 +397,10 @@ fn read_eth0_ip(ns: &Netns) -> Option<Ipv4Addr> {
         .output(Command::new("ip").args(["-4", "-o", "addr", "show", "dev", "eth0"]))
         .ok()?;
     let text = String::from_utf8_lossy(&out.stdout);
-    let cidr = text.split_whitespace().skip_while(|w| *w != "inet").nth(1)?;
+    let cidr = text
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)?;
     cidr.split('/').next()?.parse().ok()
 }
 

@@ -13,8 +13,28 @@ fn ipvs_services_live_in_their_namespace() {
     .unwrap();
     let add = [
         vec!["ipvsadm", "-A", "-f", "256", "-s", "rr"],
-        vec!["ipvsadm", "-a", "-f", "256", "-r", "10.255.0.5", "-m", "-w", "1"],
-        vec!["ipvsadm", "-a", "-f", "256", "-r", "10.255.0.6", "-m", "-w", "1"],
+        vec![
+            "ipvsadm",
+            "-a",
+            "-f",
+            "256",
+            "-r",
+            "10.255.0.5",
+            "-m",
+            "-w",
+            "1",
+        ],
+        vec![
+            "ipvsadm",
+            "-a",
+            "-f",
+            "256",
+            "-r",
+            "10.255.0.6",
+            "-m",
+            "-w",
+            "1",
+        ],
     ];
     for args in &add {
         lab.check("node1", args).unwrap();
@@ -42,9 +62,7 @@ fn ipvs_services_live_in_their_namespace() {
 fn the_lab_works_on_the_guest_kernel() {
     let lab = Lab::up(LabConfig::default()).unwrap();
     for target in ["192.168.56.12", "192.168.56.13"] {
-        let out = lab
-            .exec("node1", &["ping", "-c1", "-W3", target])
-            .unwrap();
+        let out = lab.exec("node1", &["ping", "-c1", "-W3", target]).unwrap();
         assert!(out.status.success(), "node1 cannot reach {target}");
     }
 }

@@ -16,9 +16,6 @@ use std::process::{Child, Command, Output};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{setns, unshare, CloneFlags};
 
-/// `NSFS_MAGIC` from linux/magic.h: the file system type of namespace files.
-const NSFS_MAGIC: i64 = 0x6e73_6673;
-
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     // The cause is part of the message (and not a `source`), so that it is printed once.
@@ -211,7 +208,8 @@ impl Netns {
     /// Starts `cmd` inside this namespace.
     pub fn spawn(&self, cmd: &mut Command) -> Result<Child> {
         self.prepare(cmd);
-        cmd.spawn().map_err(io_err("spawn a process in", &self.path))
+        cmd.spawn()
+            .map_err(io_err("spawn a process in", &self.path))
     }
 
     /// Runs `cmd` inside this namespace to completion and returns its output.
@@ -238,7 +236,10 @@ impl Netns {
     /// Process ids whose network namespace is this one.
     pub fn pids(&self) -> Result<Vec<u32>> {
         let ino = self.inode()?;
-        Ok(pids_in_netns(&[ino]).into_iter().map(|(pid, _)| pid).collect())
+        Ok(pids_in_netns(&[ino])
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect())
     }
 }
 
@@ -311,7 +312,7 @@ fn is_nsfs(path: &Path) -> bool {
 
 fn fd_is_nsfs(file: &File) -> bool {
     nix::sys::statfs::fstatfs(file.as_fd())
-        .map(|s| s.filesystem_type().0 as i64 == NSFS_MAGIC)
+        .map(|s| s.filesystem_type() == nix::sys::statfs::NSFS_MAGIC)
         .unwrap_or(false)
 }
 
@@ -351,7 +352,10 @@ mod tests {
             assert!(validate_name(good).is_ok(), "{good}");
         }
         for bad in ["", ".", "..", ".hidden", "a/b", "a b", &"x".repeat(65)] {
-            assert!(matches!(validate_name(bad), Err(Error::InvalidName(_))), "{bad}");
+            assert!(
+                matches!(validate_name(bad), Err(Error::InvalidName(_))),
+                "{bad}"
+            );
         }
     }
 
@@ -366,7 +370,10 @@ mod tests {
             Path::new("/proc/sys/net/ipv4/conf/eth0.5/forwarding")
         );
         for bad in ["", "../etc/passwd", "/etc/passwd", "net.ipv4;rm", "a/../b"] {
-            assert!(matches!(sysctl_path(bad), Err(Error::InvalidSysctl(_))), "{bad}");
+            assert!(
+                matches!(sysctl_path(bad), Err(Error::InvalidSysctl(_))),
+                "{bad}"
+            );
         }
     }
 }

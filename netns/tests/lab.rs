@@ -151,7 +151,10 @@ fn sysctls_are_per_namespace() {
     a.write_sysctl("net.ipv4.ip_forward", "1").unwrap();
     assert_eq!(a.read_sysctl("net.ipv4.ip_forward").unwrap(), "1");
     assert_eq!(b.read_sysctl("net/ipv4/ip_forward").unwrap(), "0");
-    let err = a.write_sysctl("net.ipv4.nope", "1").unwrap_err().to_string();
+    let err = a
+        .write_sysctl("net.ipv4.nope", "1")
+        .unwrap_err()
+        .to_string();
     assert!(
         err.contains("write sysctl in network namespace") && err.contains("/a"),
         "{err}"

@@ -13,7 +13,10 @@ use anyhow::{Context, Result};
 use clap::Parser;
 
 #[derive(Parser)]
-#[command(name = "hello-server", about = "Answers HTTP with the local IP and the client's address")]
+#[command(
+    name = "hello-server",
+    about = "Answers HTTP with the local IP and the client's address"
+)]
 struct Args {
     #[arg(long, default_value_t = 8080)]
     port: u16,

@@ -17,7 +17,10 @@ use integration::guest::{self, GuestConfig};
 use integration::lab::{self, Lab, LabConfig, Owner};
 
 #[derive(Parser)]
-#[command(name = "lab", about = "meshnet lab: nodes as network namespaces on an underlay bridge")]
+#[command(
+    name = "lab",
+    about = "meshnet lab: nodes as network namespaces on an underlay bridge"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,

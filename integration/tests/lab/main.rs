@@ -29,7 +29,11 @@ fn pid_alive(pid: u32) -> bool {
 
 fn assert_gone(root: &Path, pids: &[u32]) {
     assert!(!root.exists(), "{} left behind", root.display());
-    assert_eq!(mounts_under(root), Vec::<String>::new(), "mounts left behind");
+    assert_eq!(
+        mounts_under(root),
+        Vec::<String>::new(),
+        "mounts left behind"
+    );
     for &pid in pids {
         assert!(!pid_alive(pid), "process {pid} left behind");
     }
@@ -62,10 +66,7 @@ fn nodes_reach_each_other_over_the_underlay() {
         );
         for other in lab.nodes().iter().filter(|o| o.name != node.name) {
             let out = lab
-                .exec(
-                    &node.name,
-                    &["ping", "-c1", "-W2", &other.ip.to_string()],
-                )
+                .exec(&node.name, &["ping", "-c1", "-W2", &other.ip.to_string()])
                 .unwrap();
             assert!(
                 out.status.success(),
@@ -109,7 +110,13 @@ fn two_labs_run_at_once_without_clashing() {
     let out = b
         .exec(
             "node1",
-            &["curl", "-s", "--max-time", "2", "http://192.168.56.12:8080/"],
+            &[
+                "curl",
+                "-s",
+                "--max-time",
+                "2",
+                "http://192.168.56.12:8080/",
+            ],
         )
         .unwrap();
     assert!(!out.status.success(), "lab b reached lab a's server");

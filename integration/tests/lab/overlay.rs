@@ -16,13 +16,26 @@ fn hello() -> String {
 
 /// Creates network `net` and a service `svc` of hello-server tasks on it.
 fn deploy(c: &Cluster, net: &str, subnet: &str, svc: &str, replicas: u32) -> Vec<TaskInfo> {
-    c.meshctl_ok(&["network", "create", "--driver", "overlay", "--subnet", subnet, net])
-        .unwrap();
+    c.meshctl_ok(&[
+        "network", "create", "--driver", "overlay", "--subnet", subnet, net,
+    ])
+    .unwrap();
     let hello = hello();
     let replicas = replicas.to_string();
     c.meshctl_ok(&[
-        "service", "create", "--name", svc, "--replicas", &replicas, "--network", net,
-        "--detach", "--", &hello, "--port", "8080",
+        "service",
+        "create",
+        "--name",
+        svc,
+        "--replicas",
+        &replicas,
+        "--network",
+        net,
+        "--detach",
+        "--",
+        &hello,
+        "--port",
+        "8080",
     ])
     .unwrap();
     c.wait_running(svc, replicas.parse().unwrap()).unwrap()
@@ -35,14 +48,18 @@ fn ip(t: &TaskInfo) -> String {
 /// `GET /` on `to:8080` from inside task `from`, retried briefly while the mesh converges.
 fn http(c: &Cluster, from: &TaskInfo, to: &str) -> String {
     let url = format!("http://{to}:8080/");
-    c.wait_for(Duration::from_secs(10), &format!("{} -> {url}", from.name), |c| {
-        let out = c
-            .task_exec(from, &["curl", "-s", "--max-time", "2", &url])
-            .ok()?;
-        out.status
-            .success()
-            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-    })
+    c.wait_for(
+        Duration::from_secs(10),
+        &format!("{} -> {url}", from.name),
+        |c| {
+            let out = c
+                .task_exec(from, &["curl", "-s", "--max-time", "2", &url])
+                .ok()?;
+            out.status
+                .success()
+                .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+        },
+    )
     .unwrap()
 }
 
@@ -79,7 +96,11 @@ fn in_ns(c: &Cluster, ns: &Path, args: &[&str]) -> String {
     let mut cmd = c.lab.command(args[0]);
     cmd.args(&args[1..]);
     let out = ns.output(&mut cmd).unwrap();
-    assert!(out.status.success(), "{args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
@@ -90,9 +111,11 @@ fn vxlan_dev(c: &Cluster, ns: &Path) -> String {
     name.split('@').next().unwrap().to_string()
 }
 
+type Pairs = BTreeSet<(String, String)>;
+
 /// (mac, vtep) of the static FDB entries and (ip, mac) of the neighbour entries on the VXLAN
 /// device of the sandbox.
-fn peer_entries(c: &Cluster, ns: &Path) -> (BTreeSet<(String, String)>, BTreeSet<(String, String)>) {
+fn peer_entries(c: &Cluster, ns: &Path) -> (Pairs, Pairs) {
     let dev = vxlan_dev(c, ns);
     let fdb = in_ns(c, ns, &["bridge", "fdb", "show", "dev", &dev])
         .lines()
@@ -118,9 +141,15 @@ fn assert_peers_exact(c: &Cluster, network_id: &str, tasks: &[TaskInfo]) {
     let vtep = |node: &str| c.lab.node(node).unwrap().ip.to_string();
     for node in c.lab.nodes() {
         let ns = sandbox(c, &node.name, network_id);
-        let local = tasks.iter().any(|t| t.node.as_deref() == Some(node.name.as_str()));
+        let local = tasks
+            .iter()
+            .any(|t| t.node.as_deref() == Some(node.name.as_str()));
         if !local {
-            assert!(!ns.exists(), "{} has no task but keeps a sandbox", node.name);
+            assert!(
+                !ns.exists(),
+                "{} has no task but keeps a sandbox",
+                node.name
+            );
             continue;
         }
         let remote: Vec<&TaskInfo> = tasks
@@ -162,7 +191,10 @@ fn a_replicated_service_spans_the_nodes_over_vxlan() {
     let nodes: BTreeSet<_> = tasks.iter().map(|t| t.node.clone().unwrap()).collect();
     assert_eq!(nodes.len(), 3, "one task per node: {tasks:?}");
     for t in &tasks {
-        assert!(t.endpoints[0].addr.to_string().starts_with("10.0.9."), "{t:?}");
+        assert!(
+            t.endpoints[0].addr.to_string().starts_with("10.0.9."),
+            "{t:?}"
+        );
         assert_eq!(
             t.endpoints[0].mac,
             proto::model::endpoint_mac(t.endpoints[0].ip())
@@ -186,7 +218,10 @@ fn a_replicated_service_spans_the_nodes_over_vxlan() {
         .nth(1)
         .and_then(|n| n.parse().ok())
         .unwrap();
-    assert!(packets > 0, "no VXLAN on UDP 4789 reached node2: {counters}");
+    assert!(
+        packets > 0,
+        "no VXLAN on UDP 4789 reached node2: {counters}"
+    );
 
     let net = network(&c, "backend");
     assert_eq!(net.network.vni, 4096);
@@ -203,7 +238,10 @@ fn a_replicated_service_spans_the_nodes_over_vxlan() {
     let dev = vxlan_dev(&c, &sb);
     let details = in_ns(&c, &sb, &["ip", "-d", "link", "show", &dev]);
     assert!(details.contains("mtu 1450"), "{details}");
-    assert!(details.contains("id 4096") && details.contains("dstport 4789"), "{details}");
+    assert!(
+        details.contains("id 4096") && details.contains("dstport 4789"),
+        "{details}"
+    );
     assert_peers_exact(&c, &net.network.id, &tasks);
 }
 
@@ -214,21 +252,25 @@ fn scaling_updates_every_node_and_leaves_no_stale_entries() {
     let id = network(&c, "backend").network.id;
     assert_peers_exact(&c, &id, &tasks);
 
-    c.meshctl_ok(&["service", "scale", "web=6", "--detach"]).unwrap();
+    c.meshctl_ok(&["service", "scale", "web=6", "--detach"])
+        .unwrap();
     let six = c.wait_running("web", 6).unwrap();
     assert_peers_exact(&c, &id, &six);
     assert_full_mesh(&c, &six[..4]);
 
-    c.meshctl_ok(&["service", "scale", "web=2", "--detach"]).unwrap();
+    c.meshctl_ok(&["service", "scale", "web=2", "--detach"])
+        .unwrap();
     let two = c.wait_running("web", 2).unwrap();
     assert_peers_exact(&c, &id, &two);
     assert_full_mesh(&c, &two);
     // Removed tasks' namespaces are gone from their nodes.
     for gone in six.iter().filter(|t| !two.iter().any(|k| k.id == t.id)) {
         let ns = gone.netns.clone().unwrap();
-        c.wait_for(Duration::from_secs(15), "removed task's namespace goes", |_| {
-            (!Path::new(&ns).exists()).then_some(())
-        })
+        c.wait_for(
+            Duration::from_secs(15),
+            "removed task's namespace goes",
+            |_| (!Path::new(&ns).exists()).then_some(()),
+        )
         .unwrap();
     }
 }
@@ -248,7 +290,9 @@ fn a_dead_task_is_replaced_and_reachable() {
             let now = c.tasks("web").ok()?;
             (now.len() == 3
                 && !now.iter().any(|t| t.id == victim.id)
-                && now.iter().all(|t| t.state == proto::model::TaskState::Running && t.netns.is_some()))
+                && now
+                    .iter()
+                    .all(|t| t.state == proto::model::TaskState::Running && t.netns.is_some()))
             .then_some(now)
         })
         .unwrap();
@@ -269,9 +313,13 @@ fn an_agent_killed_with_sigkill_keeps_connections_and_links() {
     let links = |c: &Cluster| {
         (
             in_ns(c, &sb, &["ip", "-o", "link"]).lines().count(),
-            in_ns(c, Path::new(a.netns.as_deref().unwrap()), &["ip", "-o", "link"])
-                .lines()
-                .count(),
+            in_ns(
+                c,
+                Path::new(a.netns.as_deref().unwrap()),
+                &["ip", "-o", "link"],
+            )
+            .lines()
+            .count(),
         )
     };
     let before = links(&c);
@@ -280,7 +328,9 @@ fn an_agent_killed_with_sigkill_keeps_connections_and_links() {
     let ns = netns::Netns::open(Path::new(a.netns.as_deref().unwrap())).unwrap();
     let target = format!("{}:8080", ip(b));
     let stream = ns.run(|| TcpStream::connect(&target)).unwrap().unwrap();
-    stream.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
     let mut reader = BufReader::new(stream.try_clone().unwrap());
     let mut writer = stream;
     let mut ask = || {
@@ -302,7 +352,11 @@ fn an_agent_killed_with_sigkill_keeps_connections_and_links() {
     c.start_agent(&node_a).unwrap();
     // Let the new agent adopt and run a few reconcile passes.
     std::thread::sleep(Duration::from_secs(5));
-    assert_eq!(ask(), format!("Hello World! from {}\n", ip(b)), "connection survives");
+    assert_eq!(
+        ask(),
+        format!("Hello World! from {}\n", ip(b)),
+        "connection survives"
+    );
     assert_eq!(links(&c), before, "no link was added or duplicated");
     let after = c.tasks("web").unwrap();
     assert_eq!(
@@ -322,7 +376,10 @@ fn a_manager_restart_loses_nothing() {
     // The data plane keeps serving while the manager is down.
     assert_full_mesh(&c, &tasks);
     c.start_manager().unwrap();
-    assert_eq!(c.json::<serde_json::Value>(&["network", "ls"]).unwrap(), nets_before);
+    assert_eq!(
+        c.json::<serde_json::Value>(&["network", "ls"]).unwrap(),
+        nets_before
+    );
     let svcs_after: serde_json::Value = c.json(&["service", "ls"]).unwrap();
     assert_eq!(svcs_after[0]["id"], svcs_before[0]["id"]);
     let after = c.wait_running("web", 3).unwrap();
@@ -359,25 +416,83 @@ fn networks_with_the_same_subnet_stay_isolated() {
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let c = Cluster::up(1, "nftables").unwrap();
-    c.meshctl_ok(&["network", "create", "--driver", "overlay", "--subnet", "10.0.30.0/24", "backend"])
-        .unwrap();
+    c.meshctl_ok(&[
+        "network",
+        "create",
+        "--driver",
+        "overlay",
+        "--subnet",
+        "10.0.30.0/24",
+        "backend",
+    ])
+    .unwrap();
     let hello = hello();
-    c.meshctl_ok(&["service", "create", "--name", "web", "--network", "backend", "--detach", "--", &hello])
-        .unwrap();
+    c.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--network",
+        "backend",
+        "--detach",
+        "--",
+        &hello,
+    ])
+    .unwrap();
     let state = |c: &Cluster| {
         (
-            c.meshctl_ok(&["network", "ls", "--format", "json"]).unwrap(),
-            c.meshctl_ok(&["service", "ls", "--format", "json"]).unwrap(),
+            c.meshctl_ok(&["network", "ls", "--format", "json"])
+                .unwrap(),
+            c.meshctl_ok(&["service", "ls", "--format", "json"])
+                .unwrap(),
         )
     };
     let before = state(&c);
     let bad: &[&[&str]] = &[
-        &["network", "create", "--driver", "overlay", "--subnet", "10.0.300.0/24", "x"],
-        &["network", "create", "--driver", "overlay", "--subnet", "192.168.0.0/16", "x"],
+        &[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--subnet",
+            "10.0.300.0/24",
+            "x",
+        ],
+        &[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--subnet",
+            "192.168.0.0/16",
+            "x",
+        ],
         &["network", "create", "--driver", "overlay", "backend"],
-        &["service", "create", "--name", "x", "--network", "nope", "--detach", "--", &hello],
-        &["service", "create", "--name", "web", "--detach", "--", &hello],
-        &["service", "create", "--name", "x", "--replicas", "-1", "--detach", "--", &hello],
+        &[
+            "service",
+            "create",
+            "--name",
+            "x",
+            "--network",
+            "nope",
+            "--detach",
+            "--",
+            &hello,
+        ],
+        &[
+            "service", "create", "--name", "web", "--detach", "--", &hello,
+        ],
+        &[
+            "service",
+            "create",
+            "--name",
+            "x",
+            "--replicas",
+            "-1",
+            "--detach",
+            "--",
+            &hello,
+        ],
         &["service", "create", "--name", "x", "--detach"],
         &["service", "scale", "web=-2"],
         &["service", "scale", "nope=2"],
