@@ -147,9 +147,15 @@ impl Netns {
         }
     }
 
-    /// The namespace of the calling thread.
+    /// The namespace of the calling thread. The path names this thread, so the handle means
+    /// the same namespace wherever it is used or reopened.
     pub fn current() -> Result<Netns> {
-        Netns::open(Path::new("/proc/thread-self/ns/net"))
+        let path = format!(
+            "/proc/{}/task/{}/ns/net",
+            std::process::id(),
+            nix::unistd::gettid()
+        );
+        Netns::open(Path::new(&path))
     }
 
     pub fn path(&self) -> &Path {
@@ -240,6 +246,12 @@ impl Netns {
             .into_iter()
             .map(|(pid, _)| pid)
             .collect())
+    }
+}
+
+impl AsFd for Netns {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        self.file.as_fd()
     }
 }
 
