@@ -9,7 +9,7 @@
 //! Prints a table of figures and ratios (crate / ipvsadm: below 1 means the crate is
 //! faster). A slow ratio is a result, never a failure.
 //!
-//! Usage: ipvs_program [--services N] [--runs R] [--samples S]
+//! Usage: b5_ipvs [--services N] [--runs R] [--samples S]
 
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -40,7 +40,7 @@ fn parse_args() -> Result<Args> {
             "--services" => args.services = value.parse().context("--services")?,
             "--runs" => args.runs = value.parse().context("--runs")?,
             "--samples" => args.samples = value.parse().context("--samples")?,
-            _ => bail!("unknown argument {flag}; usage: ipvs_program [--services N] [--runs R] [--samples S]"),
+            _ => bail!("unknown argument {flag}; usage: b5_ipvs [--services N] [--runs R] [--samples S]"),
         }
     }
     ensure!(
