@@ -146,9 +146,12 @@ impl Cluster {
             .stderr(err);
         let pid = self.lab.spawn("node1", &mut cmd)?;
         self.manager = Some(pid);
-        let socket = self.api_socket();
-        self.wait_for(Duration::from_secs(10), "the manager's API socket", |_| {
-            socket.exists().then_some(())
+        // A socket file may be left by a killed manager: ready means it answers.
+        self.wait_for(Duration::from_secs(10), "the manager's API", |c| {
+            c.meshctl(&["node", "ls"])
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
         })
     }
 

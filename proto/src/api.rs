@@ -76,16 +76,34 @@ pub enum Request {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
-    Error { message: String },
-    Nodes { nodes: Vec<NodeInfo> },
-    Node { node: NodeInfo },
-    Networks { networks: Vec<Network> },
-    Network { network: NetworkDetail },
-    Services { services: Vec<ServiceInfo> },
-    Service { service: ServiceInfo },
-    Tasks { tasks: Vec<TaskInfo> },
+    Error {
+        message: String,
+    },
+    Nodes {
+        nodes: Vec<NodeInfo>,
+    },
+    Node {
+        node: NodeInfo,
+    },
+    Networks {
+        networks: Vec<Network>,
+    },
+    Network {
+        network: NetworkDetail,
+    },
+    Services {
+        services: Vec<ServiceInfo>,
+    },
+    Service {
+        service: ServiceInfo,
+    },
+    Tasks {
+        tasks: Vec<TaskInfo>,
+    },
     /// The id of the object that a `rm` removed.
-    Removed { id: String },
+    Removed {
+        id: String,
+    },
 }
 
 /// What a user asks for with `meshctl service create`.

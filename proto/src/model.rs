@@ -108,7 +108,10 @@ mod tests {
 
     #[test]
     fn mac_is_derived_from_the_ip() {
-        assert_eq!(endpoint_mac(Ipv4Addr::new(10, 0, 0, 5)), "02:42:0a:00:00:05");
+        assert_eq!(
+            endpoint_mac(Ipv4Addr::new(10, 0, 0, 5)),
+            "02:42:0a:00:00:05"
+        );
         assert_eq!(
             endpoint_mac(Ipv4Addr::new(10, 255, 1, 200)),
             "02:42:0a:ff:01:c8"

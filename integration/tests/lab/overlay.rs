@@ -439,6 +439,7 @@ fn bad_input_is_refused_and_changes_nothing() {
         &hello,
     ])
     .unwrap();
+    c.wait_running("web", 1).unwrap();
     let state = |c: &Cluster| {
         (
             c.meshctl_ok(&["network", "ls", "--format", "json"])

@@ -1,0 +1,427 @@
+//! The meshctl API: one [`Request`] per line in, one [`Response`] per line out.
+
+use proto::api::{Request, Response};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
+use tokio::net::{TcpListener, UnixListener};
+
+use crate::cluster::{lock, Cluster, Shared};
+use crate::views;
+use crate::wire::{read_frame, write_frame};
+
+pub async fn serve_unix(listener: UnixListener, cluster: Shared) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve(stream, cluster.clone()));
+            }
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+pub async fn serve_tcp(listener: TcpListener, cluster: Shared) {
+    loop {
+        match listener.accept().await {
+            Ok((stream, _)) => {
+                tokio::spawn(serve(stream, cluster.clone()));
+            }
+            Err(e) => accept_failed(e).await,
+        }
+    }
+}
+
+async fn accept_failed(e: std::io::Error) {
+    // Out of file descriptors and the like: back off instead of spinning.
+    tracing::error!(error = %e, "accept API connection");
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+}
+
+/// Serves one API connection until the client closes it.
+async fn serve<S: AsyncRead + AsyncWrite>(stream: S, cluster: Shared) {
+    let (rd, mut wr) = tokio::io::split(stream);
+    let mut rd = BufReader::new(rd);
+    let mut buf = Vec::new();
+    loop {
+        match read_frame(&mut rd, &mut buf).await {
+            Ok(true) => {}
+            Ok(false) => return,
+            Err(e) => {
+                tracing::warn!(error = %e, "read API request");
+                return;
+            }
+        }
+        let response = match proto::decode_frame::<Request>(&buf) {
+            Ok(req) => {
+                let span = tracing::info_span!("api", request = request_kind(&req));
+                span.in_scope(|| handle(&mut lock(&cluster), req))
+            }
+            Err(e) => Response::Error {
+                message: format!("decode request: {e}"),
+            },
+        };
+        buf.clear();
+        if let Err(e) = write_frame(&mut wr, &response).await {
+            tracing::warn!(error = %e, "write API response");
+            return;
+        }
+    }
+}
+
+fn request_kind(req: &Request) -> &'static str {
+    match req {
+        Request::NodeLs => "node ls",
+        Request::NodeInspect { .. } => "node inspect",
+        Request::NodeUpdate { .. } => "node update",
+        Request::NetworkCreate { .. } => "network create",
+        Request::NetworkLs => "network ls",
+        Request::NetworkInspect { .. } => "network inspect",
+        Request::NetworkRm { .. } => "network rm",
+        Request::ServiceCreate { .. } => "service create",
+        Request::ServiceLs => "service ls",
+        Request::ServiceInspect { .. } => "service inspect",
+        Request::ServicePs { .. } => "service ps",
+        Request::ServiceScale { .. } => "service scale",
+        Request::ServiceRm { .. } => "service rm",
+    }
+}
+
+/// Answers one request. Changes go through [`Cluster::transact`], so a refused one changes nothing.
+pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
+    let lookup = |op: &str, found: Result<String, crate::state::Reason>| {
+        found.map_err(|reason| format!("{op}: {reason}"))
+    };
+    let err = |e: crate::cluster::TxError| e.to_string();
+    let result: Result<Response, String> = (|| {
+        Ok(match req {
+            Request::NodeLs => Response::Nodes {
+                nodes: views::nodes(cluster.state()),
+            },
+            Request::NodeInspect { node } => {
+                let id = lookup(
+                    &format!("inspect node {node}"),
+                    cluster.state().find_node(&node),
+                )?;
+                Response::Node {
+                    node: views::node(cluster.state(), &id),
+                }
+            }
+            Request::NodeUpdate {
+                node,
+                availability,
+                label_add,
+                label_rm,
+            } => {
+                let id = cluster
+                    .transact(|s, _| s.update_node(&node, availability, &label_add, &label_rm))
+                    .map_err(err)?;
+                tracing::info!(node = %node, ?availability, "node updated");
+                Response::Node {
+                    node: views::node(cluster.state(), &id),
+                }
+            }
+            Request::NetworkCreate {
+                name,
+                driver,
+                subnet,
+            } => {
+                let manager_ip = cluster.manager_ip();
+                let id = cluster
+                    .transact(|s, now| {
+                        s.create_network(&name, &driver, subnet.as_deref(), manager_ip, now)
+                    })
+                    .map_err(err)?;
+                let network = views::network(cluster.state(), &id);
+                tracing::info!(network = %name, subnet = %network.network.subnet, vni = network.network.vni, "network created");
+                Response::Network { network }
+            }
+            Request::NetworkLs => Response::Networks {
+                networks: views::networks(cluster.state()),
+            },
+            Request::NetworkInspect { network } => {
+                let id = lookup(
+                    &format!("inspect network {network}"),
+                    cluster.state().find_network(&network),
+                )?;
+                Response::Network {
+                    network: views::network(cluster.state(), &id),
+                }
+            }
+            Request::NetworkRm { network } => {
+                let id = cluster
+                    .transact(|s, _| s.remove_network(&network))
+                    .map_err(err)?;
+                tracing::info!(%network, "network removed");
+                Response::Removed { id }
+            }
+            Request::ServiceCreate { spec } => {
+                let id = cluster
+                    .transact(|s, now| s.create_service(&spec, now))
+                    .map_err(err)?;
+                tracing::info!(service = %spec.name, replicas = spec.replicas, "service created");
+                Response::Service {
+                    service: views::service(cluster.state(), &id),
+                }
+            }
+            Request::ServiceLs => Response::Services {
+                services: views::services(cluster.state()),
+            },
+            Request::ServiceInspect { service } => {
+                let id = lookup(
+                    &format!("inspect service {service}"),
+                    cluster.state().find_service(&service),
+                )?;
+                Response::Service {
+                    service: views::service(cluster.state(), &id),
+                }
+            }
+            Request::ServicePs { service } => {
+                let id = lookup(
+                    &format!("list tasks of service {service}"),
+                    cluster.state().find_service(&service),
+                )?;
+                Response::Tasks {
+                    tasks: views::tasks(cluster.state(), &id),
+                }
+            }
+            Request::ServiceScale { service, replicas } => {
+                let id = cluster
+                    .transact(|s, now| s.scale_service(&service, replicas, now))
+                    .map_err(err)?;
+                tracing::info!(%service, replicas, "service scaled");
+                Response::Service {
+                    service: views::service(cluster.state(), &id),
+                }
+            }
+            Request::ServiceRm { service } => {
+                let id = cluster
+                    .transact(|s, _| s.remove_service(&service))
+                    .map_err(err)?;
+                tracing::info!(%service, "service removed");
+                Response::Removed { id }
+            }
+        })
+    })();
+    result.unwrap_or_else(|message| {
+        tracing::info!(%message, "request refused");
+        Response::Error { message }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::spec;
+    use crate::state::State;
+    use crate::store::{tests::TempDir, Store};
+    use proto::api::ServiceSpec;
+    use proto::model::Availability;
+    use std::collections::BTreeMap;
+
+    fn cluster(tmp: &TempDir) -> Cluster {
+        let (store, _) = Store::open(&tmp.0).unwrap();
+        let mut c = Cluster::new(State::default(), store, "192.168.56.11".parse().unwrap());
+        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        for i in 1..=3u8 {
+            c.connect_agent(
+                &format!("node{i}"),
+                [192, 168, 56, 10 + i].into(),
+                None,
+                tx.clone(),
+            )
+            .unwrap();
+        }
+        c
+    }
+
+    fn ok(c: &mut Cluster, req: Request) -> Response {
+        let resp = handle(c, req);
+        assert!(!matches!(resp, Response::Error { .. }), "{resp:?}");
+        resp
+    }
+
+    fn create(spec: ServiceSpec) -> Request {
+        Request::ServiceCreate { spec }
+    }
+
+    /// Every bad request is answered with an error naming the operation, and leaves both the
+    /// state in memory and the store file byte for byte as they were.
+    #[test]
+    fn bad_input_changes_nothing() {
+        let tmp = TempDir::new("api-bad");
+        let mut c = cluster(&tmp);
+        ok(
+            &mut c,
+            Request::NetworkCreate {
+                name: "backend".into(),
+                driver: "overlay".into(),
+                subnet: Some("10.0.9.0/24".into()),
+            },
+        );
+        ok(&mut c, create(spec("web", 2, &["backend"])));
+        // Overlays are isolated: reusing part of a subnet on another network is fine...
+        ok(
+            &mut c,
+            Request::NetworkCreate {
+                name: "twin".into(),
+                driver: "overlay".into(),
+                subnet: Some("10.0.9.0/25".into()),
+            },
+        );
+        let net = |name: &str, subnet: Option<&str>| Request::NetworkCreate {
+            name: name.into(),
+            driver: "overlay".into(),
+            subnet: subnet.map(str::to_string),
+        };
+        let mut empty_cmd = spec("api", 1, &["backend"]);
+        empty_cmd.command.clear();
+        let mut bad_constraint = spec("api", 1, &[]);
+        bad_constraint.constraints = vec!["node.role=worker".into()];
+        let mut late_bad_network = spec("api", 1, &["backend", "nope"]);
+        late_bad_network.constraints = vec!["node.role==worker".into()];
+        let cases: Vec<(Request, &str)> = vec![
+            (net("bad", Some("10.0.300.0/24")), "create network bad: invalid subnet \"10.0.300.0/24\""),
+            // ...but not one task on both.
+            (create(spec("api", 1, &["backend", "twin"])), "create service api: subnet 10.0.9.0/25 overlaps subnet 10.0.9.0/24 of network backend"),
+            (net("bad", Some("192.168.0.0/16")), "create network bad: subnet 192.168.0.0/16 contains 192.168.56.11, the underlay address of node node1"),
+            (net("bad", Some("192.168.56.12/30")), "contains 192.168.56.12, the underlay address of node node2"),
+            (net("backend", None), "create network backend: a network named backend already exists"),
+            (net("ingress", None), "create network ingress: the name ingress is reserved"),
+            (net("-bad", None), "create network -bad: invalid network name"),
+            (
+                Request::NetworkCreate { name: "b2".into(), driver: "bridge".into(), subnet: None },
+                "unsupported driver \"bridge\"",
+            ),
+            (Request::NetworkRm { network: "backend".into() }, "remove network backend: it is in use by services: web"),
+            (Request::NetworkRm { network: "ingress".into() }, "no such network: ingress"),
+            (Request::NetworkRm { network: "nope".into() }, "remove network nope: no such network: nope"),
+            (create(spec("web", 1, &[])), "create service web: a service named web already exists"),
+            (create(spec("api", 1, &["nope"])), "create service api: no such network: nope"),
+            (create(late_bad_network), "create service api: no such network: nope"),
+            (create(spec("api", 1, &["ingress"])), "create service api: no such network: ingress"),
+            (create(spec("api", 1, &["backend", "backend"])), "network backend is given more than once"),
+            (create(empty_cmd), "create service api: a command is required"),
+            (create(bad_constraint), "create service api: invalid constraint \"node.role=worker\""),
+            (create(spec("api", 1_000_000, &[])), "1000000 replicas is more than the limit"),
+            (create(spec("bad name", 1, &[])), "invalid service name"),
+            (Request::ServiceScale { service: "nope".into(), replicas: 3 }, "scale service nope: no such service: nope"),
+            (Request::ServiceScale { service: "web".into(), replicas: 20_000 }, "scale service web: 20000 replicas"),
+            (Request::ServiceRm { service: "nope".into() }, "remove service nope: no such service"),
+            (Request::ServicePs { service: "nope".into() }, "list tasks of service nope: no such service"),
+            (Request::NodeInspect { node: "nope".into() }, "inspect node nope: no such node"),
+            (
+                Request::NodeUpdate {
+                    node: "node1".into(),
+                    availability: Some(Availability::Drain),
+                    label_add: [("".to_string(), "x".to_string())].into(),
+                    label_rm: vec![],
+                },
+                "update node node1: invalid label key",
+            ),
+        ];
+        for (req, expected) in cases {
+            let state_before = c.state().clone();
+            let file_before = std::fs::read(tmp.0.join("state.json")).unwrap();
+            match handle(&mut c, req.clone()) {
+                Response::Error { message } => {
+                    assert!(message.contains(expected), "{req:?}: {message}")
+                }
+                other => panic!("{req:?} was accepted: {other:?}"),
+            }
+            assert_eq!(c.state(), &state_before, "{req:?} changed the state");
+            assert_eq!(
+                std::fs::read(tmp.0.join("state.json")).unwrap(),
+                file_before,
+                "{req:?} changed the store"
+            );
+        }
+    }
+
+    #[test]
+    fn requests_change_and_show_the_cluster() {
+        let tmp = TempDir::new("api-ok");
+        let mut c = cluster(&tmp);
+        let Response::Network { network } = ok(
+            &mut c,
+            Request::NetworkCreate {
+                name: "backend".into(),
+                driver: "overlay".into(),
+                subnet: None,
+            },
+        ) else {
+            panic!("network create answers with the network")
+        };
+        assert_eq!(network.network.subnet.to_string(), "10.0.0.0/24");
+        let Response::Service { service } = ok(&mut c, create(spec("web", 3, &["backend"]))) else {
+            panic!("service create answers with the service")
+        };
+        assert_eq!(service.network_names, ["backend"]);
+        assert_eq!(
+            service.spec.networks,
+            std::slice::from_ref(&network.network.id)
+        );
+        let Response::Tasks { tasks } = ok(
+            &mut c,
+            Request::ServicePs {
+                service: "web".into(),
+            },
+        ) else {
+            panic!("service ps answers with tasks")
+        };
+        let nodes: Vec<_> = tasks.iter().map(|t| t.node.clone().unwrap()).collect();
+        assert_eq!(nodes, ["node1", "node2", "node3"]);
+        let Response::Network { network } = ok(
+            &mut c,
+            Request::NetworkInspect {
+                network: "backend".into(),
+            },
+        ) else {
+            panic!("network inspect answers with the network")
+        };
+        assert_eq!(network.endpoints.len(), 3);
+        assert_eq!(network.peers.len(), 3);
+        let prefix = &service.id[..6];
+        let Response::Service { service } = ok(
+            &mut c,
+            Request::ServiceScale {
+                service: prefix.into(),
+                replicas: 1,
+            },
+        ) else {
+            panic!("service scale answers with the service")
+        };
+        assert_eq!(service.spec.replicas, 1);
+        let Response::Node { node } = ok(
+            &mut c,
+            Request::NodeUpdate {
+                node: "node2".into(),
+                availability: Some(Availability::Drain),
+                label_add: [("zone".to_string(), "a".to_string())].into(),
+                label_rm: vec![],
+            },
+        ) else {
+            panic!("node update answers with the node")
+        };
+        assert_eq!(node.node.availability, Availability::Drain);
+        assert_eq!(
+            node.node.labels,
+            BTreeMap::from([("zone".to_string(), "a".to_string())])
+        );
+        ok(
+            &mut c,
+            Request::ServiceRm {
+                service: "web".into(),
+            },
+        );
+        assert!(c.state().tasks.is_empty());
+        ok(
+            &mut c,
+            Request::NetworkRm {
+                network: "backend".into(),
+            },
+        );
+        let Response::Networks { networks } = ok(&mut c, Request::NetworkLs) else {
+            panic!("network ls answers with networks")
+        };
+        assert_eq!(networks, vec![]);
+    }
+}

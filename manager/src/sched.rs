@@ -1,0 +1,321 @@
+//! Pure placement: constraint parsing and matching, and the choice of a node for one task.
+
+use std::collections::BTreeSet;
+use std::fmt;
+
+use proto::model::{Availability, Node, NodeStatus, Role};
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Field {
+    Role,
+    Hostname,
+    Label(String),
+}
+
+/// One placement constraint: `<field>==<value>` or `<field>!=<value>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Constraint {
+    pub field: Field,
+    pub equal: bool,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConstraintError {
+    #[error("invalid constraint {0:?}: expected <field>==<value> or <field>!=<value>")]
+    Syntax(String),
+    #[error(
+        "invalid constraint {0:?}: the field must be node.role, node.hostname or node.labels.<key>"
+    )]
+    Field(String),
+    #[error("invalid constraint {0:?}: node.role is either manager or worker")]
+    Role(String),
+    #[error("invalid constraint {0:?}: the value is empty")]
+    EmptyValue(String),
+}
+
+impl Constraint {
+    pub fn parse(text: &str) -> Result<Self, ConstraintError> {
+        let (field, value, equal) = if let Some((f, v)) = text.split_once("==") {
+            (f, v, true)
+        } else if let Some((f, v)) = text.split_once("!=") {
+            (f, v, false)
+        } else {
+            return Err(ConstraintError::Syntax(text.to_string()));
+        };
+        let (field, value) = (field.trim(), value.trim());
+        if value.is_empty() {
+            return Err(ConstraintError::EmptyValue(text.to_string()));
+        }
+        let field = match field {
+            "node.role" => {
+                if value != "manager" && value != "worker" {
+                    return Err(ConstraintError::Role(text.to_string()));
+                }
+                Field::Role
+            }
+            "node.hostname" => Field::Hostname,
+            f => match f.strip_prefix("node.labels.") {
+                Some(key) if !key.is_empty() => Field::Label(key.to_string()),
+                _ => return Err(ConstraintError::Field(text.to_string())),
+            },
+        };
+        Ok(Constraint {
+            field,
+            equal,
+            value: value.to_string(),
+        })
+    }
+
+    pub fn matches(&self, node: &Node) -> bool {
+        let actual = match &self.field {
+            Field::Role => Some(match node.role {
+                Role::Manager => "manager",
+                Role::Worker => "worker",
+            }),
+            Field::Hostname => Some(node.hostname.as_str()),
+            Field::Label(key) => node.labels.get(key).map(String::as_str),
+        };
+        // As in Swarm, a missing label equals nothing, so `!=` holds for it.
+        (actual == Some(self.value.as_str())) == self.equal
+    }
+}
+
+impl fmt::Display for Constraint {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let field = match &self.field {
+            Field::Role => "node.role".to_string(),
+            Field::Hostname => "node.hostname".to_string(),
+            Field::Label(key) => format!("node.labels.{key}"),
+        };
+        let op = if self.equal { "==" } else { "!=" };
+        write!(f, "{field}{op}{}", self.value)
+    }
+}
+
+/// A node as the scheduler sees it: the node and how loaded it is.
+#[derive(Debug, Clone)]
+pub struct Candidate<'a> {
+    pub node: &'a Node,
+    /// Current tasks of the service being placed on this node.
+    pub service_tasks: usize,
+    /// Current tasks of all services on this node.
+    pub total_tasks: usize,
+}
+
+/// Why a task could not be placed; the text is what `service ps` shows as the task's error.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no suitable node ({0})")]
+pub struct NoSuitableNode(String);
+
+/// Picks the node for one task: among ready, active nodes that satisfy every constraint, prefer
+/// one not in `avoid` (where this slot just failed), then the fewest tasks of this service, then
+/// the fewest tasks overall, then the hostname, so that equal clusters fill up predictably.
+pub fn pick_node<'a>(
+    candidates: &[Candidate<'a>],
+    constraints: &[Constraint],
+    avoid: &BTreeSet<String>,
+) -> Result<&'a Node, NoSuitableNode> {
+    if candidates.is_empty() {
+        return Err(NoSuitableNode("no nodes have joined".into()));
+    }
+    let available: Vec<&Candidate> = candidates
+        .iter()
+        .filter(|c| {
+            c.node.status == NodeStatus::Ready && c.node.availability == Availability::Active
+        })
+        .collect();
+    let fitting: Vec<&Candidate> = available
+        .iter()
+        .copied()
+        .filter(|c| constraints.iter().all(|k| k.matches(c.node)))
+        .collect();
+    let best = fitting.iter().min_by(|a, b| {
+        let key = |c: &Candidate| {
+            (
+                avoid.contains(&c.node.id),
+                c.service_tasks,
+                c.total_tasks,
+                c.node.hostname.clone(),
+                c.node.id.clone(),
+            )
+        };
+        key(a).cmp(&key(b))
+    });
+    match best {
+        Some(c) => Ok(c.node),
+        None => {
+            let mut reasons = Vec::new();
+            let unavailable = candidates.len() - available.len();
+            if unavailable > 0 {
+                reasons.push(format!(
+                    "{} not ready or not active",
+                    plural(unavailable, "node")
+                ));
+            }
+            let unfit = available.len() - fitting.len();
+            if unfit > 0 {
+                reasons.push(format!(
+                    "scheduling constraints not satisfied on {}",
+                    plural(unfit, "node")
+                ));
+            }
+            Err(NoSuitableNode(reasons.join("; ")))
+        }
+    }
+}
+
+fn plural(n: usize, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::BTreeMap;
+
+    fn node(id: &str, role: Role) -> Node {
+        Node {
+            id: id.into(),
+            hostname: format!("host-{id}"),
+            addr: "192.168.56.11".parse().unwrap(),
+            role,
+            availability: Availability::Active,
+            status: NodeStatus::Ready,
+            labels: BTreeMap::new(),
+        }
+    }
+
+    fn cands<'a>(nodes: &'a [Node], load: &[(usize, usize)]) -> Vec<Candidate<'a>> {
+        nodes
+            .iter()
+            .zip(load)
+            .map(|(node, &(service_tasks, total_tasks))| Candidate {
+                node,
+                service_tasks,
+                total_tasks,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn parses_constraints() {
+        let c = Constraint::parse("node.role==worker").unwrap();
+        assert_eq!((c.field.clone(), c.equal), (Field::Role, true));
+        assert_eq!(c.to_string(), "node.role==worker");
+        let c = Constraint::parse("node.hostname != node2").unwrap();
+        assert_eq!(
+            (c.field, c.equal, c.value.as_str()),
+            (Field::Hostname, false, "node2")
+        );
+        let c = Constraint::parse("node.labels.zone==eu-1").unwrap();
+        assert_eq!(c.field, Field::Label("zone".into()));
+        assert_eq!(c.to_string(), "node.labels.zone==eu-1");
+
+        assert!(matches!(
+            Constraint::parse("node.role=worker"),
+            Err(ConstraintError::Syntax(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.role==boss"),
+            Err(ConstraintError::Role(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.ip==1.2.3.4"),
+            Err(ConstraintError::Field(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.labels.==x"),
+            Err(ConstraintError::Field(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.hostname=="),
+            Err(ConstraintError::EmptyValue(_))
+        ));
+    }
+
+    #[test]
+    fn constraints_match_nodes() {
+        let mut n = node("a", Role::Worker);
+        n.labels.insert("zone".into(), "a".into());
+        let m = |s: &str| Constraint::parse(s).unwrap().matches(&n);
+        assert!(m("node.role==worker"));
+        assert!(!m("node.role==manager"));
+        assert!(m("node.role!=manager"));
+        assert!(m("node.hostname==host-a"));
+        assert!(!m("node.hostname!=host-a"));
+        assert!(m("node.labels.zone==a"));
+        assert!(!m("node.labels.zone==b"));
+        assert!(!m("node.labels.rack==1"));
+        assert!(m("node.labels.rack!=1"));
+    }
+
+    #[test]
+    fn spreads_by_service_then_total_then_hostname() {
+        let nodes = [
+            node("a", Role::Manager),
+            node("b", Role::Worker),
+            node("c", Role::Worker),
+        ];
+        let none = BTreeSet::new();
+        let pick = |load: &[(usize, usize)]| {
+            pick_node(&cands(&nodes, load), &[], &none)
+                .unwrap()
+                .id
+                .clone()
+        };
+        assert_eq!(pick(&[(0, 0), (0, 0), (0, 0)]), "a");
+        assert_eq!(pick(&[(1, 1), (0, 0), (0, 0)]), "b");
+        assert_eq!(pick(&[(1, 1), (0, 5), (0, 2)]), "c");
+        assert_eq!(pick(&[(0, 9), (1, 1), (1, 1)]), "a");
+    }
+
+    #[test]
+    fn honours_constraints_availability_and_avoidance() {
+        let mut nodes = vec![
+            node("a", Role::Manager),
+            node("b", Role::Worker),
+            node("c", Role::Worker),
+        ];
+        let worker = [Constraint::parse("node.role==worker").unwrap()];
+        let none = BTreeSet::new();
+        let load = [(0, 0), (1, 1), (1, 1)];
+        assert_eq!(
+            pick_node(&cands(&nodes, &load), &worker, &none).unwrap().id,
+            "b"
+        );
+        let avoid_b: BTreeSet<String> = ["b".to_string()].into();
+        assert_eq!(
+            pick_node(&cands(&nodes, &load), &worker, &avoid_b)
+                .unwrap()
+                .id,
+            "c"
+        );
+        // Avoidance is a preference: the only fitting node is still used.
+        let only_b = [Constraint::parse("node.hostname==host-b").unwrap()];
+        assert_eq!(
+            pick_node(&cands(&nodes, &load), &only_b, &avoid_b)
+                .unwrap()
+                .id,
+            "b"
+        );
+
+        nodes[1].availability = Availability::Drain;
+        nodes[2].status = NodeStatus::Down;
+        let err = pick_node(&cands(&nodes, &load), &worker, &none).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no suitable node (2 nodes not ready or not active; scheduling constraints not satisfied on 1 node)"
+        );
+        nodes[1].availability = Availability::Pause;
+        assert!(pick_node(&cands(&nodes, &load), &worker, &none).is_err());
+        assert_eq!(
+            pick_node(&[], &[], &none).unwrap_err().to_string(),
+            "no suitable node (no nodes have joined)"
+        );
+    }
+}

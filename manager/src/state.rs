@@ -1,0 +1,1382 @@
+//! The desired state of the cluster and every change to it, as pure functions of (state, input,
+//! time). Operations validate everything before they touch anything, so a refused request leaves
+//! the state exactly as it was; [`State::reconcile`] then converges tasks to the services' specs.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{IpAddr, Ipv4Addr};
+
+use ipnet::Ipv4Net;
+use proto::agent::{Assignment, NetworkSpec, Peer, TaskSpec, TaskStatus};
+use proto::api::{ServiceSpec, INGRESS_NETWORK};
+use proto::model::{
+    endpoint_mac, Attachment, Availability, Network, Node, NodeStatus, Role, TaskState,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::alloc::{self, AllocError};
+use crate::sched::{self, Candidate, Constraint, ConstraintError};
+
+/// More replicas than this is a typo, not a plan: refuse it before allocating that many tasks.
+pub const MAX_REPLICAS: u64 = 10_000;
+/// Finished tasks kept per slot for `service ps`, besides the current one (Docker keeps 5 in all).
+pub const TASK_HISTORY: usize = 4;
+/// A slot whose task failed or completed is refilled no sooner than this (Docker's default
+/// restart delay), so a command that exits at once does not spin the cluster.
+pub const RESTART_DELAY_SECS: u64 = 5;
+
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct State {
+    pub nodes: BTreeMap<String, NodeRecord>,
+    pub networks: BTreeMap<String, NetworkRecord>,
+    pub services: BTreeMap<String, Service>,
+    pub tasks: BTreeMap<String, Task>,
+    /// The last assignment revision handed out. One counter for all nodes, persisted, so a node's
+    /// revisions only ever grow, also across manager restarts.
+    pub revision: u64,
+    /// The last VNI handed out: VNIs are allocated serially after it.
+    pub last_vni: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeRecord {
+    pub node: Node,
+    /// The node's desired state as last computed; sent on connect and whenever it changes.
+    pub assignment: Assignment,
+    /// The newest revision the node's agent reported applied.
+    pub applied_revision: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub network: Network,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Service {
+    pub id: String,
+    /// `networks` holds network ids.
+    pub spec: ServiceSpec,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub service_id: String,
+    /// Replica number from 1; a replacement keeps the slot of the task it replaces.
+    pub slot: u64,
+    pub node_id: Option<String>,
+    /// `Running` while the manager wants the task; `Shutdown` once it is history.
+    pub desired_state: TaskState,
+    pub state: TaskState,
+    pub error: Option<String>,
+    pub pid: Option<u32>,
+    pub netns: Option<String>,
+    /// Endpoints, in the order of the service's networks. Released (emptied) when the task
+    /// becomes history, so its addresses can be handed out again.
+    pub attachments: Vec<Attachment>,
+    pub created_at: u64,
+    pub updated_at: u64,
+}
+
+impl Task {
+    /// A task the manager still wants: it counts for its slot and holds its addresses.
+    pub fn is_current(&self) -> bool {
+        self.desired_state == TaskState::Running && !self.state.is_terminal()
+    }
+
+    /// A current task that is on a node (so it is in that node's assignment).
+    fn is_placed(&self) -> bool {
+        self.is_current() && self.node_id.is_some()
+    }
+
+    fn retire(&mut self, state: TaskState, error: Option<String>, now: u64) {
+        self.desired_state = TaskState::Shutdown;
+        if self.state != state {
+            self.state = state;
+            self.updated_at = now;
+        }
+        if error.is_some() {
+            self.error = error;
+        }
+        self.attachments.clear();
+    }
+}
+
+/// Why a request was refused; [`OpError`] adds what was being done to which object.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Reason {
+    #[error(transparent)]
+    Alloc(#[from] AllocError),
+    #[error(transparent)]
+    Constraint(#[from] ConstraintError),
+    #[error("no such {kind}: {name}")]
+    NotFound { kind: &'static str, name: String },
+    #[error("{kind} id prefix {prefix:?} is ambiguous")]
+    Ambiguous { kind: &'static str, prefix: String },
+    #[error("a {kind} named {name} already exists")]
+    Duplicate { kind: &'static str, name: String },
+    #[error("the name {INGRESS_NETWORK} is reserved for the routing mesh")]
+    ReservedName,
+    #[error("unsupported driver {0:?}: only overlay is supported")]
+    Driver(String),
+    #[error("it is in use by services: {}", .0.join(", "))]
+    InUse(Vec<String>),
+    #[error("a command is required (meshctl service create ... -- CMD [ARG...])")]
+    EmptyCommand,
+    #[error("{0} replicas is more than the limit of {MAX_REPLICAS}")]
+    TooManyReplicas(u64),
+    #[error("network {0} is given more than once")]
+    NetworkTwice(String),
+    #[error(
+        "invalid label key {0:?}: it must be non-empty, without spaces, = or control characters"
+    )]
+    LabelKey(String),
+    #[error("invalid node id {0:?}: expected up to 64 letters and digits")]
+    NodeId(String),
+    #[error("invalid hostname {0:?}: expected 1 to 253 characters without spaces")]
+    Hostname(String),
+    #[error("task {0} is not assigned to this node")]
+    NotYourTask(String),
+    #[error("an agent cannot report state {0:?}")]
+    ReportedState(TaskState),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{op}: {reason}")]
+pub struct OpError {
+    pub op: String,
+    pub reason: Reason,
+}
+
+fn refuse<T>(op: impl Into<String>, reason: impl Into<Reason>) -> Result<T, OpError> {
+    Err(OpError {
+        op: op.into(),
+        reason: reason.into(),
+    })
+}
+
+/// Finds an object by exact id, exact name, or unique id prefix, in that order.
+fn resolve<'a>(
+    kind: &'static str,
+    key: &str,
+    objects: impl Iterator<Item = (&'a String, &'a str)> + Clone,
+) -> Result<String, Reason> {
+    if let Some((id, _)) = objects.clone().find(|(id, _)| id.as_str() == key) {
+        return Ok(id.clone());
+    }
+    if let Some((id, _)) = objects.clone().find(|(_, name)| *name == key) {
+        return Ok(id.clone());
+    }
+    let mut by_prefix = objects.filter(|(id, _)| !key.is_empty() && id.starts_with(key));
+    match (by_prefix.next(), by_prefix.next()) {
+        (Some((id, _)), None) => Ok(id.clone()),
+        (Some(_), Some(_)) => Err(Reason::Ambiguous {
+            kind,
+            prefix: key.to_string(),
+        }),
+        (None, _) => Err(Reason::NotFound {
+            kind,
+            name: key.to_string(),
+        }),
+    }
+}
+
+impl State {
+    pub fn find_node(&self, key: &str) -> Result<String, Reason> {
+        resolve(
+            "node",
+            key,
+            self.nodes
+                .iter()
+                .map(|(id, r)| (id, r.node.hostname.as_str())),
+        )
+    }
+
+    pub fn find_network(&self, key: &str) -> Result<String, Reason> {
+        resolve(
+            "network",
+            key,
+            self.networks
+                .iter()
+                .map(|(id, r)| (id, r.network.name.as_str())),
+        )
+    }
+
+    pub fn find_service(&self, key: &str) -> Result<String, Reason> {
+        resolve(
+            "service",
+            key,
+            self.services
+                .iter()
+                .map(|(id, s)| (id, s.spec.name.as_str())),
+        )
+    }
+
+    fn next_revision(&mut self) -> u64 {
+        self.revision += 1;
+        self.revision
+    }
+
+    /// An agent said Hello. The node keeps its id when the agent remembers it or when the
+    /// hostname is known; its address, role and status follow the latest Hello.
+    pub fn register_node(
+        &mut self,
+        hostname: &str,
+        addr: IpAddr,
+        node_id: Option<&str>,
+        role: Role,
+    ) -> Result<String, OpError> {
+        let op = || format!("register node {hostname}");
+        if hostname.is_empty()
+            || hostname.len() > 253
+            || hostname
+                .chars()
+                .any(|c| c.is_whitespace() || c.is_control())
+        {
+            return refuse(op(), Reason::Hostname(hostname.to_string()));
+        }
+        if let Some(id) = node_id {
+            if id.is_empty() || id.len() > 64 || !id.chars().all(|c| c.is_ascii_alphanumeric()) {
+                return refuse(op(), Reason::NodeId(id.to_string()));
+            }
+        }
+        let id = node_id.map(str::to_string).or_else(|| {
+            self.nodes
+                .values()
+                .find(|r| r.node.hostname == hostname)
+                .map(|r| r.node.id.clone())
+        });
+        let id = id.unwrap_or_else(alloc::new_id);
+        if let Some(record) = self.nodes.get_mut(&id) {
+            record.node.hostname = hostname.to_string();
+            record.node.addr = addr;
+            record.node.role = role;
+            record.node.status = NodeStatus::Ready;
+        } else {
+            let revision = self.next_revision();
+            self.nodes.insert(
+                id.clone(),
+                NodeRecord {
+                    node: Node {
+                        id: id.clone(),
+                        hostname: hostname.to_string(),
+                        addr,
+                        role,
+                        availability: Availability::Active,
+                        status: NodeStatus::Ready,
+                        labels: BTreeMap::new(),
+                    },
+                    assignment: Assignment {
+                        revision,
+                        ..Assignment::default()
+                    },
+                    applied_revision: 0,
+                },
+            );
+        }
+        Ok(id)
+    }
+
+    pub fn update_node(
+        &mut self,
+        key: &str,
+        availability: Option<Availability>,
+        label_add: &BTreeMap<String, String>,
+        label_rm: &[String],
+    ) -> Result<String, OpError> {
+        let op = || format!("update node {key}");
+        let id = self.find_node(key).or_else(|r| refuse(op(), r))?;
+        if let Some(bad) = label_add.keys().chain(label_rm).find(|k| {
+            k.is_empty()
+                || k.chars()
+                    .any(|c| c.is_whitespace() || c.is_control() || c == '=')
+        }) {
+            return refuse(op(), Reason::LabelKey(bad.clone()));
+        }
+        let node = &mut self.nodes.get_mut(&id).expect("id was just resolved").node;
+        if let Some(a) = availability {
+            node.availability = a;
+        }
+        for key in label_rm {
+            node.labels.remove(key);
+        }
+        node.labels
+            .extend(label_add.iter().map(|(k, v)| (k.clone(), v.clone())));
+        Ok(id)
+    }
+
+    pub fn set_node_status(&mut self, id: &str, status: NodeStatus) {
+        if let Some(record) = self.nodes.get_mut(id) {
+            record.node.status = status;
+        }
+    }
+
+    /// Records the revision an agent applied; a stale or unknown one is ignored.
+    pub fn set_applied(&mut self, id: &str, revision: u64) {
+        if let Some(record) = self.nodes.get_mut(id) {
+            if revision <= record.assignment.revision && revision > record.applied_revision {
+                record.applied_revision = revision;
+            }
+        }
+    }
+
+    /// Creates an overlay network. `manager_ip` joins the nodes' addresses as underlay that no
+    /// overlay subnet may contain: traffic to it would be routed into the overlay.
+    pub fn create_network(
+        &mut self,
+        name: &str,
+        driver: &str,
+        subnet: Option<&str>,
+        manager_ip: IpAddr,
+        now: u64,
+    ) -> Result<String, OpError> {
+        let op = format!("create network {name}");
+        if name == INGRESS_NETWORK {
+            return refuse(op, Reason::ReservedName);
+        }
+        alloc::validate_name("network", name).or_else(|e| refuse(&op, e))?;
+        if self.networks.values().any(|r| r.network.name == name) {
+            return refuse(
+                op,
+                Reason::Duplicate {
+                    kind: "network",
+                    name: name.to_string(),
+                },
+            );
+        }
+        if driver != "overlay" {
+            return refuse(op, Reason::Driver(driver.to_string()));
+        }
+        let mut underlay: Vec<(String, Ipv4Addr)> = self
+            .nodes
+            .values()
+            .filter_map(|r| match r.node.addr {
+                IpAddr::V4(ip) => Some((format!("node {}", r.node.hostname), ip)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        if let IpAddr::V4(ip) = manager_ip {
+            if !ip.is_unspecified() {
+                underlay.push(("the manager".to_string(), ip));
+            }
+        }
+        // Lowest address first, so the refusal names the same node every time.
+        underlay.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        let subnet = match subnet {
+            Some(text) => {
+                // Overlays are isolated from each other (own VNI, own sandbox), so a user may
+                // reuse a subnet on another network; what breaks is a subnet that holds the
+                // nodes' own addresses, or one task on two overlapping networks (refused at
+                // service create).
+                let subnet = alloc::parse_subnet(text).or_else(|e| refuse(&op, e))?;
+                alloc::check_underlay(subnet, &underlay).or_else(|e| refuse(&op, e))?;
+                subnet
+            }
+            None => {
+                let taken: Vec<Ipv4Net> = self
+                    .networks
+                    .values()
+                    .map(|r| r.network.subnet)
+                    .chain(underlay.iter().map(|(_, ip)| Ipv4Net::from(*ip)))
+                    .collect();
+                alloc::next_free_subnet(&taken).or_else(|e| refuse(&op, e))?
+            }
+        };
+        let vnis: BTreeSet<u32> = self.networks.values().map(|r| r.network.vni).collect();
+        let vni = alloc::next_vni(&vnis, self.last_vni).or_else(|e| refuse(&op, e))?;
+        let id = alloc::new_id();
+        self.last_vni = vni;
+        self.networks.insert(
+            id.clone(),
+            NetworkRecord {
+                network: Network {
+                    id: id.clone(),
+                    name: name.to_string(),
+                    driver: "overlay".to_string(),
+                    subnet,
+                    gateway: alloc::gateway_of(subnet),
+                    vni,
+                    ingress: false,
+                },
+                created_at: now,
+            },
+        );
+        Ok(id)
+    }
+
+    /// Names of the services that use a network, sorted.
+    fn services_on(&self, network_id: &str) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .services
+            .values()
+            .filter(|s| s.spec.networks.iter().any(|n| n == network_id))
+            .map(|s| s.spec.name.clone())
+            .collect();
+        names.sort();
+        names
+    }
+
+    pub fn remove_network(&mut self, key: &str) -> Result<String, OpError> {
+        let op = format!("remove network {key}");
+        let id = self.find_network(key).or_else(|r| refuse(&op, r))?;
+        let users = self.services_on(&id);
+        if !users.is_empty() {
+            return refuse(op, Reason::InUse(users));
+        }
+        self.networks.remove(&id);
+        Ok(id)
+    }
+
+    pub fn create_service(&mut self, spec: &ServiceSpec, now: u64) -> Result<String, OpError> {
+        let op = format!("create service {}", spec.name);
+        alloc::validate_name("service", &spec.name).or_else(|e| refuse(&op, e))?;
+        if self.services.values().any(|s| s.spec.name == spec.name) {
+            return refuse(
+                op,
+                Reason::Duplicate {
+                    kind: "service",
+                    name: spec.name.clone(),
+                },
+            );
+        }
+        if spec.command.is_empty() || spec.command[0].is_empty() {
+            return refuse(op, Reason::EmptyCommand);
+        }
+        if spec.replicas > MAX_REPLICAS {
+            return refuse(op, Reason::TooManyReplicas(spec.replicas));
+        }
+        let mut networks = Vec::new();
+        for key in &spec.networks {
+            let id = self.find_network(key).or_else(|r| refuse(&op, r))?;
+            if networks.contains(&id) {
+                return refuse(op, Reason::NetworkTwice(key.clone()));
+            }
+            // A task's routes to two overlapping subnets would be ambiguous.
+            alloc::check_overlap(
+                self.networks[&id].network.subnet,
+                networks.iter().map(|n: &String| {
+                    let net = &self.networks[n].network;
+                    (net.name.as_str(), net.subnet)
+                }),
+            )
+            .or_else(|e| refuse(&op, e))?;
+            networks.push(id);
+        }
+        let mut constraints = Vec::new();
+        for text in &spec.constraints {
+            constraints.push(
+                Constraint::parse(text)
+                    .or_else(|e| refuse(&op, e))?
+                    .to_string(),
+            );
+        }
+        let id = alloc::new_id();
+        self.services.insert(
+            id.clone(),
+            Service {
+                id: id.clone(),
+                spec: ServiceSpec {
+                    name: spec.name.clone(),
+                    replicas: spec.replicas,
+                    networks,
+                    constraints,
+                    command: spec.command.clone(),
+                },
+                created_at: now,
+                updated_at: now,
+            },
+        );
+        Ok(id)
+    }
+
+    pub fn scale_service(&mut self, key: &str, replicas: u64, now: u64) -> Result<String, OpError> {
+        let op = format!("scale service {key}");
+        let id = self.find_service(key).or_else(|r| refuse(&op, r))?;
+        if replicas > MAX_REPLICAS {
+            return refuse(op, Reason::TooManyReplicas(replicas));
+        }
+        let service = self.services.get_mut(&id).expect("id was just resolved");
+        if service.spec.replicas != replicas {
+            service.spec.replicas = replicas;
+            service.updated_at = now;
+        }
+        Ok(id)
+    }
+
+    /// Removes a service and all its tasks; their agents stop them on the next assignment.
+    pub fn remove_service(&mut self, key: &str) -> Result<String, OpError> {
+        let id = self
+            .find_service(key)
+            .or_else(|r| refuse(format!("remove service {key}"), r))?;
+        self.services.remove(&id);
+        self.tasks.retain(|_, t| t.service_id != id);
+        Ok(id)
+    }
+
+    /// A task state reported by the agent of `node_id`. Reports about tasks the manager has
+    /// already given up on are ignored: a retired task never comes back.
+    pub fn task_status(
+        &mut self,
+        node_id: &str,
+        status: &TaskStatus,
+        now: u64,
+    ) -> Result<(), OpError> {
+        let op = || format!("record status of task {}", status.task_id);
+        if matches!(
+            status.state,
+            TaskState::Pending | TaskState::Assigned | TaskState::Orphaned
+        ) {
+            return refuse(op(), Reason::ReportedState(status.state));
+        }
+        let Some(task) = self.tasks.get_mut(&status.task_id) else {
+            return refuse(
+                op(),
+                Reason::NotFound {
+                    kind: "task",
+                    name: status.task_id.clone(),
+                },
+            );
+        };
+        if task.node_id.as_deref() != Some(node_id) {
+            return refuse(op(), Reason::NotYourTask(status.task_id.clone()));
+        }
+        if !task.is_current() {
+            return Ok(());
+        }
+        if task.state != status.state {
+            task.state = status.state;
+            task.updated_at = now;
+        }
+        task.error = status.error.clone();
+        task.pid = status.pid;
+        task.netns = status.netns.clone();
+        Ok(())
+    }
+
+    /// Converges tasks to the specs and the nodes: retires tasks that ended or whose node went
+    /// down or is drained, fills empty slots, removes slots above the replica count, then gives
+    /// pending tasks addresses and nodes.
+    pub fn reconcile(&mut self, now: u64) {
+        self.retire_lost_tasks(now);
+        self.fill_slots(now);
+        self.place_pending(now);
+        self.prune_history();
+    }
+
+    fn retire_lost_tasks(&mut self, now: u64) {
+        for task in self.tasks.values_mut() {
+            if task.desired_state != TaskState::Running {
+                continue;
+            }
+            if task.state.is_terminal() {
+                // The agent reported it finished: it becomes history and its slot is refilled.
+                let state = task.state;
+                task.retire(state, None, now);
+                continue;
+            }
+            let Some(node) = task.node_id.as_ref().and_then(|id| self.nodes.get(id)) else {
+                continue;
+            };
+            if node.node.status == NodeStatus::Down {
+                let error = format!("node {} is down", node.node.hostname);
+                tracing::info!(task = %task.id, node = %node.node.hostname, "orphaning task of down node");
+                task.retire(TaskState::Orphaned, Some(error), now);
+            } else if node.node.availability == Availability::Drain {
+                let error = format!("node {} is drained", node.node.hostname);
+                tracing::info!(task = %task.id, node = %node.node.hostname, "moving task off drained node");
+                task.retire(TaskState::Shutdown, Some(error), now);
+            }
+        }
+    }
+
+    fn fill_slots(&mut self, now: u64) {
+        for service in self.services.values() {
+            let replicas = service.spec.replicas;
+            let filled: BTreeSet<u64> = self
+                .tasks
+                .values()
+                .filter(|t| t.service_id == service.id && t.is_current())
+                .map(|t| t.slot)
+                .collect();
+            // Slots above the replica count go, history included; the highest slots go first
+            // because the count only keeps the low ones.
+            self.tasks
+                .retain(|_, t| t.service_id != service.id || t.slot <= replicas);
+            for slot in (1..=replicas).filter(|s| !filled.contains(s)) {
+                let id = alloc::new_id();
+                tracing::info!(service = %service.spec.name, slot, task = %id, "new task");
+                self.tasks.insert(
+                    id.clone(),
+                    Task {
+                        id,
+                        service_id: service.id.clone(),
+                        slot,
+                        node_id: None,
+                        desired_state: TaskState::Running,
+                        state: TaskState::Pending,
+                        error: None,
+                        pid: None,
+                        netns: None,
+                        attachments: Vec::new(),
+                        created_at: now,
+                        updated_at: now,
+                    },
+                );
+            }
+        }
+    }
+
+    fn place_pending(&mut self, now: u64) {
+        let mut pending: Vec<(String, u64, String)> = self
+            .tasks
+            .values()
+            .filter(|t| t.is_current() && t.node_id.is_none())
+            .map(|t| {
+                (
+                    self.services[&t.service_id].spec.name.clone(),
+                    t.slot,
+                    t.id.clone(),
+                )
+            })
+            .collect();
+        pending.sort();
+        for (_, _, task_id) in pending {
+            if let Err(error) = self.place(&task_id, now) {
+                let task = self.tasks.get_mut(&task_id).expect("pending task exists");
+                if task.error.as_deref() != Some(error.as_str()) {
+                    tracing::info!(task = %task_id, %error, "task stays pending");
+                    task.error = Some(error);
+                }
+            }
+        }
+    }
+
+    /// When the slot of `task` may start again: the end of its last failed or completed task
+    /// plus the restart delay. Tasks retired for their node's sake restart at once.
+    fn restart_at(&self, task: &Task) -> Option<u64> {
+        self.tasks
+            .values()
+            .filter(|t| t.service_id == task.service_id && t.slot == task.slot && !t.is_current())
+            .filter(|t| matches!(t.state, TaskState::Failed | TaskState::Complete))
+            .map(|t| t.updated_at + RESTART_DELAY_SECS)
+            .max()
+    }
+
+    /// Gives one pending task its addresses (once) and a node.
+    fn place(&mut self, task_id: &str, now: u64) -> Result<(), String> {
+        let task = &self.tasks[task_id];
+        if self.restart_at(task).is_some_and(|at| now < at) {
+            return Err(format!(
+                "restart delayed: the previous task of this slot ended less than {RESTART_DELAY_SECS}s ago"
+            ));
+        }
+        let service = &self.services[&task.service_id];
+        if task.attachments.len() != service.spec.networks.len() {
+            let attachments = self.allocate_endpoints(&service.spec.networks)?;
+            self.tasks
+                .get_mut(task_id)
+                .expect("task exists")
+                .attachments = attachments;
+        }
+        let task = &self.tasks[task_id];
+        let service = &self.services[&task.service_id];
+        let constraints: Vec<Constraint> = service
+            .spec
+            .constraints
+            .iter()
+            .filter_map(|c| Constraint::parse(c).ok())
+            .collect();
+        // The nodes where this slot ended before: a replacement goes elsewhere if it can.
+        let avoid: BTreeSet<String> = self
+            .tasks
+            .values()
+            .filter(|t| t.service_id == task.service_id && t.slot == task.slot && !t.is_current())
+            .filter_map(|t| t.node_id.clone())
+            .collect();
+        let candidates: Vec<Candidate> =
+            self.nodes
+                .values()
+                .map(|r| {
+                    let placed = self.tasks.values().filter(|t| {
+                        t.is_placed() && t.node_id.as_deref() == Some(r.node.id.as_str())
+                    });
+                    let (mut service_tasks, mut total_tasks) = (0, 0);
+                    for t in placed {
+                        total_tasks += 1;
+                        if t.service_id == task.service_id {
+                            service_tasks += 1;
+                        }
+                    }
+                    Candidate {
+                        node: &r.node,
+                        service_tasks,
+                        total_tasks,
+                    }
+                })
+                .collect();
+        let node = sched::pick_node(&candidates, &constraints, &avoid)
+            .map_err(|e| e.to_string())?
+            .id
+            .clone();
+        tracing::info!(task = %task_id, service = %service.spec.name, slot = task.slot, node = %node, "task assigned");
+        let task = self.tasks.get_mut(task_id).expect("task exists");
+        task.node_id = Some(node);
+        task.state = TaskState::Assigned;
+        task.error = None;
+        task.updated_at = now;
+        Ok(())
+    }
+
+    /// One endpoint per network, all or none.
+    fn allocate_endpoints(&self, networks: &[String]) -> Result<Vec<Attachment>, String> {
+        let mut out = Vec::new();
+        for network_id in networks {
+            let network = &self.networks[network_id].network;
+            let in_use: BTreeSet<Ipv4Addr> = self
+                .tasks
+                .values()
+                .flat_map(|t| &t.attachments)
+                .filter(|a| &a.network_id == network_id)
+                .map(|a| a.addr.addr())
+                .collect();
+            let ip = alloc::next_ip(network.subnet, &in_use)
+                .map_err(|e| format!("allocate an address on network {}: {e}", network.name))?;
+            out.push(Attachment {
+                network_id: network_id.clone(),
+                addr: Ipv4Net::new(ip, network.subnet.prefix_len())
+                    .expect("prefix of a valid subnet"),
+                mac: endpoint_mac(ip),
+            });
+        }
+        Ok(out)
+    }
+
+    fn prune_history(&mut self) {
+        let mut history: BTreeMap<(&str, u64), Vec<&Task>> = BTreeMap::new();
+        for t in self.tasks.values().filter(|t| !t.is_current()) {
+            history.entry((&t.service_id, t.slot)).or_default().push(t);
+        }
+        let mut drop = Vec::new();
+        for (_, mut old) in history {
+            old.sort_by_key(|t| (t.updated_at, t.created_at));
+            let excess = old.len().saturating_sub(TASK_HISTORY);
+            drop.extend(old.into_iter().take(excess).map(|t| t.id.clone()));
+        }
+        for id in drop {
+            self.tasks.remove(&id);
+        }
+    }
+
+    /// The complete desired state of one node, without its revision. Deterministic (sorted), so
+    /// comparing it with the last one tells whether the node needs a new revision.
+    pub fn assignment_for(&self, node_id: &str) -> Assignment {
+        let mine: Vec<&Task> = self
+            .tasks
+            .values()
+            .filter(|t| t.is_placed() && t.node_id.as_deref() == Some(node_id))
+            .collect();
+        let tasks = mine
+            .iter()
+            .map(|t| {
+                let service = &self.services[&t.service_id];
+                TaskSpec {
+                    id: t.id.clone(),
+                    name: format!("{}.{}.{}", service.spec.name, t.slot, t.id),
+                    service_id: service.id.clone(),
+                    service_name: service.spec.name.clone(),
+                    command: service.spec.command.clone(),
+                    attachments: t.attachments.clone(),
+                }
+            })
+            .collect();
+        let network_ids: BTreeSet<&String> = mine
+            .iter()
+            .flat_map(|t| &t.attachments)
+            .map(|a| &a.network_id)
+            .collect();
+        let networks = network_ids
+            .into_iter()
+            .filter_map(|id| self.networks.get(id))
+            .map(|r| NetworkSpec {
+                id: r.network.id.clone(),
+                name: r.network.name.clone(),
+                subnet: r.network.subnet,
+                gateway: Ipv4Net::new(r.network.gateway, r.network.subnet.prefix_len())
+                    .expect("prefix of a valid subnet"),
+                vni: r.network.vni,
+                peers: self.peers(&r.network.id, node_id),
+            })
+            .collect();
+        Assignment {
+            revision: 0,
+            networks,
+            tasks,
+        }
+    }
+
+    /// Endpoints of a network on nodes other than `node_id`, each with its node's VTEP.
+    fn peers(&self, network_id: &str, node_id: &str) -> Vec<Peer> {
+        let mut peers: Vec<Peer> = self
+            .tasks
+            .values()
+            .filter(|t| t.is_placed())
+            .filter_map(|t| {
+                let node = self.nodes.get(t.node_id.as_deref()?)?;
+                (node.node.id != node_id).then_some((t, node.node.addr))
+            })
+            .flat_map(|(t, vtep)| {
+                t.attachments
+                    .iter()
+                    .filter(|a| a.network_id == network_id)
+                    .map(move |a| Peer {
+                        ip: a.addr.addr(),
+                        mac: a.mac.clone(),
+                        vtep,
+                    })
+            })
+            .collect();
+        peers.sort_by_key(|p| (p.ip, p.vtep));
+        peers
+    }
+
+    /// Recomputes every node's assignment; a node whose assignment changed gets the next
+    /// revision. Returns the ids of those nodes, to be pushed to their agents.
+    pub fn refresh_assignments(&mut self) -> Vec<String> {
+        let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        let mut changed = Vec::new();
+        for id in ids {
+            let mut fresh = self.assignment_for(&id);
+            let current = &self.nodes[&id].assignment;
+            if fresh.networks != current.networks || fresh.tasks != current.tasks {
+                fresh.revision = self.next_revision();
+                self.nodes.get_mut(&id).expect("node exists").assignment = fresh;
+                changed.push(id);
+            }
+        }
+        changed
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+
+    /// The manager's listen IP in these tests: node1's address.
+    pub(crate) const MANAGER: &str = "192.168.56.11";
+
+    pub(crate) fn spec(name: &str, replicas: u64, networks: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            name: name.into(),
+            replicas,
+            networks: networks.iter().map(|n| n.to_string()).collect(),
+            constraints: vec![],
+            command: vec!["hello-server".into(), "--port".into(), "8080".into()],
+        }
+    }
+
+    /// A cluster of `n` ready nodes node1..noden at 192.168.56.11.., node1 the manager.
+    pub(crate) fn cluster(n: u8) -> State {
+        let mut s = State::default();
+        for i in 1..=n {
+            let role = if i == 1 { Role::Manager } else { Role::Worker };
+            let addr = IpAddr::from([192, 168, 56, 10 + i]);
+            s.register_node(&format!("node{i}"), addr, None, role)
+                .unwrap();
+        }
+        s
+    }
+
+    fn node_id(s: &State, hostname: &str) -> String {
+        s.find_node(hostname).unwrap()
+    }
+
+    fn current<'a>(s: &'a State, service: &str) -> Vec<&'a Task> {
+        let id = s.find_service(service).unwrap();
+        let mut tasks: Vec<&Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.service_id == id && t.is_current())
+            .collect();
+        tasks.sort_by_key(|t| t.slot);
+        tasks
+    }
+
+    fn per_node(s: &State, service: &str) -> BTreeMap<String, usize> {
+        let mut out = BTreeMap::new();
+        for t in current(s, service) {
+            let host = &s.nodes[t.node_id.as_ref().unwrap()].node.hostname;
+            *out.entry(host.clone()).or_insert(0) += 1;
+        }
+        out
+    }
+
+    fn report(s: &mut State, task: &Task, state: TaskState, error: Option<&str>) {
+        report_at(s, task, state, error, 200);
+    }
+
+    fn report_at(s: &mut State, task: &Task, state: TaskState, error: Option<&str>, now: u64) {
+        let status = TaskStatus {
+            task_id: task.id.clone(),
+            state,
+            error: error.map(str::to_string),
+            pid: Some(42),
+            netns: Some(format!("/run/meshnet/netns/{}", task.id)),
+        };
+        s.task_status(task.node_id.as_ref().unwrap(), &status, now)
+            .unwrap();
+    }
+
+    #[test]
+    fn networks_get_serial_vnis_and_free_subnets() {
+        let mut s = cluster(1);
+        let a = s
+            .create_network("a", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .unwrap();
+        let b = s
+            .create_network(
+                "b",
+                "overlay",
+                Some("10.0.9.0/24"),
+                MANAGER.parse().unwrap(),
+                1,
+            )
+            .unwrap();
+        let c = s
+            .create_network("c", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .unwrap();
+        let net = |id: &str| s.networks[id].network.clone();
+        assert_eq!((net(&a).vni, net(&b).vni, net(&c).vni), (4096, 4097, 4098));
+        assert_eq!(net(&a).subnet.to_string(), "10.0.0.0/24");
+        assert_eq!(net(&c).subnet.to_string(), "10.0.1.0/24");
+        assert_eq!(net(&b).gateway, Ipv4Addr::new(10, 0, 9, 1));
+        s.remove_network("a").unwrap();
+        // The freed VNI is not handed out again at once; the freed subnet is.
+        let d = s
+            .create_network("d", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .unwrap();
+        assert_eq!(net_of(&s, &d).vni, 4099);
+        assert_eq!(net_of(&s, &d).subnet.to_string(), "10.0.0.0/24");
+    }
+
+    fn net_of(s: &State, id: &str) -> Network {
+        s.networks[id].network.clone()
+    }
+
+    #[test]
+    fn replicas_spread_and_get_addresses() {
+        let mut s = cluster(3);
+        s.create_network(
+            "backend",
+            "overlay",
+            Some("10.0.9.0/24"),
+            MANAGER.parse().unwrap(),
+            1,
+        )
+        .unwrap();
+        s.create_service(&spec("web", 3, &["backend"]), 1).unwrap();
+        s.reconcile(1);
+        let tasks = current(&s, "web");
+        assert_eq!(tasks.len(), 3);
+        assert_eq!(
+            per_node(&s, "web"),
+            [
+                ("node1".into(), 1),
+                ("node2".into(), 1),
+                ("node3".into(), 1)
+            ]
+            .into()
+        );
+        let ips: Vec<String> = tasks
+            .iter()
+            .map(|t| t.attachments[0].addr.to_string())
+            .collect();
+        assert_eq!(ips, ["10.0.9.2/24", "10.0.9.3/24", "10.0.9.4/24"]);
+        assert_eq!(tasks[0].attachments[0].mac, "02:42:0a:00:09:02");
+        assert!(tasks.iter().all(|t| t.state == TaskState::Assigned));
+    }
+
+    #[test]
+    fn scale_up_then_down_removes_highest_slots_and_frees_addresses() {
+        let mut s = cluster(3);
+        s.create_network(
+            "backend",
+            "overlay",
+            Some("10.0.9.0/24"),
+            MANAGER.parse().unwrap(),
+            1,
+        )
+        .unwrap();
+        s.create_service(&spec("web", 3, &["backend"]), 1).unwrap();
+        s.reconcile(1);
+        s.scale_service("web", 6, 2).unwrap();
+        s.reconcile(2);
+        assert_eq!(current(&s, "web").len(), 6);
+        assert!(per_node(&s, "web").values().all(|&n| n == 2));
+        let kept: Vec<String> = current(&s, "web")[..2]
+            .iter()
+            .map(|t| t.id.clone())
+            .collect();
+
+        s.scale_service("web", 2, 3).unwrap();
+        s.reconcile(3);
+        let tasks = current(&s, "web");
+        assert_eq!(tasks.iter().map(|t| t.slot).collect::<Vec<_>>(), [1, 2]);
+        assert_eq!(tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), kept);
+        // Slots 3..6 are gone entirely, and their addresses are free for the next task.
+        assert_eq!(s.tasks.len(), 2);
+        s.scale_service("web", 3, 4).unwrap();
+        s.reconcile(4);
+        assert_eq!(
+            current(&s, "web")[2].attachments[0].addr.to_string(),
+            "10.0.9.4/24"
+        );
+    }
+
+    #[test]
+    fn a_failed_task_is_replaced_in_its_slot_on_another_node() {
+        let mut s = cluster(3);
+        s.create_service(&spec("web", 2, &[]), 1).unwrap();
+        s.reconcile(1);
+        let failed = current(&s, "web")[0].clone();
+        report(&mut s, &failed, TaskState::Running, None);
+        report(&mut s, &failed, TaskState::Failed, Some("exit status 1"));
+        s.reconcile(300);
+
+        let old = &s.tasks[&failed.id];
+        assert_eq!(old.desired_state, TaskState::Shutdown);
+        assert_eq!(old.state, TaskState::Failed);
+        assert_eq!(old.error.as_deref(), Some("exit status 1"));
+        let tasks = current(&s, "web");
+        assert_eq!(tasks.len(), 2);
+        let replacement = tasks.iter().find(|t| t.slot == failed.slot).unwrap();
+        assert_ne!(replacement.id, failed.id);
+        assert_ne!(replacement.node_id, failed.node_id);
+        // node1 had slot 1 and node2 slot 2: the replacement takes the empty node3.
+        assert_eq!(
+            replacement.node_id.as_deref(),
+            Some(node_id(&s, "node3").as_str())
+        );
+    }
+
+    #[test]
+    fn a_down_node_orphans_its_tasks_and_they_move() {
+        let mut s = cluster(3);
+        s.create_network(
+            "backend",
+            "overlay",
+            Some("10.0.9.0/24"),
+            MANAGER.parse().unwrap(),
+            1,
+        )
+        .unwrap();
+        s.create_service(&spec("web", 3, &["backend"]), 1).unwrap();
+        s.reconcile(1);
+        let n2 = node_id(&s, "node2");
+        let lost: Task = current(&s, "web")
+            .into_iter()
+            .find(|t| t.node_id.as_deref() == Some(n2.as_str()))
+            .unwrap()
+            .clone();
+        s.set_node_status(&n2, NodeStatus::Down);
+        s.reconcile(5);
+        let old = &s.tasks[&lost.id];
+        assert_eq!(old.state, TaskState::Orphaned);
+        assert_eq!(old.error.as_deref(), Some("node node2 is down"));
+        assert!(old.attachments.is_empty());
+        assert_eq!(current(&s, "web").len(), 3);
+        assert_eq!(per_node(&s, "web").get("node2"), None);
+        // The agent of the lost node reporting in late does not bring the task back.
+        report(&mut s, &lost, TaskState::Running, None);
+        assert_eq!(s.tasks[&lost.id].state, TaskState::Orphaned);
+    }
+
+    #[test]
+    fn drain_moves_tasks_and_pause_only_stops_new_ones() {
+        let mut s = cluster(2);
+        s.create_service(&spec("web", 2, &[]), 1).unwrap();
+        s.reconcile(1);
+        let none = BTreeMap::new();
+        s.update_node("node2", Some(Availability::Pause), &none, &[])
+            .unwrap();
+        s.scale_service("web", 3, 2).unwrap();
+        s.reconcile(2);
+        assert_eq!(
+            per_node(&s, "web"),
+            [("node1".into(), 2), ("node2".into(), 1)].into()
+        );
+        s.update_node("node2", Some(Availability::Drain), &none, &[])
+            .unwrap();
+        s.reconcile(3);
+        assert_eq!(per_node(&s, "web"), [("node1".into(), 3)].into());
+    }
+
+    #[test]
+    fn unplaceable_tasks_wait_until_a_node_fits() {
+        let mut s = cluster(1);
+        let mut sp = spec("web", 1, &[]);
+        sp.constraints = vec!["node.role==worker".into()];
+        s.create_service(&sp, 1).unwrap();
+        s.reconcile(1);
+        let task = current(&s, "web")[0].clone();
+        assert_eq!(task.state, TaskState::Pending);
+        assert_eq!(
+            task.error.as_deref(),
+            Some("no suitable node (scheduling constraints not satisfied on 1 node)")
+        );
+        s.register_node(
+            "node2",
+            "192.168.56.12".parse().unwrap(),
+            None,
+            Role::Worker,
+        )
+        .unwrap();
+        s.reconcile(2);
+        let task = &s.tasks[&task.id];
+        assert_eq!(task.state, TaskState::Assigned);
+        assert_eq!(task.node_id.as_deref(), Some(node_id(&s, "node2").as_str()));
+        assert_eq!(task.error, None);
+    }
+
+    #[test]
+    fn label_constraints_follow_node_updates() {
+        let mut s = cluster(3);
+        let add: BTreeMap<String, String> = [("zone".to_string(), "b".to_string())].into();
+        s.update_node("node3", None, &add, &[]).unwrap();
+        let mut sp = spec("web", 2, &[]);
+        sp.constraints = vec!["node.labels.zone==b".into()];
+        s.create_service(&sp, 1).unwrap();
+        s.reconcile(1);
+        assert_eq!(per_node(&s, "web"), [("node3".into(), 2)].into());
+        let err = s
+            .update_node(
+                "node3",
+                None,
+                &[("a b".to_string(), "x".to_string())].into(),
+                &[],
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("update node node3: invalid label key"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn history_is_bounded_per_slot() {
+        let mut s = cluster(1);
+        s.create_service(&spec("web", 1, &[]), 1).unwrap();
+        s.reconcile(1);
+        for round in 0..10 {
+            let at = 1000 + round * 10;
+            let t = current(&s, "web")[0].clone();
+            report_at(&mut s, &t, TaskState::Failed, Some("exit status 1"), at);
+            s.reconcile(at + RESTART_DELAY_SECS);
+        }
+        assert_eq!(s.tasks.len(), 1 + TASK_HISTORY);
+        assert_eq!(current(&s, "web").len(), 1);
+    }
+
+    #[test]
+    fn a_failing_slot_restarts_only_after_the_delay() {
+        let mut s = cluster(2);
+        s.create_service(&spec("web", 1, &[]), 1).unwrap();
+        s.reconcile(1);
+        let t = current(&s, "web")[0].clone();
+        report_at(&mut s, &t, TaskState::Complete, None, 50);
+        s.reconcile(50 + RESTART_DELAY_SECS - 1);
+        let waiting = current(&s, "web")[0].clone();
+        assert_eq!(
+            (waiting.state, waiting.node_id.as_ref()),
+            (TaskState::Pending, None)
+        );
+        assert!(waiting
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("restart delayed"));
+        s.reconcile(50 + RESTART_DELAY_SECS);
+        let placed = &s.tasks[&waiting.id];
+        assert_eq!(placed.state, TaskState::Assigned);
+        assert_ne!(placed.node_id, t.node_id);
+        assert_eq!(placed.error, None);
+        // A task moved off a down node is not the task's fault: no delay.
+        let node = placed.node_id.clone().unwrap();
+        s.set_node_status(&node, NodeStatus::Down);
+        s.reconcile(50 + RESTART_DELAY_SECS);
+        assert_eq!(current(&s, "web")[0].state, TaskState::Assigned);
+    }
+
+    #[test]
+    fn nodes_keep_their_ids() {
+        let mut s = cluster(1);
+        let id = node_id(&s, "node1");
+        let again = s
+            .register_node(
+                "node1",
+                "192.168.56.99".parse().unwrap(),
+                None,
+                Role::Worker,
+            )
+            .unwrap();
+        assert_eq!(again, id);
+        assert_eq!(s.nodes[&id].node.addr.to_string(), "192.168.56.99");
+        let given = s
+            .register_node(
+                "renamed",
+                "192.168.56.11".parse().unwrap(),
+                Some(&id),
+                Role::Manager,
+            )
+            .unwrap();
+        assert_eq!(given, id);
+        assert_eq!(s.nodes.len(), 1);
+        assert!(s
+            .register_node("", "192.168.56.5".parse().unwrap(), None, Role::Worker)
+            .is_err());
+        let err = s
+            .register_node(
+                "x",
+                "192.168.56.5".parse().unwrap(),
+                Some("../etc"),
+                Role::Worker,
+            )
+            .unwrap_err();
+        assert!(err.to_string().contains("invalid node id"), "{err}");
+    }
+
+    #[test]
+    fn assignments_name_own_tasks_and_only_other_nodes_endpoints_as_peers() {
+        let mut s = cluster(3);
+        s.create_network(
+            "backend",
+            "overlay",
+            Some("10.0.9.0/24"),
+            MANAGER.parse().unwrap(),
+            1,
+        )
+        .unwrap();
+        s.create_network(
+            "other",
+            "overlay",
+            Some("10.0.10.0/24"),
+            MANAGER.parse().unwrap(),
+            1,
+        )
+        .unwrap();
+        s.create_service(&spec("web", 4, &["backend"]), 1).unwrap();
+        s.create_service(&spec("db", 1, &["other"]), 1).unwrap();
+        s.reconcile(1);
+        let changed = s.refresh_assignments();
+        assert_eq!(changed.len(), 3);
+
+        let n1 = node_id(&s, "node1");
+        let a = &s.nodes[&n1].assignment;
+        assert!(a.revision > 0);
+        // Placement runs by service name: db.1 takes node1, web.1 and web.2 the empty node2 and
+        // node3, web.3 node1 (no web task yet), web.4 node2 (fewest tasks overall).
+        let mut names: Vec<String> = a
+            .tasks
+            .iter()
+            .map(|t| t.name.rsplit_once('.').unwrap().0.to_string())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["db.1", "web.3"]);
+        let backend = a.networks.iter().find(|n| n.name == "backend").unwrap();
+        assert_eq!(backend.gateway.to_string(), "10.0.9.1/24");
+        let own: BTreeSet<Ipv4Addr> = a
+            .tasks
+            .iter()
+            .flat_map(|t| &t.attachments)
+            .map(|x| x.addr.addr())
+            .collect();
+        assert_eq!(backend.peers.len(), 3);
+        for peer in &backend.peers {
+            assert!(
+                !own.contains(&peer.ip),
+                "own endpoint {} listed as a peer",
+                peer.ip
+            );
+            assert_ne!(peer.vtep.to_string(), "192.168.56.11");
+            assert_eq!(peer.mac, endpoint_mac(peer.ip));
+        }
+        let vteps: BTreeSet<String> = backend.peers.iter().map(|p| p.vtep.to_string()).collect();
+        assert_eq!(
+            vteps,
+            ["192.168.56.12".to_string(), "192.168.56.13".to_string()].into()
+        );
+        let other = a.networks.iter().find(|n| n.name == "other").unwrap();
+        assert!(other.peers.is_empty());
+
+        // Nothing changed: no new revision. A task on node2 ending changes node1's peers.
+        assert!(s.refresh_assignments().is_empty());
+        let n2 = node_id(&s, "node2");
+        let t2 = s
+            .tasks
+            .values()
+            .find(|t| t.node_id.as_deref() == Some(n2.as_str()) && t.is_current())
+            .unwrap()
+            .clone();
+        let before = s.nodes[&n1].assignment.revision;
+        report(&mut s, &t2, TaskState::Failed, Some("exit status 2"));
+        s.reconcile(5);
+        let changed = s.refresh_assignments();
+        assert!(changed.contains(&n1));
+        assert!(s.nodes[&n1].assignment.revision > before);
+        // A node without tasks has no networks: overlays are built lazily.
+        s.scale_service("web", 0, 6).unwrap();
+        s.remove_service("db").unwrap();
+        s.reconcile(6);
+        s.refresh_assignments();
+        assert_eq!(s.nodes[&n1].assignment.networks, vec![]);
+        assert_eq!(s.nodes[&n1].assignment.tasks, vec![]);
+    }
+
+    #[test]
+    fn applied_revisions_only_move_forward_to_what_was_sent() {
+        let mut s = cluster(1);
+        let n1 = node_id(&s, "node1");
+        let sent = s.nodes[&n1].assignment.revision;
+        s.set_applied(&n1, sent + 5);
+        assert_eq!(s.nodes[&n1].applied_revision, 0);
+        s.set_applied(&n1, sent);
+        assert_eq!(s.nodes[&n1].applied_revision, sent);
+        s.set_applied(&n1, sent - 1);
+        assert_eq!(s.nodes[&n1].applied_revision, sent);
+    }
+
+    #[test]
+    fn reports_are_checked_against_the_reporting_node() {
+        let mut s = cluster(2);
+        s.create_service(&spec("web", 1, &[]), 1).unwrap();
+        s.reconcile(1);
+        let t = current(&s, "web")[0].clone();
+        let other = s
+            .nodes
+            .keys()
+            .find(|id| Some(*id) != t.node_id.as_ref())
+            .unwrap()
+            .clone();
+        let status = TaskStatus {
+            task_id: t.id.clone(),
+            state: TaskState::Running,
+            error: None,
+            pid: None,
+            netns: None,
+        };
+        let err = s.task_status(&other, &status, 2).unwrap_err();
+        assert!(
+            err.to_string().contains("is not assigned to this node"),
+            "{err}"
+        );
+        let bad = TaskStatus {
+            state: TaskState::Pending,
+            ..status
+        };
+        assert!(s.task_status(t.node_id.as_ref().unwrap(), &bad, 2).is_err());
+        assert_eq!(s.tasks[&t.id].state, TaskState::Assigned);
+    }
+}

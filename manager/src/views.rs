@@ -1,0 +1,224 @@
+//! What the API shows: the stored objects joined with names, counts and endpoints.
+
+use std::collections::BTreeMap;
+
+use proto::api::{
+    NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, ServiceInfo, TaskEndpoint, TaskInfo,
+};
+use proto::model::{Network, TaskState};
+
+use crate::state::{State, Task};
+
+pub fn nodes(s: &State) -> Vec<NodeInfo> {
+    let mut out: Vec<NodeInfo> = s.nodes.keys().map(|id| node(s, id)).collect();
+    out.sort_by(|a, b| a.node.hostname.cmp(&b.node.hostname));
+    out
+}
+
+pub fn node(s: &State, id: &str) -> NodeInfo {
+    let record = &s.nodes[id];
+    NodeInfo {
+        node: record.node.clone(),
+        tasks: record.assignment.tasks.len(),
+        revision: record.assignment.revision,
+        applied_revision: record.applied_revision,
+    }
+}
+
+pub fn networks(s: &State) -> Vec<Network> {
+    let mut out: Vec<Network> = s.networks.values().map(|r| r.network.clone()).collect();
+    out.sort_by(|a, b| a.name.cmp(&b.name));
+    out
+}
+
+pub fn network(s: &State, id: &str) -> NetworkDetail {
+    let record = &s.networks[id];
+    let mut endpoints = Vec::new();
+    let mut peers: BTreeMap<String, NetworkPeer> = BTreeMap::new();
+    for task in s.tasks.values().filter(|t| t.is_current()) {
+        for a in task.attachments.iter().filter(|a| a.network_id == id) {
+            let node = task.node_id.as_ref().and_then(|n| s.nodes.get(n));
+            if let Some(n) = node {
+                peers.insert(
+                    n.node.id.clone(),
+                    NetworkPeer {
+                        node_id: n.node.id.clone(),
+                        name: n.node.hostname.clone(),
+                        ip: n.node.addr,
+                    },
+                );
+            }
+            let service = &s.services[&task.service_id].spec.name;
+            endpoints.push(NetworkEndpoint {
+                task_id: task.id.clone(),
+                task_name: format!("{service}.{}.{}", task.slot, task.id),
+                service: service.clone(),
+                addr: a.addr,
+                mac: a.mac.clone(),
+                node_id: task.node_id.clone(),
+                node: node.map(|n| n.node.hostname.clone()),
+            });
+        }
+    }
+    endpoints.sort_by_key(|e| e.addr);
+    let mut peers: Vec<NetworkPeer> = peers.into_values().collect();
+    peers.sort_by(|a, b| a.name.cmp(&b.name));
+    NetworkDetail {
+        network: record.network.clone(),
+        created_at: record.created_at,
+        endpoints,
+        peers,
+    }
+}
+
+pub fn services(s: &State) -> Vec<ServiceInfo> {
+    let mut out: Vec<ServiceInfo> = s.services.keys().map(|id| service(s, id)).collect();
+    out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
+    out
+}
+
+pub fn service(s: &State, id: &str) -> ServiceInfo {
+    let svc = &s.services[id];
+    let running = s
+        .tasks
+        .values()
+        .filter(|t| t.service_id == id && t.is_current() && t.state == TaskState::Running)
+        .count();
+    ServiceInfo {
+        id: svc.id.clone(),
+        spec: svc.spec.clone(),
+        network_names: svc
+            .spec
+            .networks
+            .iter()
+            .map(|n| {
+                s.networks
+                    .get(n)
+                    .map_or_else(|| n.clone(), |r| r.network.name.clone())
+            })
+            .collect(),
+        running,
+        created_at: svc.created_at,
+        updated_at: svc.updated_at,
+    }
+}
+
+/// The service's tasks by slot; in each slot the current task first, then history, newest first.
+pub fn tasks(s: &State, service_id: &str) -> Vec<TaskInfo> {
+    let mut tasks: Vec<&Task> = s
+        .tasks
+        .values()
+        .filter(|t| t.service_id == service_id)
+        .collect();
+    tasks.sort_by_key(|t| {
+        (
+            t.slot,
+            !t.is_current(),
+            std::cmp::Reverse((t.updated_at, t.created_at)),
+        )
+    });
+    tasks.into_iter().map(|t| task(s, t)).collect()
+}
+
+fn task(s: &State, t: &Task) -> TaskInfo {
+    let service = &s.services[&t.service_id].spec.name;
+    TaskInfo {
+        id: t.id.clone(),
+        name: format!("{service}.{}", t.slot),
+        service_id: t.service_id.clone(),
+        service_name: service.clone(),
+        slot: t.slot,
+        node_id: t.node_id.clone(),
+        node: t
+            .node_id
+            .as_ref()
+            .and_then(|n| s.nodes.get(n))
+            .map(|r| r.node.hostname.clone()),
+        desired_state: t.desired_state,
+        state: t.state,
+        error: t.error.clone(),
+        pid: t.pid,
+        netns: t.netns.clone(),
+        endpoints: t
+            .attachments
+            .iter()
+            .map(|a| TaskEndpoint {
+                network_id: a.network_id.clone(),
+                network: s
+                    .networks
+                    .get(&a.network_id)
+                    .map_or_else(|| a.network_id.clone(), |r| r.network.name.clone()),
+                addr: a.addr,
+                mac: a.mac.clone(),
+            })
+            .collect(),
+        created_at: t.created_at,
+        updated_at: t.updated_at,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{cluster, spec, MANAGER};
+
+    #[test]
+    fn network_view_lists_endpoints_and_peers() {
+        let mut s = cluster(3);
+        let net = s
+            .create_network(
+                "backend",
+                "overlay",
+                Some("10.0.9.0/24"),
+                MANAGER.parse().unwrap(),
+                1,
+            )
+            .unwrap();
+        s.create_service(&spec("web", 2, &["backend"]), 1).unwrap();
+        s.reconcile(1);
+        let d = network(&s, &net);
+        assert_eq!(d.network.vni, 4096);
+        let addrs: Vec<String> = d.endpoints.iter().map(|e| e.addr.to_string()).collect();
+        assert_eq!(addrs, ["10.0.9.2/24", "10.0.9.3/24"]);
+        assert_eq!(d.endpoints[0].mac, "02:42:0a:00:09:02");
+        assert!(d.endpoints[0].task_name.starts_with("web."));
+        let peers: Vec<(String, String)> = d
+            .peers
+            .iter()
+            .map(|p| (p.name.clone(), p.ip.to_string()))
+            .collect();
+        assert_eq!(
+            peers,
+            [
+                ("node1".to_string(), "192.168.56.11".to_string()),
+                ("node2".to_string(), "192.168.56.12".to_string())
+            ]
+        );
+    }
+
+    #[test]
+    fn task_view_orders_slots_with_history_after_the_current_task() {
+        let mut s = cluster(2);
+        let id = s.create_service(&spec("web", 2, &[]), 1).unwrap();
+        s.reconcile(1);
+        let first = s.tasks.values().find(|t| t.slot == 1).unwrap().clone();
+        s.tasks.get_mut(&first.id).unwrap().state = TaskState::Failed;
+        s.reconcile(2 + crate::state::RESTART_DELAY_SECS);
+        let ts = tasks(&s, &id);
+        let rows: Vec<(String, TaskState)> = ts
+            .iter()
+            .map(|t| (t.name.clone(), t.desired_state))
+            .collect();
+        assert_eq!(
+            rows,
+            [
+                ("web.1".to_string(), TaskState::Running),
+                ("web.1".to_string(), TaskState::Shutdown),
+                ("web.2".to_string(), TaskState::Running)
+            ]
+        );
+        assert_eq!(ts[1].id, first.id);
+        assert!(ts[0].node.is_some());
+        assert_eq!(service(&s, &id).running, 0);
+    }
+}

@@ -1,0 +1,412 @@
+//! End to end, without root: the real mesh-manager binary on loopback with a temp data dir and
+//! API socket, fake agents speaking proto::agent over TCP, requests over the API socket, then a
+//! hard kill and a restart that must lose nothing.
+
+use std::io::{BufRead, BufReader, Write};
+use std::net::{IpAddr, TcpListener, TcpStream};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use proto::agent::{AgentMsg, Assignment, ManagerMsg, TaskStatus};
+use proto::api::{Request, Response, ServiceSpec, TaskInfo};
+use proto::model::{Role, TaskState};
+use serde::de::DeserializeOwned;
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> TempDir {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .subsec_nanos();
+        let dir = std::env::temp_dir().join(format!("mesh-control-{}-{nanos}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        TempDir(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// The manager process; killed when dropped, so a failing test leaves nothing running.
+struct Manager {
+    child: Child,
+    log: PathBuf,
+}
+
+impl Manager {
+    fn start(dir: &Path, port: u16, run: &str) -> Manager {
+        let log = dir.join(format!("manager-{run}.log"));
+        let child = Command::new(env!("CARGO_BIN_EXE_mesh-manager"))
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--data-dir")
+            .arg(dir.join("data"))
+            .arg("--api-socket")
+            .arg(dir.join("api.sock"))
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "debug")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .expect("start mesh-manager");
+        let m = Manager { child, log };
+        m.wait_for(
+            || UnixStream::connect(dir.join("api.sock")).is_ok(),
+            "the API socket",
+        );
+        m.wait_for(
+            || TcpStream::connect(("127.0.0.1", port)).is_ok(),
+            "the agent port",
+        );
+        m
+    }
+
+    fn wait_for(&self, ready: impl Fn() -> bool, what: &str) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !ready() {
+            assert!(
+                Instant::now() < deadline,
+                "{what} never came up; log:\n{}",
+                self.logs()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn logs(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGKILL: nothing gets a chance to flush, as in a crash.
+    fn crash(mut self) {
+        self.child.kill().unwrap();
+        self.child.wait().unwrap();
+    }
+}
+
+impl Drop for Manager {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A line-oriented connection with a read timeout, for both the API and the agent protocol.
+struct Conn<S> {
+    reader: BufReader<S>,
+    writer: S,
+}
+
+impl Conn<UnixStream> {
+    fn api(dir: &Path) -> Conn<UnixStream> {
+        let s = UnixStream::connect(dir.join("api.sock")).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Conn {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
+    fn call(&mut self, req: Request) -> Response {
+        self.send(&req);
+        self.recv()
+    }
+}
+
+impl Conn<TcpStream> {
+    fn agent(port: u16) -> Conn<TcpStream> {
+        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        Conn {
+            reader: BufReader::new(s.try_clone().unwrap()),
+            writer: s,
+        }
+    }
+
+    fn hello(&mut self, hostname: &str, addr: &str, node_id: Option<String>) -> (String, Role) {
+        self.send(&AgentMsg::Hello {
+            version: proto::PROTOCOL_VERSION,
+            hostname: hostname.into(),
+            advertise_addr: addr.parse().unwrap(),
+            node_id,
+        });
+        match self.recv() {
+            ManagerMsg::Welcome {
+                version,
+                node_id,
+                role,
+            } => {
+                assert_eq!(version, proto::PROTOCOL_VERSION);
+                (node_id, role)
+            }
+            other => panic!("expected Welcome, got {other:?}"),
+        }
+    }
+
+    fn assignment(&mut self) -> Assignment {
+        match self.recv() {
+            ManagerMsg::Assign(a) => a,
+            other => panic!("expected Assign, got {other:?}"),
+        }
+    }
+
+    /// Reads assignments until one has `tasks` tasks (the manager may push intermediate ones).
+    fn assignment_with(&mut self, tasks: usize) -> Assignment {
+        loop {
+            let a = self.assignment();
+            if a.tasks.len() == tasks {
+                return a;
+            }
+        }
+    }
+
+    fn report_running(&mut self, a: &Assignment) {
+        for t in &a.tasks {
+            self.send(&AgentMsg::TaskStatus(TaskStatus {
+                task_id: t.id.clone(),
+                state: TaskState::Running,
+                error: None,
+                pid: Some(1000),
+                netns: Some(format!("/run/meshnet/netns/{}", t.name)),
+            }));
+        }
+        self.send(&AgentMsg::Applied {
+            revision: a.revision,
+        });
+        self.send(&AgentMsg::Heartbeat);
+    }
+}
+
+impl<S: std::io::Read + Write> Conn<S> {
+    fn send<T: serde::Serialize>(&mut self, msg: &T) {
+        self.writer.write_all(&proto::encode_frame(msg)).unwrap();
+    }
+
+    fn recv<T: DeserializeOwned>(&mut self) -> T {
+        let mut line = Vec::new();
+        self.reader.read_until(b'\n', &mut line).unwrap();
+        assert!(!line.is_empty(), "connection closed");
+        proto::decode_frame(&line).unwrap()
+    }
+}
+
+fn tasks(api: &mut Conn<UnixStream>, service: &str) -> Vec<TaskInfo> {
+    match api.call(Request::ServicePs {
+        service: service.into(),
+    }) {
+        Response::Tasks { tasks } => tasks,
+        other => panic!("service ps: {other:?}"),
+    }
+}
+
+fn wait_running(api: &mut Conn<UnixStream>, service: &str, n: usize) -> Vec<TaskInfo> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let ts = tasks(api, service);
+        if ts.iter().filter(|t| t.state == TaskState::Running).count() == n {
+            return ts;
+        }
+        assert!(Instant::now() < deadline, "tasks never ran: {ts:#?}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn agents_get_their_tasks_and_a_restart_loses_nothing() {
+    let tmp = TempDir::new();
+    let port = free_port();
+    let manager = Manager::start(&tmp.0, port, "first");
+
+    // An agent of another protocol version is refused with a reason.
+    let mut old = Conn::agent(port);
+    old.send(&AgentMsg::Hello {
+        version: proto::PROTOCOL_VERSION + 1,
+        hostname: "old".into(),
+        advertise_addr: "127.0.0.9".parse().unwrap(),
+        node_id: None,
+    });
+    match old.recv::<ManagerMsg>() {
+        ManagerMsg::Refused { reason } => assert!(reason.contains("not supported"), "{reason}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+
+    // So is one whose first line is not a Hello at all.
+    let mut garbage = Conn::agent(port);
+    garbage.writer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    match garbage.recv::<ManagerMsg>() {
+        ManagerMsg::Refused { reason } => assert!(reason.starts_with("decode hello"), "{reason}"),
+        other => panic!("expected Refused, got {other:?}"),
+    }
+
+    // node1 advertises the manager's listen IP: it is the manager node.
+    let mut a1 = Conn::agent(port);
+    let (id1, role1) = a1.hello("node1", "127.0.0.1", None);
+    assert_eq!(role1, Role::Manager);
+    assert!(a1.assignment().tasks.is_empty());
+    let mut a2 = Conn::agent(port);
+    let (id2, role2) = a2.hello("node2", "127.0.0.2", None);
+    assert_eq!(role2, Role::Worker);
+    assert!(a2.assignment().tasks.is_empty());
+
+    let mut api = Conn::api(&tmp.0);
+    let Response::Network { network } = api.call(Request::NetworkCreate {
+        name: "backend".into(),
+        driver: "overlay".into(),
+        subnet: Some("10.0.9.0/24".into()),
+    }) else {
+        panic!("network create failed; log:\n{}", manager.logs())
+    };
+    let Response::Service { service } = api.call(Request::ServiceCreate {
+        spec: ServiceSpec {
+            name: "web".into(),
+            replicas: 2,
+            networks: vec!["backend".into()],
+            constraints: vec![],
+            command: vec!["hello-server".into(), "--port".into(), "8080".into()],
+        },
+    }) else {
+        panic!("service create failed; log:\n{}", manager.logs())
+    };
+    // A negative replica count is not even a request; the connection keeps serving.
+    api.writer
+        .write_all(b"{\"type\":\"service_scale\",\"service\":\"web\",\"replicas\":-1}\n")
+        .unwrap();
+    match api.recv::<Response>() {
+        Response::Error { message } => assert!(message.starts_with("decode request:"), "{message}"),
+        other => panic!("a negative replica count was accepted: {other:?}"),
+    }
+    // A refused request on the same connection, and the connection still serves.
+    assert!(matches!(
+        api.call(Request::NetworkCreate {
+            name: "x".into(),
+            driver: "overlay".into(),
+            subnet: Some("10.0.9.0/16".into()),
+        }),
+        Response::Error { .. }
+    ));
+
+    let as1 = a1.assignment_with(1);
+    let as2 = a2.assignment_with(1);
+    for (a, me, other_vtep) in [(&as1, "node1", "127.0.0.2"), (&as2, "node2", "127.0.0.1")] {
+        let task = &a.tasks[0];
+        assert_eq!(task.service_name, "web", "{me}");
+        assert!(task.name.starts_with("web."), "{}", task.name);
+        assert_eq!(task.command, ["hello-server", "--port", "8080"]);
+        assert_eq!(a.networks.len(), 1);
+        let net = &a.networks[0];
+        assert_eq!(
+            (net.id.as_str(), net.vni),
+            (network.network.id.as_str(), network.network.vni)
+        );
+        assert_eq!(net.gateway.to_string(), "10.0.9.1/24");
+        // The only peer is the other node's task, reached through the other node's address.
+        assert_eq!(net.peers.len(), 1, "{me}: {:?}", net.peers);
+        assert_eq!(net.peers[0].vtep, other_vtep.parse::<IpAddr>().unwrap());
+        assert_ne!(net.peers[0].ip, task.attachments[0].addr.addr());
+    }
+    a1.report_running(&as1);
+    a2.report_running(&as2);
+    let before = wait_running(&mut api, "web", 2);
+    assert!(before
+        .iter()
+        .all(|t| t.netns.is_some() && t.pid == Some(1000)));
+    // Applied follows the task reports on the same connection: wait for it to be recorded.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let Response::Nodes { nodes } = api.call(Request::NodeLs) else {
+            panic!("node ls failed")
+        };
+        assert_eq!(nodes.len(), 2);
+        if nodes
+            .iter()
+            .all(|n| n.applied_revision == n.revision && n.revision > 0)
+        {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "applied revisions never recorded: {nodes:?}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let revision1 = as1.revision;
+
+    drop((a1, a2, api));
+    manager.crash();
+    let manager = Manager::start(&tmp.0, port, "second");
+    let mut api = Conn::api(&tmp.0);
+    let after = tasks(&mut api, "web");
+    assert_eq!(after, before, "tasks changed across the restart");
+    let Response::Service { service: again } = api.call(Request::ServiceInspect {
+        service: "web".into(),
+    }) else {
+        panic!(
+            "service inspect failed after restart; log:\n{}",
+            manager.logs()
+        )
+    };
+    assert_eq!(again, service_with_running(service, 2));
+    let Response::Network { network: net_again } = api.call(Request::NetworkInspect {
+        network: "backend".into(),
+    }) else {
+        panic!("network inspect failed after restart")
+    };
+    assert_eq!(net_again.network, network.network);
+    assert_eq!(net_again.endpoints.len(), 2);
+    assert_eq!(net_again.peers.len(), 2);
+
+    // The agent comes back with its id and gets the same desired state, never an older revision.
+    let mut a1 = Conn::agent(port);
+    let (id1_again, _) = a1.hello("node1", "127.0.0.1", Some(id1.clone()));
+    assert_eq!(id1_again, id1);
+    let back = a1.assignment();
+    assert!(back.revision >= revision1);
+    assert_eq!(
+        (back.tasks.clone(), back.networks.clone()),
+        (as1.tasks, as1.networks)
+    );
+    // node2 is known by hostname even without its id.
+    let mut a2 = Conn::agent(port);
+    assert_eq!(a2.hello("node2", "127.0.0.2", None).0, id2);
+
+    // Scaling down to one removes the highest slot: its node's assignment empties.
+    let Response::Service { .. } = api.call(Request::ServiceScale {
+        service: "web".into(),
+        replicas: 1,
+    }) else {
+        panic!("service scale failed")
+    };
+    let removed_node = before
+        .iter()
+        .find(|t| t.slot == 2)
+        .unwrap()
+        .node_id
+        .clone()
+        .unwrap();
+    let emptied = if removed_node == id1 {
+        a1.assignment_with(0)
+    } else {
+        a2.assignment_with(0)
+    };
+    assert!(emptied.networks.is_empty());
+}
+
+fn service_with_running(mut s: proto::api::ServiceInfo, running: usize) -> proto::api::ServiceInfo {
+    s.running = running;
+    s
+}

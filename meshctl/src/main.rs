@@ -1,0 +1,666 @@
+//! meshctl: the command line of a meshnet cluster, with docker's verbs and tables.
+
+mod client;
+mod progress;
+mod render;
+
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::{bail, Context};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use proto::api::{Request, Response, ServiceSpec};
+use proto::model::Availability;
+use serde::Serialize;
+
+use crate::client::{Client, Host};
+
+#[derive(Debug, Parser)]
+#[command(name = "meshctl", version, about = "Control a meshnet cluster")]
+struct Cli {
+    /// The manager's API: unix:///path/to/socket or tcp://address:port.
+    #[arg(
+        long,
+        short = 'H',
+        env = "MESH_HOST",
+        global = true,
+        default_value = "unix:///run/meshnet/manager.sock"
+    )]
+    host: Host,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Manage nodes
+    #[command(subcommand)]
+    Node(NodeCmd),
+    /// Manage overlay networks
+    #[command(subcommand)]
+    Network(NetworkCmd),
+    /// Manage services
+    #[command(subcommand)]
+    Service(ServiceCmd),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum InspectFormat {
+    Json,
+}
+
+#[derive(Debug, Args)]
+struct ListFormat {
+    /// Output format
+    #[arg(long, value_enum, default_value = "table")]
+    format: Format,
+}
+
+#[derive(Debug, Args)]
+struct InspectArgs {
+    /// `json`: each object as its own JSON document on one line, instead of one JSON array
+    #[arg(long, value_enum)]
+    format: Option<InspectFormat>,
+}
+
+#[derive(Debug, Subcommand)]
+enum NodeCmd {
+    /// List nodes
+    #[command(alias = "list")]
+    Ls(ListFormat),
+    /// Show nodes in detail
+    Inspect {
+        #[command(flatten)]
+        format: InspectArgs,
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Change a node's availability or labels
+    Update {
+        #[arg(long, value_enum)]
+        availability: Option<AvailabilityArg>,
+        /// Add or replace a label (KEY=VALUE)
+        #[arg(long = "label-add", value_parser = parse_label)]
+        label_add: Vec<(String, String)>,
+        /// Remove a label
+        #[arg(long = "label-rm")]
+        label_rm: Vec<String>,
+        node: String,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum AvailabilityArg {
+    Active,
+    Pause,
+    Drain,
+}
+
+impl From<AvailabilityArg> for Availability {
+    fn from(a: AvailabilityArg) -> Availability {
+        match a {
+            AvailabilityArg::Active => Availability::Active,
+            AvailabilityArg::Pause => Availability::Pause,
+            AvailabilityArg::Drain => Availability::Drain,
+        }
+    }
+}
+
+#[derive(Debug, Subcommand)]
+enum NetworkCmd {
+    /// Create an overlay network
+    Create {
+        #[arg(long, short = 'd', default_value = "overlay")]
+        driver: String,
+        /// Subnet in CIDR form; a free /24 of 10.0.0.0/8 when left out
+        #[arg(long)]
+        subnet: Option<String>,
+        name: String,
+    },
+    /// List networks
+    #[command(alias = "list")]
+    Ls(ListFormat),
+    /// Show networks in detail: subnet, gateway, VNI, endpoints and peers
+    Inspect {
+        #[command(flatten)]
+        format: InspectArgs,
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+    /// Remove networks
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        networks: Vec<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+enum ServiceCmd {
+    /// Create a service: meshctl service create --name web --replicas 3 -- CMD [ARG...]
+    Create(CreateArgs),
+    /// List services
+    #[command(alias = "list")]
+    Ls(ListFormat),
+    /// List the tasks of a service
+    Ps {
+        #[command(flatten)]
+        format: ListFormat,
+        service: String,
+    },
+    /// Show services in detail
+    Inspect {
+        #[command(flatten)]
+        format: InspectArgs,
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+    /// Scale services: meshctl service scale web=5 api=2
+    Scale {
+        #[command(flatten)]
+        wait: WaitArgs,
+        #[arg(required = true, value_parser = parse_scale)]
+        scales: Vec<(String, u64)>,
+    },
+    /// Remove services
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true)]
+        services: Vec<String>,
+    },
+}
+
+#[derive(Debug, Args)]
+struct WaitArgs {
+    /// Return at once instead of waiting for the service to converge
+    #[arg(long, short = 'd')]
+    detach: bool,
+    /// How long to wait for convergence, in seconds
+    #[arg(long, default_value_t = 60)]
+    timeout: u64,
+}
+
+#[derive(Debug, Args)]
+struct CreateArgs {
+    #[arg(long)]
+    name: String,
+    #[arg(long, default_value = "1", allow_hyphen_values = true, value_parser = parse_replicas)]
+    replicas: u64,
+    /// Attach to a network (repeatable; the first becomes eth0)
+    #[arg(long = "network")]
+    networks: Vec<String>,
+    /// Placement constraint, e.g. node.role==worker (repeatable)
+    #[arg(long = "constraint")]
+    constraints: Vec<String>,
+    #[command(flatten)]
+    wait: WaitArgs,
+    /// The task's command and its arguments, after --
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+fn parse_replicas(text: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .map_err(|_| format!("invalid replica count {text:?}: it must be a non-negative integer"))
+}
+
+fn parse_scale(text: &str) -> Result<(String, u64), String> {
+    let (name, count) = text
+        .split_once('=')
+        .ok_or_else(|| format!("invalid scale {text:?}: expected SERVICE=REPLICAS"))?;
+    if name.is_empty() {
+        return Err(format!("invalid scale {text:?}: the service is missing"));
+    }
+    Ok((name.to_string(), parse_replicas(count)?))
+}
+
+fn parse_label(text: &str) -> Result<(String, String), String> {
+    text.split_once('=')
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .ok_or_else(|| format!("invalid label {text:?}: expected KEY=VALUE"))
+}
+
+fn main() {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) if !e.use_stderr() => e.exit(),
+        Err(e) => {
+            let rendered = e.render().to_string();
+            eprint!(
+                "Error: {}",
+                rendered.strip_prefix("error: ").unwrap_or(&rendered)
+            );
+            std::process::exit(2);
+        }
+    };
+    if let Err(e) = run(cli) {
+        eprintln!("Error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+/// Matches the expected kind of answer, or fails with what was asked and what came.
+macro_rules! expect {
+    ($what:expr, $resp:expr, $pat:pat => $out:expr) => {
+        match $resp {
+            $pat => $out,
+            other => bail!("{}: unexpected answer from the manager: {other:?}", $what),
+        }
+    };
+}
+
+fn unix_now() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
+    let text = serde_json::to_string_pretty(value).context("encode JSON output")?;
+    println!("{text}");
+    Ok(())
+}
+
+/// Inspect output as docker prints it: a JSON array by default; with `--format json` one
+/// compact document per object, so a single object parses on its own.
+fn print_inspect<T: Serialize>(items: &[T], format: &InspectArgs) -> anyhow::Result<()> {
+    match format.format {
+        None => print_json(&items),
+        Some(InspectFormat::Json) => {
+            for item in items {
+                println!(
+                    "{}",
+                    serde_json::to_string(item).context("encode JSON output")?
+                );
+            }
+            Ok(())
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    let mut c = Client::connect(&cli.host)?;
+    match cli.command {
+        Command::Node(cmd) => node(&mut c, cmd),
+        Command::Network(cmd) => network(&mut c, cmd),
+        Command::Service(cmd) => service(&mut c, cmd),
+    }
+}
+
+fn node(c: &mut Client, cmd: NodeCmd) -> anyhow::Result<()> {
+    match cmd {
+        NodeCmd::Ls(f) => {
+            let nodes = expect!("list nodes", c.call(&Request::NodeLs)?, Response::Nodes { nodes } => nodes);
+            match f.format {
+                Format::Table => print!("{}", render::nodes(&nodes)),
+                Format::Json => print_json(&nodes)?,
+            }
+        }
+        NodeCmd::Inspect { nodes, format } => {
+            let mut out = Vec::new();
+            for node in nodes {
+                let what = format!("inspect node {node}");
+                let req = Request::NodeInspect { node };
+                out.push(expect!(what, c.call(&req)?, Response::Node { node } => node));
+            }
+            print_inspect(&out, &format)?;
+        }
+        NodeCmd::Update {
+            availability,
+            label_add,
+            label_rm,
+            node,
+        } => {
+            let req = Request::NodeUpdate {
+                node: node.clone(),
+                availability: availability.map(Availability::from),
+                label_add: label_add.into_iter().collect::<BTreeMap<_, _>>(),
+                label_rm,
+            };
+            expect!(format!("update node {node}"), c.call(&req)?, Response::Node { .. } => ());
+            println!("{node}");
+        }
+    }
+    Ok(())
+}
+
+fn network(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<()> {
+    match cmd {
+        NetworkCmd::Create {
+            driver,
+            subnet,
+            name,
+        } => {
+            let what = format!("create network {name}");
+            let req = Request::NetworkCreate {
+                name,
+                driver,
+                subnet,
+            };
+            let created = expect!(what, c.call(&req)?, Response::Network { network } => network);
+            println!("{}", created.network.id);
+        }
+        NetworkCmd::Ls(f) => {
+            let networks = expect!("list networks", c.call(&Request::NetworkLs)?,
+                                   Response::Networks { networks } => networks);
+            match f.format {
+                Format::Table => print!("{}", render::networks(&networks)),
+                Format::Json => print_json(&networks)?,
+            }
+        }
+        NetworkCmd::Inspect { networks, format } => {
+            let mut out = Vec::new();
+            for network in networks {
+                let what = format!("inspect network {network}");
+                let req = Request::NetworkInspect { network };
+                out.push(expect!(what, c.call(&req)?, Response::Network { network } => network));
+            }
+            print_inspect(&out, &format)?;
+        }
+        NetworkCmd::Rm { networks } => {
+            remove(c, networks, |network| Request::NetworkRm { network })?
+        }
+    }
+    Ok(())
+}
+
+/// Removes each object in turn, printing its name as docker does. A refusal does not stop the
+/// others; every refusal is reported and makes the exit status non-zero.
+fn remove(
+    c: &mut Client,
+    names: Vec<String>,
+    req: impl Fn(String) -> Request,
+) -> anyhow::Result<()> {
+    let mut refused = Vec::new();
+    for name in names {
+        match c.call(&req(name.clone())) {
+            Ok(_) => println!("{name}"),
+            Err(e) => refused.push(format!("{e:#}")),
+        }
+    }
+    if refused.is_empty() {
+        Ok(())
+    } else {
+        // main prints the first "Error: "; the others get their own line and prefix.
+        bail!(refused.join("\nError: "))
+    }
+}
+
+fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
+    let mut stdout = std::io::stdout();
+    match cmd {
+        ServiceCmd::Create(args) => {
+            let spec = ServiceSpec {
+                name: args.name,
+                replicas: args.replicas,
+                networks: args.networks,
+                constraints: args.constraints,
+                command: args.command,
+            };
+            let what = format!("create service {}", spec.name);
+            let created = expect!(what, c.call(&Request::ServiceCreate { spec })?,
+                                  Response::Service { service } => service);
+            println!("{}", created.id);
+            if !args.wait.detach {
+                progress::wait(
+                    c,
+                    &created.spec.name,
+                    created.spec.replicas,
+                    Duration::from_secs(args.wait.timeout),
+                    &mut stdout,
+                )?;
+            }
+        }
+        ServiceCmd::Ls(f) => {
+            let services = expect!("list services", c.call(&Request::ServiceLs)?,
+                                   Response::Services { services } => services);
+            match f.format {
+                Format::Table => print!("{}", render::services(&services)),
+                Format::Json => print_json(&services)?,
+            }
+        }
+        ServiceCmd::Ps { format, service } => {
+            let what = format!("list tasks of service {service}");
+            let tasks = expect!(what, c.call(&Request::ServicePs { service })?,
+                                Response::Tasks { tasks } => tasks);
+            match format.format {
+                Format::Table => print!("{}", render::tasks(&tasks, unix_now())),
+                Format::Json => print_json(&tasks)?,
+            }
+        }
+        ServiceCmd::Inspect { services, format } => {
+            let mut out = Vec::new();
+            for service in services {
+                let what = format!("inspect service {service}");
+                let req = Request::ServiceInspect { service };
+                out.push(expect!(what, c.call(&req)?, Response::Service { service } => service));
+            }
+            print_inspect(&out, &format)?;
+        }
+        ServiceCmd::Scale { wait, scales } => {
+            let mut scaled = Vec::new();
+            for (service, replicas) in scales {
+                let what = format!("scale service {service}");
+                let req = Request::ServiceScale {
+                    service: service.clone(),
+                    replicas,
+                };
+                let info = expect!(what, c.call(&req)?, Response::Service { service } => service);
+                println!("{service} scaled to {replicas}");
+                scaled.push(info);
+            }
+            if !wait.detach {
+                for info in scaled {
+                    writeln!(stdout, "{}:", info.spec.name)?;
+                    progress::wait(
+                        c,
+                        &info.spec.name,
+                        info.spec.replicas,
+                        Duration::from_secs(wait.timeout),
+                        &mut stdout,
+                    )?;
+                }
+            }
+        }
+        ServiceCmd::Rm { services } => {
+            remove(c, services, |service| Request::ServiceRm { service })?
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Cli, String> {
+        Cli::try_parse_from(std::iter::once("meshctl").chain(args.iter().copied()))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn service_create_takes_docker_flags_and_a_command() {
+        let cli = parse(&[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--replicas",
+            "3",
+            "--network",
+            "backend",
+            "--network",
+            "front",
+            "--constraint",
+            "node.role==worker",
+            "--detach",
+            "--",
+            "hello-server",
+            "--port",
+            "8080",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCmd::Create(a)) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(a.name, "web");
+        assert_eq!(a.replicas, 3);
+        assert_eq!(a.networks, ["backend", "front"]);
+        assert_eq!(a.constraints, ["node.role==worker"]);
+        assert!(a.wait.detach);
+        assert_eq!(a.command, ["hello-server", "--port", "8080"]);
+        assert_eq!(
+            cli.host,
+            Host::Unix("/run/meshnet/manager.sock".into()),
+            "default host"
+        );
+    }
+
+    #[test]
+    fn the_command_may_follow_without_dashes_and_replicas_default_to_one() {
+        let cli = parse(&["service", "create", "--name", "w", "sleep", "30"]).unwrap();
+        let Command::Service(ServiceCmd::Create(a)) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(
+            (a.replicas, a.command),
+            (1, vec!["sleep".to_string(), "30".to_string()])
+        );
+        assert!(!a.wait.detach);
+    }
+
+    #[test]
+    fn bad_replica_counts_are_refused_clearly() {
+        for bad in ["-1", "abc", "1.5", ""] {
+            let err = parse(&[
+                "service",
+                "create",
+                "--name",
+                "w",
+                "--replicas",
+                bad,
+                "--",
+                "x",
+            ])
+            .unwrap_err();
+            assert!(
+                err.contains("must be a non-negative integer"),
+                "{bad}: {err}"
+            );
+        }
+        for bad in ["web=-1", "web=x", "web", "=3"] {
+            let err = parse(&["service", "scale", bad]).unwrap_err();
+            assert!(err.contains("invalid"), "{bad}: {err}");
+        }
+        let cli = parse(&["service", "scale", "web=0", "api=12", "-d"]).unwrap();
+        let Command::Service(ServiceCmd::Scale { wait, scales }) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert!(wait.detach);
+        assert_eq!(scales, [("web".to_string(), 0), ("api".to_string(), 12)]);
+    }
+
+    #[test]
+    fn hosts_formats_and_network_flags() {
+        let cli = parse(&[
+            "--host",
+            "tcp://127.0.0.1:2378",
+            "node",
+            "ls",
+            "--format",
+            "json",
+        ])
+        .unwrap();
+        assert_eq!(cli.host, Host::Tcp("127.0.0.1:2378".into()));
+        assert!(matches!(
+            cli.command,
+            Command::Node(NodeCmd::Ls(ListFormat {
+                format: Format::Json
+            }))
+        ));
+        let err = parse(&["--host", "http://x", "node", "ls"]).unwrap_err();
+        assert!(err.contains("invalid host"), "{err}");
+        let cli = parse(&[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--subnet",
+            "10.0.9.0/24",
+            "backend",
+        ])
+        .unwrap();
+        let Command::Network(NetworkCmd::Create {
+            driver,
+            subnet,
+            name,
+        }) = cli.command
+        else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(
+            (driver.as_str(), subnet.as_deref(), name.as_str()),
+            ("overlay", Some("10.0.9.0/24"), "backend")
+        );
+        assert!(parse(&["service", "ps", "web", "--format", "yaml"]).is_err());
+        let cli = parse(&["network", "inspect", "backend", "--format", "json"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Network(NetworkCmd::Inspect {
+                format: InspectArgs {
+                    format: Some(InspectFormat::Json)
+                },
+                ..
+            })
+        ));
+        let cli = parse(&["network", "inspect", "a", "b"]).unwrap();
+        assert!(matches!(
+            cli.command,
+            Command::Network(NetworkCmd::Inspect {
+                format: InspectArgs { format: None },
+                ..
+            })
+        ));
+        assert!(parse(&["network", "rm"]).is_err());
+    }
+
+    #[test]
+    fn node_update_flags() {
+        let cli = parse(&[
+            "node",
+            "update",
+            "--availability",
+            "drain",
+            "--label-add",
+            "zone=a",
+            "--label-rm",
+            "old",
+            "node2",
+        ])
+        .unwrap();
+        let Command::Node(NodeCmd::Update {
+            availability,
+            label_add,
+            label_rm,
+            node,
+        }) = cli.command
+        else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(availability, Some(AvailabilityArg::Drain));
+        assert_eq!(label_add, [("zone".to_string(), "a".to_string())]);
+        assert_eq!(
+            (label_rm, node),
+            (vec!["old".to_string()], "node2".to_string())
+        );
+        assert!(parse(&["node", "update", "--label-add", "novalue", "n"]).is_err());
+    }
+}
