@@ -1,0 +1,284 @@
+//! The executor: `nft` and `conntrack` run as child processes inside a namespace (the calling
+//! thread never enters it), behind a narrow trait with a fake for tests.
+
+use std::io::Write;
+use std::net::Ipv4Addr;
+use std::process::{Command, Output, Stdio};
+use std::sync::Mutex;
+
+use netns::Netns;
+
+use crate::listing::parse_listing;
+use crate::render::Batch;
+use crate::{Error, Result, Ruleset, TABLE};
+
+/// nft's stderr for a huge failed batch can be huge; errors keep its start.
+const STDERR_LIMIT: usize = 4096;
+
+/// What the agent needs from netfilter in one namespace.
+pub trait Netfilter {
+    /// Applies a batch as one transaction. An empty batch does nothing.
+    fn apply(&self, batch: &Batch) -> Result<()>;
+    /// `nft -j list table ip meshnet`, or `None` when our table does not exist.
+    fn list_table(&self) -> Result<Option<String>>;
+    /// Deletes UDP conntrack entries whose reply comes from `backend` (the DNATed or balanced
+    /// destination) and returns how many went. TCP entries stay: established connections drain.
+    fn delete_udp_conntrack(&self, backend: Ipv4Addr) -> Result<u64>;
+}
+
+/// Applies the change from `prev` to `next`, then clears UDP conntrack entries of destinations
+/// that are gone, so the next datagram of such a flow is balanced afresh.
+pub fn sync<R: Ruleset>(nf: &dyn Netfilter, prev: Option<&R>, next: &R) -> Result<()> {
+    nf.apply(&R::render(prev, next)?)?;
+    if let Some(prev) = prev {
+        for ip in R::stale_destinations(prev, next) {
+            nf.delete_udp_conntrack(ip)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reads our table back and rebuilds it atomically if it is missing or its shape differs from
+/// `desired` (a rule, chain or element deleted or added behind our back). Returns whether it
+/// rebuilt. Lists the whole table: for the periodic check, not for every change.
+pub fn reconcile<R: Ruleset>(nf: &dyn Netfilter, desired: &R) -> Result<bool> {
+    let observed = match nf.list_table()? {
+        Some(json) => Some(parse_listing(&json)?),
+        None => None,
+    };
+    if observed.as_ref() == Some(&desired.shape()) {
+        return Ok(false);
+    }
+    nf.apply(&R::render(None, desired)?)?;
+    Ok(true)
+}
+
+/// Runs `nft`/`conntrack` inside a namespace via [`Netns::spawn`].
+pub struct NsNetfilter<'a> {
+    ns: &'a Netns,
+}
+
+impl<'a> NsNetfilter<'a> {
+    pub fn new(ns: &'a Netns) -> NsNetfilter<'a> {
+        NsNetfilter { ns }
+    }
+
+    fn ns_name(&self) -> String {
+        self.ns.path().display().to_string()
+    }
+
+    fn command_error(&self, action: &'static str, command: &'static str, out: &Output) -> Error {
+        let mut stderr = String::from_utf8_lossy(&out.stderr).trim_end().to_string();
+        if stderr.len() > STDERR_LIMIT {
+            let mut cut = STDERR_LIMIT;
+            while !stderr.is_char_boundary(cut) {
+                cut -= 1;
+            }
+            stderr.truncate(cut);
+            stderr.push_str(" …");
+        }
+        Error::Command {
+            action,
+            ns: self.ns_name(),
+            command,
+            status: out.status.to_string(),
+            stderr,
+        }
+    }
+
+    fn output(&self, action: &'static str, cmd: &mut Command) -> Result<Output> {
+        self.ns.output(cmd).map_err(|cause| Error::Netns {
+            action,
+            ns: self.ns_name(),
+            cause,
+        })
+    }
+}
+
+impl Netfilter for NsNetfilter<'_> {
+    fn apply(&self, batch: &Batch) -> Result<()> {
+        const ACTION: &str = "apply an nft batch";
+        if batch.is_empty() {
+            return Ok(());
+        }
+        let mut cmd = Command::new("nft");
+        cmd.args(["-f", "-"])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        let mut child = self.ns.spawn(&mut cmd).map_err(|cause| Error::Netns {
+            action: ACTION,
+            ns: self.ns_name(),
+            cause,
+        })?;
+        let mut stdin = child.stdin.take().expect("stdin is piped");
+        let text = batch.as_str().as_bytes();
+        // Feed stdin from another thread, so nft never blocks on a full stderr pipe meanwhile.
+        let (written, out) = std::thread::scope(|s| {
+            let writer = s.spawn(move || stdin.write_all(text));
+            let out = child.wait_with_output();
+            (writer.join().expect("stdin writer does not panic"), out)
+        });
+        let io_err = |cause| Error::Io {
+            action: ACTION,
+            ns: self.ns_name(),
+            cause,
+        };
+        let out = out.map_err(io_err)?;
+        if !out.status.success() {
+            return Err(self.command_error(ACTION, "nft -f -", &out));
+        }
+        // A failed write with a successful nft would mean a truncated batch was applied.
+        written.map_err(io_err)
+    }
+
+    fn list_table(&self) -> Result<Option<String>> {
+        const ACTION: &str = "list table ip meshnet";
+        let mut cmd = Command::new("nft");
+        cmd.args(["-j", "list", "table"]).args(TABLE.split(' '));
+        let out = self.output(ACTION, &mut cmd)?;
+        if out.status.success() {
+            return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+        }
+        if String::from_utf8_lossy(&out.stderr).contains("No such file or directory") {
+            return Ok(None);
+        }
+        Err(self.command_error(ACTION, "nft -j list table ip meshnet", &out))
+    }
+
+    fn delete_udp_conntrack(&self, backend: Ipv4Addr) -> Result<u64> {
+        const ACTION: &str = "delete UDP conntrack entries";
+        let mut cmd = Command::new("conntrack");
+        cmd.args(["-D", "-p", "udp", "--reply-src", &backend.to_string()]);
+        let out = self.output(ACTION, &mut cmd)?;
+        // conntrack exits 1 when nothing matched; the summary line tells both cases apart.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let deleted = stderr
+            .lines()
+            .find_map(|l| l.strip_suffix(" flow entries have been deleted."))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok());
+        match deleted {
+            Some(n) => Ok(n),
+            None => Err(self.command_error(ACTION, "conntrack -D -p udp --reply-src", &out)),
+        }
+    }
+}
+
+/// Records what would run; `listing` plays the table nft would list.
+#[derive(Debug, Default)]
+pub struct FakeNetfilter {
+    pub applied: Mutex<Vec<String>>,
+    pub listing: Mutex<Option<String>>,
+    pub conntrack_deleted: Mutex<Vec<Ipv4Addr>>,
+}
+
+impl Netfilter for FakeNetfilter {
+    fn apply(&self, batch: &Batch) -> Result<()> {
+        if !batch.is_empty() {
+            self.applied.lock().unwrap().push(batch.to_string());
+        }
+        Ok(())
+    }
+
+    fn list_table(&self) -> Result<Option<String>> {
+        Ok(self.listing.lock().unwrap().clone())
+    }
+
+    fn delete_udp_conntrack(&self, backend: Ipv4Addr) -> Result<u64> {
+        self.conntrack_deleted.lock().unwrap().push(backend);
+        Ok(1)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Fwmark, LbMode, PortKey, SboxConfig, SboxService, SboxState};
+
+    fn sbox(backends: &[u8]) -> SboxState {
+        let mut s = SboxState::new(SboxConfig {
+            ingress_iface: "eth0".into(),
+            ingress_subnet: "10.255.0.0/16".parse().unwrap(),
+            ingress_ip: "10.255.0.2".parse().unwrap(),
+            lb: LbMode::Nftables,
+        });
+        s.services.insert(
+            Fwmark::new(256).unwrap(),
+            SboxService {
+                ports: [PortKey::udp(53)].into(),
+                backends: backends
+                    .iter()
+                    .map(|b| Ipv4Addr::new(10, 255, 0, *b))
+                    .collect(),
+            },
+        );
+        s
+    }
+
+    /// A listing with the given chains (one rule each) and sets, as nft prints them.
+    fn listing(shape: &crate::TableShape) -> String {
+        let mut items = vec![serde_json::json!({"table": {"family": "ip", "name": "meshnet"}})];
+        for (name, n) in &shape.sets {
+            let elem: Vec<u32> = (0..*n as u32).collect();
+            items.push(serde_json::json!({"map": {"name": name, "elem": elem}}));
+        }
+        for (name, rules) in &shape.chains {
+            items.push(serde_json::json!({"chain": {"name": name}}));
+            for _ in 0..*rules {
+                items.push(serde_json::json!({"rule": {"chain": name}}));
+            }
+        }
+        serde_json::json!({ "nftables": items }).to_string()
+    }
+
+    #[test]
+    fn sync_applies_the_diff_and_flushes_udp_flows_of_removed_backends() {
+        let nf = FakeNetfilter::default();
+        let (before, after) = (sbox(&[10, 11]), sbox(&[10]));
+        sync(&nf, None, &before).unwrap();
+        sync(&nf, Some(&before), &after).unwrap();
+        sync(&nf, Some(&after), &after).unwrap();
+        let applied = nf.applied.lock().unwrap();
+        assert_eq!(applied.len(), 2, "the no-op sync applies nothing");
+        assert!(applied[0].starts_with("add table ip meshnet\n"));
+        assert_eq!(
+            applied[1],
+            SboxState::render(Some(&before), &after)
+                .unwrap()
+                .to_string()
+        );
+        assert_eq!(
+            *nf.conntrack_deleted.lock().unwrap(),
+            vec![Ipv4Addr::new(10, 255, 0, 11)]
+        );
+    }
+
+    #[test]
+    fn reconcile_rebuilds_only_on_drift() {
+        let nf = FakeNetfilter::default();
+        let desired = sbox(&[10, 11]);
+        assert!(
+            reconcile(&nf, &desired).unwrap(),
+            "a missing table is rebuilt"
+        );
+
+        *nf.listing.lock().unwrap() = Some(listing(&desired.shape()));
+        assert!(
+            !reconcile(&nf, &desired).unwrap(),
+            "an intact table is left alone"
+        );
+
+        let mut drifted = desired.shape();
+        drifted.sets.insert("backends".into(), 1);
+        *nf.listing.lock().unwrap() = Some(listing(&drifted));
+        assert!(
+            reconcile(&nf, &desired).unwrap(),
+            "a lost element is rebuilt"
+        );
+
+        let applied = nf.applied.lock().unwrap();
+        assert_eq!(applied.len(), 2);
+        let full = SboxState::render(None, &desired).unwrap().to_string();
+        assert!(applied.iter().all(|a| *a == full));
+    }
+}

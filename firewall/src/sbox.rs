@@ -1,0 +1,547 @@
+//! The ingress_sbox table: published port → fwmark, the SNAT back through this node, and the
+//! nftables load balancer (see the crate documentation for the layout).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+
+use ipnet::Ipv4Net;
+
+use crate::render::Batch;
+use crate::{check_interface, check_port, Error, Fwmark, PortKey, Result, Ruleset, TableShape};
+
+/// Which load balancer sits behind the fwmarks.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbMode {
+    /// This table balances: `numgen` round robin per service over a map of backend slots.
+    Nftables,
+    /// IPVS FWM services balance (programmed by the ipvs crate); this table only marks and SNATs.
+    Ipvs,
+}
+
+/// What the sandbox's fixed chains depend on; a change rebuilds the table.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SboxConfig {
+    /// The sandbox's leg on the ingress overlay (`eth0`).
+    pub ingress_iface: String,
+    pub ingress_subnet: Ipv4Net,
+    /// This node's IP on the ingress overlay: the SNAT source, so replies come back here.
+    pub ingress_ip: Ipv4Addr,
+    pub lb: LbMode,
+}
+
+/// One service published in ingress mode.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SboxService {
+    pub ports: BTreeSet<PortKey>,
+    /// Every task's ingress IP, on any node. The port is kept: each task redirects it.
+    /// Used by [`LbMode::Nftables`]; with IPVS, only for flushing stale conntrack entries.
+    pub backends: BTreeSet<Ipv4Addr>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SboxState {
+    pub config: SboxConfig,
+    pub services: BTreeMap<Fwmark, SboxService>,
+}
+
+fn svc_chain(mark: Fwmark) -> String {
+    format!("svc-{mark}")
+}
+
+impl SboxState {
+    pub fn new(config: SboxConfig) -> SboxState {
+        SboxState {
+            config,
+            services: BTreeMap::new(),
+        }
+    }
+
+    /// Bad ports, a port published by two services, a bad interface name: rejected before any
+    /// rule is rendered.
+    pub fn validate(&self) -> Result<()> {
+        check_interface(&self.config.ingress_iface)?;
+        let mut seen = BTreeSet::new();
+        for (mark, svc) in &self.services {
+            for key in &svc.ports {
+                check_port(format_args!("service with fwmark {mark}"), key.port)?;
+                if !seen.insert(*key) {
+                    return Err(Error::DuplicatePort(*key));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    fn balances(&self) -> bool {
+        self.config.lb == LbMode::Nftables
+    }
+
+    fn render_fixed(&self, b: &mut Batch) {
+        let c = &self.config;
+        b.recreate_table();
+        b.add_set("map", "published", "type inet_proto . inet_service : mark");
+        b.add_base_chain(
+            "mangle-prerouting",
+            "type filter hook prerouting priority mangle",
+        );
+        b.add_rule(
+            "mangle-prerouting",
+            format_args!("meta mark set meta l4proto . th dport map @published"),
+        );
+        if self.balances() {
+            b.add_set("map", "services", "type mark : verdict");
+            b.add_set("map", "backends", "type mark . mark : ipv4_addr");
+            b.add_base_chain("nat-prerouting", "type nat hook prerouting priority dstnat");
+            b.add_rule("nat-prerouting", format_args!("meta mark vmap @services"));
+            b.add_rule(
+                "nat-prerouting",
+                format_args!("dnat to meta mark . ct mark map @backends"),
+            );
+        }
+        b.add_base_chain(
+            "nat-postrouting",
+            "type nat hook postrouting priority srcnat",
+        );
+        b.add_rule(
+            "nat-postrouting",
+            format_args!(
+                "ip daddr {} oifname \"{}\" snat to {}",
+                c.ingress_subnet.trunc(),
+                c.ingress_iface,
+                c.ingress_ip
+            ),
+        );
+    }
+
+    /// The element and chain changes from `old` services to `self`'s, in an order the kernel
+    /// accepts within one transaction: deletions of elements first (so chains lose their
+    /// references), then new or refilled chains, then new elements, then chain deletions.
+    fn render_services(&self, old: &BTreeMap<Fwmark, SboxService>, b: &mut Batch) {
+        let empty = SboxService::default();
+        // Only services whose entry changed are looked at further.
+        let mut changed: BTreeSet<Fwmark> = old
+            .iter()
+            .filter(|(m, s)| self.services.get(m) != Some(s))
+            .map(|(m, _)| *m)
+            .collect();
+        changed.extend(self.services.keys().filter(|m| !old.contains_key(m)));
+
+        let mut del_published = Vec::new();
+        let mut add_published = Vec::new();
+        let mut del_services = Vec::new();
+        let mut add_services = Vec::new();
+        let mut del_slots = Vec::new();
+        let mut add_slots = Vec::new();
+        let mut dead_chains = Vec::new();
+        let mut chains = Batch::default();
+        for mark in changed {
+            let was = old.get(&mark).unwrap_or(&empty);
+            let now = self.services.get(&mark).unwrap_or(&empty);
+            // A port moving between services is deleted before it is added again.
+            del_published.extend(was.ports.difference(&now.ports).map(PortKey::nft));
+            add_published.extend(
+                now.ports
+                    .difference(&was.ports)
+                    .map(|p| format!("{} : {mark}", p.nft())),
+            );
+            if !self.balances() {
+                continue;
+            }
+            let was: Vec<Ipv4Addr> = was.backends.iter().copied().collect();
+            let now: Vec<Ipv4Addr> = now.backends.iter().copied().collect();
+            // Slot i of the round robin goes to the i-th backend; only changed slots move.
+            for i in 0..was.len().max(now.len()) {
+                let (w, n) = (was.get(i), now.get(i));
+                if w == n {
+                    continue;
+                }
+                if w.is_some() {
+                    del_slots.push(format!("{mark} . {i}"));
+                }
+                if let Some(ip) = n {
+                    add_slots.push(format!("{mark} . {i} : {ip}"));
+                }
+            }
+            let svc = svc_chain(mark);
+            match (was.len(), now.len()) {
+                (w, n) if w == n => {}
+                (_, 0) => {
+                    del_services.push(mark.to_string());
+                    dead_chains.push(svc);
+                }
+                (w, n) => {
+                    if w == 0 {
+                        chains.add_chain(&svc);
+                        add_services.push(format!("{mark} : jump {svc}"));
+                    } else {
+                        chains.flush_chain(&svc);
+                    }
+                    chains.add_rule(&svc, format_args!("ct mark set numgen inc mod {n}"));
+                }
+            }
+        }
+
+        b.elements("delete", "services", &del_services);
+        b.elements("delete", "backends", &del_slots);
+        b.elements("delete", "published", &del_published);
+        b.append(&chains);
+        b.elements("add", "backends", &add_slots);
+        b.elements("add", "published", &add_published);
+        b.elements("add", "services", &add_services);
+        for chain in &dead_chains {
+            b.delete_chain(chain);
+        }
+    }
+}
+
+impl Ruleset for SboxState {
+    fn render(prev: Option<&SboxState>, next: &SboxState) -> Result<Batch> {
+        next.validate()?;
+        let mut b = Batch::default();
+        match prev {
+            Some(prev) if prev.config == next.config => {
+                next.render_services(&prev.services, &mut b);
+            }
+            _ => {
+                next.render_fixed(&mut b);
+                next.render_services(&BTreeMap::new(), &mut b);
+            }
+        }
+        Ok(b)
+    }
+
+    fn shape(&self) -> TableShape {
+        let mut shape = TableShape::default();
+        let ports = self.services.values().map(|s| s.ports.len()).sum();
+        shape.sets.insert("published".into(), ports);
+        shape.chains.insert("mangle-prerouting".into(), 1);
+        shape.chains.insert("nat-postrouting".into(), 1);
+        if self.balances() {
+            shape.chains.insert("nat-prerouting".into(), 2);
+            let live = self.services.iter().filter(|(_, s)| !s.backends.is_empty());
+            let (mut services, mut slots) = (0, 0);
+            for (mark, svc) in live {
+                services += 1;
+                slots += svc.backends.len();
+                shape.chains.insert(svc_chain(*mark), 1);
+            }
+            shape.sets.insert("services".into(), services);
+            shape.sets.insert("backends".into(), slots);
+        }
+        shape
+    }
+
+    /// Backends that no service has any more: their UDP conntrack entries should go.
+    fn stale_destinations(prev: &SboxState, next: &SboxState) -> Vec<Ipv4Addr> {
+        let all = |s: &SboxState| -> BTreeSet<Ipv4Addr> {
+            s.services
+                .values()
+                .flat_map(|s| s.backends.iter().copied())
+                .collect()
+        };
+        all(prev).difference(&all(next)).copied().collect()
+    }
+}
+
+/// Sysctls the sandbox needs (keys in `/proc/sys` dotted form), applied by the agent.
+/// IPVS values as Swarm sets them: conntrack for the SNAT rule, no stale connections to removed
+/// destinations, no SYN drops on port reuse (moby#35082).
+pub fn sbox_sysctls(lb: LbMode) -> Vec<(String, String)> {
+    let mut out = vec![("net.ipv4.ip_forward", "1")];
+    if lb == LbMode::Ipvs {
+        out.extend([
+            ("net.ipv4.vs.conntrack", "1"),
+            ("net.ipv4.vs.expire_nodest_conn", "1"),
+            ("net.ipv4.vs.expire_quiescent_template", "1"),
+            ("net.ipv4.vs.conn_reuse_mode", "0"),
+        ]);
+    }
+    out.into_iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+/// A sandbox with `services` services, each on its own TCP port (from 1024, fwmark from 256)
+/// with `backends` backends: the ruleset benchmarks time. At most 64511 services and 254
+/// backends, so ports and addresses stay valid.
+pub fn synthetic_sbox(services: u16, backends: u8) -> SboxState {
+    assert!(
+        services <= 64511 && backends <= 254,
+        "synthetic_sbox: too large"
+    );
+    let mut state = SboxState::new(SboxConfig {
+        ingress_iface: "eth0".into(),
+        ingress_subnet: "10.0.0.0/8".parse().expect("valid subnet"),
+        ingress_ip: Ipv4Addr::new(10, 255, 255, 254),
+        lb: LbMode::Nftables,
+    });
+    for i in 0..services {
+        let [hi, lo] = i.to_be_bytes();
+        let svc = SboxService {
+            ports: [PortKey::tcp(1024 + i)].into(),
+            backends: (1..=backends)
+                .map(|j| Ipv4Addr::new(10, hi, lo, j))
+                .collect(),
+        };
+        let mark = Fwmark::new(256 + u32::from(i)).expect("non-zero mark");
+        state.services.insert(mark, svc);
+    }
+    state
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn config(lb: LbMode) -> SboxConfig {
+        SboxConfig {
+            ingress_iface: "eth0".into(),
+            ingress_subnet: "10.255.0.0/16".parse().unwrap(),
+            ingress_ip: "10.255.0.2".parse().unwrap(),
+            lb,
+        }
+    }
+
+    fn ip(last: u8) -> Ipv4Addr {
+        Ipv4Addr::new(10, 255, 0, last)
+    }
+
+    fn state(lb: LbMode, services: &[(u32, &[PortKey], &[u8])]) -> SboxState {
+        let mut s = SboxState::new(config(lb));
+        for (mark, ports, backends) in services {
+            s.services.insert(
+                Fwmark::new(*mark).unwrap(),
+                SboxService {
+                    ports: ports.iter().copied().collect(),
+                    backends: backends.iter().map(|b| ip(*b)).collect(),
+                },
+            );
+        }
+        s
+    }
+
+    fn render(prev: Option<&SboxState>, next: &SboxState) -> String {
+        SboxState::render(prev, next).unwrap().to_string()
+    }
+
+    #[test]
+    fn full_build_with_nftables_lb() {
+        let s = state(
+            LbMode::Nftables,
+            &[(256, &[PortKey::tcp(80), PortKey::udp(80)], &[10, 11])],
+        );
+        let expected = "\
+add table ip meshnet
+delete table ip meshnet
+add table ip meshnet
+add map ip meshnet published { type inet_proto . inet_service : mark; }
+add chain ip meshnet mangle-prerouting { type filter hook prerouting priority mangle; policy accept; }
+add rule ip meshnet mangle-prerouting meta mark set meta l4proto . th dport map @published
+add map ip meshnet services { type mark : verdict; }
+add map ip meshnet backends { type mark . mark : ipv4_addr; }
+add chain ip meshnet nat-prerouting { type nat hook prerouting priority dstnat; policy accept; }
+add rule ip meshnet nat-prerouting meta mark vmap @services
+add rule ip meshnet nat-prerouting dnat to meta mark . ct mark map @backends
+add chain ip meshnet nat-postrouting { type nat hook postrouting priority srcnat; policy accept; }
+add rule ip meshnet nat-postrouting ip daddr 10.255.0.0/16 oifname \"eth0\" snat to 10.255.0.2
+add chain ip meshnet svc-256
+add rule ip meshnet svc-256 ct mark set numgen inc mod 2
+add element ip meshnet backends { 256 . 0 : 10.255.0.10, 256 . 1 : 10.255.0.11 }
+add element ip meshnet published { tcp . 80 : 256, udp . 80 : 256 }
+add element ip meshnet services { 256 : jump svc-256 }
+";
+        assert_eq!(render(None, &s), expected);
+    }
+
+    #[test]
+    fn full_build_for_ipvs_only_marks_and_snats() {
+        let s = state(LbMode::Ipvs, &[(257, &[PortKey::tcp(443)], &[10])]);
+        let expected = "\
+add table ip meshnet
+delete table ip meshnet
+add table ip meshnet
+add map ip meshnet published { type inet_proto . inet_service : mark; }
+add chain ip meshnet mangle-prerouting { type filter hook prerouting priority mangle; policy accept; }
+add rule ip meshnet mangle-prerouting meta mark set meta l4proto . th dport map @published
+add chain ip meshnet nat-postrouting { type nat hook postrouting priority srcnat; policy accept; }
+add rule ip meshnet nat-postrouting ip daddr 10.255.0.0/16 oifname \"eth0\" snat to 10.255.0.2
+add element ip meshnet published { tcp . 443 : 257 }
+";
+        assert_eq!(render(None, &s), expected);
+        // Backends do not matter to the IPVS table.
+        let more = state(LbMode::Ipvs, &[(257, &[PortKey::tcp(443)], &[10, 11])]);
+        assert_eq!(render(Some(&s), &more), "");
+    }
+
+    #[test]
+    fn adding_a_service_touches_only_its_objects() {
+        let before = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[10, 11])]);
+        let after = state(
+            LbMode::Nftables,
+            &[
+                (256, &[PortKey::tcp(80)], &[10, 11]),
+                (257, &[PortKey::udp(53)], &[20]),
+            ],
+        );
+        let expected = "\
+add chain ip meshnet svc-257
+add rule ip meshnet svc-257 ct mark set numgen inc mod 1
+add element ip meshnet backends { 257 . 0 : 10.255.0.20 }
+add element ip meshnet published { udp . 53 : 257 }
+add element ip meshnet services { 257 : jump svc-257 }
+";
+        assert_eq!(render(Some(&before), &after), expected);
+        assert_eq!(render(Some(&after), &after), "", "no change, no batch");
+
+        let removed = "\
+delete element ip meshnet services { 257 }
+delete element ip meshnet backends { 257 . 0 }
+delete element ip meshnet published { udp . 53 }
+flush chain ip meshnet svc-257
+delete chain ip meshnet svc-257
+";
+        assert_eq!(render(Some(&after), &before), removed);
+    }
+
+    #[test]
+    fn removing_a_backend_refills_only_that_service() {
+        let other = (300, &[PortKey::tcp(8000)][..], &[30, 31][..]);
+        let before = state(
+            LbMode::Nftables,
+            &[(256, &[PortKey::tcp(80)], &[10, 11, 12]), other],
+        );
+        let after = state(
+            LbMode::Nftables,
+            &[(256, &[PortKey::tcp(80)], &[10, 12]), other],
+        );
+        let expected = "\
+delete element ip meshnet backends { 256 . 1, 256 . 2 }
+flush chain ip meshnet svc-256
+add rule ip meshnet svc-256 ct mark set numgen inc mod 2
+add element ip meshnet backends { 256 . 1 : 10.255.0.12 }
+";
+        assert_eq!(render(Some(&before), &after), expected);
+        assert_eq!(SboxState::stale_destinations(&before, &after), vec![ip(11)]);
+    }
+
+    #[test]
+    fn replacing_a_backend_keeps_the_service_chain() {
+        let before = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[10, 11])]);
+        let after = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[10, 13])]);
+        let expected = "\
+delete element ip meshnet backends { 256 . 1 }
+add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
+";
+        assert_eq!(render(Some(&before), &after), expected);
+    }
+
+    #[test]
+    fn a_service_without_backends_is_only_marked() {
+        let s = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[])]);
+        let text = render(None, &s);
+        assert!(text.ends_with(
+            "add rule ip meshnet nat-postrouting ip daddr 10.255.0.0/16 oifname \"eth0\" snat to 10.255.0.2\n\
+             add element ip meshnet published { tcp . 80 : 256 }\n"
+        ));
+        let shape = s.shape();
+        assert_eq!(shape.sets["services"], 0);
+        assert!(!shape.chains.contains_key("svc-256"));
+    }
+
+    #[test]
+    fn moving_a_port_to_another_service_deletes_then_adds() {
+        let before = state(LbMode::Ipvs, &[(256, &[PortKey::tcp(80)], &[])]);
+        let after = state(LbMode::Ipvs, &[(257, &[PortKey::tcp(80)], &[])]);
+        assert_eq!(
+            render(Some(&before), &after),
+            "delete element ip meshnet published { tcp . 80 }\n\
+             add element ip meshnet published { tcp . 80 : 257 }\n"
+        );
+    }
+
+    #[test]
+    fn a_config_change_rebuilds_the_table() {
+        let before = state(LbMode::Ipvs, &[(256, &[PortKey::tcp(80)], &[10])]);
+        let after = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[10])]);
+        assert_eq!(render(Some(&before), &after), render(None, &after));
+    }
+
+    #[test]
+    fn bad_input_is_rejected() {
+        let zero = state(LbMode::Nftables, &[(256, &[PortKey::tcp(0)], &[10])]);
+        let err = SboxState::render(None, &zero).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "invalid port 0 for service with fwmark 256: ports are 1-65535"
+        );
+        let twice = state(
+            LbMode::Nftables,
+            &[
+                (256, &[PortKey::tcp(80)], &[10]),
+                (257, &[PortKey::tcp(80)], &[11]),
+            ],
+        );
+        assert_eq!(
+            SboxState::render(None, &twice).unwrap_err().to_string(),
+            "port 80/tcp is published twice"
+        );
+        let mut bad_iface = state(LbMode::Nftables, &[]);
+        bad_iface.config.ingress_iface = "eth0\" accept".into();
+        assert!(matches!(
+            SboxState::render(None, &bad_iface),
+            Err(Error::InvalidInterface(_))
+        ));
+    }
+
+    #[test]
+    fn shape_counts_what_the_table_holds() {
+        let s = state(
+            LbMode::Nftables,
+            &[
+                (256, &[PortKey::tcp(80), PortKey::udp(80)], &[10, 11]),
+                (257, &[PortKey::tcp(81)], &[]),
+            ],
+        );
+        let shape = s.shape();
+        assert_eq!(
+            shape.sets,
+            [
+                ("backends".into(), 2),
+                ("published".into(), 3),
+                ("services".into(), 1)
+            ]
+            .into()
+        );
+        let chains: Vec<&str> = shape.chains.keys().map(String::as_str).collect();
+        assert_eq!(
+            chains,
+            [
+                "mangle-prerouting",
+                "nat-postrouting",
+                "nat-prerouting",
+                "svc-256"
+            ]
+        );
+    }
+
+    #[test]
+    fn sysctls_per_lb_mode() {
+        assert_eq!(
+            sbox_sysctls(LbMode::Nftables),
+            vec![("net.ipv4.ip_forward".to_string(), "1".to_string())]
+        );
+        let ipvs = sbox_sysctls(LbMode::Ipvs);
+        assert!(ipvs.contains(&("net.ipv4.vs.conn_reuse_mode".into(), "0".into())));
+        assert!(ipvs.contains(&("net.ipv4.vs.expire_nodest_conn".into(), "1".into())));
+        assert_eq!(ipvs.len(), 5);
+    }
+
+    #[test]
+    fn synthetic_state_renders_every_service() {
+        let s = synthetic_sbox(3000, 2);
+        let text = render(None, &s);
+        assert_eq!(text.matches("ct mark set numgen inc mod 2").count(), 3000);
+        assert_eq!(text.matches("add element ip meshnet backends").count(), 6);
+        assert!(text.contains(", 3255 . 1 : 10.11.183.2 }\n"));
+    }
+}

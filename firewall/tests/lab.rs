@@ -1,0 +1,637 @@
+//! Lab tier (root, host kernel): the rule sets applied in throwaway namespaces, checked with
+//! real TCP and UDP traffic.
+//!
+//! Topology (like reference/ingress-path-nftables.sh, with a plain bridge for the ingress
+//! overlay, which is not this crate's business):
+//! ```text
+//! cl 192.168.56.100 ── node 192.168.56.11, gwbr 172.18.0.1/16 ─┬─ sbox eth1 172.18.0.2
+//!                                                              └─ host task 172.18.0.3 (:8081)
+//! sbox eth0 10.255.0.2 ── ing/br0 ── b1..b3 10.255.0.11-13 (tcp :8080, udp :5353)
+//! ```
+//! Published: 80/tcp and 53/udp in ingress mode (redirected in each task to 8080 and 5353),
+//! 81/tcp in host mode to the host task's 8081.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::path::PathBuf;
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use firewall::{
+    parse_listing, reconcile, sync, synthetic_sbox, Fwmark, LbMode, Netfilter, NodeConfig,
+    NodeState, NsNetfilter, PortKey, Ruleset, SboxConfig, SboxService, SboxState, TaskState,
+};
+use netns::Netns;
+
+static LABS: AtomicU32 = AtomicU32::new(0);
+const TIMEOUT: Duration = Duration::from_secs(2);
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 11);
+const BACKENDS: [(&str, Ipv4Addr); 3] = [
+    ("b1", Ipv4Addr::new(10, 255, 0, 11)),
+    ("b2", Ipv4Addr::new(10, 255, 0, 12)),
+    ("b3", Ipv4Addr::new(10, 255, 0, 13)),
+];
+const FOREIGN: &str = "table ip foreign";
+
+/// Namespaces in a directory of their own and the server threads in them; everything goes in
+/// `drop`, also when a test panics.
+struct Lab {
+    dir: PathBuf,
+    ns: HashMap<String, Netns>,
+    stop: Arc<AtomicBool>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+impl Lab {
+    fn new() -> Lab {
+        let n = LABS.fetch_add(1, Ordering::SeqCst);
+        Lab {
+            dir: PathBuf::from(format!("/run/meshnet-test-fw-{}-{n}", std::process::id())),
+            ns: HashMap::new(),
+            stop: Arc::new(AtomicBool::new(false)),
+            threads: Vec::new(),
+        }
+    }
+
+    fn add(&mut self, name: &str) {
+        let ns = Netns::create(&self.dir, name).unwrap();
+        self.ns.insert(name.to_string(), ns);
+    }
+
+    fn ns(&self, name: &str) -> &Netns {
+        &self.ns[name]
+    }
+
+    fn nf(&self, name: &str) -> NsNetfilter<'_> {
+        NsNetfilter::new(self.ns(name))
+    }
+
+    /// Runs a command inside `name` and returns its stdout; fails the test if it fails.
+    fn run(&self, name: &str, program: &str, args: &[&str]) -> String {
+        let out = self
+            .ns(name)
+            .output(Command::new(program).args(args))
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{program} {args:?} in {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    fn ip(&self, name: &str, args: &str) {
+        self.run(name, "ip", &args.split_whitespace().collect::<Vec<_>>());
+    }
+
+    /// A veth pair, `a_if` in `a` and `b_if` in `b`, both up.
+    fn veth(&self, a: &str, a_if: &str, b: &str, b_if: &str) {
+        let peer_ns = self.ns(b).path().to_str().unwrap().to_string();
+        self.run(
+            a,
+            "ip",
+            &[
+                "link", "add", a_if, "type", "veth", "peer", "name", b_if, "netns", &peer_ns,
+            ],
+        );
+        self.ip(a, &format!("link set {a_if} up"));
+        self.ip(b, &format!("link set {b_if} up"));
+    }
+
+    fn sysctls(&self, name: &str, list: &[(String, String)]) {
+        for (k, v) in list {
+            self.ns(name).write_sysctl(k, v).unwrap();
+        }
+    }
+
+    /// Answers each TCP connection with `<identity> <peer IP>\n`, then echoes lines.
+    fn tcp_server(&mut self, name: &str, port: u16, identity: &str) {
+        let listener = self
+            .ns(name)
+            .run(|| TcpListener::bind(("0.0.0.0", port)))
+            .unwrap()
+            .unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let (stop, identity) = (self.stop.clone(), identity.to_string());
+        self.threads.push(std::thread::spawn(move || {
+            while !stop.load(Ordering::SeqCst) {
+                match listener.accept() {
+                    Ok((stream, peer)) => {
+                        let hello = format!("{identity} {}\n", peer.ip());
+                        std::thread::spawn(move || serve(stream, &hello));
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        }));
+    }
+
+    /// Answers each datagram with `<identity>`.
+    fn udp_server(&mut self, name: &str, port: u16, identity: &str) {
+        let socket = self
+            .ns(name)
+            .run(|| UdpSocket::bind(("0.0.0.0", port)))
+            .unwrap()
+            .unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(50)))
+            .unwrap();
+        let (stop, identity) = (self.stop.clone(), identity.to_string());
+        self.threads.push(std::thread::spawn(move || {
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::SeqCst) {
+                if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                    let _ = socket.send_to(identity.as_bytes(), from);
+                }
+            }
+        }));
+    }
+
+    fn list(&self, name: &str, table: &str) -> String {
+        let args: Vec<&str> = ["list"].into_iter().chain(table.split(' ')).collect();
+        self.run(name, "nft", &args)
+    }
+}
+
+impl Drop for Lab {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        let names: Vec<String> = self.ns.drain().map(|(n, _)| n).collect();
+        for name in names {
+            let _ = netns::delete(&self.dir.join(name));
+        }
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+fn serve(stream: TcpStream, hello: &str) {
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(10)));
+    let mut writer = match stream.try_clone() {
+        Ok(w) => w,
+        Err(_) => return,
+    };
+    if writer.write_all(hello.as_bytes()).is_err() {
+        return;
+    }
+    for line in BufReader::new(stream).lines() {
+        match line {
+            Ok(l) if writer.write_all(format!("{l}\n").as_bytes()).is_ok() => {}
+            _ => return,
+        }
+    }
+}
+
+/// Connects from `from` and returns the open stream and the server's greeting
+/// (`<identity> <peer IP as the server saw it>`).
+fn connect(
+    lab: &Lab,
+    from: &str,
+    to: SocketAddr,
+) -> std::io::Result<(BufReader<TcpStream>, String)> {
+    let stream = lab
+        .ns(from)
+        .run(|| TcpStream::connect_timeout(&to, TIMEOUT))
+        .unwrap()?;
+    stream.set_read_timeout(Some(TIMEOUT))?;
+    let mut reader = BufReader::new(stream);
+    let mut line = String::new();
+    reader.read_line(&mut line)?;
+    if line.is_empty() {
+        return Err(std::io::ErrorKind::UnexpectedEof.into());
+    }
+    Ok((reader, line.trim_end().to_string()))
+}
+
+/// The identity of whoever answers a new TCP connection.
+fn who(lab: &Lab, from: &str, to: SocketAddr) -> String {
+    let (_, greeting) = connect(lab, from, to).unwrap_or_else(|e| panic!("{from} → {to}: {e}"));
+    greeting.split(' ').next().unwrap().to_string()
+}
+
+fn udp_socket(lab: &Lab, from: &str) -> UdpSocket {
+    let s = lab
+        .ns(from)
+        .run(|| UdpSocket::bind("0.0.0.0:0"))
+        .unwrap()
+        .unwrap();
+    s.set_read_timeout(Some(TIMEOUT)).unwrap();
+    s
+}
+
+fn udp_ask(socket: &UdpSocket, to: SocketAddr) -> String {
+    socket.send_to(b"hi", to).unwrap();
+    let mut buf = [0u8; 512];
+    let n = socket
+        .recv(&mut buf)
+        .unwrap_or_else(|e| panic!("no UDP answer from {to}: {e}"));
+    String::from_utf8_lossy(&buf[..n]).into_owned()
+}
+
+fn published(port: u16) -> SocketAddr {
+    SocketAddr::from((NODE_IP, port))
+}
+
+/// The desired states of the lab's tables.
+struct Desired {
+    node: NodeState,
+    sbox: SboxState,
+    tasks: BTreeMap<&'static str, TaskState>,
+}
+
+fn mark() -> Fwmark {
+    Fwmark::new(256).unwrap()
+}
+
+fn sbox_with(backends: &[&str]) -> SboxState {
+    let mut sbox = SboxState::new(SboxConfig {
+        ingress_iface: "eth0".into(),
+        ingress_subnet: "10.255.0.0/16".parse().unwrap(),
+        ingress_ip: Ipv4Addr::new(10, 255, 0, 2),
+        lb: LbMode::Nftables,
+    });
+    let backends = BACKENDS
+        .iter()
+        .filter(|(n, _)| backends.contains(n))
+        .map(|(_, ip)| *ip)
+        .collect();
+    sbox.services.insert(
+        mark(),
+        SboxService {
+            ports: [PortKey::tcp(80), PortKey::udp(53)].into(),
+            backends,
+        },
+    );
+    sbox
+}
+
+/// Builds the topology, starts the servers, adds a foreign table in node and sbox, and applies
+/// every rule set from scratch.
+fn ingress_lab() -> (Lab, Desired) {
+    let mut lab = Lab::new();
+    for n in ["cl", "node", "sbox", "ing", "host", "b1", "b2", "b3"] {
+        lab.add(n);
+    }
+    lab.veth("cl", "eth0", "node", "eth0");
+    lab.ip("cl", "addr add 192.168.56.100/24 dev eth0");
+    lab.ip("node", "addr add 192.168.56.11/24 dev eth0");
+    lab.ip("node", "link add gwbr type bridge");
+    lab.ip("node", "addr add 172.18.0.1/16 dev gwbr");
+    lab.ip("node", "link set gwbr up");
+    for (task, iface, addr) in [
+        ("sbox", "gw-sb", "172.18.0.2"),
+        ("host", "gw-h", "172.18.0.3"),
+    ] {
+        let inner = if task == "sbox" { "eth1" } else { "eth0" };
+        lab.veth("node", iface, task, inner);
+        lab.ip("node", &format!("link set {iface} master gwbr"));
+        lab.ip(task, &format!("addr add {addr}/16 dev {inner}"));
+        lab.ip(task, "route add default via 172.18.0.1");
+    }
+    lab.ip("ing", "link add br0 type bridge");
+    lab.ip("ing", "link set br0 up");
+    lab.veth("ing", "sb0", "sbox", "eth0");
+    lab.ip("ing", "link set sb0 master br0");
+    lab.ip("sbox", "addr add 10.255.0.2/16 dev eth0");
+    for (name, ip) in BACKENDS {
+        let port = format!("p-{name}");
+        lab.veth("ing", &port, name, "eth0");
+        lab.ip("ing", &format!("link set {port} master br0"));
+        lab.ip(name, &format!("addr add {ip}/16 dev eth0"));
+        lab.tcp_server(name, 8080, name);
+        lab.udp_server(name, 5353, name);
+    }
+    lab.tcp_server("host", 8081, "host");
+
+    lab.sysctls("node", &firewall::node_sysctls("gwbr"));
+    lab.sysctls("sbox", &firewall::sbox_sysctls(LbMode::Nftables));
+    for ns in ["node", "sbox"] {
+        lab.run(ns, "nft", &["add", "table", "ip", "foreign"]);
+        lab.run(
+            ns,
+            "nft",
+            &["add chain ip foreign input { type filter hook input priority 0; policy accept; }"],
+        );
+        lab.run(
+            ns,
+            "nft",
+            &["add rule ip foreign input tcp dport 9 counter"],
+        );
+    }
+
+    let mut node = NodeState::new(NodeConfig {
+        gwbridge: "gwbr".into(),
+        gwbridge_subnet: "172.18.0.0/16".parse().unwrap(),
+        ingress_sbox_ip: Ipv4Addr::new(172, 18, 0, 2),
+    });
+    node.ingress_ports
+        .extend([PortKey::tcp(80), PortKey::udp(53)]);
+    node.host_ports
+        .insert(PortKey::tcp(81), "172.18.0.3:8081".parse().unwrap());
+    let tasks: BTreeMap<_, _> = BACKENDS
+        .iter()
+        .map(|(name, ip)| {
+            let redirects = [(PortKey::tcp(80), 8080), (PortKey::udp(53), 5353)].into();
+            (
+                *name,
+                TaskState {
+                    ingress_ip: *ip,
+                    redirects,
+                },
+            )
+        })
+        .collect();
+    let desired = Desired {
+        node,
+        sbox: sbox_with(&["b1", "b2", "b3"]),
+        tasks,
+    };
+    sync(&lab.nf("node"), None, &desired.node).unwrap();
+    sync(&lab.nf("sbox"), None, &desired.sbox).unwrap();
+    for (name, task) in &desired.tasks {
+        sync(&lab.nf(name), None, task).unwrap();
+    }
+    (lab, desired)
+}
+
+fn shape_of(lab: &Lab, ns: &str) -> firewall::TableShape {
+    parse_listing(&lab.nf(ns).list_table().unwrap().expect("our table exists")).unwrap()
+}
+
+#[test]
+fn routing_mesh_balances_round_robin_and_follows_incremental_updates() {
+    let (mut lab, desired) = ingress_lab();
+    let foreign_before: Vec<String> = ["node", "sbox"]
+        .iter()
+        .map(|n| lab.list(n, FOREIGN))
+        .collect();
+    assert_eq!(shape_of(&lab, "node"), desired.node.shape());
+    assert_eq!(shape_of(&lab, "sbox"), desired.sbox.shape());
+
+    // Round robin: every window of three new connections meets every backend once. The
+    // backend sees the sandbox's ingress IP (SNAT), so replies come back through this node.
+    let mut seen = Vec::new();
+    for _ in 0..6 {
+        let (_, greeting) = connect(&lab, "cl", published(80)).unwrap();
+        let (id, peer) = greeting.split_once(' ').unwrap();
+        assert_eq!(peer, "10.255.0.2", "SNAT to the sandbox's ingress IP");
+        seen.push(id.to_string());
+    }
+    for window in seen.chunks(3) {
+        let set: BTreeSet<&str> = window.iter().map(String::as_str).collect();
+        assert_eq!(set, ["b1", "b2", "b3"].into(), "{seen:?}");
+    }
+
+    // UDP: each new flow goes to the next backend.
+    let udp: BTreeSet<String> = (0..3)
+        .map(|_| udp_ask(&udp_socket(&lab, "cl"), published(53)))
+        .collect();
+    assert_eq!(udp, ["b1", "b2", "b3"].map(String::from).into());
+
+    // From the node itself: its own address and localhost.
+    for addr in ["192.168.56.11:80", "127.0.0.1:80"] {
+        let id = who(&lab, "node", addr.parse().unwrap());
+        assert!(id.starts_with('b'), "{addr} answered by {id}");
+    }
+
+    // Host mode: straight to the local task, client source kept.
+    let (_, greeting) = connect(&lab, "cl", published(81)).unwrap();
+    assert_eq!(greeting, "host 192.168.56.100");
+
+    // Hold a TCP connection and a UDP flow on b2 (each new one goes to the next backend),
+    // then remove b2.
+    let mut held = (0..3)
+        .map(|_| connect(&lab, "cl", published(80)).unwrap())
+        .find(|(_, greeting)| greeting.starts_with("b2 "))
+        .expect("b2 answers one of three connections")
+        .0;
+    let flow = (0..3)
+        .map(|_| udp_socket(&lab, "cl"))
+        .find(|s| udp_ask(s, published(53)) == "b2")
+        .expect("b2 answers one of three flows");
+    let without_b2 = sbox_with(&["b1", "b3"]);
+    sync(&lab.nf("sbox"), Some(&desired.sbox), &without_b2).unwrap();
+    assert_eq!(shape_of(&lab, "sbox"), without_b2.shape());
+    let after: BTreeSet<String> = (0..4).map(|_| who(&lab, "cl", published(80))).collect();
+    assert_eq!(after, ["b1", "b3"].map(String::from).into());
+
+    // Draining: the established connection to b2 still works.
+    held.get_mut().write_all(b"still there\n").unwrap();
+    let mut echo = String::new();
+    held.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "still there\n");
+    // The UDP flow's conntrack entry went with b2: its next datagram is balanced afresh.
+    let moved = udp_ask(&flow, published(53));
+    assert!(
+        moved == "b1" || moved == "b3",
+        "UDP flow answered by {moved}"
+    );
+
+    // b2 comes back.
+    sync(&lab.nf("sbox"), Some(&without_b2), &desired.sbox).unwrap();
+    let back: BTreeSet<String> = (0..3).map(|_| who(&lab, "cl", published(80))).collect();
+    assert_eq!(back, ["b1", "b2", "b3"].map(String::from).into());
+
+    // A task's redirect changes: its chain is flushed and refilled.
+    lab.tcp_server("b1", 8082, "b1-alt");
+    let mut b1 = desired.tasks["b1"].clone();
+    b1.redirects.insert(PortKey::tcp(80), 8082);
+    sync(&lab.nf("b1"), Some(&desired.tasks["b1"]), &b1).unwrap();
+    let moved: BTreeSet<String> = (0..3).map(|_| who(&lab, "cl", published(80))).collect();
+    assert_eq!(moved, ["b1-alt", "b2", "b3"].map(String::from).into());
+    sync(&lab.nf("b1"), Some(&b1), &desired.tasks["b1"]).unwrap();
+    assert_eq!(shape_of(&lab, "b1"), desired.tasks["b1"].shape());
+
+    // Unpublishing a port on the node takes it away; publishing brings it back.
+    let mut node = desired.node.clone();
+    node.ingress_ports.remove(&PortKey::tcp(80));
+    sync(&lab.nf("node"), Some(&desired.node), &node).unwrap();
+    assert!(connect(&lab, "cl", published(80)).is_err());
+    sync(&lab.nf("node"), Some(&node), &desired.node).unwrap();
+    assert!(who(&lab, "cl", published(80)).starts_with('b'));
+
+    // Reconciliation: an intact table is left alone; an element deleted behind our back is
+    // detected and the table rebuilt.
+    assert!(!reconcile(&lab.nf("sbox"), &desired.sbox).unwrap());
+    lab.run(
+        "sbox",
+        "nft",
+        &["delete element ip meshnet backends { 256 . 0 }"],
+    );
+    assert!(reconcile(&lab.nf("sbox"), &desired.sbox).unwrap());
+    assert_eq!(shape_of(&lab, "sbox"), desired.sbox.shape());
+    lab.run("node", "nft", &["delete table ip meshnet"]);
+    assert!(reconcile(&lab.nf("node"), &desired.node).unwrap());
+    let ids: BTreeSet<String> = (0..3).map(|_| who(&lab, "cl", published(80))).collect();
+    assert_eq!(ids, ["b1", "b2", "b3"].map(String::from).into());
+
+    // Nothing of ours touched the foreign tables.
+    let foreign_after: Vec<String> = ["node", "sbox"]
+        .iter()
+        .map(|n| lab.list(n, FOREIGN))
+        .collect();
+    assert_eq!(foreign_after, foreign_before);
+}
+
+#[test]
+fn full_rebuild_is_atomic_and_idempotent() {
+    let (lab, desired) = ingress_lab();
+    let listed = lab.list("sbox", "table ip meshnet");
+    let foreign = lab.list("sbox", FOREIGN);
+    let stop = AtomicBool::new(false);
+    let (ok, failed) = (AtomicUsize::new(0), AtomicUsize::new(0));
+    std::thread::scope(|s| {
+        // New connections keep arriving while the whole table is rebuilt again and again.
+        s.spawn(|| {
+            while !stop.load(Ordering::SeqCst) {
+                match connect(&lab, "cl", published(80)) {
+                    Ok(_) => ok.fetch_add(1, Ordering::SeqCst),
+                    Err(_) => failed.fetch_add(1, Ordering::SeqCst),
+                };
+            }
+        });
+        for _ in 0..30 {
+            sync(&lab.nf("sbox"), None, &desired.sbox).unwrap();
+            sync(&lab.nf("node"), None, &desired.node).unwrap();
+        }
+        stop.store(true, Ordering::SeqCst);
+    });
+    let (ok, failed) = (ok.into_inner(), failed.into_inner());
+    assert!(ok > 0, "the client made no connection");
+    assert_eq!(
+        failed,
+        0,
+        "{failed} of {} connections failed during rebuilds",
+        ok + failed
+    );
+    assert_eq!(
+        lab.list("sbox", "table ip meshnet"),
+        listed,
+        "a rebuild changes nothing"
+    );
+    assert_eq!(lab.list("sbox", FOREIGN), foreign);
+    assert!(!reconcile(&lab.nf("sbox"), &desired.sbox).unwrap());
+}
+
+/// Median and maximum of the timings.
+fn p50_max(mut times: Vec<Duration>) -> (f64, f64) {
+    times.sort();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    (ms(times[times.len() / 2]), ms(times[times.len() - 1]))
+}
+
+/// Adds, then removes, one service (3 backends) on top of `base` (already applied), 20 times.
+/// Times render plus apply (the programming latency) of each, and the UDP conntrack cleanup
+/// after a removal apart: (add, remove, cleanup) as (p50, max) in ms. Leaves `base` applied.
+fn one_service_changes(nf: &NsNetfilter, base: &SboxState) -> [(f64, f64); 3] {
+    let (mut adds, mut removes, mut cleanups) = (Vec::new(), Vec::new(), Vec::new());
+    let change = |from: &SboxState, to: &SboxState| {
+        let start = Instant::now();
+        nf.apply(&SboxState::render(Some(from), to).unwrap())
+            .unwrap();
+        let programmed = start.elapsed();
+        let start = Instant::now();
+        for ip in SboxState::stale_destinations(from, to) {
+            nf.delete_udp_conntrack(ip).unwrap();
+        }
+        (programmed, start.elapsed())
+    };
+    for i in 0..20u8 {
+        let mut next = base.clone();
+        next.services.insert(
+            Fwmark::new(100_000 + u32::from(i)).unwrap(),
+            SboxService {
+                ports: [PortKey::udp(60_000 + u16::from(i))].into(),
+                backends: (1..=3).map(|j| Ipv4Addr::new(10, 200, i, j)).collect(),
+            },
+        );
+        adds.push(change(base, &next).0);
+        let (removed, cleanup) = change(&next, base);
+        removes.push(removed);
+        cleanups.push(cleanup);
+    }
+    [p50_max(adds), p50_max(removes), p50_max(cleanups)]
+}
+
+/// Timings for B4/B5 (printed; a benchmark never fails a test), and correctness at scale.
+#[test]
+fn programming_ten_thousand_services() {
+    let mut lab = Lab::new();
+    lab.add("scale");
+    let nf = lab.nf("scale");
+
+    // One service on top of an empty table, for the ratio.
+    let empty = synthetic_sbox(0, 2);
+    nf.apply(&SboxState::render(None, &empty).unwrap()).unwrap();
+    let [add0, remove0, _] = one_service_changes(&nf, &empty);
+    assert!(!reconcile(&nf, &empty).unwrap());
+
+    // Ours: render the changes from the empty table, then one `nft -f -`.
+    let state = synthetic_sbox(10_000, 2);
+    let start = Instant::now();
+    let batch = SboxState::render(Some(&empty), &state).unwrap();
+    let rendered = start.elapsed();
+    nf.apply(&batch).unwrap();
+    let ours = start.elapsed();
+    assert_eq!(
+        parse_listing(&nf.list_table().unwrap().unwrap()).unwrap(),
+        state.shape()
+    );
+
+    // The floor: `nft -f` of the same ruleset as nft itself prints it, into an empty namespace.
+    let listed = lab.list("scale", "table ip meshnet");
+    lab.run("scale", "nft", &["delete", "table", "ip", "meshnet"]);
+    let file = lab.dir.join("ruleset.nft");
+    std::fs::write(&file, &listed).unwrap();
+    let start = Instant::now();
+    lab.run("scale", "nft", &["-f", file.to_str().unwrap()]);
+    let floor = start.elapsed();
+    std::fs::remove_file(&file).unwrap();
+
+    // A restart: drop and rebuild everything in one transaction over the existing table.
+    let start = Instant::now();
+    nf.apply(&SboxState::render(None, &state).unwrap()).unwrap();
+    let rebuild = start.elapsed();
+
+    let [add, remove, cleanup] = one_service_changes(&nf, &state);
+    let start = Instant::now();
+    assert!(
+        !reconcile(&nf, &state).unwrap(),
+        "the table matches after all the updates"
+    );
+    let check = start.elapsed();
+    let ms = |d: Duration| d.as_secs_f64() * 1000.0;
+    eprintln!(
+        "B5 10k services x 2 backends from empty: render {:.0} ms, render+apply {:.0} ms, nft -f \
+         of the listed ruleset {:.0} ms, R5 {:.2}; full rebuild over the table {:.0} ms",
+        ms(rendered),
+        ms(ours),
+        ms(floor),
+        ours.as_secs_f64() / floor.as_secs_f64(),
+        ms(rebuild),
+    );
+    eprintln!(
+        "B4 one service (3 backends), p50/max ms: add {:.1}/{:.1} at 10k vs {:.1}/{:.1} at 0 \
+         (R4 {:.2}); remove {:.1}/{:.1} vs {:.1}/{:.1} (R4 {:.2}); UDP conntrack cleanup of the \
+         3 removed backends {:.1}/{:.1}; reconcile (list + compare) at 10k {:.0} ms",
+        add.0,
+        add.1,
+        add0.0,
+        add0.1,
+        add.0 / add0.0,
+        remove.0,
+        remove.1,
+        remove0.0,
+        remove0.1,
+        remove.0 / remove0.0,
+        cleanup.0,
+        cleanup.1,
+        ms(check),
+    );
+}
