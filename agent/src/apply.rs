@@ -1,0 +1,397 @@
+//! Kernel effects behind the [`Kernel`] trait: reading what the agent owns and applying one
+//! planned action. The real implementation, [`NetKernel`], uses the `vxlan` crate (netlink on a
+//! dedicated thread inside each namespace) and `netns`, so no thread of the agent, and no tokio
+//! worker, ever changes namespace.
+
+use std::fs::{self, OpenOptions};
+use std::io;
+use std::os::unix::fs::OpenOptionsExt;
+use std::path::{Path, PathBuf};
+
+use netns::Netns;
+use nix::mount::{mount, MsFlags};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use tracing::warn;
+use vxlan::{BridgeConfig, EndpointConfig, Sandbox, VxlanConfig};
+
+use crate::observe::{NsObs, Observed};
+use crate::plan::{Action, BRIDGE, VXLAN};
+
+#[derive(Debug, thiserror::Error)]
+pub enum KernelError {
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    #[error(transparent)]
+    Overlay(#[from] vxlan::Error),
+    #[error("{op} {path}: {source}")]
+    Io {
+        op: &'static str,
+        path: PathBuf,
+        #[source]
+        source: io::Error,
+    },
+    #[error("{0:?} is a task action, not a kernel one")]
+    NotKernel(Action),
+}
+
+/// Reads and changes the kernel objects the agent owns.
+pub trait Kernel: Send + Sync + 'static {
+    fn observe(&self) -> Result<Observed, KernelError>;
+    /// Applies one kernel action (every [`Action`] but the task ones).
+    fn apply(&self, action: &Action) -> Result<(), KernelError>;
+}
+
+/// The kernel, through the `vxlan` and `netns` crates.
+pub struct NetKernel {
+    dir: PathBuf,
+    /// The node (underlay) namespace, where VXLAN devices are created.
+    node: Netns,
+}
+
+impl NetKernel {
+    /// `dir` holds the agent's namespace files; `node` is the underlay namespace.
+    pub fn new(dir: &Path, node: Netns) -> NetKernel {
+        NetKernel {
+            dir: dir.to_path_buf(),
+            node,
+        }
+    }
+
+    fn sandbox(&self, name: &str) -> Result<Sandbox, KernelError> {
+        Ok(Sandbox::open(&self.dir, name)?)
+    }
+
+    /// Binds the running process's namespace to the task's file again.
+    fn rebind(&self, task: &str, pid: u32) -> Result<(), KernelError> {
+        let path = self.dir.join(task);
+        netns::delete(&path)?;
+        let io = |op| {
+            let path = path.clone();
+            move |source| KernelError::Io { op, path, source }
+        };
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o444)
+            .open(&path)
+            .map_err(io("create file for"))?;
+        let src = format!("/proc/{pid}/ns/net");
+        mount(
+            Some(src.as_str()),
+            &path,
+            None::<&str>,
+            MsFlags::MS_BIND,
+            None::<&str>,
+        )
+        .map_err(|e| io("bind-mount the task's namespace to")(io::Error::from(e)))
+        .inspect_err(|_| {
+            let _ = fs::remove_file(&path);
+        })
+    }
+
+    fn delete_netns(&self, name: &str) -> Result<(), KernelError> {
+        if let Ok(ns) = Netns::open(&self.dir.join(name)) {
+            // Only what runs inside our own namespace: processes we lost track of in a crash.
+            for pid in ns.pids()? {
+                warn!(netns = %name, pid, "killing a leftover process in a stale namespace");
+                let _ = kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+            }
+        }
+        // Deletes VXLAN devices first: they would hold their VNI while anything holds the netns.
+        Ok(vxlan::delete_sandbox(&self.dir, name)?)
+    }
+}
+
+impl Kernel for NetKernel {
+    fn observe(&self) -> Result<Observed, KernelError> {
+        let mut out = Observed::default();
+        for path in netns::list(&self.dir)? {
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            let sandbox = match Sandbox::open(&self.dir, &name) {
+                Ok(s) => s,
+                // Deleted between listing and opening: it is simply not there.
+                Err(_) if !path.exists() => continue,
+                Err(e) => return Err(e.into()),
+            };
+            let inode = sandbox.netns().inode()?;
+            out.namespaces
+                .insert(name, NsObs::new(inode, sandbox.observe()?));
+        }
+        Ok(out)
+    }
+
+    fn apply(&self, action: &Action) -> Result<(), KernelError> {
+        use Action::*;
+        match action {
+            DeleteNetns { name } => self.delete_netns(name),
+            DeleteLink { netns, link } => Ok(self.sandbox(netns)?.remove_endpoint(link)?),
+            CreateNetns { name } => Ok(Netns::open_or_create(&self.dir, name).map(drop)?),
+            RebindNetns { task, pid } => self.rebind(task, *pid),
+            EnsureBridge {
+                sandbox,
+                gateway,
+                mtu,
+            } => Ok(self
+                .sandbox(sandbox)?
+                .ensure_bridge(&BridgeConfig::new(*gateway, *mtu))?),
+            EnsureVxlan {
+                sandbox,
+                vni,
+                port,
+                mtu,
+            } => {
+                let cfg = VxlanConfig {
+                    port: *port,
+                    ..VxlanConfig::new(*vni, *mtu)
+                };
+                Ok(self.sandbox(sandbox)?.ensure_vxlan(&self.node, &cfg)?)
+            }
+            Peers { sandbox, changes } => Ok(self.sandbox(sandbox)?.apply_peers(VXLAN, changes)?),
+            EnsureEndpoint {
+                sandbox,
+                veth,
+                task,
+                ifname,
+                mac,
+                addr,
+                mtu,
+            } => {
+                let cfg = EndpointConfig {
+                    bridge: BRIDGE.into(),
+                    host_ifname: veth.clone(),
+                    ifname: ifname.clone(),
+                    addr: *addr,
+                    mac: *mac,
+                    mtu: *mtu,
+                };
+                let task = Netns::open(&self.dir.join(task))?;
+                Ok(self.sandbox(sandbox)?.ensure_endpoint(&task, &cfg)?)
+            }
+            StopTask { .. } | ForgetTask { .. } | StartTask { .. } => {
+                Err(KernelError::NotKernel(action.clone()))
+            }
+        }
+    }
+}
+
+/// An in-memory kernel for tests: applies actions to an [`Observed`] the way the kernel would,
+/// including veth pairs dying together and a namespace taking its links with it.
+#[cfg(test)]
+pub mod fake {
+    use std::sync::Mutex;
+
+    use super::*;
+    use vxlan::{FdbEntry, FdbOwner, LinkKind, LinkState, NeighEntry, PeerAction, VxlanState};
+
+    #[derive(Default)]
+    pub struct FakeKernel {
+        pub state: Mutex<Observed>,
+        next: Mutex<u64>,
+    }
+
+    impl FakeKernel {
+        fn next(&self) -> u64 {
+            let mut n = self.next.lock().unwrap();
+            *n += 1;
+            1000 + *n
+        }
+
+        fn link(&self, name: &str, kind: LinkKind, mtu: u32) -> LinkState {
+            LinkState {
+                name: name.into(),
+                index: self.next() as u32,
+                mtu,
+                up: true,
+                mac: None,
+                master: None,
+                addrs: vec![],
+                kind,
+            }
+        }
+
+        fn ns<'a>(st: &'a mut Observed, name: &str) -> Result<&'a mut NsObs, KernelError> {
+            st.namespaces
+                .get_mut(name)
+                .ok_or_else(|| KernelError::Netns(netns::Error::NotANamespace(name.into())))
+        }
+
+        /// Removes a link, and its veth peer (found by index) with it.
+        pub fn remove_link(&self, ns: &str, name: &str) {
+            let mut st = self.state.lock().unwrap();
+            let Some(l) = st.namespaces.get_mut(ns).and_then(|n| n.links.remove(name)) else {
+                return;
+            };
+            let n = st.namespaces.get_mut(ns).unwrap();
+            if name == VXLAN {
+                n.neighs.clear();
+                n.fdb.clear();
+            }
+            // A bridge's ports lose their master with it.
+            for port in n.links.values_mut() {
+                if port.master.as_deref() == Some(name) {
+                    port.master = None;
+                }
+            }
+            if let LinkKind::Veth {
+                peer_index: Some(p),
+            } = l.kind
+            {
+                for n in st.namespaces.values_mut() {
+                    n.links.retain(|_, other| other.index != p);
+                }
+            }
+        }
+    }
+
+    impl Kernel for FakeKernel {
+        fn observe(&self) -> Result<Observed, KernelError> {
+            Ok(self.state.lock().unwrap().clone())
+        }
+
+        fn apply(&self, action: &Action) -> Result<(), KernelError> {
+            use Action::*;
+            let mut st = self.state.lock().unwrap();
+            match action {
+                DeleteNetns { name } => {
+                    let links: Vec<String> = st
+                        .namespaces
+                        .get(name)
+                        .map(|n| n.links.keys().cloned().collect())
+                        .unwrap_or_default();
+                    drop(st);
+                    for l in links {
+                        self.remove_link(name, &l);
+                    }
+                    self.state.lock().unwrap().namespaces.remove(name);
+                }
+                DeleteLink { netns, link } => {
+                    drop(st);
+                    self.remove_link(netns, link);
+                }
+                CreateNetns { name } | RebindNetns { task: name, .. } => {
+                    let inode = self.next();
+                    st.namespaces.entry(name.clone()).or_default().inode = inode;
+                }
+                EnsureBridge {
+                    sandbox,
+                    gateway,
+                    mtu,
+                } => {
+                    let mut br = self.link(BRIDGE, LinkKind::Bridge, *mtu);
+                    br.addrs = vec![*gateway];
+                    let n = Self::ns(&mut st, sandbox)?;
+                    n.links.insert(BRIDGE.into(), br);
+                }
+                EnsureVxlan {
+                    sandbox,
+                    vni,
+                    port,
+                    mtu,
+                } => {
+                    let want = VxlanState {
+                        vni: *vni,
+                        port: *port,
+                        learning: false,
+                        proxy: true,
+                        underlay_elsewhere: true,
+                    };
+                    let mut vx = self.link(VXLAN, LinkKind::Vxlan(want), *mtu);
+                    vx.master = Some(BRIDGE.into());
+                    let n = Self::ns(&mut st, sandbox)?;
+                    if !matches!(n.links.get(VXLAN), Some(l) if l.kind == LinkKind::Vxlan(want)) {
+                        n.neighs.clear();
+                        n.fdb.clear();
+                    }
+                    n.links.insert(VXLAN.into(), vx);
+                }
+                Peers { sandbox, changes } => {
+                    let n = Self::ns(&mut st, sandbox)?;
+                    for c in changes {
+                        match *c {
+                            PeerAction::DelNeigh { ip } => n.neighs.retain(|e| e.ip != ip),
+                            PeerAction::DelFdb { mac, vtep } => {
+                                n.fdb.retain(|e| !(e.mac == mac && e.dst == Some(vtep)))
+                            }
+                            PeerAction::DelBridgeFdb { mac } => n
+                                .fdb
+                                .retain(|e| !(e.mac == mac && e.owner == FdbOwner::Bridge)),
+                            PeerAction::AddFdb { mac, vtep } => {
+                                n.fdb.retain(|e| e.mac != mac);
+                                n.fdb.push(FdbEntry {
+                                    dev: VXLAN.into(),
+                                    mac,
+                                    dst: Some(vtep),
+                                    owner: FdbOwner::Device,
+                                    permanent: true,
+                                });
+                            }
+                            PeerAction::AddNeigh { ip, mac } => {
+                                n.neighs.retain(|e| e.ip != ip);
+                                n.neighs.push(NeighEntry {
+                                    dev: VXLAN.into(),
+                                    ip,
+                                    mac: Some(mac),
+                                    permanent: true,
+                                });
+                            }
+                        }
+                    }
+                }
+                EnsureEndpoint {
+                    sandbox,
+                    veth,
+                    task,
+                    ifname,
+                    mac,
+                    addr,
+                    mtu,
+                } => {
+                    Self::ns(&mut st, task)?;
+                    Self::ns(&mut st, sandbox)?;
+                    drop(st);
+                    self.remove_link(sandbox, veth);
+                    self.remove_link(task, ifname);
+                    let (oi, ii) = (self.next() as u32, self.next() as u32);
+                    let mut outer = self.link(
+                        veth,
+                        LinkKind::Veth {
+                            peer_index: Some(ii),
+                        },
+                        *mtu,
+                    );
+                    outer.index = oi;
+                    outer.master = Some(BRIDGE.into());
+                    let mut inner = self.link(
+                        ifname,
+                        LinkKind::Veth {
+                            peer_index: Some(oi),
+                        },
+                        *mtu,
+                    );
+                    inner.index = ii;
+                    inner.mac = Some(*mac);
+                    inner.addrs = vec![*addr];
+                    let mut st = self.state.lock().unwrap();
+                    st.namespaces
+                        .get_mut(sandbox)
+                        .unwrap()
+                        .links
+                        .insert(veth.clone(), outer);
+                    st.namespaces
+                        .get_mut(task)
+                        .unwrap()
+                        .links
+                        .insert(ifname.clone(), inner);
+                }
+                StopTask { .. } | ForgetTask { .. } | StartTask { .. } => {
+                    return Err(KernelError::NotKernel(action.clone()))
+                }
+            }
+            Ok(())
+        }
+    }
+}

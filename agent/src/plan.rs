@@ -1,0 +1,991 @@
+//! The pure planner: (desired assignment, task records, observed kernel state) → ordered actions.
+//!
+//! Rules (Swarm's overlay model, reference/swarm-dataplane.md §1):
+//! - A task is *active* while it is in the assignment and not terminal. An active task has its
+//!   namespace (named after the task), one veth endpoint per attachment (`eth0`, `eth1`, … in the
+//!   task; `veth<7 hex>` on the sandbox's br0) and a process.
+//! - A network's sandbox (`1-<netid[:10]>`) exists only while an active task uses it (lazy):
+//!   `br0` with the gateway address, `vxlan0` (VNI, data-path port, no learning, proxy ARP, its
+//!   socket in the node namespace) in br0, and a static neighbour + FDB entry for every remote
+//!   endpoint (planned by [`vxlan::plan_peers`]).
+//! - A task that left the assignment is stopped first; its namespace and the sandboxes it used
+//!   stay untouched until its process is gone, then go like anything else not desired.
+//! - Whatever the agent owns and the desired state does not name is removed; whatever is already
+//!   right is left alone (no action), so adoption after a restart breaks nothing.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use ipnet::Ipv4Net;
+use proto::agent::{Assignment, NetworkSpec, TaskSpec};
+use vxlan::{LinkKind, LinkState, MacAddr, PeerAction, RemotePeer};
+
+use crate::observe::{NsObs, Observed};
+use crate::tasks::{Phase, TaskRecord};
+
+/// The name of the bridge in every sandbox.
+pub const BRIDGE: &str = "br0";
+/// The name of the VXLAN device in every sandbox.
+pub const VXLAN: &str = "vxlan0";
+
+/// Node-wide settings the plan depends on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Settings {
+    /// MTU of every overlay link: vxlan0, br0 and both veth ends.
+    pub mtu: u32,
+    /// VXLAN UDP port.
+    pub port: u16,
+    /// This node's VTEP: peers behind it are local and never programmed.
+    pub advertise_addr: IpAddr,
+}
+
+/// The namespace file name of a network's sandbox, as Docker names it (`1-` + 10 id chars).
+pub fn sandbox_name(network_id: &str) -> String {
+    let id: String = network_id.chars().take(10).collect();
+    format!("1-{id}")
+}
+
+/// The sandbox-side name of a task's endpoint on a network: stable, so a restarted agent finds
+/// it, and short enough for IFNAMSIZ.
+pub fn veth_name(task: &str, network_id: &str) -> String {
+    // FNV-1a: a fixed, dependency-free hash (std's hasher is not stable across releases).
+    let mut h: u32 = 0x811c_9dc5;
+    for b in task.bytes().chain([b'/']).chain(network_id.bytes()) {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    format!("veth{:07x}", h & 0x0fff_ffff)
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Action {
+    /// SIGTERM, then SIGKILL after the grace period.
+    StopTask {
+        task: String,
+    },
+    /// Drop the record of a task that left the assignment and no longer runs.
+    ForgetTask {
+        task: String,
+    },
+    /// Kill whatever still runs inside, delete its VXLAN devices, unmount, remove the file.
+    DeleteNetns {
+        name: String,
+    },
+    DeleteLink {
+        netns: String,
+        link: String,
+    },
+    CreateNetns {
+        name: String,
+    },
+    /// Bind the namespace of a running task's process to its file again (the file was removed
+    /// or replaced while the process kept its namespace).
+    RebindNetns {
+        task: String,
+        pid: u32,
+    },
+    /// br0 exists, is up, has the MTU and exactly the gateway address.
+    EnsureBridge {
+        sandbox: String,
+        gateway: Ipv4Net,
+        mtu: u32,
+    },
+    /// vxlan0 exists as configured (recreated if its VNI, port or flags differ), in br0, up.
+    EnsureVxlan {
+        sandbox: String,
+        vni: u32,
+        port: u16,
+        mtu: u32,
+    },
+    /// Static neighbour and FDB changes on vxlan0, in order.
+    Peers {
+        sandbox: String,
+        changes: Vec<PeerAction>,
+    },
+    /// A veth pair: `veth` in the sandbox on br0, `ifname` in the task with its MAC and address.
+    EnsureEndpoint {
+        sandbox: String,
+        veth: String,
+        task: String,
+        ifname: String,
+        mac: MacAddr,
+        addr: Ipv4Net,
+        mtu: u32,
+    },
+    StartTask {
+        task: String,
+    },
+}
+
+impl Action {
+    /// The namespaces (or tasks) an action works on: when one fails, later actions on the same
+    /// objects are skipped until the next pass.
+    pub fn scopes(&self) -> Vec<&str> {
+        use Action::*;
+        match self {
+            StopTask { task } | ForgetTask { task } | StartTask { task } => vec![task],
+            RebindNetns { task, .. } => vec![task],
+            DeleteNetns { name } | CreateNetns { name } => vec![name],
+            DeleteLink { netns, .. } => vec![netns],
+            EnsureBridge { sandbox, .. } | EnsureVxlan { sandbox, .. } | Peers { sandbox, .. } => {
+                vec![sandbox]
+            }
+            EnsureEndpoint { sandbox, task, .. } => vec![sandbox, task],
+        }
+    }
+}
+
+/// Actions in a safe order: stops, then removals (so a reused VNI or name is free), then
+/// creations (namespaces, sandboxes, endpoints), then process starts, then forgetting records.
+#[derive(Default)]
+struct Plan {
+    stop: Vec<Action>,
+    delete: Vec<Action>,
+    create: Vec<Action>,
+    start: Vec<Action>,
+    /// Last: a task's record goes once its namespace is gone.
+    forget: Vec<Action>,
+}
+
+pub fn plan(
+    desired: &Assignment,
+    records: &BTreeMap<String, TaskRecord>,
+    observed: &Observed,
+    settings: &Settings,
+) -> Vec<Action> {
+    let mut p = Plan::default();
+    let empty = NsObs::default();
+    let networks: BTreeMap<&str, &NetworkSpec> = desired
+        .networks
+        .iter()
+        .map(|n| (n.id.as_str(), n))
+        .collect();
+    let desired_tasks: BTreeSet<&str> = desired.tasks.iter().map(|t| t.name.as_str()).collect();
+
+    let terminal = |name: &str| {
+        matches!(
+            records.get(name),
+            Some(TaskRecord {
+                phase: Phase::Exited { .. },
+                ..
+            })
+        )
+    };
+    let active: Vec<&TaskSpec> = desired
+        .tasks
+        .iter()
+        .filter(|t| !terminal(&t.name))
+        .collect();
+
+    // Tasks that left the assignment but whose process still runs: stop them, and keep their
+    // namespace and sandboxes as they are until the process is gone.
+    let mut kept_ns: BTreeSet<String> = BTreeSet::new();
+    let mut draining_veths: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (name, rec) in records {
+        if desired_tasks.contains(name.as_str()) {
+            continue;
+        }
+        match rec.phase {
+            Phase::Running { .. } => {
+                p.stop.push(Action::StopTask { task: name.clone() });
+                kept_ns.insert(name.clone());
+                for att in &rec.spec.attachments {
+                    let sb = sandbox_name(&att.network_id);
+                    draining_veths
+                        .entry(sb.clone())
+                        .or_default()
+                        .insert(veth_name(name, &att.network_id));
+                    if !active.iter().any(|t| uses(t, &att.network_id)) {
+                        kept_ns.insert(sb);
+                    }
+                }
+            }
+            Phase::Starting | Phase::Exited { .. } => {
+                p.forget.push(Action::ForgetTask { task: name.clone() })
+            }
+        }
+    }
+
+    // Networks in use by an active task, by sandbox name.
+    let mut used: BTreeMap<String, &NetworkSpec> = BTreeMap::new();
+    for t in &active {
+        for att in &t.attachments {
+            if let Some(n) = networks.get(att.network_id.as_str()) {
+                used.insert(sandbox_name(&n.id), n);
+            }
+        }
+    }
+
+    let mut wanted_ns: BTreeSet<String> = used.keys().cloned().collect();
+    wanted_ns.extend(active.iter().map(|t| t.name.clone()));
+    for name in observed.namespaces.keys() {
+        if !wanted_ns.contains(name) && !kept_ns.contains(name) {
+            p.delete.push(Action::DeleteNetns { name: name.clone() });
+        }
+    }
+
+    for (sb, net) in &used {
+        let obs = match observed.namespaces.get(sb) {
+            Some(o) => o,
+            None => {
+                p.create.push(Action::CreateNetns { name: sb.clone() });
+                &empty
+            }
+        };
+        let mut expected: BTreeSet<String> = [BRIDGE.to_string(), VXLAN.to_string()].into();
+        expected.extend(draining_veths.get(sb).into_iter().flatten().cloned());
+        for t in &active {
+            if uses(t, &net.id) {
+                expected.insert(veth_name(&t.name, &net.id));
+            }
+        }
+        plan_sandbox(&mut p, sb, net, obs, &expected, &active, settings);
+    }
+
+    // Task namespaces and endpoints, then the process.
+    for t in &active {
+        let running = match records.get(&t.name).map(|r| &r.phase) {
+            Some(Phase::Running {
+                pid, netns_inode, ..
+            }) => Some((*pid, *netns_inode)),
+            _ => None,
+        };
+        let obs = observed.namespaces.get(&t.name);
+        if let Some((pid, inode)) = running {
+            if obs.map(|o| o.inode) != Some(inode) {
+                // The process keeps its namespace; bring back its file and check its links on
+                // the next pass (what we observed under that name is not the task's namespace).
+                p.create.push(Action::RebindNetns {
+                    task: t.name.clone(),
+                    pid,
+                });
+                continue;
+            }
+        }
+        let obs = match obs {
+            Some(o) => o,
+            None => {
+                p.create.push(Action::CreateNetns {
+                    name: t.name.clone(),
+                });
+                &empty
+            }
+        };
+        plan_endpoints(&mut p, t, obs, &networks, observed, settings);
+        if running.is_none() {
+            p.start.push(Action::StartTask {
+                task: t.name.clone(),
+            });
+        }
+    }
+
+    let Plan {
+        stop,
+        delete,
+        create,
+        start,
+        forget,
+    } = p;
+    stop.into_iter()
+        .chain(delete)
+        .chain(create)
+        .chain(start)
+        .chain(forget)
+        .collect()
+}
+
+fn uses(t: &TaskSpec, network_id: &str) -> bool {
+    t.attachments.iter().any(|a| a.network_id == network_id)
+}
+
+/// Up, with the MTU, and (for a port) in br0.
+fn link_ok(l: &LinkState, mtu: u32, port: bool) -> bool {
+    l.up && l.mtu == mtu && (!port || l.master.as_deref() == Some(BRIDGE))
+}
+
+fn plan_sandbox(
+    p: &mut Plan,
+    sb: &str,
+    net: &NetworkSpec,
+    obs: &NsObs,
+    expected: &BTreeSet<String>,
+    active: &[&TaskSpec],
+    s: &Settings,
+) {
+    for name in obs.links.keys() {
+        if !expected.contains(name) {
+            p.delete.push(Action::DeleteLink {
+                netns: sb.to_string(),
+                link: name.clone(),
+            });
+        }
+    }
+
+    let bridge_ok = obs.links.get(BRIDGE).is_some_and(|l| {
+        l.kind == LinkKind::Bridge && link_ok(l, s.mtu, false) && l.addrs == [net.gateway]
+    });
+    if !bridge_ok {
+        p.create.push(Action::EnsureBridge {
+            sandbox: sb.to_string(),
+            gateway: net.gateway,
+            mtu: s.mtu,
+        });
+    }
+
+    // A device whose VNI, port or flags differ is recreated, and loses its peer entries.
+    let vx = obs.links.get(VXLAN);
+    let vx_kept = vx.is_some_and(|l| {
+        matches!(l.kind, LinkKind::Vxlan(v)
+            if v.vni == net.vni && v.port == s.port && !v.learning && v.proxy && v.underlay_elsewhere)
+    });
+    if !(vx_kept && vx.is_some_and(|l| link_ok(l, s.mtu, true))) {
+        p.create.push(Action::EnsureVxlan {
+            sandbox: sb.to_string(),
+            vni: net.vni,
+            port: s.port,
+            mtu: s.mtu,
+        });
+    }
+
+    // Peers: every remote endpoint, never a local one (nor one behind our own VTEP).
+    let local: BTreeSet<_> = active
+        .iter()
+        .flat_map(|t| t.attachments.iter())
+        .filter(|a| a.network_id == net.id)
+        .map(|a| a.addr.addr())
+        .collect();
+    let peers: Vec<RemotePeer> = net
+        .peers
+        .iter()
+        .filter(|peer| peer.vtep != s.advertise_addr && !local.contains(&peer.ip))
+        .filter_map(|peer| {
+            // The overlay runs on IPv4 underlays only; the manager sends no other VTEP.
+            let IpAddr::V4(vtep) = peer.vtep else {
+                return None;
+            };
+            Some(RemotePeer {
+                ip: peer.ip,
+                mac: mac_or_derived(&peer.mac, peer.ip),
+                vtep,
+            })
+        })
+        .collect();
+    let (neighs, fdb) = if vx_kept {
+        (obs.neighs.as_slice(), obs.fdb.as_slice())
+    } else {
+        (&[][..], &[][..])
+    };
+    let changes = vxlan::plan_peers(VXLAN, &peers, neighs, fdb);
+    if !changes.is_empty() {
+        p.create.push(Action::Peers {
+            sandbox: sb.to_string(),
+            changes,
+        });
+    }
+}
+
+/// The MAC the manager gave, or Swarm's derivation from the IP if it is malformed.
+fn mac_or_derived(mac: &str, ip: std::net::Ipv4Addr) -> MacAddr {
+    mac.parse().unwrap_or_else(|_| MacAddr::from_ipv4(ip))
+}
+
+fn plan_endpoints(
+    p: &mut Plan,
+    t: &TaskSpec,
+    obs: &NsObs,
+    networks: &BTreeMap<&str, &NetworkSpec>,
+    observed: &Observed,
+    s: &Settings,
+) {
+    let empty = NsObs::default();
+    let mut expected: BTreeSet<String> = BTreeSet::new();
+    for (i, att) in t.attachments.iter().enumerate() {
+        let ifname = format!("eth{i}");
+        expected.insert(ifname.clone());
+        if !networks.contains_key(att.network_id.as_str()) {
+            // The manager names no such network: nothing to attach this leg to.
+            continue;
+        }
+        let sb = sandbox_name(&att.network_id);
+        let veth = veth_name(&t.name, &att.network_id);
+        let mac = mac_or_derived(&att.mac, att.addr.addr());
+        let sb_obs = observed.namespaces.get(&sb).unwrap_or(&empty);
+        let ok = match (sb_obs.links.get(&veth), obs.links.get(&ifname)) {
+            (Some(outer), Some(inner)) => {
+                let paired = matches!(
+                    (&outer.kind, &inner.kind),
+                    (LinkKind::Veth { peer_index: Some(o) }, LinkKind::Veth { peer_index: Some(i) })
+                        if *o == inner.index && *i == outer.index
+                );
+                paired
+                    && link_ok(outer, s.mtu, true)
+                    && link_ok(inner, s.mtu, false)
+                    && inner.mac == Some(mac)
+                    && inner.addrs == [att.addr]
+            }
+            _ => false,
+        };
+        if !ok {
+            p.create.push(Action::EnsureEndpoint {
+                sandbox: sb,
+                veth,
+                task: t.name.clone(),
+                ifname,
+                mac,
+                addr: att.addr,
+                mtu: s.mtu,
+            });
+        }
+    }
+    for name in obs.links.keys() {
+        if !expected.contains(name) {
+            p.delete.push(Action::DeleteLink {
+                netns: t.name.clone(),
+                link: name.clone(),
+            });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+    use crate::apply::fake::FakeKernel;
+    use crate::apply::Kernel;
+    use proto::agent::Peer;
+    use proto::model::{endpoint_mac, Attachment, TaskState};
+
+    const NET: &str = "n0123456789abcdef";
+    const SB: &str = "1-n012345678";
+
+    fn settings() -> Settings {
+        Settings {
+            mtu: 1450,
+            port: 4789,
+            advertise_addr: "192.168.56.11".parse().unwrap(),
+        }
+    }
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn mac(s: &str) -> MacAddr {
+        MacAddr::from_ipv4(ip(s))
+    }
+
+    fn peer(addr: &str, vtep: &str) -> Peer {
+        Peer {
+            ip: ip(addr),
+            mac: endpoint_mac(ip(addr)),
+            vtep: vtep.parse().unwrap(),
+        }
+    }
+
+    fn task(name: &str, addr: &str) -> TaskSpec {
+        let addr: Ipv4Net = format!("{addr}/24").parse().unwrap();
+        TaskSpec {
+            id: name.rsplit('.').next().unwrap().into(),
+            name: name.into(),
+            service_id: "svc".into(),
+            service_name: "web".into(),
+            command: vec!["hello-server".into()],
+            attachments: vec![Attachment {
+                network_id: NET.into(),
+                addr,
+                mac: endpoint_mac(addr.addr()),
+            }],
+        }
+    }
+
+    fn assignment(tasks: Vec<TaskSpec>, peers: Vec<Peer>) -> Assignment {
+        Assignment {
+            revision: 1,
+            networks: vec![NetworkSpec {
+                id: NET.into(),
+                name: "backend".into(),
+                subnet: "10.0.9.0/24".parse().unwrap(),
+                gateway: "10.0.9.1/24".parse().unwrap(),
+                vni: 4096,
+                peers,
+            }],
+            tasks,
+        }
+    }
+
+    /// A node whose kernel and processes follow the plan, as a real one would.
+    #[derive(Default)]
+    struct Node {
+        kernel: FakeKernel,
+        records: BTreeMap<String, TaskRecord>,
+    }
+
+    impl Node {
+        fn plan(&self, a: &Assignment) -> Vec<Action> {
+            plan(
+                a,
+                &self.records,
+                &self.kernel.observe().unwrap(),
+                &settings(),
+            )
+        }
+
+        /// Plans and applies once; returns what was done.
+        fn step(&mut self, a: &Assignment) -> Vec<Action> {
+            let actions = self.plan(a);
+            for act in &actions {
+                match act {
+                    Action::StartTask { task } => {
+                        let spec = a.tasks.iter().find(|t| &t.name == task).unwrap().clone();
+                        let inode = self.kernel.observe().unwrap().namespaces[task].inode;
+                        let phase = Phase::Running {
+                            pid: 100,
+                            start_time: 1,
+                            netns_inode: inode,
+                        };
+                        self.records
+                            .insert(task.clone(), TaskRecord { spec, phase });
+                    }
+                    Action::ForgetTask { task } => {
+                        self.records.remove(task);
+                    }
+                    Action::StopTask { .. } => {}
+                    other => self.kernel.apply(other).unwrap(),
+                }
+            }
+            actions
+        }
+
+        fn exit(&mut self, task: &str, state: TaskState) {
+            self.records.get_mut(task).unwrap().phase = Phase::Exited { state, error: None };
+        }
+
+        fn ns(&self, name: &str) -> Option<NsObs> {
+            self.kernel.observe().unwrap().namespaces.get(name).cloned()
+        }
+
+        fn edit(&self, ns: &str, f: impl FnOnce(&mut NsObs)) {
+            f(self
+                .kernel
+                .state
+                .lock()
+                .unwrap()
+                .namespaces
+                .get_mut(ns)
+                .unwrap())
+        }
+    }
+
+    fn fresh_node(a: &Assignment) -> Node {
+        let mut node = Node::default();
+        node.step(a);
+        assert_eq!(node.plan(a), [], "one pass converges");
+        node
+    }
+
+    fn endpoint(task: &str, addr: &str) -> Action {
+        Action::EnsureEndpoint {
+            sandbox: SB.into(),
+            veth: veth_name(task, NET),
+            task: task.into(),
+            ifname: "eth0".into(),
+            mac: mac(addr),
+            addr: format!("{addr}/24").parse().unwrap(),
+            mtu: 1450,
+        }
+    }
+
+    fn vxlan(vni: u32) -> Action {
+        Action::EnsureVxlan {
+            sandbox: SB.into(),
+            vni,
+            port: 4789,
+            mtu: 1450,
+        }
+    }
+
+    #[test]
+    fn names_follow_docker_and_fit_ifnamsiz() {
+        assert_eq!(sandbox_name("0123456789abcdef"), "1-0123456789");
+        assert_eq!(sandbox_name("short"), "1-short");
+        let v = veth_name("web.1.abc", "net1");
+        assert_eq!(v, veth_name("web.1.abc", "net1"));
+        assert_ne!(v, veth_name("web.2.abd", "net1"));
+        assert_ne!(v, veth_name("web.1.abc", "net2"));
+        assert!(v.starts_with("veth") && v.len() == 11, "{v}");
+    }
+
+    #[test]
+    fn fresh_node_builds_sandbox_endpoints_then_starts_tasks() {
+        let a = assignment(
+            vec![task("web.1.t1", "10.0.9.2"), task("web.2.t2", "10.0.9.3")],
+            vec![peer("10.0.9.4", "192.168.56.12")],
+        );
+        let mut node = Node::default();
+        assert_eq!(
+            node.step(&a),
+            [
+                Action::CreateNetns { name: SB.into() },
+                Action::EnsureBridge {
+                    sandbox: SB.into(),
+                    gateway: "10.0.9.1/24".parse().unwrap(),
+                    mtu: 1450
+                },
+                vxlan(4096),
+                Action::Peers {
+                    sandbox: SB.into(),
+                    changes: vec![
+                        PeerAction::AddFdb {
+                            mac: mac("10.0.9.4"),
+                            vtep: ip("192.168.56.12")
+                        },
+                        PeerAction::AddNeigh {
+                            ip: ip("10.0.9.4"),
+                            mac: mac("10.0.9.4")
+                        },
+                    ]
+                },
+                Action::CreateNetns {
+                    name: "web.1.t1".into()
+                },
+                endpoint("web.1.t1", "10.0.9.2"),
+                Action::CreateNetns {
+                    name: "web.2.t2".into()
+                },
+                endpoint("web.2.t2", "10.0.9.3"),
+                Action::StartTask {
+                    task: "web.1.t1".into()
+                },
+                Action::StartTask {
+                    task: "web.2.t2".into()
+                },
+            ]
+        );
+        // Adoption: the same node, observed again with everything right, needs nothing.
+        assert_eq!(node.plan(&a), []);
+    }
+
+    #[test]
+    fn deleted_links_and_entries_come_back_and_nothing_else_moves() {
+        let a = assignment(
+            vec![task("web.1.t1", "10.0.9.2")],
+            vec![peer("10.0.9.4", "192.168.56.12")],
+        );
+        let mut node = fresh_node(&a);
+        node.kernel.remove_link(SB, VXLAN);
+        let acts = node.step(&a);
+        assert_eq!(acts[0], vxlan(4096));
+        assert!(matches!(&acts[1], Action::Peers { changes, .. } if changes.len() == 2));
+        assert_eq!(acts.len(), 2);
+
+        // The task's eth0 goes (its sandbox end with it): only the endpoint is rebuilt; the
+        // running process is not restarted.
+        node.kernel.remove_link("web.1.t1", "eth0");
+        assert_eq!(node.step(&a), [endpoint("web.1.t1", "10.0.9.2")]);
+
+        // A lost gateway address or a downed bridge is repaired in place.
+        node.edit(SB, |n| n.links.get_mut(BRIDGE).unwrap().addrs.clear());
+        assert!(matches!(node.step(&a)[..], [Action::EnsureBridge { .. }]));
+        node.edit(SB, |n| n.links.get_mut(BRIDGE).unwrap().up = false);
+        assert!(matches!(node.step(&a)[..], [Action::EnsureBridge { .. }]));
+
+        // A deleted bridge comes back, and its ports go back in.
+        node.kernel.remove_link(SB, BRIDGE);
+        let acts = node.step(&a);
+        assert!(
+            matches!(
+                acts[..],
+                [
+                    Action::EnsureBridge { .. },
+                    Action::EnsureVxlan { .. },
+                    Action::EnsureEndpoint { .. }
+                ]
+            ),
+            "{acts:?}"
+        );
+
+        // One peer entry removed by hand comes back alone.
+        node.edit(SB, |n| n.fdb.clear());
+        assert_eq!(
+            node.step(&a),
+            [Action::Peers {
+                sandbox: SB.into(),
+                changes: vec![PeerAction::AddFdb {
+                    mac: mac("10.0.9.4"),
+                    vtep: ip("192.168.56.12")
+                }]
+            }]
+        );
+        assert_eq!(node.plan(&a), []);
+    }
+
+    #[test]
+    fn a_wrong_vni_recreates_the_vxlan_and_reprograms_its_peers() {
+        let a = assignment(
+            vec![task("web.1.t1", "10.0.9.2")],
+            vec![peer("10.0.9.4", "192.168.56.12")],
+        );
+        let mut node = fresh_node(&a);
+        let mut b = a.clone();
+        b.networks[0].vni = 4097;
+        let acts = node.step(&b);
+        assert_eq!(acts[0], vxlan(4097));
+        assert!(matches!(&acts[1], Action::Peers { changes, .. } if changes.len() == 2));
+        assert_eq!(node.plan(&b), []);
+    }
+
+    #[test]
+    fn peers_are_added_removed_and_moved() {
+        let a = assignment(
+            vec![task("web.1.t1", "10.0.9.2")],
+            vec![
+                peer("10.0.9.4", "192.168.56.12"),
+                peer("10.0.9.5", "192.168.56.12"),
+            ],
+        );
+        let mut node = fresh_node(&a);
+        // 10.0.9.5 leaves, 10.0.9.4 moves to node3, 10.0.9.6 arrives.
+        let b = assignment(
+            vec![task("web.1.t1", "10.0.9.2")],
+            vec![
+                peer("10.0.9.4", "192.168.56.13"),
+                peer("10.0.9.6", "192.168.56.12"),
+            ],
+        );
+        let acts = node.step(&b);
+        let [Action::Peers { changes, .. }] = &acts[..] else {
+            panic!("{acts:?}")
+        };
+        for c in [
+            PeerAction::DelNeigh { ip: ip("10.0.9.5") },
+            PeerAction::DelFdb {
+                mac: mac("10.0.9.5"),
+                vtep: ip("192.168.56.12"),
+            },
+            PeerAction::AddFdb {
+                mac: mac("10.0.9.4"),
+                vtep: ip("192.168.56.13"),
+            },
+            PeerAction::AddFdb {
+                mac: mac("10.0.9.6"),
+                vtep: ip("192.168.56.12"),
+            },
+            PeerAction::AddNeigh {
+                ip: ip("10.0.9.6"),
+                mac: mac("10.0.9.6"),
+            },
+        ] {
+            assert!(changes.contains(&c), "{c} missing from {changes:?}");
+        }
+        assert_eq!(node.plan(&b), []);
+        let fdb = node.ns(SB).unwrap().fdb;
+        assert_eq!(fdb.len(), 2);
+        assert!(fdb
+            .iter()
+            .any(|e| e.mac == mac("10.0.9.4") && e.dst == Some(ip("192.168.56.13"))));
+    }
+
+    #[test]
+    fn local_endpoints_and_our_own_vtep_are_never_programmed() {
+        let a = assignment(
+            vec![task("web.1.t1", "10.0.9.2")],
+            vec![
+                peer("10.0.9.2", "192.168.56.12"),
+                peer("10.0.9.7", "192.168.56.11"),
+            ],
+        );
+        let node = fresh_node(&a);
+        let sb = node.ns(SB).unwrap();
+        assert!(sb.neighs.is_empty() && sb.fdb.is_empty());
+    }
+
+    #[test]
+    fn stale_namespaces_and_links_go() {
+        let a = assignment(vec![task("web.1.t1", "10.0.9.2")], vec![]);
+        let mut node = fresh_node(&a);
+        {
+            let mut st = node.kernel.state.lock().unwrap();
+            st.namespaces.insert("web.3.gone".into(), NsObs::default());
+            st.namespaces
+                .insert("1-oldnet0000".into(), NsObs::default());
+            let mut extra = st.namespaces[SB].links[BRIDGE].clone();
+            extra.name = "vethdead000".into();
+            extra.index = 9999;
+            st.namespaces
+                .get_mut(SB)
+                .unwrap()
+                .links
+                .insert("vethdead000".into(), extra);
+        }
+        let mut acts = node.step(&a);
+        acts.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(
+            acts,
+            [
+                Action::DeleteLink {
+                    netns: SB.into(),
+                    link: "vethdead000".into()
+                },
+                Action::DeleteNetns {
+                    name: "1-oldnet0000".into()
+                },
+                Action::DeleteNetns {
+                    name: "web.3.gone".into()
+                },
+            ]
+        );
+        assert_eq!(node.plan(&a), []);
+    }
+
+    #[test]
+    fn a_removed_task_is_stopped_first_then_the_last_one_takes_its_network_along() {
+        let t1 = task("web.1.t1", "10.0.9.2");
+        let t2 = task("web.2.t2", "10.0.9.3");
+        let both = assignment(vec![t1.clone(), t2.clone()], vec![]);
+        let mut node = fresh_node(&both);
+
+        // t2 leaves: stopped, its namespace and endpoint untouched while it drains.
+        let one = assignment(vec![t1.clone()], vec![]);
+        assert_eq!(
+            node.step(&one),
+            [Action::StopTask {
+                task: "web.2.t2".into()
+            }]
+        );
+        node.exit("web.2.t2", TaskState::Shutdown);
+        assert_eq!(
+            node.step(&one),
+            [
+                Action::DeleteNetns {
+                    name: "web.2.t2".into()
+                },
+                // Gone with the namespace already, unless something still holds that.
+                Action::DeleteLink {
+                    netns: SB.into(),
+                    link: veth_name("web.2.t2", NET)
+                },
+                Action::ForgetTask {
+                    task: "web.2.t2".into()
+                },
+            ]
+        );
+        assert_eq!(node.plan(&one), []);
+        assert_eq!(node.ns(SB).unwrap().links.len(), 3);
+
+        // The last task leaves: while it drains the sandbox stays, then both go.
+        let none = Assignment {
+            revision: 3,
+            ..Default::default()
+        };
+        assert_eq!(
+            node.step(&none),
+            [Action::StopTask {
+                task: "web.1.t1".into()
+            }]
+        );
+        assert!(node.ns(SB).is_some());
+        node.exit("web.1.t1", TaskState::Shutdown);
+        let mut acts = node.step(&none);
+        acts.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(
+            acts,
+            [
+                Action::DeleteNetns { name: SB.into() },
+                Action::DeleteNetns {
+                    name: "web.1.t1".into()
+                },
+                Action::ForgetTask {
+                    task: "web.1.t1".into()
+                },
+            ]
+        );
+        assert!(node.kernel.observe().unwrap().namespaces.is_empty());
+    }
+
+    #[test]
+    fn a_terminal_task_is_not_restarted_and_releases_its_network() {
+        let a = assignment(vec![task("web.1.t1", "10.0.9.2")], vec![]);
+        let mut node = fresh_node(&a);
+        node.exit("web.1.t1", TaskState::Failed);
+        let mut acts = node.step(&a);
+        acts.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(
+            acts,
+            [
+                Action::DeleteNetns { name: SB.into() },
+                Action::DeleteNetns {
+                    name: "web.1.t1".into()
+                },
+            ]
+        );
+        assert_eq!(
+            node.plan(&a),
+            [],
+            "a failed task stays failed; the manager replaces it"
+        );
+    }
+
+    #[test]
+    fn a_running_task_whose_namespace_file_went_is_rebound_not_restarted() {
+        let a = assignment(vec![task("web.1.t1", "10.0.9.2")], vec![]);
+        let node = fresh_node(&a);
+        let rebind = [Action::RebindNetns {
+            task: "web.1.t1".into(),
+            pid: 100,
+        }];
+        node.kernel
+            .state
+            .lock()
+            .unwrap()
+            .namespaces
+            .remove("web.1.t1");
+        assert_eq!(node.plan(&a), rebind);
+        // A namespace recreated under its name (another inode) is not the task's either.
+        node.kernel.state.lock().unwrap().namespaces.insert(
+            "web.1.t1".into(),
+            NsObs {
+                inode: 4242,
+                ..Default::default()
+            },
+        );
+        assert_eq!(node.plan(&a), rebind);
+    }
+
+    #[test]
+    fn a_wrong_mac_or_address_or_unpaired_end_is_repaired() {
+        let a = assignment(vec![task("web.1.t1", "10.0.9.2")], vec![]);
+        let mut node = fresh_node(&a);
+        let t = "web.1.t1";
+        node.edit(t, |n| {
+            n.links.get_mut("eth0").unwrap().addrs = vec!["10.0.9.99/24".parse().unwrap()]
+        });
+        assert_eq!(node.step(&a), [endpoint(t, "10.0.9.2")]);
+        node.edit(t, |n| {
+            n.links.get_mut("eth0").unwrap().mac = Some(mac("10.0.9.99"))
+        });
+        assert_eq!(node.step(&a), [endpoint(t, "10.0.9.2")]);
+        // An eth0 whose peer is not our sandbox end (e.g. left from an older sandbox).
+        node.edit(t, |n| {
+            n.links.get_mut("eth0").unwrap().kind = LinkKind::Veth {
+                peer_index: Some(1),
+            }
+        });
+        assert_eq!(node.step(&a), [endpoint(t, "10.0.9.2")]);
+        // An interface the agent did not make goes.
+        node.edit(t, |n| {
+            let mut extra = n.links["eth0"].clone();
+            extra.name = "eth7".into();
+            extra.kind = LinkKind::Other("dummy".into());
+            n.links.insert("eth7".into(), extra);
+        });
+        assert_eq!(
+            node.step(&a),
+            [Action::DeleteLink {
+                netns: t.into(),
+                link: "eth7".into()
+            }]
+        );
+        assert_eq!(node.plan(&a), []);
+    }
+}

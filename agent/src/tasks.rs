@@ -1,0 +1,676 @@
+//! Tasks as processes: each task's command runs inside the task's own network namespace, its
+//! output goes to `<state-dir>/tasks/<name>.log`, and its record (spec + [`Phase`]) is kept in the
+//! state dir so a restarted agent adopts the running process instead of starting another.
+//!
+//! The lifecycle is a pure state machine ([`transition`]); the [`Supervisor`] feeds it with what
+//! happens to processes and reports every change to the manager.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::{self, OpenOptions};
+use std::os::fd::{FromRawFd, OwnedFd};
+use std::os::unix::fs::MetadataExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::Duration;
+
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+use proto::agent::{TaskSpec, TaskStatus};
+use proto::model::TaskState;
+use serde::{Deserialize, Serialize};
+use tokio::io::unix::AsyncFd;
+use tokio::io::Interest;
+use tokio::sync::mpsc::UnboundedSender;
+use tracing::{info, info_span, warn};
+
+use crate::conn::Outbox;
+use crate::state::StateDir;
+
+/// Where a task is in its life, as persisted.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "phase", rename_all = "snake_case")]
+pub enum Phase {
+    /// Its namespace and endpoints are being built; no process yet.
+    Starting,
+    Running {
+        pid: u32,
+        /// Field 22 of /proc/<pid>/stat: with the pid it tells our process from a reused pid.
+        start_time: u64,
+        /// The inode of the namespace the process runs in.
+        netns_inode: u64,
+    },
+    /// Terminal: Complete, Failed or Shutdown. The task never runs again; the manager replaces it.
+    Exited {
+        state: TaskState,
+        error: Option<String>,
+    },
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskRecord {
+    pub spec: TaskSpec,
+    pub phase: Phase,
+}
+
+/// What happens to a task's process.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    Spawned {
+        pid: u32,
+        start_time: u64,
+        netns_inode: u64,
+    },
+    SpawnFailed(String),
+    /// Our child exited; its status is known.
+    Exited(ExitStatus),
+    /// A process we adopted (not our child) is gone; its exit status cannot be known.
+    Vanished,
+}
+
+/// The next phase, or None when the event does not apply (a terminal task stays terminal).
+/// `stopping` says the agent asked the process to stop: then any exit is a Shutdown.
+pub fn transition(phase: &Phase, event: &Event, stopping: bool) -> Option<Phase> {
+    let exited = |state, error: Option<String>| Some(Phase::Exited { state, error });
+    match (phase, event) {
+        (
+            Phase::Starting,
+            Event::Spawned {
+                pid,
+                start_time,
+                netns_inode,
+            },
+        ) => Some(Phase::Running {
+            pid: *pid,
+            start_time: *start_time,
+            netns_inode: *netns_inode,
+        }),
+        (Phase::Starting, Event::SpawnFailed(e)) => exited(TaskState::Failed, Some(e.clone())),
+        (Phase::Running { .. }, Event::Exited(_) | Event::Vanished) if stopping => {
+            exited(TaskState::Shutdown, None)
+        }
+        (Phase::Running { .. }, Event::Exited(st)) => match (st.code(), st.signal()) {
+            (Some(0), _) => exited(TaskState::Complete, None),
+            (Some(code), _) => exited(TaskState::Failed, Some(format!("exit status {code}"))),
+            (None, Some(sig)) => exited(TaskState::Failed, Some(format!("killed by signal {sig}"))),
+            (None, None) => exited(TaskState::Failed, Some("exited".into())),
+        },
+        (Phase::Running { .. }, Event::Vanished) => exited(
+            TaskState::Failed,
+            Some("process exited while not a child of this agent; exit status unknown".into()),
+        ),
+        _ => None,
+    }
+}
+
+/// The status the manager sees for a record.
+pub fn status_of(rec: &TaskRecord, netns_path: &Path) -> TaskStatus {
+    let (state, error, pid) = match &rec.phase {
+        Phase::Starting => (TaskState::Starting, None, None),
+        Phase::Running { pid, .. } => (TaskState::Running, None, Some(*pid)),
+        Phase::Exited { state, error } => (*state, error.clone(), None),
+    };
+    TaskStatus {
+        task_id: rec.spec.id.clone(),
+        state,
+        error,
+        netns: matches!(rec.phase, Phase::Running { .. }).then(|| netns_path.display().to_string()),
+        pid,
+    }
+}
+
+/// A process event, tagged with the task and pid it is about (events of an earlier process of
+/// the same task are ignored).
+#[derive(Debug)]
+pub struct ProcEvent {
+    pub task: String,
+    pub pid: u32,
+    pub event: Event,
+}
+
+/// Field 22 (starttime) of /proc/<pid>/stat, or None if the process is gone.
+pub fn proc_start_time(pid: u32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name (field 2) may hold spaces and parentheses: count from the last ')'.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn proc_netns_inode(pid: u32) -> Option<u64> {
+    fs::metadata(format!("/proc/{pid}/ns/net"))
+        .ok()
+        .map(|m| m.ino())
+}
+
+/// True if `pid` is still the process recorded (same start time, same namespace), not a zombie.
+fn is_alive(pid: u32, start_time: u64, netns_inode: u64) -> bool {
+    proc_start_time(pid) == Some(start_time) && proc_netns_inode(pid) == Some(netns_inode)
+}
+
+pub struct Supervisor {
+    state: StateDir,
+    records: BTreeMap<String, TaskRecord>,
+    stopping: BTreeSet<String>,
+    /// Tasks whose new phase the manager has not been told yet: told after the pass that acts
+    /// on it, so a Shutdown arrives once the task's namespace is gone too.
+    unreported: BTreeSet<String>,
+    events: UnboundedSender<ProcEvent>,
+    outbox: Outbox,
+    grace: Duration,
+}
+
+impl Supervisor {
+    /// Loads the records and adopts every process that still runs; the others are marked as
+    /// exited. Reports every task's status.
+    pub fn adopt(
+        state: StateDir,
+        events: UnboundedSender<ProcEvent>,
+        outbox: Outbox,
+        grace: Duration,
+    ) -> anyhow::Result<Supervisor> {
+        let mut sup = Supervisor {
+            records: BTreeMap::new(),
+            stopping: BTreeSet::new(),
+            unreported: BTreeSet::new(),
+            state,
+            events,
+            outbox,
+            grace,
+        };
+        for rec in sup.state.task_records()? {
+            let name = rec.spec.name.clone();
+            let _span = info_span!("task", task = %name).entered();
+            match rec.phase {
+                Phase::Running {
+                    pid,
+                    start_time,
+                    netns_inode,
+                } => {
+                    sup.records.insert(name.clone(), rec);
+                    if is_alive(pid, start_time, netns_inode) {
+                        info!(pid, "adopted running task");
+                        sup.watch_adopted(&name, pid, start_time, netns_inode);
+                        sup.report(&name);
+                    } else {
+                        warn!(pid, "task process is gone");
+                        sup.handle(ProcEvent {
+                            task: name,
+                            pid,
+                            event: Event::Vanished,
+                        });
+                    }
+                }
+                Phase::Starting => {
+                    // A crash while starting: a process may have been spawned but not recorded.
+                    // Kill whatever runs in the task's namespace; the task then starts afresh.
+                    let path = sup.netns_path(&name);
+                    if let Ok(ns) = netns::Netns::open(&path) {
+                        for pid in ns.pids().unwrap_or_default() {
+                            warn!(pid, "killing unrecorded process of a half-started task");
+                            let _ =
+                                nix::sys::signal::kill(Pid::from_raw(pid as i32), Signal::SIGKILL);
+                        }
+                    }
+                    sup.state.remove_task(&name)?;
+                }
+                Phase::Exited { .. } => {
+                    sup.records.insert(name.clone(), rec);
+                    sup.report(&name);
+                }
+            }
+        }
+        sup.flush_reports();
+        Ok(sup)
+    }
+
+    pub fn records(&self) -> &BTreeMap<String, TaskRecord> {
+        &self.records
+    }
+
+    fn netns_path(&self, name: &str) -> PathBuf {
+        self.state.netns_dir().join(name)
+    }
+
+    fn report(&self, name: &str) {
+        if let Some(rec) = self.records.get(name) {
+            let st = status_of(rec, &self.netns_path(name));
+            info!(
+                task = %name,
+                state = ?st.state,
+                error = st.error.as_deref().unwrap_or(""),
+                pid = st.pid.unwrap_or(0),
+                "task status"
+            );
+            self.outbox.task_status(st);
+        }
+    }
+
+    fn set_phase(&mut self, name: &str, phase: Phase) {
+        let Some(rec) = self.records.get_mut(name) else {
+            return;
+        };
+        rec.phase = phase;
+        if let Err(e) = self.state.save_task(rec) {
+            warn!(task = %name, "persist task record: {e}");
+        }
+        self.unreported.insert(name.to_string());
+    }
+
+    /// Reports every phase change not reported yet.
+    pub fn flush_reports(&mut self) {
+        for name in std::mem::take(&mut self.unreported) {
+            self.report(&name);
+        }
+    }
+
+    /// Applies a process event. Returns true if the task's phase changed.
+    pub fn handle(&mut self, ev: ProcEvent) -> bool {
+        let Some(rec) = self.records.get(&ev.task) else {
+            return false;
+        };
+        if matches!(rec.phase, Phase::Running { pid, .. } if pid != ev.pid) {
+            return false;
+        }
+        let stopping = self.stopping.contains(&ev.task);
+        match transition(&rec.phase, &ev.event, stopping) {
+            Some(next) => {
+                self.stopping.remove(&ev.task);
+                self.set_phase(&ev.task, next);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Starts the task's process inside its namespace (which exists, with its endpoints).
+    pub fn start(&mut self, spec: &TaskSpec) {
+        let name = spec.name.clone();
+        self.records.insert(
+            name.clone(),
+            TaskRecord {
+                spec: spec.clone(),
+                phase: Phase::Starting,
+            },
+        );
+        // Starting and Running are both told at once: the network is already built.
+        self.set_phase(&name, Phase::Starting);
+        self.flush_reports();
+        let event = match self.spawn(spec) {
+            Ok((pid, start_time, netns_inode)) => {
+                info!(pid, command = ?spec.command, "task started");
+                Event::Spawned {
+                    pid,
+                    start_time,
+                    netns_inode,
+                }
+            }
+            Err(e) => {
+                warn!("start failed: {e}");
+                Event::SpawnFailed(e)
+            }
+        };
+        if let Some(next) = transition(&Phase::Starting, &event, false) {
+            self.set_phase(&name, next);
+            self.flush_reports();
+        }
+    }
+
+    /// Spawns the process and its waiter thread; returns (pid, start time, netns inode).
+    fn spawn(&self, spec: &TaskSpec) -> Result<(u32, u64, u64), String> {
+        let (prog, args) = spec
+            .command
+            .split_first()
+            .ok_or_else(|| "the task has an empty command".to_string())?;
+        let ns = netns::Netns::open(&self.netns_path(&spec.name)).map_err(|e| e.to_string())?;
+        let netns_inode = ns.inode().map_err(|e| e.to_string())?;
+        let log_path = self.state.task_log(&spec.name);
+        let log = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log_path)
+            .map_err(|e| format!("open log {}: {e}", log_path.display()))?;
+        let log2 = log
+            .try_clone()
+            .map_err(|e| format!("open log {}: {e}", log_path.display()))?;
+        let mut cmd = Command::new(prog);
+        cmd.args(args)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .env("MESH_TASK_ID", &spec.id)
+            .env("MESH_TASK_NAME", &spec.name)
+            .env("MESH_SERVICE_NAME", &spec.service_name)
+            // Its own process group: a signal to the agent's terminal or group does not reach
+            // the task, and stopping it reaches the task's children too.
+            .process_group(0);
+        let mut child = ns.spawn(&mut cmd).map_err(|e| match e {
+            netns::Error::Io { cause, .. } => format!("spawn {prog}: {cause}"),
+            other => format!("spawn {prog}: {other}"),
+        })?;
+        let pid = child.id();
+        let start_time = proc_start_time(pid).unwrap_or(0);
+        let events = self.events.clone();
+        let task = spec.name.clone();
+        std::thread::spawn(move || {
+            let event = match child.wait() {
+                Ok(st) => Event::Exited(st),
+                Err(_) => Event::Vanished,
+            };
+            let _ = events.send(ProcEvent { task, pid, event });
+        });
+        Ok((pid, start_time, netns_inode))
+    }
+
+    /// Watches a process that is not our child: pidfd readiness, or /proc polling where pidfd
+    /// is not available.
+    fn watch_adopted(&self, name: &str, pid: u32, start_time: u64, netns_inode: u64) {
+        let events = self.events.clone();
+        let task = name.to_string();
+        tokio::spawn(async move {
+            match pidfd_open(pid) {
+                // SAFETY: the AsyncFd owns the OwnedFd, so the descriptor stays open and is not
+                // reused for as long as it is registered.
+                Some(fd) => {
+                    match unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) } {
+                        Ok(afd) => {
+                            let _ = afd.readable().await;
+                        }
+                        Err(_) => poll_until_gone(pid, start_time, netns_inode).await,
+                    }
+                }
+                None => poll_until_gone(pid, start_time, netns_inode).await,
+            }
+            let _ = events.send(ProcEvent {
+                task,
+                pid,
+                event: Event::Vanished,
+            });
+        });
+    }
+
+    /// Stops a task that is no longer wanted: SIGTERM to its process group, SIGKILL after the
+    /// grace period. Its exit arrives as an event and makes it Shutdown.
+    pub fn stop(&mut self, name: &str) {
+        let Some(Phase::Running {
+            pid,
+            start_time,
+            netns_inode,
+        }) = self.records.get(name).map(|r| r.phase.clone())
+        else {
+            return;
+        };
+        if !self.stopping.insert(name.to_string()) {
+            return;
+        }
+        info!(pid, grace = ?self.grace, "stopping task");
+        signal_task(pid, Signal::SIGTERM);
+        let grace = self.grace;
+        let task = name.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            if is_alive(pid, start_time, netns_inode) {
+                warn!(task = %task, pid, "task ignored SIGTERM; killing it");
+                signal_task(pid, Signal::SIGKILL);
+            }
+        });
+    }
+
+    /// Marks a task that cannot run at all as Failed, without a record on disk (its name is
+    /// not a safe file name).
+    pub fn reject(&mut self, spec: &TaskSpec, error: String) {
+        if self.records.contains_key(&spec.name) {
+            return;
+        }
+        warn!(task = %spec.name, "{error}");
+        let phase = Phase::Exited {
+            state: TaskState::Failed,
+            error: Some(error),
+        };
+        let rec = TaskRecord {
+            spec: spec.clone(),
+            phase,
+        };
+        self.records.insert(spec.name.clone(), rec);
+        self.unreported.insert(spec.name.clone());
+    }
+
+    /// Forgets a terminal task that left the assignment.
+    pub fn forget(&mut self, name: &str) {
+        if self.unreported.remove(name) {
+            self.report(name);
+        }
+        if let Some(rec) = self.records.remove(name) {
+            self.outbox.forget(&rec.spec.id);
+        }
+        // A rejected name was never written, and must not name a path to remove.
+        if netns::validate_name(name).is_ok() {
+            if let Err(e) = self.state.remove_task(name) {
+                warn!(task = %name, "{e}");
+            }
+        }
+    }
+}
+
+/// Signals the task's process group (the task and its children), or the process alone if it
+/// left its group.
+fn signal_task(pid: u32, sig: Signal) {
+    let pid = Pid::from_raw(pid as i32);
+    if killpg(pid, sig).is_err() {
+        let _ = nix::sys::signal::kill(pid, sig);
+    }
+}
+
+fn pidfd_open(pid: u32) -> Option<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new fd we then own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid as libc::pid_t, 0) };
+    // SAFETY: a non-negative return is a fresh descriptor, owned by nobody else.
+    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+async fn poll_until_gone(pid: u32, start_time: u64, netns_inode: u64) {
+    while is_alive(pid, start_time, netns_inode) && !is_zombie(pid) {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+}
+
+fn is_zombie(pid: u32) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| {
+            s.rfind(')')
+                .map(|i| s[i + 1..].trim_start().starts_with('Z'))
+        })
+        .unwrap_or(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running() -> Phase {
+        Phase::Running {
+            pid: 10,
+            start_time: 5,
+            netns_inode: 99,
+        }
+    }
+
+    fn exited(state: TaskState, error: Option<&str>) -> Option<Phase> {
+        Some(Phase::Exited {
+            state,
+            error: error.map(String::from),
+        })
+    }
+
+    #[test]
+    fn starting_becomes_running_or_failed() {
+        let spawned = Event::Spawned {
+            pid: 10,
+            start_time: 5,
+            netns_inode: 99,
+        };
+        assert_eq!(
+            transition(&Phase::Starting, &spawned, false),
+            Some(running())
+        );
+        let failed = Event::SpawnFailed("spawn nope: No such file or directory".into());
+        assert_eq!(
+            transition(&Phase::Starting, &failed, false),
+            exited(
+                TaskState::Failed,
+                Some("spawn nope: No such file or directory")
+            )
+        );
+    }
+
+    #[test]
+    fn exits_map_to_complete_or_failed() {
+        let code = |c: i32| Event::Exited(ExitStatus::from_raw(c << 8));
+        assert_eq!(
+            transition(&running(), &code(0), false),
+            exited(TaskState::Complete, None)
+        );
+        assert_eq!(
+            transition(&running(), &code(3), false),
+            exited(TaskState::Failed, Some("exit status 3"))
+        );
+        let killed = Event::Exited(ExitStatus::from_raw(9));
+        assert_eq!(
+            transition(&running(), &killed, false),
+            exited(TaskState::Failed, Some("killed by signal 9"))
+        );
+        let gone = transition(&running(), &Event::Vanished, false);
+        assert!(
+            matches!(gone, Some(Phase::Exited { state: TaskState::Failed, error: Some(e) }) if e.contains("unknown"))
+        );
+    }
+
+    #[test]
+    fn a_requested_stop_is_shutdown_whatever_the_status() {
+        for ev in [
+            Event::Exited(ExitStatus::from_raw(15)),
+            Event::Exited(ExitStatus::from_raw(1 << 8)),
+            Event::Vanished,
+        ] {
+            assert_eq!(
+                transition(&running(), &ev, true),
+                exited(TaskState::Shutdown, None)
+            );
+        }
+    }
+
+    #[test]
+    fn terminal_stays_terminal() {
+        let done = Phase::Exited {
+            state: TaskState::Complete,
+            error: None,
+        };
+        for ev in [
+            Event::Vanished,
+            Event::SpawnFailed("x".into()),
+            Event::Spawned {
+                pid: 1,
+                start_time: 1,
+                netns_inode: 1,
+            },
+        ] {
+            assert_eq!(transition(&done, &ev, false), None);
+        }
+        assert_eq!(
+            transition(
+                &running(),
+                &Event::Spawned {
+                    pid: 2,
+                    start_time: 2,
+                    netns_inode: 2
+                },
+                false
+            ),
+            None
+        );
+    }
+
+    #[test]
+    fn status_carries_pid_and_netns_only_while_running() {
+        let spec = TaskSpec {
+            id: "t1".into(),
+            name: "web.1.t1".into(),
+            service_id: "s".into(),
+            service_name: "web".into(),
+            command: vec![],
+            attachments: vec![],
+        };
+        let ns = Path::new("/run/meshnet/agent/netns/web.1.t1");
+        let st = status_of(
+            &TaskRecord {
+                spec: spec.clone(),
+                phase: running(),
+            },
+            ns,
+        );
+        assert_eq!((st.state, st.pid), (TaskState::Running, Some(10)));
+        assert_eq!(
+            st.netns.as_deref(),
+            Some("/run/meshnet/agent/netns/web.1.t1")
+        );
+        let st = status_of(
+            &TaskRecord {
+                spec,
+                phase: Phase::Exited {
+                    state: TaskState::Failed,
+                    error: Some("exit status 1".into()),
+                },
+            },
+            ns,
+        );
+        assert_eq!(st.task_id, "t1");
+        assert_eq!(
+            (st.state, st.pid, st.netns),
+            (TaskState::Failed, None, None)
+        );
+        assert_eq!(st.error.as_deref(), Some("exit status 1"));
+    }
+
+    #[tokio::test]
+    async fn a_task_with_an_unusable_name_fails_and_is_forgotten_safely() {
+        let root = std::env::temp_dir().join(format!("mesh-agent-reject-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&root);
+        let state = StateDir::open(&root).unwrap();
+        let outside = root.join("keep.json");
+        fs::write(&outside, b"{}").unwrap();
+        let (events, _) = tokio::sync::mpsc::unbounded_channel();
+        let (outbox, mut sent) = Outbox::new();
+        let mut sup = Supervisor::adopt(state, events, outbox, Duration::ZERO).unwrap();
+        let spec = TaskSpec {
+            id: "t9".into(),
+            name: "../keep".into(),
+            service_id: "s".into(),
+            service_name: "web".into(),
+            command: vec!["true".into()],
+            attachments: vec![],
+        };
+        sup.reject(&spec, "task name: invalid".into());
+        sup.flush_reports();
+        let Some(proto::agent::AgentMsg::TaskStatus(st)) = sent.recv().await else {
+            panic!("a status")
+        };
+        assert_eq!((st.task_id.as_str(), st.state), ("t9", TaskState::Failed));
+        sup.forget("../keep");
+        assert!(sup.records().is_empty());
+        assert!(
+            outside.exists(),
+            "forgetting never touches a path outside the state dir"
+        );
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn our_own_process_is_alive_with_its_start_time() {
+        let pid = std::process::id();
+        let st = proc_start_time(pid).expect("own stat is readable");
+        let ino = proc_netns_inode(pid).expect("own netns is readable");
+        assert!(is_alive(pid, st, ino));
+        assert!(!is_alive(pid, st + 1, ino));
+        assert!(!is_zombie(pid));
+    }
+}
