@@ -511,6 +511,7 @@ mod tests {
                 peers,
             }],
             tasks,
+            ..Assignment::default()
         }
     }
 

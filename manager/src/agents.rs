@@ -183,6 +183,7 @@ fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<()> 
             }
         }
         AgentMsg::Hello { .. } => bail!("protocol error: a second hello"),
+        AgentMsg::LbState(_) => {}
     }
     // Heartbeats that stalled long enough to mark the node down have resumed: it is back.
     let down = c

@@ -814,6 +814,7 @@ impl State {
             revision: 0,
             networks,
             tasks,
+            ..Assignment::default()
         }
     }
 

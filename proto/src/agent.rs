@@ -38,6 +38,29 @@ pub enum AgentMsg {
         revision: u64,
     },
     Heartbeat,
+    /// The load balancer as programmed on this node, sent after it changes (for inspection).
+    LbState(LbReport),
+}
+
+/// What the node's load balancer holds now.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct LbReport {
+    /// "ipvs" or "nftables".
+    pub backend: String,
+    pub services: Vec<LbServiceReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbServiceReport {
+    pub fwmark: u32,
+    pub backends: Vec<LbBackendReport>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LbBackendReport {
+    pub ip: std::net::Ipv4Addr,
+    /// 1 while it takes new connections, 0 while it drains.
+    pub weight: u32,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -72,6 +95,34 @@ pub struct Assignment {
     /// Networks that have at least one task on this node (overlays are built lazily, as in Swarm).
     pub networks: Vec<NetworkSpec>,
     pub tasks: Vec<TaskSpec>,
+    /// The routing mesh's network, present on every node (with its ingress_sbox) once the
+    /// manager has one.
+    #[serde(default)]
+    pub ingress: Option<IngressSpec>,
+    /// Every service with published ports, cluster-wide: each node balances ingress-mode ports
+    /// over the backends, wherever they run; host-mode ports go to this node's own tasks.
+    #[serde(default)]
+    pub published: Vec<PublishedService>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressSpec {
+    /// The `ingress` overlay. Its peers are every other node's ingress_sbox endpoint and every
+    /// remote task endpoint on it.
+    pub network: NetworkSpec,
+    /// This node's address on it: eth0 of ingress_sbox.
+    pub sbox_addr: Ipv4Net,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishedService {
+    pub service_id: String,
+    pub service_name: String,
+    /// Cluster-wide and stable for the life of the service; from 256, as in Swarm.
+    pub fwmark: u32,
+    pub ports: Vec<crate::model::PortConfig>,
+    /// The ingress-network addresses of the service's running tasks, on every node.
+    pub backends: Vec<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -145,9 +196,45 @@ mod tests {
                 }],
             }],
             tasks: vec![],
+            ingress: Some(IngressSpec {
+                network: NetworkSpec {
+                    id: "ing".into(),
+                    name: "ingress".into(),
+                    subnet: "10.255.0.0/16".parse().unwrap(),
+                    gateway: "10.255.0.1/16".parse().unwrap(),
+                    vni: 4096,
+                    peers: vec![],
+                },
+                sbox_addr: "10.255.0.2/16".parse().unwrap(),
+            }),
+            published: vec![PublishedService {
+                service_id: "s1".into(),
+                service_name: "web".into(),
+                fwmark: 256,
+                ports: vec![crate::model::PortConfig {
+                    protocol: crate::model::Protocol::Tcp,
+                    published: 80,
+                    target: 8080,
+                    mode: crate::model::PublishMode::Ingress,
+                }],
+                backends: vec!["10.255.0.5".parse().unwrap()],
+            }],
         });
         let back: ManagerMsg = decode_frame(&encode_frame(&a)).unwrap();
         assert_eq!(back, a);
+    }
+
+    #[test]
+    fn an_assignment_from_an_older_manager_has_no_mesh() {
+        let old = br#"{"type":"assign","revision":3,"networks":[],"tasks":[]}"#;
+        let back: ManagerMsg = decode_frame(old).unwrap();
+        assert_eq!(
+            back,
+            ManagerMsg::Assign(Assignment {
+                revision: 3,
+                ..Assignment::default()
+            })
+        );
     }
 
     #[test]

@@ -96,6 +96,34 @@ pub struct Attachment {
     pub mac: String,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+/// How a published port reaches the service, as in `docker service create --publish mode=...`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PublishMode {
+    /// The routing mesh: every node answers and balances over every task.
+    Ingress,
+    /// Only nodes that run a task answer, straight to their local task; the client IP is kept.
+    Host,
+}
+
+/// One published port of a service.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PortConfig {
+    pub protocol: Protocol,
+    /// The port on the nodes.
+    pub published: u16,
+    /// The port the task listens on.
+    pub target: u16,
+    pub mode: PublishMode,
+}
+
 /// The MAC of an overlay endpoint, derived from its IPv4 address as Docker does.
 pub fn endpoint_mac(ip: Ipv4Addr) -> String {
     let [a, b, c, d] = ip.octets();

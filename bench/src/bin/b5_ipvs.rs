@@ -40,7 +40,9 @@ fn parse_args() -> Result<Args> {
             "--services" => args.services = value.parse().context("--services")?,
             "--runs" => args.runs = value.parse().context("--runs")?,
             "--samples" => args.samples = value.parse().context("--samples")?,
-            _ => bail!("unknown argument {flag}; usage: b5_ipvs [--services N] [--runs R] [--samples S]"),
+            _ => bail!(
+                "unknown argument {flag}; usage: b5_ipvs [--services N] [--runs R] [--samples S]"
+            ),
         }
     }
     ensure!(
