@@ -1,4 +1,10 @@
-//! Guest tier (root, QEMU guest kernel with IPVS): the lab and IPVS work on the guest's kernel.
+//! Guest tier (root, QEMU guest kernel with IPVS): the lab and IPVS work on the guest's kernel,
+//! and the routing mesh end to end with the IPVS load balancer.
+
+/// The guest kernel has IPVS: the routing mesh balances with it.
+const LB: &str = "ipvs";
+#[path = "shared/mesh.rs"]
+mod mesh;
 
 use std::process::Command;
 
@@ -64,5 +70,83 @@ fn the_lab_works_on_the_guest_kernel() {
     for target in ["192.168.56.12", "192.168.56.13"] {
         let out = lab.exec("node1", &["ping", "-c1", "-W3", target]).unwrap();
         assert!(out.status.success(), "node1 cannot reach {target}");
+    }
+}
+
+#[test]
+fn ipvsadm_in_ingress_sbox_shows_the_service() {
+    let mut c = integration::cluster::Cluster::up(2, LB).unwrap();
+    c.lab
+        .add_host("client", "192.168.56.100".parse().unwrap())
+        .unwrap();
+    let hello = integration::cluster::bin("hello-server")
+        .display()
+        .to_string();
+    c.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "3",
+        "-p",
+        "80:8080",
+        "--detach",
+        "--",
+        &hello,
+        "--port",
+        "8080",
+    ])
+    .unwrap();
+    let tasks = c.wait_running("web", 3).unwrap();
+    let svc: proto::api::ServiceInfo = c.json(&["service", "inspect", "web"]).unwrap();
+    let mark = svc.fwmark.unwrap();
+    let mut want: Vec<String> = tasks
+        .iter()
+        .map(|t| {
+            let ip = t
+                .endpoints
+                .iter()
+                .find(|e| e.network == "ingress")
+                .unwrap()
+                .ip();
+            format!("-> {ip}:0 Masq 1")
+        })
+        .collect();
+    want.sort();
+    for node in ["node1", "node2"] {
+        let sbox = c.state_dir(node).join("netns/ingress_sbox");
+        let table = c
+            .wait_for(
+                std::time::Duration::from_secs(30),
+                "IPVS in ingress_sbox",
+                |_| {
+                    let ns = netns::Netns::open(&sbox).ok()?;
+                    let out = ns.output(Command::new("ipvsadm").arg("-Ln")).ok()?;
+                    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+                    let mut got: Vec<String> = text
+                        .lines()
+                        .map(|l| l.split_whitespace().take(4).collect::<Vec<_>>().join(" "))
+                        .filter(|l| l.starts_with("->") && !l.starts_with("-> RemoteAddress"))
+                        .collect();
+                    got.sort();
+                    (got == want).then_some(text)
+                },
+            )
+            .unwrap();
+        let header = table
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
+            .any(|l| l == format!("FWM {mark} rr"));
+        assert!(header, "{node}: no `FWM {mark} rr`:\n{table}");
+        let ns = netns::Netns::open(&sbox).unwrap();
+        for (key, value) in [
+            ("net.ipv4.vs.conntrack", "1"),
+            ("net.ipv4.vs.expire_nodest_conn", "1"),
+            ("net.ipv4.vs.expire_quiescent_template", "1"),
+            ("net.ipv4.vs.conn_reuse_mode", "0"),
+        ] {
+            assert_eq!(ns.read_sysctl(key).unwrap(), value, "{node}: {key}");
+        }
     }
 }

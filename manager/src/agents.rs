@@ -183,7 +183,7 @@ fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<()> 
             }
         }
         AgentMsg::Hello { .. } => bail!("protocol error: a second hello"),
-        AgentMsg::LbState(_) => {}
+        AgentMsg::LbState(report) => c.record_lb(node_id, report),
     }
     // Heartbeats that stalled long enough to mark the node down have resumed: it is back.
     let down = c

@@ -12,6 +12,10 @@ use ipnet::Ipv4Net;
 pub const FIRST_VNI: u32 = 4096;
 /// VXLAN network identifiers are 24 bits.
 pub const MAX_VNI: u32 = (1 << 24) - 1;
+/// Service fwmarks start where Swarm's do.
+pub const FIRST_FWMARK: u32 = 256;
+/// Kept to 24 bits so the agent's own mark bits above them stay free.
+pub const MAX_FWMARK: u32 = (1 << 24) - 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
@@ -153,6 +157,12 @@ pub fn next_free_subnet(existing: &[Ipv4Net]) -> Result<Ipv4Net, AllocError> {
 /// reused while stale kernel objects for it may still linger on some node.
 pub fn next_vni(in_use: &BTreeSet<u32>, last: u32) -> Result<u32, AllocError> {
     next_after(in_use, last, FIRST_VNI, MAX_VNI).ok_or(AllocError::NoFreeVni)
+}
+
+/// The next fwmark after `last` not in use, serially like VNIs: a just-freed mark may still be
+/// on conntrack entries of some node, so it is not handed out again at once.
+pub fn next_fwmark(in_use: &BTreeSet<u32>, last: u32) -> Option<u32> {
+    next_after(in_use, last, FIRST_FWMARK, MAX_FWMARK)
 }
 
 /// The first value of `first..=max` after `last`, wrapping around, that is not in `in_use`.
@@ -321,6 +331,18 @@ mod tests {
         assert_eq!(next_after(&all, 15, 10, 20), None);
         let almost: BTreeSet<u32> = (10..=20).filter(|&v| v != 12).collect();
         assert_eq!(next_after(&almost, 15, 10, 20), Some(12));
+    }
+
+    #[test]
+    fn fwmarks_start_at_256_and_are_serial() {
+        let mut in_use = BTreeSet::new();
+        assert_eq!(next_fwmark(&in_use, 0), Some(256));
+        in_use.insert(256);
+        assert_eq!(next_fwmark(&in_use, 256), Some(257));
+        in_use.remove(&256);
+        assert_eq!(next_fwmark(&in_use, 257), Some(258));
+        in_use.insert(256);
+        assert_eq!(next_fwmark(&in_use, MAX_FWMARK), Some(257));
     }
 
     #[test]

@@ -1,6 +1,6 @@
 //! The meshctl API: one [`Request`] per line in, one [`Response`] per line out.
 
-use proto::api::{Request, Response};
+use proto::api::{PublishedPort, Request, Response};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 
@@ -82,6 +82,9 @@ fn request_kind(req: &Request) -> &'static str {
         Request::ServicePs { .. } => "service ps",
         Request::ServiceScale { .. } => "service scale",
         Request::ServiceRm { .. } => "service rm",
+        Request::ServiceUpdate { .. } => "service update",
+        Request::PublishLs => "publish ls",
+        Request::PublishRm { .. } => "publish rm",
     }
 }
 
@@ -130,7 +133,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                         s.create_network(&name, &driver, subnet.as_deref(), manager_ip, now)
                     })
                     .map_err(err)?;
-                let network = views::network(cluster.state(), &id);
+                let network = views::network(cluster.state(), cluster.lb(), &id);
                 tracing::info!(network = %name, subnet = %network.network.subnet, vni = network.network.vni, "network created");
                 Response::Network { network }
             }
@@ -143,7 +146,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     cluster.state().find_network(&network),
                 )?;
                 Response::Network {
-                    network: views::network(cluster.state(), &id),
+                    network: views::network(cluster.state(), cluster.lb(), &id),
                 }
             }
             Request::NetworkRm { network } => {
@@ -159,11 +162,11 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(service = %spec.name, replicas = spec.replicas, "service created");
                 Response::Service {
-                    service: views::service(cluster.state(), &id),
+                    service: views::service(cluster.state(), cluster.lb(), &id),
                 }
             }
             Request::ServiceLs => Response::Services {
-                services: views::services(cluster.state()),
+                services: views::services(cluster.state(), cluster.lb()),
             },
             Request::ServiceInspect { service } => {
                 let id = lookup(
@@ -171,7 +174,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     cluster.state().find_service(&service),
                 )?;
                 Response::Service {
-                    service: views::service(cluster.state(), &id),
+                    service: views::service(cluster.state(), cluster.lb(), &id),
                 }
             }
             Request::ServicePs { service } => {
@@ -189,7 +192,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(%service, replicas, "service scaled");
                 Response::Service {
-                    service: views::service(cluster.state(), &id),
+                    service: views::service(cluster.state(), cluster.lb(), &id),
                 }
             }
             Request::ServiceRm { service } => {
@@ -198,6 +201,38 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(%service, "service removed");
                 Response::Removed { id }
+            }
+            Request::ServiceUpdate {
+                service,
+                publish_add,
+                publish_rm,
+            } => {
+                let id = cluster
+                    .transact(|s, now| s.update_service(&service, &publish_add, &publish_rm, now))
+                    .map_err(err)?;
+                tracing::info!(%service, ?publish_add, ?publish_rm, "service updated");
+                Response::Service {
+                    service: views::service(cluster.state(), cluster.lb(), &id),
+                }
+            }
+            Request::PublishLs => Response::Ports {
+                ports: views::published(cluster.state()),
+            },
+            Request::PublishRm {
+                protocol,
+                published,
+            } => {
+                let port = PublishedPort {
+                    protocol,
+                    published,
+                };
+                let id = cluster
+                    .transact(|s, now| s.unpublish(port, now))
+                    .map_err(err)?;
+                tracing::info!(%port, "port unpublished");
+                Response::Service {
+                    service: views::service(cluster.state(), cluster.lb(), &id),
+                }
             }
         })
     })();
@@ -211,15 +246,20 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
 mod tests {
     use super::*;
     use crate::state::tests::spec;
-    use crate::state::State;
+    use crate::state::tests::{port, web, AGENT_PORT};
     use crate::store::{tests::TempDir, Store};
+    use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
     use proto::api::ServiceSpec;
-    use proto::model::Availability;
+    use proto::model::{Availability, PortConfig, Protocol, PublishMode};
     use std::collections::BTreeMap;
 
     fn cluster(tmp: &TempDir) -> Cluster {
         let (store, _) = Store::open(&tmp.0).unwrap();
-        let mut c = Cluster::new(State::default(), store, "192.168.56.11".parse().unwrap());
+        let mut c = Cluster::new(
+            crate::state::tests::new_state(),
+            store,
+            "192.168.56.11".parse().unwrap(),
+        );
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 1..=3u8 {
             c.connect_agent(
@@ -243,6 +283,127 @@ mod tests {
         Request::ServiceCreate { spec }
     }
 
+    fn published(name: &str, ports: &[PortConfig]) -> ServiceSpec {
+        ServiceSpec {
+            ports: ports.to_vec(),
+            ..spec(name, 1, &[])
+        }
+    }
+
+    #[test]
+    fn publishing_and_load_balancer_state_through_the_api() {
+        let tmp = TempDir::new("api-publish");
+        let mut c = cluster(&tmp);
+        let Response::Service { service } = ok(&mut c, create(published("web", &[web(80)]))) else {
+            panic!("service create answers with the service")
+        };
+        assert_eq!(service.fwmark, Some(256));
+        let dns = port(53, 5353, Protocol::Udp, PublishMode::Host);
+        ok(&mut c, create(spec("dns", 1, &[])));
+        let Response::Service { service: d } = ok(
+            &mut c,
+            Request::ServiceUpdate {
+                service: "dns".into(),
+                publish_add: vec![dns],
+                publish_rm: vec![],
+            },
+        ) else {
+            panic!("service update answers with the service")
+        };
+        assert_eq!((d.fwmark, d.spec.ports.clone()), (None, vec![dns]));
+        let Response::Ports { ports } = ok(&mut c, Request::PublishLs) else {
+            panic!("publish ls answers with ports")
+        };
+        let rows: Vec<(&str, u16)> = ports
+            .iter()
+            .map(|p| (p.service.as_str(), p.port.published))
+            .collect();
+        assert_eq!(rows, [("dns", 53), ("web", 80)]);
+
+        // What node1's agent reports shows in service inspect (its fwmark only) and in network
+        // inspect ingress (everything), with the sboxes of every node.
+        let n1 = c.state().find_node("node1").unwrap();
+        let backend = LbBackendReport {
+            ip: "10.255.0.5".parse().unwrap(),
+            weight: 1,
+        };
+        c.record_lb(
+            &n1,
+            LbReport {
+                backend: "nftables".into(),
+                services: vec![
+                    LbServiceReport {
+                        fwmark: 256,
+                        backends: vec![backend.clone()],
+                    },
+                    LbServiceReport {
+                        fwmark: 999,
+                        backends: vec![],
+                    },
+                ],
+            },
+        );
+        let Response::Service { service } = ok(
+            &mut c,
+            Request::ServiceInspect {
+                service: "web".into(),
+            },
+        ) else {
+            panic!("service inspect answers with the service")
+        };
+        assert_eq!(service.lb.len(), 1);
+        assert_eq!(
+            (
+                service.lb[0].hostname.as_str(),
+                service.lb[0].backend.as_str()
+            ),
+            ("node1", "nftables")
+        );
+        assert_eq!(
+            service.lb[0].services,
+            [LbServiceReport {
+                fwmark: 256,
+                backends: vec![backend]
+            }]
+        );
+        let Response::Network { network } = ok(
+            &mut c,
+            Request::NetworkInspect {
+                network: "ingress".into(),
+            },
+        ) else {
+            panic!("network inspect answers with the network")
+        };
+        assert!(network.network.ingress);
+        let sboxes: Vec<(String, String)> = network
+            .sboxes
+            .iter()
+            .map(|b| (b.hostname.clone(), b.addr.to_string()))
+            .collect();
+        assert_eq!(
+            sboxes,
+            [
+                ("node1".to_string(), "10.255.0.2/16".to_string()),
+                ("node2".to_string(), "10.255.0.3/16".to_string()),
+                ("node3".to_string(), "10.255.0.4/16".to_string())
+            ]
+        );
+        assert_eq!(network.lb[0].services.len(), 2);
+        assert_eq!(network.endpoints.len(), 1, "web's task is on ingress");
+
+        let Response::Service { service } = ok(
+            &mut c,
+            Request::PublishRm {
+                protocol: Protocol::Tcp,
+                published: 80,
+            },
+        ) else {
+            panic!("publish rm answers with the service")
+        };
+        assert_eq!((service.spec.name.as_str(), service.fwmark), ("web", None));
+        assert!(service.lb.is_empty());
+    }
+
     /// Every bad request is answered with an error naming the operation, and leaves both the
     /// state in memory and the store file byte for byte as they were.
     #[test]
@@ -258,6 +419,8 @@ mod tests {
             },
         );
         ok(&mut c, create(spec("web", 2, &["backend"])));
+        let dns = port(53, 5353, Protocol::Udp, PublishMode::Host);
+        ok(&mut c, create(published("pub", &[web(80), dns])));
         // Overlays are isolated: reusing part of a subnet on another network is fine...
         ok(
             &mut c,
@@ -278,7 +441,38 @@ mod tests {
         bad_constraint.constraints = vec!["node.role=worker".into()];
         let mut late_bad_network = spec("api", 1, &["backend", "nope"]);
         late_bad_network.constraints = vec!["node.role==worker".into()];
+        let add =
+            |service: &str, ports: &[PortConfig], rm: &[(Protocol, u16)]| Request::ServiceUpdate {
+                service: service.into(),
+                publish_add: ports.to_vec(),
+                publish_rm: rm
+                    .iter()
+                    .map(|&(protocol, published)| PublishedPort {
+                        protocol,
+                        published,
+                    })
+                    .collect(),
+            };
+        let host80 = port(80, 8080, Protocol::Tcp, PublishMode::Host);
+        let ingress53 = port(53, 53, Protocol::Udp, PublishMode::Ingress);
         let cases: Vec<(Request, &str)> = vec![
+            // A published port is taken in every mode, whichever way round, by any service.
+            (create(published("api", &[host80])), "create service api: port 80/tcp is already published by service pub"),
+            (create(published("api", &[ingress53])), "create service api: port 53/udp is already published by service pub"),
+            (add("web", &[web(80)], &[]), "update service web: port 80/tcp is already published by service pub"),
+            (add("pub", &[host80], &[]), "update service pub: port 80/tcp is already published by service pub"),
+            (create(published("api", &[web(81), port(81, 9, Protocol::Tcp, PublishMode::Host)])), "create service api: port 81/tcp is given more than once"),
+            (add("web", &[web(81), web(81)], &[]), "update service web: port 81/tcp is given more than once"),
+            (create(published("api", &[web(0)])), "create service api: invalid port 0:8080/tcp"),
+            (create(published("api", &[port(81, 0, Protocol::Udp, PublishMode::Host)])), "invalid port 81:0/udp"),
+            (create(published("api", &[web(AGENT_PORT)])), "create service api: port 2377/tcp is reserved: mesh-manager listens on it for agents"),
+            (add("web", &[port(4789, 4789, Protocol::Udp, PublishMode::Ingress)], &[]), "update service web: port 4789/udp is reserved"),
+            (add("web", &[], &[(Protocol::Tcp, 99)]), "update service web: service web does not publish port 99/tcp"),
+            (add("pub", &[], &[(Protocol::Tcp, 80), (Protocol::Tcp, 80)]), "update service pub: port 80/tcp is given more than once"),
+            // All or nothing: a valid removal does not happen when an addition is refused.
+            (add("pub", &[web(0)], &[(Protocol::Udp, 53)]), "update service pub: invalid port 0:8080/tcp"),
+            (add("nope", &[web(81)], &[]), "update service nope: no such service: nope"),
+            (Request::PublishRm { protocol: Protocol::Udp, published: 80 }, "unpublish port 80/udp: no service publishes port 80/udp"),
             (net("bad", Some("10.0.300.0/24")), "create network bad: invalid subnet \"10.0.300.0/24\""),
             // ...but not one task on both.
             (create(spec("api", 1, &["backend", "twin"])), "create service api: subnet 10.0.9.0/25 overlaps subnet 10.0.9.0/24 of network backend"),
@@ -292,12 +486,12 @@ mod tests {
                 "unsupported driver \"bridge\"",
             ),
             (Request::NetworkRm { network: "backend".into() }, "remove network backend: it is in use by services: web"),
-            (Request::NetworkRm { network: "ingress".into() }, "no such network: ingress"),
+            (Request::NetworkRm { network: "ingress".into() }, "remove network ingress: the ingress network belongs to the routing mesh and cannot be removed"),
             (Request::NetworkRm { network: "nope".into() }, "remove network nope: no such network: nope"),
             (create(spec("web", 1, &[])), "create service web: a service named web already exists"),
             (create(spec("api", 1, &["nope"])), "create service api: no such network: nope"),
             (create(late_bad_network), "create service api: no such network: nope"),
-            (create(spec("api", 1, &["ingress"])), "create service api: no such network: ingress"),
+            (create(spec("api", 1, &["ingress"])), "create service api: the ingress network cannot be attached directly"),
             (create(spec("api", 1, &["backend", "backend"])), "network backend is given more than once"),
             (create(empty_cmd), "create service api: a command is required"),
             (create(bad_constraint), "create service api: invalid constraint \"node.role=worker\""),
@@ -422,6 +616,7 @@ mod tests {
         let Response::Networks { networks } = ok(&mut c, Request::NetworkLs) else {
             panic!("network ls answers with networks")
         };
-        assert_eq!(networks, vec![]);
+        let names: Vec<&str> = networks.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["ingress"]);
     }
 }

@@ -8,12 +8,13 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use proto::agent::{ManagerMsg, NODE_DOWN_SECS};
+use proto::agent::{LbReport, ManagerMsg, NODE_DOWN_SECS};
 use proto::model::{NodeStatus, Role};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::state::{OpError, State};
 use crate::store::{Store, StoreError};
+use crate::views::LbReports;
 
 #[derive(Debug, thiserror::Error)]
 pub enum TxError {
@@ -37,6 +38,8 @@ pub struct Cluster {
     sessions: HashMap<String, Session>,
     last_seen: HashMap<String, Instant>,
     next_conn: u64,
+    /// Each node's latest load balancer report, for inspection only: live state, not stored.
+    lb: LbReports,
 }
 
 pub type Shared = Arc<Mutex<Cluster>>;
@@ -68,6 +71,7 @@ impl Cluster {
             sessions: HashMap::new(),
             last_seen,
             next_conn: 0,
+            lb: LbReports::new(),
         }
     }
 
@@ -77,6 +81,17 @@ impl Cluster {
 
     pub fn manager_ip(&self) -> IpAddr {
         self.manager_ip
+    }
+
+    pub fn lb(&self) -> &LbReports {
+        &self.lb
+    }
+
+    /// Keeps an agent's load balancer report until the next one, or until its node goes down.
+    pub fn record_lb(&mut self, node_id: &str, report: LbReport) {
+        if self.state.nodes.contains_key(node_id) {
+            self.lb.insert(node_id.to_string(), report);
+        }
     }
 
     pub fn transact<T>(
@@ -194,6 +209,8 @@ impl Cluster {
             return Ok(());
         }
         for id in &silent {
+            // What a silent node's balancer holds is unknown now.
+            self.lb.remove(id);
             tracing::warn!(node = %self.state.nodes[id].node.hostname, "node is down: no word from its agent for {NODE_DOWN_SECS}s");
         }
         self.transact(|s, _| {
@@ -214,7 +231,11 @@ mod tests {
 
     fn cluster(tmp: &TempDir) -> Cluster {
         let (store, _) = Store::open(&tmp.0).unwrap();
-        Cluster::new(State::default(), store, MANAGER.parse().unwrap())
+        Cluster::new(
+            crate::state::tests::new_state(),
+            store,
+            MANAGER.parse().unwrap(),
+        )
     }
 
     fn drain(rx: &mut UnboundedReceiver<ManagerMsg>) -> Vec<ManagerMsg> {
@@ -289,6 +310,36 @@ mod tests {
         c.transact(|s, now| s.create_service(&spec("web", 1, &[]), now))
             .unwrap();
         assert_eq!(drain(&mut new_rx).len(), 1);
+    }
+
+    #[test]
+    fn load_balancer_reports_are_kept_until_the_node_goes_down() {
+        let tmp = TempDir::new("cluster-lb");
+        let mut c = cluster(&tmp);
+        let (tx, _rx) = unbounded_channel();
+        let (id, _) = c
+            .connect_agent("node1", MANAGER.parse().unwrap(), None, tx)
+            .unwrap();
+        let report = LbReport {
+            backend: "ipvs".into(),
+            services: vec![],
+        };
+        c.record_lb("unknown", report.clone());
+        c.record_lb(&id, report.clone());
+        assert_eq!(c.lb().keys().collect::<Vec<_>>(), [&id]);
+        c.tick().unwrap();
+        assert_eq!(
+            c.lb().get(&id),
+            Some(&report),
+            "a live node keeps its report"
+        );
+        let long_ago = Instant::now()
+            .checked_sub(Duration::from_secs(NODE_DOWN_SECS + 1))
+            .unwrap();
+        c.last_seen.insert(id.clone(), long_ago);
+        c.tick().unwrap();
+        assert_eq!(c.state().nodes[&id].node.status, NodeStatus::Down);
+        assert!(c.lb().is_empty());
     }
 
     #[test]

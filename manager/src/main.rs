@@ -58,6 +58,10 @@ struct Args {
     api_listen: Option<SocketAddr>,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// Subnet of the routing mesh's `ingress` network, used when the cluster is created; an
+    /// existing cluster keeps its own. It must not contain any node's address.
+    #[arg(long, env = "MESH_INGRESS_SUBNET", default_value = "10.255.0.0/16")]
+    ingress_subnet: String,
 }
 
 fn main() {
@@ -93,7 +97,7 @@ fn init_logging(format: LogFormat) {
 
 async fn run(args: Args) -> anyhow::Result<()> {
     let (store, saved) = Store::open(&args.data_dir).context("open the state store")?;
-    let state = match saved {
+    let (mut state, new) = match saved {
         Some(state) => {
             tracing::info!(
                 path = %store.path().display(),
@@ -104,15 +108,21 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 revision = state.revision,
                 "state loaded"
             );
-            state
+            (state, false)
         }
-        None => {
-            let state = State::default();
-            store.save(&state).context("save the new cluster")?;
-            tracing::info!(path = %store.path().display(), "new cluster created");
-            state
-        }
+        None => (State::default(), true),
     };
+    state.agent_port = Some(args.listen.port());
+    // Also for a state saved before the routing mesh existed: it gets its ingress network now.
+    let changed = state
+        .ensure_ingress(&args.ingress_subnet, args.listen.ip(), cluster::unix_now())
+        .context("set up the routing mesh")?;
+    if new || changed {
+        store.save(&state).context("save the cluster")?;
+    }
+    if new {
+        tracing::info!(path = %store.path().display(), "new cluster created");
+    }
     let cluster: Shared = Arc::new(Mutex::new(Cluster::new(state, store, args.listen.ip())));
 
     let agents = TcpListener::bind(args.listen)

@@ -6,10 +6,13 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
-use proto::agent::{Assignment, NetworkSpec, Peer, TaskSpec, TaskStatus};
-use proto::api::{ServiceSpec, INGRESS_NETWORK};
+use proto::agent::{
+    Assignment, IngressSpec, NetworkSpec, Peer, PublishedService, TaskSpec, TaskStatus,
+};
+use proto::api::{PublishedPort, ServiceSpec, INGRESS_NETWORK};
 use proto::model::{
-    endpoint_mac, Attachment, Availability, Network, Node, NodeStatus, Role, TaskState,
+    endpoint_mac, Attachment, Availability, Network, Node, NodeStatus, PortConfig, Protocol,
+    PublishMode, Role, TaskState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -23,6 +26,8 @@ pub const TASK_HISTORY: usize = 4;
 /// A slot whose task failed or completed is refilled no sooner than this (Docker's default
 /// restart delay), so a command that exits at once does not spin the cluster.
 pub const RESTART_DELAY_SECS: u64 = 5;
+/// The UDP port of VXLAN between nodes: publishing it would swallow the overlays' traffic.
+pub const VXLAN_PORT: u16 = 4789;
 
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct State {
@@ -35,6 +40,13 @@ pub struct State {
     pub revision: u64,
     /// The last VNI handed out: VNIs are allocated serially after it.
     pub last_vni: u32,
+    /// The last fwmark handed out: fwmarks are allocated serially after it, like VNIs.
+    #[serde(default)]
+    pub last_fwmark: u32,
+    /// The manager's agent port (TCP): configuration, not state, so it is not stored. Publishing
+    /// it would cut the agents off.
+    #[serde(skip)]
+    pub agent_port: Option<u16>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -44,6 +56,9 @@ pub struct NodeRecord {
     pub assignment: Assignment,
     /// The newest revision the node's agent reported applied.
     pub applied_revision: u64,
+    /// The node's ingress_sbox address on the ingress network; kept for the node's life.
+    #[serde(default)]
+    pub ingress_addr: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,6 +74,19 @@ pub struct Service {
     pub spec: ServiceSpec,
     pub created_at: u64,
     pub updated_at: u64,
+    /// The routing mesh's mark, held while the service has an ingress-mode port.
+    #[serde(default)]
+    pub fwmark: Option<u32>,
+}
+
+impl Service {
+    pub fn has_ingress_port(&self) -> bool {
+        has_ingress_port(&self.spec.ports)
+    }
+}
+
+fn has_ingress_port(ports: &[PortConfig]) -> bool {
+    ports.iter().any(|p| p.mode == PublishMode::Ingress)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -142,6 +170,39 @@ pub enum Reason {
     NotYourTask(String),
     #[error("an agent cannot report state {0:?}")]
     ReportedState(TaskState),
+    #[error("the {INGRESS_NETWORK} network belongs to the routing mesh and cannot be removed")]
+    IngressRemove,
+    #[error("the {INGRESS_NETWORK} network cannot be attached directly: publish a port (--publish) to join the routing mesh")]
+    IngressAttach,
+    #[error("its address {addr} is inside the {INGRESS_NETWORK} subnet {subnet}")]
+    NodeInIngress { addr: Ipv4Addr, subnet: Ipv4Net },
+    #[error("invalid port {0}: published and target ports must be between 1 and 65535")]
+    PortZero(String),
+    #[error("port {port} is already published by service {service}")]
+    PortTaken {
+        port: PublishedPort,
+        service: String,
+    },
+    #[error("port {0} is given more than once")]
+    PortTwice(PublishedPort),
+    #[error("port {port} is reserved: {why}")]
+    PortReserved {
+        port: PublishedPort,
+        why: &'static str,
+    },
+    #[error("service {service} does not publish port {port}")]
+    NotPublished {
+        port: PublishedPort,
+        service: String,
+    },
+    #[error("no service publishes port {0}")]
+    NobodyPublishes(PublishedPort),
+    #[error(
+        "all fwmarks from {} to {} are in use",
+        alloc::FIRST_FWMARK,
+        alloc::MAX_FWMARK
+    )]
+    NoFreeFwmark,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -215,6 +276,115 @@ impl State {
         )
     }
 
+    /// The routing mesh's network, once it exists.
+    pub fn ingress(&self) -> Option<&Network> {
+        self.networks
+            .values()
+            .map(|r| &r.network)
+            .find(|n| n.ingress)
+    }
+
+    /// The nodes' underlay addresses, and the manager's, that no overlay subnet may contain;
+    /// lowest address first, so a refusal names the same node every time.
+    fn underlay(&self, manager_ip: IpAddr) -> Vec<(String, Ipv4Addr)> {
+        let mut underlay: Vec<(String, Ipv4Addr)> = self
+            .nodes
+            .values()
+            .filter_map(|r| match r.node.addr {
+                IpAddr::V4(ip) => Some((format!("node {}", r.node.hostname), ip)),
+                IpAddr::V6(_) => None,
+            })
+            .collect();
+        if let IpAddr::V4(ip) = manager_ip {
+            if !ip.is_unspecified() {
+                underlay.push(("the manager".to_string(), ip));
+            }
+        }
+        underlay.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        underlay
+    }
+
+    /// Addresses taken on a network: its task endpoints, and on ingress also the sboxes.
+    fn addrs_in_use(&self, network: &Network) -> BTreeSet<Ipv4Addr> {
+        let tasks = self
+            .tasks
+            .values()
+            .flat_map(|t| &t.attachments)
+            .filter(|a| a.network_id == network.id)
+            .map(|a| a.addr.addr());
+        let sboxes = self
+            .nodes
+            .values()
+            .filter(|_| network.ingress)
+            .filter_map(|r| r.ingress_addr);
+        tasks.chain(sboxes).collect()
+    }
+
+    /// Creates the ingress network at first start (it takes the first VNI) and gives every node
+    /// an ingress_sbox address. Returns whether anything changed. An existing ingress network
+    /// keeps its subnet: its addresses are in use on every node.
+    pub fn ensure_ingress(
+        &mut self,
+        subnet: &str,
+        manager_ip: IpAddr,
+        now: u64,
+    ) -> Result<bool, OpError> {
+        let op = format!("create the {INGRESS_NETWORK} network");
+        let wanted = alloc::parse_subnet(subnet).or_else(|e| refuse(&op, e))?;
+        let mut changed = false;
+        match self.ingress() {
+            Some(existing) => {
+                if existing.subnet != wanted {
+                    tracing::warn!(stored = %existing.subnet, given = %wanted, "the ingress network keeps its stored subnet");
+                }
+            }
+            None => {
+                alloc::check_underlay(wanted, &self.underlay(manager_ip))
+                    .or_else(|e| refuse(&op, e))?;
+                let vnis: BTreeSet<u32> = self.networks.values().map(|r| r.network.vni).collect();
+                let vni = alloc::next_vni(&vnis, self.last_vni).or_else(|e| refuse(&op, e))?;
+                let id = alloc::new_id();
+                self.last_vni = vni;
+                self.networks.insert(
+                    id.clone(),
+                    NetworkRecord {
+                        network: Network {
+                            id,
+                            name: INGRESS_NETWORK.to_string(),
+                            driver: "overlay".to_string(),
+                            subnet: wanted,
+                            gateway: alloc::gateway_of(wanted),
+                            vni,
+                            ingress: true,
+                        },
+                        created_at: now,
+                    },
+                );
+                changed = true;
+            }
+        }
+        let missing: Vec<String> = self
+            .nodes
+            .values()
+            .filter(|r| r.ingress_addr.is_none())
+            .map(|r| r.node.id.clone())
+            .collect();
+        for id in missing {
+            let ip = self.next_sbox_addr().or_else(|e| refuse(&op, e))?;
+            self.nodes.get_mut(&id).expect("node exists").ingress_addr = ip;
+            changed = true;
+        }
+        Ok(changed)
+    }
+
+    /// A free ingress address for a node's ingress_sbox; None while there is no ingress network.
+    fn next_sbox_addr(&self) -> Result<Option<Ipv4Addr>, AllocError> {
+        let Some(ingress) = self.ingress() else {
+            return Ok(None);
+        };
+        alloc::next_ip(ingress.subnet, &self.addrs_in_use(ingress)).map(Some)
+    }
+
     fn next_revision(&mut self) -> u64 {
         self.revision += 1;
         self.revision
@@ -250,7 +420,23 @@ impl State {
                 .map(|r| r.node.id.clone())
         });
         let id = id.unwrap_or_else(alloc::new_id);
+        if let (Some(ingress), IpAddr::V4(ip)) = (self.ingress(), addr) {
+            if ingress.subnet.contains(&ip) {
+                return refuse(
+                    op(),
+                    Reason::NodeInIngress {
+                        addr: ip,
+                        subnet: ingress.subnet,
+                    },
+                );
+            }
+        }
+        let sbox = match self.nodes.get(&id).and_then(|r| r.ingress_addr) {
+            Some(ip) => Some(ip),
+            None => self.next_sbox_addr().or_else(|e| refuse(op(), e))?,
+        };
         if let Some(record) = self.nodes.get_mut(&id) {
+            record.ingress_addr = sbox;
             record.node.hostname = hostname.to_string();
             record.node.addr = addr;
             record.node.role = role;
@@ -274,6 +460,7 @@ impl State {
                         ..Assignment::default()
                     },
                     applied_revision: 0,
+                    ingress_addr: sbox,
                 },
             );
         }
@@ -350,21 +537,7 @@ impl State {
         if driver != "overlay" {
             return refuse(op, Reason::Driver(driver.to_string()));
         }
-        let mut underlay: Vec<(String, Ipv4Addr)> = self
-            .nodes
-            .values()
-            .filter_map(|r| match r.node.addr {
-                IpAddr::V4(ip) => Some((format!("node {}", r.node.hostname), ip)),
-                IpAddr::V6(_) => None,
-            })
-            .collect();
-        if let IpAddr::V4(ip) = manager_ip {
-            if !ip.is_unspecified() {
-                underlay.push(("the manager".to_string(), ip));
-            }
-        }
-        // Lowest address first, so the refusal names the same node every time.
-        underlay.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        let underlay = self.underlay(manager_ip);
         let subnet = match subnet {
             Some(text) => {
                 // Overlays are isolated from each other (own VNI, own sandbox), so a user may
@@ -373,6 +546,10 @@ impl State {
                 // service create).
                 let subnet = alloc::parse_subnet(text).or_else(|e| refuse(&op, e))?;
                 alloc::check_underlay(subnet, &underlay).or_else(|e| refuse(&op, e))?;
+                // Every task with a published port is on ingress too, so no user network may
+                // overlap it.
+                alloc::check_overlap(subnet, self.ingress().map(|n| (n.name.as_str(), n.subnet)))
+                    .or_else(|e| refuse(&op, e))?;
                 subnet
             }
             None => {
@@ -422,6 +599,9 @@ impl State {
     pub fn remove_network(&mut self, key: &str) -> Result<String, OpError> {
         let op = format!("remove network {key}");
         let id = self.find_network(key).or_else(|r| refuse(&op, r))?;
+        if self.networks[&id].network.ingress {
+            return refuse(op, Reason::IngressRemove);
+        }
         let users = self.services_on(&id);
         if !users.is_empty() {
             return refuse(op, Reason::InUse(users));
@@ -451,6 +631,9 @@ impl State {
         let mut networks = Vec::new();
         for key in &spec.networks {
             let id = self.find_network(key).or_else(|r| refuse(&op, r))?;
+            if self.networks[&id].network.ingress {
+                return refuse(op, Reason::IngressAttach);
+            }
             if networks.contains(&id) {
                 return refuse(op, Reason::NetworkTwice(key.clone()));
             }
@@ -473,6 +656,18 @@ impl State {
                     .to_string(),
             );
         }
+        self.check_ports(None, &spec.name, &[], &spec.ports)
+            .or_else(|e| refuse(&op, e))?;
+        let fwmark = if has_ingress_port(&spec.ports) {
+            self.check_ingress_overlap(&networks)
+                .or_else(|e| refuse(&op, e))?;
+            Some(self.next_fwmark().or_else(|e| refuse(&op, e))?)
+        } else {
+            None
+        };
+        if let Some(mark) = fwmark {
+            self.last_fwmark = mark;
+        }
         let id = alloc::new_id();
         self.services.insert(
             id.clone(),
@@ -484,12 +679,168 @@ impl State {
                     networks,
                     constraints,
                     command: spec.command.clone(),
+                    ports: spec.ports.clone(),
                 },
                 created_at: now,
                 updated_at: now,
+                fwmark,
             },
         );
         Ok(id)
+    }
+
+    /// Refuses ports in `add` that are invalid, reserved, given twice, published by another
+    /// service or among `kept` (the ports `service` keeps), in any mode.
+    fn check_ports(
+        &self,
+        service_id: Option<&str>,
+        service: &str,
+        kept: &[PortConfig],
+        add: &[PortConfig],
+    ) -> Result<(), Reason> {
+        let mut seen = BTreeSet::new();
+        for p in add {
+            let port = PublishedPort::from(p);
+            if p.published == 0 || p.target == 0 {
+                return Err(Reason::PortZero(format!(
+                    "{}:{}/{}",
+                    p.published,
+                    p.target,
+                    protocol_word(p.protocol)
+                )));
+            }
+            let why = match p.protocol {
+                Protocol::Tcp if Some(p.published) == self.agent_port => {
+                    Some("mesh-manager listens on it for agents")
+                }
+                Protocol::Udp if p.published == VXLAN_PORT => {
+                    Some("it carries the overlays' VXLAN traffic between nodes")
+                }
+                _ => None,
+            };
+            if let Some(why) = why {
+                return Err(Reason::PortReserved { port, why });
+            }
+            if !seen.insert(port) {
+                return Err(Reason::PortTwice(port));
+            }
+            let publisher = self
+                .services
+                .values()
+                .filter(|s| Some(s.id.as_str()) != service_id)
+                .find(|s| s.spec.ports.iter().any(|q| PublishedPort::from(q) == port))
+                .map(|s| s.spec.name.clone())
+                .or_else(|| {
+                    kept.iter()
+                        .any(|q| PublishedPort::from(q) == port)
+                        .then(|| service.to_string())
+                });
+            if let Some(service) = publisher {
+                return Err(Reason::PortTaken { port, service });
+            }
+        }
+        Ok(())
+    }
+
+    /// A task on ingress and on a user network overlapping it would have ambiguous routes.
+    fn check_ingress_overlap(&self, networks: &[String]) -> Result<(), AllocError> {
+        let Some(ingress) = self.ingress() else {
+            return Ok(());
+        };
+        alloc::check_overlap(
+            ingress.subnet,
+            networks.iter().map(|n| {
+                let net = &self.networks[n].network;
+                (net.name.as_str(), net.subnet)
+            }),
+        )
+    }
+
+    fn next_fwmark(&self) -> Result<u32, Reason> {
+        let in_use: BTreeSet<u32> = self.services.values().filter_map(|s| s.fwmark).collect();
+        alloc::next_fwmark(&in_use, self.last_fwmark).ok_or(Reason::NoFreeFwmark)
+    }
+
+    /// Unpublishes `rm`, then publishes `add`. When the service joins or leaves the routing
+    /// mesh (its first ingress port added, its last removed), its fwmark is allocated or freed
+    /// and all its tasks are replaced at once, since a task's interfaces are fixed when it
+    /// starts. Other port changes reach the nodes through the published list, tasks untouched.
+    pub fn update_service(
+        &mut self,
+        key: &str,
+        add: &[PortConfig],
+        rm: &[PublishedPort],
+        now: u64,
+    ) -> Result<String, OpError> {
+        let op = format!("update service {key}");
+        let id = self.find_service(key).or_else(|r| refuse(&op, r))?;
+        let service = &self.services[&id];
+        let mut ports = service.spec.ports.clone();
+        let mut removed = BTreeSet::new();
+        for port in rm {
+            if !removed.insert(*port) {
+                return refuse(op, Reason::PortTwice(*port));
+            }
+            let Some(at) = ports.iter().position(|p| PublishedPort::from(p) == *port) else {
+                return refuse(
+                    op,
+                    Reason::NotPublished {
+                        port: *port,
+                        service: service.spec.name.clone(),
+                    },
+                );
+            };
+            ports.remove(at);
+        }
+        self.check_ports(Some(&id), &service.spec.name, &ports, add)
+            .or_else(|e| refuse(&op, e))?;
+        ports.extend_from_slice(add);
+        let was_ingress = service.has_ingress_port();
+        let is_ingress = has_ingress_port(&ports);
+        let fwmark = match (was_ingress, is_ingress) {
+            (false, true) => {
+                self.check_ingress_overlap(&service.spec.networks)
+                    .or_else(|e| refuse(&op, e))?;
+                let mark = self.next_fwmark().or_else(|e| refuse(&op, e))?;
+                self.last_fwmark = mark;
+                Some(mark)
+            }
+            (_, false) => None,
+            (true, true) => service.fwmark,
+        };
+        let service = self.services.get_mut(&id).expect("id was just resolved");
+        if service.spec.ports != ports {
+            service.spec.ports = ports;
+            service.fwmark = fwmark;
+            service.updated_at = now;
+        }
+        if was_ingress != is_ingress {
+            tracing::info!(service = %service.spec.name, ingress = is_ingress, "replacing tasks: routing mesh membership changed");
+            for task in self
+                .tasks
+                .values_mut()
+                .filter(|t| t.service_id == id && t.is_current())
+            {
+                task.retire(TaskState::Shutdown, None, now);
+            }
+        }
+        Ok(id)
+    }
+
+    /// Unpublishes a port from whichever service publishes it.
+    pub fn unpublish(&mut self, port: PublishedPort, now: u64) -> Result<String, OpError> {
+        let publisher = self
+            .services
+            .values()
+            .find(|s| s.spec.ports.iter().any(|p| PublishedPort::from(p) == port))
+            .map(|s| s.id.clone());
+        match publisher {
+            Some(id) => self.update_service(&id, &[], &[port], now),
+            None => refuse(
+                format!("unpublish port {port}"),
+                Reason::NobodyPublishes(port),
+            ),
+        }
     }
 
     pub fn scale_service(&mut self, key: &str, replicas: u64, now: u64) -> Result<String, OpError> {
@@ -674,8 +1025,9 @@ impl State {
             ));
         }
         let service = &self.services[&task.service_id];
-        if task.attachments.len() != service.spec.networks.len() {
-            let attachments = self.allocate_endpoints(&service.spec.networks)?;
+        let networks = self.task_networks(service);
+        if task.attachments.len() != networks.len() {
+            let attachments = self.allocate_endpoints(&networks)?;
             self.tasks
                 .get_mut(task_id)
                 .expect("task exists")
@@ -730,18 +1082,22 @@ impl State {
         Ok(())
     }
 
+    /// The networks a service's tasks attach to, in interface order: the user's networks keep
+    /// eth0, ingress comes last.
+    fn task_networks(&self, service: &Service) -> Vec<String> {
+        let mut networks = service.spec.networks.clone();
+        if service.has_ingress_port() {
+            networks.extend(self.ingress().map(|n| n.id.clone()));
+        }
+        networks
+    }
+
     /// One endpoint per network, all or none.
     fn allocate_endpoints(&self, networks: &[String]) -> Result<Vec<Attachment>, String> {
         let mut out = Vec::new();
         for network_id in networks {
             let network = &self.networks[network_id].network;
-            let in_use: BTreeSet<Ipv4Addr> = self
-                .tasks
-                .values()
-                .flat_map(|t| &t.attachments)
-                .filter(|a| &a.network_id == network_id)
-                .map(|a| a.addr.addr())
-                .collect();
+            let in_use = self.addrs_in_use(network);
             let ip = alloc::next_ip(network.subnet, &in_use)
                 .map_err(|e| format!("allocate an address on network {}: {e}", network.name))?;
             out.push(Attachment {
@@ -772,7 +1128,7 @@ impl State {
 
     /// The complete desired state of one node, without its revision. Deterministic (sorted), so
     /// comparing it with the last one tells whether the node needs a new revision.
-    pub fn assignment_for(&self, node_id: &str) -> Assignment {
+    pub fn assignment_for(&self, node_id: &str, published: &[PublishedService]) -> Assignment {
         let mine: Vec<&Task> = self
             .tasks
             .values()
@@ -797,25 +1153,92 @@ impl State {
             .flat_map(|t| &t.attachments)
             .map(|a| &a.network_id)
             .collect();
+        // Ingress is not among the lazily built networks: it has its own field, on every node.
         let networks = network_ids
             .into_iter()
             .filter_map(|id| self.networks.get(id))
-            .map(|r| NetworkSpec {
-                id: r.network.id.clone(),
-                name: r.network.name.clone(),
-                subnet: r.network.subnet,
-                gateway: Ipv4Net::new(r.network.gateway, r.network.subnet.prefix_len())
-                    .expect("prefix of a valid subnet"),
-                vni: r.network.vni,
-                peers: self.peers(&r.network.id, node_id),
-            })
+            .filter(|r| !r.network.ingress)
+            .map(|r| self.network_spec(&r.network, node_id))
             .collect();
+        let sbox = self.nodes.get(node_id).and_then(|r| r.ingress_addr);
+        let ingress = self.ingress().zip(sbox).map(|(net, ip)| {
+            let mut network = self.network_spec(net, node_id);
+            network.peers.extend(
+                self.nodes
+                    .values()
+                    .filter(|r| r.node.id != node_id)
+                    .filter_map(|r| {
+                        Some(Peer {
+                            ip: r.ingress_addr?,
+                            mac: endpoint_mac(r.ingress_addr?),
+                            vtep: r.node.addr,
+                        })
+                    }),
+            );
+            network.peers.sort_by_key(|p| (p.ip, p.vtep));
+            IngressSpec {
+                network,
+                sbox_addr: Ipv4Net::new(ip, net.subnet.prefix_len())
+                    .expect("prefix of a valid subnet"),
+            }
+        });
         Assignment {
             revision: 0,
             networks,
             tasks,
-            ..Assignment::default()
+            ingress,
+            published: published.to_vec(),
         }
+    }
+
+    fn network_spec(&self, network: &Network, node_id: &str) -> NetworkSpec {
+        NetworkSpec {
+            id: network.id.clone(),
+            name: network.name.clone(),
+            subnet: network.subnet,
+            gateway: Ipv4Net::new(network.gateway, network.subnet.prefix_len())
+                .expect("prefix of a valid subnet"),
+            vni: network.vni,
+            peers: self.peers(&network.id, node_id),
+        }
+    }
+
+    /// Every service with published ports, by name, the same for every node. Backends are the
+    /// ingress addresses of the service's running tasks, sorted; a service without an
+    /// ingress-mode port has none and fwmark 0.
+    pub fn published(&self) -> Vec<PublishedService> {
+        let ingress = self.ingress().map(|n| n.id.as_str());
+        let mut backends: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
+        for t in self
+            .tasks
+            .values()
+            .filter(|t| t.is_placed() && t.state == TaskState::Running)
+        {
+            let addrs = t
+                .attachments
+                .iter()
+                .filter(|a| Some(a.network_id.as_str()) == ingress)
+                .map(|a| a.addr.addr());
+            backends.entry(&t.service_id).or_default().extend(addrs);
+        }
+        let mut out: Vec<PublishedService> = self
+            .services
+            .values()
+            .filter(|s| !s.spec.ports.is_empty())
+            .map(|s| {
+                let mut ips = backends.remove(s.id.as_str()).unwrap_or_default();
+                ips.sort();
+                PublishedService {
+                    service_id: s.id.clone(),
+                    service_name: s.spec.name.clone(),
+                    fwmark: s.fwmark.unwrap_or(0),
+                    ports: s.spec.ports.clone(),
+                    backends: ips,
+                }
+            })
+            .collect();
+        out.sort_by(|a, b| a.service_name.cmp(&b.service_name));
+        out
     }
 
     /// Endpoints of a network on nodes other than `node_id`, each with its node's VTEP.
@@ -847,17 +1270,26 @@ impl State {
     /// revision. Returns the ids of those nodes, to be pushed to their agents.
     pub fn refresh_assignments(&mut self) -> Vec<String> {
         let ids: Vec<String> = self.nodes.keys().cloned().collect();
+        let published = self.published();
         let mut changed = Vec::new();
         for id in ids {
-            let mut fresh = self.assignment_for(&id);
+            let mut fresh = self.assignment_for(&id, &published);
             let current = &self.nodes[&id].assignment;
-            if fresh.networks != current.networks || fresh.tasks != current.tasks {
+            fresh.revision = current.revision;
+            if fresh != *current {
                 fresh.revision = self.next_revision();
                 self.nodes.get_mut(&id).expect("node exists").assignment = fresh;
                 changed.push(id);
             }
         }
         changed
+    }
+}
+
+fn protocol_word(p: Protocol) -> &'static str {
+    match p {
+        Protocol::Tcp => "tcp",
+        Protocol::Udp => "udp",
     }
 }
 
@@ -875,12 +1307,28 @@ pub(crate) mod tests {
             networks: networks.iter().map(|n| n.to_string()).collect(),
             constraints: vec![],
             command: vec!["hello-server".into(), "--port".into(), "8080".into()],
+            ports: vec![],
         }
+    }
+
+    /// The manager's agent port in these tests.
+    pub(crate) const AGENT_PORT: u16 = 2377;
+
+    /// A new cluster as mesh-manager starts it: with the default ingress network.
+    pub(crate) fn new_state() -> State {
+        let mut s = State {
+            agent_port: Some(AGENT_PORT),
+            ..State::default()
+        };
+        assert!(s
+            .ensure_ingress("10.255.0.0/16", MANAGER.parse().unwrap(), 0)
+            .unwrap());
+        s
     }
 
     /// A cluster of `n` ready nodes node1..noden at 192.168.56.11.., node1 the manager.
     pub(crate) fn cluster(n: u8) -> State {
-        let mut s = State::default();
+        let mut s = new_state();
         for i in 1..=n {
             let role = if i == 1 { Role::Manager } else { Role::Worker };
             let addr = IpAddr::from([192, 168, 56, 10 + i]);
@@ -930,6 +1378,424 @@ pub(crate) mod tests {
             .unwrap();
     }
 
+    pub(crate) fn port(
+        published: u16,
+        target: u16,
+        protocol: Protocol,
+        mode: PublishMode,
+    ) -> PortConfig {
+        PortConfig {
+            protocol,
+            published,
+            target,
+            mode,
+        }
+    }
+
+    pub(crate) fn web(published: u16) -> PortConfig {
+        port(published, 8080, Protocol::Tcp, PublishMode::Ingress)
+    }
+
+    fn published_spec(
+        name: &str,
+        replicas: u64,
+        networks: &[&str],
+        ports: &[PortConfig],
+    ) -> ServiceSpec {
+        ServiceSpec {
+            ports: ports.to_vec(),
+            ..spec(name, replicas, networks)
+        }
+    }
+
+    fn ingress_id(s: &State) -> String {
+        s.ingress().unwrap().id.clone()
+    }
+
+    fn run_all(s: &mut State, service: &str) {
+        for t in current(s, service).into_iter().cloned().collect::<Vec<_>>() {
+            report(s, &t, TaskState::Running, None);
+        }
+    }
+
+    #[test]
+    fn ingress_is_created_once_and_sbox_addresses_are_stable() {
+        let s = cluster(3);
+        let ingress = s.ingress().unwrap().clone();
+        assert_eq!(
+            (
+                ingress.name.as_str(),
+                ingress.vni,
+                ingress.subnet.to_string()
+            ),
+            ("ingress", 4096, "10.255.0.0/16".to_string())
+        );
+        assert_eq!(ingress.gateway, Ipv4Addr::new(10, 255, 0, 1));
+        let sbox = |s: &State, host: &str| s.nodes[&node_id(s, host)].ingress_addr.unwrap();
+        // The gateway .1 stays free; nodes get .2, .3, .4 as they register.
+        assert_eq!(sbox(&s, "node1"), Ipv4Addr::new(10, 255, 0, 2));
+        assert_eq!(sbox(&s, "node3"), Ipv4Addr::new(10, 255, 0, 4));
+
+        // A restart: the state comes back from its JSON, ensure_ingress finds nothing to do, even
+        // with another --ingress-subnet, and a node re-registering keeps its address.
+        let text = serde_json::to_string(&s).unwrap();
+        let mut back: State = serde_json::from_str(&text).unwrap();
+        back.agent_port = s.agent_port;
+        assert_eq!(back, s);
+        assert!(!back
+            .ensure_ingress("10.254.0.0/16", MANAGER.parse().unwrap(), 9)
+            .unwrap());
+        assert_eq!(back, s);
+        back.register_node(
+            "node2",
+            "192.168.56.12".parse().unwrap(),
+            None,
+            Role::Worker,
+        )
+        .unwrap();
+        assert_eq!(sbox(&back, "node2"), Ipv4Addr::new(10, 255, 0, 3));
+        back.register_node(
+            "node4",
+            "192.168.56.14".parse().unwrap(),
+            None,
+            Role::Worker,
+        )
+        .unwrap();
+        assert_eq!(sbox(&back, "node4"), Ipv4Addr::new(10, 255, 0, 5));
+        // Task endpoints on ingress skip the sboxes' addresses.
+        back.create_service(&published_spec("web", 1, &[], &[web(80)]), 1)
+            .unwrap();
+        back.reconcile(1);
+        assert_eq!(
+            current(&back, "web")[0].attachments[0].addr.to_string(),
+            "10.255.0.6/16"
+        );
+
+        // A node inside the ingress subnet is refused, and ingress cannot be removed.
+        let err = back
+            .register_node("bad", "10.255.9.9".parse().unwrap(), None, Role::Worker)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "register node bad: its address 10.255.9.9 is inside the ingress subnet 10.255.0.0/16"
+        );
+        let err = back.remove_network("ingress").unwrap_err();
+        assert!(err.to_string().contains("cannot be removed"), "{err}");
+    }
+
+    #[test]
+    fn the_ingress_subnet_is_checked_and_older_states_get_ingress() {
+        // A state saved before the routing mesh: nodes and a user network, no ingress.
+        let mut s = State::default();
+        s.register_node(
+            "node1",
+            "192.168.56.11".parse().unwrap(),
+            None,
+            Role::Manager,
+        )
+        .unwrap();
+        s.create_network(
+            "old",
+            "overlay",
+            Some("10.255.1.0/24"),
+            MANAGER.parse().unwrap(),
+            1,
+        )
+        .unwrap();
+        assert_eq!(s.nodes.values().next().unwrap().ingress_addr, None);
+        let before = s.clone();
+        let err = s
+            .ensure_ingress("192.168.0.0/16", MANAGER.parse().unwrap(), 2)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "create the ingress network: subnet 192.168.0.0/16 contains 192.168.56.11, the underlay address of node node1"
+        );
+        let err = s
+            .ensure_ingress("10.255.0.0/33", MANAGER.parse().unwrap(), 2)
+            .unwrap_err();
+        assert!(err.to_string().contains("invalid subnet"), "{err}");
+        assert_eq!(s, before);
+        assert!(s
+            .ensure_ingress("10.255.0.0/16", MANAGER.parse().unwrap(), 2)
+            .unwrap());
+        assert_eq!(s.ingress().unwrap().vni, 4097);
+        assert_eq!(
+            s.nodes.values().next().unwrap().ingress_addr,
+            Some(Ipv4Addr::new(10, 255, 0, 2))
+        );
+        // The old network overlapping ingress stays usable, but not by a published service.
+        s.create_service(&spec("plain", 1, &["old"]), 3).unwrap();
+        let err = s
+            .create_service(&published_spec("web", 1, &["old"], &[web(80)]), 3)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "create service web: subnet 10.255.0.0/16 overlaps subnet 10.255.1.0/24 of network old"
+        );
+        let err = s.update_service("plain", &[web(80)], &[], 3).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("overlaps subnet 10.255.1.0/24 of network old"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn user_subnets_stay_clear_of_ingress() {
+        let mut s = State::default();
+        s.ensure_ingress("10.0.0.0/16", MANAGER.parse().unwrap(), 0)
+            .unwrap();
+        let auto = s
+            .create_network("auto", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .unwrap();
+        assert_eq!(net_of(&s, &auto).subnet.to_string(), "10.1.0.0/24");
+        let err = s
+            .create_network(
+                "bad",
+                "overlay",
+                Some("10.0.5.0/24"),
+                MANAGER.parse().unwrap(),
+                1,
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "create network bad: subnet 10.0.5.0/24 overlaps subnet 10.0.0.0/16 of network ingress"
+        );
+    }
+
+    #[test]
+    fn ingress_is_attached_after_user_networks_and_fwmarks_are_allocated() {
+        let mut s = cluster(2);
+        s.create_network(
+            "backend",
+            "overlay",
+            Some("10.0.9.0/24"),
+            MANAGER.parse().unwrap(),
+            1,
+        )
+        .unwrap();
+        let ing = ingress_id(&s);
+        let a = s
+            .create_service(&published_spec("a", 1, &["backend"], &[web(80)]), 1)
+            .unwrap();
+        let b = s
+            .create_service(&published_spec("b", 1, &[], &[web(81)]), 1)
+            .unwrap();
+        let host = port(82, 8080, Protocol::Tcp, PublishMode::Host);
+        let h = s
+            .create_service(&published_spec("h", 1, &["backend"], &[host]), 1)
+            .unwrap();
+        s.reconcile(1);
+        let nets = |name: &str| -> Vec<String> {
+            current(&s, name)[0]
+                .attachments
+                .iter()
+                .map(|x| x.network_id.clone())
+                .collect()
+        };
+        let backend = s.find_network("backend").unwrap();
+        assert_eq!(nets("a"), [backend.clone(), ing.clone()]);
+        assert_eq!(nets("b"), [ing]);
+        // Host mode needs no routing mesh: no ingress endpoint, no fwmark.
+        assert_eq!(nets("h"), [backend]);
+        let mark = |id: &str| s.services[id].fwmark;
+        assert_eq!((mark(&a), mark(&b), mark(&h)), (Some(256), Some(257), None));
+
+        // A freed mark is not reused at once, and a live one never.
+        s.remove_service("a").unwrap();
+        let c = s
+            .create_service(&published_spec("c", 1, &[], &[web(80)]), 2)
+            .unwrap();
+        assert_eq!(s.services[&c].fwmark, Some(258));
+        let text = serde_json::to_string(&s).unwrap();
+        let mut back: State = serde_json::from_str(&text).unwrap();
+        let d = back
+            .create_service(&published_spec("d", 1, &[], &[web(83)]), 2)
+            .unwrap();
+        assert_eq!(back.services[&d].fwmark, Some(259));
+        assert_eq!(back.services[&b].fwmark, Some(257));
+    }
+
+    #[test]
+    fn published_backends_follow_running_tasks_on_every_node() {
+        let mut s = cluster(3);
+        s.create_service(&published_spec("web", 2, &[], &[web(80)]), 1)
+            .unwrap();
+        s.reconcile(1);
+        s.refresh_assignments();
+        let ids: Vec<String> = s.nodes.keys().cloned().collect();
+        let revisions = |s: &State| -> Vec<u64> {
+            ids.iter()
+                .map(|id| s.nodes[id].assignment.revision)
+                .collect()
+        };
+        // Every node, with or without tasks, has the ingress network, its sbox and the service;
+        // no backend runs yet.
+        for id in &ids {
+            let a = &s.nodes[id].assignment;
+            let ingress = a.ingress.as_ref().unwrap();
+            assert_eq!(ingress.sbox_addr.addr(), s.nodes[id].ingress_addr.unwrap());
+            assert_eq!(ingress.network.vni, 4096);
+            assert!(a.networks.is_empty(), "ingress is not a lazy network");
+            assert_eq!(a.published.len(), 1);
+            assert_eq!(a.published[0].fwmark, 256);
+            assert_eq!(a.published[0].ports, [web(80)]);
+            assert!(a.published[0].backends.is_empty());
+        }
+        // Peers: the other nodes' sboxes and the remote tasks' ingress endpoints.
+        let n3 = node_id(&s, "node3");
+        let peers: Vec<(String, String)> = s.nodes[&n3]
+            .assignment
+            .ingress
+            .as_ref()
+            .unwrap()
+            .network
+            .peers
+            .iter()
+            .map(|p| {
+                assert_eq!(p.mac, endpoint_mac(p.ip));
+                (p.ip.to_string(), p.vtep.to_string())
+            })
+            .collect();
+        let tasks = current(&s, "web");
+        let mut expected = vec![
+            ("10.255.0.2".to_string(), "192.168.56.11".to_string()),
+            ("10.255.0.3".to_string(), "192.168.56.12".to_string()),
+        ];
+        for t in &tasks {
+            let vtep = s.nodes[t.node_id.as_ref().unwrap()].node.addr.to_string();
+            expected.push((t.attachments[0].addr.addr().to_string(), vtep));
+        }
+        expected.sort();
+        assert_eq!(peers, expected);
+
+        let before = revisions(&s);
+        let first = tasks[0].clone();
+        report(&mut s, &first, TaskState::Running, None);
+        s.reconcile(2);
+        assert_eq!(
+            s.refresh_assignments().len(),
+            3,
+            "every node follows the backends"
+        );
+        assert!(revisions(&s).iter().zip(&before).all(|(a, b)| a > b));
+        for id in &ids {
+            assert_eq!(
+                s.nodes[id].assignment.published[0].backends,
+                [first.attachments[0].addr.addr()]
+            );
+        }
+        run_all(&mut s, "web");
+        s.reconcile(3);
+        s.refresh_assignments();
+        let mut all: Vec<Ipv4Addr> = current(&s, "web")
+            .iter()
+            .map(|t| t.attachments[0].addr.addr())
+            .collect();
+        all.sort();
+        assert_eq!(s.nodes[&ids[0]].assignment.published[0].backends, all);
+
+        // A dying task leaves the backends everywhere; its replacement joins once it runs.
+        report(&mut s, &first, TaskState::Failed, Some("exit status 1"));
+        s.reconcile(300);
+        assert_eq!(s.refresh_assignments().len(), 3);
+        let left = &s.nodes[&ids[1]].assignment.published[0].backends;
+        assert_eq!(left.len(), 1);
+        assert!(!left.contains(&first.attachments[0].addr.addr()));
+        // Scaling to zero empties the backends but the service stays published.
+        s.scale_service("web", 0, 301).unwrap();
+        s.reconcile(301);
+        s.refresh_assignments();
+        assert!(s.nodes[&ids[2]].assignment.published[0].backends.is_empty());
+        assert!(s.nodes[&ids[2]].assignment.ingress.is_some());
+    }
+
+    #[test]
+    fn publishing_and_unpublishing_ingress_replaces_tasks() {
+        let mut s = cluster(2);
+        s.create_network(
+            "backend",
+            "overlay",
+            Some("10.0.9.0/24"),
+            MANAGER.parse().unwrap(),
+            1,
+        )
+        .unwrap();
+        let id = s.create_service(&spec("web", 2, &["backend"]), 1).unwrap();
+        s.reconcile(1);
+        let old: Vec<String> = current(&s, "web").iter().map(|t| t.id.clone()).collect();
+        s.refresh_assignments();
+        assert!(s.nodes.values().all(|r| r.assignment.published.is_empty()));
+
+        // Host mode only: same tasks, published everywhere with fwmark 0 and no backends.
+        let host = port(81, 8080, Protocol::Udp, PublishMode::Host);
+        s.update_service("web", &[host], &[], 2).unwrap();
+        s.reconcile(2);
+        assert_eq!(
+            current(&s, "web")
+                .iter()
+                .map(|t| t.id.clone())
+                .collect::<Vec<_>>(),
+            old
+        );
+        s.refresh_assignments();
+        let p = &s.nodes.values().next().unwrap().assignment.published[0];
+        assert_eq!((p.fwmark, p.ports.clone()), (0, vec![host]));
+
+        // The first ingress port: a fwmark, and new tasks with an ingress endpoint after backend.
+        s.update_service("web", &[web(80)], &[], 3).unwrap();
+        s.reconcile(3);
+        assert_eq!(s.services[&id].fwmark, Some(256));
+        assert_eq!(s.services[&id].updated_at, 3);
+        let new = current(&s, "web");
+        assert_eq!(new.len(), 2);
+        assert!(new
+            .iter()
+            .all(|t| !old.contains(&t.id) && t.attachments.len() == 2));
+        assert!(old
+            .iter()
+            .all(|o| s.tasks[o].desired_state == TaskState::Shutdown));
+        let replaced: Vec<String> = new.iter().map(|t| t.id.clone()).collect();
+
+        // Another ingress port changes no task; removing both ingress ports drops the mesh.
+        s.update_service("web", &[web(8000)], &[], 4).unwrap();
+        s.reconcile(4);
+        assert_eq!(
+            current(&s, "web")
+                .iter()
+                .map(|t| t.id.clone())
+                .collect::<Vec<_>>(),
+            replaced
+        );
+        let p80 = PublishedPort {
+            protocol: Protocol::Tcp,
+            published: 80,
+        };
+        s.update_service("web", &[], &[p80], 5).unwrap();
+        assert_eq!(s.services[&id].fwmark, Some(256));
+        let p8000 = PublishedPort {
+            protocol: Protocol::Tcp,
+            published: 8000,
+        };
+        s.unpublish(p8000, 6).unwrap();
+        s.reconcile(6);
+        assert_eq!(s.services[&id].fwmark, None);
+        assert_eq!(s.services[&id].spec.ports, [host]);
+        assert!(current(&s, "web")
+            .iter()
+            .all(|t| t.attachments.len() == 1 && !replaced.contains(&t.id)));
+        // Swapping a port in one update: removals apply first.
+        let moved = port(81, 9090, Protocol::Udp, PublishMode::Host);
+        let p81 = PublishedPort {
+            protocol: Protocol::Udp,
+            published: 81,
+        };
+        s.update_service("web", &[moved], &[p81], 7).unwrap();
+        assert_eq!(s.services[&id].spec.ports, [moved]);
+    }
+
     #[test]
     fn networks_get_serial_vnis_and_free_subnets() {
         let mut s = cluster(1);
@@ -949,7 +1815,8 @@ pub(crate) mod tests {
             .create_network("c", "overlay", None, MANAGER.parse().unwrap(), 1)
             .unwrap();
         let net = |id: &str| s.networks[id].network.clone();
-        assert_eq!((net(&a).vni, net(&b).vni, net(&c).vni), (4096, 4097, 4098));
+        // The ingress network took 4096 when the cluster was created.
+        assert_eq!((net(&a).vni, net(&b).vni, net(&c).vni), (4097, 4098, 4099));
         assert_eq!(net(&a).subnet.to_string(), "10.0.0.0/24");
         assert_eq!(net(&c).subnet.to_string(), "10.0.1.0/24");
         assert_eq!(net(&b).gateway, Ipv4Addr::new(10, 0, 9, 1));
@@ -958,7 +1825,7 @@ pub(crate) mod tests {
         let d = s
             .create_network("d", "overlay", None, MANAGER.parse().unwrap(), 1)
             .unwrap();
-        assert_eq!(net_of(&s, &d).vni, 4099);
+        assert_eq!(net_of(&s, &d).vni, 4100);
         assert_eq!(net_of(&s, &d).subnet.to_string(), "10.0.0.0/24");
     }
 

@@ -2,12 +2,18 @@
 
 use std::collections::BTreeMap;
 
+use ipnet::Ipv4Net;
+use proto::agent::LbReport;
 use proto::api::{
-    NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, ServiceInfo, TaskEndpoint, TaskInfo,
+    IngressSbox, NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, NodeLb, PublishInfo,
+    ServiceInfo, TaskEndpoint, TaskInfo,
 };
 use proto::model::{Network, TaskState};
 
 use crate::state::{State, Task};
+
+/// The agents' latest load balancer reports, by node id (live state, kept in memory).
+pub type LbReports = BTreeMap<String, LbReport>;
 
 pub fn nodes(s: &State) -> Vec<NodeInfo> {
     let mut out: Vec<NodeInfo> = s.nodes.keys().map(|id| node(s, id)).collect();
@@ -31,7 +37,7 @@ pub fn networks(s: &State) -> Vec<Network> {
     out
 }
 
-pub fn network(s: &State, id: &str) -> NetworkDetail {
+pub fn network(s: &State, lb: &LbReports, id: &str) -> NetworkDetail {
     let record = &s.networks[id];
     let mut endpoints = Vec::new();
     let mut peers: BTreeMap<String, NetworkPeer> = BTreeMap::new();
@@ -63,21 +69,86 @@ pub fn network(s: &State, id: &str) -> NetworkDetail {
     endpoints.sort_by_key(|e| e.addr);
     let mut peers: Vec<NetworkPeer> = peers.into_values().collect();
     peers.sort_by(|a, b| a.name.cmp(&b.name));
+    let (sboxes, lb) = if record.network.ingress {
+        let mut sboxes: Vec<IngressSbox> = s
+            .nodes
+            .values()
+            .filter_map(|r| {
+                Some(IngressSbox {
+                    node_id: r.node.id.clone(),
+                    hostname: r.node.hostname.clone(),
+                    addr: Ipv4Net::new(r.ingress_addr?, record.network.subnet.prefix_len()).ok()?,
+                })
+            })
+            .collect();
+        sboxes.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+        (sboxes, node_lbs(s, lb, None))
+    } else {
+        (Vec::new(), Vec::new())
+    };
     NetworkDetail {
         network: record.network.clone(),
         created_at: record.created_at,
         endpoints,
         peers,
+        sboxes,
+        lb,
     }
 }
 
-pub fn services(s: &State) -> Vec<ServiceInfo> {
-    let mut out: Vec<ServiceInfo> = s.services.keys().map(|id| service(s, id)).collect();
+/// Each reporting node's load balancer, by hostname; only `fwmark`'s entry when given.
+fn node_lbs(s: &State, lb: &LbReports, fwmark: Option<u32>) -> Vec<NodeLb> {
+    let mut out: Vec<NodeLb> = lb
+        .iter()
+        .filter_map(|(id, report)| {
+            let node = s.nodes.get(id)?;
+            Some(NodeLb {
+                node_id: id.clone(),
+                hostname: node.node.hostname.clone(),
+                backend: report.backend.clone(),
+                services: report
+                    .services
+                    .iter()
+                    .filter(|svc| fwmark.is_none_or(|m| svc.fwmark == m))
+                    .cloned()
+                    .collect(),
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| a.hostname.cmp(&b.hostname));
+    out
+}
+
+/// Every published port, by port then service.
+pub fn published(s: &State) -> Vec<PublishInfo> {
+    let mut out: Vec<PublishInfo> = s
+        .services
+        .values()
+        .flat_map(|svc| {
+            svc.spec.ports.iter().map(|p| PublishInfo {
+                service: svc.spec.name.clone(),
+                service_id: svc.id.clone(),
+                port: *p,
+            })
+        })
+        .collect();
+    out.sort_by(|a, b| {
+        (a.port.published, a.port.protocol, &a.service).cmp(&(
+            b.port.published,
+            b.port.protocol,
+            &b.service,
+        ))
+    });
+    out
+}
+
+pub fn services(s: &State, lb: &LbReports) -> Vec<ServiceInfo> {
+    let mut out: Vec<ServiceInfo> = s.services.keys().map(|id| service(s, lb, id)).collect();
     out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     out
 }
 
-pub fn service(s: &State, id: &str) -> ServiceInfo {
+pub fn service(s: &State, lb: &LbReports, id: &str) -> ServiceInfo {
     let svc = &s.services[id];
     let running = s
         .tasks
@@ -100,6 +171,11 @@ pub fn service(s: &State, id: &str) -> ServiceInfo {
         running,
         created_at: svc.created_at,
         updated_at: svc.updated_at,
+        fwmark: svc.fwmark,
+        lb: svc
+            .fwmark
+            .map(|m| node_lbs(s, lb, Some(m)))
+            .unwrap_or_default(),
     }
 }
 
@@ -176,8 +252,9 @@ mod tests {
             .unwrap();
         s.create_service(&spec("web", 2, &["backend"]), 1).unwrap();
         s.reconcile(1);
-        let d = network(&s, &net);
-        assert_eq!(d.network.vni, 4096);
+        let d = network(&s, &LbReports::new(), &net);
+        assert_eq!(d.network.vni, 4097);
+        assert!(d.sboxes.is_empty() && d.lb.is_empty());
         let addrs: Vec<String> = d.endpoints.iter().map(|e| e.addr.to_string()).collect();
         assert_eq!(addrs, ["10.0.9.2/24", "10.0.9.3/24"]);
         assert_eq!(d.endpoints[0].mac, "02:42:0a:00:09:02");
@@ -219,6 +296,6 @@ mod tests {
         );
         assert_eq!(ts[1].id, first.id);
         assert!(ts[0].node.is_some());
-        assert_eq!(service(&s, &id).running, 0);
+        assert_eq!(service(&s, &LbReports::new(), &id).running, 0);
     }
 }

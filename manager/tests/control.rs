@@ -9,9 +9,11 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use proto::agent::{AgentMsg, Assignment, ManagerMsg, TaskStatus};
+use proto::agent::{
+    AgentMsg, Assignment, LbBackendReport, LbReport, LbServiceReport, ManagerMsg, TaskStatus,
+};
 use proto::api::{Request, Response, ServiceSpec, TaskInfo};
-use proto::model::{Role, TaskState};
+use proto::model::{PortConfig, Protocol, PublishMode, Role, TaskState};
 use serde::de::DeserializeOwned;
 
 struct TempDir(PathBuf);
@@ -165,6 +167,16 @@ impl Conn<TcpStream> {
         }
     }
 
+    /// Reads assignments until one satisfies `done`.
+    fn assignment_until(&mut self, done: impl Fn(&Assignment) -> bool) -> Assignment {
+        loop {
+            let a = self.assignment();
+            if done(&a) {
+                return a;
+            }
+        }
+    }
+
     /// Reads assignments until one has `tasks` tasks (the manager may push intermediate ones).
     fn assignment_with(&mut self, tasks: usize) -> Assignment {
         loop {
@@ -278,6 +290,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
             networks: vec!["backend".into()],
             constraints: vec![],
             command: vec!["hello-server".into(), "--port".into(), "8080".into()],
+            ports: vec![],
         },
     }) else {
         panic!("service create failed; log:\n{}", manager.logs())
@@ -409,4 +422,114 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
 fn service_with_running(mut s: proto::api::ServiceInfo, running: usize) -> proto::api::ServiceInfo {
     s.running = running;
     s
+}
+
+/// The routing mesh from the manager's side: every agent gets the ingress network with its
+/// sbox, and the published service with the running tasks' ingress addresses as backends;
+/// what an agent reports of its load balancer shows in `service inspect`.
+#[test]
+fn a_published_service_reaches_every_agent_with_its_backends() {
+    let tmp = TempDir::new();
+    let port = free_port();
+    let manager = Manager::start(&tmp.0, port, "publish");
+    let mut a1 = Conn::agent(port);
+    a1.hello("node1", "127.0.0.1", None);
+    let first = a1.assignment();
+    let ingress = first.ingress.expect("every node gets the ingress network");
+    assert_eq!(ingress.network.name, "ingress");
+    assert_eq!(ingress.sbox_addr.to_string(), "10.255.0.2/16");
+    let mut a2 = Conn::agent(port);
+    let (id2, _) = a2.hello("node2", "127.0.0.2", None);
+    let second = a2.assignment();
+    // node2 sees node1's sbox as a peer behind node1's address, and node1 is told about node2.
+    let peers = &second.ingress.as_ref().unwrap().network.peers;
+    assert_eq!(peers.len(), 1);
+    assert_eq!(
+        (peers[0].ip.to_string(), peers[0].vtep.to_string()),
+        ("10.255.0.2".to_string(), "127.0.0.1".to_string())
+    );
+    let a = a1.assignment_until(|a| {
+        a.ingress
+            .as_ref()
+            .is_some_and(|i| i.network.peers.len() == 1)
+    });
+    assert_eq!(
+        a.ingress.unwrap().network.peers[0].ip.to_string(),
+        "10.255.0.3"
+    );
+
+    let mut api = Conn::api(&tmp.0);
+    let web = |published: u16| PortConfig {
+        protocol: Protocol::Tcp,
+        published,
+        target: 8080,
+        mode: PublishMode::Ingress,
+    };
+    let spec = |ports: Vec<PortConfig>| ServiceSpec {
+        name: "web".into(),
+        replicas: 1,
+        networks: vec![],
+        constraints: vec!["node.hostname==node2".into()],
+        command: vec!["hello-server".into()],
+        ports,
+    };
+    // The manager's own agent port cannot be published.
+    match api.call(Request::ServiceCreate {
+        spec: spec(vec![web(port)]),
+    }) {
+        Response::Error { message } => assert!(
+            message.contains(&format!("port {port}/tcp is reserved")),
+            "{message}"
+        ),
+        other => panic!("publishing the agent port was accepted: {other:?}"),
+    }
+    let Response::Service { service } = api.call(Request::ServiceCreate {
+        spec: spec(vec![web(80)]),
+    }) else {
+        panic!("service create failed; log:\n{}", manager.logs())
+    };
+    assert_eq!(service.fwmark, Some(256));
+
+    let on2 = a2.assignment_with(1);
+    let task_ip = on2.tasks[0].attachments[0].addr.addr();
+    assert_eq!(on2.tasks[0].attachments[0].network_id, ingress.network.id);
+    assert!(on2.published[0].backends.is_empty(), "not running yet");
+    a2.report_running(&on2);
+    // Both nodes, also node1 without a task, get the running task as the backend.
+    for agent in [&mut a1, &mut a2] {
+        let a =
+            agent.assignment_until(|a| a.published.first().is_some_and(|p| !p.backends.is_empty()));
+        assert_eq!(a.published[0].fwmark, 256);
+        assert_eq!(a.published[0].ports, [web(80)]);
+        assert_eq!(a.published[0].backends, [task_ip]);
+    }
+
+    a2.send(&AgentMsg::LbState(LbReport {
+        backend: "nftables".into(),
+        services: vec![LbServiceReport {
+            fwmark: 256,
+            backends: vec![LbBackendReport {
+                ip: task_ip,
+                weight: 1,
+            }],
+        }],
+    }));
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let Response::Service { service } = api.call(Request::ServiceInspect {
+            service: "web".into(),
+        }) else {
+            panic!("service inspect failed")
+        };
+        if let Some(lb) = service.lb.first() {
+            assert_eq!(
+                (lb.node_id.as_str(), lb.backend.as_str()),
+                (id2.as_str(), "nftables")
+            );
+            assert_eq!(lb.services[0].backends[0].ip, task_ip);
+            break;
+        }
+        assert!(Instant::now() < deadline, "the LB report never showed");
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }

@@ -1,6 +1,7 @@
 //! meshctl: the command line of a meshnet cluster, with docker's verbs and tables.
 
 mod client;
+mod ports;
 mod progress;
 mod render;
 
@@ -10,8 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use proto::api::{Request, Response, ServiceSpec};
-use proto::model::Availability;
+use proto::api::{PublishedPort, Request, Response, ServiceSpec};
+use proto::model::{Availability, PortConfig, PublishMode};
 use serde::Serialize;
 
 use crate::client::{Client, Host};
@@ -43,6 +44,55 @@ enum Command {
     /// Manage services
     #[command(subcommand)]
     Service(ServiceCmd),
+    /// Publish a port of a service (meshctl publish 80:8080 --service web), list or remove
+    /// published ports
+    Publish(PublishArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true, subcommand_negates_reqs = true)]
+struct PublishArgs {
+    #[command(subcommand)]
+    cmd: Option<PublishCmd>,
+    /// PUBLISHED:TARGET[/tcp|udp], or mode=ingress|host,published=P,target=T,protocol=tcp|udp
+    #[arg(value_parser = ports::parse_publish, required = true)]
+    port: Option<PortConfig>,
+    /// The service that gets the port
+    #[arg(long, required = true)]
+    service: Option<String>,
+    /// ingress (every node answers, default) or host (only nodes with a task)
+    #[arg(long, value_enum)]
+    mode: Option<ModeArg>,
+    #[command(flatten)]
+    wait: WaitArgs,
+}
+
+#[derive(Debug, Subcommand)]
+enum PublishCmd {
+    /// List published ports
+    #[command(alias = "list")]
+    Ls(ListFormat),
+    /// Unpublish ports: meshctl publish rm 80 53/udp
+    #[command(alias = "remove")]
+    Rm {
+        #[arg(required = true, value_parser = ports::parse_unpublish)]
+        ports: Vec<PublishedPort>,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum ModeArg {
+    Ingress,
+    Host,
+}
+
+impl From<ModeArg> for PublishMode {
+    fn from(m: ModeArg) -> PublishMode {
+        match m {
+            ModeArg::Ingress => PublishMode::Ingress,
+            ModeArg::Host => PublishMode::Host,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -127,10 +177,14 @@ enum NetworkCmd {
     /// List networks
     #[command(alias = "list")]
     Ls(ListFormat),
-    /// Show networks in detail: subnet, gateway, VNI, endpoints and peers
+    /// Show networks in detail: subnet, gateway, VNI, endpoints and peers (for ingress also
+    /// each node's ingress_sbox address and load balancer)
     Inspect {
         #[command(flatten)]
         format: InspectArgs,
+        /// Human-readable text instead of JSON
+        #[arg(long, conflicts_with = "format")]
+        pretty: bool,
         #[arg(required = true)]
         networks: Vec<String>,
     },
@@ -155,10 +209,13 @@ enum ServiceCmd {
         format: ListFormat,
         service: String,
     },
-    /// Show services in detail
+    /// Show services in detail, with their fwmark and each node's load balancer
     Inspect {
         #[command(flatten)]
         format: InspectArgs,
+        /// Human-readable text instead of JSON
+        #[arg(long, conflicts_with = "format")]
+        pretty: bool,
         #[arg(required = true)]
         services: Vec<String>,
     },
@@ -174,6 +231,18 @@ enum ServiceCmd {
     Rm {
         #[arg(required = true)]
         services: Vec<String>,
+    },
+    /// Change a service's published ports
+    Update {
+        /// Publish a port: P:T[/tcp|udp] or mode=...,published=P,target=T,protocol=... (repeatable)
+        #[arg(long = "publish-add", value_parser = ports::parse_publish)]
+        publish_add: Vec<PortConfig>,
+        /// Unpublish a port: P[/tcp|udp] (repeatable)
+        #[arg(long = "publish-rm", value_parser = ports::parse_unpublish)]
+        publish_rm: Vec<PublishedPort>,
+        #[command(flatten)]
+        wait: WaitArgs,
+        service: String,
     },
 }
 
@@ -199,6 +268,10 @@ struct CreateArgs {
     /// Placement constraint, e.g. node.role==worker (repeatable)
     #[arg(long = "constraint")]
     constraints: Vec<String>,
+    /// Publish a port: P:T[/tcp|udp] or mode=ingress|host,published=P,target=T,protocol=tcp|udp
+    /// (repeatable)
+    #[arg(long = "publish", short = 'p', value_parser = ports::parse_publish)]
+    publish: Vec<PortConfig>,
     #[command(flatten)]
     wait: WaitArgs,
     /// The task's command and its arguments, after --
@@ -292,7 +365,77 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Node(cmd) => node(&mut c, cmd),
         Command::Network(cmd) => network(&mut c, cmd),
         Command::Service(cmd) => service(&mut c, cmd),
+        Command::Publish(args) => publish(&mut c, args),
     }
+}
+
+/// Changes a service's ports, prints its name, and waits for it to converge unless detached
+/// (tasks are replaced when the service joins or leaves the routing mesh).
+fn update_ports(
+    c: &mut Client,
+    service: String,
+    publish_add: Vec<PortConfig>,
+    publish_rm: Vec<PublishedPort>,
+    wait: &WaitArgs,
+) -> anyhow::Result<()> {
+    let what = format!("update service {service}");
+    let req = Request::ServiceUpdate {
+        service: service.clone(),
+        publish_add,
+        publish_rm,
+    };
+    let info = expect!(what, c.call(&req)?, Response::Service { service } => service);
+    println!("{service}");
+    if !wait.detach {
+        progress::wait(
+            c,
+            &info.spec.name,
+            info.spec.replicas,
+            Duration::from_secs(wait.timeout),
+            &mut std::io::stdout(),
+        )?;
+    }
+    Ok(())
+}
+
+fn publish(c: &mut Client, args: PublishArgs) -> anyhow::Result<()> {
+    match args.cmd {
+        Some(PublishCmd::Ls(f)) => {
+            let ports = expect!("list published ports", c.call(&Request::PublishLs)?,
+                                Response::Ports { ports } => ports);
+            match f.format {
+                Format::Table => print!("{}", render::published(&ports)),
+                Format::Json => print_json(&ports)?,
+            }
+        }
+        Some(PublishCmd::Rm { ports }) => {
+            let mut refused = Vec::new();
+            for port in ports {
+                let req = Request::PublishRm {
+                    protocol: port.protocol,
+                    published: port.published,
+                };
+                match c.call(&req) {
+                    Ok(_) => println!("{port}"),
+                    Err(e) => refused.push(format!("{e:#}")),
+                }
+            }
+            if !refused.is_empty() {
+                bail!(refused.join("\nError: "));
+            }
+        }
+        None => {
+            // clap requires both when there is no subcommand.
+            let (Some(mut port), Some(service)) = (args.port, args.service) else {
+                bail!("publish: a port and --service are required");
+            };
+            if let Some(mode) = args.mode {
+                port.mode = mode.into();
+            }
+            update_ports(c, service, vec![port], vec![], &args.wait)?;
+        }
+    }
+    Ok(())
 }
 
 fn node(c: &mut Client, cmd: NodeCmd) -> anyhow::Result<()> {
@@ -356,14 +499,23 @@ fn network(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<()> {
                 Format::Json => print_json(&networks)?,
             }
         }
-        NetworkCmd::Inspect { networks, format } => {
+        NetworkCmd::Inspect {
+            networks,
+            format,
+            pretty,
+        } => {
             let mut out = Vec::new();
             for network in networks {
                 let what = format!("inspect network {network}");
                 let req = Request::NetworkInspect { network };
                 out.push(expect!(what, c.call(&req)?, Response::Network { network } => network));
             }
-            print_inspect(&out, &format)?;
+            if pretty {
+                let texts: Vec<String> = out.iter().map(render::network_pretty).collect();
+                print!("{}", texts.join("\n"));
+            } else {
+                print_inspect(&out, &format)?;
+            }
         }
         NetworkCmd::Rm { networks } => {
             remove(c, networks, |network| Request::NetworkRm { network })?
@@ -404,6 +556,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 networks: args.networks,
                 constraints: args.constraints,
                 command: args.command,
+                ports: args.publish,
             };
             let what = format!("create service {}", spec.name);
             let created = expect!(what, c.call(&Request::ServiceCreate { spec })?,
@@ -436,15 +589,30 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 Format::Json => print_json(&tasks)?,
             }
         }
-        ServiceCmd::Inspect { services, format } => {
+        ServiceCmd::Inspect {
+            services,
+            format,
+            pretty,
+        } => {
             let mut out = Vec::new();
             for service in services {
                 let what = format!("inspect service {service}");
                 let req = Request::ServiceInspect { service };
                 out.push(expect!(what, c.call(&req)?, Response::Service { service } => service));
             }
-            print_inspect(&out, &format)?;
+            if pretty {
+                let texts: Vec<String> = out.iter().map(render::service_pretty).collect();
+                print!("{}", texts.join("\n"));
+            } else {
+                print_inspect(&out, &format)?;
+            }
         }
+        ServiceCmd::Update {
+            publish_add,
+            publish_rm,
+            wait,
+            service,
+        } => update_ports(c, service, publish_add, publish_rm, &wait)?,
         ServiceCmd::Scale { wait, scales } => {
             let mut scaled = Vec::new();
             for (service, replicas) in scales {
@@ -630,6 +798,115 @@ mod tests {
             })
         ));
         assert!(parse(&["network", "rm"]).is_err());
+    }
+
+    #[test]
+    fn publish_flags_in_every_form() {
+        use proto::model::Protocol;
+        let cli = parse(&[
+            "service",
+            "create",
+            "--name",
+            "web",
+            "--publish",
+            "80:8080",
+            "-p",
+            "53:5353/udp",
+            "--publish",
+            "mode=host,published=81,target=8080",
+            "--",
+            "hello-server",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCmd::Create(a)) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        let seen: Vec<(u16, u16, Protocol, PublishMode)> = a
+            .publish
+            .iter()
+            .map(|p| (p.published, p.target, p.protocol, p.mode))
+            .collect();
+        assert_eq!(
+            seen,
+            [
+                (80, 8080, Protocol::Tcp, PublishMode::Ingress),
+                (53, 5353, Protocol::Udp, PublishMode::Ingress),
+                (81, 8080, Protocol::Tcp, PublishMode::Host)
+            ]
+        );
+        assert_eq!(a.command, ["hello-server"]);
+        let err = parse(&["service", "create", "--name", "w", "-p", "80", "x"]).unwrap_err();
+        assert!(err.contains("invalid publish \"80\""), "{err}");
+
+        let cli = parse(&[
+            "service",
+            "update",
+            "--publish-add",
+            "8080:80",
+            "--publish-rm",
+            "80",
+            "--publish-rm",
+            "53/udp",
+            "-d",
+            "web",
+        ])
+        .unwrap();
+        let Command::Service(ServiceCmd::Update {
+            publish_add,
+            publish_rm,
+            wait,
+            service,
+        }) = cli.command
+        else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(
+            (publish_add[0].published, publish_add[0].target),
+            (8080, 80)
+        );
+        let rm: Vec<String> = publish_rm.iter().map(|p| p.to_string()).collect();
+        assert_eq!(rm, ["80/tcp", "53/udp"]);
+        assert!(wait.detach);
+        assert_eq!(service, "web");
+
+        let cli = parse(&["publish", "81:8080", "--service", "web", "--mode", "host"]).unwrap();
+        let Command::Publish(p) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert!(p.cmd.is_none());
+        assert_eq!(p.port.unwrap().published, 81);
+        assert_eq!(p.mode, Some(ModeArg::Host));
+        assert_eq!(p.service.as_deref(), Some("web"));
+        let cli = parse(&["publish", "ls", "--format", "json"]).unwrap();
+        let Command::Publish(p) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert!(matches!(
+            p.cmd,
+            Some(PublishCmd::Ls(ListFormat {
+                format: Format::Json
+            }))
+        ));
+        let cli = parse(&["publish", "rm", "80", "53/udp"]).unwrap();
+        let Command::Publish(PublishArgs {
+            cmd: Some(PublishCmd::Rm { ports }),
+            ..
+        }) = cli.command
+        else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(ports.len(), 2);
+        assert!(
+            parse(&["publish", "81:8080"]).is_err(),
+            "--service is required"
+        );
+        assert!(
+            parse(&["publish", "--service", "web"]).is_err(),
+            "the port is required"
+        );
+        assert!(parse(&["publish", "rm", "80:8080"]).is_err());
+        assert!(parse(&["service", "inspect", "--pretty", "web"]).is_ok());
+        assert!(parse(&["network", "inspect", "--pretty", "--format", "json", "x"]).is_err());
     }
 
     #[test]

@@ -1,8 +1,12 @@
 //! Table output modelled on docker's: the same columns and state words, aligned like its
 //! tabwriter (cells at least 10 wide, 3 spaces of padding).
 
-use proto::api::{NodeInfo, ServiceInfo, TaskInfo};
+use std::fmt::Write;
+
+use proto::api::{NetworkDetail, NodeInfo, NodeLb, PublishInfo, ServiceInfo, TaskInfo};
 use proto::model::{Availability, Network, NodeStatus, Role, TaskState};
+
+use crate::ports;
 
 /// Renders rows under headers; every line ends with a newline, trailing blanks trimmed.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -135,10 +139,145 @@ pub fn services(services: &[ServiceInfo]) -> String {
                 "replicated".to_string(),
                 format!("{}/{}", s.running, s.spec.replicas),
                 s.spec.command.join(" "),
+                s.spec
+                    .ports
+                    .iter()
+                    .map(ports::short)
+                    .collect::<Vec<_>>()
+                    .join(", "),
             ]
         })
         .collect();
-    table(&["ID", "NAME", "MODE", "REPLICAS", "COMMAND"], &rows)
+    table(
+        &["ID", "NAME", "MODE", "REPLICAS", "COMMAND", "PORTS"],
+        &rows,
+    )
+}
+
+/// `meshctl publish ls`.
+pub fn published(ports: &[PublishInfo]) -> String {
+    let rows: Vec<Vec<String>> = ports
+        .iter()
+        .map(|p| {
+            vec![
+                p.service.clone(),
+                p.port.published.to_string(),
+                p.port.target.to_string(),
+                ports::protocol_word(p.port.protocol).to_string(),
+                ports::mode_word(p.port.mode).to_string(),
+            ]
+        })
+        .collect();
+    table(
+        &["SERVICE", "PUBLISHED", "TARGET", "PROTOCOL", "MODE"],
+        &rows,
+    )
+}
+
+/// Load balancer state as a table: one row per node and fwmark.
+fn lb_table(lbs: &[NodeLb]) -> String {
+    let mut rows = Vec::new();
+    for lb in lbs {
+        if lb.services.is_empty() {
+            rows.push(vec![
+                lb.hostname.clone(),
+                lb.backend.clone(),
+                String::new(),
+                "(none)".to_string(),
+            ]);
+        }
+        for svc in &lb.services {
+            let backends: Vec<String> = svc
+                .backends
+                .iter()
+                .map(|b| format!("{} weight {}", b.ip, b.weight))
+                .collect();
+            rows.push(vec![
+                lb.hostname.clone(),
+                lb.backend.clone(),
+                svc.fwmark.to_string(),
+                if backends.is_empty() {
+                    "(none)".to_string()
+                } else {
+                    backends.join(", ")
+                },
+            ]);
+        }
+    }
+    table(&["NODE", "LB", "FWMARK", "BACKENDS"], &rows)
+}
+
+/// `meshctl service inspect --pretty`, after docker's.
+pub fn service_pretty(s: &ServiceInfo) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "ID:\t\t{}", s.id);
+    let _ = writeln!(out, "Name:\t\t{}", s.spec.name);
+    let _ = writeln!(out, "Service Mode:\tReplicated");
+    let _ = writeln!(
+        out,
+        " Replicas:\t{} (running {})",
+        s.spec.replicas, s.running
+    );
+    if !s.spec.constraints.is_empty() {
+        let _ = writeln!(out, "Placement:");
+        let _ = writeln!(out, " Constraints:\t{}", s.spec.constraints.join(", "));
+    }
+    let _ = writeln!(out, "Command:\t{}", s.spec.command.join(" "));
+    let _ = writeln!(out, "Networks:\t{}", s.network_names.join(" "));
+    if !s.spec.ports.is_empty() {
+        let _ = writeln!(out, "Ports:");
+        for p in &s.spec.ports {
+            let _ = writeln!(out, " PublishedPort = {}", p.published);
+            let _ = writeln!(out, "  Protocol = {}", ports::protocol_word(p.protocol));
+            let _ = writeln!(out, "  TargetPort = {}", p.target);
+            let _ = writeln!(out, "  PublishMode = {}", ports::mode_word(p.mode));
+        }
+    }
+    if let Some(mark) = s.fwmark {
+        let _ = writeln!(out, "Fwmark:\t\t{mark}");
+        let _ = writeln!(out, "Load balancers:");
+        out.push_str(&lb_table(&s.lb));
+    }
+    out
+}
+
+/// `meshctl network inspect --pretty`; for ingress also the sboxes and load balancers.
+pub fn network_pretty(n: &NetworkDetail) -> String {
+    let mut out = String::new();
+    let net = &n.network;
+    let _ = writeln!(out, "ID:\t\t{}", net.id);
+    let _ = writeln!(out, "Name:\t\t{}", net.name);
+    let _ = writeln!(out, "Driver:\t\t{}", net.driver);
+    let _ = writeln!(out, "Ingress:\t{}", net.ingress);
+    let _ = writeln!(out, "Subnet:\t\t{}", net.subnet);
+    let _ = writeln!(out, "Gateway:\t{}", net.gateway);
+    let _ = writeln!(out, "VNI:\t\t{}", net.vni);
+    let _ = writeln!(out, "Endpoints:");
+    let rows: Vec<Vec<String>> = n
+        .endpoints
+        .iter()
+        .map(|e| {
+            vec![
+                e.task_name.clone(),
+                e.node.clone().unwrap_or_default(),
+                e.addr.to_string(),
+                e.mac.clone(),
+            ]
+        })
+        .collect();
+    out.push_str(&table(&["TASK", "NODE", "ADDRESS", "MAC"], &rows));
+    if net.ingress {
+        let _ = writeln!(out, "Ingress sandboxes:");
+        let rows: Vec<Vec<String>> = n
+            .sboxes
+            .iter()
+            .map(|b| vec![b.hostname.clone(), b.addr.to_string()])
+            .collect();
+        out.push_str(&table(&["NODE", "ADDRESS"], &rows));
+        let _ = writeln!(out, "Load balancers:");
+        out.push_str(&lb_table(&n.lb));
+    }
+    out
 }
 
 pub fn tasks(tasks: &[TaskInfo], now: u64) -> String {
@@ -180,8 +319,9 @@ pub fn tasks(tasks: &[TaskInfo], now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::api::{ServiceSpec, TaskEndpoint};
-    use proto::model::Node;
+    use proto::agent::{LbBackendReport, LbServiceReport};
+    use proto::api::{IngressSbox, ServiceSpec, TaskEndpoint};
+    use proto::model::{Node, PortConfig, Protocol, PublishMode};
     use std::collections::BTreeMap;
 
     #[test]
@@ -277,16 +417,130 @@ mod tests {
                 networks: vec!["n".into()],
                 constraints: vec![],
                 command: vec!["hello-server".into(), "--port".into(), "8080".into()],
+                ports: vec![
+                    PortConfig {
+                        protocol: Protocol::Tcp,
+                        published: 80,
+                        target: 8080,
+                        mode: PublishMode::Ingress,
+                    },
+                    PortConfig {
+                        protocol: Protocol::Udp,
+                        published: 53,
+                        target: 5353,
+                        mode: PublishMode::Host,
+                    },
+                ],
             },
             network_names: vec!["backend".into()],
             running: 2,
             created_at: 0,
             updated_at: 0,
+            fwmark: Some(256),
+            lb: vec![],
         }]);
         assert_eq!(
             out,
-            "ID             NAME      MODE         REPLICAS   COMMAND\n\
-             0123456789ab   web       replicated   2/3        hello-server --port 8080\n"
+            "ID             NAME      MODE         REPLICAS   COMMAND                    PORTS\n\
+             0123456789ab   web       replicated   2/3        hello-server --port 8080   *:80->8080/tcp, *:53->5353/udp\n"
+        );
+    }
+
+    fn lb(hostname: &str, backends: &[(&str, u32)]) -> NodeLb {
+        NodeLb {
+            node_id: format!("id-{hostname}"),
+            hostname: hostname.into(),
+            backend: "ipvs".into(),
+            services: vec![LbServiceReport {
+                fwmark: 256,
+                backends: backends
+                    .iter()
+                    .map(|(ip, weight)| LbBackendReport {
+                        ip: ip.parse().unwrap(),
+                        weight: *weight,
+                    })
+                    .collect(),
+            }],
+        }
+    }
+
+    #[test]
+    fn publish_ls_and_pretty_inspect_show_ports_and_load_balancers() {
+        let port = PortConfig {
+            protocol: Protocol::Udp,
+            published: 53,
+            target: 5353,
+            mode: PublishMode::Host,
+        };
+        assert_eq!(
+            published(&[PublishInfo {
+                service: "dns".into(),
+                service_id: "x".into(),
+                port,
+            }]),
+            "SERVICE   PUBLISHED   TARGET    PROTOCOL   MODE\n\
+             dns       53          5353      udp        host\n"
+        );
+        let info = ServiceInfo {
+            id: "svc".into(),
+            spec: ServiceSpec {
+                name: "web".into(),
+                replicas: 2,
+                networks: vec![],
+                constraints: vec![],
+                command: vec!["hello-server".into()],
+                ports: vec![port],
+            },
+            network_names: vec![],
+            running: 2,
+            created_at: 0,
+            updated_at: 0,
+            fwmark: Some(256),
+            lb: vec![
+                lb("node1", &[("10.255.0.5", 1), ("10.255.0.6", 0)]),
+                lb("node2", &[]),
+            ],
+        };
+        let out = service_pretty(&info);
+        assert!(out.contains(" PublishedPort = 53\n  Protocol = udp\n  TargetPort = 5353\n  PublishMode = host\n"), "{out}");
+        assert!(out.contains("Fwmark:\t\t256\n"), "{out}");
+        assert!(
+            out.ends_with(
+                "NODE      LB        FWMARK    BACKENDS\n\
+                 node1     ipvs      256       10.255.0.5 weight 1, 10.255.0.6 weight 0\n\
+                 node2     ipvs      256       (none)\n"
+            ),
+            "{out}"
+        );
+        let detail = NetworkDetail {
+            network: Network {
+                id: "ing".into(),
+                name: "ingress".into(),
+                driver: "overlay".into(),
+                subnet: "10.255.0.0/16".parse().unwrap(),
+                gateway: "10.255.0.1".parse().unwrap(),
+                vni: 4096,
+                ingress: true,
+            },
+            created_at: 0,
+            endpoints: vec![],
+            peers: vec![],
+            sboxes: vec![IngressSbox {
+                node_id: "n1".into(),
+                hostname: "node1".into(),
+                addr: "10.255.0.2/16".parse().unwrap(),
+            }],
+            lb: vec![lb("node1", &[("10.255.0.5", 1)])],
+        };
+        let out = network_pretty(&detail);
+        assert!(out.contains("VNI:\t\t4096\n"), "{out}");
+        assert!(
+            out.contains("NODE      ADDRESS\nnode1     10.255.0.2/16\n"),
+            "{out}"
+        );
+        assert!(
+            out.contains("node1     ipvs      256       10.255.0.5 weight 1\n"),
+            "{out}"
         );
     }
 

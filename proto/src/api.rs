@@ -13,7 +13,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Availability, Network, Node, TaskState};
+use crate::agent::LbServiceReport;
+use crate::model::{Availability, Network, Node, PortConfig, Protocol, TaskState};
 
 /// Where `mesh-manager` listens for `meshctl` unless told otherwise.
 pub const DEFAULT_API_SOCKET: &str = "/run/meshnet/manager.sock";
@@ -71,6 +72,77 @@ pub enum Request {
     ServiceRm {
         service: String,
     },
+    /// `meshctl service update`: removes `publish_rm`, then adds `publish_add`, all or nothing.
+    /// When the service gains its first ingress-mode port or loses its last, it joins or leaves
+    /// the ingress network: its fwmark is allocated or freed and its tasks are replaced.
+    ServiceUpdate {
+        service: String,
+        #[serde(default)]
+        publish_add: Vec<PortConfig>,
+        #[serde(default)]
+        publish_rm: Vec<PublishedPort>,
+    },
+    /// Every published port of every service.
+    PublishLs,
+    /// Unpublishes a port from whichever service publishes it.
+    PublishRm {
+        protocol: Protocol,
+        published: u16,
+    },
+}
+
+/// A published port as the nodes see it: what `--publish-rm` and `publish rm` name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub struct PublishedPort {
+    pub protocol: Protocol,
+    pub published: u16,
+}
+
+impl std::fmt::Display for PublishedPort {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let proto = match self.protocol {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        };
+        write!(f, "{}/{proto}", self.published)
+    }
+}
+
+impl From<&PortConfig> for PublishedPort {
+    fn from(p: &PortConfig) -> PublishedPort {
+        PublishedPort {
+            protocol: p.protocol,
+            published: p.published,
+        }
+    }
+}
+
+/// One row of `meshctl publish ls`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PublishInfo {
+    pub service: String,
+    pub service_id: String,
+    #[serde(flatten)]
+    pub port: PortConfig,
+}
+
+/// What one node's load balancer holds, from its agent's latest report.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeLb {
+    pub node_id: String,
+    pub hostname: String,
+    /// "ipvs" or "nftables".
+    pub backend: String,
+    /// fwmark → backends with weights; in a service's view only that service's fwmark.
+    pub services: Vec<LbServiceReport>,
+}
+
+/// A node's ingress_sbox endpoint on the ingress network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IngressSbox {
+    pub node_id: String,
+    pub hostname: String,
+    pub addr: Ipv4Net,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -100,6 +172,9 @@ pub enum Response {
     Tasks {
         tasks: Vec<TaskInfo>,
     },
+    Ports {
+        ports: Vec<PublishInfo>,
+    },
     /// The id of the object that a `rm` removed.
     Removed {
         id: String,
@@ -119,6 +194,9 @@ pub struct ServiceSpec {
     pub constraints: Vec<String>,
     /// argv of each task's process.
     pub command: Vec<String>,
+    /// Published ports; one in ingress mode attaches the tasks to the ingress network.
+    #[serde(default)]
+    pub ports: Vec<PortConfig>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -141,6 +219,12 @@ pub struct NetworkDetail {
     pub endpoints: Vec<NetworkEndpoint>,
     /// Nodes with at least one endpoint on this network, as in Docker's `Peers`.
     pub peers: Vec<NetworkPeer>,
+    /// The ingress network only: every node's ingress_sbox address.
+    #[serde(default)]
+    pub sboxes: Vec<IngressSbox>,
+    /// The ingress network only: every node's load balancer as its agent last reported it.
+    #[serde(default)]
+    pub lb: Vec<NodeLb>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -175,6 +259,12 @@ pub struct ServiceInfo {
     pub running: usize,
     pub created_at: u64,
     pub updated_at: u64,
+    /// The routing mesh's mark for this service; only with an ingress-mode port.
+    #[serde(default)]
+    pub fwmark: Option<u32>,
+    /// Each node's load balancer entry for `fwmark`, as its agent last reported it.
+    #[serde(default)]
+    pub lb: Vec<NodeLb>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -258,6 +348,27 @@ mod tests {
     }
 
     #[test]
+    fn older_service_specs_and_details_still_parse() {
+        let spec: ServiceSpec =
+            decode_frame(br#"{"name":"web","replicas":1,"command":["x"]}"#).unwrap();
+        assert!(spec.ports.is_empty());
+        let req: Request = decode_frame(br#"{"type":"service_update","service":"web"}"#).unwrap();
+        assert_eq!(
+            req,
+            Request::ServiceUpdate {
+                service: "web".into(),
+                publish_add: vec![],
+                publish_rm: vec![],
+            }
+        );
+        let port = PublishedPort {
+            protocol: Protocol::Udp,
+            published: 53,
+        };
+        assert_eq!(port.to_string(), "53/udp");
+    }
+
+    #[test]
     fn network_detail_flattens_the_network() {
         let detail = NetworkDetail {
             network: Network {
@@ -276,6 +387,8 @@ mod tests {
                 name: "node1".into(),
                 ip: "192.168.56.11".parse().unwrap(),
             }],
+            sboxes: vec![],
+            lb: vec![],
         };
         let value: serde_json::Value = serde_json::from_slice(&encode_frame(&detail)).unwrap();
         assert_eq!(value["vni"], 4097);

@@ -5,9 +5,13 @@
 //!
 //! HTTP/1.1 with keep-alive, so load generators measure the network and not reconnects.
 //! One thread per connection: plenty for tests and benchmarks on a 2-core machine.
+//!
+//! With `--udp`, any datagram to the same port is answered with the same greeting, naming the
+//! local address the datagram was sent to.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::io::{BufRead, BufReader, IoSliceMut, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::os::fd::AsRawFd;
 
 use anyhow::{Context, Result};
 use clap::Parser;
@@ -23,6 +27,9 @@ struct Args {
     /// Address to bind (all addresses by default).
     #[arg(long, default_value = "0.0.0.0")]
     bind: std::net::IpAddr,
+    /// Also answer UDP on the same port.
+    #[arg(long)]
+    udp: bool,
 }
 
 fn main() -> Result<()> {
@@ -30,6 +37,14 @@ fn main() -> Result<()> {
     let addr = SocketAddr::new(args.bind, args.port);
     let listener = TcpListener::bind(addr).with_context(|| format!("listen on {addr}"))?;
     eprintln!("hello-server listening on {addr}");
+    if args.udp {
+        let socket = UdpSocket::bind(addr).with_context(|| format!("listen on udp {addr}"))?;
+        std::thread::spawn(move || {
+            if let Err(e) = serve_udp(&socket) {
+                eprintln!("hello-server: udp: {e}");
+            }
+        });
+    }
     for stream in listener.incoming() {
         match stream {
             Ok(s) => {
@@ -49,6 +64,37 @@ fn respond(path: &str, local: SocketAddr, peer: SocketAddr) -> (&'static str, St
         "/" => ("200 OK", format!("Hello World! from {}\n", local.ip())),
         "/whoami" => ("200 OK", format!("client {}:{}\n", peer.ip(), peer.port())),
         _ => ("404 Not Found", "not found\n".to_string()),
+    }
+}
+
+/// Answers each datagram with the greeting; IP_PKTINFO tells which local address it was sent
+/// to, as a socket bound to 0.0.0.0 cannot know otherwise.
+fn serve_udp(socket: &UdpSocket) -> nix::Result<()> {
+    use nix::sys::socket::{
+        recvmsg, setsockopt, sockopt, ControlMessageOwned, MsgFlags, SockaddrIn,
+    };
+    setsockopt(socket, sockopt::Ipv4PacketInfo, &true)?;
+    let mut buf = [0u8; 2048];
+    loop {
+        let mut cmsg = nix::cmsg_space!(libc::in_pktinfo);
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<SockaddrIn>(
+            socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut cmsg),
+            MsgFlags::empty(),
+        )?;
+        let local = msg.cmsgs()?.find_map(|c| match c {
+            ControlMessageOwned::Ipv4PacketInfo(info) => {
+                Some(Ipv4Addr::from(u32::from_be(info.ipi_addr.s_addr)))
+            }
+            _ => None,
+        });
+        let (Some(peer), Some(local)) = (msg.address, local) else {
+            continue;
+        };
+        let peer = SocketAddr::from((peer.ip(), peer.port()));
+        let _ = socket.send_to(format!("Hello World! from {local}\n").as_bytes(), peer);
     }
 }
 
@@ -112,6 +158,21 @@ mod tests {
             ("200 OK", "client 10.255.0.2:40000\n".to_string())
         );
         assert_eq!(respond("/x", local, peer).0, "404 Not Found");
+    }
+
+    #[test]
+    fn answers_udp_with_the_address_it_was_sent_to() {
+        let server = UdpSocket::bind("127.0.0.1:0").unwrap();
+        let addr = server.local_addr().unwrap();
+        std::thread::spawn(move || serve_udp(&server));
+        let client = UdpSocket::bind("127.0.0.1:0").unwrap();
+        client
+            .set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        client.send_to(b"hi", addr).unwrap();
+        let mut buf = [0u8; 128];
+        let n = client.recv(&mut buf).unwrap();
+        assert_eq!(&buf[..n], b"Hello World! from 127.0.0.1\n");
     }
 
     #[test]

@@ -2,6 +2,11 @@
 
 mod overlay;
 
+/// The load balancer of the host kernel, which has no IPVS.
+const LB: &str = "nftables";
+#[path = "../shared/mesh.rs"]
+mod mesh;
+
 use std::fs;
 use std::io::{BufRead, BufReader};
 use std::path::Path;

@@ -242,7 +242,7 @@ fn a_replicated_service_spans_the_nodes_over_vxlan() {
     let details = in_ns(&c, &sb, &["ip", "-d", "link", "show", &dev]);
     assert!(details.contains("mtu 1450"), "{details}");
     assert!(
-        details.contains("id 4096") && details.contains("dstport 4789"),
+        details.contains(&format!("id {} ", net.network.vni)) && details.contains("dstport 4789"),
         "{details}"
     );
     assert_peers_exact(&c, &net.network.id, &tasks);
