@@ -5,16 +5,19 @@
 
 use std::fs::{self, OpenOptions};
 use std::io;
+use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
+use std::process::Command;
 
 use netns::Netns;
 use nix::mount::{mount, MsFlags};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use tracing::warn;
-use vxlan::{BridgeConfig, EndpointConfig, Sandbox, VxlanConfig};
+use vxlan::{BridgeConfig, EndpointConfig, MacAddr, Sandbox, VxlanConfig};
 
+use crate::mesh::GWBRIDGE;
 use crate::observe::{NsObs, Observed};
 use crate::plan::{Action, BRIDGE, VXLAN};
 
@@ -33,6 +36,12 @@ pub enum KernelError {
     },
     #[error("{0:?} is a task action, not a kernel one")]
     NotKernel(Action),
+    #[error("set the default route via {gateway} in {task}: {reason}")]
+    Route {
+        task: String,
+        gateway: std::net::Ipv4Addr,
+        reason: String,
+    },
 }
 
 /// Reads and changes the kernel objects the agent owns.
@@ -60,6 +69,49 @@ impl NetKernel {
 
     fn sandbox(&self, name: &str) -> Result<Sandbox, KernelError> {
         Ok(Sandbox::open(&self.dir, name)?)
+    }
+
+    /// The node namespace as a sandbox: the gwbridge and the node ends of legs live there.
+    fn node_sandbox(&self) -> Result<Sandbox, KernelError> {
+        let path = self.node.path();
+        let dir = path.parent().unwrap_or(Path::new("/"));
+        Ok(Sandbox::open(dir, &self.node.name())?)
+    }
+
+    /// A task's leg on the gwbridge and its default route through it.
+    fn gw_leg(
+        &self,
+        veth: &str,
+        task: &str,
+        cfg: EndpointConfig,
+        gateway: Ipv4Addr,
+    ) -> Result<(), KernelError> {
+        let ns = Netns::open(&self.dir.join(task))?;
+        self.node_sandbox()?.ensure_endpoint(&ns, &cfg)?;
+        let route_err = |reason: String| KernelError::Route {
+            task: task.to_string(),
+            gateway,
+            reason,
+        };
+        let out = ns
+            .output(Command::new("ip").args([
+                "-4",
+                "route",
+                "replace",
+                "default",
+                "via",
+                &gateway.to_string(),
+                "dev",
+                &cfg.ifname,
+            ]))
+            .map_err(|e| route_err(e.to_string()))?;
+        if !out.status.success() {
+            return Err(route_err(format!(
+                "ip route ({veth}): {}",
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
     }
 
     /// Binds the running process's namespace to the task's file again.
@@ -121,6 +173,16 @@ impl Kernel for NetKernel {
             out.namespaces
                 .insert(name, NsObs::new(inode, sandbox.observe()?));
         }
+        // Of the node's links, only ours: the gwbridge and the `mgw` legs on it.
+        let node = self.node_sandbox()?;
+        let mut seen = node.observe()?;
+        seen.links.retain(|l| {
+            l.name == GWBRIDGE
+                || (l.name.starts_with("mgw") && matches!(l.kind, vxlan::LinkKind::Veth { .. }))
+        });
+        seen.neighs.clear();
+        seen.fdb.clear();
+        out.node = NsObs::new(node.netns().inode()?, seen);
         Ok(out)
     }
 
@@ -171,6 +233,32 @@ impl Kernel for NetKernel {
                 let task = Netns::open(&self.dir.join(task))?;
                 Ok(self.sandbox(sandbox)?.ensure_endpoint(&task, &cfg)?)
             }
+            EnsureGwBridge { gateway, mtu } => {
+                let cfg = BridgeConfig {
+                    name: GWBRIDGE.into(),
+                    ..BridgeConfig::new(*gateway, *mtu)
+                };
+                Ok(self.node_sandbox()?.ensure_bridge(&cfg)?)
+            }
+            EnsureGwLeg {
+                veth,
+                task,
+                ifname,
+                addr,
+                gateway,
+                mtu,
+            } => {
+                let cfg = EndpointConfig {
+                    bridge: GWBRIDGE.into(),
+                    host_ifname: veth.clone(),
+                    ifname: ifname.clone(),
+                    addr: *addr,
+                    mac: MacAddr::from_ipv4(addr.addr()),
+                    mtu: *mtu,
+                };
+                self.gw_leg(veth, task, cfg, *gateway)
+            }
+            DeleteNodeLink { link } => Ok(self.node_sandbox()?.remove_endpoint(link)?),
             StopTask { .. } | ForgetTask { .. } | StartTask { .. } => {
                 Err(KernelError::NotKernel(action.clone()))
             }
@@ -239,6 +327,23 @@ pub mod fake {
             if let LinkKind::Veth {
                 peer_index: Some(p),
             } = l.kind
+            {
+                for n in st.namespaces.values_mut() {
+                    n.links.retain(|_, other| other.index != p);
+                }
+                st.node.links.retain(|_, other| other.index != p);
+            }
+        }
+
+        /// Removes one of the agent's links in the node namespace, and its veth peer.
+        pub fn remove_node_link(&self, name: &str) {
+            let mut st = self.state.lock().unwrap();
+            if let Some(LinkState {
+                kind: LinkKind::Veth {
+                    peer_index: Some(p),
+                },
+                ..
+            }) = st.node.links.remove(name)
             {
                 for n in st.namespaces.values_mut() {
                     n.links.retain(|_, other| other.index != p);
@@ -386,6 +491,55 @@ pub mod fake {
                         .unwrap()
                         .links
                         .insert(ifname.clone(), inner);
+                }
+                EnsureGwBridge { gateway, mtu } => {
+                    let mut br = self.link(GWBRIDGE, LinkKind::Bridge, *mtu);
+                    br.addrs = vec![*gateway];
+                    st.node.links.insert(GWBRIDGE.into(), br);
+                }
+                EnsureGwLeg {
+                    veth,
+                    task,
+                    ifname,
+                    addr,
+                    mtu,
+                    ..
+                } => {
+                    Self::ns(&mut st, task)?;
+                    drop(st);
+                    self.remove_node_link(veth);
+                    self.remove_link(task, ifname);
+                    let (oi, ii) = (self.next() as u32, self.next() as u32);
+                    let mut outer = self.link(
+                        veth,
+                        LinkKind::Veth {
+                            peer_index: Some(ii),
+                        },
+                        *mtu,
+                    );
+                    outer.index = oi;
+                    outer.master = Some(GWBRIDGE.into());
+                    let mut inner = self.link(
+                        ifname,
+                        LinkKind::Veth {
+                            peer_index: Some(oi),
+                        },
+                        *mtu,
+                    );
+                    inner.index = ii;
+                    inner.mac = Some(MacAddr::from_ipv4(addr.addr()));
+                    inner.addrs = vec![*addr];
+                    let mut st = self.state.lock().unwrap();
+                    st.node.links.insert(veth.clone(), outer);
+                    st.namespaces
+                        .get_mut(task)
+                        .unwrap()
+                        .links
+                        .insert(ifname.clone(), inner);
+                }
+                DeleteNodeLink { link } => {
+                    drop(st);
+                    self.remove_node_link(link);
                 }
                 StopTask { .. } | ForgetTask { .. } | StartTask { .. } => {
                     return Err(KernelError::NotKernel(action.clone()))

@@ -9,7 +9,9 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use proto::agent::{AgentMsg, Assignment, ManagerMsg, TaskStatus, HEARTBEAT_SECS, NODE_DOWN_SECS};
+use proto::agent::{
+    AgentMsg, Assignment, LbReport, ManagerMsg, TaskStatus, HEARTBEAT_SECS, NODE_DOWN_SECS,
+};
 use proto::{decode_frame, encode_frame, PROTOCOL_VERSION};
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::TcpStream;
@@ -35,6 +37,7 @@ pub struct Outbox {
 struct Table {
     statuses: BTreeMap<String, TaskStatus>,
     applied: Option<u64>,
+    lb: Option<LbReport>,
 }
 
 impl Outbox {
@@ -62,11 +65,34 @@ impl Outbox {
         let _ = self.tx.send(AgentMsg::Applied { revision });
     }
 
-    /// Every task's status, then the revision applied last.
+    /// Sends the load balancer's state if it changed since the last one sent.
+    pub fn lb_state(&self, report: LbReport) {
+        let mut t = self.lock();
+        if t.lb.as_ref() != Some(&report) {
+            let programmed: Vec<String> = report
+                .services
+                .iter()
+                .map(|s| {
+                    let b: Vec<String> = s
+                        .backends
+                        .iter()
+                        .map(|b| format!("{}/{}", b.ip, b.weight))
+                        .collect();
+                    format!("{}:[{}]", s.fwmark, b.join(" "))
+                })
+                .collect();
+            info!(backend = %report.backend, services = %programmed.join(" "), "load balancer");
+            t.lb = Some(report.clone());
+            let _ = self.tx.send(AgentMsg::LbState(report));
+        }
+    }
+
+    /// Every task's status, the load balancer's state, then the revision applied last.
     fn snapshot(&self) -> Vec<AgentMsg> {
         let t = self.lock();
         let statuses = t.statuses.values().cloned().map(AgentMsg::TaskStatus);
         statuses
+            .chain(t.lb.clone().map(AgentMsg::LbState))
             .chain(t.applied.map(|revision| AgentMsg::Applied { revision }))
             .collect()
     }

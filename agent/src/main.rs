@@ -1,34 +1,41 @@
-//! `mesh-agent`: reconciles this node's kernel state (overlay sandboxes, endpoints, peers) and
-//! its tasks' processes to the desired state the manager assigns.
+//! `mesh-agent`: reconciles this node's kernel state (overlay sandboxes, endpoints, peers, the
+//! gwbridge, the routing mesh's ingress_sbox, nftables tables and load balancer) and its tasks'
+//! processes to the desired state the manager assigns.
 
 mod apply;
 mod conn;
+mod lb;
+mod mesh;
 mod observe;
 mod plan;
 mod reconcile;
+mod rules;
 mod state;
 mod tasks;
 
 use std::net::IpAddr;
-use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::num::NonZeroU32;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
+use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
-use tracing::{info, warn};
+use tracing::info;
 
 use netns::Netns;
 
 use crate::apply::{Kernel, NetKernel};
+use crate::lb::{LbKind, LbOptions, Timeouts};
 use crate::plan::Settings;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "mesh-agent",
     version,
-    about = "meshnet node agent: overlays and tasks"
+    about = "meshnet node agent: overlays, routing mesh and tasks"
 )]
 struct Flags {
     /// The manager's agent endpoint, ADDR:PORT (its --listen).
@@ -43,9 +50,27 @@ struct Flags {
     /// Where the agent keeps its node id, last assignment, task records, logs and namespaces.
     #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/meshnet")]
     state_dir: PathBuf,
-    /// Load-balancer backend of the routing mesh (validated and logged; the routing mesh uses it).
+    /// Load-balancer backend of the routing mesh: auto picks ipvs where the kernel has it.
     #[arg(long, value_enum, default_value_t = Lb::Auto)]
     lb: Lb,
+    /// Subnet of the node's gwbridge (mesh_gwbridge): egress for tasks and ingress_sbox. Must
+    /// not clash with the node's addresses or routes.
+    #[arg(long, default_value = "172.18.0.0/16", value_parser = parse_gw_subnet)]
+    gwbridge_subnet: Ipv4Net,
+    /// Seconds a removed IPVS backend keeps weight 0 (established connections go on) before
+    /// it is deleted.
+    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    drain_seconds: u64,
+    /// Idle timeout of established TCP connections through the mesh, in seconds (IPVS, or
+    /// conntrack with --lb nftables) [default: the kernel's].
+    #[arg(long)]
+    lb_tcp_timeout: Option<NonZeroU32>,
+    /// Timeout of TCP connections after FIN, in seconds [default: the kernel's].
+    #[arg(long)]
+    lb_tcpfin_timeout: Option<NonZeroU32>,
+    /// Timeout of UDP flows, in seconds [default: the kernel's].
+    #[arg(long)]
+    lb_udp_timeout: Option<NonZeroU32>,
     /// UDP port of VXLAN traffic.
     #[arg(long, default_value_t = 4789, value_parser = clap::value_parser!(u16).range(1024..=49151))]
     data_path_port: u16,
@@ -91,6 +116,12 @@ fn parse_manager(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+fn parse_gw_subnet(s: &str) -> Result<Ipv4Net, String> {
+    let net: Ipv4Net = s.parse().map_err(|e| format!("{s:?}: {e}"))?;
+    mesh::check_gw_subnet(net)?;
+    Ok(net)
+}
+
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
@@ -117,18 +148,47 @@ fn overlay_mtu(node: &Netns, advertise: IpAddr) -> anyhow::Result<u32> {
     Ok(vxlan::overlay_mtu(underlay, None)?)
 }
 
-fn log_lb_choice(lb: Lb) {
-    let has_ipvs = Path::new("/proc/net/ip_vs").exists();
-    let resolved = match lb {
-        Lb::Auto if has_ipvs => "ipvs",
-        Lb::Auto => "nftables",
-        Lb::Ipvs => "ipvs",
-        Lb::Nftables => "nftables",
+/// Resolves `--lb`: IPVS where the kernel has it (the generic netlink family is global to all
+/// namespaces, so probing here answers for ingress_sbox too); `--lb ipvs` without it is an error.
+fn choose_lb(lb: Lb) -> anyhow::Result<LbKind> {
+    let probe = ipvs::Client::new().map(drop);
+    let kind = match (lb, probe) {
+        (Lb::Nftables, _) => LbKind::Nftables,
+        (Lb::Ipvs | Lb::Auto, Ok(())) => LbKind::Ipvs,
+        (Lb::Auto, Err(e)) => {
+            info!("no IPVS ({e}); using nftables");
+            LbKind::Nftables
+        }
+        (Lb::Ipvs, Err(e)) => anyhow::bail!("--lb ipvs: {e}"),
     };
-    if lb == Lb::Ipvs && !has_ipvs {
-        warn!("--lb ipvs, but this kernel has no IPVS (/proc/net/ip_vs is absent)");
+    info!(lb = ?lb, backend = kind.name(), "routing-mesh load balancer");
+    Ok(kind)
+}
+
+/// The node's addresses (but the gwbridge's) and routes, and refuses a gwbridge subnet that
+/// clashes with them.
+type NodeNets = (Vec<(String, Ipv4Net)>, Vec<Ipv4Net>);
+
+fn node_nets(node: &Netns, gw_subnet: Ipv4Net) -> anyhow::Result<NodeNets> {
+    let dir = node.path().parent().unwrap_or(std::path::Path::new("/"));
+    let seen = vxlan::Sandbox::open(dir, &node.name())?.observe()?;
+    let addrs: Vec<(String, Ipv4Net)> = seen
+        .links
+        .iter()
+        .filter(|l| l.name != mesh::GWBRIDGE)
+        .flat_map(|l| l.addrs.iter().map(|a| (l.name.clone(), *a)))
+        .collect();
+    let out = std::process::Command::new("ip")
+        .args(["-4", "-o", "route", "show", "table", "main"])
+        .output()
+        .context("run `ip -4 route show` to check the gwbridge subnet")?;
+    if !out.status.success() {
+        anyhow::bail!("ip -4 route show: {}", String::from_utf8_lossy(&out.stderr));
     }
-    info!(lb = ?lb, resolves_to = resolved, "load-balancer backend (used by the routing mesh)");
+    let routes = mesh::parse_routes(&String::from_utf8_lossy(&out.stdout));
+    mesh::check_clash("gwbridge", gw_subnet, &addrs, &routes)
+        .map_err(|e| anyhow::anyhow!("{e} (--gwbridge-subnet)"))?;
+    Ok((addrs, routes))
 }
 
 #[tokio::main]
@@ -147,7 +207,10 @@ async fn main() -> anyhow::Result<()> {
         Some(m) => m,
         None => overlay_mtu(&node, flags.advertise_addr)?,
     };
-    log_lb_choice(flags.lb);
+    let lb_kind = choose_lb(flags.lb)?;
+    let (node_addrs, node_routes) = node_nets(&node, flags.gwbridge_subnet)?;
+    // The gwbridge carries underlay-sized packets: the underlay's MTU, or the one --mtu implies.
+    let gw_mtu = mtu + vxlan::VXLAN_OVERHEAD;
     info!(
         %hostname,
         advertise_addr = %flags.advertise_addr,
@@ -186,6 +249,29 @@ async fn main() -> anyhow::Result<()> {
     };
     tokio::spawn(connection.run());
 
+    let rules = rules::MeshRules::new(
+        Netns::open(node.path()).context("open the node's network namespace")?,
+        state.netns_dir(),
+        flags.gwbridge_subnet,
+        lb_kind,
+        LbOptions {
+            drain: Duration::from_secs(flags.drain_seconds),
+            timeouts: Timeouts {
+                tcp: flags.lb_tcp_timeout,
+                tcp_fin: flags.lb_tcpfin_timeout,
+                udp: flags.lb_udp_timeout,
+            },
+        },
+        Duration::from_secs(flags.reconcile_interval),
+    );
+    let mesh = reconcile::Mesh {
+        gw_subnet: flags.gwbridge_subnet,
+        gw_mtu,
+        node_addrs,
+        node_routes,
+        gw_addrs: state.gw_addrs(flags.gwbridge_subnet)?,
+        rules: Arc::new(Mutex::new(rules)),
+    };
     let kernel = NetKernel::new(&state.netns_dir(), node);
     // Fail early and clearly if netlink or the state dir is unusable.
     kernel.observe().context("read the node's state")?;
@@ -199,6 +285,8 @@ async fn main() -> anyhow::Result<()> {
         },
         state,
         outbox,
+        mesh,
+        wake: None,
     };
     let interval = Duration::from_secs(flags.reconcile_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -230,6 +318,8 @@ mod tests {
         assert_eq!(f.reconcile_interval, 10);
         assert_eq!(f.mtu, None);
         assert_eq!(f.state_dir, PathBuf::from("/var/lib/meshnet"));
+        assert_eq!(f.gwbridge_subnet.to_string(), "172.18.0.0/16");
+        assert_eq!(f.drain_seconds, 2);
 
         let base = [
             "mesh-agent",
@@ -241,6 +331,22 @@ mod tests {
         let with = |extra: &[&str]| Flags::try_parse_from(base.iter().chain(extra.iter()).copied());
         assert_eq!(with(&["--lb", "nftables"]).unwrap().lb, Lb::Nftables);
         assert_eq!(with(&["--mtu", "1400"]).unwrap().mtu, Some(1400));
+        let f = with(&[
+            "--gwbridge-subnet",
+            "10.99.0.0/24",
+            "--drain-seconds",
+            "5",
+            "--lb-udp-timeout",
+            "30",
+        ])
+        .unwrap();
+        assert_eq!(
+            f.gwbridge_subnet,
+            "10.99.0.0/24".parse::<Ipv4Net>().unwrap()
+        );
+        assert_eq!(f.drain_seconds, 5);
+        assert_eq!(f.lb_udp_timeout, NonZeroU32::new(30));
+        assert_eq!(f.lb_tcp_timeout, None);
         assert_eq!(
             with(&["--log-format", "json"]).unwrap().log_format,
             LogFormat::Json
@@ -250,6 +356,9 @@ mod tests {
             &["--data-path-port", "80"],
             &["--mtu", "100"],
             &["--reconcile-interval", "0"],
+            &["--gwbridge-subnet", "172.18.0.1/16"],
+            &["--gwbridge-subnet", "10.0.0.0/30"],
+            &["--lb-tcp-timeout", "0"],
         ] {
             assert!(with(bad).is_err(), "{bad:?}");
         }

@@ -8,6 +8,8 @@ use vxlan::{FdbEntry, LinkState, NeighEntry};
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Observed {
     pub namespaces: BTreeMap<String, NsObs>,
+    /// The agent's own links in the node namespace: the gwbridge and the node ends of legs.
+    pub node: NsObs,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -12,6 +12,10 @@
 //!   stay untouched until its process is gone, then go like anything else not desired.
 //! - Whatever the agent owns and the desired state does not name is removed; whatever is already
 //!   right is left alone (no action), so adoption after a restart breaks nothing.
+//! - Routing mesh (§2, §3): with a gwbridge, every active task (and `ingress_sbox`) gets one more
+//!   leg, the next `ethN`, on the node's `mesh_gwbridge`, with the default route. With an
+//!   ingress network, its sandbox exists even without tasks (not lazy), and so does
+//!   `ingress_sbox` with `eth0` on it.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -20,6 +24,7 @@ use ipnet::Ipv4Net;
 use proto::agent::{Assignment, NetworkSpec, TaskSpec};
 use vxlan::{LinkKind, LinkState, MacAddr, PeerAction, RemotePeer};
 
+use crate::mesh::{gw_veth_name, Gw, GWBRIDGE, INGRESS_SBOX};
 use crate::observe::{NsObs, Observed};
 use crate::tasks::{Phase, TaskRecord};
 
@@ -114,6 +119,25 @@ pub enum Action {
     StartTask {
         task: String,
     },
+    /// The node's gwbridge exists, is up, has the MTU and exactly the gateway address.
+    EnsureGwBridge {
+        gateway: Ipv4Net,
+        mtu: u32,
+    },
+    /// A veth pair: `veth` in the node on the gwbridge, `ifname` in `task` with its address and
+    /// a default route via the gwbridge.
+    EnsureGwLeg {
+        veth: String,
+        task: String,
+        ifname: String,
+        addr: Ipv4Net,
+        gateway: std::net::Ipv4Addr,
+        mtu: u32,
+    },
+    /// Removes one of the agent's own links from the node namespace.
+    DeleteNodeLink {
+        link: String,
+    },
 }
 
 impl Action {
@@ -130,6 +154,8 @@ impl Action {
                 vec![sandbox]
             }
             EnsureEndpoint { sandbox, task, .. } => vec![sandbox, task],
+            EnsureGwBridge { .. } | DeleteNodeLink { .. } => vec![GWBRIDGE],
+            EnsureGwLeg { task, .. } => vec![GWBRIDGE, task],
         }
     }
 }
@@ -151,12 +177,15 @@ pub fn plan(
     records: &BTreeMap<String, TaskRecord>,
     observed: &Observed,
     settings: &Settings,
+    gw: Option<&Gw>,
 ) -> Vec<Action> {
     let mut p = Plan::default();
     let empty = NsObs::default();
+    let ingress = desired.ingress.as_ref();
     let networks: BTreeMap<&str, &NetworkSpec> = desired
         .networks
         .iter()
+        .chain(ingress.map(|i| &i.network))
         .map(|n| (n.id.as_str(), n))
         .collect();
     let desired_tasks: BTreeSet<&str> = desired.tasks.iter().map(|t| t.name.as_str()).collect();
@@ -180,6 +209,7 @@ pub fn plan(
     // namespace and sandboxes as they are until the process is gone.
     let mut kept_ns: BTreeSet<String> = BTreeSet::new();
     let mut draining_veths: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    let mut draining_gw_legs: BTreeSet<String> = BTreeSet::new();
     for (name, rec) in records {
         if desired_tasks.contains(name.as_str()) {
             continue;
@@ -188,6 +218,7 @@ pub fn plan(
             Phase::Running { .. } => {
                 p.stop.push(Action::StopTask { task: name.clone() });
                 kept_ns.insert(name.clone());
+                draining_gw_legs.insert(gw_veth_name(name));
                 for att in &rec.spec.attachments {
                     let sb = sandbox_name(&att.network_id);
                     draining_veths
@@ -205,8 +236,11 @@ pub fn plan(
         }
     }
 
-    // Networks in use by an active task, by sandbox name.
+    // Networks in use by an active task, by sandbox name; the ingress network always.
     let mut used: BTreeMap<String, &NetworkSpec> = BTreeMap::new();
+    if let Some(i) = ingress {
+        used.insert(sandbox_name(&i.network.id), &i.network);
+    }
     for t in &active {
         for att in &t.attachments {
             if let Some(n) = networks.get(att.network_id.as_str()) {
@@ -217,6 +251,20 @@ pub fn plan(
 
     let mut wanted_ns: BTreeSet<String> = used.keys().cloned().collect();
     wanted_ns.extend(active.iter().map(|t| t.name.clone()));
+    // ingress_sbox: like a task with one attachment (eth0 on ingress), but no process.
+    let sbox = ingress.map(|i| TaskSpec {
+        id: INGRESS_SBOX.into(),
+        name: INGRESS_SBOX.into(),
+        service_id: String::new(),
+        service_name: String::new(),
+        command: vec![],
+        attachments: vec![proto::model::Attachment {
+            network_id: i.network.id.clone(),
+            addr: i.sbox_addr,
+            mac: String::new(),
+        }],
+    });
+    wanted_ns.extend(sbox.iter().map(|s| s.name.clone()));
     for name in observed.namespaces.keys() {
         if !wanted_ns.contains(name) && !kept_ns.contains(name) {
             p.delete.push(Action::DeleteNetns { name: name.clone() });
@@ -233,12 +281,35 @@ pub fn plan(
         };
         let mut expected: BTreeSet<String> = [BRIDGE.to_string(), VXLAN.to_string()].into();
         expected.extend(draining_veths.get(sb).into_iter().flatten().cloned());
-        for t in &active {
+        for t in active.iter().copied().chain(sbox.as_ref()) {
             if uses(t, &net.id) {
                 expected.insert(veth_name(&t.name, &net.id));
             }
         }
         plan_sandbox(&mut p, sb, net, obs, &expected, &active, settings);
+    }
+
+    if let Some(gw) = gw {
+        plan_gwbridge(
+            &mut p,
+            gw,
+            observed,
+            &active,
+            sbox.as_ref(),
+            &draining_gw_legs,
+        );
+    }
+    if let Some(sb) = &sbox {
+        let obs = match observed.namespaces.get(INGRESS_SBOX) {
+            Some(o) => o,
+            None => {
+                p.create.push(Action::CreateNetns {
+                    name: INGRESS_SBOX.into(),
+                });
+                &empty
+            }
+        };
+        plan_endpoints(&mut p, sb, obs, &networks, observed, settings, gw);
     }
 
     // Task namespaces and endpoints, then the process.
@@ -270,7 +341,7 @@ pub fn plan(
                 &empty
             }
         };
-        plan_endpoints(&mut p, t, obs, &networks, observed, settings);
+        plan_endpoints(&mut p, t, obs, &networks, observed, settings, gw);
         if running.is_none() {
             p.start.push(Action::StartTask {
                 task: t.name.clone(),
@@ -395,9 +466,15 @@ fn plan_endpoints(
     networks: &BTreeMap<&str, &NetworkSpec>,
     observed: &Observed,
     s: &Settings,
+    gw: Option<&Gw>,
 ) {
     let empty = NsObs::default();
     let mut expected: BTreeSet<String> = BTreeSet::new();
+    // The gwbridge leg comes after the overlay legs: the next ethN.
+    let gw_ifname = format!("eth{}", t.attachments.len());
+    if gw.is_some() {
+        expected.insert(gw_ifname.clone());
+    }
     for (i, att) in t.attachments.iter().enumerate() {
         let ifname = format!("eth{i}");
         expected.insert(ifname.clone());
@@ -436,6 +513,9 @@ fn plan_endpoints(
             });
         }
     }
+    if let Some(gw) = gw {
+        plan_gw_leg(p, gw, t, obs, observed, gw_ifname);
+    }
     for name in obs.links.keys() {
         if !expected.contains(name) {
             p.delete.push(Action::DeleteLink {
@@ -443,6 +523,82 @@ fn plan_endpoints(
                 link: name.clone(),
             });
         }
+    }
+}
+
+/// The gwbridge itself, and the removal of legs of tasks that are gone.
+fn plan_gwbridge(
+    p: &mut Plan,
+    gw: &Gw,
+    observed: &Observed,
+    active: &[&TaskSpec],
+    sbox: Option<&TaskSpec>,
+    draining: &BTreeSet<String>,
+) {
+    let node = &observed.node;
+    let ok = node.links.get(GWBRIDGE).is_some_and(|l| {
+        l.kind == LinkKind::Bridge && link_ok(l, gw.mtu, false) && l.addrs == [gw.gateway]
+    });
+    if !ok {
+        p.create.push(Action::EnsureGwBridge {
+            gateway: gw.gateway,
+            mtu: gw.mtu,
+        });
+    }
+    let mut expected: BTreeSet<String> = draining.clone();
+    expected.extend(
+        active
+            .iter()
+            .copied()
+            .chain(sbox)
+            .map(|t| gw_veth_name(&t.name)),
+    );
+    expected.insert(GWBRIDGE.to_string());
+    for name in node.links.keys() {
+        if !expected.contains(name) {
+            p.delete.push(Action::DeleteNodeLink { link: name.clone() });
+        }
+    }
+}
+
+/// A task's (or ingress_sbox's) leg on the gwbridge, if it lacks one that is right.
+fn plan_gw_leg(
+    p: &mut Plan,
+    gw: &Gw,
+    t: &TaskSpec,
+    obs: &NsObs,
+    observed: &Observed,
+    ifname: String,
+) {
+    // The address is allocated before planning; a task without one gets no leg yet.
+    let Some(ip) = gw.addrs.get(&t.name) else {
+        return;
+    };
+    let addr = Ipv4Net::new(*ip, gw.gateway.prefix_len()).expect("prefix of a valid net");
+    let veth = gw_veth_name(&t.name);
+    let ok = match (observed.node.links.get(&veth), obs.links.get(&ifname)) {
+        (Some(outer), Some(inner)) => {
+            matches!(
+                (&outer.kind, &inner.kind),
+                (LinkKind::Veth { peer_index: Some(o) }, LinkKind::Veth { peer_index: Some(i) })
+                    if *o == inner.index && *i == outer.index
+            ) && outer.up
+                && outer.mtu == gw.mtu
+                && outer.master.as_deref() == Some(GWBRIDGE)
+                && link_ok(inner, gw.mtu, false)
+                && inner.addrs == [addr]
+        }
+        _ => false,
+    };
+    if !ok {
+        p.create.push(Action::EnsureGwLeg {
+            veth,
+            task: t.name.clone(),
+            ifname,
+            addr,
+            gateway: gw.gateway.addr(),
+            mtu: gw.mtu,
+        });
     }
 }
 
@@ -520,6 +676,7 @@ mod tests {
     struct Node {
         kernel: FakeKernel,
         records: BTreeMap<String, TaskRecord>,
+        gw: Option<Gw>,
     }
 
     impl Node {
@@ -529,6 +686,7 @@ mod tests {
                 &self.records,
                 &self.kernel.observe().unwrap(),
                 &settings(),
+                self.gw.as_ref(),
             )
         }
 
@@ -987,6 +1145,161 @@ mod tests {
                 link: "eth7".into()
             }]
         );
+        assert_eq!(node.plan(&a), []);
+    }
+
+    const ING: &str = "ingress0123456789";
+    const ING_SB: &str = "1-ingress012";
+
+    fn gw(names: &[(&str, &str)]) -> Gw {
+        Gw {
+            gateway: "172.18.0.1/16".parse().unwrap(),
+            mtu: 1500,
+            addrs: names.iter().map(|(n, a)| (n.to_string(), ip(a))).collect(),
+        }
+    }
+
+    fn with_ingress(mut a: Assignment) -> Assignment {
+        a.ingress = Some(proto::agent::IngressSpec {
+            network: NetworkSpec {
+                id: ING.into(),
+                name: "ingress".into(),
+                subnet: "10.255.0.0/16".parse().unwrap(),
+                gateway: "10.255.0.1/16".parse().unwrap(),
+                vni: 4097,
+                peers: vec![peer("10.255.0.3", "192.168.56.12")],
+            },
+            sbox_addr: "10.255.0.2/16".parse().unwrap(),
+        });
+        a
+    }
+
+    fn gw_leg(task: &str, ifname: &str, addr: &str) -> Action {
+        Action::EnsureGwLeg {
+            veth: gw_veth_name(task),
+            task: task.into(),
+            ifname: ifname.into(),
+            addr: format!("{addr}/16").parse().unwrap(),
+            gateway: ip("172.18.0.1"),
+            mtu: 1500,
+        }
+    }
+
+    #[test]
+    fn ingress_and_gwbridge_exist_on_a_node_without_tasks() {
+        let a = with_ingress(Assignment {
+            revision: 1,
+            ..Default::default()
+        });
+        let mut node = Node {
+            gw: Some(gw(&[(INGRESS_SBOX, "172.18.0.2")])),
+            ..Default::default()
+        };
+        let acts = node.step(&a);
+        assert_eq!(
+            acts[0],
+            Action::CreateNetns {
+                name: ING_SB.into()
+            }
+        );
+        assert!(acts.contains(&Action::EnsureGwBridge {
+            gateway: "172.18.0.1/16".parse().unwrap(),
+            mtu: 1500
+        }));
+        assert!(acts.contains(&Action::EnsureEndpoint {
+            sandbox: ING_SB.into(),
+            veth: veth_name(INGRESS_SBOX, ING),
+            task: INGRESS_SBOX.into(),
+            ifname: "eth0".into(),
+            mac: mac("10.255.0.2"),
+            addr: "10.255.0.2/16".parse().unwrap(),
+            mtu: 1450,
+        }));
+        assert!(acts.contains(&gw_leg(INGRESS_SBOX, "eth1", "172.18.0.2")));
+        assert!(acts.contains(&Action::Peers {
+            sandbox: ING_SB.into(),
+            changes: vec![
+                PeerAction::AddFdb {
+                    mac: mac("10.255.0.3"),
+                    vtep: ip("192.168.56.12")
+                },
+                PeerAction::AddNeigh {
+                    ip: ip("10.255.0.3"),
+                    mac: mac("10.255.0.3")
+                },
+            ]
+        }));
+        assert!(
+            !acts.iter().any(|a| matches!(a, Action::StartTask { .. })),
+            "ingress_sbox runs no process"
+        );
+        assert_eq!(node.plan(&a), [], "adoption: nothing to redo");
+
+        // Without ingress, its sandbox and ingress_sbox go; the gwbridge stays.
+        let none = Assignment {
+            revision: 2,
+            ..Default::default()
+        };
+        node.gw = Some(gw(&[]));
+        let mut acts = node.step(&none);
+        acts.sort_by_key(|a| format!("{a:?}"));
+        assert_eq!(
+            acts,
+            [
+                Action::DeleteNetns {
+                    name: ING_SB.into()
+                },
+                Action::DeleteNetns {
+                    name: INGRESS_SBOX.into()
+                },
+                Action::DeleteNodeLink {
+                    link: gw_veth_name(INGRESS_SBOX)
+                },
+            ]
+        );
+        assert_eq!(node.plan(&none), []);
+    }
+
+    #[test]
+    fn every_task_gets_a_gwbridge_leg_after_its_overlay_legs() {
+        let a = assignment(vec![task("web.1.t1", "10.0.9.2")], vec![]);
+        let mut node = Node {
+            gw: Some(gw(&[("web.1.t1", "172.18.0.3")])),
+            ..Default::default()
+        };
+        let acts = node.step(&a);
+        let leg = gw_leg("web.1.t1", "eth1", "172.18.0.3");
+        let at = |x: &Action| acts.iter().position(|y| y == x).unwrap();
+        assert!(at(&endpoint("web.1.t1", "10.0.9.2")) < at(&leg));
+        assert!(
+            at(&leg)
+                < at(&Action::StartTask {
+                    task: "web.1.t1".into()
+                })
+        );
+        assert_eq!(node.plan(&a), []);
+
+        // The node end deleted by hand comes back alone; a stale leg of ours goes; a link
+        // that is not ours (no `mgw` prefix) is never observed, so never touched.
+        node.kernel.remove_node_link(&gw_veth_name("web.1.t1"));
+        assert_eq!(node.step(&a), std::slice::from_ref(&leg));
+        {
+            let mut st = node.kernel.state.lock().unwrap();
+            let mut stale = st.node.links[GWBRIDGE].clone();
+            stale.name = "mgwdead000".into();
+            st.node.links.insert("mgwdead000".into(), stale);
+        }
+        assert_eq!(
+            node.step(&a),
+            [Action::DeleteNodeLink {
+                link: "mgwdead000".into()
+            }]
+        );
+        // A leg with a wrong address is rebuilt.
+        node.edit("web.1.t1", |n| {
+            n.links.get_mut("eth1").unwrap().addrs = vec!["172.18.0.9/16".parse().unwrap()]
+        });
+        assert_eq!(node.step(&a), [leg]);
         assert_eq!(node.plan(&a), []);
     }
 }

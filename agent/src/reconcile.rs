@@ -1,20 +1,38 @@
 //! The reconciliation loop: observe → plan → apply, at start, on every new assignment, on every
 //! task exit and on a timer. Kernel calls run on blocking threads (never on a tokio worker).
 
-use std::collections::BTreeSet;
-use std::sync::Arc;
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use proto::agent::Assignment;
+use ipnet::Ipv4Net;
+use proto::agent::{Assignment, TaskSpec};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::apply::Kernel;
 use crate::conn::Outbox;
+use crate::mesh::{self, Gw, INGRESS_SBOX};
 use crate::plan::{plan, sandbox_name, Action, Settings};
+use crate::rules::MeshRules;
 use crate::state::StateDir;
-use crate::tasks::{ProcEvent, Supervisor};
+use crate::tasks::{Phase, ProcEvent, Supervisor};
+
+/// The routing mesh's node-wide pieces.
+pub struct Mesh {
+    pub gw_subnet: Ipv4Net,
+    /// MTU of the gwbridge and its legs: the underlay's.
+    pub gw_mtu: u32,
+    /// The node's own addresses and routes (at start), which an ingress subnet must not clash
+    /// with.
+    pub node_addrs: Vec<(String, Ipv4Net)>,
+    pub node_routes: Vec<Ipv4Net>,
+    /// gwbridge addresses as given out (and persisted).
+    pub gw_addrs: BTreeMap<String, Ipv4Addr>,
+    pub rules: Arc<Mutex<MeshRules>>,
+}
 
 /// A pass that failed is retried this soon, not only at the next interval.
 const RETRY: Duration = Duration::from_secs(2);
@@ -25,11 +43,34 @@ pub struct Reconciler<K: Kernel> {
     pub settings: Settings,
     pub state: StateDir,
     pub outbox: Outbox,
+    pub mesh: Mesh,
+    /// Set by a pass that wants the next one sooner than the interval (an IPVS drain).
+    pub wake: Option<Duration>,
 }
 
 impl<K: Kernel> Reconciler<K> {
     /// One observe → plan → apply pass. Returns the number of failed or skipped actions.
     pub async fn pass(&mut self, desired: &Assignment) -> usize {
+        self.wake = None;
+        // An ingress subnet that clashes with the node is refused: no ingress here.
+        let mut desired = desired.clone();
+        if let Some(i) = &desired.ingress {
+            let m = &self.mesh;
+            let mut routes = m.node_routes.clone();
+            routes.push(m.gw_subnet);
+            if let Err(e) = mesh::check_clash("ingress", i.network.subnet, &m.node_addrs, &routes) {
+                error!("{e}; the routing mesh stays off on this node");
+                desired.ingress = None;
+            }
+        }
+        let desired = &desired;
+        let gw = match self.allocate_gw(desired) {
+            Ok(gw) => gw,
+            Err(e) => {
+                error!("{e}");
+                return 1;
+            }
+        };
         let kernel = self.kernel.clone();
         let observed = match tokio::task::spawn_blocking(move || kernel.observe()).await {
             Ok(Ok(o)) => o,
@@ -53,6 +94,7 @@ impl<K: Kernel> Reconciler<K> {
             self.supervisor.records(),
             &observed,
             &self.settings,
+            Some(&gw),
         );
         if !actions.is_empty() {
             info!(
@@ -80,7 +122,77 @@ impl<K: Kernel> Reconciler<K> {
                 errors += 1;
             }
         }
-        errors
+        errors + self.sync_mesh(desired, gw.addrs).await
+    }
+
+    /// gwbridge addresses for every leg wanted now (tasks kept while they stop included),
+    /// persisted when they change.
+    fn allocate_gw(&mut self, desired: &Assignment) -> Result<Gw, String> {
+        let records = self.supervisor.records();
+        let mut wanted: BTreeSet<String> = desired
+            .tasks
+            .iter()
+            .filter(|t| !matches!(records.get(&t.name), Some(r) if matches!(r.phase, Phase::Exited { .. })))
+            .map(|t| t.name.clone())
+            .collect();
+        wanted.extend(
+            records
+                .iter()
+                .filter(|(_, r)| matches!(r.phase, Phase::Running { .. }))
+                .map(|(n, _)| n.clone()),
+        );
+        if desired.ingress.is_some() {
+            wanted.insert(INGRESS_SBOX.to_string());
+        }
+        let m = &mut self.mesh;
+        let addrs = mesh::allocate_gw(m.gw_subnet, &m.gw_addrs, &wanted)?;
+        if addrs != m.gw_addrs {
+            self.state
+                .save_gw_addrs(m.gw_subnet, &addrs)
+                .map_err(|e| format!("persist gwbridge addresses: {e}"))?;
+            m.gw_addrs = addrs.clone();
+        }
+        Ok(Gw {
+            gateway: mesh::gw_gateway(m.gw_subnet),
+            mtu: m.gw_mtu,
+            addrs,
+        })
+    }
+
+    /// Tables and load balancer, once namespaces and links are in place.
+    async fn sync_mesh(
+        &mut self,
+        desired: &Assignment,
+        gw_addrs: BTreeMap<String, Ipv4Addr>,
+    ) -> usize {
+        let records = self.supervisor.records();
+        let running: Vec<TaskSpec> = desired
+            .tasks
+            .iter()
+            .filter(|t| matches!(records.get(&t.name), Some(r) if matches!(r.phase, Phase::Running { .. })))
+            .cloned()
+            .collect();
+        let rules = self.mesh.rules.clone();
+        let desired = desired.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let running: Vec<&TaskSpec> = running.iter().collect();
+            let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
+            rules.sync(&desired, &running, &gw_addrs)
+        })
+        .await;
+        match result {
+            Ok(out) => {
+                self.wake = out.wake;
+                if let Some(report) = out.report {
+                    self.outbox.lb_state(report);
+                }
+                out.errors
+            }
+            Err(panicked) => {
+                error!("routing mesh rules: {panicked}");
+                1
+            }
+        }
     }
 
     async fn apply(&mut self, action: Action, desired: &Assignment) -> Result<(), String> {
@@ -146,7 +258,8 @@ impl<K: Kernel> Reconciler<K> {
                             info!(revision = rev, "assignment applied");
                             self.outbox.applied(rev);
                         }
-                        next = Instant::now() + interval;
+                        let wait = self.wake.map_or(interval, |w| w.min(interval));
+                        next = Instant::now() + wait;
                     } else {
                         warn!(errors, "pass incomplete; retrying in {RETRY:?}");
                         next = Instant::now() + RETRY;
@@ -171,7 +284,11 @@ fn span_of(action: &Action, desired: &Assignment) -> tracing::Span {
         | Action::ForgetTask { task }
         | Action::StartTask { task }
         | Action::RebindNetns { task, .. }
-        | Action::EnsureEndpoint { task, .. } => info_span!("task", task = %task),
+        | Action::EnsureEndpoint { task, .. }
+        | Action::EnsureGwLeg { task, .. } => info_span!("task", task = %task),
+        Action::EnsureGwBridge { .. } | Action::DeleteNodeLink { .. } => {
+            info_span!("gwbridge")
+        }
         Action::EnsureBridge { sandbox, .. }
         | Action::EnsureVxlan { sandbox, .. }
         | Action::Peers { sandbox, .. } => {

@@ -6,13 +6,19 @@
 //! - `netns/`: the namespace files (overlay sandboxes `1-<netid[:10]>`, tasks by task name).
 //! - `tasks/<name>.json`: one record per task the agent runs or ran ([`TaskRecord`]).
 //! - `tasks/<name>.log`: the task's stdout and stderr.
+//! - `gwbridge.json`: the gwbridge subnet and each leg's address, so a task keeps its address
+//!   across agent restarts.
 
+use std::collections::BTreeMap;
 use std::fs;
 use std::io::{self, ErrorKind};
+use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
 
+use ipnet::Ipv4Net;
+
 use proto::agent::Assignment;
-use serde::{de::DeserializeOwned, Serialize};
+use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
 use crate::tasks::TaskRecord;
 
@@ -96,6 +102,26 @@ impl StateDir {
         write_json(&self.root.join("assignment.json"), a)
     }
 
+    /// The gwbridge addresses given out in `subnet` (none if they were given in another one).
+    pub fn gw_addrs(&self, subnet: Ipv4Net) -> Result<BTreeMap<String, Ipv4Addr>, StateError> {
+        Ok(read_json::<GwFile>(&self.root.join("gwbridge.json"))?
+            .filter(|f| f.subnet == subnet)
+            .map(|f| f.addrs)
+            .unwrap_or_default())
+    }
+
+    pub fn save_gw_addrs(
+        &self,
+        subnet: Ipv4Net,
+        addrs: &BTreeMap<String, Ipv4Addr>,
+    ) -> Result<(), StateError> {
+        let file = GwFile {
+            subnet,
+            addrs: addrs.clone(),
+        };
+        write_json(&self.root.join("gwbridge.json"), &file)
+    }
+
     /// Every task record, sorted by task name. A record that cannot be parsed is an error that
     /// names its file: silently dropping it would orphan a running process.
     pub fn task_records(&self) -> Result<Vec<TaskRecord>, StateError> {
@@ -126,6 +152,12 @@ impl StateDir {
             Err(e) => Err(io_err("remove", &path)(e)),
         }
     }
+}
+
+#[derive(Serialize, Deserialize)]
+struct GwFile {
+    subnet: Ipv4Net,
+    addrs: BTreeMap<String, Ipv4Addr>,
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
@@ -222,6 +254,25 @@ mod tests {
         dir.remove_task("web.1.a").unwrap();
         dir.remove_task("web.1.a").unwrap();
         assert_eq!(dir.task_records().unwrap().len(), 1);
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn gw_addresses_persist_per_subnet() {
+        let root = temp_dir("gw");
+        let dir = StateDir::open(&root).unwrap();
+        let sub: Ipv4Net = "172.18.0.0/16".parse().unwrap();
+        assert!(dir.gw_addrs(sub).unwrap().is_empty());
+        let addrs: BTreeMap<String, Ipv4Addr> =
+            [("web.1.a".to_string(), "172.18.0.3".parse().unwrap())].into();
+        dir.save_gw_addrs(sub, &addrs).unwrap();
+        let dir = StateDir::open(&root).unwrap();
+        assert_eq!(dir.gw_addrs(sub).unwrap(), addrs);
+        // Another subnet (the flag changed): the old addresses mean nothing there.
+        assert!(dir
+            .gw_addrs("10.99.0.0/24".parse().unwrap())
+            .unwrap()
+            .is_empty());
         fs::remove_dir_all(&root).unwrap();
     }
 

@@ -183,11 +183,23 @@ pub fn gateway_of(subnet: Ipv4Net) -> Ipv4Addr {
     Ipv4Addr::from(u32::from(subnet.network()) + 1)
 }
 
-/// The lowest free endpoint address of `subnet`: never the network, gateway or broadcast address.
-pub fn next_ip(subnet: Ipv4Net, in_use: &BTreeSet<Ipv4Addr>) -> Result<Ipv4Addr, AllocError> {
+/// The next free endpoint address of `subnet` after `after` (serially, wrapping around, as
+/// Swarm's IPAM does): a freed address is not handed out again until the others were, so a
+/// replacement task never inherits a dead task's address while peers may still hold stale
+/// ARP, FDB or conntrack state for it. Never the network, gateway or broadcast address.
+pub fn next_ip(
+    subnet: Ipv4Net,
+    in_use: &BTreeSet<Ipv4Addr>,
+    after: Option<Ipv4Addr>,
+) -> Result<Ipv4Addr, AllocError> {
     let first = u32::from(subnet.network()) + 2;
     let last = u32::from(subnet.broadcast()) - 1;
-    (first..=last)
+    let start = after
+        .map(u32::from)
+        .filter(|a| (first..last).contains(a))
+        .map_or(first, |a| a + 1);
+    (start..=last)
+        .chain(first..start)
         .map(Ipv4Addr::from)
         .find(|ip| !in_use.contains(ip))
         .ok_or(AllocError::NoFreeAddress(subnet))
@@ -350,21 +362,27 @@ mod tests {
         let subnet = net("10.0.9.0/30");
         assert_eq!(gateway_of(subnet), Ipv4Addr::new(10, 0, 9, 1));
         let mut in_use = BTreeSet::new();
-        let ip = next_ip(subnet, &in_use).unwrap();
+        let ip = next_ip(subnet, &in_use, None).unwrap();
         assert_eq!(ip, Ipv4Addr::new(10, 0, 9, 2));
         in_use.insert(ip);
         // .3 is the broadcast address of a /30: nothing left.
         assert_eq!(
-            next_ip(subnet, &in_use),
+            next_ip(subnet, &in_use, Some(ip)),
             Err(AllocError::NoFreeAddress(subnet))
         );
 
         let subnet = net("10.0.9.0/24");
-        let mut in_use: BTreeSet<Ipv4Addr> = (2..=5).map(|d| Ipv4Addr::new(10, 0, 9, d)).collect();
-        in_use.remove(&Ipv4Addr::new(10, 0, 9, 3));
-        // A freed address is handed out again, lowest first.
-        assert_eq!(next_ip(subnet, &in_use), Ok(Ipv4Addr::new(10, 0, 9, 3)));
-        let full: BTreeSet<Ipv4Addr> = (2..=254).map(|d| Ipv4Addr::new(10, 0, 9, d)).collect();
-        assert!(next_ip(subnet, &full).is_err());
+        let ip = |d| Ipv4Addr::new(10, 0, 9, d);
+        let mut in_use: BTreeSet<Ipv4Addr> = (2..=5).map(ip).collect();
+        in_use.remove(&ip(3));
+        // A freed address waits: the next one after the last handed out comes first...
+        assert_eq!(next_ip(subnet, &in_use, Some(ip(5))), Ok(ip(6)));
+        // ...and the freed one comes back once the allocation wraps around.
+        let mut high: BTreeSet<Ipv4Addr> = (2..=254).map(ip).collect();
+        high.remove(&ip(3));
+        assert_eq!(next_ip(subnet, &high, Some(ip(254))), Ok(ip(3)));
+        assert_eq!(next_ip(subnet, &high, Some(ip(200))), Ok(ip(3)));
+        let full: BTreeSet<Ipv4Addr> = (2..=254).map(ip).collect();
+        assert!(next_ip(subnet, &full, Some(ip(7))).is_err());
     }
 }

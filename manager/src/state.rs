@@ -65,6 +65,9 @@ pub struct NodeRecord {
 pub struct NetworkRecord {
     pub network: Network,
     pub created_at: u64,
+    /// The address handed out last: allocation goes on from there (see `alloc::next_ip`).
+    #[serde(default)]
+    pub last_ip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -358,6 +361,7 @@ impl State {
                             ingress: true,
                         },
                         created_at: now,
+                        last_ip: None,
                     },
                 );
                 changed = true;
@@ -382,7 +386,8 @@ impl State {
         let Some(ingress) = self.ingress() else {
             return Ok(None);
         };
-        alloc::next_ip(ingress.subnet, &self.addrs_in_use(ingress)).map(Some)
+        // Node addresses are long-lived and few: the lowest free one is fine.
+        alloc::next_ip(ingress.subnet, &self.addrs_in_use(ingress), None).map(Some)
     }
 
     fn next_revision(&mut self) -> u64 {
@@ -579,6 +584,7 @@ impl State {
                     ingress: false,
                 },
                 created_at: now,
+                last_ip: None,
             },
         );
         Ok(id)
@@ -1093,13 +1099,19 @@ impl State {
     }
 
     /// One endpoint per network, all or none.
-    fn allocate_endpoints(&self, networks: &[String]) -> Result<Vec<Attachment>, String> {
+    fn allocate_endpoints(&mut self, networks: &[String]) -> Result<Vec<Attachment>, String> {
         let mut out = Vec::new();
         for network_id in networks {
-            let network = &self.networks[network_id].network;
+            let record = &self.networks[network_id];
+            let network = &record.network;
             let in_use = self.addrs_in_use(network);
-            let ip = alloc::next_ip(network.subnet, &in_use)
+            let ip = alloc::next_ip(network.subnet, &in_use, record.last_ip)
                 .map_err(|e| format!("allocate an address on network {}: {e}", network.name))?;
+            let network = network.clone();
+            self.networks
+                .get_mut(network_id)
+                .expect("network exists")
+                .last_ip = Some(ip);
             out.push(Attachment {
                 network_id: network_id.clone(),
                 addr: Ipv4Net::new(ip, network.subnet.prefix_len())
@@ -1893,13 +1905,14 @@ pub(crate) mod tests {
         let tasks = current(&s, "web");
         assert_eq!(tasks.iter().map(|t| t.slot).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), kept);
-        // Slots 3..6 are gone entirely, and their addresses are free for the next task.
+        // Slots 3..6 are gone entirely; their addresses are free, but handed out again only
+        // after the ones never used (serial allocation: no stale state for a reused address).
         assert_eq!(s.tasks.len(), 2);
         s.scale_service("web", 3, 4).unwrap();
         s.reconcile(4);
         assert_eq!(
             current(&s, "web")[2].attachments[0].addr.to_string(),
-            "10.0.9.4/24"
+            "10.0.9.8/24"
         );
     }
 

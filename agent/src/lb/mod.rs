@@ -1,0 +1,100 @@
+//! The routing mesh's load balancer inside ingress_sbox, behind one trait with one module per
+//! backend: [`ipvs`] (FWM virtual services, Swarm's way) and [`nft`] (nftables maps + numgen).
+//! Both also own the sandbox's nftables table (marks and SNAT; for nft also the balancing).
+
+pub mod ipvs;
+pub mod nft;
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use firewall::{NsNetfilter, Ruleset, SboxState};
+use netns::Netns;
+use proto::agent::LbReport;
+
+/// Which backend balances.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LbKind {
+    Ipvs,
+    Nftables,
+}
+
+impl LbKind {
+    pub fn name(self) -> &'static str {
+        match self {
+            LbKind::Ipvs => "ipvs",
+            LbKind::Nftables => "nftables",
+        }
+    }
+
+    pub fn mode(self) -> firewall::LbMode {
+        match self {
+            LbKind::Ipvs => firewall::LbMode::Ipvs,
+            LbKind::Nftables => firewall::LbMode::Nftables,
+        }
+    }
+}
+
+/// Connection timeouts in seconds; `None` keeps the kernel's.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Timeouts {
+    pub tcp: Option<NonZeroU32>,
+    pub tcp_fin: Option<NonZeroU32>,
+    pub udp: Option<NonZeroU32>,
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct LbOptions {
+    /// How long a removed IPVS destination keeps weight 0 before it is deleted.
+    pub drain: Duration,
+    pub timeouts: Timeouts,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LbError {
+    #[error("ingress_sbox table: {0}")]
+    Firewall(#[from] firewall::Error),
+    #[error("IPVS in ingress_sbox: {0}")]
+    Ipvs(#[from] ::ipvs::Error),
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+}
+
+pub trait LoadBalancer: Send {
+    /// Programs `desired` (services by fwmark with their backends) into the sandbox, changing
+    /// only what differs. `recheck` also re-reads the kernel and repairs drift. Returns when it
+    /// wants to run again at the latest (a drain deadline), if it does.
+    fn sync(&mut self, desired: &SboxState, recheck: bool) -> Result<Option<Duration>, LbError>;
+    /// What is programmed now, for the manager.
+    fn report(&self) -> LbReport;
+}
+
+/// Opens the backend for the sandbox `sbox` and applies the timeouts.
+pub fn open(kind: LbKind, sbox: Netns, opts: LbOptions) -> Result<Box<dyn LoadBalancer>, LbError> {
+    Ok(match kind {
+        LbKind::Ipvs => Box::new(ipvs::IpvsLb::open(sbox, opts)?),
+        LbKind::Nftables => Box::new(nft::NftLb::open(sbox, opts.timeouts)?),
+    })
+}
+
+/// Applies `next` to a namespace's table: a full atomic rebuild the first time (`prev` unknown,
+/// e.g. after a restart: conntrack entries survive it), then only what changed; with `recheck`,
+/// reads the table back and rebuilds it if it drifted. Returns whether anything was applied.
+pub fn sync_table<R: Ruleset + Clone + PartialEq>(
+    ns: &Netns,
+    prev: &mut Option<R>,
+    next: &R,
+    recheck: bool,
+) -> Result<bool, firewall::Error> {
+    let nf = NsNetfilter::new(ns);
+    let mut changed = false;
+    if prev.as_ref() != Some(next) {
+        firewall::sync(&nf, prev.as_ref(), next)?;
+        *prev = Some(next.clone());
+        changed = true;
+    }
+    if recheck && !changed {
+        changed = firewall::reconcile(&nf, next)?;
+    }
+    Ok(changed)
+}

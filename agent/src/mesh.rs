@@ -1,0 +1,492 @@
+//! Routing-mesh planning, pure: gwbridge addresses, subnet clash checks, and the nftables state
+//! each namespace gets from an assignment (reference/swarm-dataplane.md §2, §3, §5).
+//!
+//! - gwbridge `mesh_gwbridge` holds the subnet's first address; `ingress_sbox` always has the
+//!   second; tasks get the lowest free one from the third on, kept (state dir) while they live.
+//! - Node table: every ingress-mode port → ingress_sbox; host-mode ports → one local task of
+//!   the service: the running task whose name sorts first (stable while it lives; when it
+//!   goes, the next one takes over).
+//! - ingress_sbox table: ingress-mode ports → the service's fwmark; backends = every running
+//!   task's ingress IP cluster-wide, as the manager lists them.
+//! - Task table: ingress-mode published port → target, on the task's ingress IP.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::{Ipv4Addr, SocketAddrV4};
+
+use firewall::{
+    Fwmark, LbMode, NodeConfig, NodeState, PortKey, Proto, SboxConfig, SboxService, SboxState,
+    TaskState,
+};
+use ipnet::Ipv4Net;
+use proto::agent::{Assignment, PublishedService, TaskSpec};
+use proto::model::{PortConfig, Protocol, PublishMode};
+
+use crate::plan::veth_name;
+
+/// The node's gateway bridge (Swarm's `docker_gwbridge`).
+pub const GWBRIDGE: &str = "mesh_gwbridge";
+/// The routing mesh's namespace, in the agent's netns dir.
+pub const INGRESS_SBOX: &str = "ingress_sbox";
+/// ingress_sbox's leg on the ingress overlay.
+pub const SBOX_INGRESS_IF: &str = "eth0";
+
+/// The gwbridge as the planner needs it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Gw {
+    /// The bridge's address with the subnet's prefix (the first address).
+    pub gateway: Ipv4Net,
+    pub mtu: u32,
+    /// Each leg's address, by task name (and [`INGRESS_SBOX`]).
+    pub addrs: BTreeMap<String, Ipv4Addr>,
+}
+
+/// The node end of a task's gwbridge leg: stable per task, and marked as ours by `mgw`.
+pub fn gw_veth_name(task: &str) -> String {
+    format!("mgw{}", &veth_name(task, GWBRIDGE)[4..])
+}
+
+/// The n-th address of a subnet (1 = the first host address).
+fn nth(subnet: Ipv4Net, n: u32) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + n)
+}
+
+/// The gwbridge's own address, with the subnet's prefix.
+pub fn gw_gateway(subnet: Ipv4Net) -> Ipv4Net {
+    Ipv4Net::new(nth(subnet, 1), subnet.prefix_len()).expect("prefix of a valid net")
+}
+
+/// ingress_sbox's address on the gwbridge: the DNAT target of ingress-mode ports.
+pub fn sbox_gw_ip(subnet: Ipv4Net) -> Ipv4Addr {
+    nth(subnet, 2)
+}
+
+/// A gwbridge subnet must hold the bridge, ingress_sbox and at least one task.
+pub fn check_gw_subnet(subnet: Ipv4Net) -> Result<(), String> {
+    if subnet.prefix_len() > 29 {
+        return Err(format!(
+            "gwbridge subnet {subnet} is too small: use a /29 or larger"
+        ));
+    }
+    if subnet != subnet.trunc() {
+        return Err(format!(
+            "gwbridge subnet {subnet} has host bits set (did you mean {}?)",
+            subnet.trunc()
+        ));
+    }
+    Ok(())
+}
+
+/// Addresses for `wanted` legs: ingress_sbox gets .2; everyone else keeps a previous address
+/// that is still valid and unique, or gets the lowest free one from .3 on.
+pub fn allocate_gw(
+    subnet: Ipv4Net,
+    prev: &BTreeMap<String, Ipv4Addr>,
+    wanted: &BTreeSet<String>,
+) -> Result<BTreeMap<String, Ipv4Addr>, String> {
+    let first = u32::from(subnet.network()) + 3;
+    let last = u32::from(subnet.broadcast()) - 1;
+    let usable = |ip: Ipv4Addr| (first..=last).contains(&u32::from(ip));
+    let mut out = BTreeMap::new();
+    let mut taken = BTreeSet::new();
+    if wanted.contains(INGRESS_SBOX) {
+        out.insert(INGRESS_SBOX.to_string(), sbox_gw_ip(subnet));
+    }
+    for name in wanted.iter().filter(|n| n.as_str() != INGRESS_SBOX) {
+        if let Some(ip) = prev.get(name).filter(|ip| usable(**ip)) {
+            if taken.insert(*ip) {
+                out.insert(name.clone(), *ip);
+            }
+        }
+    }
+    let mut next = first;
+    for name in wanted {
+        if out.contains_key(name) {
+            continue;
+        }
+        while taken.contains(&Ipv4Addr::from(next)) {
+            next += 1;
+        }
+        if next > last {
+            return Err(format!(
+                "gwbridge subnet {subnet} has no free address for {name}"
+            ));
+        }
+        taken.insert(Ipv4Addr::from(next));
+        out.insert(name.clone(), Ipv4Addr::from(next));
+    }
+    Ok(out)
+}
+
+fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Refuses a subnet that overlaps one of the node's addresses (their networks) or routes.
+/// The default route overlaps everything and says nothing, so it is not counted.
+pub fn check_clash(
+    what: &str,
+    subnet: Ipv4Net,
+    addrs: &[(String, Ipv4Net)],
+    routes: &[Ipv4Net],
+) -> Result<(), String> {
+    if let Some((dev, a)) = addrs.iter().find(|(_, a)| overlaps(subnet, a.trunc())) {
+        return Err(format!(
+            "{what} subnet {subnet} clashes with the node's address {a} on {dev}: choose another subnet"
+        ));
+    }
+    if let Some(r) = routes
+        .iter()
+        .find(|r| r.prefix_len() > 0 && overlaps(subnet, **r))
+    {
+        return Err(format!(
+            "{what} subnet {subnet} clashes with the node's route to {r}: choose another subnet"
+        ));
+    }
+    Ok(())
+}
+
+/// Destinations of `ip -4 -o route show` lines, except routes through our own gwbridge.
+pub fn parse_routes(text: &str) -> Vec<Ipv4Net> {
+    text.lines()
+        .filter(|l| {
+            !l.split_whitespace()
+                .collect::<Vec<_>>()
+                .windows(2)
+                .any(|w| w == ["dev", GWBRIDGE])
+        })
+        .filter_map(|l| {
+            let dst = l.split_whitespace().next()?;
+            if let Ok(net) = dst.parse::<Ipv4Net>() {
+                Some(net)
+            } else {
+                dst.parse::<Ipv4Addr>().ok().map(Ipv4Net::from)
+            }
+        })
+        .collect()
+}
+
+fn port_key(p: &PortConfig) -> PortKey {
+    PortKey {
+        proto: match p.protocol {
+            Protocol::Tcp => Proto::Tcp,
+            Protocol::Udp => Proto::Udp,
+        },
+        port: p.published,
+    }
+}
+
+fn ports(svc: &PublishedService, mode: PublishMode) -> impl Iterator<Item = &PortConfig> {
+    svc.ports.iter().filter(move |p| p.mode == mode)
+}
+
+/// The local task that answers a service's host-mode ports: the first by name.
+pub fn host_target<'a>(service_id: &str, running: &[&'a TaskSpec]) -> Option<&'a TaskSpec> {
+    running
+        .iter()
+        .copied()
+        .filter(|t| t.service_id == service_id)
+        .min_by(|a, b| a.name.cmp(&b.name))
+}
+
+/// The node table. `running`: this node's tasks whose process runs.
+pub fn node_state(
+    desired: &Assignment,
+    gw_subnet: Ipv4Net,
+    gw_addrs: &BTreeMap<String, Ipv4Addr>,
+    running: &[&TaskSpec],
+) -> NodeState {
+    let mut st = NodeState::new(NodeConfig {
+        gwbridge: GWBRIDGE.into(),
+        gwbridge_subnet: gw_subnet,
+        ingress_sbox_ip: sbox_gw_ip(gw_subnet),
+    });
+    for svc in &desired.published {
+        if desired.ingress.is_some() {
+            st.ingress_ports
+                .extend(ports(svc, PublishMode::Ingress).map(port_key));
+        }
+        let Some(task) = host_target(&svc.service_id, running) else {
+            continue;
+        };
+        let Some(ip) = gw_addrs.get(&task.name) else {
+            continue;
+        };
+        for p in ports(svc, PublishMode::Host) {
+            st.host_ports
+                .insert(port_key(p), SocketAddrV4::new(*ip, p.target));
+        }
+    }
+    st
+}
+
+/// The ingress_sbox table (and the load balancer's desired state), when there is an ingress.
+pub fn sbox_state(desired: &Assignment, lb: LbMode) -> Option<SboxState> {
+    let ingress = desired.ingress.as_ref()?;
+    let mut st = SboxState::new(SboxConfig {
+        ingress_iface: SBOX_INGRESS_IF.into(),
+        ingress_subnet: ingress.network.subnet,
+        ingress_ip: ingress.sbox_addr.addr(),
+        lb,
+    });
+    for svc in &desired.published {
+        let ports: BTreeSet<PortKey> = ports(svc, PublishMode::Ingress).map(port_key).collect();
+        // Mark 0 is "unmarked" to the kernel: such a service cannot be balanced.
+        let (false, Ok(mark)) = (ports.is_empty(), Fwmark::new(svc.fwmark)) else {
+            continue;
+        };
+        st.services.insert(
+            mark,
+            SboxService {
+                ports,
+                backends: svc.backends.iter().copied().collect(),
+            },
+        );
+    }
+    Some(st)
+}
+
+/// Each local task's table: its ingress-mode published ports redirected to their targets.
+pub fn task_states(desired: &Assignment, running: &[&TaskSpec]) -> BTreeMap<String, TaskState> {
+    let Some(ingress) = &desired.ingress else {
+        return BTreeMap::new();
+    };
+    let mut out = BTreeMap::new();
+    for t in running {
+        let Some(att) = t
+            .attachments
+            .iter()
+            .find(|a| a.network_id == ingress.network.id)
+        else {
+            continue;
+        };
+        let redirects = desired
+            .published
+            .iter()
+            .filter(|s| s.service_id == t.service_id)
+            .flat_map(|s| ports(s, PublishMode::Ingress))
+            .map(|p| (port_key(p), p.target))
+            .collect();
+        out.insert(
+            t.name.clone(),
+            TaskState {
+                ingress_ip: att.addr.addr(),
+                redirects,
+            },
+        );
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::agent::{IngressSpec, NetworkSpec};
+    use proto::model::{endpoint_mac, Attachment};
+
+    fn ip(s: &str) -> Ipv4Addr {
+        s.parse().unwrap()
+    }
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn names(n: &[&str]) -> BTreeSet<String> {
+        n.iter().map(|s| s.to_string()).collect()
+    }
+
+    #[test]
+    fn gw_addresses_are_stable_reused_and_sbox_is_second() {
+        let sub = net("172.18.0.0/16");
+        assert_eq!(gw_gateway(sub), net("172.18.0.1/16"));
+        let a = allocate_gw(
+            sub,
+            &BTreeMap::new(),
+            &names(&[INGRESS_SBOX, "web.1.a", "web.2.b"]),
+        )
+        .unwrap();
+        assert_eq!(a[INGRESS_SBOX], ip("172.18.0.2"));
+        assert_eq!(a["web.1.a"], ip("172.18.0.3"));
+        assert_eq!(a["web.2.b"], ip("172.18.0.4"));
+        // web.1.a leaves, web.3.c arrives: web.2.b keeps .4, the newcomer takes the freed .3.
+        let b = allocate_gw(sub, &a, &names(&[INGRESS_SBOX, "web.2.b", "web.3.c"])).unwrap();
+        assert_eq!(b["web.2.b"], ip("172.18.0.4"));
+        assert_eq!(b["web.3.c"], ip("172.18.0.3"));
+        assert!(!b.contains_key("web.1.a"));
+        // A persisted address outside the (changed) subnet is replaced.
+        let c = allocate_gw(net("10.99.0.0/24"), &b, &names(&["web.2.b"])).unwrap();
+        assert_eq!(c["web.2.b"], ip("10.99.0.3"));
+        // Exhaustion is an error naming the subnet.
+        let tiny = net("10.0.0.0/29");
+        let err = allocate_gw(
+            tiny,
+            &BTreeMap::new(),
+            &names(&["a", "b", "c", "d", "e", "f"]),
+        )
+        .unwrap_err();
+        assert!(err.contains("10.0.0.0/29"), "{err}");
+    }
+
+    #[test]
+    fn subnets_that_clash_with_the_node_are_refused() {
+        let addrs = vec![("eth0".to_string(), net("192.168.56.11/24"))];
+        let routes = parse_routes(
+            "default via 192.168.56.1 dev eth0\n\
+             192.168.56.0/24 dev eth0 proto kernel scope link src 192.168.56.11\n\
+             10.20.0.0/16 via 192.168.56.1 dev eth0\n\
+             172.18.0.0/16 dev mesh_gwbridge proto kernel scope link src 172.18.0.1\n\
+             10.30.0.7 via 192.168.56.1 dev eth0\n",
+        );
+        assert_eq!(
+            routes,
+            [
+                net("192.168.56.0/24"),
+                net("10.20.0.0/16"),
+                net("10.30.0.7/32")
+            ]
+        );
+        let ok = |s: &str| check_clash("gwbridge", net(s), &addrs, &routes);
+        assert!(ok("172.18.0.0/16").is_ok());
+        let err = ok("192.168.0.0/16").unwrap_err();
+        assert!(err.contains("192.168.56.11/24 on eth0"), "{err}");
+        assert!(ok("192.168.56.128/25").is_err());
+        assert!(ok("10.20.5.0/24")
+            .unwrap_err()
+            .contains("route to 10.20.0.0/16"));
+        assert!(ok("10.30.0.0/24").is_err());
+        assert!(check_gw_subnet(net("172.18.0.0/30")).is_err());
+        assert!(check_gw_subnet(net("172.18.0.1/16")).is_err());
+        assert!(check_gw_subnet(net("172.18.0.0/16")).is_ok());
+    }
+
+    fn task(name: &str, svc: &str, ingress_ip: Option<&str>) -> TaskSpec {
+        TaskSpec {
+            id: name.into(),
+            name: name.into(),
+            service_id: svc.into(),
+            service_name: svc.into(),
+            command: vec![],
+            attachments: ingress_ip
+                .map(|a| Attachment {
+                    network_id: "ing".into(),
+                    addr: format!("{a}/16").parse().unwrap(),
+                    mac: endpoint_mac(ip(a)),
+                })
+                .into_iter()
+                .collect(),
+        }
+    }
+
+    fn port(published: u16, target: u16, protocol: Protocol, mode: PublishMode) -> PortConfig {
+        PortConfig {
+            protocol,
+            published,
+            target,
+            mode,
+        }
+    }
+
+    fn assignment() -> Assignment {
+        Assignment {
+            revision: 1,
+            ingress: Some(IngressSpec {
+                network: NetworkSpec {
+                    id: "ing".into(),
+                    name: "ingress".into(),
+                    subnet: net("10.255.0.0/16"),
+                    gateway: net("10.255.0.1/16"),
+                    vni: 4096,
+                    peers: vec![],
+                },
+                sbox_addr: net("10.255.0.2/16"),
+            }),
+            published: vec![
+                PublishedService {
+                    service_id: "web".into(),
+                    service_name: "web".into(),
+                    fwmark: 256,
+                    ports: vec![
+                        port(80, 8080, Protocol::Tcp, PublishMode::Ingress),
+                        port(53, 5353, Protocol::Udp, PublishMode::Ingress),
+                    ],
+                    backends: vec![ip("10.255.0.10"), ip("10.255.0.11")],
+                },
+                PublishedService {
+                    service_id: "edge".into(),
+                    service_name: "edge".into(),
+                    fwmark: 257,
+                    ports: vec![port(81, 8080, Protocol::Tcp, PublishMode::Host)],
+                    backends: vec![],
+                },
+            ],
+            ..Assignment::default()
+        }
+    }
+
+    #[test]
+    fn every_node_balances_ingress_ports_over_all_backends() {
+        let a = assignment();
+        // A node without any task programs the same ingress ports and services.
+        let sbox = sbox_state(&a, LbMode::Ipvs).unwrap();
+        assert_eq!(sbox.config.ingress_ip, ip("10.255.0.2"));
+        assert_eq!(
+            sbox.services.len(),
+            1,
+            "host-only services are not balanced"
+        );
+        let web = &sbox.services[&Fwmark::new(256).unwrap()];
+        assert_eq!(
+            web.ports,
+            [PortKey::tcp(80), PortKey::udp(53)].into_iter().collect()
+        );
+        assert_eq!(
+            web.backends,
+            [ip("10.255.0.10"), ip("10.255.0.11")].into_iter().collect()
+        );
+        let node = node_state(&a, net("172.18.0.0/16"), &BTreeMap::new(), &[]);
+        assert_eq!(node.config.ingress_sbox_ip, ip("172.18.0.2"));
+        assert_eq!(node.ingress_ports.len(), 2);
+        assert!(node.host_ports.is_empty(), "no local task, no host port");
+        assert!(task_states(&a, &[]).is_empty());
+
+        // Without an ingress network nothing is published in ingress mode.
+        let none = Assignment {
+            ingress: None,
+            ..a.clone()
+        };
+        assert!(sbox_state(&none, LbMode::Nftables).is_none());
+        assert!(
+            node_state(&none, net("172.18.0.0/16"), &BTreeMap::new(), &[])
+                .ingress_ports
+                .is_empty()
+        );
+    }
+
+    #[test]
+    fn local_tasks_redirect_and_host_ports_go_to_the_first_local_task() {
+        let a = assignment();
+        let w = task("web.1.x", "web", Some("10.255.0.10"));
+        let e2 = task("edge.2.b", "edge", None);
+        let e1 = task("edge.1.c", "edge", None);
+        let gw: BTreeMap<String, Ipv4Addr> = [
+            ("edge.2.b".to_string(), ip("172.18.0.3")),
+            ("edge.1.c".to_string(), ip("172.18.0.4")),
+        ]
+        .into();
+        let running = [&w, &e2, &e1];
+        assert_eq!(host_target("edge", &running).unwrap().name, "edge.1.c");
+        let node = node_state(&a, net("172.18.0.0/16"), &gw, &running);
+        assert_eq!(
+            node.host_ports,
+            [(PortKey::tcp(81), "172.18.0.4:8080".parse().unwrap())].into()
+        );
+        let tasks = task_states(&a, &running);
+        assert_eq!(tasks.len(), 1, "only tasks on the ingress network");
+        let t = &tasks["web.1.x"];
+        assert_eq!(t.ingress_ip, ip("10.255.0.10"));
+        assert_eq!(
+            t.redirects,
+            [(PortKey::tcp(80), 8080), (PortKey::udp(53), 5353)].into()
+        );
+    }
+}
