@@ -53,6 +53,12 @@ pub enum LabError {
     Exists(String),
     #[error("lab {prefix} has no node or host named {name:?}")]
     UnknownNode { prefix: String, name: String },
+    #[error("lab {prefix} already has a host named {name} or at {ip}")]
+    HostExists {
+        prefix: String,
+        name: String,
+        ip: Ipv4Addr,
+    },
     #[error("a lab has 1 to 50 nodes, not {0}")]
     NodeCount(usize),
 }
@@ -231,6 +237,18 @@ impl Lab {
 
     /// Adds a host (a client, say) on the underlay with the given address.
     pub fn add_host(&mut self, name: &str, ip: Ipv4Addr) -> Result<&Node> {
+        if self
+            .nodes
+            .iter()
+            .chain(&self.hosts)
+            .any(|n| n.name == name || n.ip == ip)
+        {
+            return Err(LabError::HostExists {
+                prefix: self.prefix.clone(),
+                name: name.to_string(),
+                ip,
+            });
+        }
         let host = self.attach(name, ip)?;
         self.hosts.push(host);
         Ok(self.hosts.last().unwrap())

@@ -3,6 +3,7 @@
 //!
 //!   lab up [--nodes N] [--prefix P]       build a lab that stays until `lab down`
 //!   lab exec [--prefix P] NODE -- CMD...  run a command on a node (node1, node2, …)
+//!   lab add-host [--prefix P] NAME IP     add a host (a client, say) on the underlay
 //!   lab down [--prefix P | --all | --orphans]
 //!   lab ls
 //!   lab hold [--nodes N]                  a lab that lives while this command runs
@@ -42,6 +43,13 @@ enum Cmd {
         node: String,
         #[arg(last = true, required = true)]
         command: Vec<String>,
+    },
+    /// Add a host (a client, say) on the underlay, e.g. `lab add-host client 192.168.56.100`.
+    AddHost {
+        #[arg(long, default_value = "lab")]
+        prefix: String,
+        name: String,
+        ip: std::net::Ipv4Addr,
     },
     /// Remove a lab, every lab, or the labs left by crashed runs.
     Down {
@@ -111,6 +119,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .wait()
                 .with_context(|| format!("wait for {}", command[0]))?;
             return Ok(ExitCode::from(status.code().unwrap_or(1) as u8));
+        }
+        Cmd::AddHost { prefix, name, ip } => {
+            let mut lab = Lab::open(&prefix).with_context(|| format!("open lab {prefix}"))?;
+            let host = lab.add_host(&name, ip)?;
+            println!("{name} {ip} {}", host.ns.path().display());
         }
         Cmd::Down {
             prefix,
