@@ -71,6 +71,18 @@ impl<K: Kernel> Reconciler<K> {
                 return 1;
             }
         };
+        let rules = self.mesh.rules.clone();
+        let lb_desired = desired.clone();
+        if let Ok(Some(first)) = tokio::task::spawn_blocking(move || {
+            let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
+            rules.sync_lb_first(&lb_desired)
+        })
+        .await
+        {
+            if let Some(report) = first.report {
+                self.outbox.lb_state(report);
+            }
+        }
         let kernel = self.kernel.clone();
         let observed = match tokio::task::spawn_blocking(move || kernel.observe()).await {
             Ok(Ok(o)) => o,

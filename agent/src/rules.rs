@@ -121,6 +121,24 @@ impl MeshRules {
         out
     }
 
+    /// The load balancer alone, when it already runs: a new assignment's backends take effect
+    /// before the full pass observes every namespace, so a dead task stops receiving new
+    /// connections as soon as the manager says so. The full pass that follows re-checks it.
+    pub fn sync_lb_first(&mut self, desired: &Assignment) -> Option<MeshPass> {
+        self.lb.as_ref()?;
+        let st = mesh::sbox_state(desired, self.lb_kind.mode())?;
+        let mut out = MeshPass::default();
+        match self.sync_lb(&st, false) {
+            Ok(wake) => out.wake = wake,
+            Err(e) => {
+                error!("load balancer in ingress_sbox: {e}");
+                out.errors += 1;
+            }
+        }
+        out.report = self.lb.as_ref().map(|(_, lb)| lb.report());
+        Some(out)
+    }
+
     fn sync_lb(
         &mut self,
         st: &firewall::SboxState,
