@@ -1,0 +1,168 @@
+//! B4, incremental programming latency (../shared/reference/performance-anchors.md §3): the time
+//! to add one published service (one port, 3 backends: every map of the table and a service
+//! chain touched) and to remove it again, with 10k services already programmed versus none.
+//!
+//! Two throwaway sbox namespaces under /run: one holding `synthetic_sbox(0, 2)`, one
+//! `synthetic_sbox(10000, 2)`, each programmed once with a full batch. Then, per sample, on
+//! both (interleaved, order alternating): add a new service with the firewall crate's
+//! incremental path — `SboxState::render(Some(prev), next)` and `NsNetfilter::apply` (`nft -f -`
+//! in the namespace), both timed — then remove it the same way. The UDP conntrack flush that
+//! `firewall::sync` runs after a removal is not included. Samples are grouped in rounds; per
+//! round the p99 (of 30 samples: the slowest) and the median are taken.
+//! R4 = p99 with 10k ÷ p99 with 0. Goals: p99 ≤ 20 ms at 10k and R4 ≤ 2.
+//! A ratio never fails the benchmark; only a failure to measure does.
+//!
+//! Usage (root): b4_incremental [--services 10000] [--rounds 5] [--samples 30]
+
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context, Result};
+use bench::{header, ms, quantile, row, Scratch};
+use clap::Parser;
+use firewall::{
+    synthetic_sbox, Fwmark, Netfilter, NsNetfilter, PortKey, Ruleset, SboxService, SboxState,
+};
+use netns::Netns;
+
+#[derive(Parser)]
+struct Args {
+    /// Services already programmed in the large table.
+    #[arg(long, default_value_t = 10_000)]
+    services: u16,
+    /// Rounds (each gives one p99 and one median per measure).
+    #[arg(long, default_value_t = 5)]
+    rounds: usize,
+    /// Adds and removes per table per round.
+    #[arg(long, default_value_t = 30)]
+    samples: usize,
+}
+
+/// One table in its namespace, with its last applied state.
+struct Table {
+    ns: Netns,
+    state: SboxState,
+}
+
+impl Table {
+    fn new(scratch: &mut Scratch, name: &str, services: u16) -> Result<Table> {
+        let ns = scratch.ns(name)?;
+        let state = synthetic_sbox(services, 2);
+        NsNetfilter::new(&ns)
+            .apply(&SboxState::render(None, &state)?)
+            .with_context(|| format!("program {services} services"))?;
+        Ok(Table { ns, state })
+    }
+
+    /// Moves the table to `next` incrementally; returns the time taken (render + apply).
+    fn change(&mut self, next: SboxState) -> Result<Duration> {
+        let nf = NsNetfilter::new(&self.ns);
+        let t0 = Instant::now();
+        let batch = SboxState::render(Some(&self.state), &next)?;
+        nf.apply(&batch)?;
+        let took = t0.elapsed();
+        self.state = next;
+        Ok(took)
+    }
+
+    /// Adds service `k` (fwmark 100000+k, port 60000+k, backends 10.250.k.1-3), then removes
+    /// it: the two times.
+    fn add_remove(&mut self, k: u8) -> Result<(Duration, Duration)> {
+        let before = self.state.clone();
+        let mut next = before.clone();
+        next.services.insert(
+            Fwmark::new(100_000 + u32::from(k))?,
+            SboxService {
+                ports: [PortKey::tcp(60_000 + u16::from(k))].into(),
+                backends: (1..=3).map(|j| Ipv4Addr::new(10, 250, k, j)).collect(),
+            },
+        );
+        let add = self.change(next)?;
+        let remove = self.change(before)?;
+        Ok((add, remove))
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    ensure!(args.samples > 0 && args.samples <= 200, "--samples 1..=200");
+    let mut scratch = Scratch::new("b4")?;
+    let mut tables = [
+        Table::new(&mut scratch, "empty", 0)?,
+        Table::new(&mut scratch, "full", args.services)?,
+    ];
+    // One warm-up change each (page cache, nft's first run).
+    for t in &mut tables {
+        t.add_remove(0)?;
+    }
+    // [table][add=0/remove=1][round] -> (p99, median)
+    let mut p99 = [[vec![], vec![]], [vec![], vec![]]];
+    let mut p50 = [[vec![], vec![]], [vec![], vec![]]];
+    for round in 0..args.rounds {
+        let mut times = [[vec![], vec![]], [vec![], vec![]]];
+        for k in 0..args.samples {
+            let order = if (k + round) % 2 == 0 { [0, 1] } else { [1, 0] };
+            for t in order {
+                let (a, r) = tables[t].add_remove(k as u8)?;
+                times[t][0].push(a);
+                times[t][1].push(r);
+            }
+        }
+        for t in 0..2 {
+            for op in 0..2 {
+                p99[t][op].push(quantile(&times[t][op], 0.99));
+                p50[t][op].push(quantile(&times[t][op], 0.5));
+            }
+        }
+        println!(
+            "round {}: add p99/p50 0: {:.2}/{:.2} ms, {}: {:.2}/{:.2} ms; remove p99/p50 0: {:.2}/{:.2} ms, {}: {:.2}/{:.2} ms",
+            round + 1,
+            ms(p99[0][0][round]),
+            ms(p50[0][0][round]),
+            args.services,
+            ms(p99[1][0][round]),
+            ms(p50[1][0][round]),
+            ms(p99[0][1][round]),
+            ms(p50[0][1][round]),
+            args.services,
+            ms(p99[1][1][round]),
+            ms(p50[1][1][round]),
+        );
+    }
+    let ratio = |a: &[Duration], b: &[Duration]| -> Vec<f64> {
+        a.iter()
+            .zip(b)
+            .map(|(x, y)| x.as_secs_f64() / y.as_secs_f64())
+            .collect()
+    };
+    let n = args.services;
+    header(
+        "B4 incremental programming (firewall crate render + nft -f -, sbox table)",
+        &format!(
+            "{} rounds x {} samples, interleaved; service = 1 port, 3 backends",
+            args.rounds, args.samples
+        ),
+    );
+    for (op, name) in [(0, "add"), (1, "remove")] {
+        row(
+            &format!("R4 p99 {name} one service, {n} present / 0"),
+            &ratio(&p99[1][op], &p99[0][op]),
+            "<= 2",
+        );
+        row(
+            &format!("median {name} one service, {n} present / 0"),
+            &ratio(&p50[1][op], &p50[0][op]),
+            "(info)",
+        );
+    }
+    println!("\n| absolute (ms) | median over rounds | IQR | goal |");
+    println!("|---|---|---|---|");
+    let abs = |v: &[Duration]| v.iter().map(|d| ms(*d)).collect::<Vec<f64>>();
+    for (op, name) in [(0, "add"), (1, "remove")] {
+        row(&format!("p99 {name}, {n} present"), &abs(&p99[1][op]), "<= 20 ms");
+        row(&format!("median {name}, {n} present"), &abs(&p50[1][op]), "(info)");
+        row(&format!("p99 {name}, 0 present"), &abs(&p99[0][op]), "(info)");
+        row(&format!("median {name}, 0 present"), &abs(&p50[0][op]), "(info)");
+    }
+    Ok(())
+}
