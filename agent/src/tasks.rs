@@ -276,6 +276,12 @@ impl Supervisor {
             Some(next) => {
                 self.stopping.remove(&ev.task);
                 self.set_phase(&ev.task, next);
+                // A crash is told at once, so the manager takes the task out of every node's
+                // load balancer while this node tears its network down; a requested stop is
+                // told after the pass that removed it.
+                if !stopping && self.unreported.remove(&ev.task) {
+                    self.report(&ev.task);
+                }
                 true
             }
             None => false,

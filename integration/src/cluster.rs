@@ -16,6 +16,11 @@ use serde::de::DeserializeOwned;
 
 use crate::lab::{Lab, LabConfig, LabError};
 
+/// Upper bounds on waits: generous, because the guest kernel runs under software emulation on
+/// a 2-core machine; a passing run never waits for them.
+pub const START_TIMEOUT: Duration = Duration::from_secs(60);
+pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
+
 /// The manager's agent port, as Swarm's 2377.
 pub const MANAGER_PORT: u16 = 2377;
 
@@ -87,7 +92,7 @@ impl Cluster {
         for n in &names {
             cluster.start_agent(n)?;
         }
-        cluster.wait_for(Duration::from_secs(30), "every node ready", |c| {
+        cluster.wait_for(START_TIMEOUT, "every node ready", |c| {
             let nodes: Vec<NodeInfo> = c.json(&["node", "ls"]).ok()?;
             (nodes.len() == names.len() && nodes.iter().all(|n| n.node.status == NodeStatus::Ready))
                 .then_some(())
@@ -147,7 +152,7 @@ impl Cluster {
         let pid = self.lab.spawn("node1", &mut cmd)?;
         self.manager = Some(pid);
         // A socket file may be left by a killed manager: ready means it answers.
-        self.wait_for(Duration::from_secs(10), "the manager's API", |c| {
+        self.wait_for(START_TIMEOUT, "the manager's API", |c| {
             c.meshctl(&["node", "ls"])
                 .ok()
                 .filter(|o| o.status.success())
@@ -244,7 +249,7 @@ impl Cluster {
     /// Waits until the service has exactly `n` current tasks, all running with a namespace.
     pub fn wait_running(&self, service: &str, n: usize) -> Result<Vec<TaskInfo>> {
         self.wait_for(
-            Duration::from_secs(60),
+            CONVERGE_TIMEOUT,
             &format!("{n} running tasks of {service}"),
             |c| {
                 let tasks = c.tasks(service).ok()?;

@@ -118,7 +118,7 @@ fn ipvsadm_in_ingress_sbox_shows_the_service() {
         let sbox = c.state_dir(node).join("netns/ingress_sbox");
         let table = c
             .wait_for(
-                std::time::Duration::from_secs(30),
+                integration::cluster::CONVERGE_TIMEOUT,
                 "IPVS in ingress_sbox",
                 |_| {
                     let ns = netns::Netns::open(&sbox).ok()?;
