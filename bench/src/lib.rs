@@ -157,9 +157,22 @@ pub fn veth(
 }
 
 /// A TCP listener in `ns` on `addr` whose thread (pinned to `cpu`) accepts and closes
-/// connections until the process ends.
-pub fn listen(ns: &Netns, addr: SocketAddr, cpu: usize) -> Result<()> {
-    let listener = ns.run(|| TcpListener::bind(addr))??;
+/// connections until the process ends. Its accept queue is long (4096, std's is 128), so a
+/// moment without CPU for that thread does not drop SYNs (a 1 s retransmit for the client).
+pub fn listen(ns: &Netns, addr: SocketAddrV4, cpu: usize) -> Result<()> {
+    let listener = ns.run(|| -> Result<TcpListener> {
+        let fd = socket::socket(
+            AddressFamily::Inet,
+            SockType::Stream,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )?;
+        socket::setsockopt(&fd, sockopt::ReuseAddr, &true)?;
+        socket::bind(fd.as_raw_fd(), &SockaddrIn::from(addr))
+            .with_context(|| format!("bind {addr}"))?;
+        socket::listen(&fd, socket::Backlog::new(4096)?)?;
+        Ok(TcpListener::from(fd))
+    })??;
     std::thread::spawn(move || {
         pin(cpu);
         for conn in listener.incoming() {

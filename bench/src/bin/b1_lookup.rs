@@ -167,7 +167,10 @@ fn main() -> Result<()> {
         ">= 2 (sensitivity)",
     );
     row(
-        &format!("control p50 connect, {} linear rules / 1 service", args.services),
+        &format!(
+            "control p50 connect, {} linear rules / 1 service",
+            args.services
+        ),
         &ratio(&p50[2], &p50[0]),
         "(info)",
     );

@@ -159,10 +159,26 @@ fn main() -> Result<()> {
     println!("|---|---|---|---|");
     let abs = |v: &[Duration]| v.iter().map(|d| ms(*d)).collect::<Vec<f64>>();
     for (op, name) in [(0, "add"), (1, "remove")] {
-        row(&format!("p99 {name}, {n} present"), &abs(&p99[1][op]), "<= 20 ms");
-        row(&format!("median {name}, {n} present"), &abs(&p50[1][op]), "(info)");
-        row(&format!("p99 {name}, 0 present"), &abs(&p99[0][op]), "(info)");
-        row(&format!("median {name}, 0 present"), &abs(&p50[0][op]), "(info)");
+        row(
+            &format!("p99 {name}, {n} present"),
+            &abs(&p99[1][op]),
+            "<= 20 ms",
+        );
+        row(
+            &format!("median {name}, {n} present"),
+            &abs(&p50[1][op]),
+            "(info)",
+        );
+        row(
+            &format!("p99 {name}, 0 present"),
+            &abs(&p99[0][op]),
+            "(info)",
+        );
+        row(
+            &format!("median {name}, 0 present"),
+            &abs(&p50[0][op]),
+            "(info)",
+        );
     }
     Ok(())
 }
