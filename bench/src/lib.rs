@@ -134,6 +134,48 @@ pub fn run_in(ns: &Netns, args: &[&str]) -> Result<String> {
 }
 
 /// A veth pair: `a_if` in `a` with address `a_cidr`, `b_if` in `b` with `b_cidr`, both up.
+/// A client, an ingress_sbox stand-in and a backend in a row: client 192.168.77.1 →
+/// sbox 192.168.77.2 (`up0`), sbox eth0 10.255.255.254/8 (the ingress leg and SNAT source
+/// `firewall::synthetic_sbox` expects) → backend at `backend`/8, forwarding on in the sbox.
+pub struct SboxPath {
+    pub client: Netns,
+    pub sbox: Netns,
+    pub backend: Netns,
+}
+
+impl SboxPath {
+    /// The client side of the sbox, where published ports are reached.
+    pub const SBOX_IP: &'static str = "192.168.77.2";
+
+    pub fn build(scratch: &mut Scratch, tag: &str, backend: &str) -> Result<SboxPath> {
+        let client = scratch.ns(&format!("c{tag}"))?;
+        let sbox = scratch.ns(&format!("s{tag}"))?;
+        let backend_ns = scratch.ns(&format!("b{tag}"))?;
+        veth(
+            &client,
+            "eth0",
+            "192.168.77.1/24",
+            &sbox,
+            "up0",
+            "192.168.77.2/24",
+        )?;
+        veth(
+            &sbox,
+            "eth0",
+            "10.255.255.254/8",
+            &backend_ns,
+            "eth0",
+            &format!("{backend}/8"),
+        )?;
+        sbox.write_sysctl("net.ipv4.ip_forward", "1")?;
+        Ok(SboxPath {
+            client,
+            sbox,
+            backend: backend_ns,
+        })
+    }
+}
+
 pub fn veth(
     a: &Netns,
     a_if: &str,

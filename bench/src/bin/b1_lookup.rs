@@ -23,7 +23,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
-use bench::{connect_times, header, listen, nft_text, quantile, row, us, veth, Scratch};
+use bench::{connect_times, header, listen, nft_text, quantile, row, us, SboxPath, Scratch};
 use clap::Parser;
 use firewall::{synthetic_sbox, Netfilter, NsNetfilter, Ruleset, SboxState};
 use netns::Netns;
@@ -59,27 +59,11 @@ fn build(
     services: u16,
     control: usize,
 ) -> Result<Path> {
-    let client = scratch.ns(&format!("c{k}"))?;
-    let sbox = scratch.ns(&format!("s{k}"))?;
-    let backend = scratch.ns(&format!("b{k}"))?;
-    veth(
-        &client,
-        "eth0",
-        "192.168.77.1/24",
-        &sbox,
-        "up0",
-        "192.168.77.2/24",
-    )?;
-    // synthetic_sbox: ingress leg eth0, subnet 10.0.0.0/8, SNAT source 10.255.255.254.
-    veth(
-        &sbox,
-        "eth0",
-        "10.255.255.254/8",
-        &backend,
-        "eth0",
-        &format!("{BACKEND}/8"),
-    )?;
-    sbox.write_sysctl("net.ipv4.ip_forward", "1")?;
+    let SboxPath {
+        client,
+        sbox,
+        backend,
+    } = SboxPath::build(scratch, &k.to_string(), BACKEND)?;
     let state = synthetic_sbox(services, 1);
     let nf = NsNetfilter::new(&sbox);
     nf.apply(&SboxState::render(None, &state)?)

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bench::{
-    close_with_reset, connect_times, header, listen, ms, nft_text, pin, row, us, veth, Scratch,
+    close_with_reset, connect_times, header, listen, ms, nft_text, pin, row, us, SboxPath, Scratch,
 };
 use clap::Parser;
 use firewall::{synthetic_sbox, Netfilter, NsNetfilter, Ruleset, SboxState};
@@ -141,26 +141,11 @@ fn main() -> Result<()> {
     }
 
     // Traffic to an existing service during full syncs.
-    let client = scratch.ns("client")?;
-    let sbox = scratch.ns("sbox")?;
-    let backend = scratch.ns("backend")?;
-    veth(
-        &client,
-        "eth0",
-        "192.168.77.1/24",
-        &sbox,
-        "up0",
-        "192.168.77.2/24",
-    )?;
-    veth(
-        &sbox,
-        "eth0",
-        "10.255.255.254/8",
-        &backend,
-        "eth0",
-        "10.0.0.1/8",
-    )?;
-    sbox.write_sysctl("net.ipv4.ip_forward", "1")?;
+    let SboxPath {
+        client,
+        sbox,
+        backend,
+    } = SboxPath::build(&mut scratch, "sync", "10.0.0.1")?;
     let nf = NsNetfilter::new(&sbox);
     nf.apply(&SboxState::render(None, &state)?)?;
     listen(&backend, "10.0.0.1:1024".parse()?, 1)?;
