@@ -118,7 +118,8 @@ pub struct IngressSpec {
 pub struct PublishedService {
     pub service_id: String,
     pub service_name: String,
-    /// Cluster-wide and stable for the life of the service; from 256, as in Swarm.
+    /// Cluster-wide and stable for the life of the service; from 256, as in Swarm. 0 when the
+    /// service publishes only host-mode ports (nothing to balance).
     pub fwmark: u32,
     pub ports: Vec<crate::model::PortConfig>,
     /// The ingress-network addresses of the service's running tasks, on every node.
