@@ -1350,6 +1350,12 @@ pub(crate) mod tests {
         s
     }
 
+    /// Creates an overlay network with the given subnet (at time 1) and returns its id.
+    pub(crate) fn add_network(s: &mut State, name: &str, subnet: &str) -> String {
+        s.create_network(name, "overlay", Some(subnet), MANAGER.parse().unwrap(), 1)
+            .unwrap()
+    }
+
     fn node_id(s: &State, hostname: &str) -> String {
         s.find_node(hostname).unwrap()
     }
@@ -1506,14 +1512,7 @@ pub(crate) mod tests {
             Role::Manager,
         )
         .unwrap();
-        s.create_network(
-            "old",
-            "overlay",
-            Some("10.255.1.0/24"),
-            MANAGER.parse().unwrap(),
-            1,
-        )
-        .unwrap();
+        add_network(&mut s, "old", "10.255.1.0/24");
         assert_eq!(s.nodes.values().next().unwrap().ingress_addr, None);
         let before = s.clone();
         let err = s
@@ -1580,14 +1579,7 @@ pub(crate) mod tests {
     #[test]
     fn ingress_is_attached_after_user_networks_and_fwmarks_are_allocated() {
         let mut s = cluster(2);
-        s.create_network(
-            "backend",
-            "overlay",
-            Some("10.0.9.0/24"),
-            MANAGER.parse().unwrap(),
-            1,
-        )
-        .unwrap();
+        add_network(&mut s, "backend", "10.0.9.0/24");
         let ing = ingress_id(&s);
         let a = s
             .create_service(&published_spec("a", 1, &["backend"], &[web(80)]), 1)
@@ -1727,14 +1719,7 @@ pub(crate) mod tests {
     #[test]
     fn publishing_and_unpublishing_ingress_replaces_tasks() {
         let mut s = cluster(2);
-        s.create_network(
-            "backend",
-            "overlay",
-            Some("10.0.9.0/24"),
-            MANAGER.parse().unwrap(),
-            1,
-        )
-        .unwrap();
+        add_network(&mut s, "backend", "10.0.9.0/24");
         let id = s.create_service(&spec("web", 2, &["backend"]), 1).unwrap();
         s.reconcile(1);
         let old: Vec<String> = current(&s, "web").iter().map(|t| t.id.clone()).collect();
@@ -1814,15 +1799,7 @@ pub(crate) mod tests {
         let a = s
             .create_network("a", "overlay", None, MANAGER.parse().unwrap(), 1)
             .unwrap();
-        let b = s
-            .create_network(
-                "b",
-                "overlay",
-                Some("10.0.9.0/24"),
-                MANAGER.parse().unwrap(),
-                1,
-            )
-            .unwrap();
+        let b = add_network(&mut s, "b", "10.0.9.0/24");
         let c = s
             .create_network("c", "overlay", None, MANAGER.parse().unwrap(), 1)
             .unwrap();
@@ -1848,14 +1825,7 @@ pub(crate) mod tests {
     #[test]
     fn replicas_spread_and_get_addresses() {
         let mut s = cluster(3);
-        s.create_network(
-            "backend",
-            "overlay",
-            Some("10.0.9.0/24"),
-            MANAGER.parse().unwrap(),
-            1,
-        )
-        .unwrap();
+        add_network(&mut s, "backend", "10.0.9.0/24");
         s.create_service(&spec("web", 3, &["backend"]), 1).unwrap();
         s.reconcile(1);
         let tasks = current(&s, "web");
@@ -1881,14 +1851,7 @@ pub(crate) mod tests {
     #[test]
     fn scale_up_then_down_removes_highest_slots_and_frees_addresses() {
         let mut s = cluster(3);
-        s.create_network(
-            "backend",
-            "overlay",
-            Some("10.0.9.0/24"),
-            MANAGER.parse().unwrap(),
-            1,
-        )
-        .unwrap();
+        add_network(&mut s, "backend", "10.0.9.0/24");
         s.create_service(&spec("web", 3, &["backend"]), 1).unwrap();
         s.reconcile(1);
         s.scale_service("web", 6, 2).unwrap();
@@ -1945,14 +1908,7 @@ pub(crate) mod tests {
     #[test]
     fn a_down_node_orphans_its_tasks_and_they_move() {
         let mut s = cluster(3);
-        s.create_network(
-            "backend",
-            "overlay",
-            Some("10.0.9.0/24"),
-            MANAGER.parse().unwrap(),
-            1,
-        )
-        .unwrap();
+        add_network(&mut s, "backend", "10.0.9.0/24");
         s.create_service(&spec("web", 3, &["backend"]), 1).unwrap();
         s.reconcile(1);
         let n2 = node_id(&s, "node2");
@@ -2132,22 +2088,8 @@ pub(crate) mod tests {
     #[test]
     fn assignments_name_own_tasks_and_only_other_nodes_endpoints_as_peers() {
         let mut s = cluster(3);
-        s.create_network(
-            "backend",
-            "overlay",
-            Some("10.0.9.0/24"),
-            MANAGER.parse().unwrap(),
-            1,
-        )
-        .unwrap();
-        s.create_network(
-            "other",
-            "overlay",
-            Some("10.0.10.0/24"),
-            MANAGER.parse().unwrap(),
-            1,
-        )
-        .unwrap();
+        add_network(&mut s, "backend", "10.0.9.0/24");
+        add_network(&mut s, "other", "10.0.10.0/24");
         s.create_service(&spec("web", 4, &["backend"]), 1).unwrap();
         s.create_service(&spec("db", 1, &["other"]), 1).unwrap();
         s.reconcile(1);

@@ -100,7 +100,7 @@ impl Store {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::state::tests::{cluster, spec, MANAGER};
+    use crate::state::tests::{add_network, cluster, spec};
     use proto::model::TaskState;
 
     /// A unique directory under the system temp dir, removed when dropped.
@@ -132,14 +132,7 @@ pub(crate) mod tests {
         assert!(loaded.is_none());
 
         let mut s = cluster(2);
-        s.create_network(
-            "backend",
-            "overlay",
-            Some("10.0.9.0/24"),
-            MANAGER.parse().unwrap(),
-            1,
-        )
-        .unwrap();
+        add_network(&mut s, "backend", "10.0.9.0/24");
         s.create_service(&spec("web", 3, &["backend"]), 1).unwrap();
         s.reconcile(1);
         s.refresh_assignments();
