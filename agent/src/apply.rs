@@ -301,6 +301,36 @@ pub mod fake {
             }
         }
 
+        /// A veth pair: `outer` in `master`, `inner` with its MAC and address.
+        fn veth_pair(
+            &self,
+            (outer, master): (&str, &str),
+            (inner, mac, addr): (&str, MacAddr, ipnet::Ipv4Net),
+            mtu: u32,
+        ) -> (LinkState, LinkState) {
+            let (oi, ii) = (self.next() as u32, self.next() as u32);
+            let mut o = self.link(
+                outer,
+                LinkKind::Veth {
+                    peer_index: Some(ii),
+                },
+                mtu,
+            );
+            o.index = oi;
+            o.master = Some(master.into());
+            let mut i = self.link(
+                inner,
+                LinkKind::Veth {
+                    peer_index: Some(oi),
+                },
+                mtu,
+            );
+            i.index = ii;
+            i.mac = Some(mac);
+            i.addrs = vec![addr];
+            (o, i)
+        }
+
         fn ns<'a>(st: &'a mut Observed, name: &str) -> Result<&'a mut NsObs, KernelError> {
             st.namespaces
                 .get_mut(name)
@@ -460,26 +490,8 @@ pub mod fake {
                     drop(st);
                     self.remove_link(sandbox, veth);
                     self.remove_link(task, ifname);
-                    let (oi, ii) = (self.next() as u32, self.next() as u32);
-                    let mut outer = self.link(
-                        veth,
-                        LinkKind::Veth {
-                            peer_index: Some(ii),
-                        },
-                        *mtu,
-                    );
-                    outer.index = oi;
-                    outer.master = Some(BRIDGE.into());
-                    let mut inner = self.link(
-                        ifname,
-                        LinkKind::Veth {
-                            peer_index: Some(oi),
-                        },
-                        *mtu,
-                    );
-                    inner.index = ii;
-                    inner.mac = Some(*mac);
-                    inner.addrs = vec![*addr];
+                    let (outer, inner) =
+                        self.veth_pair((veth, BRIDGE), (ifname, *mac, *addr), *mtu);
                     let mut st = self.state.lock().unwrap();
                     st.namespaces
                         .get_mut(sandbox)
@@ -509,26 +521,9 @@ pub mod fake {
                     drop(st);
                     self.remove_node_link(veth);
                     self.remove_link(task, ifname);
-                    let (oi, ii) = (self.next() as u32, self.next() as u32);
-                    let mut outer = self.link(
-                        veth,
-                        LinkKind::Veth {
-                            peer_index: Some(ii),
-                        },
-                        *mtu,
-                    );
-                    outer.index = oi;
-                    outer.master = Some(GWBRIDGE.into());
-                    let mut inner = self.link(
-                        ifname,
-                        LinkKind::Veth {
-                            peer_index: Some(oi),
-                        },
-                        *mtu,
-                    );
-                    inner.index = ii;
-                    inner.mac = Some(MacAddr::from_ipv4(addr.addr()));
-                    inner.addrs = vec![*addr];
+                    let mac = MacAddr::from_ipv4(addr.addr());
+                    let (outer, inner) =
+                        self.veth_pair((veth, GWBRIDGE), (ifname, mac, *addr), *mtu);
                     let mut st = self.state.lock().unwrap();
                     st.node.links.insert(veth.clone(), outer);
                     st.namespaces
