@@ -293,3 +293,52 @@ pub fn nft_text(ns: &Netns, text: &str) -> Result<()> {
     }
     written.0.context("write the script to nft")
 }
+
+/// The two paths B2 and B7 compare: one `web` task pinned to `node`, published as 80:8080 and
+/// reached through the mesh at node1:80, and a hello-server in `node`'s own namespace on 8081,
+/// reached directly. Returns once `client` gets answers on both, with the task and the pid of
+/// the direct server.
+pub fn mesh_and_direct(
+    c: &integration::cluster::Cluster,
+    client: &str,
+    node: &str,
+) -> Result<(proto::api::TaskInfo, u32)> {
+    let hello = integration::cluster::bin("hello-server")
+        .display()
+        .to_string();
+    let constraint = format!("node.hostname=={node}");
+    c.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "1",
+        "--constraint",
+        &constraint,
+        "--publish",
+        "80:8080",
+        "--detach",
+        "--",
+        &hello,
+        "--port",
+        "8080",
+    ])?;
+    let task = c.wait_running("web", 1)?.remove(0);
+    let direct = c
+        .lab
+        .spawn(node, Command::new(&hello).args(["--port", "8081"]))?;
+    let node_ip = c.lab.node(node)?.ip;
+    let mesh_url = "http://192.168.56.11:80/".to_string();
+    let direct_url = format!("http://{node_ip}:8081/");
+    for url in [&mesh_url, &direct_url] {
+        c.wait_for(Duration::from_secs(60), url, |c| {
+            let out = c
+                .lab
+                .exec(client, &["curl", "-s", "--max-time", "3", url])
+                .ok()?;
+            out.status.success().then_some(())
+        })?;
+    }
+    Ok((task, direct))
+}

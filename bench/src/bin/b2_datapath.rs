@@ -29,9 +29,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
-use bench::{header, pin, row};
+use bench::{header, mesh_and_direct, pin, row};
 use clap::Parser;
-use integration::cluster::{bin, Cluster};
+use integration::cluster::Cluster;
 use netns::Netns;
 
 #[derive(Parser)]
@@ -171,44 +171,13 @@ fn main() -> Result<()> {
     let client = Netns::open(c.lab.node(CLIENT)?.ns.path())?;
     client.write_sysctl("net.ipv4.tcp_tw_reuse", "1")?;
     client.write_sysctl("net.ipv4.ip_local_port_range", "1024 65535")?;
-    let hello = bin("hello-server").display().to_string();
-    c.meshctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--replicas",
-        "1",
-        "--constraint",
-        "node.hostname==node3",
-        "--publish",
-        "80:8080",
-        "--detach",
-        "--",
-        &hello,
-        "--port",
-        "8080",
-    ])?;
-    let task = c.wait_running("web", 1)?.remove(0);
-    let direct = c
-        .lab
-        .spawn("node3", Command::new(&hello).args(["--port", "8081"]))?;
+    let (task, direct) = mesh_and_direct(&c, CLIENT, "node3")?;
     pin_to_cpu1(direct)?;
     let task_ns = Netns::open(std::path::Path::new(
         task.netns.as_deref().context("task has no namespace")?,
     ))?;
     for pid in task_ns.pids()? {
         pin_to_cpu1(pid)?;
-    }
-    // Both paths answer before anything is timed.
-    for url in [MESH, DIRECT] {
-        c.wait_for(Duration::from_secs(30), url, |c| {
-            let out = c
-                .lab
-                .exec(CLIENT, &["curl", "-s", "--max-time", "2", url])
-                .ok()?;
-            out.status.success().then_some(())
-        })?;
     }
 
     let (mut r2_rr, mut r2_crr) = (Vec::new(), Vec::new());

@@ -23,13 +23,12 @@
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, SocketAddrV4};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
-use bench::{connect_from, header, ms, pin, quantile, row};
+use bench::{connect_from, header, mesh_and_direct, ms, pin, quantile, row};
 use clap::Parser;
-use integration::cluster::{bin, Cluster};
+use integration::cluster::Cluster;
 use netns::Netns;
 
 #[derive(Parser)]
@@ -95,38 +94,9 @@ fn main() -> Result<()> {
     let mut c = Cluster::up(2, "ipvs")?;
     c.lab.add_host(CLIENT, CLIENT_IP)?;
     let client = Netns::open(c.lab.node(CLIENT)?.ns.path())?;
-    let hello = bin("hello-server").display().to_string();
-    c.meshctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--replicas",
-        "1",
-        "--constraint",
-        "node.hostname==node2",
-        "--publish",
-        "80:8080",
-        "--detach",
-        "--",
-        &hello,
-        "--port",
-        "8080",
-    ])?;
-    c.wait_running("web", 1)?;
-    c.lab
-        .spawn("node2", Command::new(&hello).args(["--port", "8081"]))?;
+    mesh_and_direct(&c, CLIENT, "node2")?;
     let mesh: SocketAddrV4 = "192.168.56.11:80".parse()?;
     let direct: SocketAddrV4 = "192.168.56.12:8081".parse()?;
-    for url in ["http://192.168.56.11:80/", "http://192.168.56.12:8081/"] {
-        c.wait_for(Duration::from_secs(60), url, |c| {
-            let out = c
-                .lab
-                .exec(CLIENT, &["curl", "-s", "--max-time", "3", url])
-                .ok()?;
-            out.status.success().then_some(())
-        })?;
-    }
     let sbox = Netns::open(&c.state_dir("node1").join("netns/ingress_sbox"))?;
     let sysctl = |key: &str| {
         sbox.read_sysctl(key)
