@@ -344,7 +344,17 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 
 /// Inspect output as docker prints it: a JSON array by default; with `--format json` one
 /// compact document per object, so a single object parses on its own.
-fn print_inspect<T: Serialize>(items: &[T], format: &InspectArgs) -> anyhow::Result<()> {
+/// Prints inspected objects: with `pretty`, as text joined by blank lines; else as JSON.
+fn print_inspect<T: Serialize>(
+    items: &[T],
+    format: &InspectArgs,
+    pretty: Option<fn(&T) -> String>,
+) -> anyhow::Result<()> {
+    if let Some(render) = pretty {
+        let texts: Vec<String> = items.iter().map(render).collect();
+        print!("{}", texts.join("\n"));
+        return Ok(());
+    }
     match format.format {
         None => print_json(&items),
         Some(InspectFormat::Json) => {
@@ -454,7 +464,7 @@ fn node(c: &mut Client, cmd: NodeCmd) -> anyhow::Result<()> {
                 let req = Request::NodeInspect { node };
                 out.push(expect!(what, c.call(&req)?, Response::Node { node } => node));
             }
-            print_inspect(&out, &format)?;
+            print_inspect(&out, &format, None)?;
         }
         NodeCmd::Update {
             availability,
@@ -510,12 +520,8 @@ fn network(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<()> {
                 let req = Request::NetworkInspect { network };
                 out.push(expect!(what, c.call(&req)?, Response::Network { network } => network));
             }
-            if pretty {
-                let texts: Vec<String> = out.iter().map(render::network_pretty).collect();
-                print!("{}", texts.join("\n"));
-            } else {
-                print_inspect(&out, &format)?;
-            }
+            let pretty = pretty.then_some(render::network_pretty as fn(&_) -> String);
+            print_inspect(&out, &format, pretty)?;
         }
         NetworkCmd::Rm { networks } => {
             remove(c, networks, |network| Request::NetworkRm { network })?
@@ -600,12 +606,8 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 let req = Request::ServiceInspect { service };
                 out.push(expect!(what, c.call(&req)?, Response::Service { service } => service));
             }
-            if pretty {
-                let texts: Vec<String> = out.iter().map(render::service_pretty).collect();
-                print!("{}", texts.join("\n"));
-            } else {
-                print_inspect(&out, &format)?;
-            }
+            let pretty = pretty.then_some(render::service_pretty as fn(&_) -> String);
+            print_inspect(&out, &format, pretty)?;
         }
         ServiceCmd::Update {
             publish_add,
