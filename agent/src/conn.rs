@@ -1,28 +1,32 @@
-//! The one long-lived connection to the manager: Hello, then Assign in / TaskStatus, Applied and
-//! Heartbeat out; reconnects with backoff. Everything the agent does keeps running while it is
-//! down: assignments only ever arrive through here, and statuses are re-sent on reconnect.
+//! The one long-lived connection to the manager, mutual TLS with the node's certificate: Hello,
+//! then Assign in / TaskStatus, Applied and Heartbeat out; reconnects with backoff. Everything
+//! the agent does keeps running while it is down: assignments only ever arrive through here, and
+//! statuses are re-sent on reconnect. The certificate is renewed over the same connection at a
+//! random point between 50 % and 80 % of its life, so nodes do not renew all at once and nothing
+//! reconnects.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
 use proto::agent::{
     AgentMsg, Assignment, LbReport, ManagerMsg, TaskStatus, HEARTBEAT_SECS, NODE_DOWN_SECS,
 };
-use proto::{decode_frame, encode_frame, PROTOCOL_VERSION};
-use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+use proto::wire::{read_frame, write_frame};
+use proto::{decode_frame, PROTOCOL_VERSION};
+use tokio::io::BufReader;
 use tokio::net::TcpStream;
 use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
+use trust::{Credentials, KeyRequest};
 
 use crate::state::StateDir;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
 const BACKOFF_MAX: Duration = Duration::from_secs(10);
-const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// Messages for the manager. Task statuses are also kept as a table, re-sent whole on every
 /// (re)connect, so nothing said while the manager was away is lost.
@@ -108,6 +112,8 @@ pub struct Conn {
     pub hostname: String,
     pub advertise_addr: IpAddr,
     pub state: StateDir,
+    /// Replaced on renewal, and kept in the state dir's tls/.
+    pub creds: Credentials,
     pub assignments: watch::Sender<Assignment>,
     pub outbox: Outbox,
     pub outgoing: mpsc::UnboundedReceiver<AgentMsg>,
@@ -131,30 +137,31 @@ impl Conn {
     }
 
     async fn session(&mut self, welcomed: &mut bool) -> anyhow::Result<()> {
-        let stream = tokio::time::timeout(CONNECT_TIMEOUT, TcpStream::connect(&self.manager))
-            .await
-            .context("connect: timed out")?
-            .context("connect")?;
-        set_user_timeout(&stream);
-        let (r, mut w) = stream.into_split();
-        let mut lines = BufReader::new(r).lines();
+        let config = self.creds.client_config()?;
+        let stream = trust::join::connect(&self.manager, config).await?;
+        set_user_timeout(stream.get_ref().0);
+        let (r, mut w) = tokio::io::split(stream);
+        let mut r = BufReader::new(r);
+        let mut buf = Vec::new();
 
         let hello = AgentMsg::Hello {
             version: PROTOCOL_VERSION,
             hostname: self.hostname.clone(),
             advertise_addr: self.advertise_addr,
-            node_id: self.state.node_id()?,
         };
-        w.write_all(&encode_frame(&hello))
-            .await
-            .context("send hello")?;
+        write_frame(&mut w, &hello).await.context("send hello")?;
 
-        let first = tokio::time::timeout(Duration::from_secs(NODE_DOWN_SECS), lines.next_line())
-            .await
-            .context("no answer to hello")?
-            .context("read welcome")?
-            .context("closed before welcome")?;
-        match decode_frame::<ManagerMsg>(first.as_bytes())? {
+        let got = tokio::time::timeout(
+            Duration::from_secs(NODE_DOWN_SECS),
+            read_frame(&mut r, &mut buf, proto::MAX_FRAME_BYTES),
+        )
+        .await
+        .context("no answer to hello")?
+        .context("read welcome")?;
+        if !got {
+            bail!("closed before welcome");
+        }
+        match decode_frame::<ManagerMsg>(&buf)? {
             ManagerMsg::Welcome {
                 version,
                 node_id,
@@ -170,36 +177,102 @@ impl Conn {
                 *welcomed = true;
             }
             ManagerMsg::Refused { reason } => bail!("refused by the manager: {reason}"),
-            ManagerMsg::Assign(_) => bail!("assignment before welcome"),
+            other => bail!("expected welcome, got {}", kind(&other)),
         }
+        buf.clear();
 
         // Anything queued while disconnected is superseded by the status table.
         while self.outgoing.try_recv().is_ok() {}
         for msg in self.outbox.snapshot() {
-            w.write_all(&encode_frame(&msg)).await.context("send")?;
+            write_frame(&mut w, &msg).await.context("send")?;
         }
 
         let mut heartbeat = tokio::time::interval(Duration::from_secs(HEARTBEAT_SECS));
         let mut first_assign = true;
+        let mut renewal: Option<KeyRequest> = None;
+        let renew = tokio::time::sleep(self.until_renewal());
+        tokio::pin!(renew);
         loop {
             tokio::select! {
-                line = lines.next_line() => {
-                    let Some(line) = line.context("read")? else { return Ok(()) };
-                    match decode_frame::<ManagerMsg>(line.as_bytes())? {
+                got = read_frame(&mut r, &mut buf, proto::MAX_FRAME_BYTES) => {
+                    if !got.context("read")? { return Ok(()) }
+                    let msg = decode_frame::<ManagerMsg>(&buf)?;
+                    buf.clear();
+                    match msg {
                         ManagerMsg::Assign(a) => self.accept(a, std::mem::take(&mut first_assign)),
-                        other => warn!("unexpected message from the manager: {other:?}"),
+                        ManagerMsg::Certificate { cert } => {
+                            let Some(key) = renewal.take() else {
+                                warn!("a certificate the agent did not ask for: ignored");
+                                continue;
+                            };
+                            self.renewed(cert, key)?;
+                            renew.as_mut().reset(tokio::time::Instant::now() + self.until_renewal());
+                        }
+                        ManagerMsg::Refused { reason } => {
+                            warn!("the manager refused: {reason}");
+                            // A refused renewal is tried again a little later.
+                            if renewal.take().is_some() {
+                                renew.as_mut().reset(tokio::time::Instant::now() + BACKOFF_MAX);
+                            }
+                        }
+                        other => warn!("unexpected {} message from the manager", kind(&other)),
                     }
                 }
                 msg = self.outgoing.recv() => {
                     // The Outbox lives as long as the agent: the channel never closes.
                     let Some(msg) = msg else { return Ok(()) };
-                    w.write_all(&encode_frame(&msg)).await.context("send")?;
+                    write_frame(&mut w, &msg).await.context("send")?;
                 }
                 _ = heartbeat.tick() => {
-                    w.write_all(&encode_frame(&AgentMsg::Heartbeat)).await.context("send heartbeat")?;
+                    write_frame(&mut w, &AgentMsg::Heartbeat).await.context("send heartbeat")?;
+                }
+                _ = &mut renew, if renewal.is_none() => {
+                    let key = KeyRequest::generate().context("make a key for the renewed certificate")?;
+                    info!("renewing the node's certificate");
+                    write_frame(&mut w, &AgentMsg::Renew { csr: key.csr_pem.clone() }).await.context("send renewal")?;
+                    renewal = Some(key);
                 }
             }
         }
+    }
+
+    /// Time until the current certificate should be renewed: 50-80 % of its life, chosen anew
+    /// for each certificate.
+    fn until_renewal(&self) -> Duration {
+        let at = match self.creds.identity() {
+            Ok(id) => id.renew_at(trust::pki::renewal_fraction()),
+            Err(e) => {
+                warn!("read the node's certificate: {e}; renewing now");
+                SystemTime::now()
+            }
+        };
+        at.duration_since(SystemTime::now()).unwrap_or_default()
+    }
+
+    /// Takes a renewed certificate for `key`: it must name this node, then it is kept on disk
+    /// and used from the next connection on.
+    fn renewed(&mut self, cert: String, key: KeyRequest) -> anyhow::Result<()> {
+        let next = Credentials {
+            ca_pem: self.creds.ca_pem.clone(),
+            cert_pem: cert,
+            key_pem: key.key_pem,
+        };
+        let (old, new) = (self.creds.identity()?, next.identity()?);
+        if old.common_name != new.common_name || old.cluster_id != new.cluster_id {
+            bail!("the manager renewed the certificate for another node: refused");
+        }
+        next.client_config()
+            .context("check the renewed certificate")?;
+        next.store_node(&self.state.tls_dir())
+            .context("keep the renewed certificate")?;
+        let expires = new
+            .not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default()
+            .as_secs();
+        info!(expires_in_secs = expires, "renewed the node's certificate");
+        self.creds = next;
+        Ok(())
     }
 
     /// Newest revision wins. The first assignment of a connection is the manager's whole truth
@@ -226,6 +299,17 @@ impl Conn {
             "assignment received"
         );
         self.assignments.send_replace(a);
+    }
+}
+
+fn kind(msg: &ManagerMsg) -> &'static str {
+    match msg {
+        ManagerMsg::Welcome { .. } => "welcome",
+        ManagerMsg::Refused { .. } => "refused",
+        ManagerMsg::Assign(_) => "assign",
+        ManagerMsg::Ca { .. } => "ca",
+        ManagerMsg::Joined { .. } => "joined",
+        ManagerMsg::Certificate { .. } => "certificate",
     }
 }
 
@@ -257,8 +341,8 @@ fn set_user_timeout(stream: &TcpStream) {
 mod tests {
     use super::*;
     use proto::model::{Role, TaskState};
-    use tokio::io::{AsyncBufRead, Lines};
     use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
 
     #[test]
     fn newest_revision_wins_except_a_fresh_connection() {
@@ -285,26 +369,82 @@ mod tests {
     }
 
     /// Reads the next message that is not a heartbeat.
-    async fn next<R: AsyncBufRead + Unpin>(lines: &mut Lines<R>) -> AgentMsg {
+    async fn next<R: tokio::io::AsyncBufRead + Unpin>(r: &mut R) -> AgentMsg {
         loop {
-            let line = tokio::time::timeout(Duration::from_secs(5), lines.next_line())
-                .await
-                .expect("a message in time")
-                .unwrap()
-                .expect("an open connection");
-            let msg: AgentMsg = decode_frame(line.as_bytes()).unwrap();
+            let mut buf = Vec::new();
+            let got = tokio::time::timeout(
+                Duration::from_secs(5),
+                read_frame(r, &mut buf, proto::MAX_FRAME_BYTES),
+            )
+            .await
+            .expect("a message in time")
+            .unwrap();
+            assert!(got, "an open connection");
+            let msg: AgentMsg = decode_frame(&buf).unwrap();
             if msg != AgentMsg::Heartbeat {
                 return msg;
             }
         }
     }
 
-    #[tokio::test]
-    async fn a_session_and_a_reconnect_carry_everything_the_manager_needs() {
-        let root = std::env::temp_dir().join(format!("mesh-agent-conn-{}", std::process::id()));
+    /// A manager's side: a CA, the manager's certificate, and a node's credentials of that CA.
+    fn pki(node_id: &str, lifetime: Duration) -> (trust::Ca, TlsAcceptor, Credentials) {
+        let ca = trust::Ca::generate("c1").unwrap();
+        let subject = |cn: &str, role| trust::Subject {
+            common_name: cn.into(),
+            role,
+            cluster_id: "c1".into(),
+        };
+        let (cert, key) = ca
+            .issue(
+                &subject("mesh-manager", trust::CertRole::Manager),
+                &[],
+                lifetime,
+            )
+            .unwrap();
+        let slot = trust::tls::CertSlot::new(trust::tls::certified_key(&cert, &key).unwrap());
+        let config =
+            trust::tls::server_config(ca.cert_pem(), slot, trust::tls::ClientAuth::Optional)
+                .unwrap();
+        let (cert_pem, key_pem) = ca
+            .issue(&subject(node_id, trust::CertRole::Worker), &[], lifetime)
+            .unwrap();
+        let creds = Credentials {
+            ca_pem: ca.cert_pem().to_string(),
+            cert_pem,
+            key_pem,
+        };
+        (ca, TlsAcceptor::from(config), creds)
+    }
+
+    type Server = (
+        BufReader<tokio::io::ReadHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>>,
+        tokio::io::WriteHalf<tokio_rustls::server::TlsStream<tokio::net::TcpStream>>,
+    );
+
+    async fn accept(listener: &TcpListener, tls: &TlsAcceptor) -> Server {
+        let (s, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
+            .await
+            .expect("a connection")
+            .unwrap();
+        let s = tls.accept(s).await.unwrap();
+        let (r, w) = tokio::io::split(s);
+        (BufReader::new(r), w)
+    }
+
+    fn temp_state(tag: &str) -> (std::path::PathBuf, StateDir) {
+        let root =
+            std::env::temp_dir().join(format!("mesh-agent-conn-{tag}-{}", std::process::id()));
         let _ = std::fs::remove_dir_all(&root);
         let state = StateDir::open(&root).unwrap();
+        (root, state)
+    }
+
+    #[tokio::test]
+    async fn a_session_and_a_reconnect_carry_everything_the_manager_needs() {
+        let (root, state) = temp_state("session");
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_ca, tls, creds) = pki("node-abc", Duration::from_secs(3600));
         let (outbox, outgoing) = Outbox::new();
         // Said while no manager was there: re-sent on connect.
         outbox.task_status(status("t1", TaskState::Running));
@@ -314,70 +454,118 @@ mod tests {
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
             state: state.clone(),
+            creds,
             assignments: tx,
             outbox: outbox.clone(),
             outgoing,
         };
         let agent = tokio::spawn(conn.run());
 
-        let welcome = encode_frame(&ManagerMsg::Welcome {
+        let welcome = ManagerMsg::Welcome {
             version: PROTOCOL_VERSION,
             node_id: "node-abc".into(),
             role: Role::Worker,
-        });
-        let (s, _) = listener.accept().await.unwrap();
-        let (r, mut w) = s.into_split();
-        let mut lines = BufReader::new(r).lines();
-        let AgentMsg::Hello {
-            node_id, hostname, ..
-        } = next(&mut lines).await
-        else {
+        };
+        let (mut r, mut w) = accept(&listener, &tls).await;
+        let AgentMsg::Hello { hostname, .. } = next(&mut r).await else {
             panic!("hello first")
         };
-        assert_eq!((node_id, hostname.as_str()), (None, "node1"));
-        w.write_all(&welcome).await.unwrap();
+        assert_eq!(hostname, "node1");
+        write_frame(&mut w, &welcome).await.unwrap();
         let assign = Assignment {
             revision: 5,
             ..Default::default()
         };
-        w.write_all(&encode_frame(&ManagerMsg::Assign(assign.clone())))
+        write_frame(&mut w, &ManagerMsg::Assign(assign.clone()))
             .await
             .unwrap();
         assert_eq!(
-            next(&mut lines).await,
+            next(&mut r).await,
             AgentMsg::TaskStatus(status("t1", TaskState::Running))
         );
         assignments.changed().await.unwrap();
         assert_eq!(*assignments.borrow_and_update(), assign);
         assert_eq!(state.node_id().unwrap().as_deref(), Some("node-abc"));
         outbox.applied(5);
-        assert_eq!(next(&mut lines).await, AgentMsg::Applied { revision: 5 });
+        assert_eq!(next(&mut r).await, AgentMsg::Applied { revision: 5 });
         outbox.task_status(status("t1", TaskState::Failed));
         assert_eq!(
-            next(&mut lines).await,
+            next(&mut r).await,
             AgentMsg::TaskStatus(status("t1", TaskState::Failed))
         );
 
-        // The manager goes away; the agent comes back with its node id and tells the latest.
-        drop((lines, w));
-        let (s, _) = tokio::time::timeout(Duration::from_secs(5), listener.accept())
-            .await
-            .expect("a reconnect")
-            .unwrap();
-        let (r, mut w) = s.into_split();
-        let mut lines = BufReader::new(r).lines();
-        let AgentMsg::Hello { node_id, .. } = next(&mut lines).await else {
-            panic!("hello first")
-        };
-        assert_eq!(node_id.as_deref(), Some("node-abc"));
-        w.write_all(&welcome).await.unwrap();
+        // The manager goes away; the agent comes back and tells the latest.
+        drop((r, w));
+        let (mut r, mut w) = accept(&listener, &tls).await;
+        assert!(matches!(next(&mut r).await, AgentMsg::Hello { .. }));
+        write_frame(&mut w, &welcome).await.unwrap();
         assert_eq!(
-            next(&mut lines).await,
+            next(&mut r).await,
             AgentMsg::TaskStatus(status("t1", TaskState::Failed))
         );
-        assert_eq!(next(&mut lines).await, AgentMsg::Applied { revision: 5 });
+        assert_eq!(next(&mut r).await, AgentMsg::Applied { revision: 5 });
 
         agent.abort();
         std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_certificate_is_renewed_on_the_open_connection_and_kept() {
+        let (root, state) = temp_state("renew");
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        // 2 s of life: renewal falls 1 to 1.6 s after issue.
+        let (ca, tls, creds) = pki("node-abc", Duration::from_secs(2));
+        creds.store_node(&state.tls_dir()).unwrap();
+        let (outbox, outgoing) = Outbox::new();
+        let (tx, _assignments) = watch::channel(Assignment::default());
+        let conn = Conn {
+            manager: listener.local_addr().unwrap().to_string(),
+            hostname: "node1".into(),
+            advertise_addr: "192.168.56.11".parse().unwrap(),
+            state: state.clone(),
+            creds: creds.clone(),
+            assignments: tx,
+            outbox,
+            outgoing,
+        };
+        let agent = tokio::spawn(conn.run());
+        let (mut r, mut w) = accept(&listener, &tls).await;
+        assert!(matches!(next(&mut r).await, AgentMsg::Hello { .. }));
+        let welcome = ManagerMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            node_id: "node-abc".into(),
+            role: Role::Worker,
+        };
+        write_frame(&mut w, &welcome).await.unwrap();
+        // Heartbeats are skipped by `next`.
+        let AgentMsg::Renew { csr } = next(&mut r).await else {
+            panic!("a renewal")
+        };
+        let subject = trust::Subject {
+            common_name: "node-abc".into(),
+            role: trust::CertRole::Worker,
+            cluster_id: "c1".into(),
+        };
+        let cert = ca
+            .sign_request(&csr, &subject, Duration::from_secs(3600))
+            .unwrap();
+        write_frame(&mut w, &ManagerMsg::Certificate { cert: cert.clone() })
+            .await
+            .unwrap();
+        // The connection stays up (heartbeats go on) and the new certificate is on disk.
+        for _ in 0..50 {
+            let kept = Credentials::load_node(&state.tls_dir()).unwrap().unwrap();
+            if kept.cert_pem.trim() == cert.trim() {
+                assert_ne!(
+                    kept.key_pem, creds.key_pem,
+                    "a new key with the new certificate"
+                );
+                agent.abort();
+                std::fs::remove_dir_all(&root).unwrap();
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("the renewed certificate was not kept");
     }
 }

@@ -4,6 +4,7 @@
 
 mod apply;
 mod conn;
+mod join;
 mod lb;
 mod mesh;
 mod observe;
@@ -47,6 +48,10 @@ struct Flags {
     /// The node's name at the manager [default: the system hostname].
     #[arg(long, env = "MESH_HOSTNAME")]
     hostname: Option<String>,
+    /// Joins the cluster on first start (`meshctl join-token worker` prints it). The node's
+    /// certificate is then kept in <state-dir>/tls/ and later starts need no token.
+    #[arg(long, env = "MESH_JOIN_TOKEN", value_parser = parse_token, hide_env_values = true)]
+    join_token: Option<trust::JoinToken>,
     /// Where the agent keeps its node id, last assignment, task records, logs and namespaces.
     #[arg(long, env = "MESH_STATE_DIR", default_value = "/var/lib/meshnet")]
     state_dir: PathBuf,
@@ -114,6 +119,10 @@ fn parse_manager(s: &str) -> Result<String, String> {
         .filter(|p| *p != 0)
         .ok_or_else(|| format!("{s:?} has no valid port"))?;
     Ok(s.to_string())
+}
+
+fn parse_token(s: &str) -> Result<trust::JoinToken, String> {
+    s.parse().map_err(|e: trust::Error| e.to_string())
 }
 
 fn parse_gw_subnet(s: &str) -> Result<Ipv4Net, String> {
@@ -201,6 +210,15 @@ async fn main() -> anyhow::Result<()> {
     };
     let state = state::StateDir::open(&flags.state_dir)
         .with_context(|| format!("open state dir {}", flags.state_dir.display()))?;
+    // Nothing is built on a node that cannot prove it belongs to the cluster.
+    let creds = join::credentials(
+        &state.tls_dir(),
+        &flags.manager,
+        flags.join_token.as_ref(),
+        &hostname,
+        flags.advertise_addr,
+    )
+    .await?;
     // The main thread never changes namespace: its namespace is the node's underlay.
     let node = Netns::current().context("open the node's network namespace")?;
     let mtu = match flags.mtu {
@@ -243,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
         hostname,
         advertise_addr: flags.advertise_addr,
         state: state.clone(),
+        creds,
         assignments: assign_tx,
         outbox: outbox.clone(),
         outgoing,

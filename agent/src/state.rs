@@ -68,6 +68,11 @@ impl StateDir {
         self.root.join("netns")
     }
 
+    /// The node's CA, certificate and key (trust::Credentials' node layout).
+    pub fn tls_dir(&self) -> PathBuf {
+        self.root.join("tls")
+    }
+
     pub fn tasks_dir(&self) -> PathBuf {
         self.root.join("tasks")
     }

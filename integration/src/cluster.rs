@@ -68,11 +68,21 @@ pub struct Cluster {
     agents: BTreeMap<String, u32>,
     manager: Option<u32>,
     lb: String,
+    /// Extra flags for mesh-manager, e.g. a short --cert-expiry.
+    manager_args: Vec<String>,
+    /// The worker join token, once asked for.
+    token: Option<String>,
 }
 
 impl Cluster {
-    /// A lab of `nodes` nodes with the manager on node1 and an agent on each node, all ready.
+    /// A lab of `nodes` nodes with the manager on node1 and an agent on each node, joined with
+    /// the worker token, all ready.
     pub fn up(nodes: usize, lb: &str) -> Result<Cluster> {
+        Cluster::up_with(nodes, lb, &[])
+    }
+
+    /// [`Cluster::up`] with extra flags for mesh-manager.
+    pub fn up_with(nodes: usize, lb: &str, manager_args: &[&str]) -> Result<Cluster> {
         let lab = Lab::up(LabConfig {
             nodes,
             ..LabConfig::default()
@@ -86,6 +96,8 @@ impl Cluster {
             agents: BTreeMap::new(),
             manager: None,
             lb: lb.to_string(),
+            manager_args: manager_args.iter().map(|a| a.to_string()).collect(),
+            token: None,
         };
         cluster.start_manager()?;
         let names: Vec<String> = cluster.lab.nodes().iter().map(|n| n.name.clone()).collect();
@@ -146,6 +158,7 @@ impl Cluster {
             .arg(self.manager_data_dir())
             .arg("--api-socket")
             .arg(self.api_socket())
+            .args(&self.manager_args)
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
@@ -160,12 +173,39 @@ impl Cluster {
         })
     }
 
+    /// The current worker join token (`meshctl join-token worker --quiet`).
+    pub fn worker_token(&mut self) -> Result<String> {
+        if let Some(t) = &self.token {
+            return Ok(t.clone());
+        }
+        let token = self
+            .meshctl_ok(&["join-token", "worker", "--quiet"])?
+            .trim()
+            .to_string();
+        self.token = Some(token.clone());
+        Ok(token)
+    }
+
+    /// Forgets the cached token, e.g. after a rotation.
+    pub fn forget_token(&mut self) {
+        self.token = None;
+    }
+
+    /// Starts the node's agent; it joins with the worker token unless its state dir already
+    /// holds its certificate (it then needs none).
     pub fn start_agent(&mut self, node: &str) -> Result<()> {
+        let token = self.worker_token()?;
+        self.start_agent_with(node, &["--join-token", &token])
+    }
+
+    /// Starts the node's agent with extra flags and no token of the harness's own.
+    pub fn start_agent_with(&mut self, node: &str, extra: &[&str]) -> Result<()> {
         let manager_ip = self.lab.nodes()[0].ip;
         let ip = self.lab.node(node)?.ip;
         let (out, err) = self.log_file(&format!("agent-{node}"))?;
         let mut cmd = Command::new(bin("mesh-agent"));
-        cmd.arg("--manager")
+        cmd.args(extra)
+            .arg("--manager")
             .arg(format!("{manager_ip}:{MANAGER_PORT}"))
             .arg("--advertise-addr")
             .arg(ip.to_string())

@@ -1,34 +1,50 @@
-//! Agent connections (proto::agent): Hello → Welcome, then assignments out and task states,
-//! applied revisions and heartbeats in.
+//! Agent connections (proto::agent), all over TLS. A peer without a certificate may fetch the
+//! CA or join with a token, one small frame within [`HANDSHAKE_TIMEOUT`], and is gone. A peer
+//! with a certificate of the cluster's CA is the node its CN names: Hello → Welcome, then
+//! assignments out and task states, applied revisions, heartbeats and renewals in.
 
+use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
 use proto::agent::{AgentMsg, ManagerMsg, NODE_DOWN_SECS};
+use proto::excerpt;
 use proto::model::NodeStatus;
-use tokio::io::BufReader;
+use proto::wire::{read_frame, write_frame};
+use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
+use tokio_rustls::server::TlsStream;
+use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
+use trust::CertRole;
 
 use crate::cluster::{lock, Shared, TxError};
+use crate::limits::{Pending, HANDSHAKE_TIMEOUT, MAX_PENDING, MAX_PENDING_PER_PEER};
 use crate::state::{OpError, Reason};
-use crate::wire::{read_frame, write_frame};
 
-/// An agent that connects must say Hello within this time.
-const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
+type Tls = TlsStream<TcpStream>;
 
-pub async fn serve(listener: TcpListener, cluster: Shared) {
+pub async fn serve(listener: TcpListener, cluster: Shared, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = TlsAcceptor::from(tls);
+    let pending = Pending::new(MAX_PENDING, MAX_PENDING_PER_PEER);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
+                // Until it shows a certificate, a peer holds one of a few places; a flood from
+                // one address or many is turned away at accept, before any byte is read.
+                let Some(permit) = pending.admit(peer.ip()) else {
+                    tracing::debug!(%peer, "too many unauthenticated connections: closing");
+                    continue;
+                };
                 let span = tracing::info_span!("agent", %peer, node = tracing::field::Empty);
-                let cluster = cluster.clone();
+                let (cluster, acceptor) = (cluster.clone(), acceptor.clone());
                 tokio::spawn(
                     async move {
-                        match session(stream, cluster).await {
-                            Ok(()) => tracing::info!("agent disconnected"),
-                            Err(e) => tracing::warn!("agent session ended: {e:#}"),
+                        match connection(stream, peer, acceptor, cluster, permit).await {
+                            Ok(()) => tracing::debug!("connection ended"),
+                            Err(e) => tracing::warn!("{e:#}"),
                         }
                     }
                     .instrument(span),
@@ -54,57 +70,152 @@ pub async fn tick(cluster: Shared) {
     }
 }
 
-async fn session(stream: TcpStream, cluster: Shared) -> anyhow::Result<()> {
+async fn connection(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    cluster: Shared,
+    permit: crate::limits::PendingPermit,
+) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
-    let (rd, mut wr) = stream.into_split();
+    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
+        .await
+        .context("TLS handshake: timed out")?
+        .context("TLS handshake")?;
+    let identity = trust::tls::peer_identity(tls.get_ref().1);
+    let Some(identity) = identity else {
+        let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, unauthenticated(tls, peer, &cluster))
+            .await
+            .context("request without a certificate: timed out");
+        drop(permit);
+        return result?;
+    };
+    drop(permit);
+    let identity = identity.context("read the peer's certificate")?;
+    let node_id = identity.common_name.clone();
+    tracing::Span::current().record("node", node_id.as_str());
+    let (rd, mut wr) = tokio::io::split(tls);
+    let mut rd = BufReader::new(rd);
+    let cluster_id = lock(&cluster).pki().cluster_id().to_string();
+    if identity.cluster_id != cluster_id
+        || !matches!(identity.role, Some(CertRole::Worker | CertRole::Manager))
+    {
+        let reason = "this certificate is not a node certificate of this cluster".to_string();
+        return Err(refuse(&mut wr, reason).await);
+    }
+    session(&mut rd, &mut wr, &node_id, &cluster).await
+}
+
+/// A peer without a certificate: one GetCa or Join, answered, then the connection closes.
+async fn unauthenticated(tls: Tls, peer: SocketAddr, cluster: &Shared) -> anyhow::Result<()> {
+    let (rd, mut wr) = tokio::io::split(tls);
     let mut rd = BufReader::new(rd);
     let mut buf = Vec::new();
-    let got = tokio::time::timeout(HELLO_TIMEOUT, read_frame(&mut rd, &mut buf))
+    if !read_frame(&mut rd, &mut buf, proto::PREAUTH_FRAME_BYTES)
         .await
-        .context("wait for Hello: timed out")?
-        .context("read Hello")?;
+        .context("read the first request")?
+    {
+        return Ok(());
+    }
+    let reply = match proto::decode_frame::<AgentMsg>(&buf) {
+        Ok(AgentMsg::GetCa) => ManagerMsg::Ca {
+            cert: lock(cluster).pki().ca_pem().to_string(),
+        },
+        Ok(AgentMsg::Join {
+            version,
+            token,
+            csr,
+            hostname,
+            advertise_addr,
+        }) => {
+            if version != proto::PROTOCOL_VERSION {
+                let reason = format!(
+                    "protocol version {version} is not supported: this manager speaks version {}",
+                    proto::PROTOCOL_VERSION
+                );
+                return Err(refuse(&mut wr, reason).await);
+            }
+            let joined = {
+                let mut c = lock(cluster);
+                let role = c.pki().check_token(&token, &c.state().join_secrets);
+                role.and_then(|role| {
+                    c.join(&hostname, advertise_addr, role, &csr)
+                        .map(|(node_id, cert)| (node_id, cert, role))
+                })
+            };
+            match joined {
+                Ok((node_id, cert, role)) => {
+                    tracing::info!(node = %node_id, hostname = %excerpt(&hostname), addr = %advertise_addr, ?role, "node joined");
+                    ManagerMsg::Joined { node_id, cert }
+                }
+                Err(reason) => {
+                    tracing::warn!(hostname = %excerpt(&hostname), "join refused: {reason}");
+                    return Err(refuse(&mut wr, reason).await);
+                }
+            }
+        }
+        Ok(_) => {
+            let reason = format!("{peer} has no certificate of this cluster: join first (mesh-agent --join-token, from meshctl join-token worker)");
+            return Err(refuse(&mut wr, reason).await);
+        }
+        Err(e) => return Err(refuse(&mut wr, format!("decode request: {e}")).await),
+    };
+    write_frame(&mut wr, &reply).await.context("answer")?;
+    Ok(())
+}
+
+async fn session(
+    rd: &mut BufReader<ReadHalf<Tls>>,
+    wr: &mut WriteHalf<Tls>,
+    node_id: &str,
+    cluster: &Shared,
+) -> anyhow::Result<()> {
+    let mut buf = Vec::new();
+    let got = tokio::time::timeout(
+        HANDSHAKE_TIMEOUT,
+        read_frame(rd, &mut buf, proto::AGENT_FRAME_BYTES),
+    )
+    .await
+    .context("wait for Hello: timed out")?
+    .context("read Hello")?;
     if !got {
         bail!("closed before Hello");
     }
     let hello = proto::decode_frame::<AgentMsg>(&buf);
     buf.clear();
-    let (version, hostname, advertise_addr, node_id) = match hello {
+    let (version, hostname, advertise_addr) = match hello {
         Ok(AgentMsg::Hello {
             version,
             hostname,
             advertise_addr,
-            node_id,
-        }) => (version, hostname, advertise_addr, node_id),
-        Ok(_) => return Err(refuse(&mut wr, "the first message must be hello".into()).await),
-        Err(e) => return Err(refuse(&mut wr, format!("decode hello: {e}")).await),
+        }) => (version, hostname, advertise_addr),
+        Ok(_) => return Err(refuse(wr, "the first message must be hello".into()).await),
+        Err(e) => return Err(refuse(wr, format!("decode hello: {e}")).await),
     };
     if version != proto::PROTOCOL_VERSION {
         let reason = format!(
             "protocol version {version} is not supported: this manager speaks version {}",
             proto::PROTOCOL_VERSION
         );
-        return Err(refuse(&mut wr, reason)
-            .await
-            .context(format!("refuse agent {hostname}")));
+        return Err(refuse(wr, reason).await);
     }
 
     let (tx, mut rx) = mpsc::unbounded_channel();
-    let joined = lock(&cluster).connect_agent(&hostname, advertise_addr, node_id.as_deref(), tx);
-    let (node_id, conn) = match joined {
-        Ok(joined) => joined,
-        Err(e) => return Err(refuse(&mut wr, e.to_string()).await),
+    let joined = lock(cluster).connect_agent(node_id, &hostname, advertise_addr, tx);
+    let conn = match joined {
+        Ok(conn) => conn,
+        Err(e) => return Err(refuse(wr, e.to_string()).await),
     };
-    tracing::Span::current().record("node", node_id.as_str());
-    tracing::info!(%hostname, addr = %advertise_addr, "agent connected");
+    tracing::info!(hostname = %excerpt(&hostname), addr = %advertise_addr, "agent connected");
 
-    let result = converse(&mut rd, &mut wr, &mut rx, &mut buf, &node_id, &cluster).await;
-    lock(&cluster).disconnect_agent(&node_id, conn);
+    let result = converse(rd, wr, &mut rx, &mut buf, node_id, cluster).await;
+    lock(cluster).disconnect_agent(node_id, conn);
     result
 }
 
-/// Tells the agent why it is turned away (best effort: it may be gone) and returns the reason
-/// as the session's error.
-async fn refuse(wr: &mut tokio::net::tcp::OwnedWriteHalf, reason: String) -> anyhow::Error {
+/// Tells the peer why it is turned away (best effort: it may be gone) and returns the reason
+/// as the connection's error.
+async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reason: String) -> anyhow::Error {
     if let Err(e) = write_frame(
         wr,
         &ManagerMsg::Refused {
@@ -118,9 +229,9 @@ async fn refuse(wr: &mut tokio::net::tcp::OwnedWriteHalf, reason: String) -> any
     anyhow::anyhow!(reason)
 }
 
-async fn converse(
-    rd: &mut BufReader<tokio::net::tcp::OwnedReadHalf>,
-    wr: &mut tokio::net::tcp::OwnedWriteHalf,
+async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+    rd: &mut BufReader<R>,
+    wr: &mut W,
     rx: &mut mpsc::UnboundedReceiver<ManagerMsg>,
     buf: &mut Vec<u8>,
     node_id: &str,
@@ -137,26 +248,30 @@ async fn converse(
                     }
                     write_frame(wr, &msg).await.context("send to agent")?;
                 }
-                None => bail!("replaced by a newer connection of the same node"),
+                None => bail!("the session was closed by the manager (a newer connection of the node, or the node was removed)"),
             },
-            read = tokio::time::timeout(silence, read_frame(rd, buf)) => {
+            read = tokio::time::timeout(silence, read_frame(rd, buf, proto::AGENT_FRAME_BYTES)) => {
                 let got = read
                     .map_err(|_| anyhow::anyhow!("no message for {}s", silence.as_secs()))?
                     .context("read from agent")?;
                 if !got {
+                    tracing::info!("agent disconnected");
                     return Ok(());
                 }
                 let msg: AgentMsg = proto::decode_frame(buf).context("decode agent message")?;
                 buf.clear();
-                handle(msg, node_id, cluster)?;
+                if let Some(reply) = handle(msg, node_id, cluster)? {
+                    write_frame(wr, &reply).await.context("send to agent")?;
+                }
             }
         }
     }
 }
 
-fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<()> {
+fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<Option<ManagerMsg>> {
     let mut c = lock(cluster);
     c.seen(node_id);
+    let mut reply = None;
     match msg {
         AgentMsg::Heartbeat => {}
         AgentMsg::Applied { revision } => {
@@ -169,9 +284,9 @@ fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<()> 
             }
         }
         AgentMsg::TaskStatus(status) => {
-            let span = tracing::info_span!("task", task = %status.task_id);
+            let span = tracing::info_span!("task", task = %excerpt(&status.task_id));
             let _enter = span.enter();
-            tracing::info!(state = ?status.state, error = status.error.as_deref(), "task status");
+            tracing::info!(state = ?status.state, error = status.error.as_deref().map(excerpt), "task status");
             match c.transact(|s, now| s.task_status(node_id, &status, now)) {
                 Ok(()) => {}
                 // Tasks removed by a scale-down or service rm are reported as they stop.
@@ -182,7 +297,22 @@ fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<()> 
                 Err(e) => tracing::warn!("{e}"),
             }
         }
+        AgentMsg::Renew { csr } => {
+            reply = Some(match c.renew(node_id, &csr) {
+                Ok(cert) => {
+                    tracing::info!("renewed the node's certificate");
+                    ManagerMsg::Certificate { cert }
+                }
+                Err(reason) => {
+                    tracing::warn!("renewal refused: {reason}");
+                    ManagerMsg::Refused { reason }
+                }
+            });
+        }
         AgentMsg::Hello { .. } => bail!("protocol error: a second hello"),
+        AgentMsg::GetCa | AgentMsg::Join { .. } => {
+            bail!("protocol error: getca or join on an authenticated connection")
+        }
         AgentMsg::LbState(report) => c.record_lb(node_id, report),
     }
     // Heartbeats that stalled long enough to mark the node down have resumed: it is back.
@@ -200,5 +330,5 @@ fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<()> 
             tracing::error!("mark node ready again: {e}");
         }
     }
-    Ok(())
+    Ok(reply)
 }

@@ -1,29 +1,72 @@
-//! The meshctl API: one [`Request`] per line in, one [`Response`] per line out.
+//! The meshctl API: one [`Request`] per line in, one [`Response`] per line out. The Unix socket
+//! is root's alone (0600); the TCP API speaks TLS and serves only clients whose certificate, of
+//! the cluster's CA, is an admin's or a manager's. Requests are bounded in size, idle
+//! connections are closed, and a full table of connections makes room by closing the one idle
+//! the longest, so a flood of idle connections never locks meshctl out.
+
+use std::sync::Arc;
 
 use proto::api::{PublishedPort, Request, Response};
+use proto::model::Role;
+use proto::wire::{read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
+use tokio_rustls::TlsAcceptor;
+use trust::CertRole;
 
 use crate::cluster::{lock, Cluster, Shared};
+use crate::limits::{
+    ConnGuard, Conns, Pending, API_IDLE, HANDSHAKE_TIMEOUT, MAX_API_CONNS, MAX_PENDING,
+    MAX_PENDING_PER_PEER,
+};
 use crate::views;
-use crate::wire::{read_frame, write_frame};
 
 pub async fn serve_unix(listener: UnixListener, cluster: Shared) {
+    let conns = Conns::new(MAX_API_CONNS);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                tokio::spawn(serve(stream, cluster.clone()));
+                let guard = conns.admit();
+                tokio::spawn(serve(stream, cluster.clone(), guard));
             }
             Err(e) => accept_failed(e).await,
         }
     }
 }
 
-pub async fn serve_tcp(listener: TcpListener, cluster: Shared) {
+pub async fn serve_tcp(listener: TcpListener, cluster: Shared, tls: Arc<rustls::ServerConfig>) {
+    let acceptor = TlsAcceptor::from(tls);
+    let pending = Pending::new(MAX_PENDING, MAX_PENDING_PER_PEER);
+    let conns = Conns::new(MAX_API_CONNS);
     loop {
         match listener.accept().await {
-            Ok((stream, _)) => {
-                tokio::spawn(serve(stream, cluster.clone()));
+            Ok((stream, peer)) => {
+                let Some(permit) = pending.admit(peer.ip()) else {
+                    tracing::debug!(%peer, "too many API handshakes in progress: closing");
+                    continue;
+                };
+                let (acceptor, cluster, conns) = (acceptor.clone(), cluster.clone(), conns.clone());
+                tokio::spawn(async move {
+                    let accepted =
+                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
+                    drop(permit);
+                    let tls = match accepted {
+                        Ok(Ok(tls)) => tls,
+                        Ok(Err(e)) => return tracing::info!(%peer, "API TLS handshake: {e}"),
+                        Err(_) => return tracing::info!(%peer, "API TLS handshake: timed out"),
+                    };
+                    let role = trust::tls::peer_identity(tls.get_ref().1)
+                        .and_then(Result::ok)
+                        .and_then(|id| id.role);
+                    if !matches!(role, Some(CertRole::Admin | CertRole::Manager)) {
+                        tracing::warn!(%peer, ?role, "API client refused: not an admin or manager certificate");
+                        let (_, mut wr) = tokio::io::split(tls);
+                        let message = "this certificate may not use the API: it needs an admin or manager certificate of this cluster (the manager's <data-dir>/client/)".to_string();
+                        let _ = write_frame(&mut wr, &Response::Error { message }).await;
+                        return;
+                    }
+                    serve(tls, cluster, conns.admit()).await
+                });
             }
             Err(e) => accept_failed(e).await,
         }
@@ -36,20 +79,29 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 }
 
-/// Serves one API connection until the client closes it.
-async fn serve<S: AsyncRead + AsyncWrite>(stream: S, cluster: Shared) {
+/// Serves one API connection until the client closes it, goes idle, or is evicted.
+async fn serve<S: AsyncRead + AsyncWrite>(stream: S, cluster: Shared, guard: ConnGuard) {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::new(rd);
     let mut buf = Vec::new();
     loop {
-        match read_frame(&mut rd, &mut buf).await {
-            Ok(true) => {}
-            Ok(false) => return,
-            Err(e) => {
-                tracing::warn!(error = %e, "read API request");
+        guard.set_busy(false);
+        let read = tokio::select! {
+            read = tokio::time::timeout(API_IDLE, read_frame(&mut rd, &mut buf, proto::API_REQUEST_BYTES)) => read,
+            _ = guard.evicted() => return tracing::debug!("idle API connection closed to make room"),
+        };
+        match read {
+            Ok(Ok(true)) => {}
+            Ok(Ok(false)) => return,
+            Ok(Err(e)) => {
+                let message = format!("read request: {e}");
+                tracing::warn!("{message}");
+                let _ = write_frame(&mut wr, &Response::Error { message }).await;
                 return;
             }
+            Err(_) => return tracing::debug!("idle API connection closed"),
         }
+        guard.set_busy(true);
         let response = match proto::decode_frame::<Request>(&buf) {
             Ok(req) => {
                 let span = tracing::info_span!("api", request = request_kind(&req));
@@ -72,6 +124,9 @@ fn request_kind(req: &Request) -> &'static str {
         Request::NodeLs => "node ls",
         Request::NodeInspect { .. } => "node inspect",
         Request::NodeUpdate { .. } => "node update",
+        Request::NodeRm { .. } => "node rm",
+        Request::NodeRole { .. } => "node promote/demote",
+        Request::JoinToken { .. } => "join-token",
         Request::NetworkCreate { .. } => "network create",
         Request::NetworkLs => "network ls",
         Request::NetworkInspect { .. } => "network inspect",
@@ -85,6 +140,13 @@ fn request_kind(req: &Request) -> &'static str {
         Request::ServiceUpdate { .. } => "service update",
         Request::PublishLs => "publish ls",
         Request::PublishRm { .. } => "publish rm",
+    }
+}
+
+fn role_word(role: Role) -> &'static str {
+    match role {
+        Role::Worker => "worker",
+        Role::Manager => "manager",
     }
 }
 
@@ -120,6 +182,46 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                 tracing::info!(node = %node, ?availability, "node updated");
                 Response::Node {
                     node: views::node(cluster.state(), &id),
+                }
+            }
+            Request::NodeRm { node, force } => {
+                let id = cluster.remove_node(&node, force).map_err(err)?;
+                tracing::warn!(node = %node, %id, "node removed: its certificate is revoked");
+                Response::Removed { id }
+            }
+            Request::NodeRole { node, role } => {
+                let id = cluster
+                    .transact(|s, _| s.set_node_role(&node, role))
+                    .map_err(err)?;
+                tracing::info!(node = %node, ?role, "node role changed: its next certificate carries it");
+                Response::Node {
+                    node: views::node(cluster.state(), &id),
+                }
+            }
+            Request::JoinToken { role, rotate } => {
+                if rotate {
+                    let secret = trust::JoinToken::generate(cluster.pki().ca_pem())
+                        .map_err(|e| format!("rotate the {} join token: {e}", role_word(role)))?
+                        .secret;
+                    cluster
+                        .transact(|s, _| {
+                            s.join_secrets.set(role, secret);
+                            Ok(())
+                        })
+                        .map_err(err)?;
+                    tracing::warn!(
+                        role = role_word(role),
+                        "join token rotated: the old one no longer joins"
+                    );
+                }
+                let secret =
+                    cluster.state().join_secrets.get(role).ok_or_else(|| {
+                        format!("the cluster has no {} join token", role_word(role))
+                    })?;
+                Response::JoinToken {
+                    role,
+                    token: cluster.pki().token(secret).to_string(),
+                    manager: cluster.agent_addr().to_string(),
                 }
             }
             Request::NetworkCreate {
@@ -247,28 +349,22 @@ mod tests {
     use super::*;
     use crate::state::tests::spec;
     use crate::state::tests::{port, web, AGENT_PORT};
-    use crate::store::{tests::TempDir, Store};
+    use crate::store::tests::TempDir;
     use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
     use proto::api::ServiceSpec;
     use proto::model::{Availability, PortConfig, Protocol, PublishMode};
     use std::collections::BTreeMap;
 
     fn cluster(tmp: &TempDir) -> Cluster {
-        let (store, _) = Store::open(&tmp.0).unwrap();
-        let mut c = Cluster::new(
-            crate::state::tests::new_state(),
-            store,
-            "192.168.56.11".parse().unwrap(),
-        );
+        let mut c = crate::cluster::tests::cluster(tmp);
         let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
         for i in 1..=3u8 {
-            c.connect_agent(
+            crate::cluster::tests::join_and_connect(
+                &mut c,
                 &format!("node{i}"),
                 [192, 168, 56, 10 + i].into(),
-                None,
                 tx.clone(),
-            )
-            .unwrap();
+            );
         }
         c
     }

@@ -12,6 +12,7 @@ use proto::agent::{LbReport, ManagerMsg, NODE_DOWN_SECS};
 use proto::model::{NodeStatus, Role};
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::certs::Pki;
 use crate::state::{OpError, State};
 use crate::store::{Store, StoreError};
 use crate::views::LbReports;
@@ -40,6 +41,9 @@ pub struct Cluster {
     next_conn: u64,
     /// Each node's latest load balancer report, for inspection only: live state, not stored.
     lb: LbReports,
+    pki: Arc<Pki>,
+    /// Where agents reach this manager, for the join command `meshctl join-token` prints.
+    agent_addr: String,
 }
 
 pub type Shared = Arc<Mutex<Cluster>>;
@@ -59,7 +63,13 @@ pub fn unix_now() -> u64 {
 }
 
 impl Cluster {
-    pub fn new(state: State, store: Store, manager_ip: IpAddr) -> Cluster {
+    pub fn new(
+        state: State,
+        store: Store,
+        manager_ip: IpAddr,
+        pki: Arc<Pki>,
+        agent_addr: String,
+    ) -> Cluster {
         // Known nodes get a full grace period to reconnect after a manager restart, rather than
         // being declared down (and their tasks moved) at once.
         let now = Instant::now();
@@ -72,7 +82,64 @@ impl Cluster {
             last_seen,
             next_conn: 0,
             lb: LbReports::new(),
+            pki,
+            agent_addr,
         }
+    }
+
+    pub fn pki(&self) -> &Pki {
+        &self.pki
+    }
+
+    pub fn agent_addr(&self) -> &str {
+        &self.agent_addr
+    }
+
+    /// A node joined with a valid token for `role`: registers it under a new id and returns
+    /// that id with its certificate for the key in `csr`. Nothing is kept if either fails.
+    pub fn join(
+        &mut self,
+        hostname: &str,
+        addr: IpAddr,
+        role: Role,
+        csr: &str,
+    ) -> Result<(String, String), String> {
+        // The manager's own node is a manager whichever token it used.
+        let role = if addr == self.manager_ip {
+            Role::Manager
+        } else {
+            role
+        };
+        let id = crate::alloc::new_id();
+        let cert = self
+            .pki
+            .sign_node(csr, &id, role)
+            .map_err(|e| format!("sign the node's certificate: {e}"))?;
+        self.transact(|s, _| s.join_node(&id, hostname, addr, role))
+            .map_err(|e| e.to_string())?;
+        Ok((id, cert))
+    }
+
+    /// A renewed certificate for a connected node, with the role the cluster gives it now.
+    pub fn renew(&self, node_id: &str, csr: &str) -> Result<String, String> {
+        let role = self
+            .state
+            .nodes
+            .get(node_id)
+            .map(|r| r.node.role)
+            .ok_or_else(|| format!("node {node_id} is not part of this cluster"))?;
+        self.pki
+            .sign_node(csr, node_id, role)
+            .map_err(|e| format!("sign the renewed certificate: {e}"))
+    }
+
+    /// `meshctl node rm`: the node is revoked and its session, if any, ends now.
+    pub fn remove_node(&mut self, key: &str, force: bool) -> Result<String, TxError> {
+        let id = self.transact(|s, now| s.remove_node(key, force, now))?;
+        self.sessions.remove(&id);
+        self.last_seen.remove(&id);
+        self.lb.remove(&id);
+        Ok(id)
     }
 
     pub fn state(&self) -> &State {
@@ -129,21 +196,18 @@ impl Cluster {
         }
     }
 
-    /// Registers an agent that said Hello and queues Welcome and its current assignment on `tx`
-    /// (under the same lock, so no change can slip in between). Returns (node id, connection id).
+    /// Registers the agent of node `id` (its certificate's CN) that said Hello and queues
+    /// Welcome and its current assignment on `tx` (under the same lock, so no change can slip in
+    /// between). Returns the connection id.
     pub fn connect_agent(
         &mut self,
+        id: &str,
         hostname: &str,
         addr: IpAddr,
-        node_id: Option<&str>,
         tx: UnboundedSender<ManagerMsg>,
-    ) -> Result<(String, u64), TxError> {
-        let role = if addr == self.manager_ip {
-            Role::Manager
-        } else {
-            Role::Worker
-        };
-        let id = self.transact(|s, _| s.register_node(hostname, addr, node_id, role))?;
+    ) -> Result<u64, TxError> {
+        let role = self.transact(|s, _| s.connect_node(id, hostname, addr))?;
+        let id = id.to_string();
         self.next_conn += 1;
         let conn = self.next_conn;
         // The previous connection's sender is dropped here, which ends that session.
@@ -162,7 +226,7 @@ impl Cluster {
             role,
         });
         let _ = tx.send(ManagerMsg::Assign(assignment));
-        Ok((id, conn))
+        Ok(conn)
     }
 
     pub fn disconnect_agent(&mut self, node_id: &str, conn: u64) {
@@ -223,19 +287,47 @@ impl Cluster {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::state::tests::{spec, MANAGER};
     use crate::store::tests::TempDir;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-    fn cluster(tmp: &TempDir) -> Cluster {
+    /// A cluster on a fresh state with its store and CA in `tmp`.
+    pub(crate) fn cluster(tmp: &TempDir) -> Cluster {
         let (store, _) = Store::open(&tmp.0).unwrap();
+        let mut state = crate::state::tests::new_state();
+        state.cluster_id = "test-cluster".into();
+        state.join_secrets.set(Role::Worker, [1; 16]);
+        state.join_secrets.set(Role::Manager, [2; 16]);
+        let pki = Pki::open(
+            &tmp.0.join("pki"),
+            None,
+            &state.cluster_id,
+            Duration::from_secs(3600),
+            vec![],
+        )
+        .unwrap();
         Cluster::new(
-            crate::state::tests::new_state(),
+            state,
             store,
             MANAGER.parse().unwrap(),
+            Arc::new(pki),
+            format!("{MANAGER}:2377"),
         )
+    }
+
+    /// Joins a node as a worker token would and connects its agent: (node id, connection id).
+    pub(crate) fn join_and_connect(
+        c: &mut Cluster,
+        hostname: &str,
+        addr: IpAddr,
+        tx: UnboundedSender<ManagerMsg>,
+    ) -> (String, u64) {
+        let csr = trust::KeyRequest::generate().unwrap().csr_pem;
+        let (id, _) = c.join(hostname, addr, Role::Worker, &csr).unwrap();
+        let conn = c.connect_agent(&id, hostname, addr, tx).unwrap();
+        (id, conn)
     }
 
     fn drain(rx: &mut UnboundedReceiver<ManagerMsg>) -> Vec<ManagerMsg> {
@@ -247,12 +339,9 @@ mod tests {
         let tmp = TempDir::new("cluster-push");
         let mut c = cluster(&tmp);
         let (tx1, mut rx1) = unbounded_channel();
-        let (id1, _) = c
-            .connect_agent("node1", MANAGER.parse().unwrap(), None, tx1)
-            .unwrap();
+        let (id1, _) = join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx1);
         let (tx2, mut rx2) = unbounded_channel();
-        c.connect_agent("node2", "192.168.56.12".parse().unwrap(), None, tx2)
-            .unwrap();
+        join_and_connect(&mut c, "node2", "192.168.56.12".parse().unwrap(), tx2);
         let first = drain(&mut rx1);
         assert!(
             matches!(&first[0], ManagerMsg::Welcome { node_id, role: Role::Manager, .. } if *node_id == id1)
@@ -291,14 +380,10 @@ mod tests {
         let tmp = TempDir::new("cluster-replace");
         let mut c = cluster(&tmp);
         let (old_tx, mut old_rx) = unbounded_channel();
-        let (id, old_conn) = c
-            .connect_agent("node1", MANAGER.parse().unwrap(), None, old_tx)
-            .unwrap();
+        let (id, old_conn) = join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), old_tx);
         let (new_tx, mut new_rx) = unbounded_channel();
-        let (same, _) = c
-            .connect_agent("node1", MANAGER.parse().unwrap(), Some(&id), new_tx)
+        c.connect_agent(&id, "node1", MANAGER.parse().unwrap(), new_tx)
             .unwrap();
-        assert_eq!(same, id);
         drain(&mut old_rx);
         assert!(
             old_rx.try_recv().is_err() && old_rx.is_closed(),
@@ -313,13 +398,93 @@ mod tests {
     }
 
     #[test]
+    fn a_joined_node_is_down_until_its_agent_connects_and_a_hostname_is_not_taken_over() {
+        let tmp = TempDir::new("cluster-join");
+        let mut c = cluster(&tmp);
+        let csr = || trust::KeyRequest::generate().unwrap().csr_pem;
+        let addr: IpAddr = "192.168.56.12".parse().unwrap();
+        let (id, cert) = c.join("node2", addr, Role::Worker, &csr()).unwrap();
+        let who = trust::Identity::from_pem(&cert).unwrap();
+        assert_eq!(who.common_name, id);
+        assert_eq!(who.role, Some(trust::CertRole::Worker));
+        assert_eq!(who.cluster_id, "test-cluster");
+        assert_eq!(c.state().nodes[&id].node.status, NodeStatus::Down);
+        // The manager's own node is a manager whatever token it used.
+        let (m, cert) = c
+            .join("node1", MANAGER.parse().unwrap(), Role::Worker, &csr())
+            .unwrap();
+        assert_eq!(c.state().nodes[&m].node.role, Role::Manager);
+        assert_eq!(
+            trust::Identity::from_pem(&cert).unwrap().role,
+            Some(trust::CertRole::Manager)
+        );
+
+        let before = c.state().clone();
+        let err = c.join("node2", addr, Role::Worker, &csr()).unwrap_err();
+        assert!(err.contains("already in the cluster"), "{err}");
+        let err = c.join("node3", addr, Role::Worker, "garbage").unwrap_err();
+        assert!(err.starts_with("sign the node's certificate"), "{err}");
+        assert_eq!(c.state(), &before);
+
+        let (tx, _rx) = unbounded_channel();
+        c.connect_agent(&id, "node2", addr, tx.clone()).unwrap();
+        assert_eq!(c.state().nodes[&id].node.status, NodeStatus::Ready);
+        // A certificate's node may not rename itself onto another node.
+        let err = c.connect_agent(&id, "node1", addr, tx.clone()).unwrap_err();
+        assert!(err.to_string().contains("already in the cluster"), "{err}");
+        let err = c
+            .connect_agent("nosuchnode", "node9", addr, tx)
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("not part of this cluster"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn a_removed_node_is_revoked_its_session_ends_and_its_tasks_move() {
+        let tmp = TempDir::new("cluster-rm");
+        let mut c = cluster(&tmp);
+        let (tx1, _rx1) = unbounded_channel();
+        join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx1);
+        let (tx2, mut rx2) = unbounded_channel();
+        let (n2, _) = join_and_connect(&mut c, "node2", "192.168.56.12".parse().unwrap(), tx2);
+        c.transact(|s, now| s.create_service(&spec("web", 2, &[]), now))
+            .unwrap();
+        let on_n2 = |c: &Cluster| {
+            c.state()
+                .tasks
+                .values()
+                .filter(|t| t.is_current() && t.node_id.as_deref() == Some(n2.as_str()))
+                .count()
+        };
+        assert_eq!(on_n2(&c), 1);
+        let before = c.state().clone();
+        let err = c.remove_node("node2", false).unwrap_err();
+        assert!(err.to_string().contains("is ready"), "{err}");
+        assert_eq!(c.state(), &before);
+        c.remove_node("node2", true).unwrap();
+        assert!(c.state().revoked.contains(&n2));
+        assert_eq!(on_n2(&c), 0);
+        let current = c.state().tasks.values().filter(|t| t.is_current()).count();
+        assert_eq!(current, 2, "the removed node's slot is refilled");
+        drain(&mut rx2);
+        assert!(rx2.is_closed(), "the removed node's session is closed");
+        let (tx, _rx) = unbounded_channel();
+        let err = c
+            .connect_agent(&n2, "node2", "192.168.56.12".parse().unwrap(), tx)
+            .unwrap_err();
+        assert!(err.to_string().contains("was removed"), "{err}");
+        let csr = trust::KeyRequest::generate().unwrap().csr_pem;
+        assert!(c.renew(&n2, &csr).is_err(), "no renewal for a removed node");
+    }
+
+    #[test]
     fn load_balancer_reports_are_kept_until_the_node_goes_down() {
         let tmp = TempDir::new("cluster-lb");
         let mut c = cluster(&tmp);
         let (tx, _rx) = unbounded_channel();
-        let (id, _) = c
-            .connect_agent("node1", MANAGER.parse().unwrap(), None, tx)
-            .unwrap();
+        let (id, _) = join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx);
         let report = LbReport {
             backend: "ipvs".into(),
             services: vec![],
@@ -347,8 +512,7 @@ mod tests {
         let tmp = TempDir::new("cluster-nosave");
         let mut c = cluster(&tmp);
         let (tx, mut rx) = unbounded_channel();
-        c.connect_agent("node1", MANAGER.parse().unwrap(), None, tx)
-            .unwrap();
+        join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx);
         drain(&mut rx);
         let before = c.state().clone();
         std::fs::remove_dir_all(&tmp.0).unwrap();

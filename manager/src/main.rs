@@ -4,12 +4,13 @@
 mod agents;
 mod alloc;
 mod api;
+mod certs;
 mod cluster;
+mod limits;
 mod sched;
 mod state;
 mod store;
 mod views;
-mod wire;
 
 use std::io::IsTerminal;
 use std::net::SocketAddr;
@@ -21,6 +22,8 @@ use anyhow::{bail, Context};
 use clap::{Parser, ValueEnum};
 use tokio::net::{TcpListener, UnixListener};
 use tokio::signal::unix::{signal, SignalKind};
+
+use proto::model::Role;
 
 use crate::cluster::{Cluster, Shared};
 use crate::state::State;
@@ -53,15 +56,42 @@ struct Args {
     /// Unix socket for meshctl.
     #[arg(long, env = "MESH_API_SOCKET", default_value = proto::api::DEFAULT_API_SOCKET)]
     api_socket: PathBuf,
-    /// Also serve the meshctl API on TCP (unauthenticated: bind it to a trusted address only).
+    /// Also serve the meshctl API on TCP, over TLS, to clients with an admin or manager
+    /// certificate of the cluster (the manager writes one to <data-dir>/client/).
     #[arg(long, env = "MESH_API_LISTEN")]
     api_listen: Option<SocketAddr>,
+    /// The address agents reach this manager at, printed by `meshctl join-token`; by default
+    /// the --listen address.
+    #[arg(long, env = "MESH_ADVERTISE_ADDR")]
+    advertise_addr: Option<std::net::IpAddr>,
+    /// The operator's own root CA certificate (PEM), used instead of creating one. Only when the
+    /// cluster is created; later starts must give the same one or none.
+    #[arg(long, env = "MESH_EXTERNAL_CA_CERT", requires = "external_ca_key")]
+    external_ca_cert: Option<PathBuf>,
+    /// The key of --external-ca-cert (PEM).
+    #[arg(long, env = "MESH_EXTERNAL_CA_KEY", requires = "external_ca_cert")]
+    external_ca_key: Option<PathBuf>,
+    /// Lifetime of node certificates (e.g. 90d, 2160h, 30m); nodes renew at a random point
+    /// between 50 % and 80 % of it.
+    #[arg(long, env = "MESH_CERT_EXPIRY", default_value = "90d", value_parser = parse_cert_expiry)]
+    cert_expiry: std::time::Duration,
     #[arg(long, value_enum, default_value = "text")]
     log_format: LogFormat,
     /// Subnet of the routing mesh's `ingress` network, used when the cluster is created; an
     /// existing cluster keeps its own. It must not contain any node's address.
     #[arg(long, env = "MESH_INGRESS_SUBNET", default_value = "10.255.0.0/16")]
     ingress_subnet: String,
+}
+
+fn parse_cert_expiry(s: &str) -> Result<std::time::Duration, String> {
+    let d = certs::parse_duration(s)?;
+    if d < trust::pki::MIN_CERT_EXPIRY {
+        return Err(format!(
+            "{s} is shorter than the minimum of {}s",
+            trust::pki::MIN_CERT_EXPIRY.as_secs()
+        ));
+    }
+    Ok(d)
 }
 
 fn main() {
@@ -113,32 +143,76 @@ async fn run(args: Args) -> anyhow::Result<()> {
         None => (State::default(), true),
     };
     state.agent_port = Some(args.listen.port());
+    state.api_port = args.api_listen.map(|a| a.port());
+    raise_file_limit();
     // Also for a state saved before the routing mesh existed: it gets its ingress network now.
-    let changed = state
+    let mut changed = state
         .ensure_ingress(&args.ingress_subnet, args.listen.ip(), cluster::unix_now())
         .context("set up the routing mesh")?;
+    if state.cluster_id.is_empty() {
+        state.cluster_id = alloc::new_id();
+        changed = true;
+    }
+    let advertise = args.advertise_addr.unwrap_or(args.listen.ip());
+    let mut sans = vec![advertise.to_string()];
+    if !args.listen.ip().is_unspecified() && args.listen.ip() != advertise {
+        sans.push(args.listen.ip().to_string());
+    }
+    let external = args
+        .external_ca_cert
+        .as_deref()
+        .zip(args.external_ca_key.as_deref())
+        .map(|(cert, key)| certs::ExternalCa { cert, key });
+    let pki = certs::Pki::open(
+        &args.data_dir,
+        external,
+        &state.cluster_id,
+        args.cert_expiry,
+        sans,
+    )
+    .context("set up the cluster's certificates")?;
+    for role in [Role::Worker, Role::Manager] {
+        if state.join_secrets.get(role).is_none() {
+            let token = trust::JoinToken::generate(pki.ca_pem()).context("make a join token")?;
+            state.join_secrets.set(role, token.secret);
+            changed = true;
+        }
+    }
     if new || changed {
         store.save(&state).context("save the cluster")?;
     }
     if new {
-        tracing::info!(path = %store.path().display(), "new cluster created");
+        tracing::info!(path = %store.path().display(), cluster = %state.cluster_id, "new cluster created");
     }
-    let cluster: Shared = Arc::new(Mutex::new(Cluster::new(state, store, args.listen.ip())));
+    let pki = Arc::new(pki);
+    let agent_addr = SocketAddr::new(advertise, args.listen.port()).to_string();
+    let cluster: Shared = Arc::new(Mutex::new(Cluster::new(
+        state,
+        store,
+        args.listen.ip(),
+        pki.clone(),
+        agent_addr,
+    )));
 
     let agents = TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("listen for agents on {}", args.listen))?;
     let unix = bind_api_socket(&args.api_socket)?;
     tracing::info!(agents = %args.listen, api = %args.api_socket.display(), "listening");
-    tokio::spawn(agents::serve(agents, cluster.clone()));
+    tokio::spawn(agents::serve(
+        agents,
+        cluster.clone(),
+        pki.agent_tls.clone(),
+    ));
     tokio::spawn(agents::tick(cluster.clone()));
     tokio::spawn(api::serve_unix(unix, cluster.clone()));
+    tokio::spawn(pki.clone().renew_own());
     if let Some(addr) = args.api_listen {
         let tcp = TcpListener::bind(addr)
             .await
             .with_context(|| format!("listen for the API on {addr}"))?;
-        tracing::info!(api = %addr, "listening for the API on TCP");
-        tokio::spawn(api::serve_tcp(tcp, cluster.clone()));
+        tracing::info!(api = %addr, "listening for the API on TCP (TLS, admin or manager certificates only)");
+        tokio::spawn(api::serve_tcp(tcp, cluster.clone(), pki.api_tls.clone()));
     }
 
     let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
@@ -170,8 +244,29 @@ fn bind_api_socket(path: &Path) -> anyhow::Result<UnixListener> {
     }
     let listener = UnixListener::bind(path)
         .with_context(|| format!("listen for the API on {}", path.display()))?;
-    // Whoever can reach the socket controls the cluster: owner and group only.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+    // Whoever can reach the socket controls the cluster, and so every node as root: root only.
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
         .with_context(|| format!("restrict the API socket {}", path.display()))?;
     Ok(listener)
+}
+
+/// Every agent and API connection is a file descriptor: take all the kernel allows, so the
+/// connection caps (not the default soft limit of 1024) are what bounds them.
+fn raise_file_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit with a pointer to a valid rlimit struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                tracing::warn!(
+                    "raise the open file limit: {}",
+                    std::io::Error::last_os_error()
+                );
+            }
+        }
+    }
 }

@@ -47,6 +47,50 @@ pub struct State {
     /// it would cut the agents off.
     #[serde(skip)]
     pub agent_port: Option<u16>,
+    /// The manager's TCP API port, if it serves one: configuration too, reserved the same way.
+    #[serde(skip)]
+    pub api_port: Option<u16>,
+    /// The cluster's id: the O of every certificate its CA issues. Made at first start.
+    #[serde(default)]
+    pub cluster_id: String,
+    /// The secrets of the current join tokens; rotating one replaces it.
+    #[serde(default)]
+    pub join_secrets: JoinSecrets,
+    /// Nodes removed from the cluster: their certificates are refused from then on.
+    #[serde(default)]
+    pub revoked: BTreeSet<String>,
+}
+
+/// Hex of each join token's 16-byte secret (the token itself also carries the CA's digest).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct JoinSecrets {
+    pub worker: String,
+    pub manager: String,
+}
+
+impl JoinSecrets {
+    pub fn get(&self, role: Role) -> Option<[u8; 16]> {
+        let hex = match role {
+            Role::Worker => &self.worker,
+            Role::Manager => &self.manager,
+        };
+        if hex.len() != 32 {
+            return None;
+        }
+        let mut out = [0u8; 16];
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(hex.get(2 * i..2 * i + 2)?, 16).ok()?;
+        }
+        Some(out)
+    }
+
+    pub fn set(&mut self, role: Role, secret: [u8; 16]) {
+        let hex: String = secret.iter().map(|b| format!("{b:02x}")).collect();
+        match role {
+            Role::Worker => self.worker = hex,
+            Role::Manager => self.manager = hex,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -171,6 +215,16 @@ pub enum Reason {
     Hostname(String),
     #[error("task {0} is not assigned to this node")]
     NotYourTask(String),
+    #[error("a node named {0} is already in the cluster: remove it first (meshctl node rm {0}) or give this one another --hostname")]
+    HostnameTaken(String),
+    #[error("node {0} was removed from the cluster: its certificate is revoked; join it again with a new token (meshctl join-token worker)")]
+    Revoked(String),
+    #[error("node {0} is not part of this cluster")]
+    UnknownNode(String),
+    #[error("node {0} is ready: stop its agent first, or remove it anyway with --force")]
+    NodeReady(String),
+    #[error("node {0} is the only manager: promote another node first")]
+    LastManager(String),
     #[error("an agent cannot report state {0:?}")]
     ReportedState(TaskState),
     #[error("the {INGRESS_NETWORK} network belongs to the routing mesh and cannot be removed")]
@@ -393,6 +447,101 @@ impl State {
     fn next_revision(&mut self) -> u64 {
         self.revision += 1;
         self.revision
+    }
+
+    /// A node joined with a valid token: a new node, with a new id, until its agent says Hello
+    /// (with the certificate issued now) it is down. A hostname already in the cluster is
+    /// refused rather than taken over.
+    pub fn join_node(
+        &mut self,
+        id: &str,
+        hostname: &str,
+        addr: IpAddr,
+        role: Role,
+    ) -> Result<String, OpError> {
+        let op = || format!("join node {}", proto::excerpt(hostname));
+        if self.nodes.values().any(|r| r.node.hostname == hostname) {
+            return refuse(op(), Reason::HostnameTaken(proto::excerpt(hostname)));
+        }
+        if self.nodes.contains_key(id) || self.revoked.contains(id) {
+            return refuse(op(), Reason::NodeId(id.to_string()));
+        }
+        let id = self.register_node(hostname, addr, Some(id), role)?;
+        self.set_node_status(&id, NodeStatus::Down);
+        Ok(id)
+    }
+
+    /// The agent of node `id` (its certificate's CN) said Hello: its hostname and address follow
+    /// the Hello, its role stays what the cluster says.
+    pub fn connect_node(
+        &mut self,
+        id: &str,
+        hostname: &str,
+        addr: IpAddr,
+    ) -> Result<Role, OpError> {
+        let op = || format!("connect node {}", proto::excerpt(id));
+        if self.revoked.contains(id) {
+            return refuse(op(), Reason::Revoked(id.to_string()));
+        }
+        let Some(record) = self.nodes.get(id) else {
+            return refuse(op(), Reason::UnknownNode(proto::excerpt(id)));
+        };
+        let role = record.node.role;
+        if self
+            .nodes
+            .values()
+            .any(|r| r.node.id != id && r.node.hostname == hostname)
+        {
+            return refuse(op(), Reason::HostnameTaken(proto::excerpt(hostname)));
+        }
+        self.register_node(hostname, addr, Some(id), role)?;
+        Ok(role)
+    }
+
+    /// `meshctl node rm`: the node's certificate is refused from now on and its tasks are
+    /// replaced elsewhere. A ready node goes only with `force`.
+    pub fn remove_node(&mut self, key: &str, force: bool, now: u64) -> Result<String, OpError> {
+        let op = || format!("remove node {key}");
+        let id = self.find_node(key).or_else(|r| refuse(op(), r))?;
+        let node = &self.nodes[&id].node;
+        if node.status == NodeStatus::Ready && !force {
+            return refuse(op(), Reason::NodeReady(node.hostname.clone()));
+        }
+        if node.role == Role::Manager && self.managers().count() == 1 && !force {
+            return refuse(op(), Reason::LastManager(node.hostname.clone()));
+        }
+        let error = format!("node {} was removed", node.hostname);
+        for task in self.tasks.values_mut() {
+            if task.node_id.as_deref() == Some(&id) && task.is_current() {
+                task.retire(TaskState::Orphaned, Some(error.clone()), now);
+            }
+        }
+        self.nodes.remove(&id);
+        self.revoked.insert(id.clone());
+        Ok(id)
+    }
+
+    /// `meshctl node promote|demote`: the role the node's next certificate carries.
+    pub fn set_node_role(&mut self, key: &str, role: Role) -> Result<String, OpError> {
+        let op = || format!("change the role of node {key}");
+        let id = self.find_node(key).or_else(|r| refuse(op(), r))?;
+        let node = &self.nodes[&id].node;
+        if role == Role::Worker && node.role == Role::Manager && self.managers().count() == 1 {
+            return refuse(op(), Reason::LastManager(node.hostname.clone()));
+        }
+        self.nodes
+            .get_mut(&id)
+            .expect("id was just resolved")
+            .node
+            .role = role;
+        Ok(id)
+    }
+
+    fn managers(&self) -> impl Iterator<Item = &Node> {
+        self.nodes
+            .values()
+            .map(|r| &r.node)
+            .filter(|n| n.role == Role::Manager)
     }
 
     /// An agent said Hello. The node keeps its id when the agent remembers it or when the
@@ -718,6 +867,9 @@ impl State {
             let why = match p.protocol {
                 Protocol::Tcp if Some(p.published) == self.agent_port => {
                     Some("mesh-manager listens on it for agents")
+                }
+                Protocol::Tcp if Some(p.published) == self.api_port => {
+                    Some("mesh-manager serves its API on it")
                 }
                 Protocol::Udp if p.published == VXLAN_PORT => {
                     Some("it carries the overlays' VXLAN traffic between nodes")

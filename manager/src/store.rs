@@ -4,6 +4,7 @@
 
 use std::fs::{self, File};
 use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
@@ -86,7 +87,14 @@ impl Store {
                 format: FORMAT,
                 state,
             })?;
-            let mut file = File::create(&tmp)?;
+            // It holds the join tokens' secrets: root only.
+            let mut file = fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(true)
+                .mode(0o600)
+                .open(&tmp)?;
+            file.set_permissions(fs::Permissions::from_mode(0o600))?;
             file.write_all(&body)?;
             file.sync_all()?;
             fs::rename(&tmp, &path)?;

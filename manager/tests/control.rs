@@ -109,18 +109,18 @@ fn free_port() -> u16 {
 }
 
 /// A line-oriented connection with a read timeout, for both the API and the agent protocol.
-struct Conn<S> {
-    reader: BufReader<S>,
-    writer: S,
+struct Conn<S: std::io::Read + Write> {
+    stream: BufReader<S>,
 }
+
+type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
 
 impl Conn<UnixStream> {
     fn api(dir: &Path) -> Conn<UnixStream> {
         let s = UnixStream::connect(dir.join("api.sock")).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
         Conn {
-            reader: BufReader::new(s.try_clone().unwrap()),
-            writer: s,
+            stream: BufReader::new(s),
         }
     }
 
@@ -130,22 +130,50 @@ impl Conn<UnixStream> {
     }
 }
 
-impl Conn<TcpStream> {
-    fn agent(port: u16) -> Conn<TcpStream> {
+/// Joins a node through the real join protocol with the cluster's worker token.
+fn join(dir: &Path, port: u16, hostname: &str, addr: &str) -> trust::Credentials {
+    let Response::JoinToken { token, .. } = Conn::api(dir).call(Request::JoinToken {
+        role: Role::Worker,
+        rotate: false,
+    }) else {
+        panic!("join-token")
+    };
+    let token: trust::JoinToken = token.parse().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let (_, creds) = rt
+        .block_on(trust::join::join(
+            &format!("127.0.0.1:{port}"),
+            &token,
+            hostname,
+            addr.parse().unwrap(),
+        ))
+        .expect("join");
+    creds
+}
+
+impl Conn<Tls> {
+    /// An agent's connection, with the node's certificate.
+    fn agent(port: u16, creds: &trust::Credentials) -> Conn<Tls> {
         let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
         s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+        let tls = rustls::ClientConnection::new(
+            creds.client_config().unwrap(),
+            trust::tls::manager_name(),
+        )
+        .unwrap();
         Conn {
-            reader: BufReader::new(s.try_clone().unwrap()),
-            writer: s,
+            stream: BufReader::new(rustls::StreamOwned::new(tls, s)),
         }
     }
 
-    fn hello(&mut self, hostname: &str, addr: &str, node_id: Option<String>) -> (String, Role) {
+    fn hello(&mut self, hostname: &str, addr: &str) -> (String, Role) {
         self.send(&AgentMsg::Hello {
             version: proto::PROTOCOL_VERSION,
             hostname: hostname.into(),
             advertise_addr: addr.parse().unwrap(),
-            node_id,
         });
         match self.recv() {
             ManagerMsg::Welcome {
@@ -206,12 +234,14 @@ impl Conn<TcpStream> {
 
 impl<S: std::io::Read + Write> Conn<S> {
     fn send<T: serde::Serialize>(&mut self, msg: &T) {
-        self.writer.write_all(&proto::encode_frame(msg)).unwrap();
+        let w = self.stream.get_mut();
+        w.write_all(&proto::encode_frame(msg)).unwrap();
+        w.flush().unwrap();
     }
 
     fn recv<T: DeserializeOwned>(&mut self) -> T {
         let mut line = Vec::new();
-        self.reader.read_until(b'\n', &mut line).unwrap();
+        self.stream.read_until(b'\n', &mut line).unwrap();
         assert!(!line.is_empty(), "connection closed");
         proto::decode_frame(&line).unwrap()
     }
@@ -244,13 +274,16 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
     let port = free_port();
     let manager = Manager::start(&tmp.0, port, "first");
 
+    // node1 advertises the manager's listen IP: it is the manager node.
+    let c1 = join(&tmp.0, port, "node1", "127.0.0.1");
+    let c2 = join(&tmp.0, port, "node2", "127.0.0.2");
+
     // An agent of another protocol version is refused with a reason.
-    let mut old = Conn::agent(port);
+    let mut old = Conn::agent(port, &c2);
     old.send(&AgentMsg::Hello {
         version: proto::PROTOCOL_VERSION + 1,
-        hostname: "old".into(),
-        advertise_addr: "127.0.0.9".parse().unwrap(),
-        node_id: None,
+        hostname: "node2".into(),
+        advertise_addr: "127.0.0.2".parse().unwrap(),
     });
     match old.recv::<ManagerMsg>() {
         ManagerMsg::Refused { reason } => assert!(reason.contains("not supported"), "{reason}"),
@@ -258,20 +291,23 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
     }
 
     // So is one whose first line is not a Hello at all.
-    let mut garbage = Conn::agent(port);
-    garbage.writer.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+    let mut garbage = Conn::agent(port, &c2);
+    garbage
+        .stream
+        .get_mut()
+        .write_all(b"GET / HTTP/1.1\r\n\r\n")
+        .unwrap();
     match garbage.recv::<ManagerMsg>() {
         ManagerMsg::Refused { reason } => assert!(reason.starts_with("decode hello"), "{reason}"),
         other => panic!("expected Refused, got {other:?}"),
     }
 
-    // node1 advertises the manager's listen IP: it is the manager node.
-    let mut a1 = Conn::agent(port);
-    let (id1, role1) = a1.hello("node1", "127.0.0.1", None);
+    let mut a1 = Conn::agent(port, &c1);
+    let (id1, role1) = a1.hello("node1", "127.0.0.1");
     assert_eq!(role1, Role::Manager);
     assert!(a1.assignment().tasks.is_empty());
-    let mut a2 = Conn::agent(port);
-    let (id2, role2) = a2.hello("node2", "127.0.0.2", None);
+    let mut a2 = Conn::agent(port, &c2);
+    let (id2, role2) = a2.hello("node2", "127.0.0.2");
     assert_eq!(role2, Role::Worker);
     assert!(a2.assignment().tasks.is_empty());
 
@@ -296,7 +332,8 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
         panic!("service create failed; log:\n{}", manager.logs())
     };
     // A negative replica count is not even a request; the connection keeps serving.
-    api.writer
+    api.stream
+        .get_mut()
         .write_all(b"{\"type\":\"service_scale\",\"service\":\"web\",\"replicas\":-1}\n")
         .unwrap();
     match api.recv::<Response>() {
@@ -384,8 +421,8 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
     assert_eq!(net_again.peers.len(), 2);
 
     // The agent comes back with its id and gets the same desired state, never an older revision.
-    let mut a1 = Conn::agent(port);
-    let (id1_again, _) = a1.hello("node1", "127.0.0.1", Some(id1.clone()));
+    let mut a1 = Conn::agent(port, &c1);
+    let (id1_again, _) = a1.hello("node1", "127.0.0.1");
     assert_eq!(id1_again, id1);
     let back = a1.assignment();
     assert!(back.revision >= revision1);
@@ -394,8 +431,8 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
         (as1.tasks, as1.networks)
     );
     // node2 is known by hostname even without its id.
-    let mut a2 = Conn::agent(port);
-    assert_eq!(a2.hello("node2", "127.0.0.2", None).0, id2);
+    let mut a2 = Conn::agent(port, &c2);
+    assert_eq!(a2.hello("node2", "127.0.0.2").0, id2);
 
     // Scaling down to one removes the highest slot: its node's assignment empties.
     let Response::Service { .. } = api.call(Request::ServiceScale {
@@ -432,14 +469,16 @@ fn a_published_service_reaches_every_agent_with_its_backends() {
     let tmp = TempDir::new();
     let port = free_port();
     let manager = Manager::start(&tmp.0, port, "publish");
-    let mut a1 = Conn::agent(port);
-    a1.hello("node1", "127.0.0.1", None);
+    let c1 = join(&tmp.0, port, "node1", "127.0.0.1");
+    let mut a1 = Conn::agent(port, &c1);
+    a1.hello("node1", "127.0.0.1");
     let first = a1.assignment();
     let ingress = first.ingress.expect("every node gets the ingress network");
     assert_eq!(ingress.network.name, "ingress");
     assert_eq!(ingress.sbox_addr.to_string(), "10.255.0.2/16");
-    let mut a2 = Conn::agent(port);
-    let (id2, _) = a2.hello("node2", "127.0.0.2", None);
+    let c2 = join(&tmp.0, port, "node2", "127.0.0.2");
+    let mut a2 = Conn::agent(port, &c2);
+    let (id2, _) = a2.hello("node2", "127.0.0.2");
     let second = a2.assignment();
     // node2 sees node1's sbox as a peer behind node1's address, and node1 is told about node2.
     let peers = &second.ingress.as_ref().unwrap().network.peers;

@@ -1,4 +1,6 @@
-//! A blocking connection to the manager's API: one request, one response, per line.
+//! A blocking connection to the manager's API: one request, one response, per line. Over TCP
+//! it is TLS with the cluster's client certificate (`--tls-dir`), checking that the manager's
+//! certificate is of the same CA.
 
 use std::fmt;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
@@ -66,46 +68,62 @@ fn connect_unix(path: &Path) -> std::io::Result<UnixStream> {
     }
 }
 
+trait Stream: Read + Write {}
+impl<T: Read + Write> Stream for T {}
+
 pub struct Client {
     host: Host,
-    reader: BufReader<Box<dyn Read>>,
-    writer: Box<dyn Write>,
+    stream: BufReader<Box<dyn Stream>>,
 }
 
 impl Client {
-    pub fn connect(host: &Host) -> anyhow::Result<Client> {
+    /// Connects to the API at `host`; over TCP with the client bundle in `tls_dir`
+    /// (`ca.pem`, `cert.pem`, `key.pem`, as the manager writes to `<data-dir>/client/`).
+    pub fn connect(host: &Host, tls_dir: Option<&Path>) -> anyhow::Result<Client> {
         let context = || format!("connect to the manager at {host}");
-        let (reader, writer): (Box<dyn Read>, Box<dyn Write>) = match host {
+        let stream: Box<dyn Stream> = match host {
             Host::Unix(path) => {
                 let s = connect_unix(path).with_context(context)?;
                 s.set_read_timeout(Some(REPLY_TIMEOUT))
                     .with_context(context)?;
-                (Box::new(s.try_clone().with_context(context)?), Box::new(s))
+                Box::new(s)
             }
             Host::Tcp(addr) => {
+                let Some(dir) = tls_dir else {
+                    bail!(
+                        "the TCP API at {host} needs the cluster's client certificate: pass --tls-dir DIR (or set MESH_TLS_DIR) with a copy of the manager's <data-dir>/client/ (ca.pem, cert.pem, key.pem)"
+                    );
+                };
+                let creds = trust::Credentials::load_client(dir)
+                    .with_context(|| format!("read the client bundle in {}", dir.display()))?;
+                let config = creds
+                    .client_config()
+                    .with_context(|| format!("use the client bundle in {}", dir.display()))?;
                 let s = TcpStream::connect(addr).with_context(context)?;
                 s.set_read_timeout(Some(REPLY_TIMEOUT))
                     .with_context(context)?;
-                (Box::new(s.try_clone().with_context(context)?), Box::new(s))
+                let tls = rustls::ClientConnection::new(config, trust::tls::manager_name())
+                    .with_context(context)?;
+                Box::new(rustls::StreamOwned::new(tls, s))
             }
         };
         Ok(Client {
             host: host.clone(),
-            reader: BufReader::new(reader),
-            writer,
+            stream: BufReader::new(stream),
         })
     }
 
     /// Sends one request; a refusal from the manager becomes an error with its message.
     pub fn call(&mut self, req: &Request) -> anyhow::Result<Response> {
         let host = &self.host;
-        self.writer
+        let writer = self.stream.get_mut();
+        writer
             .write_all(&proto::encode_frame(req))
-            .and_then(|()| self.writer.flush())
+            .and_then(|()| writer.flush())
             .with_context(|| format!("send request to the manager at {host}"))?;
         let mut line = Vec::new();
-        let n = self
-            .reader
+        let n = (&mut self.stream)
+            .take(proto::MAX_FRAME_BYTES as u64 + 1)
             .read_until(b'\n', &mut line)
             .with_context(|| format!("read the answer of the manager at {host}"))?;
         if n == 0 {
@@ -132,7 +150,9 @@ mod tests {
         // Bound and closed: the file stays and refuses connections, as after a SIGKILL.
         drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
         let started = Instant::now();
-        let err = Client::connect(&Host::Unix(path.clone())).err().unwrap();
+        let err = Client::connect(&Host::Unix(path.clone()), None)
+            .err()
+            .unwrap();
         assert!(started.elapsed() >= STALE_SOCKET_WAIT);
         assert!(
             format!("{err:#}").starts_with(&format!(
@@ -144,9 +164,17 @@ mod tests {
         // A missing socket is reported at once.
         std::fs::remove_file(&path).unwrap();
         let started = Instant::now();
-        assert!(Client::connect(&Host::Unix(path)).is_err());
+        assert!(Client::connect(&Host::Unix(path), None).is_err());
         assert!(started.elapsed() < STALE_SOCKET_WAIT);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn tcp_without_a_client_certificate_is_a_clear_error() {
+        let err = Client::connect(&Host::Tcp("127.0.0.1:1".into()), None)
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("--tls-dir"), "{err:#}");
     }
 
     #[test]

@@ -12,7 +12,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use proto::api::{PublishedPort, Request, Response, ServiceSpec};
-use proto::model::{Availability, PortConfig, PublishMode};
+use proto::model::{Availability, PortConfig, PublishMode, Role};
 use serde::Serialize;
 
 use crate::client::{Client, Host};
@@ -29,6 +29,10 @@ struct Cli {
         default_value = "unix:///run/meshnet/manager.sock"
     )]
     host: Host,
+    /// For tcp:// hosts: a directory with the cluster's client bundle (ca.pem, cert.pem,
+    /// key.pem), a copy of the manager's <data-dir>/client/.
+    #[arg(long, env = "MESH_TLS_DIR", global = true)]
+    tls_dir: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -47,6 +51,32 @@ enum Command {
     /// Publish a port of a service (meshctl publish 80:8080 --service web), list or remove
     /// published ports
     Publish(PublishArgs),
+    /// Print the token (and the mesh-agent command) that joins a node to the cluster
+    JoinToken {
+        #[arg(value_enum)]
+        role: RoleArg,
+        /// Only the token
+        #[arg(long, short = 'q')]
+        quiet: bool,
+        /// Replace the token: the old one no longer joins; nodes that joined stay
+        #[arg(long)]
+        rotate: bool,
+    },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum RoleArg {
+    Worker,
+    Manager,
+}
+
+impl From<RoleArg> for Role {
+    fn from(r: RoleArg) -> Role {
+        match r {
+            RoleArg::Worker => Role::Worker,
+            RoleArg::Manager => Role::Manager,
+        }
+    }
 }
 
 #[derive(Debug, Args)]
@@ -143,6 +173,25 @@ enum NodeCmd {
         #[arg(long = "label-rm")]
         label_rm: Vec<String>,
         node: String,
+    },
+    /// Remove nodes from the cluster: their certificates are revoked and their tasks move
+    #[command(alias = "remove")]
+    Rm {
+        /// Remove a node that is still ready (its agent connected)
+        #[arg(long, short = 'f')]
+        force: bool,
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make nodes managers (the role their next certificate carries)
+    Promote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
+    },
+    /// Make nodes workers (the role their next certificate carries)
+    Demote {
+        #[arg(required = true)]
+        nodes: Vec<String>,
     },
 }
 
@@ -370,13 +419,58 @@ fn print_inspect<T: Serialize>(
 }
 
 fn run(cli: Cli) -> anyhow::Result<()> {
-    let mut c = Client::connect(&cli.host)?;
+    let mut c = Client::connect(&cli.host, cli.tls_dir.as_deref())?;
     match cli.command {
         Command::Node(cmd) => node(&mut c, cmd),
         Command::Network(cmd) => network(&mut c, cmd),
         Command::Service(cmd) => service(&mut c, cmd),
         Command::Publish(args) => publish(&mut c, args),
+        Command::JoinToken {
+            role,
+            quiet,
+            rotate,
+        } => join_token(&mut c, role.into(), quiet, rotate),
     }
+}
+
+fn join_token(c: &mut Client, role: Role, quiet: bool, rotate: bool) -> anyhow::Result<()> {
+    let word = match role {
+        Role::Worker => "worker",
+        Role::Manager => "manager",
+    };
+    let req = Request::JoinToken { role, rotate };
+    let (token, manager) = expect!(format!("get the {word} join token"), c.call(&req)?,
+                                   Response::JoinToken { token, manager, .. } => (token, manager));
+    if quiet {
+        println!("{token}");
+        return Ok(());
+    }
+    if rotate {
+        println!("Successfully rotated {word} join token.\n");
+    }
+    println!("To add a {word} to this cluster, run the following command on it:\n");
+    println!("    mesh-agent --join-token {token} --manager {manager} --advertise-addr <its underlay address>\n");
+    Ok(())
+}
+
+/// Sends one request per node; like docker, prints each node done and reports every failure.
+fn each_node(
+    c: &mut Client,
+    nodes: Vec<String>,
+    what: &str,
+    req: impl Fn(String) -> Request,
+) -> anyhow::Result<()> {
+    let mut refused = Vec::new();
+    for node in nodes {
+        match c.call(&req(node.clone())) {
+            Ok(_) => println!("{node}"),
+            Err(e) => refused.push(format!("{what} {node}: {e:#}")),
+        }
+    }
+    if !refused.is_empty() {
+        bail!(refused.join("\nError: "));
+    }
+    Ok(())
 }
 
 /// Changes a service's ports, prints its name, and waits for it to converge unless detached
@@ -480,6 +574,21 @@ fn node(c: &mut Client, cmd: NodeCmd) -> anyhow::Result<()> {
             };
             expect!(format!("update node {node}"), c.call(&req)?, Response::Node { .. } => ());
             println!("{node}");
+        }
+        NodeCmd::Rm { force, nodes } => each_node(c, nodes, "remove node", |node| {
+            Request::NodeRm { node, force }
+        })?,
+        NodeCmd::Promote { nodes } => {
+            each_node(c, nodes, "promote node", |node| Request::NodeRole {
+                node,
+                role: Role::Manager,
+            })?
+        }
+        NodeCmd::Demote { nodes } => {
+            each_node(c, nodes, "demote node", |node| Request::NodeRole {
+                node,
+                role: Role::Worker,
+            })?
         }
     }
     Ok(())

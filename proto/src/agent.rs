@@ -1,13 +1,23 @@
 //! Messages between `mesh-agent` and `mesh-manager`.
 //!
-//! The agent keeps one TCP connection open. Flow:
+//! Every connection is TLS. A node without a certificate (no client certificate in the
+//! handshake) may only send one of:
+//! - [`AgentMsg::GetCa`]: the manager answers [`ManagerMsg::Ca`] and closes; the node checks the
+//!   CA against its join token's digest before trusting anything else;
+//! - [`AgentMsg::Join`] (on a connection that verified the manager against that CA): the manager
+//!   checks the token, registers the node and answers [`ManagerMsg::Joined`] with its
+//!   certificate, or [`ManagerMsg::Refused`]; then closes.
+//!
+//! A node with a certificate of the cluster's CA keeps one connection open. Flow:
 //! 1. agent → [`AgentMsg::Hello`]; manager → [`ManagerMsg::Welcome`] (or [`ManagerMsg::Refused`]
-//!    and close).
+//!    and close). The node is the certificate's CN, whatever the Hello says.
 //! 2. manager → [`ManagerMsg::Assign`] with the node's complete desired state, at once and after
 //!    every change that concerns the node. Each carries a higher `revision`; the agent applies the
 //!    newest and answers [`AgentMsg::Applied`].
 //! 3. agent → [`AgentMsg::TaskStatus`] whenever a task changes state, and [`AgentMsg::Heartbeat`]
 //!    every [`HEARTBEAT_SECS`]. The manager marks a node down after [`NODE_DOWN_SECS`] of silence.
+//! 4. agent → [`AgentMsg::Renew`] when its certificate is between 50 % and 80 % of its life;
+//!    manager → [`ManagerMsg::Certificate`]. The connection stays up.
 //!
 //! The assignment is the whole truth for the node: anything the agent owns that it does not name
 //! is stale and goes. While the manager is unreachable the agent keeps the last one applied.
@@ -30,8 +40,21 @@ pub enum AgentMsg {
         hostname: String,
         /// The node's underlay address (VTEP).
         advertise_addr: IpAddr,
-        /// The id the manager gave this node before, kept in the agent's state dir.
-        node_id: Option<String>,
+    },
+    /// Before joining: the cluster's CA certificate, please.
+    GetCa,
+    /// Before joining: a join token and a signing request for the node's new key.
+    Join {
+        version: u32,
+        token: String,
+        /// PEM; its subject is ignored, the manager names the node.
+        csr: String,
+        hostname: String,
+        advertise_addr: IpAddr,
+    },
+    /// A signing request for a new key, to replace the certificate before it expires.
+    Renew {
+        csr: String,
     },
     TaskStatus(TaskStatus),
     Applied {
@@ -86,6 +109,19 @@ pub enum ManagerMsg {
         reason: String,
     },
     Assign(Assignment),
+    /// The cluster's root CA certificate (PEM).
+    Ca {
+        cert: String,
+    },
+    /// A joined node's id and certificate (PEM).
+    Joined {
+        node_id: String,
+        cert: String,
+    },
+    /// A renewed certificate (PEM).
+    Certificate {
+        cert: String,
+    },
 }
 
 /// The complete desired state of one node.
@@ -170,12 +206,11 @@ mod tests {
             version: 1,
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
-            node_id: None,
         };
         let line = encode_frame(&msg);
         assert_eq!(
             std::str::from_utf8(&line).unwrap(),
-            "{\"type\":\"hello\",\"version\":1,\"hostname\":\"node1\",\"advertise_addr\":\"192.168.56.11\",\"node_id\":null}\n"
+            "{\"type\":\"hello\",\"version\":1,\"hostname\":\"node1\",\"advertise_addr\":\"192.168.56.11\"}\n"
         );
         assert_eq!(decode_frame::<AgentMsg>(&line).unwrap(), msg);
     }

@@ -14,7 +14,7 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::LbServiceReport;
-use crate::model::{Availability, Network, Node, PortConfig, Protocol, TaskState};
+use crate::model::{Availability, Network, Node, PortConfig, Protocol, Role, TaskState};
 
 /// Where `mesh-manager` listens for `meshctl` unless told otherwise.
 pub const DEFAULT_API_SOCKET: &str = "/run/meshnet/manager.sock";
@@ -38,6 +38,24 @@ pub enum Request {
         label_add: BTreeMap<String, String>,
         #[serde(default)]
         label_rm: Vec<String>,
+    },
+    /// `meshctl node rm`: revokes the node's certificate and moves its tasks. A ready node is
+    /// removed only with `force`.
+    NodeRm {
+        node: String,
+        #[serde(default)]
+        force: bool,
+    },
+    /// `meshctl node promote|demote`: the role the node's next certificate carries.
+    NodeRole {
+        node: String,
+        role: Role,
+    },
+    /// `meshctl join-token worker|manager [--rotate]`.
+    JoinToken {
+        role: Role,
+        #[serde(default)]
+        rotate: bool,
     },
     NetworkCreate {
         name: String,
@@ -178,6 +196,12 @@ pub enum Response {
     /// The id of the object that a `rm` removed.
     Removed {
         id: String,
+    },
+    /// A join token and the address agents reach the manager at.
+    JoinToken {
+        role: Role,
+        token: String,
+        manager: String,
     },
 }
 

@@ -12,14 +12,22 @@
 pub mod agent;
 pub mod api;
 pub mod model;
+pub mod wire;
 
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Bumped on any incompatible change of a message.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub const PROTOCOL_VERSION: u32 = 2;
 
-/// Frames larger than this are refused: a guard against a peer that never sends a newline.
+/// Frames larger than this are refused: a guard against a peer that never sends a newline. The
+/// largest frames are assignments of big clusters, manager to agent.
 pub const MAX_FRAME_BYTES: usize = 64 * 1024 * 1024;
+/// What a peer may send before it is authenticated (a join request with its CSR fits in a few KB).
+pub const PREAUTH_FRAME_BYTES: usize = 16 * 1024;
+/// What an authenticated agent may send in one frame (task statuses, load balancer reports).
+pub const AGENT_FRAME_BYTES: usize = 16 * 1024 * 1024;
+/// One meshctl request (a service spec with its command and environment).
+pub const API_REQUEST_BYTES: usize = 1024 * 1024;
 
 #[derive(Debug, thiserror::Error)]
 pub enum FrameError {
@@ -43,4 +51,25 @@ pub fn decode_frame<T: DeserializeOwned>(line: &[u8]) -> Result<T, FrameError> {
         return Err(FrameError::TooLarge(line.len()));
     }
     Ok(serde_json::from_slice(line)?)
+}
+
+/// A bounded quote of something a peer or user sent, for errors and logs: at most 64
+/// characters, with the full length when cut, so a 10 MB name never comes back as 10 MB.
+pub fn excerpt(s: &str) -> String {
+    const MAX: usize = 64;
+    if s.chars().count() <= MAX {
+        return format!("{s:?}");
+    }
+    let head: String = s.chars().take(MAX).collect();
+    format!("{head:?}… ({} bytes)", s.len())
+}
+
+#[cfg(test)]
+mod excerpt_tests {
+    #[test]
+    fn long_input_is_cut_and_measured() {
+        assert_eq!(super::excerpt("web"), "\"web\"");
+        let e = super::excerpt(&"x".repeat(10_000));
+        assert!(e.len() < 100 && e.ends_with("… (10000 bytes)"), "{e}");
+    }
 }
