@@ -9,6 +9,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use anyhow::{bail, Context};
+use ipnet::Ipv4Net;
 use proto::agent::{
     AgentMsg, Assignment, LbReport, ManagerMsg, TaskStatus, HEARTBEAT_SECS, NODE_DOWN_SECS,
 };
@@ -107,6 +108,8 @@ pub struct Conn {
     pub manager: String,
     pub hostname: String,
     pub advertise_addr: IpAddr,
+    /// Told to the manager, which keeps overlays clear of it.
+    pub gwbridge_subnet: Ipv4Net,
     pub state: StateDir,
     pub assignments: watch::Sender<Assignment>,
     pub outbox: Outbox,
@@ -144,6 +147,7 @@ impl Conn {
             hostname: self.hostname.clone(),
             advertise_addr: self.advertise_addr,
             node_id: self.state.node_id()?,
+            gwbridge_subnet: Some(self.gwbridge_subnet),
         };
         w.write_all(&encode_frame(&hello))
             .await
@@ -313,6 +317,7 @@ mod tests {
             manager: listener.local_addr().unwrap().to_string(),
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
+            gwbridge_subnet: "172.18.0.0/16".parse().unwrap(),
             state: state.clone(),
             assignments: tx,
             outbox: outbox.clone(),

@@ -242,6 +242,7 @@ async fn main() -> anyhow::Result<()> {
         manager: flags.manager.clone(),
         hostname,
         advertise_addr: flags.advertise_addr,
+        gwbridge_subnet: flags.gwbridge_subnet,
         state: state.clone(),
         assignments: assign_tx,
         outbox: outbox.clone(),

@@ -68,15 +68,18 @@ async fn session(stream: TcpStream, cluster: Shared) -> anyhow::Result<()> {
     }
     let hello = proto::decode_frame::<AgentMsg>(&buf);
     buf.clear();
-    let (version, hostname, advertise_addr, node_id) = match hello {
+    let (version, hostname, advertise_addr, node_id, gwbridge_subnet) = match hello {
         Ok(AgentMsg::Hello {
             version,
             hostname,
             advertise_addr,
             node_id,
-        }) => (version, hostname, advertise_addr, node_id),
+            gwbridge_subnet,
+        }) => (version, hostname, advertise_addr, node_id, gwbridge_subnet),
         Ok(_) => return Err(refuse(&mut wr, "the first message must be hello".into()).await),
-        Err(e) => return Err(refuse(&mut wr, format!("decode hello: {e}")).await),
+        Err(e) => {
+            return Err(refuse(&mut wr, format!("decode hello: {}", decoder_excerpt(&e))).await)
+        }
     };
     if version != proto::PROTOCOL_VERSION {
         let reason = format!(
@@ -85,7 +88,7 @@ async fn session(stream: TcpStream, cluster: Shared) -> anyhow::Result<()> {
         );
         return Err(refuse(&mut wr, reason)
             .await
-            .context(format!("refuse agent {hostname}")));
+            .context(format!("refuse agent {}", proto::excerpt(&hostname))));
     }
 
     let (tx, mut rx) = mpsc::unbounded_channel();
@@ -96,10 +99,21 @@ async fn session(stream: TcpStream, cluster: Shared) -> anyhow::Result<()> {
     };
     tracing::Span::current().record("node", node_id.as_str());
     tracing::info!(%hostname, addr = %advertise_addr, "agent connected");
+    if let Err(e) = lock(&cluster).transact(|s, _| {
+        s.set_gwbridge_subnet(&node_id, gwbridge_subnet);
+        Ok(())
+    }) {
+        tracing::error!("record the gwbridge subnet of node {hostname}: {e}");
+    }
 
     let result = converse(&mut rd, &mut wr, &mut rx, &mut buf, &node_id, &cluster).await;
     lock(&cluster).disconnect_agent(&node_id, conn);
     result
+}
+
+/// A decoder's error quotes the offending input: keep its explanation, bound the echo.
+fn decoder_excerpt(e: &proto::FrameError) -> String {
+    proto::excerpt_within(&e.to_string(), 4 * proto::EXCERPT_CHARS).to_string()
 }
 
 /// Tells the agent why it is turned away (best effort: it may be gone) and returns the reason
@@ -146,7 +160,8 @@ async fn converse(
                 if !got {
                     return Ok(());
                 }
-                let msg: AgentMsg = proto::decode_frame(buf).context("decode agent message")?;
+                let msg: AgentMsg = proto::decode_frame(buf)
+                    .map_err(|e| anyhow::anyhow!("decode agent message: {}", decoder_excerpt(&e)))?;
                 buf.clear();
                 handle(msg, node_id, cluster)?;
             }

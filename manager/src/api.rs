@@ -1,6 +1,7 @@
 //! The meshctl API: one [`Request`] per line in, one [`Response`] per line out.
 
 use proto::api::{PublishedPort, Request, Response};
+use proto::{excerpt, excerpt_within, EXCERPT_CHARS};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 
@@ -55,8 +56,12 @@ async fn serve<S: AsyncRead + AsyncWrite>(stream: S, cluster: Shared) {
                 let span = tracing::info_span!("api", request = request_kind(&req));
                 span.in_scope(|| handle(&mut lock(&cluster), req))
             }
+            // The decoder quotes the offending input: keep its explanation, bound the echo.
             Err(e) => Response::Error {
-                message: format!("decode request: {e}"),
+                message: format!(
+                    "decode request: {}",
+                    excerpt_within(&e.to_string(), 4 * EXCERPT_CHARS)
+                ),
             },
         };
         buf.clear();
@@ -76,15 +81,19 @@ fn request_kind(req: &Request) -> &'static str {
         Request::NetworkLs => "network ls",
         Request::NetworkInspect { .. } => "network inspect",
         Request::NetworkRm { .. } => "network rm",
+        Request::NetworkRmMany { .. } => "network rm",
         Request::ServiceCreate { .. } => "service create",
         Request::ServiceLs => "service ls",
         Request::ServiceInspect { .. } => "service inspect",
         Request::ServicePs { .. } => "service ps",
         Request::ServiceScale { .. } => "service scale",
+        Request::ServiceScaleMany { .. } => "service scale",
         Request::ServiceRm { .. } => "service rm",
+        Request::ServiceRmMany { .. } => "service rm",
         Request::ServiceUpdate { .. } => "service update",
         Request::PublishLs => "publish ls",
         Request::PublishRm { .. } => "publish rm",
+        Request::PublishRmMany { .. } => "publish rm",
     }
 }
 
@@ -101,7 +110,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
             },
             Request::NodeInspect { node } => {
                 let id = lookup(
-                    &format!("inspect node {node}"),
+                    &format!("inspect node {}", excerpt(&node)),
                     cluster.state().find_node(&node),
                 )?;
                 Response::Node {
@@ -142,7 +151,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
             },
             Request::NetworkInspect { network } => {
                 let id = lookup(
-                    &format!("inspect network {network}"),
+                    &format!("inspect network {}", excerpt(&network)),
                     cluster.state().find_network(&network),
                 )?;
                 Response::Network {
@@ -155,6 +164,13 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(%network, "network removed");
                 Response::Removed { id }
+            }
+            Request::NetworkRmMany { networks } => {
+                let ids = cluster
+                    .transact(|s, _| s.remove_networks(&networks))
+                    .map_err(err)?;
+                tracing::info!(?networks, "networks removed");
+                Response::RemovedMany { ids }
             }
             Request::ServiceCreate { spec } => {
                 let id = cluster
@@ -170,7 +186,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
             },
             Request::ServiceInspect { service } => {
                 let id = lookup(
-                    &format!("inspect service {service}"),
+                    &format!("inspect service {}", excerpt(&service)),
                     cluster.state().find_service(&service),
                 )?;
                 Response::Service {
@@ -179,7 +195,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
             }
             Request::ServicePs { service } => {
                 let id = lookup(
-                    &format!("list tasks of service {service}"),
+                    &format!("list tasks of service {}", excerpt(&service)),
                     cluster.state().find_service(&service),
                 )?;
                 Response::Tasks {
@@ -195,12 +211,35 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     service: views::service(cluster.state(), cluster.lb(), &id),
                 }
             }
+            Request::ServiceScaleMany { scales } => {
+                let scales: Vec<(String, u64)> = scales
+                    .into_iter()
+                    .map(|s| (s.service, s.replicas))
+                    .collect();
+                let ids = cluster
+                    .transact(|s, now| s.scale_services(&scales, now))
+                    .map_err(err)?;
+                tracing::info!(?scales, "services scaled");
+                Response::Services {
+                    services: ids
+                        .iter()
+                        .map(|id| views::service(cluster.state(), cluster.lb(), id))
+                        .collect(),
+                }
+            }
             Request::ServiceRm { service } => {
                 let id = cluster
                     .transact(|s, _| s.remove_service(&service))
                     .map_err(err)?;
                 tracing::info!(%service, "service removed");
                 Response::Removed { id }
+            }
+            Request::ServiceRmMany { services } => {
+                let ids = cluster
+                    .transact(|s, _| s.remove_services(&services))
+                    .map_err(err)?;
+                tracing::info!(?services, "services removed");
+                Response::RemovedMany { ids }
             }
             Request::ServiceUpdate {
                 service,
@@ -232,6 +271,18 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                 tracing::info!(%port, "port unpublished");
                 Response::Service {
                     service: views::service(cluster.state(), cluster.lb(), &id),
+                }
+            }
+            Request::PublishRmMany { ports } => {
+                let ids = cluster
+                    .transact(|s, now| s.unpublish_many(&ports, now))
+                    .map_err(err)?;
+                tracing::info!(?ports, "ports unpublished");
+                Response::Services {
+                    services: ids
+                        .iter()
+                        .map(|id| views::service(cluster.state(), cluster.lb(), id))
+                        .collect(),
                 }
             }
         })
