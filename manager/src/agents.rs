@@ -184,9 +184,10 @@ fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<()> 
             }
         }
         AgentMsg::TaskStatus(status) => {
-            let span = tracing::info_span!("task", task = %status.task_id);
+            let span = tracing::info_span!("task", task = %proto::excerpt(&status.task_id));
             let _enter = span.enter();
-            tracing::info!(state = ?status.state, error = status.error.as_deref(), "task status");
+            let error = status.error.as_deref().map(crate::state::task_error);
+            tracing::info!(state = ?status.state, error, "task status");
             match c.transact(|s, now| s.task_status(node_id, &status, now)) {
                 Ok(()) => {}
                 // Tasks removed by a scale-down or service rm are reported as they stop.

@@ -1160,7 +1160,7 @@ impl State {
             task.state = status.state;
             task.updated_at = now;
         }
-        task.error = status.error.clone();
+        task.error = status.error.as_deref().map(task_error);
         task.pid = status.pid;
         task.netns = status.netns.clone();
         Ok(())
@@ -1554,6 +1554,12 @@ impl State {
         }
         changed
     }
+}
+
+/// What the manager keeps and logs of a task error an agent reported: bounded, since it may
+/// quote the task's command or output.
+pub fn task_error(text: &str) -> String {
+    proto::excerpt_within(text, 4 * proto::EXCERPT_CHARS).to_string()
 }
 
 /// A command exec can run and the store can hold: bounded in size, no NUL inside an argument.
@@ -2832,5 +2838,18 @@ pub(crate) mod tests {
         };
         assert!(s.task_status(t.node_id.as_ref().unwrap(), &bad, 2).is_err());
         assert_eq!(s.tasks[&t.id].state, TaskState::Assigned);
+        // An agent's error text is kept bounded: it may quote a long command.
+        let long = TaskStatus {
+            state: TaskState::Failed,
+            error: Some(format!("spawn {}: No such file", "x".repeat(10_000))),
+            ..bad
+        };
+        s.task_status(t.node_id.as_ref().unwrap(), &long, 3)
+            .unwrap();
+        let kept = s.tasks[&t.id].error.clone().unwrap();
+        assert!(
+            kept.len() < 300 && kept.ends_with("…(10020 bytes)"),
+            "{kept}"
+        );
     }
 }
