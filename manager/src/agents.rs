@@ -13,7 +13,7 @@ use tracing::Instrument;
 
 use crate::cluster::{lock, Shared, TxError};
 use crate::state::{OpError, Reason};
-use crate::wire::{read_frame, write_frame};
+use crate::wire::{frame_error, read_frame, write_frame};
 
 /// An agent that connects must say Hello within this time.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(10);
@@ -77,9 +77,7 @@ async fn session(stream: TcpStream, cluster: Shared) -> anyhow::Result<()> {
             gwbridge_subnet,
         }) => (version, hostname, advertise_addr, node_id, gwbridge_subnet),
         Ok(_) => return Err(refuse(&mut wr, "the first message must be hello".into()).await),
-        Err(e) => {
-            return Err(refuse(&mut wr, format!("decode hello: {}", decoder_excerpt(&e))).await)
-        }
+        Err(e) => return Err(refuse(&mut wr, format!("decode hello: {}", frame_error(&e))).await),
     };
     if version != proto::PROTOCOL_VERSION {
         let reason = format!(
@@ -109,11 +107,6 @@ async fn session(stream: TcpStream, cluster: Shared) -> anyhow::Result<()> {
     let result = converse(&mut rd, &mut wr, &mut rx, &mut buf, &node_id, &cluster).await;
     lock(&cluster).disconnect_agent(&node_id, conn);
     result
-}
-
-/// A decoder's error quotes the offending input: keep its explanation, bound the echo.
-fn decoder_excerpt(e: &proto::FrameError) -> String {
-    proto::excerpt_within(&e.to_string(), 4 * proto::EXCERPT_CHARS).to_string()
 }
 
 /// Tells the agent why it is turned away (best effort: it may be gone) and returns the reason
@@ -161,7 +154,7 @@ async fn converse(
                     return Ok(());
                 }
                 let msg: AgentMsg = proto::decode_frame(buf)
-                    .map_err(|e| anyhow::anyhow!("decode agent message: {}", decoder_excerpt(&e)))?;
+                    .map_err(|e| anyhow::anyhow!("decode agent message: {}", frame_error(&e)))?;
                 buf.clear();
                 handle(msg, node_id, cluster)?;
             }

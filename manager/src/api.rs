@@ -1,13 +1,13 @@
 //! The meshctl API: one [`Request`] per line in, one [`Response`] per line out.
 
 use proto::api::{PublishedPort, Request, Response};
-use proto::{excerpt, excerpt_within, EXCERPT_CHARS};
+use proto::excerpt;
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 
 use crate::cluster::{lock, Cluster, Shared};
 use crate::views;
-use crate::wire::{read_frame, write_frame};
+use crate::wire::{frame_error, read_frame, write_frame};
 
 pub async fn serve_unix(listener: UnixListener, cluster: Shared) {
     loop {
@@ -56,12 +56,8 @@ async fn serve<S: AsyncRead + AsyncWrite>(stream: S, cluster: Shared) {
                 let span = tracing::info_span!("api", request = request_kind(&req));
                 span.in_scope(|| handle(&mut lock(&cluster), req))
             }
-            // The decoder quotes the offending input: keep its explanation, bound the echo.
             Err(e) => Response::Error {
-                message: format!(
-                    "decode request: {}",
-                    excerpt_within(&e.to_string(), 4 * EXCERPT_CHARS)
-                ),
+                message: format!("decode request: {}", frame_error(&e)),
             },
         };
         buf.clear();
@@ -568,7 +564,7 @@ mod tests {
         assert!(cases.len() >= 80, "{} cases", cases.len());
         for (req, expected) in cases {
             let shown = format!("{req:?}");
-            let shown = excerpt_within(&shown, 300);
+            let shown = proto::excerpt_within(&shown, 300);
             let state_before = c.state().clone();
             let file_before = std::fs::read(tmp.0.join("state.json")).unwrap();
             match handle(&mut c, req) {

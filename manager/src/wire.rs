@@ -32,6 +32,11 @@ pub async fn read_frame<R: AsyncBufRead + Unpin>(
     }
 }
 
+/// A decoder's error quotes the offending input: its explanation is kept, the echo bounded.
+pub fn frame_error(e: &proto::FrameError) -> String {
+    proto::excerpt_within(&e.to_string(), 4 * proto::EXCERPT_CHARS).to_string()
+}
+
 pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     writer: &mut W,
     msg: &T,

@@ -315,6 +315,19 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
         Response::Error { message } => assert!(message.starts_with("decode request:"), "{message}"),
         other => panic!("a negative replica count was accepted: {other:?}"),
     }
+    // A decoder's error quotes the input; a huge one comes back as an excerpt.
+    let huge = format!("{{\"type\":\"{}\"}}\n", "x".repeat(10_000));
+    api.writer.write_all(huge.as_bytes()).unwrap();
+    match api.recv::<Response>() {
+        Response::Error { message } => {
+            assert!(
+                message.starts_with("decode request: malformed frame: unknown variant"),
+                "{message}"
+            );
+            assert!(message.len() < 400, "{} bytes", message.len());
+        }
+        other => panic!("an unknown request was accepted: {other:?}"),
+    }
     // No overlay may overlap a node's gwbridge: node2 reported its own, node1 has the default.
     for (subnet, owner) in [
         (
