@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
+use ipnet::Ipv4Net;
 use proto::agent::{
     AgentMsg, Assignment, LbReport, ManagerMsg, TaskStatus, HEARTBEAT_SECS, NODE_DOWN_SECS,
 };
@@ -111,6 +112,8 @@ pub struct Conn {
     pub manager: String,
     pub hostname: String,
     pub advertise_addr: IpAddr,
+    /// Told to the manager, which keeps overlays clear of it.
+    pub gwbridge_subnet: Ipv4Net,
     pub state: StateDir,
     /// Replaced on renewal, and kept in the state dir's tls/.
     pub creds: Credentials,
@@ -148,6 +151,7 @@ impl Conn {
             version: PROTOCOL_VERSION,
             hostname: self.hostname.clone(),
             advertise_addr: self.advertise_addr,
+            gwbridge_subnet: Some(self.gwbridge_subnet),
         };
         write_frame(&mut w, &hello).await.context("send hello")?;
 
@@ -453,6 +457,7 @@ mod tests {
             manager: listener.local_addr().unwrap().to_string(),
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
+            gwbridge_subnet: "172.18.0.0/16".parse().unwrap(),
             state: state.clone(),
             creds,
             assignments: tx,
@@ -522,6 +527,7 @@ mod tests {
             manager: listener.local_addr().unwrap().to_string(),
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
+            gwbridge_subnet: "172.18.0.0/16".parse().unwrap(),
             state: state.clone(),
             creds: creds.clone(),
             assignments: tx,

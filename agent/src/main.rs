@@ -260,6 +260,7 @@ async fn main() -> anyhow::Result<()> {
         manager: flags.manager.clone(),
         hostname,
         advertise_addr: flags.advertise_addr,
+        gwbridge_subnet: flags.gwbridge_subnet,
         state: state.clone(),
         creds,
         assignments: assign_tx,

@@ -11,7 +11,7 @@ use anyhow::{bail, Context};
 use proto::agent::{AgentMsg, ManagerMsg, NODE_DOWN_SECS};
 use proto::excerpt;
 use proto::model::NodeStatus;
-use proto::wire::{read_frame, write_frame};
+use proto::wire::{frame_error, read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::mpsc;
@@ -158,7 +158,9 @@ async fn unauthenticated(tls: Tls, peer: SocketAddr, cluster: &Shared) -> anyhow
             let reason = format!("{peer} has no certificate of this cluster: join first (mesh-agent --join-token, from meshctl join-token worker)");
             return Err(refuse(&mut wr, reason).await);
         }
-        Err(e) => return Err(refuse(&mut wr, format!("decode request: {e}")).await),
+        Err(e) => {
+            return Err(refuse(&mut wr, format!("decode request: {}", frame_error(&e))).await)
+        }
     };
     write_frame(&mut wr, &reply).await.context("answer")?;
     Ok(())
@@ -183,14 +185,15 @@ async fn session(
     }
     let hello = proto::decode_frame::<AgentMsg>(&buf);
     buf.clear();
-    let (version, hostname, advertise_addr) = match hello {
+    let (version, hostname, advertise_addr, gwbridge_subnet) = match hello {
         Ok(AgentMsg::Hello {
             version,
             hostname,
             advertise_addr,
-        }) => (version, hostname, advertise_addr),
+            gwbridge_subnet,
+        }) => (version, hostname, advertise_addr, gwbridge_subnet),
         Ok(_) => return Err(refuse(wr, "the first message must be hello".into()).await),
-        Err(e) => return Err(refuse(wr, format!("decode hello: {e}")).await),
+        Err(e) => return Err(refuse(wr, format!("decode hello: {}", frame_error(&e))).await),
     };
     if version != proto::PROTOCOL_VERSION {
         let reason = format!(
@@ -207,6 +210,15 @@ async fn session(
         Err(e) => return Err(refuse(wr, e.to_string()).await),
     };
     tracing::info!(hostname = %excerpt(&hostname), addr = %advertise_addr, "agent connected");
+    if let Err(e) = lock(cluster).transact(|s, _| {
+        s.set_gwbridge_subnet(node_id, gwbridge_subnet);
+        Ok(())
+    }) {
+        tracing::error!(
+            "record the gwbridge subnet of node {}: {e}",
+            excerpt(&hostname)
+        );
+    }
 
     let result = converse(rd, wr, &mut rx, &mut buf, node_id, cluster).await;
     lock(cluster).disconnect_agent(node_id, conn);
@@ -258,7 +270,8 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                     tracing::info!("agent disconnected");
                     return Ok(());
                 }
-                let msg: AgentMsg = proto::decode_frame(buf).context("decode agent message")?;
+                let msg: AgentMsg = proto::decode_frame(buf)
+                    .map_err(|e| anyhow::anyhow!("decode agent message: {}", frame_error(&e)))?;
                 buf.clear();
                 if let Some(reply) = handle(msg, node_id, cluster)? {
                     write_frame(wr, &reply).await.context("send to agent")?;
@@ -286,7 +299,8 @@ fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<Opti
         AgentMsg::TaskStatus(status) => {
             let span = tracing::info_span!("task", task = %excerpt(&status.task_id));
             let _enter = span.enter();
-            tracing::info!(state = ?status.state, error = status.error.as_deref().map(excerpt), "task status");
+            let error = status.error.as_deref().map(crate::state::task_error);
+            tracing::info!(state = ?status.state, error, "task status");
             match c.transact(|s, now| s.task_status(node_id, &status, now)) {
                 Ok(()) => {}
                 // Tasks removed by a scale-down or service rm are reported as they stop.

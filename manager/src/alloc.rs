@@ -7,6 +7,8 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use ipnet::Ipv4Net;
+use proto::api::MAX_NAME_CHARS;
+use proto::excerpt;
 
 /// The first VNI handed out, as in Swarm (lower ones are left to hand-made networks).
 pub const FIRST_VNI: u32 = 4096;
@@ -19,9 +21,9 @@ pub const MAX_FWMARK: u32 = (1 << 24) - 1;
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum AllocError {
-    #[error("invalid {kind} name {name:?}: it must start with a letter or digit and have at most 32 of [a-zA-Z0-9_.-]")]
+    #[error("invalid {kind} name {:?}: it must start with a letter or digit and have at most {MAX_NAME_CHARS} of [a-zA-Z0-9_.-]", excerpt(name))]
     InvalidName { kind: &'static str, name: String },
-    #[error("invalid subnet {0:?}: expected an IPv4 CIDR such as 10.0.9.0/24")]
+    #[error("invalid subnet {:?}: expected an IPv4 CIDR such as 10.0.9.0/24", excerpt(.0))]
     SubnetSyntax(String),
     #[error("invalid subnet {given}: host bits are set, it should be {expected}")]
     SubnetHostBits { given: Ipv4Net, expected: Ipv4Net },
@@ -41,6 +43,12 @@ pub enum AllocError {
         addr: Ipv4Addr,
         owner: String,
     },
+    #[error("subnet {wanted} overlaps {gwbridge}, the gwbridge subnet of {owner}: tasks there would lose their egress route")]
+    SubnetOverlapsGwbridge {
+        wanted: Ipv4Net,
+        gwbridge: Ipv4Net,
+        owner: String,
+    },
     #[error("no free /24 left in 10.0.0.0/8: give the network a --subnet")]
     NoFreeSubnet,
     #[error("all VNIs from {FIRST_VNI} to {MAX_VNI} are in use")]
@@ -49,13 +57,13 @@ pub enum AllocError {
     NoFreeAddress(Ipv4Net),
 }
 
-/// Names of networks and services: what Docker accepts, capped at 32 characters so that derived
-/// names (`<service>.<slot>.<task id>`) stay manageable.
+/// Names of networks and services: what Docker accepts, capped at [`MAX_NAME_CHARS`] so that
+/// derived names (`<service>.<slot>.<task id>`) stay manageable.
 pub fn validate_name(kind: &'static str, name: &str) -> Result<(), AllocError> {
     let mut chars = name.chars();
     let first_ok = chars.next().is_some_and(|c| c.is_ascii_alphanumeric());
     let rest_ok = chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'));
-    if first_ok && rest_ok && name.len() <= 32 {
+    if first_ok && rest_ok && name.len() <= MAX_NAME_CHARS {
         Ok(())
     } else {
         Err(AllocError::InvalidName {
@@ -141,12 +149,36 @@ pub fn check_underlay(subnet: Ipv4Net, underlay: &[(String, Ipv4Addr)]) -> Resul
     }
 }
 
-/// The first /24 of 10.0.0.0/8 that overlaps none of `existing`.
-pub fn next_free_subnet(existing: &[Ipv4Net]) -> Result<Ipv4Net, AllocError> {
-    (0u32..1 << 16)
+/// Refuses `subnet` if it overlaps one of the `(owner, subnet)` gwbridges: a task's route to its
+/// overlay would shadow its own gwbridge leg (or the other way round).
+pub fn check_gwbridge(subnet: Ipv4Net, gwbridges: &[(String, Ipv4Net)]) -> Result<(), AllocError> {
+    match gwbridges.iter().find(|(_, gw)| overlaps(&subnet, gw)) {
+        Some((owner, gw)) => Err(AllocError::SubnetOverlapsGwbridge {
+            wanted: subnet,
+            gwbridge: *gw,
+            owner: owner.clone(),
+        }),
+        None => Ok(()),
+    }
+}
+
+/// The next /24 of 10.0.0.0/8 after `after` that overlaps none of `existing`, serially and
+/// wrapping around like task addresses: a just-freed subnet is handed out again last, so no
+/// node mixes up a stale sandbox or route of the old network with the new one.
+pub fn next_free_subnet(
+    existing: &[Ipv4Net],
+    after: Option<Ipv4Net>,
+) -> Result<Ipv4Net, AllocError> {
+    const SLOTS: u32 = 1 << 16;
+    let base = u32::from(Ipv4Addr::new(10, 0, 0, 0));
+    let range = Ipv4Net::new(Ipv4Addr::from(base), 8).expect("/8 is a valid prefix");
+    let start = after
+        .filter(|a| a.prefix_len() == 24 && range.contains(&a.network()))
+        .map_or(0, |a| ((u32::from(a.network()) - base) >> 8) + 1);
+    (0..SLOTS)
         .map(|i| {
-            let base = u32::from(Ipv4Addr::new(10, 0, 0, 0)) | (i << 8);
-            Ipv4Net::new(Ipv4Addr::from(base), 24).expect("/24 is a valid prefix")
+            let slot = (start + i) % SLOTS;
+            Ipv4Net::new(Ipv4Addr::from(base | (slot << 8)), 24).expect("/24 is a valid prefix")
         })
         .find(|candidate| !existing.iter().any(|e| overlaps(candidate, e)))
         .ok_or(AllocError::NoFreeSubnet)
@@ -222,6 +254,10 @@ mod tests {
             let err = validate_name("service", bad).unwrap_err();
             assert!(err.to_string().contains("invalid service name"), "{err}");
         }
+        // A huge name is quoted as an excerpt, not repeated whole.
+        let err = validate_name("service", &"x".repeat(10_000)).unwrap_err();
+        assert!(err.to_string().contains("…(10000 bytes)"), "{err}");
+        assert!(err.to_string().len() < 200, "{err}");
     }
 
     #[test]
@@ -301,27 +337,60 @@ mod tests {
         );
         // An underlay inside 10.0.0.0/8 is skipped by the automatic choice too.
         assert_eq!(
-            next_free_subnet(&[Ipv4Net::from(Ipv4Addr::new(10, 0, 0, 7))]),
+            next_free_subnet(&[Ipv4Net::from(Ipv4Addr::new(10, 0, 0, 7))], None),
             Ok(net("10.0.1.0/24"))
         );
     }
 
     #[test]
     fn free_subnets_skip_everything_taken() {
-        assert_eq!(next_free_subnet(&[]), Ok(net("10.0.0.0/24")));
+        assert_eq!(next_free_subnet(&[], None), Ok(net("10.0.0.0/24")));
         assert_eq!(
-            next_free_subnet(&[net("10.0.0.0/24"), net("10.0.1.0/25")]),
+            next_free_subnet(&[net("10.0.0.0/24"), net("10.0.1.0/25")], None),
             Ok(net("10.0.2.0/24"))
         );
         // A user /16 at the start of the range pushes the allocator past it entirely.
         assert_eq!(
-            next_free_subnet(&[net("10.0.0.0/16"), net("10.255.0.0/16")]),
+            next_free_subnet(&[net("10.0.0.0/16"), net("10.255.0.0/16")], None),
             Ok(net("10.1.0.0/24"))
         );
         assert_eq!(
-            next_free_subnet(&[net("10.0.0.0/8")]),
+            next_free_subnet(&[net("10.0.0.0/8")], None),
             Err(AllocError::NoFreeSubnet)
         );
+    }
+
+    #[test]
+    fn subnets_are_serial_so_a_freed_one_is_reused_last() {
+        // 10.0.0.0/24 was freed after 10.0.1.0/24 was handed out: the next is 10.0.2.0/24.
+        let taken = [net("10.0.1.0/24")];
+        assert_eq!(
+            next_free_subnet(&taken, Some(net("10.0.1.0/24"))),
+            Ok(net("10.0.2.0/24"))
+        );
+        // At the end of 10.0.0.0/8 the allocation wraps around to the freed one.
+        assert_eq!(
+            next_free_subnet(&taken, Some(net("10.255.255.0/24"))),
+            Ok(net("10.0.0.0/24"))
+        );
+        // A last subnet the user chose outside the range restarts at the beginning.
+        assert_eq!(
+            next_free_subnet(&taken, Some(net("192.168.7.0/24"))),
+            Ok(net("10.0.0.0/24"))
+        );
+    }
+
+    #[test]
+    fn gwbridges_stay_outside_overlays() {
+        let gw = [("node node1".to_string(), net("172.18.0.0/16"))];
+        assert!(check_gwbridge(net("172.19.0.0/24"), &gw).is_ok());
+        assert_eq!(
+            check_gwbridge(net("172.18.5.0/24"), &gw)
+                .unwrap_err()
+                .to_string(),
+            "subnet 172.18.5.0/24 overlaps 172.18.0.0/16, the gwbridge subnet of node node1: tasks there would lose their egress route"
+        );
+        assert!(check_gwbridge(net("172.16.0.0/12"), &gw).is_err());
     }
 
     #[test]

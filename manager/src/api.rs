@@ -7,8 +7,9 @@
 use std::sync::Arc;
 
 use proto::api::{PublishedPort, Request, Response};
+use proto::excerpt;
 use proto::model::Role;
-use proto::wire::{read_frame, write_frame};
+use proto::wire::{frame_error, read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, UnixListener};
 use tokio_rustls::TlsAcceptor;
@@ -108,7 +109,7 @@ async fn serve<S: AsyncRead + AsyncWrite>(stream: S, cluster: Shared, guard: Con
                 span.in_scope(|| handle(&mut lock(&cluster), req))
             }
             Err(e) => Response::Error {
-                message: format!("decode request: {e}"),
+                message: format!("decode request: {}", frame_error(&e)),
             },
         };
         buf.clear();
@@ -131,15 +132,19 @@ fn request_kind(req: &Request) -> &'static str {
         Request::NetworkLs => "network ls",
         Request::NetworkInspect { .. } => "network inspect",
         Request::NetworkRm { .. } => "network rm",
+        Request::NetworkRmMany { .. } => "network rm",
         Request::ServiceCreate { .. } => "service create",
         Request::ServiceLs => "service ls",
         Request::ServiceInspect { .. } => "service inspect",
         Request::ServicePs { .. } => "service ps",
         Request::ServiceScale { .. } => "service scale",
+        Request::ServiceScaleMany { .. } => "service scale",
         Request::ServiceRm { .. } => "service rm",
+        Request::ServiceRmMany { .. } => "service rm",
         Request::ServiceUpdate { .. } => "service update",
         Request::PublishLs => "publish ls",
         Request::PublishRm { .. } => "publish rm",
+        Request::PublishRmMany { .. } => "publish rm",
     }
 }
 
@@ -163,7 +168,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
             },
             Request::NodeInspect { node } => {
                 let id = lookup(
-                    &format!("inspect node {node}"),
+                    &format!("inspect node {}", excerpt(&node)),
                     cluster.state().find_node(&node),
                 )?;
                 Response::Node {
@@ -244,7 +249,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
             },
             Request::NetworkInspect { network } => {
                 let id = lookup(
-                    &format!("inspect network {network}"),
+                    &format!("inspect network {}", excerpt(&network)),
                     cluster.state().find_network(&network),
                 )?;
                 Response::Network {
@@ -257,6 +262,13 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(%network, "network removed");
                 Response::Removed { id }
+            }
+            Request::NetworkRmMany { networks } => {
+                let ids = cluster
+                    .transact(|s, _| s.remove_networks(&networks))
+                    .map_err(err)?;
+                tracing::info!(?networks, "networks removed");
+                Response::RemovedMany { ids }
             }
             Request::ServiceCreate { spec } => {
                 let id = cluster
@@ -272,7 +284,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
             },
             Request::ServiceInspect { service } => {
                 let id = lookup(
-                    &format!("inspect service {service}"),
+                    &format!("inspect service {}", excerpt(&service)),
                     cluster.state().find_service(&service),
                 )?;
                 Response::Service {
@@ -281,7 +293,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
             }
             Request::ServicePs { service } => {
                 let id = lookup(
-                    &format!("list tasks of service {service}"),
+                    &format!("list tasks of service {}", excerpt(&service)),
                     cluster.state().find_service(&service),
                 )?;
                 Response::Tasks {
@@ -297,12 +309,35 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     service: views::service(cluster.state(), cluster.lb(), &id),
                 }
             }
+            Request::ServiceScaleMany { scales } => {
+                let scales: Vec<(String, u64)> = scales
+                    .into_iter()
+                    .map(|s| (s.service, s.replicas))
+                    .collect();
+                let ids = cluster
+                    .transact(|s, now| s.scale_services(&scales, now))
+                    .map_err(err)?;
+                tracing::info!(?scales, "services scaled");
+                Response::Services {
+                    services: ids
+                        .iter()
+                        .map(|id| views::service(cluster.state(), cluster.lb(), id))
+                        .collect(),
+                }
+            }
             Request::ServiceRm { service } => {
                 let id = cluster
                     .transact(|s, _| s.remove_service(&service))
                     .map_err(err)?;
                 tracing::info!(%service, "service removed");
                 Response::Removed { id }
+            }
+            Request::ServiceRmMany { services } => {
+                let ids = cluster
+                    .transact(|s, _| s.remove_services(&services))
+                    .map_err(err)?;
+                tracing::info!(?services, "services removed");
+                Response::RemovedMany { ids }
             }
             Request::ServiceUpdate {
                 service,
@@ -334,6 +369,18 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                 tracing::info!(%port, "port unpublished");
                 Response::Service {
                     service: views::service(cluster.state(), cluster.lb(), &id),
+                }
+            }
+            Request::PublishRmMany { ports } => {
+                let ids = cluster
+                    .transact(|s, now| s.unpublish_many(&ports, now))
+                    .map_err(err)?;
+                tracing::info!(?ports, "ports unpublished");
+                Response::Services {
+                    services: ids
+                        .iter()
+                        .map(|id| views::service(cluster.state(), cluster.lb(), id))
+                        .collect(),
                 }
             }
         })
@@ -608,22 +655,215 @@ mod tests {
                 "update node node1: invalid label key",
             ),
         ];
+        let mut cases = cases;
+        cases.extend(malformed_inputs());
+        assert!(cases.len() >= 80, "{} cases", cases.len());
         for (req, expected) in cases {
+            let shown = format!("{req:?}");
+            let shown = proto::excerpt_within(&shown, 300);
             let state_before = c.state().clone();
             let file_before = std::fs::read(tmp.0.join("state.json")).unwrap();
-            match handle(&mut c, req.clone()) {
+            match handle(&mut c, req) {
                 Response::Error { message } => {
-                    assert!(message.contains(expected), "{req:?}: {message}")
+                    assert!(message.contains(expected), "{shown}: {message}");
+                    // Whatever was sent, the answer quotes at most an excerpt of it.
+                    assert!(message.len() < 500, "{shown}: {} bytes", message.len());
                 }
-                other => panic!("{req:?} was accepted: {other:?}"),
+                other => panic!("{shown} was accepted: {other:?}"),
             }
-            assert_eq!(c.state(), &state_before, "{req:?} changed the state");
+            assert_eq!(c.state(), &state_before, "{shown} changed the state");
             assert_eq!(
                 std::fs::read(tmp.0.join("state.json")).unwrap(),
                 file_before,
-                "{req:?} changed the store"
+                "{shown} changed the store"
             );
         }
+    }
+
+    /// Malformed input for every kind of request, with the error each must get, for
+    /// [`bad_input_changes_nothing`]: huge names and keys, labels, constraints and commands past
+    /// their limits, subnets clashing with gwbridges, and requests for several objects of which
+    /// one is bad (all or none). Expects the cluster that test builds: networks backend and
+    /// twin, services web (on backend) and pub (80/tcp ingress, 53/udp host), nodes node1..3.
+    fn malformed_inputs() -> Vec<(Request, &'static str)> {
+        let huge = "x".repeat(10_000);
+        let cut = "…(10000 bytes)";
+        let net = |name: &str, subnet: &str| Request::NetworkCreate {
+            name: name.into(),
+            driver: "overlay".into(),
+            subnet: Some(subnet.into()),
+        };
+        let with = |f: &dyn Fn(&mut ServiceSpec)| {
+            let mut sp = spec("api", 1, &[]);
+            f(&mut sp);
+            create(sp)
+        };
+        let labels = |add: &[(&str, &str)], rm: &[&str]| Request::NodeUpdate {
+            node: "node1".into(),
+            availability: None,
+            label_add: add
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            label_rm: rm.iter().map(|k| k.to_string()).collect(),
+        };
+        let scale = |targets: &[(&str, u64)]| Request::ServiceScaleMany {
+            scales: targets
+                .iter()
+                .map(|(service, replicas)| proto::api::Scale {
+                    service: service.to_string(),
+                    replicas: *replicas,
+                })
+                .collect(),
+        };
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        let tcp = |published| PublishedPort {
+            protocol: Protocol::Tcp,
+            published,
+        };
+        let many_labels: Vec<(String, String)> = (0..=proto::api::MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        vec![
+            // Echoes of huge input are excerpts, for every request naming an object.
+            (net(&huge, "10.0.50.0/24"), cut),
+            (net("n", &huge), cut),
+            (Request::NetworkCreate { name: "n".into(), driver: huge.clone(), subnet: None }, cut),
+            (Request::NetworkInspect { network: huge.clone() }, cut),
+            (Request::NetworkRm { network: huge.clone() }, cut),
+            (Request::NodeInspect { node: huge.clone() }, cut),
+            (Request::NodeUpdate { node: huge.clone(), availability: None, label_add: BTreeMap::new(), label_rm: vec![] }, cut),
+            (create(spec(&huge, 1, &[])), cut),
+            (create(spec("api", 1, &[&huge])), cut),
+            (Request::ServiceInspect { service: huge.clone() }, cut),
+            (Request::ServicePs { service: huge.clone() }, cut),
+            (Request::ServiceScale { service: huge.clone(), replicas: 1 }, cut),
+            (Request::ServiceRm { service: huge.clone() }, cut),
+            (Request::ServiceUpdate { service: huge.clone(), publish_add: vec![], publish_rm: vec![] }, cut),
+            (scale(&[("web", 1), (&huge, 1)]), cut),
+            (Request::ServiceRmMany { services: vec!["web".into(), huge.clone()] }, cut),
+            (Request::NetworkRmMany { networks: vec!["twin".into(), huge.clone()] }, cut),
+            (labels(&[(&huge, "v")], &[]), cut),
+            (labels(&[("zone", &huge)], &[]), cut),
+            (labels(&[], &[&huge]), cut),
+            (with(&|sp| sp.constraints = vec![huge.clone()]), "longer than 256 bytes"),
+            (with(&|sp| sp.command = vec![huge.clone(); 7]), "the command has 70000 bytes, more than the limit of 65536"),
+            // Labels, constraints and commands within bounds.
+            (labels(&[("zone", &"v".repeat(513))], &[]), "invalid value"),
+            (labels(&[("zone", "a\tb")], &[]), "of label zone: it must have at most 512 bytes, without control characters"),
+            (labels(&[("zo ne", "a")], &[]), "invalid label key \"zo ne\""),
+            (labels(&[("a=b", "a")], &[]), "invalid label key \"a=b\""),
+            (labels(&[(&"k".repeat(129), "a")], &[]), "it must have 1 to 128 bytes"),
+            (labels(&[("zone", "a")], &["zone"]), "update node node1: label zone is both added and removed"),
+            (
+                Request::NodeUpdate { node: "node1".into(), availability: None, label_add: many_labels.into_iter().collect(), label_rm: vec![] },
+                "65 labels is more than the limit of 64 per node",
+            ),
+            (with(&|sp| sp.constraints = vec!["node.role==worker".into(); 33]), "33 constraints is more than the limit of 32"),
+            (with(&|sp| sp.constraints = vec!["node.labels.==x".into()]), "the field must be node.role, node.hostname or node.labels.<key>"),
+            (with(&|sp| sp.constraints = vec!["node.role==boss".into()]), "node.role is either manager or worker"),
+            (with(&|sp| sp.constraints = vec!["node.hostname==".into()]), "the value is empty"),
+            (with(&|sp| sp.command = vec!["x".into(); 1025]), "the command has 1025 arguments, more than the limit of 1024"),
+            (with(&|sp| sp.command = vec!["sh".into(), "-c".into(), "a\0b".into()]), "argument 3 of the command"),
+            (with(&|sp| sp.command = vec!["".into(), "x".into()]), "a command is required"),
+            (with(&|sp| sp.replicas = proto::api::MAX_REPLICAS + 1), "10001 replicas is more than the limit of 10000"),
+            (create(spec(&"x".repeat(33), 1, &[])), "have at most 32 of [a-zA-Z0-9_.-]"),
+            // Subnets clashing with a gwbridge, ingress or the underlay; none is taken.
+            (net("gw", "172.18.5.0/24"), "create network gw: subnet 172.18.5.0/24 overlaps 172.18.0.0/16, the gwbridge subnet of node node1"),
+            (net("gw", "172.16.0.0/12"), "overlaps 172.18.0.0/16, the gwbridge subnet"),
+            (net("gw", "10.255.7.0/24"), "overlaps subnet 10.255.0.0/16 of network ingress"),
+            (net("gw", "10.0.0.0/8"), "overlaps subnet 10.255.0.0/16 of network ingress"),
+            (net("gw", "192.168.56.8/29"), "contains 192.168.56.11, the underlay address of node node1"),
+            (net("gw", "10.0.9.0/33"), "invalid subnet"),
+            (net("gw", "10.0.9.1/24"), "host bits are set"),
+            (net("gw", "127.0.0.0/8"), "loopback, multicast and reserved ranges"),
+            // Several objects at once: one bad target refuses them all, and says which.
+            (scale(&[("web", 5), ("nope", 5)]), "scale service nope: no such service: nope"),
+            (scale(&[("web", 5), ("pub", 20_000)]), "scale service pub: 20000 replicas is more than the limit"),
+            (scale(&[("web", 5), ("web", 6)]), "scale service web: service web is given more than once"),
+            (scale(&[]), "scale services: no service is given"),
+            (Request::ServiceRmMany { services: names(&["web", "nope"]) }, "remove service nope: no such service: nope"),
+            (Request::ServiceRmMany { services: names(&["pub", "pub"]) }, "remove service pub: service pub is given more than once"),
+            (Request::ServiceRmMany { services: vec![] }, "remove services: no service is given"),
+            (Request::NetworkRmMany { networks: names(&["twin", "backend"]) }, "remove network backend: it is in use by services: web"),
+            (Request::NetworkRmMany { networks: names(&["twin", "ingress"]) }, "remove network ingress: the ingress network belongs to the routing mesh"),
+            (Request::NetworkRmMany { networks: names(&["twin", "twin"]) }, "remove network twin: network twin is given more than once"),
+            (Request::NetworkRmMany { networks: names(&["twin", "nope"]) }, "remove network nope: no such network: nope"),
+            (Request::PublishRmMany { ports: vec![tcp(80), tcp(81)] }, "unpublish port 81/tcp: no service publishes port 81/tcp"),
+            (Request::PublishRmMany { ports: vec![tcp(80), tcp(80)] }, "unpublish port 80/tcp: port 80/tcp is given more than once"),
+            (Request::PublishRmMany { ports: vec![] }, "unpublish ports: no port is given"),
+            // A host-mode port is still one port: published once, cluster-wide.
+            (create(published("api", &[port(53, 53, Protocol::Udp, PublishMode::Host)])), "port 53/udp is already published by service pub"),
+        ]
+    }
+
+    #[test]
+    fn several_objects_change_in_one_request() {
+        let tmp = TempDir::new("api-many");
+        let mut c = cluster(&tmp);
+        for name in ["a", "b"] {
+            ok(
+                &mut c,
+                Request::NetworkCreate {
+                    name: name.into(),
+                    driver: "overlay".into(),
+                    subnet: None,
+                },
+            );
+        }
+        ok(&mut c, create(spec("web", 1, &["a"])));
+        ok(&mut c, create(published("api", &[web(80), web(81)])));
+        let scale = |service: &str, replicas| proto::api::Scale {
+            service: service.into(),
+            replicas,
+        };
+        let Response::Services { services } = ok(
+            &mut c,
+            Request::ServiceScaleMany {
+                scales: vec![scale("web", 3), scale("api", 2)],
+            },
+        ) else {
+            panic!("service scale answers with the services")
+        };
+        let scaled: Vec<(&str, u64)> = services
+            .iter()
+            .map(|s| (s.spec.name.as_str(), s.spec.replicas))
+            .collect();
+        assert_eq!(scaled, [("web", 3), ("api", 2)]);
+        let tcp = |published| PublishedPort {
+            protocol: Protocol::Tcp,
+            published,
+        };
+        let Response::Services { services } = ok(
+            &mut c,
+            Request::PublishRmMany {
+                ports: vec![tcp(80), tcp(81)],
+            },
+        ) else {
+            panic!("publish rm answers with the services")
+        };
+        assert_eq!(services.len(), 2);
+        assert!(services[1].spec.ports.is_empty());
+        let web_id = c.state().find_service("web").unwrap();
+        let Response::RemovedMany { ids } = ok(
+            &mut c,
+            Request::ServiceRmMany {
+                services: vec!["web".into(), "api".into()],
+            },
+        ) else {
+            panic!("service rm answers with the ids")
+        };
+        assert_eq!((ids.len(), &ids[0]), (2, &web_id));
+        let Response::RemovedMany { ids } = ok(
+            &mut c,
+            Request::NetworkRmMany {
+                networks: vec!["a".into(), "b".into()],
+            },
+        ) else {
+            panic!("network rm answers with the ids")
+        };
+        assert_eq!(ids.len(), 2);
+        assert!(c.state().services.is_empty() && c.state().networks.len() == 1);
     }
 
     #[test]

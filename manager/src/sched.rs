@@ -3,6 +3,8 @@
 use std::collections::BTreeSet;
 use std::fmt;
 
+use proto::api::{PublishedPort, MAX_CONSTRAINT_BYTES};
+use proto::excerpt;
 use proto::model::{Availability, Node, NodeStatus, Role};
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -22,20 +24,26 @@ pub struct Constraint {
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum ConstraintError {
-    #[error("invalid constraint {0:?}: expected <field>==<value> or <field>!=<value>")]
+    #[error("invalid constraint {:?}: expected <field>==<value> or <field>!=<value>", excerpt(.0))]
     Syntax(String),
     #[error(
-        "invalid constraint {0:?}: the field must be node.role, node.hostname or node.labels.<key>"
+        "invalid constraint {:?}: the field must be node.role, node.hostname or node.labels.<key>",
+        excerpt(.0)
     )]
     Field(String),
-    #[error("invalid constraint {0:?}: node.role is either manager or worker")]
+    #[error("invalid constraint {:?}: node.role is either manager or worker", excerpt(.0))]
     Role(String),
-    #[error("invalid constraint {0:?}: the value is empty")]
+    #[error("invalid constraint {:?}: the value is empty", excerpt(.0))]
     EmptyValue(String),
+    #[error("invalid constraint {:?}: longer than {MAX_CONSTRAINT_BYTES} bytes", excerpt(.0))]
+    TooLong(String),
 }
 
 impl Constraint {
     pub fn parse(text: &str) -> Result<Self, ConstraintError> {
+        if text.len() > MAX_CONSTRAINT_BYTES {
+            return Err(ConstraintError::TooLong(text.to_string()));
+        }
         let (field, value, equal) = if let Some((f, v)) = text.split_once("==") {
             (f, v, true)
         } else if let Some((f, v)) = text.split_once("!=") {
@@ -111,10 +119,13 @@ pub struct NoSuitableNode(String);
 /// Picks the node for one task: among ready, active nodes that satisfy every constraint, prefer
 /// one not in `avoid` (where this slot just failed), then the fewest tasks of this service, then
 /// the fewest tasks overall, then the hostname, so that equal clusters fill up predictably.
+/// With `host_port` (a host-mode port of the service) only nodes without a task of the service
+/// qualify, as in Swarm: only one task per node can own the port.
 pub fn pick_node<'a>(
     candidates: &[Candidate<'a>],
     constraints: &[Constraint],
     avoid: &BTreeSet<String>,
+    host_port: Option<PublishedPort>,
 ) -> Result<&'a Node, NoSuitableNode> {
     if candidates.is_empty() {
         return Err(NoSuitableNode("no nodes have joined".into()));
@@ -130,7 +141,12 @@ pub fn pick_node<'a>(
         .copied()
         .filter(|c| constraints.iter().all(|k| k.matches(c.node)))
         .collect();
-    let best = fitting.iter().min_by(|a, b| {
+    let open: Vec<&Candidate> = fitting
+        .iter()
+        .copied()
+        .filter(|c| host_port.is_none() || c.service_tasks == 0)
+        .collect();
+    let best = open.iter().min_by(|a, b| {
         let key = |c: &Candidate| {
             (
                 avoid.contains(&c.node.id),
@@ -158,6 +174,11 @@ pub fn pick_node<'a>(
                 reasons.push(format!(
                     "scheduling constraints not satisfied on {}",
                     plural(unfit, "node")
+                ));
+            }
+            if let (Some(port), false) = (host_port, fitting.is_empty()) {
+                reasons.push(format!(
+                    "host-mode port {port} is taken on every eligible node"
                 ));
             }
             Err(NoSuitableNode(reasons.join("; ")))
@@ -236,6 +257,45 @@ mod tests {
             Constraint::parse("node.hostname=="),
             Err(ConstraintError::EmptyValue(_))
         ));
+        let long = format!("node.hostname=={}", "x".repeat(10_000));
+        let err = Constraint::parse(&long).unwrap_err();
+        assert!(matches!(err, ConstraintError::TooLong(_)));
+        assert!(err.to_string().len() < 200, "{err}");
+    }
+
+    #[test]
+    fn a_host_mode_port_allows_one_task_of_the_service_per_node() {
+        let nodes = [
+            node("a", Role::Manager),
+            node("b", Role::Worker),
+            node("c", Role::Worker),
+        ];
+        let none = BTreeSet::new();
+        let port = PublishedPort {
+            protocol: proto::model::Protocol::Tcp,
+            published: 8081,
+        };
+        // b has far fewer tasks overall, but already one of this service: c it is.
+        let load = [(1, 1), (1, 1), (0, 9)];
+        let pick = pick_node(&cands(&nodes, &load), &[], &none, Some(port));
+        assert_eq!(pick.unwrap().id, "c");
+        let full = [(1, 1), (1, 1), (1, 9)];
+        assert_eq!(
+            pick_node(&cands(&nodes, &full), &[], &none, Some(port))
+                .unwrap_err()
+                .to_string(),
+            "no suitable node (host-mode port 8081/tcp is taken on every eligible node)"
+        );
+        let worker = [Constraint::parse("node.role==worker").unwrap()];
+        let only_a_free = [(0, 0), (1, 1), (1, 1)];
+        assert_eq!(
+            pick_node(&cands(&nodes, &only_a_free), &worker, &none, Some(port))
+                .unwrap_err()
+                .to_string(),
+            "no suitable node (scheduling constraints not satisfied on 1 node; host-mode port 8081/tcp is taken on every eligible node)"
+        );
+        // Without a host-mode port tasks stack up as usual.
+        assert!(pick_node(&cands(&nodes, &full), &[], &none, None).is_ok());
     }
 
     #[test]
@@ -263,7 +323,7 @@ mod tests {
         ];
         let none = BTreeSet::new();
         let pick = |load: &[(usize, usize)]| {
-            pick_node(&cands(&nodes, load), &[], &none)
+            pick_node(&cands(&nodes, load), &[], &none, None)
                 .unwrap()
                 .id
                 .clone()
@@ -285,12 +345,14 @@ mod tests {
         let none = BTreeSet::new();
         let load = [(0, 0), (1, 1), (1, 1)];
         assert_eq!(
-            pick_node(&cands(&nodes, &load), &worker, &none).unwrap().id,
+            pick_node(&cands(&nodes, &load), &worker, &none, None)
+                .unwrap()
+                .id,
             "b"
         );
         let avoid_b: BTreeSet<String> = ["b".to_string()].into();
         assert_eq!(
-            pick_node(&cands(&nodes, &load), &worker, &avoid_b)
+            pick_node(&cands(&nodes, &load), &worker, &avoid_b, None)
                 .unwrap()
                 .id,
             "c"
@@ -298,7 +360,7 @@ mod tests {
         // Avoidance is a preference: the only fitting node is still used.
         let only_b = [Constraint::parse("node.hostname==host-b").unwrap()];
         assert_eq!(
-            pick_node(&cands(&nodes, &load), &only_b, &avoid_b)
+            pick_node(&cands(&nodes, &load), &only_b, &avoid_b, None)
                 .unwrap()
                 .id,
             "b"
@@ -306,15 +368,15 @@ mod tests {
 
         nodes[1].availability = Availability::Drain;
         nodes[2].status = NodeStatus::Down;
-        let err = pick_node(&cands(&nodes, &load), &worker, &none).unwrap_err();
+        let err = pick_node(&cands(&nodes, &load), &worker, &none, None).unwrap_err();
         assert_eq!(
             err.to_string(),
             "no suitable node (2 nodes not ready or not active; scheduling constraints not satisfied on 1 node)"
         );
         nodes[1].availability = Availability::Pause;
-        assert!(pick_node(&cands(&nodes, &load), &worker, &none).is_err());
+        assert!(pick_node(&cands(&nodes, &load), &worker, &none, None).is_err());
         assert_eq!(
-            pick_node(&[], &[], &none).unwrap_err().to_string(),
+            pick_node(&[], &[], &none, None).unwrap_err().to_string(),
             "no suitable node (no nodes have joined)"
         );
     }

@@ -6,10 +6,15 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr};
 
 use ipnet::Ipv4Net;
+use proto::agent::DEFAULT_GWBRIDGE_SUBNET;
 use proto::agent::{
     Assignment, IngressSpec, NetworkSpec, Peer, PublishedService, TaskSpec, TaskStatus,
 };
-use proto::api::{PublishedPort, ServiceSpec, INGRESS_NETWORK};
+use proto::api::{
+    PublishedPort, ServiceSpec, INGRESS_NETWORK, MAX_COMMAND_ARGS, MAX_COMMAND_BYTES,
+    MAX_CONSTRAINTS, MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_REPLICAS,
+};
+use proto::excerpt;
 use proto::model::{
     endpoint_mac, Attachment, Availability, Network, Node, NodeStatus, PortConfig, Protocol,
     PublishMode, Role, TaskState,
@@ -19,8 +24,6 @@ use serde::{Deserialize, Serialize};
 use crate::alloc::{self, AllocError};
 use crate::sched::{self, Candidate, Constraint, ConstraintError};
 
-/// More replicas than this is a typo, not a plan: refuse it before allocating that many tasks.
-pub const MAX_REPLICAS: u64 = 10_000;
 /// Finished tasks kept per slot for `service ps`, besides the current one (Docker keeps 5 in all).
 pub const TASK_HISTORY: usize = 4;
 /// A slot whose task failed or completed is refilled no sooner than this (Docker's default
@@ -59,6 +62,10 @@ pub struct State {
     /// Nodes removed from the cluster: their certificates are refused from then on.
     #[serde(default)]
     pub revoked: BTreeSet<String>,
+    /// The last subnet allocated automatically: the next goes on from there (see
+    /// `alloc::next_free_subnet`).
+    #[serde(default)]
+    pub last_subnet: Option<Ipv4Net>,
 }
 
 /// Hex of each join token's 16-byte secret (the token itself also carries the CA's digest).
@@ -103,6 +110,9 @@ pub struct NodeRecord {
     /// The node's ingress_sbox address on the ingress network; kept for the node's life.
     #[serde(default)]
     pub ingress_addr: Option<Ipv4Addr>,
+    /// The gwbridge subnet the node's agent reported; None: [`DEFAULT_GWBRIDGE_SUBNET`].
+    #[serde(default)]
+    pub gwbridge_subnet: Option<Ipv4Net>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -132,8 +142,28 @@ impl Service {
     }
 }
 
+impl NodeRecord {
+    fn gwbridge(&self) -> Ipv4Net {
+        self.gwbridge_subnet.unwrap_or_else(default_gwbridge)
+    }
+}
+
+fn default_gwbridge() -> Ipv4Net {
+    DEFAULT_GWBRIDGE_SUBNET
+        .parse()
+        .expect("the default gwbridge subnet is valid")
+}
+
 fn has_ingress_port(ports: &[PortConfig]) -> bool {
     ports.iter().any(|p| p.mode == PublishMode::Ingress)
+}
+
+/// The first host-mode port: with one, the service runs at most one task per node.
+fn host_port(ports: &[PortConfig]) -> Option<PublishedPort> {
+    ports
+        .iter()
+        .find(|p| p.mode == PublishMode::Host)
+        .map(PublishedPort::from)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -187,15 +217,15 @@ pub enum Reason {
     Alloc(#[from] AllocError),
     #[error(transparent)]
     Constraint(#[from] ConstraintError),
-    #[error("no such {kind}: {name}")]
+    #[error("no such {kind}: {}", excerpt(name))]
     NotFound { kind: &'static str, name: String },
-    #[error("{kind} id prefix {prefix:?} is ambiguous")]
+    #[error("{kind} id prefix {:?} is ambiguous", excerpt(prefix))]
     Ambiguous { kind: &'static str, prefix: String },
     #[error("a {kind} named {name} already exists")]
     Duplicate { kind: &'static str, name: String },
     #[error("the name {INGRESS_NETWORK} is reserved for the routing mesh")]
     ReservedName,
-    #[error("unsupported driver {0:?}: only overlay is supported")]
+    #[error("unsupported driver {:?}: only overlay is supported", excerpt(.0))]
     Driver(String),
     #[error("it is in use by services: {}", .0.join(", "))]
     InUse(Vec<String>),
@@ -203,23 +233,44 @@ pub enum Reason {
     EmptyCommand,
     #[error("{0} replicas is more than the limit of {MAX_REPLICAS}")]
     TooManyReplicas(u64),
-    #[error("network {0} is given more than once")]
-    NetworkTwice(String),
+    #[error("{kind} {} is given more than once", excerpt(name))]
+    Twice { kind: &'static str, name: String },
+    #[error("no {0} is given")]
+    NoneGiven(&'static str),
     #[error(
-        "invalid label key {0:?}: it must be non-empty, without spaces, = or control characters"
+        "invalid label key {:?}: it must have 1 to {MAX_LABEL_KEY_BYTES} bytes, without spaces, = or control characters",
+        excerpt(.0)
     )]
     LabelKey(String),
-    #[error("invalid node id {0:?}: expected up to 64 letters and digits")]
+    #[error(
+        "invalid value {:?} of label {}: it must have at most {MAX_LABEL_VALUE_BYTES} bytes, without control characters",
+        excerpt(value),
+        excerpt(key)
+    )]
+    LabelValue { key: String, value: String },
+    #[error("label {} is both added and removed", excerpt(.0))]
+    LabelAddedAndRemoved(String),
+    #[error("{0} labels is more than the limit of {MAX_LABELS} per node")]
+    TooManyLabels(usize),
+    #[error("{0} constraints is more than the limit of {MAX_CONSTRAINTS}")]
+    TooManyConstraints(usize),
+    #[error("the command has {0} arguments, more than the limit of {MAX_COMMAND_ARGS}")]
+    TooManyArgs(usize),
+    #[error("the command has {0} bytes, more than the limit of {MAX_COMMAND_BYTES}")]
+    CommandTooLong(usize),
+    #[error("argument {} of the command ({:?}) contains a NUL byte", .0 + 1, excerpt(.1))]
+    CommandNul(usize, String),
+    #[error("invalid node id {:?}: expected up to 64 letters and digits", excerpt(.0))]
     NodeId(String),
-    #[error("invalid hostname {0:?}: expected 1 to 253 characters without spaces")]
+    #[error("invalid hostname {:?}: expected 1 to 253 characters without spaces", excerpt(.0))]
     Hostname(String),
-    #[error("task {0} is not assigned to this node")]
+    #[error("task {} is not assigned to this node", excerpt(.0))]
     NotYourTask(String),
-    #[error("a node named {0} is already in the cluster: remove it first (meshctl node rm {0}) or give this one another --hostname")]
+    #[error("a node named {} is already in the cluster: remove it first (meshctl node rm) or give this one another --hostname", excerpt(.0))]
     HostnameTaken(String),
     #[error("node {0} was removed from the cluster: its certificate is revoked; join it again with a new token (meshctl join-token worker)")]
     Revoked(String),
-    #[error("node {0} is not part of this cluster")]
+    #[error("node {} is not part of this cluster", excerpt(.0))]
     UnknownNode(String),
     #[error("node {0} is ready: stop its agent first, or remove it anyway with --force")]
     NodeReady(String),
@@ -361,6 +412,36 @@ impl State {
         underlay
     }
 
+    /// The nodes' gwbridge subnets, which no overlay may overlap: what each agent reported, else
+    /// the default, which also stands for the nodes yet to join while none has.
+    fn gwbridges(&self) -> Vec<(String, Ipv4Net)> {
+        let mut gwbridges: Vec<(String, Ipv4Net)> = self
+            .nodes
+            .values()
+            .map(|r| (format!("node {}", r.node.hostname), r.gwbridge()))
+            .collect();
+        if gwbridges.is_empty() {
+            gwbridges.push(("every node by default".to_string(), default_gwbridge()));
+        }
+        gwbridges.sort_by(|a, b| (a.1, &a.0).cmp(&(b.1, &b.0)));
+        gwbridges
+    }
+
+    /// Records the gwbridge subnet a node's agent reported (None: the default). One that
+    /// overlaps an existing overlay cannot be refused (the node is up already), so it is logged.
+    pub fn set_gwbridge_subnet(&mut self, node_id: &str, subnet: Option<Ipv4Net>) {
+        let Some(record) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        record.gwbridge_subnet = subnet;
+        let (hostname, gwbridge) = (&record.node.hostname, record.gwbridge());
+        for network in self.networks.values().map(|r| &r.network) {
+            if alloc::overlaps(&gwbridge, &network.subnet) {
+                tracing::warn!(node = %hostname, %gwbridge, network = %network.name, subnet = %network.subnet, "the node's gwbridge overlaps a network: its tasks on it lose their egress route");
+            }
+        }
+    }
+
     /// Addresses taken on a network: its task endpoints, and on ingress also the sboxes.
     fn addrs_in_use(&self, network: &Network) -> BTreeSet<Ipv4Addr> {
         let tasks = self
@@ -398,6 +479,7 @@ impl State {
             None => {
                 alloc::check_underlay(wanted, &self.underlay(manager_ip))
                     .or_else(|e| refuse(&op, e))?;
+                alloc::check_gwbridge(wanted, &self.gwbridges()).or_else(|e| refuse(&op, e))?;
                 let vnis: BTreeSet<u32> = self.networks.values().map(|r| r.network.vni).collect();
                 let vni = alloc::next_vni(&vnis, self.last_vni).or_else(|e| refuse(&op, e))?;
                 let id = alloc::new_id();
@@ -436,12 +518,20 @@ impl State {
     }
 
     /// A free ingress address for a node's ingress_sbox; None while there is no ingress network.
-    fn next_sbox_addr(&self) -> Result<Option<Ipv4Addr>, AllocError> {
+    /// Serial with the task endpoints on ingress (one `last_ip`), so a node never gets an address
+    /// a task had a moment ago while peers may still hold its ARP, FDB or conntrack state.
+    fn next_sbox_addr(&mut self) -> Result<Option<Ipv4Addr>, AllocError> {
         let Some(ingress) = self.ingress() else {
             return Ok(None);
         };
-        // Node addresses are long-lived and few: the lowest free one is fine.
-        alloc::next_ip(ingress.subnet, &self.addrs_in_use(ingress), None).map(Some)
+        let ingress = ingress.clone();
+        let record = &self.networks[&ingress.id];
+        let ip = alloc::next_ip(ingress.subnet, &self.addrs_in_use(&ingress), record.last_ip)?;
+        self.networks
+            .get_mut(&ingress.id)
+            .expect("ingress exists")
+            .last_ip = Some(ip);
+        Ok(Some(ip))
     }
 
     fn next_revision(&mut self) -> u64 {
@@ -459,9 +549,9 @@ impl State {
         addr: IpAddr,
         role: Role,
     ) -> Result<String, OpError> {
-        let op = || format!("join node {}", proto::excerpt(hostname));
+        let op = || format!("join node {}", excerpt(hostname));
         if self.nodes.values().any(|r| r.node.hostname == hostname) {
-            return refuse(op(), Reason::HostnameTaken(proto::excerpt(hostname)));
+            return refuse(op(), Reason::HostnameTaken(hostname.to_string()));
         }
         if self.nodes.contains_key(id) || self.revoked.contains(id) {
             return refuse(op(), Reason::NodeId(id.to_string()));
@@ -479,12 +569,12 @@ impl State {
         hostname: &str,
         addr: IpAddr,
     ) -> Result<Role, OpError> {
-        let op = || format!("connect node {}", proto::excerpt(id));
+        let op = || format!("connect node {}", excerpt(id));
         if self.revoked.contains(id) {
             return refuse(op(), Reason::Revoked(id.to_string()));
         }
         let Some(record) = self.nodes.get(id) else {
-            return refuse(op(), Reason::UnknownNode(proto::excerpt(id)));
+            return refuse(op(), Reason::UnknownNode(id.to_string()));
         };
         let role = record.node.role;
         if self
@@ -492,7 +582,7 @@ impl State {
             .values()
             .any(|r| r.node.id != id && r.node.hostname == hostname)
         {
-            return refuse(op(), Reason::HostnameTaken(proto::excerpt(hostname)));
+            return refuse(op(), Reason::HostnameTaken(hostname.to_string()));
         }
         self.register_node(hostname, addr, Some(id), role)?;
         Ok(role)
@@ -553,7 +643,7 @@ impl State {
         node_id: Option<&str>,
         role: Role,
     ) -> Result<String, OpError> {
-        let op = || format!("register node {hostname}");
+        let op = || format!("register node {}", excerpt(hostname));
         if hostname.is_empty()
             || hostname.len() > 253
             || hostname
@@ -615,6 +705,7 @@ impl State {
                     },
                     applied_revision: 0,
                     ingress_addr: sbox,
+                    gwbridge_subnet: None,
                 },
             );
         }
@@ -628,14 +719,40 @@ impl State {
         label_add: &BTreeMap<String, String>,
         label_rm: &[String],
     ) -> Result<String, OpError> {
-        let op = || format!("update node {key}");
+        let op = || format!("update node {}", excerpt(key));
         let id = self.find_node(key).or_else(|r| refuse(op(), r))?;
         if let Some(bad) = label_add.keys().chain(label_rm).find(|k| {
             k.is_empty()
+                || k.len() > MAX_LABEL_KEY_BYTES
                 || k.chars()
                     .any(|c| c.is_whitespace() || c.is_control() || c == '=')
         }) {
             return refuse(op(), Reason::LabelKey(bad.clone()));
+        }
+        if let Some((key, value)) = label_add
+            .iter()
+            .find(|(_, v)| v.len() > MAX_LABEL_VALUE_BYTES || v.chars().any(char::is_control))
+        {
+            return refuse(
+                op(),
+                Reason::LabelValue {
+                    key: key.clone(),
+                    value: value.clone(),
+                },
+            );
+        }
+        // Which of the two would win is a guess: the user has to say.
+        if let Some(both) = label_rm.iter().find(|k| label_add.contains_key(*k)) {
+            return refuse(op(), Reason::LabelAddedAndRemoved(both.clone()));
+        }
+        let labels = &self.nodes[&id].node.labels;
+        let after = labels
+            .keys()
+            .filter(|k| !label_rm.contains(k))
+            .chain(label_add.keys().filter(|k| !labels.contains_key(*k)))
+            .count();
+        if after > MAX_LABELS {
+            return refuse(op(), Reason::TooManyLabels(after));
         }
         let node = &mut self.nodes.get_mut(&id).expect("id was just resolved").node;
         if let Some(a) = availability {
@@ -674,7 +791,7 @@ impl State {
         manager_ip: IpAddr,
         now: u64,
     ) -> Result<String, OpError> {
-        let op = format!("create network {name}");
+        let op = format!("create network {}", excerpt(name));
         if name == INGRESS_NETWORK {
             return refuse(op, Reason::ReservedName);
         }
@@ -692,6 +809,7 @@ impl State {
             return refuse(op, Reason::Driver(driver.to_string()));
         }
         let underlay = self.underlay(manager_ip);
+        let gwbridges = self.gwbridges();
         let subnet = match subnet {
             Some(text) => {
                 // Overlays are isolated from each other (own VNI, own sandbox), so a user may
@@ -704,6 +822,8 @@ impl State {
                 // overlap it.
                 alloc::check_overlap(subnet, self.ingress().map(|n| (n.name.as_str(), n.subnet)))
                     .or_else(|e| refuse(&op, e))?;
+                // A task's route to its overlay would shadow its own gwbridge leg.
+                alloc::check_gwbridge(subnet, &gwbridges).or_else(|e| refuse(&op, e))?;
                 subnet
             }
             None => {
@@ -712,8 +832,12 @@ impl State {
                     .values()
                     .map(|r| r.network.subnet)
                     .chain(underlay.iter().map(|(_, ip)| Ipv4Net::from(*ip)))
+                    .chain(gwbridges.iter().map(|(_, gw)| *gw))
                     .collect();
-                alloc::next_free_subnet(&taken).or_else(|e| refuse(&op, e))?
+                let subnet = alloc::next_free_subnet(&taken, self.last_subnet)
+                    .or_else(|e| refuse(&op, e))?;
+                self.last_subnet = Some(subnet);
+                subnet
             }
         };
         let vnis: BTreeSet<u32> = self.networks.values().map(|r| r.network.vni).collect();
@@ -752,7 +876,7 @@ impl State {
     }
 
     pub fn remove_network(&mut self, key: &str) -> Result<String, OpError> {
-        let op = format!("remove network {key}");
+        let op = format!("remove network {}", excerpt(key));
         let id = self.find_network(key).or_else(|r| refuse(&op, r))?;
         if self.networks[&id].network.ingress {
             return refuse(op, Reason::IngressRemove);
@@ -766,7 +890,7 @@ impl State {
     }
 
     pub fn create_service(&mut self, spec: &ServiceSpec, now: u64) -> Result<String, OpError> {
-        let op = format!("create service {}", spec.name);
+        let op = format!("create service {}", excerpt(&spec.name));
         alloc::validate_name("service", &spec.name).or_else(|e| refuse(&op, e))?;
         if self.services.values().any(|s| s.spec.name == spec.name) {
             return refuse(
@@ -780,6 +904,10 @@ impl State {
         if spec.command.is_empty() || spec.command[0].is_empty() {
             return refuse(op, Reason::EmptyCommand);
         }
+        check_command(&spec.command).or_else(|e| refuse(&op, e))?;
+        if spec.constraints.len() > MAX_CONSTRAINTS {
+            return refuse(op, Reason::TooManyConstraints(spec.constraints.len()));
+        }
         if spec.replicas > MAX_REPLICAS {
             return refuse(op, Reason::TooManyReplicas(spec.replicas));
         }
@@ -790,7 +918,13 @@ impl State {
                 return refuse(op, Reason::IngressAttach);
             }
             if networks.contains(&id) {
-                return refuse(op, Reason::NetworkTwice(key.clone()));
+                return refuse(
+                    op,
+                    Reason::Twice {
+                        kind: "network",
+                        name: key.clone(),
+                    },
+                );
             }
             // A task's routes to two overlapping subnets would be ambiguous.
             alloc::check_overlap(
@@ -930,7 +1064,7 @@ impl State {
         rm: &[PublishedPort],
         now: u64,
     ) -> Result<String, OpError> {
-        let op = format!("update service {key}");
+        let op = format!("update service {}", excerpt(key));
         let id = self.find_service(key).or_else(|r| refuse(&op, r))?;
         let service = &self.services[&id];
         let mut ports = service.spec.ports.clone();
@@ -955,6 +1089,8 @@ impl State {
         ports.extend_from_slice(add);
         let was_ingress = service.has_ingress_port();
         let is_ingress = has_ingress_port(&ports);
+        let gains_host_port =
+            host_port(&service.spec.ports).is_none() && host_port(&ports).is_some();
         let fwmark = match (was_ingress, is_ingress) {
             (false, true) => {
                 self.check_ingress_overlap(&service.spec.networks)
@@ -981,8 +1117,36 @@ impl State {
             {
                 task.retire(TaskState::Shutdown, None, now);
             }
+        } else if gains_host_port {
+            self.retire_extra_host_tasks(&id, now);
         }
         Ok(id)
+    }
+
+    /// Once a service has a host-mode port, only one of its tasks per node can own it: the
+    /// others (all but the lowest slot on each node) are replaced, and the scheduler places the
+    /// replacements on other nodes or leaves them pending.
+    fn retire_extra_host_tasks(&mut self, service_id: &str, now: u64) {
+        let mut kept: BTreeSet<String> = BTreeSet::new();
+        let mut placed: Vec<&mut Task> = self
+            .tasks
+            .values_mut()
+            .filter(|t| t.service_id == service_id && t.is_placed())
+            .collect();
+        placed.sort_by_key(|t| t.slot);
+        for task in placed {
+            let node = task.node_id.clone().expect("a placed task has a node");
+            if !kept.insert(node) {
+                tracing::info!(task = %task.id, slot = task.slot, "replacing task: a host-mode port allows one task of the service per node");
+                task.retire(
+                    TaskState::Shutdown,
+                    Some(
+                        "replaced: a host-mode port allows one task of the service per node".into(),
+                    ),
+                    now,
+                );
+            }
+        }
     }
 
     /// Unpublishes a port from whichever service publishes it.
@@ -1001,8 +1165,97 @@ impl State {
         }
     }
 
+    /// Unpublishes every port or none; returns the id of each port's service, in order.
+    pub fn unpublish_many(
+        &mut self,
+        ports: &[PublishedPort],
+        now: u64,
+    ) -> Result<Vec<String>, OpError> {
+        if ports.is_empty() {
+            return refuse("unpublish ports", Reason::NoneGiven("port"));
+        }
+        let mut seen = BTreeSet::new();
+        if let Some(twice) = ports.iter().find(|p| !seen.insert(**p)) {
+            return refuse(format!("unpublish port {twice}"), Reason::PortTwice(*twice));
+        }
+        self.all_or_none(|s| ports.iter().map(|p| s.unpublish(*p, now)).collect())
+    }
+
+    /// Runs `change` on a copy that replaces the state only if every step succeeded, so a
+    /// request naming several objects changes all of them or none.
+    fn all_or_none<T>(
+        &mut self,
+        change: impl FnOnce(&mut State) -> Result<T, OpError>,
+    ) -> Result<T, OpError> {
+        let mut next = self.clone();
+        let out = change(&mut next)?;
+        *self = next;
+        Ok(out)
+    }
+
+    /// Resolves every key to an id, refusing an unknown key and two keys for the same object
+    /// (`rm web web`, or a name and its id): applied one after the other they would fail or,
+    /// for scale, silently keep only the last.
+    fn resolve_each(
+        &self,
+        kind: &'static str,
+        verb: &str,
+        keys: &[&str],
+        find: impl Fn(&State, &str) -> Result<String, Reason>,
+    ) -> Result<Vec<String>, OpError> {
+        if keys.is_empty() {
+            return refuse(format!("{verb} {kind}s"), Reason::NoneGiven(kind));
+        }
+        let mut ids = Vec::new();
+        for key in keys {
+            let op = || format!("{verb} {kind} {}", excerpt(key));
+            let id = find(self, key).or_else(|r| refuse(op(), r))?;
+            if ids.contains(&id) {
+                return refuse(
+                    op(),
+                    Reason::Twice {
+                        kind,
+                        name: key.to_string(),
+                    },
+                );
+            }
+            ids.push(id);
+        }
+        Ok(ids)
+    }
+
+    /// Scales every service or none; returns their ids in order.
+    pub fn scale_services(
+        &mut self,
+        scales: &[(String, u64)],
+        now: u64,
+    ) -> Result<Vec<String>, OpError> {
+        let keys: Vec<&str> = scales.iter().map(|(k, _)| k.as_str()).collect();
+        self.resolve_each("service", "scale", &keys, State::find_service)?;
+        self.all_or_none(|s| {
+            scales
+                .iter()
+                .map(|(key, replicas)| s.scale_service(key, *replicas, now))
+                .collect()
+        })
+    }
+
+    /// Removes every service or none; returns their ids in order.
+    pub fn remove_services(&mut self, keys: &[String]) -> Result<Vec<String>, OpError> {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.resolve_each("service", "remove", &keys, State::find_service)?;
+        self.all_or_none(|s| keys.iter().map(|k| s.remove_service(k)).collect())
+    }
+
+    /// Removes every network or none; returns their ids in order.
+    pub fn remove_networks(&mut self, keys: &[String]) -> Result<Vec<String>, OpError> {
+        let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
+        self.resolve_each("network", "remove", &keys, State::find_network)?;
+        self.all_or_none(|s| keys.iter().map(|k| s.remove_network(k)).collect())
+    }
+
     pub fn scale_service(&mut self, key: &str, replicas: u64, now: u64) -> Result<String, OpError> {
-        let op = format!("scale service {key}");
+        let op = format!("scale service {}", excerpt(key));
         let id = self.find_service(key).or_else(|r| refuse(&op, r))?;
         if replicas > MAX_REPLICAS {
             return refuse(op, Reason::TooManyReplicas(replicas));
@@ -1019,7 +1272,7 @@ impl State {
     pub fn remove_service(&mut self, key: &str) -> Result<String, OpError> {
         let id = self
             .find_service(key)
-            .or_else(|r| refuse(format!("remove service {key}"), r))?;
+            .or_else(|r| refuse(format!("remove service {}", excerpt(key)), r))?;
         self.services.remove(&id);
         self.tasks.retain(|_, t| t.service_id != id);
         Ok(id)
@@ -1033,7 +1286,7 @@ impl State {
         status: &TaskStatus,
         now: u64,
     ) -> Result<(), OpError> {
-        let op = || format!("record status of task {}", status.task_id);
+        let op = || format!("record status of task {}", excerpt(&status.task_id));
         if matches!(
             status.state,
             TaskState::Pending | TaskState::Assigned | TaskState::Orphaned
@@ -1059,7 +1312,7 @@ impl State {
             task.state = status.state;
             task.updated_at = now;
         }
-        task.error = status.error.clone();
+        task.error = status.error.as_deref().map(task_error);
         task.pid = status.pid;
         task.netns = status.netns.clone();
         Ok(())
@@ -1227,10 +1480,15 @@ impl State {
                     }
                 })
                 .collect();
-        let node = sched::pick_node(&candidates, &constraints, &avoid)
-            .map_err(|e| e.to_string())?
-            .id
-            .clone();
+        let node = sched::pick_node(
+            &candidates,
+            &constraints,
+            &avoid,
+            host_port(&service.spec.ports),
+        )
+        .map_err(|e| e.to_string())?
+        .id
+        .clone();
         tracing::info!(task = %task_id, service = %service.spec.name, slot = task.slot, node = %node, "task assigned");
         let task = self.tasks.get_mut(task_id).expect("task exists");
         task.node_id = Some(node);
@@ -1450,6 +1708,27 @@ impl State {
     }
 }
 
+/// What the manager keeps and logs of a task error an agent reported: bounded, since it may
+/// quote the task's command or output.
+pub fn task_error(text: &str) -> String {
+    proto::excerpt_within(text, 4 * proto::EXCERPT_CHARS).to_string()
+}
+
+/// A command exec can run and the store can hold: bounded in size, no NUL inside an argument.
+fn check_command(command: &[String]) -> Result<(), Reason> {
+    if command.len() > MAX_COMMAND_ARGS {
+        return Err(Reason::TooManyArgs(command.len()));
+    }
+    let bytes: usize = command.iter().map(String::len).sum();
+    if bytes > MAX_COMMAND_BYTES {
+        return Err(Reason::CommandTooLong(bytes));
+    }
+    if let Some((at, arg)) = command.iter().enumerate().find(|(_, a)| a.contains('\0')) {
+        return Err(Reason::CommandNul(at, arg.clone()));
+    }
+    Ok(())
+}
+
 fn protocol_word(p: Protocol) -> &'static str {
     match p {
         Protocol::Tcp => "tcp",
@@ -1523,10 +1802,12 @@ pub(crate) mod tests {
         tasks
     }
 
+    /// Placed current tasks per hostname (pending ones are on no node).
     fn per_node(s: &State, service: &str) -> BTreeMap<String, usize> {
         let mut out = BTreeMap::new();
         for t in current(s, service) {
-            let host = &s.nodes[t.node_id.as_ref().unwrap()].node.hostname;
+            let Some(node) = &t.node_id else { continue };
+            let host = &s.nodes[node].node.hostname;
             *out.entry(host.clone()).or_insert(0) += 1;
         }
         out
@@ -1702,6 +1983,362 @@ pub(crate) mod tests {
                 .contains("overlaps subnet 10.255.1.0/24 of network old"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn several_services_or_networks_change_all_or_none() {
+        let mut s = cluster(2);
+        add_network(&mut s, "a", "10.0.9.0/24");
+        add_network(&mut s, "b", "10.0.10.0/24");
+        s.create_service(&spec("web", 1, &["a"]), 1).unwrap();
+        s.create_service(&published_spec("api", 1, &[], &[web(80)]), 1)
+            .unwrap();
+        s.reconcile(1);
+        let before = s.clone();
+        let scales = |list: &[(&str, u64)]| -> Vec<(String, u64)> {
+            list.iter().map(|(k, n)| (k.to_string(), *n)).collect()
+        };
+        let keys = |list: &[&str]| -> Vec<String> { list.iter().map(|k| k.to_string()).collect() };
+        let web_id = s.find_service("web").unwrap();
+        let p = |published| PublishedPort {
+            protocol: Protocol::Tcp,
+            published,
+        };
+        let refused = [
+            (
+                s.scale_services(&scales(&[("web", 2), ("nope", 5)]), 2),
+                "scale service nope: no such service: nope",
+            ),
+            (
+                s.scale_services(&scales(&[("web", 2), ("api", MAX_REPLICAS + 1)]), 2),
+                "scale service api: 10001 replicas is more than the limit of 10000",
+            ),
+            (
+                s.scale_services(&scales(&[("web", 2), (&web_id, 3)]), 2),
+                "is given more than once",
+            ),
+            (
+                s.scale_services(&[], 2),
+                "scale services: no service is given",
+            ),
+            (
+                s.remove_services(&keys(&["web", "nope"])),
+                "remove service nope: no such service: nope",
+            ),
+            (
+                s.remove_services(&keys(&["web", "web"])),
+                "remove service web: service web is given more than once",
+            ),
+            (
+                s.remove_networks(&keys(&["b", "a"])),
+                "remove network a: it is in use by services: web",
+            ),
+            (
+                s.remove_networks(&keys(&["b", "ingress"])),
+                "remove network ingress: the ingress network belongs to the routing mesh",
+            ),
+            (
+                s.unpublish_many(&[p(80), p(81)], 2),
+                "unpublish port 81/tcp: no service publishes port 81/tcp",
+            ),
+            (
+                s.unpublish_many(&[p(80), p(80)], 2),
+                "unpublish port 80/tcp: port 80/tcp is given more than once",
+            ),
+        ];
+        for (result, expected) in refused {
+            let err = result.unwrap_err().to_string();
+            assert!(err.contains(expected), "{err}");
+        }
+        assert_eq!(s, before, "a refused request changed something");
+
+        assert_eq!(
+            s.scale_services(&scales(&[("web", 2), ("api", 3)]), 2)
+                .unwrap()
+                .len(),
+            2
+        );
+        assert_eq!(s.services[&web_id].spec.replicas, 2);
+        s.remove_services(&keys(&["web", "api"])).unwrap();
+        s.remove_networks(&keys(&["a", "b"])).unwrap();
+        assert!(s.services.is_empty());
+        assert_eq!(s.networks.len(), 1, "only ingress is left");
+    }
+
+    #[test]
+    fn user_subnets_stay_clear_of_gwbridges() {
+        let mut s = cluster(2);
+        let n2 = node_id(&s, "node2");
+        s.set_gwbridge_subnet(&n2, Some("10.0.0.0/16".parse().unwrap()));
+        let before = s.clone();
+        let create = |s: &mut State, subnet: &str| {
+            s.create_network("bad", "overlay", Some(subnet), MANAGER.parse().unwrap(), 1)
+                .unwrap_err()
+                .to_string()
+        };
+        // node1 did not report one: the default 172.18.0.0/16 stands for it.
+        assert_eq!(
+            create(&mut s, "172.18.5.0/24"),
+            "create network bad: subnet 172.18.5.0/24 overlaps 172.18.0.0/16, the gwbridge subnet of node node1: tasks there would lose their egress route"
+        );
+        assert!(create(&mut s, "172.16.0.0/12").contains("gwbridge subnet of node node1"));
+        assert!(create(&mut s, "10.0.7.0/24")
+            .contains("10.0.0.0/16, the gwbridge subnet of node node2"));
+        assert!(create(&mut s, "10.255.3.0/24")
+            .contains("overlaps subnet 10.255.0.0/16 of network ingress"));
+        assert!(create(&mut s, "192.168.56.0/24").contains("the underlay address of node node1"));
+        assert_eq!(s, before);
+        // Automatic allocation skips node2's gwbridge, which covers the start of 10.0.0.0/8.
+        let auto = s
+            .create_network("auto", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .unwrap();
+        assert_eq!(net_of(&s, &auto).subnet.to_string(), "10.1.0.0/24");
+        // Without any node, the default gwbridge is kept clear too, and so is ingress.
+        let mut empty = new_state();
+        let err = empty
+            .create_network(
+                "x",
+                "overlay",
+                Some("172.18.0.0/16"),
+                MANAGER.parse().unwrap(),
+                1,
+            )
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("the gwbridge subnet of every node by default"),
+            "{err}"
+        );
+        let mut fresh = State::default();
+        let err = fresh
+            .ensure_ingress("172.18.0.0/16", MANAGER.parse().unwrap(), 0)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("create the ingress network: subnet 172.18.0.0/16 overlaps"),
+            "{err}"
+        );
+        assert_eq!(fresh, State::default());
+    }
+
+    #[test]
+    fn a_host_mode_port_places_at_most_one_task_per_node() {
+        let mut s = cluster(2);
+        let host = port(8081, 8080, Protocol::Tcp, PublishMode::Host);
+        s.create_service(&published_spec("web", 3, &[], &[host]), 1)
+            .unwrap();
+        s.reconcile(1);
+        s.refresh_assignments();
+        assert_eq!(per_node(&s, "web").len(), 2);
+        let pending: Vec<&Task> = current(&s, "web")
+            .into_iter()
+            .filter(|t| t.node_id.is_none())
+            .collect();
+        assert_eq!(pending.len(), 1);
+        assert_eq!(pending[0].state, TaskState::Pending);
+        assert_eq!(
+            pending[0].error.as_deref(),
+            Some("no suitable node (host-mode port 8081/tcp is taken on every eligible node)")
+        );
+        // The extra task is started nowhere: each node runs exactly one.
+        for r in s.nodes.values() {
+            assert_eq!(r.assignment.tasks.len(), 1, "{}", r.node.hostname);
+        }
+        // A third node takes it.
+        s.register_node(
+            "node3",
+            "192.168.56.13".parse().unwrap(),
+            None,
+            Role::Worker,
+        )
+        .unwrap();
+        s.reconcile(2);
+        assert_eq!(
+            per_node(&s, "web").values().copied().collect::<Vec<_>>(),
+            [1, 1, 1]
+        );
+
+        // A service stacked on one node that gains a host-mode port keeps one task there; the
+        // others move or wait.
+        let mut s = cluster(1);
+        s.create_service(&spec("api", 2, &[]), 1).unwrap();
+        s.reconcile(1);
+        assert_eq!(per_node(&s, "api"), [("node1".into(), 2)].into());
+        s.update_service(
+            "api",
+            &[port(9000, 9000, Protocol::Udp, PublishMode::Host)],
+            &[],
+            2,
+        )
+        .unwrap();
+        s.reconcile(2);
+        assert_eq!(per_node(&s, "api"), [("node1".into(), 1)].into());
+        let waiting = current(&s, "api")[1];
+        assert_eq!((waiting.slot, waiting.node_id.as_ref()), (2, None));
+        assert!(waiting
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("host-mode port 9000/udp is taken"));
+    }
+
+    #[test]
+    fn every_allocator_hands_out_a_freed_value_last() {
+        let mut s = cluster(2);
+        // Ingress: task endpoints and node sboxes share one serial allocation. node1 and node2
+        // hold .2 and .3; a published task takes .4, ends, and node3 must not get .4 back.
+        s.create_service(&published_spec("web", 1, &[], &[web(80)]), 1)
+            .unwrap();
+        s.reconcile(1);
+        let task_ip = current(&s, "web")[0].attachments[0].addr.addr();
+        assert_eq!(task_ip, Ipv4Addr::new(10, 255, 0, 4));
+        s.remove_service("web").unwrap();
+        s.reconcile(2);
+        s.register_node(
+            "node3",
+            "192.168.56.13".parse().unwrap(),
+            None,
+            Role::Worker,
+        )
+        .unwrap();
+        let sbox3 = s.nodes[&node_id(&s, "node3")].ingress_addr.unwrap();
+        assert_eq!(sbox3, Ipv4Addr::new(10, 255, 0, 5));
+        // ...and a task after it does not get node3's nor the freed task's.
+        s.create_service(&published_spec("web", 1, &[], &[web(80)]), 3)
+            .unwrap();
+        s.reconcile(3);
+        assert_eq!(
+            current(&s, "web")[0].attachments[0].addr.addr(),
+            Ipv4Addr::new(10, 255, 0, 6)
+        );
+        // Task endpoints on a user network (see also scale_up_then_down_...).
+        add_network(&mut s, "backend", "10.0.9.0/24");
+        s.create_service(&spec("db", 1, &["backend"]), 4).unwrap();
+        s.reconcile(4);
+        assert_eq!(
+            current(&s, "db")[0].attachments[0].addr.to_string(),
+            "10.0.9.2/24"
+        );
+        s.scale_service("db", 0, 5).unwrap();
+        s.reconcile(5);
+        s.scale_service("db", 1, 6).unwrap();
+        s.reconcile(6);
+        assert_eq!(
+            current(&s, "db")[0].attachments[0].addr.to_string(),
+            "10.0.9.3/24"
+        );
+        // Subnets, VNIs and fwmarks: a freed one is not the next one.
+        let auto = |s: &mut State, name: &str| {
+            let id = s
+                .create_network(name, "overlay", None, MANAGER.parse().unwrap(), 7)
+                .unwrap();
+            net_of(s, &id)
+        };
+        let first = auto(&mut s, "x");
+        s.remove_network("x").unwrap();
+        let second = auto(&mut s, "y");
+        assert_ne!(second.subnet, first.subnet);
+        assert_eq!(second.vni, first.vni + 1);
+        let mark = |s: &State, name: &str| s.services[&s.find_service(name).unwrap()].fwmark;
+        let freed = mark(&s, "web");
+        s.remove_service("web").unwrap();
+        s.create_service(&published_spec("web2", 1, &[], &[web(80)]), 8)
+            .unwrap();
+        assert_eq!(mark(&s, "web2"), freed.map(|m| m + 1));
+    }
+
+    #[test]
+    fn errors_quote_only_an_excerpt_of_huge_input() {
+        let mut s = cluster(1);
+        let huge = "x".repeat(10_000);
+        let before = s.clone();
+        let errors = [
+            s.create_network(&huge, "overlay", None, MANAGER.parse().unwrap(), 1)
+                .unwrap_err(),
+            s.create_network("n", &huge, None, MANAGER.parse().unwrap(), 1)
+                .unwrap_err(),
+            s.create_network("n", "overlay", Some(&huge), MANAGER.parse().unwrap(), 1)
+                .unwrap_err(),
+            s.create_service(&spec(&huge, 1, &[]), 1).unwrap_err(),
+            s.scale_service(&huge, 1, 1).unwrap_err(),
+            s.remove_service(&huge).unwrap_err(),
+            s.remove_network(&huge).unwrap_err(),
+            s.update_service(&huge, &[], &[], 1).unwrap_err(),
+            s.update_node(&huge, None, &BTreeMap::new(), &[])
+                .unwrap_err(),
+            s.register_node(&huge, "192.168.56.99".parse().unwrap(), None, Role::Worker)
+                .unwrap_err(),
+        ];
+        for err in errors {
+            let text = err.to_string();
+            assert!(text.len() < 400, "{} bytes: {}", text.len(), &text[..200]);
+            assert!(text.contains("…(10000 bytes)"), "{text}");
+        }
+        assert_eq!(s, before);
+    }
+
+    #[test]
+    fn labels_constraints_and_commands_are_bounded() {
+        let mut s = cluster(1);
+        let before = s.clone();
+        let labels = |pairs: &[(&str, &str)]| -> BTreeMap<String, String> {
+            pairs
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        };
+        let long_key = "k".repeat(MAX_LABEL_KEY_BYTES + 1);
+        let long_value = "v".repeat(MAX_LABEL_VALUE_BYTES + 1);
+        let many: BTreeMap<String, String> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), "v".to_string()))
+            .collect();
+        let upd = |s: &mut State, add: &BTreeMap<String, String>, rm: &[&str]| {
+            let rm: Vec<String> = rm.iter().map(|k| k.to_string()).collect();
+            s.update_node("node1", None, add, &rm)
+                .unwrap_err()
+                .to_string()
+        };
+        assert!(upd(&mut s, &labels(&[(&long_key, "v")]), &[]).contains("invalid label key"));
+        assert!(upd(&mut s, &labels(&[("zone", &long_value)]), &[]).contains("invalid value"));
+        assert!(upd(&mut s, &labels(&[("zone", "a\nb")]), &[]).contains("of label zone"));
+        assert!(upd(&mut s, &many, &[]).contains("65 labels is more than the limit of 64"));
+        assert_eq!(
+            upd(&mut s, &labels(&[("zone", "a")]), &["zone"]),
+            "update node node1: label zone is both added and removed"
+        );
+        let with = |f: &dyn Fn(&mut ServiceSpec)| {
+            let mut sp = spec("api", 1, &[]);
+            f(&mut sp);
+            sp
+        };
+        let cases = [
+            (
+                with(&|sp| sp.command = vec!["x".into(); MAX_COMMAND_ARGS + 1]),
+                "the command has 1025 arguments",
+            ),
+            (
+                with(&|sp| sp.command = vec!["x".repeat(MAX_COMMAND_BYTES + 1)]),
+                "the command has 65537 bytes",
+            ),
+            (
+                with(&|sp| sp.command = vec!["sh".into(), "a\0b".into()]),
+                "argument 2 of the command (\"a\\0b\") contains a NUL byte",
+            ),
+            (
+                with(&|sp| sp.constraints = vec!["node.role==worker".into(); MAX_CONSTRAINTS + 1]),
+                "33 constraints is more than the limit of 32",
+            ),
+            (
+                with(&|sp| sp.constraints = vec![format!("node.hostname=={}", "h".repeat(300))]),
+                "longer than 256 bytes",
+            ),
+        ];
+        for (sp, expected) in cases {
+            let err = s.create_service(&sp, 1).unwrap_err().to_string();
+            assert!(err.starts_with("create service api: "), "{err}");
+            assert!(err.contains(expected), "{err}");
+        }
+        assert_eq!(s, before);
     }
 
     #[test]
@@ -1962,12 +2599,12 @@ pub(crate) mod tests {
         assert_eq!(net(&c).subnet.to_string(), "10.0.1.0/24");
         assert_eq!(net(&b).gateway, Ipv4Addr::new(10, 0, 9, 1));
         s.remove_network("a").unwrap();
-        // The freed VNI is not handed out again at once; the freed subnet is.
+        // Neither the freed VNI nor the freed subnet is handed out again at once.
         let d = s
             .create_network("d", "overlay", None, MANAGER.parse().unwrap(), 1)
             .unwrap();
         assert_eq!(net_of(&s, &d).vni, 4100);
-        assert_eq!(net_of(&s, &d).subnet.to_string(), "10.0.0.0/24");
+        assert_eq!(net_of(&s, &d).subnet.to_string(), "10.0.2.0/24");
     }
 
     fn net_of(s: &State, id: &str) -> Network {
@@ -2353,5 +2990,18 @@ pub(crate) mod tests {
         };
         assert!(s.task_status(t.node_id.as_ref().unwrap(), &bad, 2).is_err());
         assert_eq!(s.tasks[&t.id].state, TaskState::Assigned);
+        // An agent's error text is kept bounded: it may quote a long command.
+        let long = TaskStatus {
+            state: TaskState::Failed,
+            error: Some(format!("spawn {}: No such file", "x".repeat(10_000))),
+            ..bad
+        };
+        s.task_status(t.node_id.as_ref().unwrap(), &long, 3)
+            .unwrap();
+        let kept = s.tasks[&t.id].error.clone().unwrap();
+        assert!(
+            kept.len() < 300 && kept.ends_with("…(10020 bytes)"),
+            "{kept}"
+        );
     }
 }

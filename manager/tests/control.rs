@@ -170,10 +170,20 @@ impl Conn<Tls> {
     }
 
     fn hello(&mut self, hostname: &str, addr: &str) -> (String, Role) {
+        self.hello_with_gwbridge(hostname, addr, None)
+    }
+
+    fn hello_with_gwbridge(
+        &mut self,
+        hostname: &str,
+        addr: &str,
+        gwbridge: Option<&str>,
+    ) -> (String, Role) {
         self.send(&AgentMsg::Hello {
             version: proto::PROTOCOL_VERSION,
             hostname: hostname.into(),
             advertise_addr: addr.parse().unwrap(),
+            gwbridge_subnet: gwbridge.map(|g| g.parse().unwrap()),
         });
         match self.recv() {
             ManagerMsg::Welcome {
@@ -284,6 +294,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
         version: proto::PROTOCOL_VERSION + 1,
         hostname: "node2".into(),
         advertise_addr: "127.0.0.2".parse().unwrap(),
+        gwbridge_subnet: None,
     });
     match old.recv::<ManagerMsg>() {
         ManagerMsg::Refused { reason } => assert!(reason.contains("not supported"), "{reason}"),
@@ -307,7 +318,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
     assert_eq!(role1, Role::Manager);
     assert!(a1.assignment().tasks.is_empty());
     let mut a2 = Conn::agent(port, &c2);
-    let (id2, role2) = a2.hello("node2", "127.0.0.2");
+    let (id2, role2) = a2.hello_with_gwbridge("node2", "127.0.0.2", Some("172.30.0.0/16"));
     assert_eq!(role2, Role::Worker);
     assert!(a2.assignment().tasks.is_empty());
 
@@ -339,6 +350,39 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
     match api.recv::<Response>() {
         Response::Error { message } => assert!(message.starts_with("decode request:"), "{message}"),
         other => panic!("a negative replica count was accepted: {other:?}"),
+    }
+    // A decoder's error quotes the input; a huge one comes back as an excerpt.
+    let huge = format!("{{\"type\":\"{}\"}}\n", "x".repeat(10_000));
+    api.stream.get_mut().write_all(huge.as_bytes()).unwrap();
+    match api.recv::<Response>() {
+        Response::Error { message } => {
+            assert!(
+                message.starts_with("decode request: malformed frame: unknown variant"),
+                "{message}"
+            );
+            assert!(message.len() < 400, "{} bytes", message.len());
+        }
+        other => panic!("an unknown request was accepted: {other:?}"),
+    }
+    // No overlay may overlap a node's gwbridge: node2 reported its own, node1 has the default.
+    for (subnet, owner) in [
+        (
+            "172.30.5.0/24",
+            "172.30.0.0/16, the gwbridge subnet of node node2",
+        ),
+        (
+            "172.18.0.0/24",
+            "172.18.0.0/16, the gwbridge subnet of node node1",
+        ),
+    ] {
+        match api.call(Request::NetworkCreate {
+            name: "clash".into(),
+            driver: "overlay".into(),
+            subnet: Some(subnet.into()),
+        }) {
+            Response::Error { message } => assert!(message.contains(owner), "{message}"),
+            other => panic!("{subnet} was accepted: {other:?}"),
+        }
     }
     // A refused request on the same connection, and the connection still serves.
     assert!(matches!(

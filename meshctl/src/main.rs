@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use proto::api::{PublishedPort, Request, Response, ServiceSpec};
+use proto::api::{PublishedPort, Request, Response, Scale, ServiceSpec};
+use proto::excerpt;
 use proto::model::{Availability, PortConfig, PublishMode, Role};
 use serde::Serialize;
 
@@ -102,7 +103,7 @@ enum PublishCmd {
     /// List published ports
     #[command(alias = "list")]
     Ls(ListFormat),
-    /// Unpublish ports: meshctl publish rm 80 53/udp
+    /// Unpublish ports: meshctl publish rm 80 53/udp (every port, or none if one is refused)
     #[command(alias = "remove")]
     Rm {
         #[arg(required = true, value_parser = ports::parse_unpublish)]
@@ -166,7 +167,8 @@ enum NodeCmd {
     Update {
         #[arg(long, value_enum)]
         availability: Option<AvailabilityArg>,
-        /// Add or replace a label (KEY=VALUE)
+        /// Add or replace a label KEY=VALUE (repeatable; a key up to 128 bytes without spaces or
+        /// =, a value up to 512 bytes, at most 64 labels per node)
         #[arg(long = "label-add", value_parser = parse_label)]
         label_add: Vec<(String, String)>,
         /// Remove a label
@@ -218,9 +220,11 @@ enum NetworkCmd {
     Create {
         #[arg(long, short = 'd', default_value = "overlay")]
         driver: String,
-        /// Subnet in CIDR form; a free /24 of 10.0.0.0/8 when left out
+        /// Subnet in CIDR form, clear of the ingress network, every node's gwbridge (172.18.0.0/16
+        /// by default) and underlay address; a free /24 of 10.0.0.0/8 when left out
         #[arg(long)]
         subnet: Option<String>,
+        /// 1 to 32 of [a-zA-Z0-9_.-], starting with a letter or digit
         name: String,
     },
     /// List networks
@@ -237,7 +241,7 @@ enum NetworkCmd {
         #[arg(required = true)]
         networks: Vec<String>,
     },
-    /// Remove networks
+    /// Remove networks: every one, or none if one is refused
     #[command(alias = "remove")]
     Rm {
         #[arg(required = true)]
@@ -268,14 +272,15 @@ enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
-    /// Scale services: meshctl service scale web=5 api=2
+    /// Scale services: meshctl service scale web=5 api=2 (every one, or none if one is refused)
     Scale {
         #[command(flatten)]
         wait: WaitArgs,
+        /// SERVICE=REPLICAS, replicas at most 10000
         #[arg(required = true, value_parser = parse_scale)]
         scales: Vec<(String, u64)>,
     },
-    /// Remove services
+    /// Remove services: every one, or none if one is refused
     #[command(alias = "remove")]
     Rm {
         #[arg(required = true)]
@@ -307,14 +312,18 @@ struct WaitArgs {
 
 #[derive(Debug, Args)]
 struct CreateArgs {
+    /// 1 to 32 of [a-zA-Z0-9_.-], starting with a letter or digit
     #[arg(long)]
     name: String,
+    /// Number of tasks, at most 10000. With a host-mode port at most one runs per node; the
+    /// others wait until a node is free
     #[arg(long, default_value = "1", allow_hyphen_values = true, value_parser = parse_replicas)]
     replicas: u64,
     /// Attach to a network (repeatable; the first becomes eth0)
     #[arg(long = "network")]
     networks: Vec<String>,
-    /// Placement constraint, e.g. node.role==worker (repeatable)
+    /// Placement constraint, e.g. node.role==worker (repeatable; at most 32, each up to 256
+    /// bytes)
     #[arg(long = "constraint")]
     constraints: Vec<String>,
     /// Publish a port: P:T[/tcp|udp] or mode=ingress|host,published=P,target=T,protocol=tcp|udp
@@ -323,22 +332,33 @@ struct CreateArgs {
     publish: Vec<PortConfig>,
     #[command(flatten)]
     wait: WaitArgs,
-    /// The task's command and its arguments, after --
+    /// The task's command and its arguments, after -- (at most 1024 arguments and 65536 bytes
+    /// in all)
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
 }
 
 fn parse_replicas(text: &str) -> Result<u64, String> {
-    text.parse::<u64>()
-        .map_err(|_| format!("invalid replica count {text:?}: it must be a non-negative integer"))
+    text.parse::<u64>().map_err(|_| {
+        format!(
+            "invalid replica count {:?}: it must be a non-negative integer",
+            excerpt(text)
+        )
+    })
 }
 
 fn parse_scale(text: &str) -> Result<(String, u64), String> {
-    let (name, count) = text
-        .split_once('=')
-        .ok_or_else(|| format!("invalid scale {text:?}: expected SERVICE=REPLICAS"))?;
+    let (name, count) = text.split_once('=').ok_or_else(|| {
+        format!(
+            "invalid scale {:?}: expected SERVICE=REPLICAS",
+            excerpt(text)
+        )
+    })?;
     if name.is_empty() {
-        return Err(format!("invalid scale {text:?}: the service is missing"));
+        return Err(format!(
+            "invalid scale {:?}: the service is missing",
+            excerpt(text)
+        ));
     }
     Ok((name.to_string(), parse_replicas(count)?))
 }
@@ -346,11 +366,46 @@ fn parse_scale(text: &str) -> Result<(String, u64), String> {
 fn parse_label(text: &str) -> Result<(String, String), String> {
     text.split_once('=')
         .map(|(k, v)| (k.to_string(), v.to_string()))
-        .ok_or_else(|| format!("invalid label {text:?}: expected KEY=VALUE"))
+        .ok_or_else(|| format!("invalid label {:?}: expected KEY=VALUE", excerpt(text)))
+}
+
+/// The labels of `--label-add`, refusing a key given twice: which value was meant is a guess.
+fn label_map(labels: Vec<(String, String)>) -> anyhow::Result<BTreeMap<String, String>> {
+    let mut map = BTreeMap::new();
+    for (key, value) in labels {
+        if map.contains_key(&key) {
+            bail!("label {} is given more than once", excerpt(&key));
+        }
+        map.insert(key, value);
+    }
+    Ok(map)
+}
+
+/// Parses the command line. clap quotes the offending argument in its errors; a huge one is cut
+/// to an excerpt, as the manager does.
+fn parse_cli<I, T>(args: I) -> Result<Cli, clap::Error>
+where
+    I: IntoIterator<Item = T>,
+    T: Into<std::ffi::OsString> + Clone,
+{
+    use clap::error::{ContextKind, ContextValue};
+    Cli::try_parse_from(args).map_err(|mut e| {
+        for kind in [
+            ContextKind::InvalidArg,
+            ContextKind::InvalidValue,
+            ContextKind::InvalidSubcommand,
+        ] {
+            if let Some(ContextValue::String(text)) = e.get(kind) {
+                let short = excerpt(text).to_string();
+                e.insert(kind, ContextValue::String(short));
+            }
+        }
+        e
+    })
 }
 
 fn main() {
-    let cli = match Cli::try_parse() {
+    let cli = match parse_cli(std::env::args_os()) {
         Ok(cli) => cli,
         Err(e) if !e.use_stderr() => e.exit(),
         Err(e) => {
@@ -482,7 +537,7 @@ fn update_ports(
     publish_rm: Vec<PublishedPort>,
     wait: &WaitArgs,
 ) -> anyhow::Result<()> {
-    let what = format!("update service {service}");
+    let what = format!("update service {}", excerpt(&service));
     let req = Request::ServiceUpdate {
         service: service.clone(),
         publish_add,
@@ -513,19 +568,12 @@ fn publish(c: &mut Client, args: PublishArgs) -> anyhow::Result<()> {
             }
         }
         Some(PublishCmd::Rm { ports }) => {
-            let mut refused = Vec::new();
+            let req = Request::PublishRmMany {
+                ports: ports.clone(),
+            };
+            expect!("unpublish ports", c.call(&req)?, Response::Services { .. } => ());
             for port in ports {
-                let req = Request::PublishRm {
-                    protocol: port.protocol,
-                    published: port.published,
-                };
-                match c.call(&req) {
-                    Ok(_) => println!("{port}"),
-                    Err(e) => refused.push(format!("{e:#}")),
-                }
-            }
-            if !refused.is_empty() {
-                bail!(refused.join("\nError: "));
+                println!("{port}");
             }
         }
         None => {
@@ -554,7 +602,7 @@ fn node(c: &mut Client, cmd: NodeCmd) -> anyhow::Result<()> {
         NodeCmd::Inspect { nodes, format } => {
             let mut out = Vec::new();
             for node in nodes {
-                let what = format!("inspect node {node}");
+                let what = format!("inspect node {}", excerpt(&node));
                 let req = Request::NodeInspect { node };
                 out.push(expect!(what, c.call(&req)?, Response::Node { node } => node));
             }
@@ -566,13 +614,14 @@ fn node(c: &mut Client, cmd: NodeCmd) -> anyhow::Result<()> {
             label_rm,
             node,
         } => {
+            let what = format!("update node {}", excerpt(&node));
             let req = Request::NodeUpdate {
                 node: node.clone(),
                 availability: availability.map(Availability::from),
-                label_add: label_add.into_iter().collect::<BTreeMap<_, _>>(),
+                label_add: label_map(label_add).context(what.clone())?,
                 label_rm,
             };
-            expect!(format!("update node {node}"), c.call(&req)?, Response::Node { .. } => ());
+            expect!(what, c.call(&req)?, Response::Node { .. } => ());
             println!("{node}");
         }
         NodeCmd::Rm { force, nodes } => each_node(c, nodes, "remove node", |node| {
@@ -601,7 +650,7 @@ fn network(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<()> {
             subnet,
             name,
         } => {
-            let what = format!("create network {name}");
+            let what = format!("create network {}", excerpt(&name));
             let req = Request::NetworkCreate {
                 name,
                 driver,
@@ -625,7 +674,7 @@ fn network(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<()> {
         } => {
             let mut out = Vec::new();
             for network in networks {
-                let what = format!("inspect network {network}");
+                let what = format!("inspect network {}", excerpt(&network));
                 let req = Request::NetworkInspect { network };
                 out.push(expect!(what, c.call(&req)?, Response::Network { network } => network));
             }
@@ -633,32 +682,16 @@ fn network(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<()> {
             print_inspect(&out, &format, pretty)?;
         }
         NetworkCmd::Rm { networks } => {
-            remove(c, networks, |network| Request::NetworkRm { network })?
+            let req = Request::NetworkRmMany {
+                networks: networks.clone(),
+            };
+            expect!("remove networks", c.call(&req)?, Response::RemovedMany { .. } => ());
+            for network in networks {
+                println!("{network}");
+            }
         }
     }
     Ok(())
-}
-
-/// Removes each object in turn, printing its name as docker does. A refusal does not stop the
-/// others; every refusal is reported and makes the exit status non-zero.
-fn remove(
-    c: &mut Client,
-    names: Vec<String>,
-    req: impl Fn(String) -> Request,
-) -> anyhow::Result<()> {
-    let mut refused = Vec::new();
-    for name in names {
-        match c.call(&req(name.clone())) {
-            Ok(_) => println!("{name}"),
-            Err(e) => refused.push(format!("{e:#}")),
-        }
-    }
-    if refused.is_empty() {
-        Ok(())
-    } else {
-        // main prints the first "Error: "; the others get their own line and prefix.
-        bail!(refused.join("\nError: "))
-    }
 }
 
 fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
@@ -673,7 +706,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 command: args.command,
                 ports: args.publish,
             };
-            let what = format!("create service {}", spec.name);
+            let what = format!("create service {}", excerpt(&spec.name));
             let created = expect!(what, c.call(&Request::ServiceCreate { spec })?,
                                   Response::Service { service } => service);
             println!("{}", created.id);
@@ -696,7 +729,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             }
         }
         ServiceCmd::Ps { format, service } => {
-            let what = format!("list tasks of service {service}");
+            let what = format!("list tasks of service {}", excerpt(&service));
             let tasks = expect!(what, c.call(&Request::ServicePs { service })?,
                                 Response::Tasks { tasks } => tasks);
             match format.format {
@@ -711,7 +744,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
         } => {
             let mut out = Vec::new();
             for service in services {
-                let what = format!("inspect service {service}");
+                let what = format!("inspect service {}", excerpt(&service));
                 let req = Request::ServiceInspect { service };
                 out.push(expect!(what, c.call(&req)?, Response::Service { service } => service));
             }
@@ -725,16 +758,19 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             service,
         } => update_ports(c, service, publish_add, publish_rm, &wait)?,
         ServiceCmd::Scale { wait, scales } => {
-            let mut scaled = Vec::new();
-            for (service, replicas) in scales {
-                let what = format!("scale service {service}");
-                let req = Request::ServiceScale {
-                    service: service.clone(),
-                    replicas,
-                };
-                let info = expect!(what, c.call(&req)?, Response::Service { service } => service);
+            let req = Request::ServiceScaleMany {
+                scales: scales
+                    .iter()
+                    .map(|(service, replicas)| Scale {
+                        service: service.clone(),
+                        replicas: *replicas,
+                    })
+                    .collect(),
+            };
+            let scaled = expect!("scale services", c.call(&req)?,
+                                 Response::Services { services } => services);
+            for (service, replicas) in &scales {
                 println!("{service} scaled to {replicas}");
-                scaled.push(info);
             }
             if !wait.detach {
                 for info in scaled {
@@ -750,7 +786,13 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             }
         }
         ServiceCmd::Rm { services } => {
-            remove(c, services, |service| Request::ServiceRm { service })?
+            let req = Request::ServiceRmMany {
+                services: services.clone(),
+            };
+            expect!("remove services", c.call(&req)?, Response::RemovedMany { .. } => ());
+            for service in services {
+                println!("{service}");
+            }
         }
     }
     Ok(())
@@ -761,8 +803,7 @@ mod tests {
     use super::*;
 
     fn parse(args: &[&str]) -> Result<Cli, String> {
-        Cli::try_parse_from(std::iter::once("meshctl").chain(args.iter().copied()))
-            .map_err(|e| e.to_string())
+        parse_cli(std::iter::once("meshctl").chain(args.iter().copied())).map_err(|e| e.to_string())
     }
 
     #[test]
@@ -1050,5 +1091,97 @@ mod tests {
             (vec!["old".to_string()], "node2".to_string())
         );
         assert!(parse(&["node", "update", "--label-add", "novalue", "n"]).is_err());
+        // The same key twice is refused before anything is sent, not silently the last.
+        let twice = vec![
+            ("zone".to_string(), "a".to_string()),
+            ("zone".to_string(), "b".to_string()),
+        ];
+        assert_eq!(
+            label_map(twice).unwrap_err().to_string(),
+            "label zone is given more than once"
+        );
+        let cli = parse(&["node", "update", "--label-add", "a=1=2", "n"]).unwrap();
+        let Command::Node(NodeCmd::Update { label_add, .. }) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(label_add, [("a".to_string(), "1=2".to_string())]);
+    }
+
+    #[test]
+    fn a_key_given_twice_in_any_key_value_flag_is_refused() {
+        for args in [
+            &[
+                "service",
+                "create",
+                "--name",
+                "w",
+                "--publish",
+                "published=83,published=84,target=8080",
+                "x",
+            ][..],
+            &[
+                "service",
+                "update",
+                "--publish-add",
+                "published=83,target=80,target=81",
+                "w",
+            ],
+            &[
+                "publish",
+                "mode=host,mode=ingress,published=83,target=80",
+                "--service",
+                "w",
+            ],
+        ] {
+            let err = parse(args).unwrap_err();
+            assert!(err.contains("is given more than once"), "{args:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn parse_errors_quote_an_excerpt_of_huge_input() {
+        let huge = "x".repeat(10_000);
+        for args in [
+            vec!["service", "scale", huge.as_str()],
+            vec!["service", "create", "--name", "w", "--replicas", &huge, "x"],
+            vec!["node", "update", "--label-add", &huge, "n"],
+            vec!["node", &huge],
+            vec!["service", "ls", &format!("--{huge}")],
+        ] {
+            let err = parse(&args).unwrap_err();
+            assert!(err.len() < 500, "{} bytes: {}", err.len(), excerpt(&err));
+            assert!(err.contains(" bytes)"), "{}", excerpt(&err));
+        }
+    }
+
+    #[test]
+    fn help_states_the_limits_the_manager_enforces() {
+        use clap::CommandFactory;
+        use proto::api::*;
+        let help = |path: &[&str]| {
+            let mut cmd = Cli::command();
+            for sub in path {
+                cmd = cmd.find_subcommand(sub).unwrap().clone();
+            }
+            cmd.render_long_help().to_string()
+        };
+        let create = help(&["service", "create"]);
+        for limit in [
+            format!("1 to {MAX_NAME_CHARS} of"),
+            format!("at most {MAX_REPLICAS}"),
+            format!("at most {MAX_CONSTRAINTS}, each up to {MAX_CONSTRAINT_BYTES}"),
+            format!("at most {MAX_COMMAND_ARGS} arguments and {MAX_COMMAND_BYTES} bytes"),
+        ] {
+            assert!(create.contains(&limit), "{limit} not in:\n{create}");
+        }
+        let update = help(&["node", "update"]);
+        for limit in [
+            format!("a key up to {MAX_LABEL_KEY_BYTES} bytes"),
+            format!("a value up to {MAX_LABEL_VALUE_BYTES} bytes, at most {MAX_LABELS} labels"),
+        ] {
+            assert!(update.contains(&limit), "{limit} not in:\n{update}");
+        }
+        assert!(help(&["service", "scale"]).contains(&format!("at most {MAX_REPLICAS}")));
+        assert!(help(&["network", "create"]).contains(&format!("1 to {MAX_NAME_CHARS} of")));
     }
 }

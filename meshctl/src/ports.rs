@@ -1,14 +1,19 @@
 //! Published ports on the command line, in docker's forms: `80:8080[/udp]` and
 //! `mode=host,published=80,target=8080,protocol=udp`.
 
+use std::collections::BTreeSet;
+
 use proto::api::PublishedPort;
+use proto::excerpt;
 use proto::model::{PortConfig, Protocol, PublishMode};
 
 fn parse_port(what: &str, text: &str, whole: &str) -> Result<u16, String> {
     match text.parse::<u16>() {
         Ok(p) if p > 0 => Ok(p),
         _ => Err(format!(
-            "invalid publish {whole:?}: {what} port {text:?} must be a number from 1 to 65535"
+            "invalid publish {:?}: {what} port {:?} must be a number from 1 to 65535",
+            excerpt(whole),
+            excerpt(text)
         )),
     }
 }
@@ -18,7 +23,9 @@ fn parse_protocol(text: &str, whole: &str) -> Result<Protocol, String> {
         "tcp" => Ok(Protocol::Tcp),
         "udp" => Ok(Protocol::Udp),
         _ => Err(format!(
-            "invalid publish {whole:?}: protocol {text:?} must be tcp or udp"
+            "invalid publish {:?}: protocol {:?} must be tcp or udp",
+            excerpt(whole),
+            excerpt(text)
         )),
     }
 }
@@ -34,7 +41,7 @@ pub fn parse_publish(text: &str) -> Result<PortConfig, String> {
         None => (text, Protocol::Tcp),
     };
     let (published, target) = ports.split_once(':').ok_or_else(|| {
-        format!("invalid publish {text:?}: expected PUBLISHED:TARGET[/tcp|udp] or mode=...,published=...,target=...")
+        format!("invalid publish {:?}: expected PUBLISHED:TARGET[/tcp|udp] or mode=...,published=...,target=...", excerpt(text))
     })?;
     Ok(PortConfig {
         protocol,
@@ -45,12 +52,24 @@ pub fn parse_publish(text: &str) -> Result<PortConfig, String> {
 }
 
 fn parse_long(text: &str) -> Result<PortConfig, String> {
+    let whole = excerpt(text);
     let (mut mode, mut protocol) = (PublishMode::Ingress, Protocol::Tcp);
     let (mut published, mut target) = (None, None);
+    let mut seen = BTreeSet::new();
     for field in text.split(',') {
-        let (key, value) = field
-            .split_once('=')
-            .ok_or_else(|| format!("invalid publish {text:?}: {field:?} is not KEY=VALUE"))?;
+        let (key, value) = field.split_once('=').ok_or_else(|| {
+            format!(
+                "invalid publish {whole:?}: {:?} is not KEY=VALUE",
+                excerpt(field)
+            )
+        })?;
+        // Docker would silently take the last; which one the user meant is a guess.
+        if !seen.insert(key) {
+            return Err(format!(
+                "invalid publish {whole:?}: {:?} is given more than once",
+                excerpt(key)
+            ));
+        }
         match key {
             "mode" => {
                 mode = match value {
@@ -58,7 +77,8 @@ fn parse_long(text: &str) -> Result<PortConfig, String> {
                     "host" => PublishMode::Host,
                     _ => {
                         return Err(format!(
-                            "invalid publish {text:?}: mode {value:?} must be ingress or host"
+                            "invalid publish {whole:?}: mode {:?} must be ingress or host",
+                            excerpt(value)
                         ))
                     }
                 }
@@ -68,12 +88,13 @@ fn parse_long(text: &str) -> Result<PortConfig, String> {
             "protocol" => protocol = parse_protocol(value, text)?,
             _ => {
                 return Err(format!(
-                    "invalid publish {text:?}: unknown field {key:?} (expected mode, published, target, protocol)"
+                    "invalid publish {whole:?}: unknown field {:?} (expected mode, published, target, protocol)",
+                    excerpt(key)
                 ))
             }
         }
     }
-    let missing = |what: &str| format!("invalid publish {text:?}: {what}=PORT is required");
+    let missing = |what: &str| format!("invalid publish {whole:?}: {what}=PORT is required");
     Ok(PortConfig {
         protocol,
         published: published.ok_or_else(|| missing("published"))?,
@@ -189,10 +210,34 @@ mod tests {
             ),
             ("published=80,target=80,protocol=icmp", "protocol \"icmp\""),
             ("published=80,target", "\"target\" is not KEY=VALUE"),
+            (
+                "published=83,published=84,target=8080",
+                "\"published\" is given more than once",
+            ),
+            (
+                "mode=host,published=80,target=80,mode=ingress",
+                "\"mode\" is given more than once",
+            ),
+            (
+                "protocol=udp,published=80,target=80,protocol=udp",
+                "\"protocol\" is given more than once",
+            ),
+            (
+                "published=80,target=80,target=81",
+                "\"target\" is given more than once",
+            ),
         ] {
             let err = parse_publish(bad).unwrap_err();
             assert!(err.contains(why), "{bad}: {err}");
         }
+    }
+
+    #[test]
+    fn errors_quote_an_excerpt_of_a_huge_flag() {
+        let huge = format!("published=80,target={}", "9".repeat(10_000));
+        let err = parse_publish(&huge).unwrap_err();
+        assert!(err.len() < 300, "{} bytes", err.len());
+        assert!(err.contains("…(10020 bytes)"), "{err}");
     }
 
     #[test]

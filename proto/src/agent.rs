@@ -31,6 +31,8 @@ use crate::model::{Attachment, Role, TaskState};
 
 pub const HEARTBEAT_SECS: u64 = 2;
 pub const NODE_DOWN_SECS: u64 = 10;
+/// The gwbridge subnet of a node whose agent does not say otherwise (Docker's docker_gwbridge).
+pub const DEFAULT_GWBRIDGE_SUBNET: &str = "172.18.0.0/16";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
@@ -40,6 +42,10 @@ pub enum AgentMsg {
         hostname: String,
         /// The node's underlay address (VTEP).
         advertise_addr: IpAddr,
+        /// The node's gwbridge subnet (`mesh-agent --gwbridge-subnet`), which no overlay may
+        /// overlap; agents that do not send it use [`DEFAULT_GWBRIDGE_SUBNET`].
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        gwbridge_subnet: Option<Ipv4Net>,
     },
     /// Before joining: the cluster's CA certificate, please.
     GetCa,
@@ -206,6 +212,7 @@ mod tests {
             version: 1,
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
+            gwbridge_subnet: None,
         };
         let line = encode_frame(&msg);
         assert_eq!(
@@ -213,6 +220,18 @@ mod tests {
             "{\"type\":\"hello\",\"version\":1,\"hostname\":\"node1\",\"advertise_addr\":\"192.168.56.11\"}\n"
         );
         assert_eq!(decode_frame::<AgentMsg>(&line).unwrap(), msg);
+        // A newer agent reports its gwbridge; the field is optional both ways.
+        let newer = AgentMsg::Hello {
+            version: 1,
+            hostname: "node1".into(),
+            advertise_addr: "192.168.56.11".parse().unwrap(),
+            gwbridge_subnet: Some("172.30.0.0/16".parse().unwrap()),
+        };
+        let line = encode_frame(&newer);
+        assert!(std::str::from_utf8(&line)
+            .unwrap()
+            .contains("\"gwbridge_subnet\":\"172.30.0.0/16\""));
+        assert_eq!(decode_frame::<AgentMsg>(&line).unwrap(), newer);
     }
 
     #[test]

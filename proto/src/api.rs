@@ -22,6 +22,28 @@ pub const DEFAULT_API_SOCKET: &str = "/run/meshnet/manager.sock";
 /// The name of the routing-mesh network; users can neither create nor remove it.
 pub const INGRESS_NETWORK: &str = "ingress";
 
+// Limits the manager enforces on every request, whatever the client; `meshctl --help` and the
+// README state them. A value past one is a mistake or an attack, not a plan.
+
+/// Network and service names: 1 to this many of `[a-zA-Z0-9_.-]`, starting with a letter or digit.
+pub const MAX_NAME_CHARS: usize = 32;
+/// Replicas of one service.
+pub const MAX_REPLICAS: u64 = 10_000;
+/// Bytes of a node label key; keys have no spaces, `=` or control characters.
+pub const MAX_LABEL_KEY_BYTES: usize = 128;
+/// Bytes of a node label value; values have no control characters.
+pub const MAX_LABEL_VALUE_BYTES: usize = 512;
+/// Labels on one node.
+pub const MAX_LABELS: usize = 64;
+/// Placement constraints of one service.
+pub const MAX_CONSTRAINTS: usize = 32;
+/// Bytes of one placement constraint.
+pub const MAX_CONSTRAINT_BYTES: usize = 256;
+/// Arguments (argv entries, the program included) of a service's command.
+pub const MAX_COMMAND_ARGS: usize = 1024;
+/// Bytes of a service's command, all arguments together.
+pub const MAX_COMMAND_BYTES: usize = 64 * 1024;
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Request {
@@ -72,6 +94,11 @@ pub enum Request {
     NetworkRm {
         network: String,
     },
+    /// `meshctl network rm a b`: removes every network or none; answered with
+    /// [`Response::RemovedMany`].
+    NetworkRmMany {
+        networks: Vec<String>,
+    },
     ServiceCreate {
         spec: ServiceSpec,
     },
@@ -87,8 +114,18 @@ pub enum Request {
         service: String,
         replicas: u64,
     },
+    /// `meshctl service scale a=1 b=2`: scales every service or, if one is refused, none.
+    /// Answered with [`Response::Services`], in the order asked.
+    ServiceScaleMany {
+        scales: Vec<Scale>,
+    },
     ServiceRm {
         service: String,
+    },
+    /// `meshctl service rm a b`: removes every service or none; answered with
+    /// [`Response::RemovedMany`].
+    ServiceRmMany {
+        services: Vec<String>,
     },
     /// `meshctl service update`: removes `publish_rm`, then adds `publish_add`, all or nothing.
     /// When the service gains its first ingress-mode port or loses its last, it joins or leaves
@@ -107,6 +144,18 @@ pub enum Request {
         protocol: Protocol,
         published: u16,
     },
+    /// `meshctl publish rm 80 53/udp`: unpublishes every port or none. Answered with
+    /// [`Response::Services`]: the service that published each port, in the order asked.
+    PublishRmMany {
+        ports: Vec<PublishedPort>,
+    },
+}
+
+/// One target of [`Request::ServiceScaleMany`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Scale {
+    pub service: String,
+    pub replicas: u64,
 }
 
 /// A published port as the nodes see it: what `--publish-rm` and `publish rm` name.
@@ -202,6 +251,10 @@ pub enum Response {
         role: Role,
         token: String,
         manager: String,
+    },
+    /// The ids of the objects that a `rm` of several removed, in the order asked.
+    RemovedMany {
+        ids: Vec<String>,
     },
 }
 
@@ -346,6 +399,30 @@ mod tests {
             "{\"type\":\"service_scale\",\"service\":\"web\",\"replicas\":3}\n"
         );
         assert_eq!(decode_frame::<Request>(&line).unwrap(), req);
+    }
+
+    #[test]
+    fn requests_for_several_objects_have_a_stable_wire_form() {
+        let req = Request::ServiceScaleMany {
+            scales: vec![Scale {
+                service: "web".into(),
+                replicas: 2,
+            }],
+        };
+        let line = encode_frame(&req);
+        assert_eq!(
+            std::str::from_utf8(&line).unwrap(),
+            "{\"type\":\"service_scale_many\",\"scales\":[{\"service\":\"web\",\"replicas\":2}]}\n"
+        );
+        assert_eq!(decode_frame::<Request>(&line).unwrap(), req);
+        let req: Request =
+            decode_frame(br#"{"type":"network_rm_many","networks":["a","b"]}"#).unwrap();
+        assert_eq!(
+            req,
+            Request::NetworkRmMany {
+                networks: vec!["a".into(), "b".into()]
+            }
+        );
     }
 
     #[test]

@@ -45,6 +45,68 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
+/// How many characters of a user's or peer's input an error or log line repeats at most.
+pub const EXCERPT_CHARS: usize = 64;
+
+/// Input as an error or log line may quote it: whole when short, else its first characters and
+/// its size, so an absurd input cannot turn into an absurd message. `{}` shows it bare, `{:?}`
+/// quoted; control characters are escaped either way so input cannot forge log lines.
+#[derive(Clone, Copy)]
+pub struct Excerpt<'a> {
+    text: &'a str,
+    max_chars: usize,
+}
+
+/// The one helper for echoing input: at most [`EXCERPT_CHARS`] characters of `text`.
+pub fn excerpt(text: &str) -> Excerpt<'_> {
+    excerpt_within(text, EXCERPT_CHARS)
+}
+
+/// [`excerpt`] with another bound, for messages such as a decoder's that embed input in text
+/// worth keeping.
+pub fn excerpt_within(text: &str, max_chars: usize) -> Excerpt<'_> {
+    Excerpt { text, max_chars }
+}
+
+impl Excerpt<'_> {
+    /// The part shown, and whether something was left out.
+    fn head(&self) -> (&str, bool) {
+        match self.text.char_indices().nth(self.max_chars) {
+            Some((at, _)) => (&self.text[..at], true),
+            None => (self.text, false),
+        }
+    }
+
+    fn tail(&self, f: &mut std::fmt::Formatter<'_>, cut: bool) -> std::fmt::Result {
+        if cut {
+            write!(f, "…({} bytes)", self.text.len())?;
+        }
+        Ok(())
+    }
+}
+
+impl std::fmt::Display for Excerpt<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (head, cut) = self.head();
+        for c in head.chars() {
+            if c.is_control() {
+                write!(f, "{}", c.escape_debug())?;
+            } else {
+                write!(f, "{c}")?;
+            }
+        }
+        self.tail(f, cut)
+    }
+}
+
+impl std::fmt::Debug for Excerpt<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let (head, cut) = self.head();
+        write!(f, "{head:?}")?;
+        self.tail(f, cut)
+    }
+}
+
 /// Decodes one JSON line (with or without its trailing newline).
 pub fn decode_frame<T: DeserializeOwned>(line: &[u8]) -> Result<T, FrameError> {
     if line.len() > MAX_FRAME_BYTES {
@@ -53,23 +115,31 @@ pub fn decode_frame<T: DeserializeOwned>(line: &[u8]) -> Result<T, FrameError> {
     Ok(serde_json::from_slice(line)?)
 }
 
-/// A bounded quote of something a peer or user sent, for errors and logs: at most 64
-/// characters, with the full length when cut, so a 10 MB name never comes back as 10 MB.
-pub fn excerpt(s: &str) -> String {
-    const MAX: usize = 64;
-    if s.chars().count() <= MAX {
-        return format!("{s:?}");
-    }
-    let head: String = s.chars().take(MAX).collect();
-    format!("{head:?}… ({} bytes)", s.len())
-}
-
 #[cfg(test)]
-mod excerpt_tests {
+mod tests {
+    use super::*;
+
     #[test]
-    fn long_input_is_cut_and_measured() {
-        assert_eq!(super::excerpt("web"), "\"web\"");
-        let e = super::excerpt(&"x".repeat(10_000));
-        assert!(e.len() < 100 && e.ends_with("… (10000 bytes)"), "{e}");
+    fn excerpts_bound_what_they_repeat() {
+        assert_eq!(excerpt("web").to_string(), "web");
+        assert_eq!(format!("{:?}", excerpt("web")), "\"web\"");
+        assert_eq!(excerpt("a\nb").to_string(), "a\\nb");
+        let long = "x".repeat(10_000);
+        let shown = excerpt(&long).to_string();
+        assert_eq!(
+            shown,
+            format!("{}…(10000 bytes)", "x".repeat(EXCERPT_CHARS))
+        );
+        assert_eq!(
+            format!("{:?}", excerpt(&long)),
+            format!("\"{}\"…(10000 bytes)", "x".repeat(EXCERPT_CHARS))
+        );
+        // Cut on a character boundary, sized in bytes.
+        let wide = "é".repeat(100);
+        assert_eq!(
+            excerpt(&wide).to_string(),
+            format!("{}…(200 bytes)", "é".repeat(EXCERPT_CHARS))
+        );
+        assert_eq!(excerpt_within("abcdef", 3).to_string(), "abc…(6 bytes)");
     }
 }

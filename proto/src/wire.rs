@@ -35,6 +35,11 @@ pub async fn read_frame<R: AsyncBufRead + Unpin>(
     }
 }
 
+/// A decoder's error quotes the offending input: its explanation is kept, the echo bounded.
+pub fn frame_error(e: &crate::FrameError) -> String {
+    crate::excerpt_within(&e.to_string(), 4 * crate::EXCERPT_CHARS).to_string()
+}
+
 pub async fn write_frame<W: AsyncWrite + Unpin, T: Serialize>(
     writer: &mut W,
     msg: &T,
