@@ -24,6 +24,7 @@
 //! set ingress-ports   { inet_proto . inet_service }                   published ports, ingress mode
 //! map host-ports      { inet_proto . inet_service : ipv4_addr . inet_service }  host mode → task
 //! set host-targets    { ipv4_addr . inet_proto . inet_service }       host-mode DNAT targets
+//! chain raw-prerouting  (filter prerouting, raw)  ip daddr 127.0.0.0/8 iifname != "lo" drop   (CVE-2020-8558)
 //! chain published     l4proto.dport @ingress-ports dnat to <sbox gwbridge IP>   (port unchanged)
 //!                     dnat ip to l4proto.dport map @host-ports                 (source kept)
 //! chain nat-prerouting  (nat prerouting, dstnat)  fib daddr type local jump published
@@ -36,9 +37,13 @@
 //!                                                 iifname <gwbridge> oifname <gwbridge> drop   (icc off)
 //! ```
 //! `localhost:<published>` works with `route_localnet=1` on the gwbridge ([`node_sysctls`]) and
-//! the local-source masquerade, as with Docker. Like Docker's icc rule, the forward drop sees
-//! container-to-container traffic on the bridge only when `br_netfilter` is loaded
-//! (`bridge-nf-call-iptables=1`); this crate does not load it.
+//! the local-source masquerade, as with Docker. `route_localnet` also lets a neighbour on the
+//! gwbridge send to 127.0.0.0/8 and reach what listens on the node's localhost
+//! (CVE-2020-8558): `raw-prerouting` drops such packets, as kube-proxy's KUBE-FIREWALL chain
+//! does, before conntrack and NAT, so only packets sent to 127/8 from outside are affected.
+//! Like Docker's icc rule, the forward drop sees container-to-container traffic on the bridge
+//! only when `br_netfilter` is loaded (`bridge-nf-call-iptables=1`); this crate does not load
+//! it.
 //!
 //! # ingress_sbox ([`SboxState`])
 //! ```text

@@ -9,6 +9,9 @@ use ipnet::Ipv4Net;
 use crate::render::Batch;
 use crate::{check_interface, check_port, Error, PortKey, Result, Ruleset, TableShape};
 
+/// The base chain that drops packets to 127.0.0.0/8 arriving on any interface but lo.
+const LOCALNET_GUARD_CHAIN: &str = "raw-prerouting";
+
 /// What the node's fixed chains depend on; a change rebuilds the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
@@ -67,6 +70,20 @@ impl NodeState {
             "set",
             "host-targets",
             "type ipv4_addr . inet_proto . inet_service",
+        );
+        // CVE-2020-8558 (kube-proxy's KUBE-FIREWALL "block incoming localnet connections"):
+        // with route_localnet=1 on the gwbridge, a neighbour that routes 127.0.0.0/8 to this
+        // node would reach services bound to its localhost. Drop such packets unless they came
+        // in on lo, at raw priority: before conntrack and before NAT, so that the replies of
+        // our own localhost:<published> connections (addressed to our gwbridge IP until the
+        // masquerade is undone at dstnat) and the output path are untouched.
+        b.add_base_chain(
+            LOCALNET_GUARD_CHAIN,
+            "type filter hook prerouting priority raw",
+        );
+        b.add_rule(
+            LOCALNET_GUARD_CHAIN,
+            format_args!("ip daddr 127.0.0.0/8 iifname != \"lo\" drop"),
         );
         b.add_chain("published");
         b.add_rule(
@@ -182,6 +199,7 @@ impl Ruleset for NodeState {
 
     fn shape(&self) -> TableShape {
         let chains = [
+            (LOCALNET_GUARD_CHAIN, 1),
             ("published", 2),
             ("nat-prerouting", 1),
             ("nat-output", 1),
@@ -202,7 +220,9 @@ impl Ruleset for NodeState {
 
 /// Sysctls the node namespace needs (the slash form for the per-interface key, since interface
 /// names may contain dots): forwarding, and `route_localnet` on the gwbridge so that
-/// `localhost:<published>` can be routed out to the ingress_sbox.
+/// `localhost:<published>` can be routed out to the ingress_sbox. `route_localnet` alone would
+/// also let a neighbour on the gwbridge reach 127.0.0.0/8 here (CVE-2020-8558): the node table's
+/// `raw-prerouting` chain drops that.
 pub fn node_sysctls(gwbridge: &str) -> Vec<(String, String)> {
     vec![
         ("net.ipv4.ip_forward".into(), "1".into()),
@@ -242,6 +262,8 @@ add table ip meshnet
 add set ip meshnet ingress-ports { type inet_proto . inet_service; }
 add map ip meshnet host-ports { type inet_proto . inet_service : ipv4_addr . inet_service; }
 add set ip meshnet host-targets { type ipv4_addr . inet_proto . inet_service; }
+add chain ip meshnet raw-prerouting { type filter hook prerouting priority raw; policy accept; }
+add rule ip meshnet raw-prerouting ip daddr 127.0.0.0/8 iifname != \"lo\" drop
 add chain ip meshnet published
 add rule ip meshnet published meta l4proto . th dport @ingress-ports dnat to 172.18.0.2
 add rule ip meshnet published dnat ip to meta l4proto . th dport map @host-ports
@@ -262,6 +284,66 @@ add element ip meshnet host-ports { tcp . 81 : 172.18.0.3 . 8080 }
 add element ip meshnet host-targets { 172.18.0.3 . tcp . 8080 }
 ";
         assert_eq!(render(None, &s), expected);
+    }
+
+    /// CVE-2020-8558: packets to 127.0.0.0/8 from anywhere but lo are dropped in prerouting
+    /// before any NAT, in every full build whatever is published.
+    #[test]
+    fn localnet_guard_drops_non_loopback_packets_to_127_before_nat() {
+        // nft's named priorities of the ip family, as numbers.
+        fn priority(chain_line: &str) -> i32 {
+            let name = chain_line
+                .split("priority ")
+                .nth(1)
+                .and_then(|rest| rest.split(';').next())
+                .unwrap_or_else(|| panic!("no priority in {chain_line}"));
+            match name {
+                "raw" => -300,
+                "mangle" => -150,
+                "dstnat" => -100,
+                "filter" => 0,
+                "security" => 50,
+                "srcnat" => 100,
+                n => n.parse().unwrap(),
+            }
+        }
+        let text = render(None, &state());
+        let prerouting: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("add chain ") && l.contains(" hook prerouting "))
+            .collect();
+        let guard = prerouting
+            .iter()
+            .find(|l| l.starts_with("add chain ip meshnet raw-prerouting "))
+            .expect("the guard's base chain");
+        assert!(
+            guard.contains("{ type filter hook prerouting priority raw;"),
+            "{guard}"
+        );
+        let nat: Vec<&&str> = prerouting
+            .iter()
+            .filter(|l| l.contains("type nat"))
+            .collect();
+        assert!(!nat.is_empty());
+        for n in nat {
+            // raw (-300) also runs before conntrack (-200).
+            assert!(priority(guard) < priority(n), "{guard} runs after {n}");
+        }
+        let rules: Vec<&str> = text
+            .lines()
+            .filter(|l| l.starts_with("add rule ip meshnet raw-prerouting "))
+            .collect();
+        assert_eq!(
+            rules,
+            ["add rule ip meshnet raw-prerouting ip daddr 127.0.0.0/8 iifname != \"lo\" drop"]
+        );
+        // A gwbridge change rebuilds the table, guard included; element updates leave it be.
+        let mut other = state();
+        other.config.gwbridge = "docker_gwbridge".into();
+        assert!(render(Some(&state()), &other).contains(rules[0]));
+        let mut published = state();
+        published.ingress_ports.insert(PortKey::tcp(80));
+        assert!(!render(Some(&state()), &published).contains("raw-prerouting"));
     }
 
     #[test]
@@ -346,6 +428,7 @@ add element ip meshnet host-targets { 172.18.0.4 . udp . 8080 }
         assert_eq!(shape.sets["host-ports"], 1);
         assert_eq!(shape.sets["ingress-ports"], 0);
         assert_eq!(shape.chains["filter-forward"], 4);
+        assert_eq!(shape.chains["raw-prerouting"], 1);
         assert_eq!(
             node_sysctls("gw.1"),
             vec![

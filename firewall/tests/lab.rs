@@ -13,7 +13,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSocket};
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
@@ -110,9 +110,18 @@ impl Lab {
 
     /// Answers each TCP connection with `<identity> <peer IP>\n`, then echoes lines.
     fn tcp_server(&mut self, name: &str, port: u16, identity: &str) {
+        self.tcp_server_on(
+            name,
+            SocketAddrV4::new(Ipv4Addr::UNSPECIFIED, port),
+            identity,
+        );
+    }
+
+    /// [`Lab::tcp_server`] bound to one address.
+    fn tcp_server_on(&mut self, name: &str, addr: SocketAddrV4, identity: &str) {
         let listener = self
             .ns(name)
-            .run(|| TcpListener::bind(("0.0.0.0", port)))
+            .run(|| TcpListener::bind(addr))
             .unwrap()
             .unwrap();
         listener.set_nonblocking(true).unwrap();
@@ -477,6 +486,66 @@ fn routing_mesh_balances_round_robin_and_follows_incremental_updates() {
         .map(|n| lab.list(n, FOREIGN))
         .collect();
     assert_eq!(foreign_after, foreign_before);
+}
+
+/// CVE-2020-8558: the gwbridge has route_localnet=1 (for `localhost:<published>`), so without
+/// a guard a neighbour on it that routes 127.0.0.0/8 to the node reaches services bound to the
+/// node's 127.0.0.1. The node table's `raw-prerouting` chain drops those packets; the node's
+/// own localhost, and `localhost:<published>` through the DNAT, keep working.
+#[test]
+fn neighbours_on_the_gwbridge_cannot_reach_the_node_localhost() {
+    let (mut lab, desired) = ingress_lab();
+    // The attacker: a namespace on the gwbridge (172.18.0.9) that sends 127.0.0.0/8 to the node
+    // (without its own 127.0.0.1/8, whose local routes would win even with lo down) and accepts
+    // replies from 127.0.0.1 (route_localnet on its side too).
+    lab.add("nb");
+    lab.veth("node", "gw-nb", "nb", "eth0");
+    lab.ip("node", "link set gw-nb master gwbr");
+    lab.ip("nb", "addr add 172.18.0.9/16 dev eth0");
+    lab.ip("nb", "addr del 127.0.0.1/8 dev lo");
+    lab.ip("nb", "route add 127.0.0.0/8 via 172.18.0.1 dev eth0");
+    let route = lab.run("nb", "ip", &["route", "get", "127.0.0.1"]);
+    assert!(
+        route.starts_with("127.0.0.1 via 172.18.0.1 dev eth0"),
+        "{route}"
+    );
+    lab.sysctls(
+        "nb",
+        &[("net/ipv4/conf/eth0/route_localnet".into(), "1".into())],
+    );
+    // A service that trusts its loopback binding.
+    let local = SocketAddrV4::new(Ipv4Addr::LOCALHOST, 9000);
+    lab.tcp_server_on("node", local, "node-local");
+    let local = SocketAddr::V4(local);
+
+    let blocked = |lab: &Lab, why: &str| match connect(lab, "nb", local) {
+        Ok((_, greeting)) => panic!("{why}: the neighbour reached {local}: {greeting}"),
+        // Dropped: no RST, no ICMP, the SYN goes unanswered.
+        Err(e) => assert_eq!(e.kind(), std::io::ErrorKind::TimedOut, "{why}: {e}"),
+    };
+    blocked(&lab, "with the node table applied");
+    // The node itself still reaches its localhost, and localhost:<published> (DNATed on the
+    // output path, its replies un-NATed after the guard) still reaches the mesh.
+    assert_eq!(who(&lab, "node", local), "node-local");
+    for _ in 0..3 {
+        let id = who(&lab, "node", "127.0.0.1:80".parse().unwrap());
+        assert!(id.starts_with('b'), "localhost:80 answered by {id}");
+    }
+    // Published ports from outside are unaffected.
+    assert!(who(&lab, "cl", published(80)).starts_with('b'));
+
+    // The control: without the guard's rule the same neighbour gets through, so it is the rule
+    // that stops it here, not this lab's routing. The periodic check puts the rule back.
+    lab.run("node", "nft", &["flush chain ip meshnet raw-prerouting"]);
+    let (_, greeting) = connect(&lab, "nb", local)
+        .unwrap_or_else(|e| panic!("without the guard the neighbour should get through: {e}"));
+    assert_eq!(greeting, "node-local 172.18.0.9");
+    assert!(reconcile(&lab.nf("node"), &desired.node).unwrap());
+    assert_eq!(shape_of(&lab, "node"), desired.node.shape());
+    blocked(&lab, "after the reconcile");
+    assert!(lab
+        .list("node", "table ip meshnet")
+        .contains("ip daddr 127.0.0.0/8 iifname != \"lo\" drop"));
 }
 
 #[test]
