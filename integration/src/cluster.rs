@@ -200,10 +200,20 @@ impl Cluster {
 
     /// Starts the node's agent with extra flags and no token of the harness's own.
     pub fn start_agent_with(&mut self, node: &str, extra: &[&str]) -> Result<()> {
+        let (out, err) = self.log_file(&format!("agent-{node}"))?;
+        let mut cmd = self.agent_command(node, extra)?;
+        cmd.stdout(out).stderr(err);
+        let pid = self.lab.spawn(node, &mut cmd)?;
+        self.agents.insert(node.to_string(), pid);
+        Ok(())
+    }
+
+    /// The mesh-agent command line for `node` (any host of the lab), with extra flags, to be
+    /// spawned or run to completion in the node's namespace.
+    pub fn agent_command(&self, node: &str, extra: &[&str]) -> Result<Command> {
         let manager_ip = self.lab.nodes()[0].ip;
         let ip = self.lab.node(node)?.ip;
-        let (out, err) = self.log_file(&format!("agent-{node}"))?;
-        let mut cmd = Command::new(bin("mesh-agent"));
+        let mut cmd = self.lab.command(bin("mesh-agent"));
         cmd.args(extra)
             .arg("--manager")
             .arg(format!("{manager_ip}:{MANAGER_PORT}"))
@@ -217,12 +227,8 @@ impl Cluster {
             .arg(&self.lb)
             .arg("--reconcile-interval")
             .arg("2")
-            .stdin(Stdio::null())
-            .stdout(out)
-            .stderr(err);
-        let pid = self.lab.spawn(node, &mut cmd)?;
-        self.agents.insert(node.to_string(), pid);
-        Ok(())
+            .stdin(Stdio::null());
+        Ok(cmd)
     }
 
     /// Sends `signal` to the node's agent and waits until it is gone.

@@ -1,6 +1,7 @@
 //! Lab tier (root, host kernel): the lab itself, and meshnet clusters built in it.
 
 mod overlay;
+mod trust;
 
 /// The load balancer of the host kernel, which has no IPVS.
 const LB: &str = "nftables";
