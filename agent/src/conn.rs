@@ -181,7 +181,7 @@ impl Conn {
                 *welcomed = true;
             }
             ManagerMsg::Refused { reason } => bail!("refused by the manager: {reason}"),
-            other => bail!("expected welcome, got {}", kind(&other)),
+            other => bail!("expected welcome, got {}", other.kind()),
         }
         buf.clear();
 
@@ -219,7 +219,7 @@ impl Conn {
                                 renew.as_mut().reset(tokio::time::Instant::now() + BACKOFF_MAX);
                             }
                         }
-                        other => warn!("unexpected {} message from the manager", kind(&other)),
+                        other => warn!("unexpected {} message from the manager", other.kind()),
                     }
                 }
                 msg = self.outgoing.recv() => {
@@ -303,17 +303,6 @@ impl Conn {
             "assignment received"
         );
         self.assignments.send_replace(a);
-    }
-}
-
-fn kind(msg: &ManagerMsg) -> &'static str {
-    match msg {
-        ManagerMsg::Welcome { .. } => "welcome",
-        ManagerMsg::Refused { .. } => "refused",
-        ManagerMsg::Assign(_) => "assign",
-        ManagerMsg::Ca { .. } => "ca",
-        ManagerMsg::Joined { .. } => "joined",
-        ManagerMsg::Certificate { .. } => "certificate",
     }
 }
 

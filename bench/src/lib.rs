@@ -307,24 +307,13 @@ pub fn mesh_and_direct(
         .display()
         .to_string();
     let constraint = format!("node.hostname=={node}");
-    c.meshctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--replicas",
-        "1",
-        "--constraint",
-        &constraint,
-        "--publish",
-        "80:8080",
-        "--detach",
-        "--",
-        &hello,
-        "--port",
-        "8080",
-    ])?;
-    let task = c.wait_running("web", 1)?.remove(0);
+    let task = c
+        .hello_service(
+            "web",
+            1,
+            &["--constraint", &constraint, "--publish", "80:8080"],
+        )?
+        .remove(0);
     let direct = c
         .lab
         .spawn(node, Command::new(&hello).args(["--port", "8081"]))?;

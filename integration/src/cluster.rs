@@ -284,6 +284,30 @@ impl Cluster {
         })
     }
 
+    /// Creates `name`, `replicas` hello-servers on port 8080 with extra `service create` flags
+    /// (networks, ports, constraints), and waits until they all run.
+    pub fn hello_service(
+        &self,
+        name: &str,
+        replicas: usize,
+        flags: &[&str],
+    ) -> Result<Vec<TaskInfo>> {
+        let hello = bin("hello-server").display().to_string();
+        let replicas_s = replicas.to_string();
+        let mut args = vec![
+            "service",
+            "create",
+            "--name",
+            name,
+            "--replicas",
+            &replicas_s,
+        ];
+        args.extend(flags);
+        args.extend(["--detach", "--", &hello, "--port", "8080"]);
+        self.meshctl_ok(&args)?;
+        self.wait_running(name, replicas)
+    }
+
     /// The service's current tasks (desired running), by slot.
     pub fn tasks(&self, service: &str) -> Result<Vec<TaskInfo>> {
         let mut tasks: Vec<TaskInfo> = self.json(&["service", "ps", service])?;

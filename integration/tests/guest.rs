@@ -79,26 +79,7 @@ fn ipvsadm_in_ingress_sbox_shows_the_service() {
     c.lab
         .add_host("client", "192.168.56.100".parse().unwrap())
         .unwrap();
-    let hello = integration::cluster::bin("hello-server")
-        .display()
-        .to_string();
-    c.meshctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--replicas",
-        "3",
-        "-p",
-        "80:8080",
-        "--detach",
-        "--",
-        &hello,
-        "--port",
-        "8080",
-    ])
-    .unwrap();
-    let tasks = c.wait_running("web", 3).unwrap();
+    let tasks = c.hello_service("web", 3, &["-p", "80:8080"]).unwrap();
     let svc: proto::api::ServiceInfo = c.json(&["service", "inspect", "web"]).unwrap();
     let mark = svc.fwmark.unwrap();
     let mut want: Vec<String> = tasks

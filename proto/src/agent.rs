@@ -130,6 +130,20 @@ pub enum ManagerMsg {
     },
 }
 
+impl ManagerMsg {
+    /// The message's type, as on the wire, for errors that must not dump a whole assignment.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            ManagerMsg::Welcome { .. } => "welcome",
+            ManagerMsg::Refused { .. } => "refused",
+            ManagerMsg::Assign(_) => "assign",
+            ManagerMsg::Ca { .. } => "ca",
+            ManagerMsg::Joined { .. } => "joined",
+            ManagerMsg::Certificate { .. } => "certificate",
+        }
+    }
+}
+
 /// The complete desired state of one node.
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct Assignment {

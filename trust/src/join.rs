@@ -144,15 +144,8 @@ pub async fn join(
 }
 
 fn unexpected(addr: &str, msg: &ManagerMsg) -> Error {
-    let kind = match msg {
-        ManagerMsg::Welcome { .. } => "welcome",
-        ManagerMsg::Refused { .. } => "refused",
-        ManagerMsg::Assign(_) => "assign",
-        ManagerMsg::Ca { .. } => "ca",
-        ManagerMsg::Joined { .. } => "joined",
-        ManagerMsg::Certificate { .. } => "certificate",
-    };
     Error::Protocol(format!(
-        "the manager at {addr} answered with an unexpected {kind} message"
+        "the manager at {addr} answered with an unexpected {} message",
+        msg.kind()
     ))
 }

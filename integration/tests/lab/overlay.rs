@@ -20,25 +20,8 @@ fn deploy(c: &Cluster, net: &str, subnet: &str, svc: &str, replicas: u32) -> Vec
         "network", "create", "--driver", "overlay", "--subnet", subnet, net,
     ])
     .unwrap();
-    let hello = hello();
-    let replicas = replicas.to_string();
-    c.meshctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        svc,
-        "--replicas",
-        &replicas,
-        "--network",
-        net,
-        "--detach",
-        "--",
-        &hello,
-        "--port",
-        "8080",
-    ])
-    .unwrap();
-    c.wait_running(svc, replicas.parse().unwrap()).unwrap()
+    c.hello_service(svc, replicas as usize, &["--network", net])
+        .unwrap()
 }
 
 fn ip(t: &TaskInfo) -> String {

@@ -144,22 +144,7 @@ fn an_agent_refuses_a_manager_of_another_cluster() {
 #[test]
 fn a_removed_node_is_refused_and_its_tasks_move() {
     let c = Cluster::up(3, LB).unwrap();
-    let hello = bin("hello-server").display().to_string();
-    c.meshctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--replicas",
-        "3",
-        "--detach",
-        "--",
-        &hello,
-        "--port",
-        "8080",
-    ])
-    .unwrap();
-    c.wait_running("web", 3).unwrap();
+    c.hello_service("web", 3, &[]).unwrap();
 
     let out = c.meshctl(&["node", "rm", "node3"]).unwrap();
     assert!(!out.status.success());
@@ -210,24 +195,8 @@ fn certificates_renew_while_traffic_flows() {
     c.lab
         .add_host("client", Ipv4Addr::new(192, 168, 56, 100))
         .unwrap();
-    let hello = bin("hello-server").display().to_string();
-    c.meshctl_ok(&[
-        "service",
-        "create",
-        "--name",
-        "web",
-        "--replicas",
-        "3",
-        "--publish",
-        "80:8080",
-        "--detach",
-        "--",
-        &hello,
-        "--port",
-        "8080",
-    ])
-    .unwrap();
-    c.wait_running("web", 3).unwrap();
+    c.hello_service("web", 3, &["--publish", "80:8080"])
+        .unwrap();
     let client = &c.lab.node("client").unwrap().ns;
     let nodes: Vec<SocketAddr> = ["192.168.56.11:80", "192.168.56.12:80", "192.168.56.13:80"]
         .iter()
