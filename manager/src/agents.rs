@@ -21,28 +21,28 @@ use tracing::Instrument;
 use trust::CertRole;
 
 use crate::cluster::{lock, Shared, TxError};
-use crate::limits::{Pending, HANDSHAKE_TIMEOUT, MAX_PENDING, MAX_PENDING_PER_PEER};
+use crate::limits::{Slot, Slots, HANDSHAKE_TIMEOUT, MAX_PENDING, MAX_PENDING_PER_PEER};
 use crate::state::{OpError, Reason};
 
 type Tls = TlsStream<TcpStream>;
 
 pub async fn serve(listener: TcpListener, cluster: Shared, tls: Arc<rustls::ServerConfig>) {
     let acceptor = TlsAcceptor::from(tls);
-    let pending = Pending::new(MAX_PENDING, MAX_PENDING_PER_PEER);
+    let pending = Slots::new(MAX_PENDING, MAX_PENDING_PER_PEER);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                // Until it shows a certificate, a peer holds one of a few places; a flood from
-                // one address or many is turned away at accept, before any byte is read.
-                let Some(permit) = pending.admit(peer.ip()) else {
-                    tracing::debug!(%peer, "too many unauthenticated connections: closing");
+                // Until it is authenticated, a peer holds one of a few places: a flood from one
+                // address is turned away at accept, one from many makes the oldest go.
+                let Some(slot) = pending.admit(peer.ip()) else {
+                    tracing::debug!(%peer, "too many unauthenticated connections from this address: closing");
                     continue;
                 };
                 let span = tracing::info_span!("agent", %peer, node = tracing::field::Empty);
                 let (cluster, acceptor) = (cluster.clone(), acceptor.clone());
                 tokio::spawn(
                     async move {
-                        match connection(stream, peer, acceptor, cluster, permit).await {
+                        match connection(stream, peer, acceptor, cluster, slot).await {
                             Ok(()) => tracing::debug!("connection ended"),
                             Err(e) => tracing::warn!("{e:#}"),
                         }
@@ -75,35 +75,79 @@ async fn connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     cluster: Shared,
-    permit: crate::limits::PendingPermit,
+    slot: Slot,
 ) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
-    let tls = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream))
-        .await
-        .context("TLS handshake: timed out")?
-        .context("TLS handshake")?;
-    let identity = trust::tls::peer_identity(tls.get_ref().1);
-    let Some(identity) = identity else {
-        let result = tokio::time::timeout(HANDSHAKE_TIMEOUT, unauthenticated(tls, peer, &cluster))
-            .await
-            .context("request without a certificate: timed out");
-        drop(permit);
-        return result?;
+    // Until a node has said Hello over a verified connection, it holds a pending place and may
+    // be evicted to make room, and everything it sends is small and quick.
+    let opened = tokio::select! {
+        opened = tokio::time::timeout(HANDSHAKE_TIMEOUT, open(stream, peer, acceptor, &cluster)) => {
+            opened.context("TLS handshake and first message: timed out")??
+        }
+        _ = slot.evicted() => bail!("closed before authenticating, to make room for newer connections"),
     };
-    drop(permit);
+    drop(slot);
+    let Some((node_id, hello, mut rd, mut wr)) = opened else {
+        return Ok(());
+    };
+    session(&mut rd, &mut wr, &node_id, hello, &cluster).await
+}
+
+/// The TLS handshake, then either a certificate-less peer's one request, answered (`None`), or
+/// a node's Hello.
+async fn open(
+    stream: TcpStream,
+    peer: SocketAddr,
+    acceptor: TlsAcceptor,
+    cluster: &Shared,
+) -> anyhow::Result<Option<(String, Hello, BufReader<ReadHalf<Tls>>, WriteHalf<Tls>)>> {
+    let tls = acceptor.accept(stream).await.context("TLS handshake")?;
+    let Some(identity) = trust::tls::peer_identity(tls.get_ref().1) else {
+        unauthenticated(tls, peer, cluster).await?;
+        return Ok(None);
+    };
     let identity = identity.context("read the peer's certificate")?;
     let node_id = identity.common_name.clone();
-    tracing::Span::current().record("node", node_id.as_str());
+    tracing::Span::current().record("node", excerpt(&node_id).to_string().as_str());
     let (rd, mut wr) = tokio::io::split(tls);
     let mut rd = BufReader::new(rd);
-    let cluster_id = lock(&cluster).pki().cluster_id().to_string();
+    let cluster_id = lock(cluster).pki().cluster_id().to_string();
     if identity.cluster_id != cluster_id
         || !matches!(identity.role, Some(CertRole::Worker | CertRole::Manager))
     {
         let reason = "this certificate is not a node certificate of this cluster".to_string();
         return Err(refuse(&mut wr, reason).await);
     }
-    session(&mut rd, &mut wr, &node_id, &cluster).await
+    let mut buf = Vec::new();
+    if !read_frame(&mut rd, &mut buf, proto::PREAUTH_FRAME_BYTES)
+        .await
+        .context("read Hello")?
+    {
+        bail!("closed before Hello");
+    }
+    let hello = match proto::decode_frame::<AgentMsg>(&buf) {
+        Ok(AgentMsg::Hello {
+            version,
+            hostname,
+            advertise_addr,
+            gwbridge_subnet,
+        }) => Hello {
+            version,
+            hostname,
+            advertise_addr,
+            gwbridge_subnet,
+        },
+        Ok(_) => return Err(refuse(&mut wr, "the first message must be hello".into()).await),
+        Err(e) => return Err(refuse(&mut wr, format!("decode hello: {}", frame_error(&e))).await),
+    };
+    Ok(Some((node_id, hello, rd, wr)))
+}
+
+struct Hello {
+    version: u32,
+    hostname: String,
+    advertise_addr: std::net::IpAddr,
+    gwbridge_subnet: Option<ipnet::Ipv4Net>,
 }
 
 /// A peer without a certificate: one GetCa or Join, answered, then the connection closes.
@@ -170,31 +214,15 @@ async fn session(
     rd: &mut BufReader<ReadHalf<Tls>>,
     wr: &mut WriteHalf<Tls>,
     node_id: &str,
+    hello: Hello,
     cluster: &Shared,
 ) -> anyhow::Result<()> {
-    let mut buf = Vec::new();
-    let got = tokio::time::timeout(
-        HANDSHAKE_TIMEOUT,
-        read_frame(rd, &mut buf, proto::AGENT_FRAME_BYTES),
-    )
-    .await
-    .context("wait for Hello: timed out")?
-    .context("read Hello")?;
-    if !got {
-        bail!("closed before Hello");
-    }
-    let hello = proto::decode_frame::<AgentMsg>(&buf);
-    buf.clear();
-    let (version, hostname, advertise_addr, gwbridge_subnet) = match hello {
-        Ok(AgentMsg::Hello {
-            version,
-            hostname,
-            advertise_addr,
-            gwbridge_subnet,
-        }) => (version, hostname, advertise_addr, gwbridge_subnet),
-        Ok(_) => return Err(refuse(wr, "the first message must be hello".into()).await),
-        Err(e) => return Err(refuse(wr, format!("decode hello: {}", frame_error(&e))).await),
-    };
+    let Hello {
+        version,
+        hostname,
+        advertise_addr,
+        gwbridge_subnet,
+    } = hello;
     if version != proto::PROTOCOL_VERSION {
         let reason = format!(
             "protocol version {version} is not supported: this manager speaks version {}",
@@ -220,6 +248,7 @@ async fn session(
         );
     }
 
+    let mut buf = Vec::new();
     let result = converse(rd, wr, &mut rx, &mut buf, node_id, cluster).await;
     lock(cluster).disconnect_agent(node_id, conn);
     result

@@ -17,18 +17,23 @@ use trust::CertRole;
 
 use crate::cluster::{lock, Cluster, Shared};
 use crate::limits::{
-    ConnGuard, Conns, Pending, API_IDLE, HANDSHAKE_TIMEOUT, MAX_API_CONNS, MAX_PENDING,
-    MAX_PENDING_PER_PEER,
+    Slot, Slots, API_IDLE, HANDSHAKE_TIMEOUT, MAX_API_CONNS, MAX_PENDING, MAX_PENDING_PER_PEER,
 };
 use crate::views;
 
+/// Every Unix-socket client counts as this one address (they are all root); only the table's
+/// bound applies to them.
+const LOCAL: std::net::IpAddr = std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST);
+
 pub async fn serve_unix(listener: UnixListener, cluster: Shared) {
-    let conns = Conns::new(MAX_API_CONNS);
+    let conns = Slots::new(MAX_API_CONNS, usize::MAX);
     loop {
         match listener.accept().await {
             Ok((stream, _)) => {
-                let guard = conns.admit();
-                tokio::spawn(serve(stream, cluster.clone(), guard));
+                let Some(slot) = conns.admit(LOCAL) else {
+                    continue;
+                };
+                tokio::spawn(serve(stream, cluster.clone(), slot, None));
             }
             Err(e) => accept_failed(e).await,
         }
@@ -37,40 +42,75 @@ pub async fn serve_unix(listener: UnixListener, cluster: Shared) {
 
 pub async fn serve_tcp(listener: TcpListener, cluster: Shared, tls: Arc<rustls::ServerConfig>) {
     let acceptor = TlsAcceptor::from(tls);
-    let pending = Pending::new(MAX_PENDING, MAX_PENDING_PER_PEER);
-    let conns = Conns::new(MAX_API_CONNS);
+    let pending = Slots::new(MAX_PENDING, MAX_PENDING_PER_PEER);
+    let conns = Slots::new(MAX_API_CONNS, usize::MAX);
     loop {
         match listener.accept().await {
             Ok((stream, peer)) => {
-                let Some(permit) = pending.admit(peer.ip()) else {
-                    tracing::debug!(%peer, "too many API handshakes in progress: closing");
+                let Some(slot) = pending.admit(peer.ip()) else {
+                    tracing::debug!(%peer, "too many API handshakes from this address: closing");
                     continue;
                 };
                 let (acceptor, cluster, conns) = (acceptor.clone(), cluster.clone(), conns.clone());
                 tokio::spawn(async move {
-                    let accepted =
-                        tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await;
-                    drop(permit);
+                    let accepted = tokio::select! {
+                        a = tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)) => a,
+                        _ = slot.evicted() => return tracing::debug!(%peer, "API handshake closed to make room"),
+                    };
+                    drop(slot);
                     let tls = match accepted {
                         Ok(Ok(tls)) => tls,
                         Ok(Err(e)) => return tracing::info!(%peer, "API TLS handshake: {e}"),
                         Err(_) => return tracing::info!(%peer, "API TLS handshake: timed out"),
                     };
-                    let role = trust::tls::peer_identity(tls.get_ref().1)
-                        .and_then(Result::ok)
-                        .and_then(|id| id.role);
-                    if !matches!(role, Some(CertRole::Admin | CertRole::Manager)) {
-                        tracing::warn!(%peer, ?role, "API client refused: not an admin or manager certificate");
+                    let who = trust::tls::peer_identity(tls.get_ref().1).and_then(Result::ok);
+                    let refused = match &who {
+                        Some(id) => api_access(&lock(&cluster), id).err(),
+                        None => Some("no client certificate".to_string()),
+                    };
+                    if let Some(message) = refused {
+                        tracing::warn!(%peer, "API client refused: {message}");
                         let (_, mut wr) = tokio::io::split(tls);
-                        let message = "this certificate may not use the API: it needs an admin or manager certificate of this cluster (the manager's <data-dir>/client/)".to_string();
                         let _ = write_frame(&mut wr, &Response::Error { message }).await;
                         return;
                     }
-                    serve(tls, cluster, conns.admit()).await
+                    let Some(slot) = conns.admit(peer.ip()) else {
+                        return;
+                    };
+                    serve(tls, cluster, slot, who).await
                 });
             }
             Err(e) => accept_failed(e).await,
         }
+    }
+}
+
+/// Whether the holder of certificate `id` may use the API now: an admin of this cluster, or a
+/// manager node that is still one (not removed, not demoted since its certificate was issued).
+fn api_access(cluster: &Cluster, id: &trust::Identity) -> Result<(), String> {
+    const NEEDS: &str = "this certificate may not use the API: it needs an admin or manager certificate of this cluster (the manager's <data-dir>/client/)";
+    if id.cluster_id != cluster.pki().cluster_id() {
+        return Err(NEEDS.into());
+    }
+    match id.role {
+        Some(CertRole::Admin) => Ok(()),
+        Some(CertRole::Manager) => {
+            let node = cluster.state().nodes.get(&id.common_name);
+            if cluster.state().revoked.contains(&id.common_name) || node.is_none() {
+                return Err(format!(
+                    "node {} was removed from the cluster: its certificate no longer opens the API",
+                    excerpt(&id.common_name)
+                ));
+            }
+            match node.map(|r| r.node.role) {
+                Some(Role::Manager) => Ok(()),
+                _ => Err(format!(
+                    "node {} is no longer a manager: its certificate no longer opens the API",
+                    excerpt(&id.common_name)
+                )),
+            }
+        }
+        _ => Err(NEEDS.into()),
     }
 }
 
@@ -80,8 +120,15 @@ async fn accept_failed(e: std::io::Error) {
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
 }
 
-/// Serves one API connection until the client closes it, goes idle, or is evicted.
-async fn serve<S: AsyncRead + AsyncWrite>(stream: S, cluster: Shared, guard: ConnGuard) {
+/// Serves one API connection until the client closes it, goes idle, or is evicted. A TCP
+/// client's certificate (`who`) is checked again at every request: a node removed or demoted
+/// meanwhile loses the API at once.
+async fn serve<S: AsyncRead + AsyncWrite>(
+    stream: S,
+    cluster: Shared,
+    guard: Slot,
+    who: Option<trust::Identity>,
+) {
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::new(rd);
     let mut buf = Vec::new();
@@ -106,7 +153,21 @@ async fn serve<S: AsyncRead + AsyncWrite>(stream: S, cluster: Shared, guard: Con
         let response = match proto::decode_frame::<Request>(&buf) {
             Ok(req) => {
                 let span = tracing::info_span!("api", request = request_kind(&req));
-                span.in_scope(|| handle(&mut lock(&cluster), req))
+                let answered = {
+                    let mut c = lock(&cluster);
+                    match who.as_ref().map(|id| api_access(&c, id)) {
+                        Some(Err(message)) => Err(message),
+                        _ => Ok(span.in_scope(|| handle(&mut c, req))),
+                    }
+                };
+                match answered {
+                    Ok(response) => response,
+                    Err(message) => {
+                        tracing::warn!("API client refused: {message}");
+                        let _ = write_frame(&mut wr, &Response::Error { message }).await;
+                        return;
+                    }
+                }
             }
             Err(e) => Response::Error {
                 message: format!("decode request: {}", frame_error(&e)),
