@@ -52,7 +52,8 @@ impl FromStr for JoinToken {
         let invalid = || {
             Error::Token(format!(
                 "invalid join token {}: expected {PREFIX}<50 base-36 digits>-<25 base-36 digits>, as printed by `meshctl join-token worker`",
-                crate::excerpt(s)
+                // Short: escaped control characters weigh up to 6 bytes each.
+                proto::excerpt_within(s, 24)
             ))
         };
         let rest = s.trim().strip_prefix(PREFIX).ok_or_else(invalid)?;
