@@ -86,8 +86,8 @@ struct PublishArgs {
     #[command(subcommand)]
     cmd: Option<PublishCmd>,
     /// PUBLISHED:TARGET[/tcp|udp], or mode=ingress|host,published=P,target=T,protocol=tcp|udp
-    #[arg(value_parser = ports::parse_publish, required = true)]
-    port: Option<PortConfig>,
+    #[arg(value_parser = ports::parse_publish_arg, required = true)]
+    port: Option<ports::PublishArg>,
     /// The service that gets the port
     #[arg(long, required = true)]
     service: Option<String>,
@@ -473,7 +473,25 @@ fn print_inspect<T: Serialize>(
     }
 }
 
+/// What clap cannot see: flags that contradict each other. Checked before connecting.
+fn check(cli: &Cli) -> anyhow::Result<()> {
+    if let Command::Publish(PublishArgs {
+        port: Some(arg),
+        mode: Some(_),
+        ..
+    }) = &cli.command
+    {
+        if arg.mode_given {
+            bail!(
+                "publish: the mode is given twice, in the port (mode=...) and in --mode: give one"
+            );
+        }
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
+    check(&cli)?;
     let mut c = Client::connect(&cli.host, cli.tls_dir.as_deref())?;
     match cli.command {
         Command::Node(cmd) => node(&mut c, cmd),
@@ -578,9 +596,10 @@ fn publish(c: &mut Client, args: PublishArgs) -> anyhow::Result<()> {
         }
         None => {
             // clap requires both when there is no subcommand.
-            let (Some(mut port), Some(service)) = (args.port, args.service) else {
+            let (Some(arg), Some(service)) = (args.port, args.service) else {
                 bail!("publish: a port and --service are required");
             };
+            let mut port = arg.port;
             if let Some(mode) = args.mode {
                 port.mode = mode.into();
             }
@@ -1026,8 +1045,19 @@ mod tests {
             panic!("parsed as {:?}", cli.command)
         };
         assert!(p.cmd.is_none());
-        assert_eq!(p.port.unwrap().published, 81);
+        assert_eq!(p.port.unwrap().port.published, 81);
         assert_eq!(p.mode, Some(ModeArg::Host));
+        let cli = parse(&[
+            "publish",
+            "mode=ingress,published=81,target=8080",
+            "--service",
+            "web",
+            "--mode",
+            "host",
+        ])
+        .unwrap();
+        let err = check(&cli).unwrap_err().to_string();
+        assert!(err.contains("the mode is given twice"), "{err}");
         assert_eq!(p.service.as_deref(), Some("web"));
         let cli = parse(&["publish", "ls", "--format", "json"]).unwrap();
         let Command::Publish(p) = cli.command else {

@@ -30,6 +30,22 @@ fn parse_protocol(text: &str, whole: &str) -> Result<Protocol, String> {
     }
 }
 
+/// The port of `meshctl publish`, and whether its long form named the mode (then `--mode` too
+/// would be the key given twice).
+#[derive(Debug, Clone)]
+pub struct PublishArg {
+    pub port: PortConfig,
+    pub mode_given: bool,
+}
+
+pub fn parse_publish_arg(text: &str) -> Result<PublishArg, String> {
+    let port = parse_publish(text)?;
+    let mode_given = text
+        .split(',')
+        .any(|kv| kv.split_once('=').is_some_and(|(k, _)| k.trim() == "mode"));
+    Ok(PublishArg { port, mode_given })
+}
+
 /// `--publish`: `P:T[/tcp|udp]` (ingress mode) or docker's long form, where `published` and
 /// `target` are required and `mode` (ingress) and `protocol` (tcp) have defaults.
 pub fn parse_publish(text: &str) -> Result<PortConfig, String> {
