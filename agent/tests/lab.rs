@@ -1,11 +1,12 @@
 //! Lab tier (root, host kernel): the real `mesh-agent` binary in a throwaway node namespace,
-//! against a fake manager played by this test. It builds the overlay and runs the tasks;
+//! against a fake manager played by this test (mutual TLS with a CA of its own; the node's
+//! credentials are put in the agent's state dir, as a join would). It builds the overlay and runs the tasks;
 //! after a crash it adopts them without breaking an established TCP connection between two
 //! tasks, puts back what was deleted and removes what is stale; tasks that leave are stopped and
 //! the overlay sandbox goes with the last of them.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command};
@@ -17,7 +18,8 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use proto::agent::{AgentMsg, Assignment, ManagerMsg, NetworkSpec, Peer, TaskSpec};
 use proto::model::{endpoint_mac, Attachment, Role, TaskState};
-use proto::{decode_frame, encode_frame, PROTOCOL_VERSION};
+use proto::wire::{read_frame, write_frame};
+use proto::{decode_frame, PROTOCOL_VERSION};
 use vxlan::{FdbOwner, LinkKind, RemotePeer, Sandbox};
 
 const WAIT: Duration = Duration::from_secs(15);
@@ -31,7 +33,40 @@ struct Lab {
     dir: PathBuf,
     node: Netns,
     listener: TcpListener,
+    tls: tokio_rustls::TlsAcceptor,
     agent: Option<Child>,
+}
+
+/// A CA, the manager's TLS side, and the node's credentials stored where the agent keeps them.
+fn pki(state_dir: &Path) -> tokio_rustls::TlsAcceptor {
+    let ca = trust::Ca::generate("lab").unwrap();
+    let subject = |cn: &str, role| trust::Subject {
+        common_name: cn.into(),
+        role,
+        cluster_id: "lab".into(),
+    };
+    let life = Duration::from_secs(3600);
+    let (cert, key) = ca
+        .issue(
+            &subject("mesh-manager", trust::CertRole::Manager),
+            &[],
+            life,
+        )
+        .unwrap();
+    let slot = trust::tls::CertSlot::new(trust::tls::certified_key(&cert, &key).unwrap());
+    let config =
+        trust::tls::server_config(ca.cert_pem(), slot, trust::tls::ClientAuth::Optional).unwrap();
+    let (cert_pem, key_pem) = ca
+        .issue(&subject("node-lab", trust::CertRole::Worker), &[], life)
+        .unwrap();
+    trust::Credentials {
+        ca_pem: ca.cert_pem().to_string(),
+        cert_pem,
+        key_pem,
+    }
+    .store_node(&state_dir.join("tls"))
+    .unwrap();
+    tokio_rustls::TlsAcceptor::from(config)
 }
 
 impl Lab {
@@ -44,10 +79,12 @@ impl Lab {
             .unwrap()
             .expect("listen in the node namespace");
         listener.set_nonblocking(true).unwrap();
+        let tls = pki(&dir.join("state"));
         Lab {
             dir,
             node,
             listener,
+            tls,
             agent: None,
         }
     }
@@ -110,11 +147,49 @@ impl Lab {
                 Err(e) => panic!("the agent did not connect: {e}\n{}", self.log()),
             }
         };
-        stream.set_nonblocking(false).unwrap();
-        let mut reader = BufReader::new(stream.try_clone().unwrap());
-        let mut hello = String::new();
-        reader.read_line(&mut hello).unwrap();
-        match decode_frame::<AgentMsg>(hello.as_bytes()).unwrap() {
+        // The manager's side runs on its own thread: TLS in, decoded messages out to `rx`,
+        // and whatever `send` queues written back.
+        let (in_tx, rx) = mpsc::channel();
+        let (out_tx, mut out_rx) = tokio::sync::mpsc::unbounded_channel::<ManagerMsg>();
+        let acceptor = self.tls.clone();
+        std::thread::spawn(move || {
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                stream.set_nonblocking(true).unwrap();
+                let tcp = tokio::net::TcpStream::from_std(stream).unwrap();
+                let Ok(tls) = acceptor.accept(tcp).await else {
+                    return;
+                };
+                let (rd, mut wr) = tokio::io::split(tls);
+                let mut rd = tokio::io::BufReader::new(rd);
+                let mut buf = Vec::new();
+                loop {
+                    tokio::select! {
+                        out = out_rx.recv() => {
+                            let Some(msg) = out else { return };
+                            if write_frame(&mut wr, &msg).await.is_err() {
+                                return;
+                            }
+                        }
+                        got = read_frame(&mut rd, &mut buf, proto::MAX_FRAME_BYTES) => {
+                            if !matches!(got, Ok(true)) {
+                                return;
+                            }
+                            let msg = decode_frame::<AgentMsg>(&buf).unwrap();
+                            buf.clear();
+                            if in_tx.send(msg).is_err() {
+                                return;
+                            }
+                        }
+                    }
+                }
+            });
+        });
+        let mut m = Manager { out: out_tx, rx };
+        match m.wait_for(self, "hello", |msg| Some(msg.clone())) {
             AgentMsg::Hello {
                 version, hostname, ..
             } => {
@@ -122,24 +197,6 @@ impl Lab {
             }
             other => panic!("expected hello, got {other:?}"),
         }
-        let mut m = Manager {
-            stream,
-            rx: {
-                let (tx, rx) = mpsc::channel();
-                std::thread::spawn(move || {
-                    for line in reader.lines() {
-                        let Ok(line) = line else { return };
-                        if tx
-                            .send(decode_frame::<AgentMsg>(line.as_bytes()).unwrap())
-                            .is_err()
-                        {
-                            return;
-                        }
-                    }
-                });
-                rx
-            },
-        };
         m.send(&ManagerMsg::Welcome {
             version: PROTOCOL_VERSION,
             node_id: "node-lab".into(),
@@ -198,13 +255,13 @@ impl Drop for Lab {
 }
 
 struct Manager {
-    stream: TcpStream,
+    out: tokio::sync::mpsc::UnboundedSender<ManagerMsg>,
     rx: Receiver<AgentMsg>,
 }
 
 impl Manager {
     fn send(&mut self, msg: &ManagerMsg) {
-        self.stream.write_all(&encode_frame(msg)).unwrap();
+        self.out.send(msg.clone()).unwrap();
     }
 
     /// The first message from the agent that `f` picks, skipping others.
