@@ -242,6 +242,10 @@ impl<K: Kernel> Reconciler<K> {
             error!("persist assignment {}: {e}", desired.revision);
         }
         let mut next = Instant::now();
+        // systemd's Type=notify: ready after the first pass over the last known assignment
+        // (saved, or the manager's if it came first). Joining came before; a failed action of
+        // that pass is retried as usual and does not hold readiness back.
+        let mut notified = false;
         loop {
             tokio::select! {
                 changed = assignments.changed() => {
@@ -265,6 +269,12 @@ impl<K: Kernel> Reconciler<K> {
                 _ = tokio::time::sleep_until(next) => {
                     let errors = self.pass(&desired).await;
                     self.supervisor.flush_reports();
+                    if !notified {
+                        notified = true;
+                        if let Err(e) = proto::sd_notify::ready() {
+                            warn!("tell systemd the agent is ready: {e}");
+                        }
+                    }
                     if errors == 0 {
                         if let Some(rev) = unreported.take() {
                             info!(revision = rev, "assignment applied");

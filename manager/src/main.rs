@@ -214,6 +214,10 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tracing::info!(api = %addr, "listening for the API on TCP (TLS, admin or manager certificates only)");
         tokio::spawn(api::serve_tcp(tcp, cluster.clone(), pki.api_tls.clone()));
     }
+    // Every listener is bound: agents and meshctl can connect (systemd's Type=notify).
+    if let Err(e) = proto::sd_notify::ready() {
+        tracing::warn!("tell systemd the manager is ready: {e}");
+    }
 
     let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;
     let mut int = signal(SignalKind::interrupt()).context("install the SIGINT handler")?;
