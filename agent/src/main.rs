@@ -227,10 +227,13 @@ fn cleanup(flags: &Flags) -> anyhow::Result<()> {
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
     init_logging(flags.log_format);
+    if flags.cleanup {
+        // It blocks (waits for tasks to stop): off the async runtime's threads.
+        return tokio::task::spawn_blocking(move || cleanup(&flags)).await?;
+    }
     let (Some(manager), Some(advertise_addr)) = (flags.manager.clone(), flags.advertise_addr)
     else {
-        // clap requires both unless --cleanup is given. It blocks (waits for tasks to stop).
-        return tokio::task::spawn_blocking(move || cleanup(&flags)).await?;
+        anyhow::bail!("--manager and --advertise-addr are required");
     };
     let hostname = match flags.hostname.clone() {
         Some(h) => h,
