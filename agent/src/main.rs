@@ -8,6 +8,7 @@ mod conn;
 mod join;
 mod lb;
 mod mesh;
+mod metrics;
 mod observe;
 mod plan;
 mod reconcile;
@@ -95,6 +96,9 @@ struct Flags {
     /// Seconds between re-reads of the kernel state (a deleted link or peer entry comes back).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     reconcile_interval: u64,
+    /// Serve Prometheus metrics (meshnet_agent_*) on ADDR:PORT at /metrics [default: none].
+    #[arg(long, env = "MESH_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds a task has to exit after SIGTERM before it gets SIGKILL.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
     stop_grace_period: u64,
@@ -276,6 +280,21 @@ async fn main() -> anyhow::Result<()> {
             "serving the last applied assignment until the manager is back"
         );
     }
+    let metrics = metrics::AgentMetrics::new();
+    if let Some(addr) = flags.metrics_listen {
+        let mut registry = mesh_metrics::Registry::with_prefix("meshnet_agent");
+        metrics.register(&mut registry);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen for metrics on {addr}"))?;
+        info!(%addr, "serving metrics at /metrics");
+        // Every value is set where it changes: nothing to refresh at scrape time.
+        tokio::spawn(mesh_metrics::serve(
+            listener,
+            Arc::new(Mutex::new(registry)),
+            || {},
+        ));
+    }
     let (outbox, outgoing) = conn::Outbox::new();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let supervisor = tasks::Supervisor::adopt(
@@ -297,6 +316,7 @@ async fn main() -> anyhow::Result<()> {
         assignments: assign_tx,
         outbox: outbox.clone(),
         outgoing,
+        metrics: metrics.clone(),
     };
     tokio::spawn(connection.run());
 
@@ -338,6 +358,7 @@ async fn main() -> anyhow::Result<()> {
         outbox,
         mesh,
         wake: None,
+        metrics,
     };
     let interval = Duration::from_secs(flags.reconcile_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
