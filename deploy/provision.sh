@@ -7,14 +7,15 @@
 #   until the agent is ready (systemd's Type=notify).
 #
 #   deploy/provision.sh --hostname node2 --addr 192.168.56.12 --manager-addr 192.168.56.11 \
-#       --shared DIR [--bin-dir DIR] [--agent-opts "--lb nftables"] [--token-timeout 600]
+#       --shared DIR [--bin-dir DIR] [--agent-opts "--lb nftables"] [--manager-opts "..."]
+#       [--token-timeout 600]
 #
 # --shared: a directory every node sees (Vagrant's synced folder); --bin-dir: the built binaries.
 set -euo pipefail
 here=$(cd "$(dirname "$0")" && pwd)
 repo=$(dirname "$here")
 
-hostname= addr= manager_addr= shared= bin_dir= agent_opts= token_timeout=600
+hostname= addr= manager_addr= shared= bin_dir= agent_opts= manager_opts= token_timeout=600
 while [ $# -gt 0 ]; do
     case $1 in
         --hostname) hostname=$2; shift 2 ;;
@@ -23,6 +24,7 @@ while [ $# -gt 0 ]; do
         --shared) shared=$2; shift 2 ;;
         --bin-dir) bin_dir=$2; shift 2 ;;
         --agent-opts) agent_opts=$2; shift 2 ;;
+        --manager-opts) manager_opts=$2; shift 2 ;;
         --token-timeout) token_timeout=$2; shift 2 ;;
         *) echo "provision: unknown argument $1" >&2; exit 2 ;;
     esac
@@ -59,7 +61,7 @@ token_file=$shared/worker.token
 if [ "$addr" = "$manager_addr" ]; then
     # A token left by an earlier cluster must not be read by this one's workers.
     rm -f "$token_file"
-    "$repo/scripts/install" --role manager --advertise-addr "$addr" "${bin[@]}"
+    "$repo/scripts/install" --role manager --advertise-addr "$addr" --manager-opts "$manager_opts" "${bin[@]}"
     systemctl enable --now mesh-manager
     mkdir -p "$shared"
     meshctl join-token worker --quiet >"$token_file.new"
