@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use trust::{Credentials, KeyRequest};
 
+use crate::metrics::AgentMetrics;
 use crate::state::StateDir;
 
 const BACKOFF_MIN: Duration = Duration::from_millis(500);
@@ -120,6 +121,7 @@ pub struct Conn {
     pub assignments: watch::Sender<Assignment>,
     pub outbox: Outbox,
     pub outgoing: mpsc::UnboundedReceiver<AgentMsg>,
+    pub metrics: AgentMetrics,
 }
 
 impl Conn {
@@ -131,6 +133,7 @@ impl Conn {
                 Ok(()) => warn!(manager = %self.manager, "manager closed the connection"),
                 Err(e) => warn!(manager = %self.manager, "manager connection: {e:#}"),
             }
+            self.metrics.manager_connected.set(0);
             if welcomed {
                 backoff = BACKOFF_MIN;
             }
@@ -179,6 +182,7 @@ impl Conn {
                 }
                 info!(manager = %self.manager, %node_id, ?role, "connected to the manager");
                 *welcomed = true;
+                self.metrics.manager_connected.set(1);
             }
             ManagerMsg::Refused { reason } => bail!("refused by the manager: {reason}"),
             other => bail!("expected welcome, got {}", other.kind()),
@@ -452,6 +456,7 @@ mod tests {
             assignments: tx,
             outbox: outbox.clone(),
             outgoing,
+            metrics: AgentMetrics::new(),
         };
         let agent = tokio::spawn(conn.run());
 
@@ -522,6 +527,7 @@ mod tests {
             assignments: tx,
             outbox,
             outgoing,
+            metrics: AgentMetrics::new(),
         };
         let agent = tokio::spawn(conn.run());
         let (mut r, mut w) = accept(&listener, &tls).await;

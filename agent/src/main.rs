@@ -3,10 +3,12 @@
 //! processes to the desired state the manager assigns.
 
 mod apply;
+mod cleanup;
 mod conn;
 mod join;
 mod lb;
 mod mesh;
+mod metrics;
 mod observe;
 mod plan;
 mod reconcile;
@@ -40,11 +42,16 @@ use crate::plan::Settings;
 )]
 struct Flags {
     /// The manager's agent endpoint, ADDR:PORT (its --listen).
-    #[arg(long, env = "MESH_MANAGER", value_parser = parse_manager)]
-    manager: String,
+    #[arg(long, env = "MESH_MANAGER", value_parser = parse_manager, required_unless_present = "cleanup")]
+    manager: Option<String>,
     /// This node's underlay address: the VTEP other nodes send VXLAN traffic to.
-    #[arg(long, env = "MESH_ADVERTISE_ADDR")]
-    advertise_addr: IpAddr,
+    #[arg(long, env = "MESH_ADVERTISE_ADDR", required_unless_present = "cleanup")]
+    advertise_addr: Option<IpAddr>,
+    /// Removes everything meshnet made on this node (tasks' processes, the namespaces in
+    /// <state-dir>/netns with their IPVS services, the gwbridge, the nft table `ip meshnet`)
+    /// and exits. Stop the agent first. The node's certificate stays in <state-dir>.
+    #[arg(long)]
+    cleanup: bool,
     /// The node's name at the manager [default: the system hostname].
     #[arg(long, env = "MESH_HOSTNAME")]
     hostname: Option<String>,
@@ -89,6 +96,9 @@ struct Flags {
     /// Seconds between re-reads of the kernel state (a deleted link or peer entry comes back).
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
     reconcile_interval: u64,
+    /// Serve Prometheus metrics (meshnet_agent_*) on ADDR:PORT at /metrics [default: none].
+    #[arg(long, env = "MESH_METRICS_LISTEN")]
+    metrics_listen: Option<std::net::SocketAddr>,
     /// Seconds a task has to exit after SIGTERM before it gets SIGKILL.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
     stop_grace_period: u64,
@@ -200,10 +210,35 @@ fn node_nets(node: &Netns, gw_subnet: Ipv4Net) -> anyhow::Result<NodeNets> {
     Ok((addrs, routes))
 }
 
+/// `--cleanup`: no manager, no join; only the state dir and the node namespace.
+fn cleanup(flags: &Flags) -> anyhow::Result<()> {
+    let state = state::StateDir::open(&flags.state_dir)
+        .with_context(|| format!("open state dir {}", flags.state_dir.display()))?;
+    let node = Netns::current().context("open the node's network namespace")?;
+    let kernel = NetKernel::new(
+        &state.netns_dir(),
+        Netns::open(node.path()).context("open the node's network namespace")?,
+    );
+    cleanup::run(
+        &state,
+        &kernel,
+        &node,
+        Duration::from_secs(flags.stop_grace_period),
+    )
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let flags = Flags::parse();
     init_logging(flags.log_format);
+    if flags.cleanup {
+        // It blocks (waits for tasks to stop): off the async runtime's threads.
+        return tokio::task::spawn_blocking(move || cleanup(&flags)).await?;
+    }
+    let (Some(manager), Some(advertise_addr)) = (flags.manager.clone(), flags.advertise_addr)
+    else {
+        anyhow::bail!("--manager and --advertise-addr are required");
+    };
     let hostname = match flags.hostname.clone() {
         Some(h) => h,
         None => system_hostname()?,
@@ -213,17 +248,17 @@ async fn main() -> anyhow::Result<()> {
     // Nothing is built on a node that cannot prove it belongs to the cluster.
     let creds = join::credentials(
         &state.tls_dir(),
-        &flags.manager,
+        &manager,
         flags.join_token.as_ref(),
         &hostname,
-        flags.advertise_addr,
+        advertise_addr,
     )
     .await?;
     // The main thread never changes namespace: its namespace is the node's underlay.
     let node = Netns::current().context("open the node's network namespace")?;
     let mtu = match flags.mtu {
         Some(m) => m,
-        None => overlay_mtu(&node, flags.advertise_addr)?,
+        None => overlay_mtu(&node, advertise_addr)?,
     };
     let lb_kind = choose_lb(flags.lb)?;
     let (node_addrs, node_routes) = node_nets(&node, flags.gwbridge_subnet)?;
@@ -231,7 +266,7 @@ async fn main() -> anyhow::Result<()> {
     let gw_mtu = mtu + vxlan::VXLAN_OVERHEAD;
     info!(
         %hostname,
-        advertise_addr = %flags.advertise_addr,
+        advertise_addr = %advertise_addr,
         state_dir = %flags.state_dir.display(),
         mtu,
         data_path_port = flags.data_path_port,
@@ -245,6 +280,21 @@ async fn main() -> anyhow::Result<()> {
             "serving the last applied assignment until the manager is back"
         );
     }
+    let metrics = metrics::AgentMetrics::new();
+    if let Some(addr) = flags.metrics_listen {
+        let mut registry = mesh_metrics::Registry::with_prefix("meshnet_agent");
+        metrics.register(&mut registry);
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen for metrics on {addr}"))?;
+        info!(%addr, "serving metrics at /metrics");
+        // Every value is set where it changes: nothing to refresh at scrape time.
+        tokio::spawn(mesh_metrics::serve(
+            listener,
+            Arc::new(Mutex::new(registry)),
+            || {},
+        ));
+    }
     let (outbox, outgoing) = conn::Outbox::new();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let supervisor = tasks::Supervisor::adopt(
@@ -257,15 +307,16 @@ async fn main() -> anyhow::Result<()> {
     let (assign_tx, assign_rx) = watch::channel(desired);
 
     let connection = conn::Conn {
-        manager: flags.manager.clone(),
+        manager,
         hostname,
-        advertise_addr: flags.advertise_addr,
+        advertise_addr,
         gwbridge_subnet: flags.gwbridge_subnet,
         state: state.clone(),
         creds,
         assignments: assign_tx,
         outbox: outbox.clone(),
         outgoing,
+        metrics: metrics.clone(),
     };
     tokio::spawn(connection.run());
 
@@ -301,12 +352,13 @@ async fn main() -> anyhow::Result<()> {
         settings: Settings {
             mtu,
             port: flags.data_path_port,
-            advertise_addr: flags.advertise_addr,
+            advertise_addr,
         },
         state,
         outbox,
         mesh,
         wake: None,
+        metrics,
     };
     let interval = Duration::from_secs(flags.reconcile_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
@@ -332,7 +384,8 @@ mod tests {
             "192.168.56.12",
         ])
         .unwrap();
-        assert_eq!(f.manager, "192.168.56.11:2377");
+        assert_eq!(f.manager.as_deref(), Some("192.168.56.11:2377"));
+        assert!(!f.cleanup);
         assert_eq!(f.data_path_port, 4789);
         assert_eq!(f.lb, Lb::Auto);
         assert_eq!(f.reconcile_interval, 10);
@@ -382,6 +435,12 @@ mod tests {
         ] {
             assert!(with(bad).is_err(), "{bad:?}");
         }
+        // --cleanup needs neither the manager nor an address; without it both are required.
+        let f =
+            Flags::try_parse_from(["mesh-agent", "--cleanup", "--state-dir", "/tmp/x"]).unwrap();
+        assert!(f.cleanup && f.manager.is_none() && f.advertise_addr.is_none());
+        assert!(Flags::try_parse_from(["mesh-agent", "--manager", "m:1"]).is_err());
+        assert!(Flags::try_parse_from(["mesh-agent", "--advertise-addr", "10.0.0.1"]).is_err());
         for bad in ["nohost", ":2377", "h:0", "h:99999"] {
             assert!(parse_manager(bad).is_err(), "{bad}");
         }

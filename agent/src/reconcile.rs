@@ -15,6 +15,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 use crate::apply::Kernel;
 use crate::conn::Outbox;
 use crate::mesh::{self, Gw, INGRESS_SBOX};
+use crate::metrics::AgentMetrics;
 use crate::plan::{plan, sandbox_name, Action, Settings};
 use crate::rules::MeshRules;
 use crate::state::StateDir;
@@ -46,6 +47,7 @@ pub struct Reconciler<K: Kernel> {
     pub mesh: Mesh,
     /// Set by a pass that wants the next one sooner than the interval (an IPVS drain).
     pub wake: Option<Duration>,
+    pub metrics: AgentMetrics,
 }
 
 impl<K: Kernel> Reconciler<K> {
@@ -242,6 +244,10 @@ impl<K: Kernel> Reconciler<K> {
             error!("persist assignment {}: {e}", desired.revision);
         }
         let mut next = Instant::now();
+        // systemd's Type=notify: ready after the first pass over the last known assignment
+        // (saved, or the manager's if it came first). Joining came before; a failed action of
+        // that pass is retried as usual and does not hold readiness back.
+        let mut notified = false;
         loop {
             tokio::select! {
                 changed = assignments.changed() => {
@@ -263,12 +269,25 @@ impl<K: Kernel> Reconciler<K> {
                     }
                 }
                 _ = tokio::time::sleep_until(next) => {
+                    let started = Instant::now();
                     let errors = self.pass(&desired).await;
                     self.supervisor.flush_reports();
+                    self.metrics.pass(
+                        started.elapsed().as_secs_f64(),
+                        errors,
+                        self.supervisor.records().values(),
+                    );
+                    if !notified {
+                        notified = true;
+                        if let Err(e) = proto::sd_notify::ready() {
+                            warn!("tell systemd the agent is ready: {e}");
+                        }
+                    }
                     if errors == 0 {
                         if let Some(rev) = unreported.take() {
                             info!(revision = rev, "assignment applied");
                             self.outbox.applied(rev);
+                            self.metrics.applied(rev);
                         }
                         let wait = self.wake.map_or(interval, |w| w.min(interval));
                         next = Instant::now() + wait;

@@ -143,7 +143,7 @@ fn proc_netns_inode(pid: u32) -> Option<u64> {
 }
 
 /// True if `pid` is still the process recorded (same start time, same namespace), not a zombie.
-fn is_alive(pid: u32, start_time: u64, netns_inode: u64) -> bool {
+pub fn is_alive(pid: u32, start_time: u64, netns_inode: u64) -> bool {
     proc_start_time(pid) == Some(start_time) && proc_netns_inode(pid) == Some(netns_inode)
 }
 
@@ -459,7 +459,7 @@ impl Supervisor {
 
 /// Signals the task's process group (the task and its children), or the process alone if it
 /// left its group.
-fn signal_task(pid: u32, sig: Signal) {
+pub fn signal_task(pid: u32, sig: Signal) {
     let pid = Pid::from_raw(pid as i32);
     if killpg(pid, sig).is_err() {
         let _ = nix::sys::signal::kill(pid, sig);

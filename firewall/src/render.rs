@@ -31,6 +31,15 @@ impl Batch {
         self.text.push('\n');
     }
 
+    /// A batch that deletes our table if it exists (`add table` first: `delete table` fails
+    /// on a missing one), and everything in it.
+    pub fn drop_table() -> Batch {
+        let mut b = Batch::default();
+        b.line(format_args!("add table {TABLE}"));
+        b.line(format_args!("delete table {TABLE}"));
+        b
+    }
+
     pub(crate) fn append(&mut self, other: &Batch) {
         self.text.push_str(&other.text);
     }
@@ -116,6 +125,14 @@ mod tests {
             b.as_str().lines().count(),
             3,
             "no statement for no elements"
+        );
+    }
+
+    #[test]
+    fn drop_table_deletes_ours_whether_or_not_it_exists() {
+        assert_eq!(
+            Batch::drop_table().as_str(),
+            "add table ip meshnet\ndelete table ip meshnet\n"
         );
     }
 }

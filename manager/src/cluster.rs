@@ -146,6 +146,11 @@ impl Cluster {
         &self.state
     }
 
+    /// Agents with an open session.
+    pub fn connected_agents(&self) -> usize {
+        self.sessions.len()
+    }
+
     pub fn manager_ip(&self) -> IpAddr {
         self.manager_ip
     }

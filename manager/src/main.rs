@@ -7,6 +7,7 @@ mod api;
 mod certs;
 mod cluster;
 mod limits;
+mod metrics;
 mod sched;
 mod state;
 mod store;
@@ -81,6 +82,9 @@ struct Args {
     /// existing cluster keeps its own. It must not contain any node's address.
     #[arg(long, env = "MESH_INGRESS_SUBNET", default_value = "10.255.0.0/16")]
     ingress_subnet: String,
+    /// Serve Prometheus metrics (meshnet_manager_*) on ADDR:PORT at /metrics [default: none].
+    #[arg(long, env = "MESH_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
 }
 
 fn parse_cert_expiry(s: &str) -> Result<std::time::Duration, String> {
@@ -213,6 +217,25 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .with_context(|| format!("listen for the API on {addr}"))?;
         tracing::info!(api = %addr, "listening for the API on TCP (TLS, admin or manager certificates only)");
         tokio::spawn(api::serve_tcp(tcp, cluster.clone(), pki.api_tls.clone()));
+    }
+    if let Some(addr) = args.metrics_listen {
+        let tcp = TcpListener::bind(addr)
+            .await
+            .with_context(|| format!("listen for metrics on {addr}"))?;
+        let metrics = metrics::ManagerMetrics::default();
+        let mut registry = mesh_metrics::Registry::with_prefix("meshnet_manager");
+        metrics.register(&mut registry);
+        let shared = cluster.clone();
+        tokio::spawn(mesh_metrics::serve(
+            tcp,
+            Arc::new(std::sync::Mutex::new(registry)),
+            move || metrics.update(&cluster::lock(&shared)),
+        ));
+        tracing::info!(%addr, "serving metrics at /metrics");
+    }
+    // Every listener is bound: agents and meshctl can connect (systemd's Type=notify).
+    if let Err(e) = proto::sd_notify::ready() {
+        tracing::warn!("tell systemd the manager is ready: {e}");
     }
 
     let mut term = signal(SignalKind::terminate()).context("install the SIGTERM handler")?;

@@ -5,6 +5,7 @@
 //!   [`agent::AgentMsg::Hello`]; the manager answers [`agent::ManagerMsg::Welcome`] and then sends the
 //!   node's full desired state ([`agent::Assignment`]) on connect and on every change.
 //! - [`api`]: between `meshctl` and `mesh-manager` (Unix socket or TCP).
+//! - [`sd_notify`]: readiness of both daemons to systemd.
 //!
 //! [`PROTOCOL_VERSION`] is checked on Hello: a peer with another major version is refused with a
 //! clear error instead of misreading frames.
@@ -12,6 +13,7 @@
 pub mod agent;
 pub mod api;
 pub mod model;
+pub mod sd_notify;
 pub mod wire;
 
 use serde::{de::DeserializeOwned, Serialize};

@@ -1,5 +1,6 @@
 //! Lab tier (root, host kernel): the lab itself, and meshnet clusters built in it.
 
+mod cleanup;
 mod overlay;
 mod trust;
 

@@ -1,0 +1,135 @@
+//! The agent's metrics, served on `--metrics-listen` (prefix `meshnet_agent_`).
+
+use mesh_metrics::Registry;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+
+use crate::tasks::{Phase, TaskRecord};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabel {
+    /// `ok`, or `incomplete` when an action failed (the pass is retried).
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PhaseLabel {
+    pub phase: String,
+}
+
+/// Handles to the metrics; clones share the values.
+#[derive(Clone)]
+pub struct AgentMetrics {
+    passes: Family<ResultLabel, Counter>,
+    pass_seconds: Histogram,
+    applied_revision: Gauge,
+    tasks: Family<PhaseLabel, Gauge>,
+    pub manager_connected: Gauge,
+}
+
+impl AgentMetrics {
+    pub fn new() -> AgentMetrics {
+        AgentMetrics {
+            passes: Family::default(),
+            // 1 ms to ~16 s.
+            pass_seconds: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            applied_revision: Gauge::default(),
+            tasks: Family::default(),
+            manager_connected: Gauge::default(),
+        }
+    }
+
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "reconcile_passes",
+            "Reconcile passes (observe, plan, apply) by result",
+            self.passes.clone(),
+        );
+        registry.register(
+            "reconcile_pass_seconds",
+            "Duration of reconcile passes",
+            self.pass_seconds.clone(),
+        );
+        registry.register(
+            "applied_revision",
+            "Revision of the last assignment applied without error",
+            self.applied_revision.clone(),
+        );
+        registry.register(
+            "tasks",
+            "Tasks known to the agent, by phase",
+            self.tasks.clone(),
+        );
+        registry.register(
+            "manager_connected",
+            "1 while the agent's connection to the manager is up",
+            self.manager_connected.clone(),
+        );
+    }
+
+    /// One pass: its duration, whether it completed, and the tasks' phases after it.
+    pub fn pass<'a>(
+        &self,
+        seconds: f64,
+        errors: usize,
+        records: impl IntoIterator<Item = &'a TaskRecord>,
+    ) {
+        self.pass_seconds.observe(seconds);
+        let result = if errors == 0 { "ok" } else { "incomplete" };
+        self.passes
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
+        let mut counts = [0i64; 3];
+        for r in records {
+            counts[match r.phase {
+                Phase::Starting => 0,
+                Phase::Running { .. } => 1,
+                Phase::Exited { .. } => 2,
+            }] += 1;
+        }
+        for (phase, n) in ["starting", "running", "exited"].into_iter().zip(counts) {
+            self.tasks
+                .get_or_create(&PhaseLabel {
+                    phase: phase.into(),
+                })
+                .set(n);
+        }
+    }
+
+    pub fn applied(&self, revision: u64) {
+        self.applied_revision
+            .set(i64::try_from(revision).unwrap_or(i64::MAX));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_pass_is_counted_with_its_tasks() {
+        let m = AgentMetrics::new();
+        let mut registry = Registry::with_prefix("meshnet_agent");
+        m.register(&mut registry);
+        m.pass(0.002, 0, []);
+        m.pass(0.004, 2, []);
+        m.applied(7);
+        m.manager_connected.set(1);
+        let text = mesh_metrics::render(&registry);
+        for line in [
+            "meshnet_agent_reconcile_passes_total{result=\"ok\"} 1",
+            "meshnet_agent_reconcile_passes_total{result=\"incomplete\"} 1",
+            "meshnet_agent_reconcile_pass_seconds_count 2",
+            "meshnet_agent_applied_revision 7",
+            "meshnet_agent_tasks{phase=\"running\"} 0",
+            "meshnet_agent_manager_connected 1",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+        }
+    }
+}
