@@ -2,39 +2,20 @@
 //! API socket, fake agents speaking proto::agent over TCP, requests over the API socket, then a
 //! hard kill and a restart that must lose nothing.
 
-use std::io::{BufRead, BufReader, Write};
-use std::net::{IpAddr, TcpListener, TcpStream};
+mod common;
+
+use std::io::Write;
+use std::net::{IpAddr, TcpStream};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use proto::agent::{
-    AgentMsg, Assignment, LbBackendReport, LbReport, LbServiceReport, ManagerMsg, TaskStatus,
-};
+use proto::agent::{AgentMsg, LbBackendReport, LbReport, LbServiceReport, ManagerMsg};
 use proto::api::{Request, Response, ServiceSpec, TaskInfo};
 use proto::model::{PortConfig, Protocol, PublishMode, Role, TaskState};
-use serde::de::DeserializeOwned;
 
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new() -> TempDir {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .subsec_nanos();
-        let dir = std::env::temp_dir().join(format!("mesh-control-{}-{nanos}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
+use common::{free_port, Conn, TempDir};
 
 /// The manager process; killed when dropped, so a failing test leaves nothing running.
 struct Manager {
@@ -100,42 +81,14 @@ impl Drop for Manager {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A line-oriented connection with a read timeout, for both the API and the agent protocol.
-struct Conn<S: std::io::Read + Write> {
-    stream: BufReader<S>,
-}
-
-type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
-impl Conn<UnixStream> {
-    fn api(dir: &Path) -> Conn<UnixStream> {
-        let s = UnixStream::connect(dir.join("api.sock")).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        Conn {
-            stream: BufReader::new(s),
-        }
-    }
-
-    fn call(&mut self, req: Request) -> Response {
-        self.send(&req);
-        self.recv()
-    }
-}
-
 /// Joins a node through the real join protocol with the cluster's worker token.
 fn join(dir: &Path, port: u16, hostname: &str, addr: &str) -> trust::Credentials {
-    let Response::JoinToken { token, .. } = Conn::api(dir).call(Request::JoinToken {
-        role: Role::Worker,
-        rotate: false,
-    }) else {
+    let Response::JoinToken { token, .. } =
+        Conn::unix(&dir.join("api.sock")).call(Request::JoinToken {
+            role: Role::Worker,
+            rotate: false,
+        })
+    else {
         panic!("join-token")
     };
     let token: trust::JoinToken = token.parse().unwrap();
@@ -152,109 +105,6 @@ fn join(dir: &Path, port: u16, hostname: &str, addr: &str) -> trust::Credentials
         ))
         .expect("join");
     creds
-}
-
-impl Conn<Tls> {
-    /// An agent's connection, with the node's certificate.
-    fn agent(port: u16, creds: &trust::Credentials) -> Conn<Tls> {
-        let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let tls = rustls::ClientConnection::new(
-            creds.client_config().unwrap(),
-            trust::tls::manager_name(),
-        )
-        .unwrap();
-        Conn {
-            stream: BufReader::new(rustls::StreamOwned::new(tls, s)),
-        }
-    }
-
-    fn hello(&mut self, hostname: &str, addr: &str) -> (String, Role) {
-        self.hello_with_gwbridge(hostname, addr, None)
-    }
-
-    fn hello_with_gwbridge(
-        &mut self,
-        hostname: &str,
-        addr: &str,
-        gwbridge: Option<&str>,
-    ) -> (String, Role) {
-        self.send(&AgentMsg::Hello {
-            version: proto::PROTOCOL_VERSION,
-            hostname: hostname.into(),
-            advertise_addr: addr.parse().unwrap(),
-            gwbridge_subnet: gwbridge.map(|g| g.parse().unwrap()),
-        });
-        match self.recv() {
-            ManagerMsg::Welcome {
-                version,
-                node_id,
-                role,
-            } => {
-                assert_eq!(version, proto::PROTOCOL_VERSION);
-                (node_id, role)
-            }
-            other => panic!("expected Welcome, got {other:?}"),
-        }
-    }
-
-    fn assignment(&mut self) -> Assignment {
-        match self.recv() {
-            ManagerMsg::Assign(a) => a,
-            other => panic!("expected Assign, got {other:?}"),
-        }
-    }
-
-    /// Reads assignments until one satisfies `done`.
-    fn assignment_until(&mut self, done: impl Fn(&Assignment) -> bool) -> Assignment {
-        loop {
-            let a = self.assignment();
-            if done(&a) {
-                return a;
-            }
-        }
-    }
-
-    /// Reads assignments until one has `tasks` tasks (the manager may push intermediate ones).
-    fn assignment_with(&mut self, tasks: usize) -> Assignment {
-        loop {
-            let a = self.assignment();
-            if a.tasks.len() == tasks {
-                return a;
-            }
-        }
-    }
-
-    fn report_running(&mut self, a: &Assignment) {
-        for t in &a.tasks {
-            self.send(&AgentMsg::TaskStatus(TaskStatus {
-                task_id: t.id.clone(),
-                state: TaskState::Running,
-                error: None,
-                pid: Some(1000),
-                netns: Some(format!("/run/meshnet/netns/{}", t.name)),
-            }));
-        }
-        self.send(&AgentMsg::Applied {
-            revision: a.revision,
-        });
-        self.send(&AgentMsg::Heartbeat);
-    }
-}
-
-impl<S: std::io::Read + Write> Conn<S> {
-    fn send<T: serde::Serialize>(&mut self, msg: &T) {
-        let w = self.stream.get_mut();
-        w.write_all(&proto::encode_frame(msg)).unwrap();
-        w.flush().unwrap();
-    }
-
-    fn recv<T: DeserializeOwned>(&mut self) -> T {
-        let mut line = Vec::new();
-        self.stream.read_until(b'\n', &mut line).unwrap();
-        assert!(!line.is_empty(), "connection closed");
-        proto::decode_frame(&line).unwrap()
-    }
 }
 
 fn tasks(api: &mut Conn<UnixStream>, service: &str) -> Vec<TaskInfo> {
@@ -280,7 +130,7 @@ fn wait_running(api: &mut Conn<UnixStream>, service: &str, n: usize) -> Vec<Task
 
 #[test]
 fn agents_get_their_tasks_and_a_restart_loses_nothing() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("control");
     let port = free_port();
     let manager = Manager::start(&tmp.0, port, "first");
 
@@ -322,7 +172,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
     assert_eq!(role2, Role::Worker);
     assert!(a2.assignment().tasks.is_empty());
 
-    let mut api = Conn::api(&tmp.0);
+    let mut api = Conn::unix(&tmp.0.join("api.sock"));
     let Response::Network { network } = api.call(Request::NetworkCreate {
         name: "backend".into(),
         driver: "overlay".into(),
@@ -443,7 +293,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
     drop((a1, a2, api));
     manager.crash();
     let manager = Manager::start(&tmp.0, port, "second");
-    let mut api = Conn::api(&tmp.0);
+    let mut api = Conn::unix(&tmp.0.join("api.sock"));
     let after = tasks(&mut api, "web");
     assert_eq!(after, before, "tasks changed across the restart");
     let Response::Service { service: again } = api.call(Request::ServiceInspect {
@@ -510,7 +360,7 @@ fn service_with_running(mut s: proto::api::ServiceInfo, running: usize) -> proto
 /// what an agent reports of its load balancer shows in `service inspect`.
 #[test]
 fn a_published_service_reaches_every_agent_with_its_backends() {
-    let tmp = TempDir::new();
+    let tmp = TempDir::new("control");
     let port = free_port();
     let manager = Manager::start(&tmp.0, port, "publish");
     let c1 = join(&tmp.0, port, "node1", "127.0.0.1");
@@ -541,7 +391,7 @@ fn a_published_service_reaches_every_agent_with_its_backends() {
         "10.255.0.3"
     );
 
-    let mut api = Conn::api(&tmp.0);
+    let mut api = Conn::unix(&tmp.0.join("api.sock"));
     let web = |published: u16| PortConfig {
         protocol: Protocol::Tcp,
         published,

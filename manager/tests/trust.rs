@@ -4,53 +4,26 @@
 //! mutual TLS on the agent port and the TCP API, the owner-only Unix socket, and the bounds on
 //! what unauthenticated or idle peers can hold of the manager.
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{IpAddr, SocketAddr, TcpListener, TcpStream};
+mod common;
+
+use std::io::{Read, Write};
+use std::net::{IpAddr, SocketAddr, TcpStream};
 use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Barrier};
 use std::time::{Duration, Instant};
 
-use proto::agent::{AgentMsg, Assignment, ManagerMsg, TaskStatus};
+use proto::agent::{AgentMsg, ManagerMsg};
 use proto::api::{NodeInfo, Request, Response, ServiceSpec, TaskInfo};
 use proto::model::{PortConfig, Protocol, PublishMode, Role, TaskState};
-use serde::de::DeserializeOwned;
+
+use common::{free_port, tls_to, Conn, TempDir, Tls};
 
 /// How long any single read from the manager may take before a test gives up on it.
-const READ_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long a test polls for something that must happen "soon".
 const DEADLINE: Duration = Duration::from_secs(10);
-
-struct TempDir(PathBuf);
-
-impl TempDir {
-    fn new(name: &str) -> TempDir {
-        static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let n = NEXT.fetch_add(1, Ordering::Relaxed);
-        let dir =
-            std::env::temp_dir().join(format!("mesh-trust-{name}-{}-{n}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        TempDir(dir)
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn block_on<F: std::future::Future>(f: F) -> F::Output {
     tokio::runtime::Builder::new_current_thread()
@@ -235,18 +208,6 @@ impl Drop for Manager {
     }
 }
 
-type Tls = rustls::StreamOwned<rustls::ClientConnection, TcpStream>;
-
-/// A TLS connection to 127.0.0.1:`port` that checks the manager against `config`'s roots; the
-/// handshake runs on first use (or [`handshake`]).
-fn tls_to(port: u16, config: Arc<rustls::ClientConfig>) -> Tls {
-    let s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-    s.set_write_timeout(Some(READ_TIMEOUT)).unwrap();
-    let tls = rustls::ClientConnection::new(config, trust::tls::manager_name()).unwrap();
-    rustls::StreamOwned::new(tls, s)
-}
-
 fn handshake(tls: &mut Tls) -> std::io::Result<()> {
     while tls.conn.is_handshaking() {
         tls.conn.complete_io(&mut tls.sock)?;
@@ -311,107 +272,12 @@ fn assert_no_state(bytes: &[u8], what: &str) {
     }
 }
 
-/// A line-oriented connection with a read timeout, for both the API and the agent protocol.
-struct Conn<S: Read + Write> {
-    stream: BufReader<S>,
+/// Trust tests also check what a connection does not carry.
+trait ExpectClosed {
+    fn expect_closed(&mut self, what: &str, allowed: impl Fn(&ManagerMsg) -> bool) -> usize;
 }
 
-impl Conn<UnixStream> {
-    fn unix(path: &Path) -> Conn<UnixStream> {
-        let s = UnixStream::connect(path).unwrap();
-        s.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
-        Conn {
-            stream: BufReader::new(s),
-        }
-    }
-}
-
-impl Conn<Tls> {
-    fn tls(port: u16, config: Arc<rustls::ClientConfig>) -> Conn<Tls> {
-        Conn {
-            stream: BufReader::new(tls_to(port, config)),
-        }
-    }
-
-    fn hello_msg(&mut self, hostname: &str, addr: &str) -> ManagerMsg {
-        self.send(&AgentMsg::Hello {
-            version: proto::PROTOCOL_VERSION,
-            hostname: hostname.into(),
-            advertise_addr: addr.parse().unwrap(),
-            gwbridge_subnet: None,
-        });
-        self.recv()
-    }
-
-    fn hello(&mut self, hostname: &str, addr: &str) -> (String, Role) {
-        match self.hello_msg(hostname, addr) {
-            ManagerMsg::Welcome { node_id, role, .. } => (node_id, role),
-            other => panic!("expected Welcome, got {other:?}"),
-        }
-    }
-
-    fn assignment(&mut self) -> Assignment {
-        match self.recv() {
-            ManagerMsg::Assign(a) => a,
-            other => panic!("expected Assign, got {other:?}"),
-        }
-    }
-
-    fn assignment_with(&mut self, tasks: usize) -> Assignment {
-        loop {
-            let a = self.assignment();
-            if a.tasks.len() == tasks {
-                return a;
-            }
-        }
-    }
-
-    fn report_running(&mut self, a: &Assignment) {
-        for t in &a.tasks {
-            self.send(&AgentMsg::TaskStatus(TaskStatus {
-                task_id: t.id.clone(),
-                state: TaskState::Running,
-                error: None,
-                pid: Some(1000),
-                netns: Some(format!("/run/meshnet/netns/{}", t.name)),
-            }));
-        }
-        self.send(&AgentMsg::Applied {
-            revision: a.revision,
-        });
-        self.send(&AgentMsg::Heartbeat);
-    }
-}
-
-impl<S: Read + Write> Conn<S> {
-    fn send<T: serde::Serialize>(&mut self, msg: &T) {
-        let w = self.stream.get_mut();
-        w.write_all(&proto::encode_frame(msg)).unwrap();
-        w.flush().unwrap();
-    }
-
-    /// The next line, `None` at the end of the connection.
-    fn line(&mut self) -> std::io::Result<Option<Vec<u8>>> {
-        let mut line = Vec::new();
-        self.stream.read_until(b'\n', &mut line)?;
-        Ok((!line.is_empty()).then_some(line))
-    }
-
-    fn recv<T: DeserializeOwned>(&mut self) -> T {
-        let line = self
-            .line()
-            .unwrap_or_else(|e| panic!("read: {e}"))
-            .expect("connection closed");
-        proto::decode_frame(&line).unwrap_or_else(|e| {
-            panic!("{e}: {}", String::from_utf8_lossy(&line));
-        })
-    }
-
-    fn call(&mut self, req: Request) -> Response {
-        self.send(&req);
-        self.recv()
-    }
-
+impl<S: Read + Write> ExpectClosed for Conn<S> {
     /// Asserts that the manager closes the connection without sending anything more than the
     /// messages `allowed` accepts; returns how many it sent.
     fn expect_closed(&mut self, what: &str, allowed: impl Fn(&ManagerMsg) -> bool) -> usize {
@@ -610,7 +476,7 @@ fn a_node_without_a_valid_token_or_a_certificate_gets_nothing() {
     // A Hello on TLS without a client certificate: refused, told to join, nothing else.
     let mut fake = Conn::tls(m.port, no_cert(&m.ca_pem()));
     let reason = refused(
-        fake.hello_msg("intruder", "127.0.0.5"),
+        fake.hello_msg("intruder", "127.0.0.5", None),
         "a Hello without a certificate",
     );
     assert!(
@@ -866,7 +732,7 @@ fn a_fake_agent_cannot_register_or_take_over_a_node() {
     // A plain Hello without a certificate, claiming alpha.
     let mut fake = Conn::tls(m.port, no_cert(&m.ca_pem()));
     let reason = refused(
-        fake.hello_msg("alpha", "127.0.0.66"),
+        fake.hello_msg("alpha", "127.0.0.66", None),
         "a Hello without a certificate",
     );
     assert!(
@@ -878,7 +744,7 @@ fn a_fake_agent_cannot_register_or_take_over_a_node() {
     // beta's certificate, claiming alpha's hostname (and another address).
     let mut takeover = Conn::tls(m.port, creds_b.client_config().unwrap());
     let reason = refused(
-        takeover.hello_msg("alpha", "127.0.0.66"),
+        takeover.hello_msg("alpha", "127.0.0.66", None),
         "a Hello with another node's hostname",
     );
     assert!(
@@ -1364,7 +1230,7 @@ fn a_removed_node_is_cut_off_and_its_tasks_move() {
     // Its certificate still passes TLS (the CA signed it) but the node is revoked.
     let mut again = Conn::tls(m.port, c2.client_config().unwrap());
     let reason = refused(
-        again.hello_msg("node2", "127.0.0.2"),
+        again.hello_msg("node2", "127.0.0.2", None),
         "a removed node's Hello",
     );
     assert!(reason.contains("removed"), "{reason}");
@@ -1372,7 +1238,7 @@ fn a_removed_node_is_cut_off_and_its_tasks_move() {
     // Under another hostname too: the certificate names the node, not the Hello.
     let mut renamed = Conn::tls(m.port, c2.client_config().unwrap());
     let reason = refused(
-        renamed.hello_msg("node3", "127.0.0.3"),
+        renamed.hello_msg("node3", "127.0.0.3", None),
         "a removed node, renamed",
     );
     assert!(reason.contains("removed"), "{reason}");
