@@ -429,6 +429,29 @@ mod tests {
         (BufReader::new(r), w)
     }
 
+    /// node1's connection to the manager listening on `listener`.
+    fn node1(
+        listener: &TcpListener,
+        state: &StateDir,
+        creds: Credentials,
+        outbox: &Outbox,
+        outgoing: mpsc::UnboundedReceiver<AgentMsg>,
+        assignments: watch::Sender<Assignment>,
+    ) -> Conn {
+        Conn {
+            manager: listener.local_addr().unwrap().to_string(),
+            hostname: "node1".into(),
+            advertise_addr: "192.168.56.11".parse().unwrap(),
+            gwbridge_subnet: "172.18.0.0/16".parse().unwrap(),
+            state: state.clone(),
+            creds,
+            assignments,
+            outbox: outbox.clone(),
+            outgoing,
+            metrics: AgentMetrics::new(),
+        }
+    }
+
     fn temp_state(tag: &str) -> (std::path::PathBuf, StateDir) {
         let root =
             std::env::temp_dir().join(format!("mesh-agent-conn-{tag}-{}", std::process::id()));
@@ -446,18 +469,7 @@ mod tests {
         // Said while no manager was there: re-sent on connect.
         outbox.task_status(status("t1", TaskState::Running));
         let (tx, mut assignments) = watch::channel(Assignment::default());
-        let conn = Conn {
-            manager: listener.local_addr().unwrap().to_string(),
-            hostname: "node1".into(),
-            advertise_addr: "192.168.56.11".parse().unwrap(),
-            gwbridge_subnet: "172.18.0.0/16".parse().unwrap(),
-            state: state.clone(),
-            creds,
-            assignments: tx,
-            outbox: outbox.clone(),
-            outgoing,
-            metrics: AgentMetrics::new(),
-        };
+        let conn = node1(&listener, &state, creds, &outbox, outgoing, tx);
         let agent = tokio::spawn(conn.run());
 
         let welcome = ManagerMsg::Welcome {
@@ -517,18 +529,7 @@ mod tests {
         creds.store_node(&state.tls_dir()).unwrap();
         let (outbox, outgoing) = Outbox::new();
         let (tx, _assignments) = watch::channel(Assignment::default());
-        let conn = Conn {
-            manager: listener.local_addr().unwrap().to_string(),
-            hostname: "node1".into(),
-            advertise_addr: "192.168.56.11".parse().unwrap(),
-            gwbridge_subnet: "172.18.0.0/16".parse().unwrap(),
-            state: state.clone(),
-            creds: creds.clone(),
-            assignments: tx,
-            outbox,
-            outgoing,
-            metrics: AgentMetrics::new(),
-        };
+        let conn = node1(&listener, &state, creds.clone(), &outbox, outgoing, tx);
         let agent = tokio::spawn(conn.run());
         let (mut r, mut w) = accept(&listener, &tls).await;
         assert!(matches!(next(&mut r).await, AgentMsg::Hello { .. }));
