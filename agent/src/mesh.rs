@@ -397,6 +397,8 @@ mod tests {
                     gateway: net("10.255.0.1/16"),
                     vni: 4096,
                     peers: vec![],
+                    lb_addr: None,
+                    services: vec![],
                 },
                 sbox_addr: net("10.255.0.2/16"),
             }),
@@ -410,6 +412,7 @@ mod tests {
                         port(53, 5353, Protocol::Udp, PublishMode::Ingress),
                     ],
                     backends: vec![ip("10.255.0.10"), ip("10.255.0.11")],
+                    vip: None,
                 },
                 PublishedService {
                     service_id: "edge".into(),
@@ -417,6 +420,7 @@ mod tests {
                     fwmark: 257,
                     ports: vec![port(81, 8080, Protocol::Tcp, PublishMode::Host)],
                     backends: vec![],
+                    vip: None,
                 },
             ],
             ..Assignment::default()

@@ -665,6 +665,8 @@ mod tests {
                 gateway: "10.0.9.1/24".parse().unwrap(),
                 vni: 4096,
                 peers,
+                lb_addr: None,
+                services: vec![],
             }],
             tasks,
             ..Assignment::default()
@@ -1168,6 +1170,8 @@ mod tests {
                 gateway: "10.255.0.1/16".parse().unwrap(),
                 vni: 4097,
                 peers: vec![peer("10.255.0.3", "192.168.56.12")],
+                lb_addr: None,
+                services: vec![],
             },
             sbox_addr: "10.255.0.2/16".parse().unwrap(),
         });

@@ -324,6 +324,8 @@ fn assignment(revision: u64, tasks: Vec<TaskSpec>) -> ManagerMsg {
                 mac: endpoint_mac(REMOTE.0),
                 vtep: IpAddr::V4(REMOTE.1),
             }],
+            lb_addr: None,
+            services: vec![],
         }]
     };
     ManagerMsg::Assign(Assignment {

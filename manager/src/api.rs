@@ -404,6 +404,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                 service,
                 publish_add,
                 publish_rm,
+                endpoint_mode: _,
             } => {
                 let id = cluster
                     .transact(|s, now| s.update_service(&service, &publish_add, &publish_rm, now))
@@ -510,6 +511,7 @@ mod tests {
                 service: "dns".into(),
                 publish_add: vec![dns],
                 publish_rm: vec![],
+                endpoint_mode: None,
             },
         ) else {
             panic!("service update answers with the service")
@@ -656,6 +658,7 @@ mod tests {
                         published,
                     })
                     .collect(),
+                endpoint_mode: None,
             };
         let host80 = port(80, 8080, Protocol::Tcp, PublishMode::Host);
         let ingress53 = port(53, 53, Protocol::Udp, PublishMode::Ingress);
@@ -800,7 +803,7 @@ mod tests {
             (Request::ServicePs { service: huge.clone() }, cut),
             (Request::ServiceScale { service: huge.clone(), replicas: 1 }, cut),
             (Request::ServiceRm { service: huge.clone() }, cut),
-            (Request::ServiceUpdate { service: huge.clone(), publish_add: vec![], publish_rm: vec![] }, cut),
+            (Request::ServiceUpdate { service: huge.clone(), publish_add: vec![], publish_rm: vec![], endpoint_mode: None }, cut),
             (scale(&[("web", 1), (&huge, 1)]), cut),
             (Request::ServiceRmMany { services: vec!["web".into(), huge.clone()] }, cut),
             (Request::NetworkRmMany { networks: vec!["twin".into(), huge.clone()] }, cut),

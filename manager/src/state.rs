@@ -969,6 +969,8 @@ impl State {
                     constraints,
                     command: spec.command.clone(),
                     ports: spec.ports.clone(),
+                    endpoint_mode: Default::default(),
+                    aliases: Default::default(),
                 },
                 created_at: now,
                 updated_at: now,
@@ -1622,6 +1624,8 @@ impl State {
                 .expect("prefix of a valid subnet"),
             vni: network.vni,
             peers: self.peers(&network.id, node_id),
+            lb_addr: None,
+            services: vec![],
         }
     }
 
@@ -1656,6 +1660,7 @@ impl State {
                     fwmark: s.fwmark.unwrap_or(0),
                     ports: s.spec.ports.clone(),
                     backends: ips,
+                    vip: None,
                 }
             })
             .collect();
@@ -1751,6 +1756,8 @@ pub(crate) mod tests {
             constraints: vec![],
             command: vec!["hello-server".into(), "--port".into(), "8080".into()],
             ports: vec![],
+            endpoint_mode: Default::default(),
+            aliases: Default::default(),
         }
     }
 

@@ -176,6 +176,7 @@ pub fn service(s: &State, lb: &LbReports, id: &str) -> ServiceInfo {
             .fwmark
             .map(|m| node_lbs(s, lb, Some(m)))
             .unwrap_or_default(),
+        virtual_ips: vec![],
     }
 }
 

@@ -188,6 +188,8 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
             constraints: vec![],
             command: vec!["hello-server".into(), "--port".into(), "8080".into()],
             ports: vec![],
+            endpoint_mode: Default::default(),
+            aliases: Default::default(),
         },
     }) else {
         panic!("service create failed; log:\n{}", manager.logs())
@@ -405,6 +407,8 @@ fn a_published_service_reaches_every_agent_with_its_backends() {
         constraints: vec!["node.hostname==node2".into()],
         command: vec!["hello-server".into()],
         ports,
+        endpoint_mode: Default::default(),
+        aliases: Default::default(),
     };
     // The manager's own agent port cannot be published.
     match api.call(Request::ServiceCreate {

@@ -354,6 +354,8 @@ fn spec(name: &str, replicas: u64, ports: Vec<PortConfig>) -> ServiceSpec {
         constraints: vec![],
         command: vec!["hello-server".into(), "--port".into(), "8080".into()],
         ports,
+        endpoint_mode: Default::default(),
+        aliases: Default::default(),
     }
 }
 
@@ -1143,6 +1145,7 @@ fn the_tcp_api_port_cannot_be_published() {
             service: "web".into(),
             publish_add: vec![tcp_port(api, PublishMode::Ingress)],
             publish_rm: vec![],
+            endpoint_mode: None,
         }),
         "publish_add of the API port",
     );
@@ -1162,6 +1165,7 @@ fn the_tcp_api_port_cannot_be_published() {
             ..tcp_port(api, PublishMode::Ingress)
         }],
         publish_rm: vec![],
+        endpoint_mode: None,
     }) else {
         panic!("publishing {api}/udp was refused")
     };

@@ -560,6 +560,7 @@ fn update_ports(
         service: service.clone(),
         publish_add,
         publish_rm,
+        endpoint_mode: None,
     };
     let info = expect!(what, c.call(&req)?, Response::Service { service } => service);
     println!("{service}");
@@ -724,6 +725,8 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 constraints: args.constraints,
                 command: args.command,
                 ports: args.publish,
+                endpoint_mode: Default::default(),
+                aliases: Default::default(),
             };
             let what = format!("create service {}", excerpt(&spec.name));
             let created = expect!(what, c.call(&Request::ServiceCreate { spec })?,

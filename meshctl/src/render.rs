@@ -431,6 +431,8 @@ mod tests {
                         mode: PublishMode::Host,
                     },
                 ],
+                endpoint_mode: Default::default(),
+                aliases: Default::default(),
             },
             network_names: vec!["backend".into()],
             running: 2,
@@ -438,6 +440,7 @@ mod tests {
             updated_at: 0,
             fwmark: Some(256),
             lb: vec![],
+            virtual_ips: vec![],
         }]);
         assert_eq!(
             out,
@@ -490,6 +493,8 @@ mod tests {
                 constraints: vec![],
                 command: vec!["hello-server".into()],
                 ports: vec![port],
+                endpoint_mode: Default::default(),
+                aliases: Default::default(),
             },
             network_names: vec![],
             running: 2,
@@ -500,6 +505,7 @@ mod tests {
                 lb("node1", &[("10.255.0.5", 1), ("10.255.0.6", 0)]),
                 lb("node2", &[]),
             ],
+            virtual_ips: vec![],
         };
         let out = service_pretty(&info);
         assert!(out.contains(" PublishedPort = 53\n  Protocol = udp\n  TargetPort = 5353\n  PublishMode = host\n"), "{out}");

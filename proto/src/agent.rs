@@ -27,7 +27,7 @@ use std::net::IpAddr;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Attachment, Role, TaskState};
+use crate::model::{Attachment, EndpointMode, Role, TaskState};
 
 pub const HEARTBEAT_SECS: u64 = 2;
 pub const NODE_DOWN_SECS: u64 = 10;
@@ -180,6 +180,9 @@ pub struct PublishedService {
     pub ports: Vec<crate::model::PortConfig>,
     /// The ingress-network addresses of the service's running tasks, on every node.
     pub backends: Vec<std::net::Ipv4Addr>,
+    /// The service's VIP on the ingress network (vip mode with an ingress-mode port).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<std::net::Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -192,6 +195,44 @@ pub struct NetworkSpec {
     pub vni: u32,
     /// Endpoints of this network on other nodes, with the VTEP that reaches each.
     pub peers: Vec<Peer>,
+    /// This node's load-balancer endpoint on the network (eth0 of the `lb_<name>` namespace,
+    /// where the IPVS balancer holds the network's VIPs and SNATs to this address). Its peers
+    /// on other nodes are in `peers`. None from an older manager.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lb_addr: Option<Ipv4Net>,
+    /// Every service attached to the network, cluster-wide, by name: what its VIP balances
+    /// over and what its names resolve to for tasks on this network.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<NetworkService>,
+}
+
+/// A service as the tasks of one network see it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkService {
+    pub service_id: String,
+    pub name: String,
+    /// More names of the service on this network (`--network name=N,alias=A`); each also has
+    /// `tasks.<alias>`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub aliases: Vec<String>,
+    pub endpoint_mode: EndpointMode,
+    /// The service's VIP on this network: vip mode only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vip: Option<std::net::Ipv4Addr>,
+    /// The mark that selects the VIP's IPVS service in `lb_<name>`; cluster-wide and stable
+    /// (the same as the service's ingress fwmark). 0 in dnsrr mode.
+    pub fwmark: u32,
+    /// The service's running tasks on this network, on every node, by slot.
+    pub tasks: Vec<ServiceTask>,
+}
+
+/// One running task of a [`NetworkService`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ServiceTask {
+    pub task_id: String,
+    pub slot: u64,
+    /// The task's address on the network.
+    pub addr: std::net::Ipv4Addr,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -263,6 +304,20 @@ mod tests {
                     mac: "02:42:0a:00:09:03".into(),
                     vtep: "192.168.56.12".parse().unwrap(),
                 }],
+                lb_addr: Some("10.0.9.4/24".parse().unwrap()),
+                services: vec![NetworkService {
+                    service_id: "s2".into(),
+                    name: "api".into(),
+                    aliases: vec!["backend-api".into()],
+                    endpoint_mode: EndpointMode::Vip,
+                    vip: Some("10.0.9.2".parse().unwrap()),
+                    fwmark: 257,
+                    tasks: vec![ServiceTask {
+                        task_id: "t1".into(),
+                        slot: 1,
+                        addr: "10.0.9.3".parse().unwrap(),
+                    }],
+                }],
             }],
             tasks: vec![],
             ingress: Some(IngressSpec {
@@ -273,6 +328,8 @@ mod tests {
                     gateway: "10.255.0.1/16".parse().unwrap(),
                     vni: 4096,
                     peers: vec![],
+                    lb_addr: None,
+                    services: vec![],
                 },
                 sbox_addr: "10.255.0.2/16".parse().unwrap(),
             }),
@@ -287,6 +344,7 @@ mod tests {
                     mode: crate::model::PublishMode::Ingress,
                 }],
                 backends: vec!["10.255.0.5".parse().unwrap()],
+                vip: Some("10.255.0.3".parse().unwrap()),
             }],
         });
         let back: ManagerMsg = decode_frame(&encode_frame(&a)).unwrap();

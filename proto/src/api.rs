@@ -14,7 +14,9 @@ use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
 use crate::agent::LbServiceReport;
-use crate::model::{Availability, Network, Node, PortConfig, Protocol, Role, TaskState};
+use crate::model::{
+    Availability, EndpointMode, Network, Node, PortConfig, Protocol, Role, TaskState,
+};
 
 /// Where `mesh-manager` listens for `meshctl` unless told otherwise.
 pub const DEFAULT_API_SOCKET: &str = "/run/meshnet/manager.sock";
@@ -39,6 +41,8 @@ pub const MAX_LABELS: usize = 64;
 pub const MAX_CONSTRAINTS: usize = 32;
 /// Bytes of one placement constraint.
 pub const MAX_CONSTRAINT_BYTES: usize = 256;
+/// Aliases of a service on one network; each is a name like a service's.
+pub const MAX_ALIASES: usize = 16;
 /// Arguments (argv entries, the program included) of a service's command.
 pub const MAX_COMMAND_ARGS: usize = 1024;
 /// Bytes of a service's command, all arguments together.
@@ -136,6 +140,9 @@ pub enum Request {
         publish_add: Vec<PortConfig>,
         #[serde(default)]
         publish_rm: Vec<PublishedPort>,
+        /// A new endpoint mode: vip allocates the service's VIPs, dnsrr frees them.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        endpoint_mode: Option<EndpointMode>,
     },
     /// Every published port of every service.
     PublishLs,
@@ -274,6 +281,13 @@ pub struct ServiceSpec {
     /// Published ports; one in ingress mode attaches the tasks to the ingress network.
     #[serde(default)]
     pub ports: Vec<PortConfig>,
+    /// vip (default) or dnsrr; dnsrr cannot have ingress-mode ports.
+    #[serde(default)]
+    pub endpoint_mode: EndpointMode,
+    /// More names of the service on some of its networks (`--network name=N,alias=A`), keyed
+    /// like `networks` (names or ids in a request; ids as stored).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub aliases: BTreeMap<String, Vec<String>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -342,6 +356,18 @@ pub struct ServiceInfo {
     /// Each node's load balancer entry for `fwmark`, as its agent last reported it.
     #[serde(default)]
     pub lb: Vec<NodeLb>,
+    /// The service's VIPs (vip mode): one per network it is attached to, and one on ingress
+    /// with an ingress-mode port; as Docker's `Endpoint.VirtualIPs`.
+    #[serde(default)]
+    pub virtual_ips: Vec<VirtualIp>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VirtualIp {
+    pub network_id: String,
+    pub network: String,
+    /// The VIP with the network's prefix length, e.g. 10.0.9.2/24.
+    pub addr: Ipv4Net,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -460,6 +486,7 @@ mod tests {
                 service: "web".into(),
                 publish_add: vec![],
                 publish_rm: vec![],
+                endpoint_mode: None,
             }
         );
         let port = PublishedPort {

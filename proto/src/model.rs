@@ -113,6 +113,29 @@ pub enum PublishMode {
     Host,
 }
 
+/// How a service's name resolves inside its networks, as in `docker service create
+/// --endpoint-mode`.
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Default, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum EndpointMode {
+    /// The name resolves to one virtual IP per network, balanced over the running tasks.
+    #[default]
+    Vip,
+    /// The name resolves to the running tasks' addresses, shuffled per query; no VIP.
+    Dnsrr,
+}
+
+impl EndpointMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndpointMode::Vip => "vip",
+            EndpointMode::Dnsrr => "dnsrr",
+        }
+    }
+}
+
 /// One published port of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PortConfig {

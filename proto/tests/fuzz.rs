@@ -149,6 +149,8 @@ fn network_spec() -> impl Strategy<Value = NetworkSpec> {
             gateway,
             vni,
             peers,
+            lb_addr: None,
+            services: vec![],
         })
 }
 
@@ -195,6 +197,7 @@ fn assignment() -> impl Strategy<Value = Assignment> {
                 fwmark,
                 ports,
                 backends,
+                vip: None,
             },
         );
     (
@@ -303,6 +306,8 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
                 constraints,
                 command,
                 ports,
+                endpoint_mode: Default::default(),
+                aliases: Default::default(),
             },
         )
 }
@@ -356,6 +361,7 @@ fn request() -> impl Strategy<Value = Request> {
                     service,
                     publish_add,
                     publish_rm,
+                    endpoint_mode: None,
                 }
             ),
         Just(Request::PublishLs),
@@ -499,6 +505,7 @@ fn service_info() -> impl Strategy<Value = ServiceInfo> {
                 updated_at,
                 fwmark,
                 lb,
+                virtual_ips: vec![],
             },
         )
 }

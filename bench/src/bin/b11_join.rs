@@ -500,6 +500,8 @@ fn realistic_assignment() -> Assignment {
                 }
             })
             .collect(),
+        lb_addr: None,
+        services: vec![],
     };
     let networks: Vec<NetworkSpec> = (0..5)
         .map(|k| network(k, format!("backend{k}"), [10, 0, k as u8]))
@@ -554,6 +556,7 @@ fn realistic_assignment() -> Assignment {
             backends: (0..20)
                 .map(|b| Ipv4Addr::new(10, 255, 1 + s as u8, 10 + b))
                 .collect(),
+            vip: None,
         })
         .collect();
     Assignment {
