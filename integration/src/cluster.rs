@@ -24,6 +24,10 @@ pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The manager's agent port, as Swarm's 2377.
 pub const MANAGER_PORT: u16 = 2377;
 
+/// Seconds between the lab agents' timer passes (`--reconcile-interval`): short, so that tests
+/// see a deleted object come back soon.
+pub const RECONCILE_INTERVAL: u64 = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error(transparent)]
@@ -68,6 +72,8 @@ pub struct Cluster {
     agents: BTreeMap<String, u32>,
     manager: Option<u32>,
     lb: String,
+    /// The agents' `--reconcile-interval`, in seconds.
+    reconcile_interval: u64,
     /// Extra flags for mesh-manager, e.g. a short --cert-expiry.
     manager_args: Vec<String>,
     /// The worker join token, once asked for.
@@ -83,6 +89,18 @@ impl Cluster {
 
     /// [`Cluster::up`] with extra flags for mesh-manager.
     pub fn up_with(nodes: usize, lb: &str, manager_args: &[&str]) -> Result<Cluster> {
+        Cluster::up_with_interval(nodes, lb, manager_args, RECONCILE_INTERVAL)
+    }
+
+    /// [`Cluster::up_with`] whose agents re-read the kernel every `reconcile_interval` seconds
+    /// instead of the lab's [`RECONCILE_INTERVAL`] (a benchmark of the idle agent wants the
+    /// agent's own default).
+    pub fn up_with_interval(
+        nodes: usize,
+        lb: &str,
+        manager_args: &[&str],
+        reconcile_interval: u64,
+    ) -> Result<Cluster> {
         let lab = Lab::up(LabConfig {
             nodes,
             ..LabConfig::default()
@@ -96,6 +114,7 @@ impl Cluster {
             agents: BTreeMap::new(),
             manager: None,
             lb: lb.to_string(),
+            reconcile_interval,
             manager_args: manager_args.iter().map(|a| a.to_string()).collect(),
             token: None,
         };
@@ -226,9 +245,19 @@ impl Cluster {
             .arg("--lb")
             .arg(&self.lb)
             .arg("--reconcile-interval")
-            .arg("2")
+            .arg(self.reconcile_interval.to_string())
             .stdin(Stdio::null());
         Ok(cmd)
+    }
+
+    /// The process id of the node's agent, if the harness started one that runs.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.agents.get(node).copied()
+    }
+
+    /// The process id of the manager, if the harness started one that runs.
+    pub fn manager_pid(&self) -> Option<u32> {
+        self.manager
     }
 
     /// Sends `signal` to the node's agent and waits until it is gone.
