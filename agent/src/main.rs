@@ -227,8 +227,28 @@ fn cleanup(flags: &Flags) -> anyhow::Result<()> {
     )
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
+/// Caps glibc malloc's arenas at two. By default every thread that allocates gets an arena of
+/// its own, up to 8 per core, and freed memory stays in it. The agent's threads are many and
+/// short-lived (one per namespace operation in every pass, a waiter per task): idle with 100
+/// tasks it kept 15 to 23 MiB of freed memory in 15 arenas, and 6 to 7 MiB with two (B12b).
+#[cfg(target_env = "gnu")]
+fn limit_malloc_arenas() {
+    // SAFETY: mallopt sets one of the allocator's tunables; it runs before any other thread.
+    unsafe { libc::mallopt(libc::M_ARENA_MAX, 2) };
+}
+
+fn main() -> anyhow::Result<()> {
+    // Before the runtime starts its threads, so that none has made an arena of its own yet.
+    #[cfg(target_env = "gnu")]
+    limit_malloc_arenas();
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("start the async runtime")?
+        .block_on(run())
+}
+
+async fn run() -> anyhow::Result<()> {
     let flags = Flags::parse();
     init_logging(flags.log_format);
     if flags.cleanup {

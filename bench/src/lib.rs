@@ -48,13 +48,18 @@ fn command_line(program: &str, args: &[&str]) -> String {
         .unwrap_or_else(|e| format!("({program}: {e})"))
 }
 
-/// Prints the title line (benchmark, UTC date, kernel, notes) and the ratio table's header.
-pub fn header(title: &str, notes: &str) {
+/// Prints the title line: benchmark, UTC date, kernel, notes.
+pub fn title(title: &str, notes: &str) {
     println!(
         "\n{title}, {}, kernel {}, {notes}",
         command_line("date", &["-u", "+%Y-%m-%dT%H:%M:%SZ"]),
         command_line("uname", &["-r"])
     );
+}
+
+/// Prints the title line and the ratio table's header.
+pub fn header(name: &str, notes: &str) {
+    title(name, notes);
     println!("| ratio | median | IQR | goal |");
     println!("|---|---|---|---|");
 }

@@ -24,6 +24,10 @@ pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 /// The manager's agent port, as Swarm's 2377.
 pub const MANAGER_PORT: u16 = 2377;
 
+/// Seconds between the lab agents' timer passes (`--reconcile-interval`): short, so that tests
+/// see a deleted object come back soon.
+pub const RECONCILE_INTERVAL: u64 = 2;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClusterError {
     #[error(transparent)]
@@ -68,12 +72,34 @@ pub struct Cluster {
     agents: BTreeMap<String, u32>,
     manager: Option<u32>,
     lb: String,
+    /// The agents' `--reconcile-interval`, in seconds.
+    reconcile_interval: u64,
     /// Extra flags for mesh-manager, e.g. a short --cert-expiry.
     manager_args: Vec<String>,
     /// Extra flags for every mesh-agent, e.g. --dns-upstream.
     agent_args: Vec<String>,
     /// The worker join token, once asked for.
     token: Option<String>,
+}
+
+/// How [`Cluster::up_opts`] starts the manager and agents.
+pub struct ClusterOptions<'a> {
+    /// Extra flags for mesh-manager, e.g. a short --cert-expiry.
+    pub manager_args: &'a [&'a str],
+    /// Extra flags for every mesh-agent, e.g. --dns-upstream.
+    pub agent_args: &'a [&'a str],
+    /// The agents' --reconcile-interval, in seconds.
+    pub reconcile_interval: u64,
+}
+
+impl Default for ClusterOptions<'_> {
+    fn default() -> Self {
+        ClusterOptions {
+            manager_args: &[],
+            agent_args: &[],
+            reconcile_interval: RECONCILE_INTERVAL,
+        }
+    }
 }
 
 impl Cluster {
@@ -85,16 +111,18 @@ impl Cluster {
 
     /// [`Cluster::up`] with extra flags for mesh-manager.
     pub fn up_with(nodes: usize, lb: &str, manager_args: &[&str]) -> Result<Cluster> {
-        Cluster::up_with_args(nodes, lb, manager_args, &[])
+        Cluster::up_opts(
+            nodes,
+            lb,
+            ClusterOptions {
+                manager_args,
+                ..ClusterOptions::default()
+            },
+        )
     }
 
-    /// [`Cluster::up`] with extra flags for mesh-manager and for every mesh-agent.
-    pub fn up_with_args(
-        nodes: usize,
-        lb: &str,
-        manager_args: &[&str],
-        agent_args: &[&str],
-    ) -> Result<Cluster> {
+    /// [`Cluster::up`] with options for its processes.
+    pub fn up_opts(nodes: usize, lb: &str, opts: ClusterOptions) -> Result<Cluster> {
         let lab = Lab::up(LabConfig {
             nodes,
             ..LabConfig::default()
@@ -108,8 +136,9 @@ impl Cluster {
             agents: BTreeMap::new(),
             manager: None,
             lb: lb.to_string(),
-            manager_args: manager_args.iter().map(|a| a.to_string()).collect(),
-            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
+            reconcile_interval: opts.reconcile_interval,
+            manager_args: opts.manager_args.iter().map(|a| a.to_string()).collect(),
+            agent_args: opts.agent_args.iter().map(|a| a.to_string()).collect(),
             token: None,
         };
         cluster.start_manager()?;
@@ -240,14 +269,19 @@ impl Cluster {
             .arg("--lb")
             .arg(&self.lb)
             .arg("--reconcile-interval")
-            .arg("2")
+            .arg(self.reconcile_interval.to_string())
             .stdin(Stdio::null());
         Ok(cmd)
     }
 
-    /// The pid of the node's agent, while the harness runs one.
+    /// The process id of the node's agent, if the harness started one that runs.
     pub fn agent_pid(&self, node: &str) -> Option<u32> {
         self.agents.get(node).copied()
+    }
+
+    /// The process id of the manager, if the harness started one that runs.
+    pub fn manager_pid(&self) -> Option<u32> {
+        self.manager
     }
 
     /// Sends `signal` to the node's agent and waits until it is gone.

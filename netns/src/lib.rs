@@ -218,10 +218,15 @@ impl Netns {
             .map_err(io_err("spawn a process in", &self.path))
     }
 
-    /// Runs `cmd` inside this namespace to completion and returns its output.
+    /// Runs `cmd` inside this namespace to completion and returns its output. It is started
+    /// from a thread that entered the namespace (a child inherits its thread's namespace), so
+    /// that, with no `pre_exec`, the standard library spawns it with posix_spawn (vfork) rather
+    /// than fork: a fork copies the caller's page tables and write-protects all its memory,
+    /// which in a large multi-threaded caller cost more than the command (B12b: ~70 % of the
+    /// idle agent's CPU went to forking `nft` for its periodic checks).
     pub fn output(&self, cmd: &mut Command) -> Result<Output> {
-        self.prepare(cmd);
-        cmd.output().map_err(io_err("run a process in", &self.path))
+        self.run(|| cmd.output())?
+            .map_err(io_err("run a process in", &self.path))
     }
 
     /// Reads a sysctl (`net.ipv4.ip_forward` or `net/ipv4/ip_forward`) as seen in this namespace.

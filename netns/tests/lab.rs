@@ -118,6 +118,28 @@ fn run_enters_the_namespace_on_its_own_thread() {
 }
 
 #[test]
+fn output_runs_in_the_namespace_and_the_caller_stays() {
+    let dir = Dir::new();
+    let ns = Netns::create(&dir.0, "o").unwrap();
+    let before = current_inode();
+    let out = ns
+        .output(Command::new("stat").args(["-L", "-c", "%i", "/proc/self/ns/net"]))
+        .unwrap();
+    assert!(out.status.success());
+    let inside: u64 = String::from_utf8(out.stdout)
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    assert_eq!(inside, ns.inode().unwrap());
+    assert_eq!(current_inode(), before, "the calling thread never moves");
+    // A program that does not exist is an error of the spawn, as with Command::output.
+    assert!(ns
+        .output(&mut Command::new("/nonexistent/program"))
+        .is_err());
+}
+
+#[test]
 fn a_panic_inside_run_reaches_the_caller() {
     let dir = Dir::new();
     let ns = Netns::create(&dir.0, "p").unwrap();
