@@ -28,6 +28,7 @@ pub struct AgentMetrics {
     applied_revision: Gauge,
     tasks: Family<PhaseLabel, Gauge>,
     pub manager_connected: Gauge,
+    dns_queries: Family<ResultLabel, Counter>,
 }
 
 impl AgentMetrics {
@@ -39,6 +40,7 @@ impl AgentMetrics {
             applied_revision: Gauge::default(),
             tasks: Family::default(),
             manager_connected: Gauge::default(),
+            dns_queries: Family::default(),
         }
     }
 
@@ -68,6 +70,21 @@ impl AgentMetrics {
             "1 while the agent's connection to the manager is up",
             self.manager_connected.clone(),
         );
+        registry.register(
+            "dns_queries",
+            "Queries to the embedded DNS resolver by result: answered, empty (a cluster name \
+             without that record type), forwarded, servfail, formerr, notimp, dropped",
+            self.dns_queries.clone(),
+        );
+    }
+
+    /// One query to the embedded resolver, by result.
+    pub fn dns_query(&self, result: &str) {
+        self.dns_queries
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
     }
 
     /// One pass: its duration, whether it completed, and the tasks' phases after it.
@@ -120,6 +137,9 @@ mod tests {
         m.pass(0.004, 2, []);
         m.applied(7);
         m.manager_connected.set(1);
+        m.dns_query("answered");
+        m.dns_query("answered");
+        m.dns_query("formerr");
         let text = mesh_metrics::render(&registry);
         for line in [
             "meshnet_agent_reconcile_passes_total{result=\"ok\"} 1",
@@ -128,6 +148,8 @@ mod tests {
             "meshnet_agent_applied_revision 7",
             "meshnet_agent_tasks{phase=\"running\"} 0",
             "meshnet_agent_manager_connected 1",
+            "meshnet_agent_dns_queries_total{result=\"answered\"} 2",
+            "meshnet_agent_dns_queries_total{result=\"formerr\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
         }

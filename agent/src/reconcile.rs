@@ -14,6 +14,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::apply::Kernel;
 use crate::conn::Outbox;
+use crate::dns::Dns;
 use crate::mesh::{self, Gw, INGRESS_SBOX};
 use crate::metrics::AgentMetrics;
 use crate::plan::{plan, sandbox_name, Action, Settings};
@@ -48,12 +49,16 @@ pub struct Reconciler<K: Kernel> {
     /// Set by a pass that wants the next one sooner than the interval (an IPVS drain).
     pub wake: Option<Duration>,
     pub metrics: AgentMetrics,
+    /// The embedded resolver: its records follow `desired`, its listeners the tasks.
+    pub dns: Dns,
 }
 
 impl<K: Kernel> Reconciler<K> {
     /// One observe → plan → apply pass. Returns the number of failed or skipped actions.
     pub async fn pass(&mut self, desired: &Assignment) -> usize {
         self.wake = None;
+        // Names first: they need no kernel change, and a change is answered at once.
+        self.dns.update(desired);
         // An ingress subnet that clashes with the node is refused: no ingress here.
         let mut desired = desired.clone();
         if let Some(i) = &desired.ingress {
@@ -136,6 +141,15 @@ impl<K: Kernel> Reconciler<K> {
                 errors += 1;
             }
         }
+        // Listeners for every live task (adopted ones after a restart); the others close.
+        let live: BTreeSet<String> = self
+            .supervisor
+            .records()
+            .iter()
+            .filter(|(_, r)| !matches!(r.phase, Phase::Exited { .. }))
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.dns.retain(&live).await;
         errors + self.sync_mesh(desired, gw.addrs).await
     }
 
@@ -214,7 +228,11 @@ impl<K: Kernel> Reconciler<K> {
             Action::StopTask { task } => self.supervisor.stop(task),
             Action::ForgetTask { task } => self.supervisor.forget(task),
             Action::StartTask { task } => match desired.tasks.iter().find(|t| &t.name == task) {
-                Some(spec) => self.supervisor.start(spec),
+                Some(spec) => {
+                    // The resolver listens before the task's first query.
+                    self.dns.open(task).await?;
+                    self.supervisor.start(spec)
+                }
                 None => return Err(format!("task {task} is not in the assignment")),
             },
             _ => {

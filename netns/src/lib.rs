@@ -255,6 +255,59 @@ impl AsFd for Netns {
     }
 }
 
+/// Prepares `cmd` so that its process gets a mount namespace of its own in which each
+/// `(source, target)` file is bind-mounted over `target`, as `ip netns exec` does with
+/// `/etc/netns/<name>/`: the node's files stay as they are. `/` is made a recursive slave
+/// first, so the binds do not propagate back while the node's later mounts still show.
+pub fn prepare_bind_files(cmd: &mut Command, files: &[(&Path, &Path)]) -> Result<()> {
+    let cstr = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| Error::Io {
+            op: "bind-mount a file (a path with a NUL byte) for",
+            path: p.to_path_buf(),
+            cause: io::ErrorKind::InvalidInput.into(),
+        })
+    };
+    let pairs = files
+        .iter()
+        .map(|(src, dst)| Ok((cstr(src)?, cstr(dst)?)))
+        .collect::<Result<Vec<_>>>()?;
+    // SAFETY: after fork only unshare and mount (async-signal-safe syscalls) run, on C strings
+    // made before the fork; nothing allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let none = std::ptr::null();
+            let root = c"/".as_ptr();
+            if libc::mount(
+                none,
+                root,
+                none,
+                libc::MS_SLAVE | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            for (src, dst) in &pairs {
+                if libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Unmounts and removes the namespace file at `path`. A namespace that is already gone is fine.
 /// The namespace itself lives on while a process or open handle still uses it.
 pub fn delete(path: &Path) -> Result<()> {

@@ -1,0 +1,184 @@
+//! The listeners at 127.0.0.11:53 (UDP and TCP) inside each task's namespace, all served by
+//! the agent's runtime.
+//!
+//! Port 53 is bound directly rather than Docker's random port with a DNAT of :53 to it in the
+//! task's nat table: no per-task nftables table to keep in step, no conntrack entry per
+//! query (the NAT path costs each UDP query a conntrack insert and lookup). The price is that a
+//! task cannot bind 0.0.0.0:53 itself; it can still serve DNS on its overlay address.
+
+use std::net::{Ipv4Addr, SocketAddr};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::sync::watch;
+use tokio::task::JoinSet;
+use tokio::time::timeout;
+use tracing::debug;
+
+use super::records::Records;
+use super::resolver::{decide, Decision, Outcome};
+use super::upstream::Forwarder;
+use crate::metrics::AgentMetrics;
+
+pub const LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
+    Ipv4Addr::new(127, 0, 0, 11),
+    53,
+));
+
+/// TCP connections one listener serves at once; more are closed at once.
+pub const MAX_TCP_CONNS: usize = 64;
+/// A TCP client has this long to send each whole query (length and body), and to take each reply.
+pub const TCP_DEADLINE: Duration = Duration::from_secs(3);
+
+/// What every listener shares.
+pub struct Shared {
+    pub records: watch::Receiver<Arc<Records>>,
+    pub forwarder: Forwarder,
+    pub metrics: AgentMetrics,
+}
+
+impl Shared {
+    fn decide(&self, task: &str, query: &[u8], tcp: bool) -> Decision {
+        let records = self.records.borrow().clone();
+        decide(&records, task, query, tcp, &mut rand::rng())
+    }
+
+    /// The reply to send for a decision (forwarding if it says so), or None to send nothing.
+    async fn finish(&self, query: &[u8], tcp: bool, decision: Decision) -> Option<Vec<u8>> {
+        let (reply, outcome) = match decision {
+            Decision::Reply { bytes, outcome } => (Some(bytes), outcome),
+            Decision::Drop => (None, Outcome::Dropped),
+            Decision::Forward { failed } => match self.forwarder.forward(query, tcp).await {
+                Some(r) => (Some(r), Outcome::Forwarded),
+                None => (Some(failed), Outcome::ServFail),
+            },
+        };
+        self.metrics.dns_query(outcome.as_str());
+        reply
+    }
+}
+
+/// Binds both sockets in the calling thread's namespace (a thread inside the task's).
+pub fn bind() -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
+    let udp = std::net::UdpSocket::bind(LISTEN)?;
+    let tcp = std::net::TcpListener::bind(LISTEN)?;
+    udp.set_nonblocking(true)?;
+    tcp.set_nonblocking(true)?;
+    Ok((udp, tcp))
+}
+
+/// Serves the sockets until the returned set is dropped (which aborts every task in it,
+/// connections included).
+pub fn serve(
+    task: String,
+    udp: std::net::UdpSocket,
+    tcp: std::net::TcpListener,
+    shared: Arc<Shared>,
+) -> std::io::Result<JoinSet<()>> {
+    let udp = Arc::new(UdpSocket::from_std(udp)?);
+    let tcp = TcpListener::from_std(tcp)?;
+    let task: Arc<str> = task.into();
+    let mut set = JoinSet::new();
+    set.spawn(serve_udp(udp, task.clone(), shared.clone()));
+    set.spawn(serve_tcp(tcp, task, shared));
+    Ok(set)
+}
+
+async fn serve_udp(sock: Arc<UdpSocket>, task: Arc<str>, shared: Arc<Shared>) {
+    let mut buf = vec![0u8; 4096];
+    let mut forwards = JoinSet::new();
+    loop {
+        tokio::select! {
+            got = sock.recv_from(&mut buf) => {
+                let Ok((n, peer)) = got else {
+                    // Errors on an unconnected UDP socket are transient; never spin on one.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                let query = &buf[..n];
+                match shared.decide(&task, query, false) {
+                    // Upstreams may take seconds: never waited for in this loop.
+                    forward @ Decision::Forward { .. } => {
+                        let (sock, shared, query) = (sock.clone(), shared.clone(), query.to_vec());
+                        forwards.spawn(async move {
+                            if let Some(reply) = shared.finish(&query, false, forward).await {
+                                let _ = sock.send_to(&reply, peer).await;
+                            }
+                        });
+                    }
+                    local => {
+                        if let Some(reply) = shared.finish(query, false, local).await {
+                            let _ = sock.send_to(&reply, peer).await;
+                        }
+                    }
+                }
+            }
+            Some(_) = forwards.join_next(), if !forwards.is_empty() => {}
+        }
+    }
+}
+
+async fn serve_tcp(listener: TcpListener, task: Arc<str>, shared: Arc<Shared>) {
+    let mut conns = JoinSet::new();
+    loop {
+        tokio::select! {
+            got = listener.accept() => {
+                let Ok((stream, _)) = got else {
+                    // EMFILE and the like: back off instead of spinning.
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                    continue;
+                };
+                if conns.len() >= MAX_TCP_CONNS {
+                    debug!(task = %task, "too many DNS TCP connections; closing a new one");
+                    continue;
+                }
+                conns.spawn(serve_conn(stream, task.clone(), shared.clone()));
+            }
+            Some(_) = conns.join_next(), if !conns.is_empty() => {}
+        }
+    }
+}
+
+/// Queries in turn on one connection, each within [`TCP_DEADLINE`]; a short, slow, cut or
+/// reset message ends the connection, and only it.
+async fn serve_conn(mut s: TcpStream, task: Arc<str>, shared: Arc<Shared>) {
+    loop {
+        let query = match timeout(TCP_DEADLINE, read_msg(&mut s)).await {
+            Ok(Ok(Some(q))) => q,
+            _ => return,
+        };
+        let decision = shared.decide(&task, &query, true);
+        let Some(reply) = shared.finish(&query, true, decision).await else {
+            return;
+        };
+        let Ok(len) = u16::try_from(reply.len()) else {
+            return;
+        };
+        let mut out = Vec::with_capacity(reply.len() + 2);
+        out.extend_from_slice(&len.to_be_bytes());
+        out.extend_from_slice(&reply);
+        if !matches!(timeout(TCP_DEADLINE, s.write_all(&out)).await, Ok(Ok(()))) {
+            return;
+        }
+    }
+}
+
+/// One length-prefixed message; None at a clean end of stream, an error for anything cut short
+/// or too short for a DNS header.
+async fn read_msg(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 2];
+    match s.read_exact(&mut len).await {
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(e) => return Err(e),
+    }
+    let len = u16::from_be_bytes(len) as usize;
+    if len < 12 {
+        return Err(std::io::ErrorKind::InvalidData.into());
+    }
+    let mut q = vec![0u8; len];
+    s.read_exact(&mut q).await?;
+    Ok(Some(q))
+}
