@@ -57,8 +57,10 @@ impl<K: Kernel> Reconciler<K> {
     /// One observe → plan → apply pass. Returns the number of failed or skipped actions.
     pub async fn pass(&mut self, desired: &Assignment) -> usize {
         self.wake = None;
-        // Names first: they need no kernel change, and a change is answered at once.
+        // Names first: they need no kernel change, and a change is answered at once. Listeners
+        // of tasks that ended close before their namespaces go.
         self.dns.update(desired);
+        self.sync_dns().await;
         // An ingress subnet that clashes with the node is refused: no ingress here.
         let mut desired = desired.clone();
         if let Some(i) = &desired.ingress {
@@ -141,7 +143,13 @@ impl<K: Kernel> Reconciler<K> {
                 errors += 1;
             }
         }
-        // Listeners for every live task (adopted ones after a restart); the others close.
+        // Again once namespaces are in place (a namespace made anew needs a new listener).
+        self.sync_dns().await;
+        errors + self.sync_mesh(desired, gw.addrs).await
+    }
+
+    /// DNS listeners for every live task (adopted ones after a restart); the others close.
+    async fn sync_dns(&mut self) {
         let live: BTreeSet<String> = self
             .supervisor
             .records()
@@ -150,7 +158,6 @@ impl<K: Kernel> Reconciler<K> {
             .map(|(n, _)| n.clone())
             .collect();
         self.dns.retain(&live).await;
-        errors + self.sync_mesh(desired, gw.addrs).await
     }
 
     /// gwbridge addresses for every leg wanted now (tasks kept while they stop included),
