@@ -45,11 +45,7 @@ impl Dns {
         let (records, rx) = watch::channel(Arc::new(Records::default()));
         Dns {
             records,
-            shared: Arc::new(Shared {
-                records: rx,
-                forwarder,
-                metrics,
-            }),
+            shared: Arc::new(Shared::new(rx, forwarder, &metrics)),
             netns_dir,
             listeners: HashMap::new(),
         }

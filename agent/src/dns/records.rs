@@ -129,11 +129,10 @@ impl Records {
             .filter_map(|id| self.nets.get(id))
     }
 
-    /// `name` (any case, with or without a trailing dot) as `task` sees it: from the first of
-    /// its networks that has it. None: not a name of the cluster for this task.
-    pub fn lookup(&self, task: &str, name: &str) -> Option<&Entry> {
-        let key = normalize(name);
-        self.scope(task).find_map(|n| n.names.get(&key))
+    /// A normalized name as `task` sees it: from the first of its networks that has it. None:
+    /// not a name of the cluster for this task.
+    fn lookup_key(&self, task: &str, key: &str) -> Option<&Entry> {
+        self.scope(task).find_map(|n| n.names.get(key))
     }
 
     /// The name of a cluster address (task or VIP) on one of `task`'s networks.
@@ -142,11 +141,13 @@ impl Records {
             .find_map(|n| n.ptr.get(&addr).map(String::as_str))
     }
 
-    /// A forward name or an `in-addr.arpa` name, resolved for `task`.
+    /// A forward name or an `in-addr.arpa` name (any case, with or without a trailing dot),
+    /// resolved for `task`.
     pub fn find(&self, task: &str, name: &str) -> Option<Found<'_>> {
-        match parse_arpa(name) {
+        let key = normalize(name);
+        match parse_normalized_arpa(&key) {
             Some(addr) => self.reverse(task, addr).map(Found::Ptr),
-            None => self.lookup(task, name).map(Found::Addrs),
+            None => self.lookup_key(task, &key).map(Found::Addrs),
         }
     }
 }
@@ -156,9 +157,8 @@ pub fn normalize(name: &str) -> String {
     name.strip_suffix('.').unwrap_or(name).to_ascii_lowercase()
 }
 
-/// `d.c.b.a.in-addr.arpa` → a.b.c.d; anything else (IPv6, partial) → None.
-pub fn parse_arpa(name: &str) -> Option<Ipv4Addr> {
-    let name = normalize(name);
+/// `d.c.b.a.in-addr.arpa` (normalized) → a.b.c.d; anything else (IPv6, partial) → None.
+fn parse_normalized_arpa(name: &str) -> Option<Ipv4Addr> {
     let rev = name.strip_suffix(".in-addr.arpa")?;
     let mut octets = [0u8; 4];
     let mut parts = rev.split('.');
@@ -350,6 +350,16 @@ pub(crate) mod tests {
             r.find("other.1.z", "2.8.0.10.in-addr.arpa."),
             Some(Found::Ptr("other"))
         );
+    }
+
+    impl Records {
+        fn lookup(&self, task: &str, name: &str) -> Option<&Entry> {
+            self.lookup_key(task, &normalize(name))
+        }
+    }
+
+    fn parse_arpa(name: &str) -> Option<Ipv4Addr> {
+        parse_normalized_arpa(&normalize(name))
     }
 
     #[test]

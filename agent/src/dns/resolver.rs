@@ -36,6 +36,16 @@ pub enum Outcome {
 }
 
 impl Outcome {
+    pub const ALL: [Outcome; 7] = [
+        Outcome::Answered,
+        Outcome::Empty,
+        Outcome::Forwarded,
+        Outcome::ServFail,
+        Outcome::FormErr,
+        Outcome::NotImp,
+        Outcome::Dropped,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Outcome::Answered => "answered",
@@ -93,12 +103,14 @@ pub fn decide<R: Rng>(
     let [q] = msg.queries() else {
         return reply_to(ResponseCode::FormErr, Outcome::FormErr);
     };
-    let failed = encode(&error_reply(&header, Some(q), ResponseCode::ServFail));
+    let forward = || Decision::Forward {
+        failed: encode(&error_reply(&header, Some(q), ResponseCode::ServFail)),
+    };
     if q.query_class() != DNSClass::IN {
-        return Decision::Forward { failed };
+        return forward();
     }
     let Some(found) = records.find(task, &q.name().to_ascii()) else {
-        return Decision::Forward { failed };
+        return forward();
     };
     let mut reply = error_reply(&header, Some(q), ResponseCode::NoError);
     reply.set_authoritative(true);

@@ -22,6 +22,7 @@ use super::records::Records;
 use super::resolver::{decide, Decision, Outcome};
 use super::upstream::Forwarder;
 use crate::metrics::AgentMetrics;
+use prometheus_client::metrics::counter::Counter;
 
 pub const LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
     Ipv4Addr::new(127, 0, 0, 11),
@@ -35,12 +36,35 @@ pub const TCP_DEADLINE: Duration = Duration::from_secs(3);
 
 /// What every listener shares.
 pub struct Shared {
-    pub records: watch::Receiver<Arc<Records>>,
-    pub forwarder: Forwarder,
-    pub metrics: AgentMetrics,
+    records: watch::Receiver<Arc<Records>>,
+    forwarder: Forwarder,
+    /// By [`Outcome`], in the order of [`Outcome::ALL`].
+    counters: Vec<Counter>,
 }
 
 impl Shared {
+    pub fn new(
+        records: watch::Receiver<Arc<Records>>,
+        forwarder: Forwarder,
+        metrics: &AgentMetrics,
+    ) -> Shared {
+        let counters = Outcome::ALL
+            .iter()
+            .map(|o| metrics.dns_queries(o.as_str()))
+            .collect();
+        Shared {
+            records,
+            forwarder,
+            counters,
+        }
+    }
+
+    fn count(&self, outcome: Outcome) {
+        if let Some(i) = Outcome::ALL.iter().position(|o| *o == outcome) {
+            self.counters[i].inc();
+        }
+    }
+
     fn decide(&self, task: &str, query: &[u8], tcp: bool) -> Decision {
         let records = self.records.borrow().clone();
         decide(&records, task, query, tcp, &mut rand::rng())
@@ -56,7 +80,7 @@ impl Shared {
                 None => (Some(failed), Outcome::ServFail),
             },
         };
-        self.metrics.dns_query(outcome.as_str());
+        self.count(outcome);
         reply
     }
 }
