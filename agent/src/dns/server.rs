@@ -207,3 +207,138 @@ async fn read_msg(s: &mut TcpStream) -> std::io::Result<Option<Vec<u8>>> {
     s.read_exact(&mut q).await?;
     Ok(Some(q))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::dns::records::tests::sample;
+    use hickory_proto::op::{Message, MessageType, OpCode, Query, ResponseCode};
+    use hickory_proto::rr::{Name, RData, RecordType};
+    use tokio::time::Instant;
+
+    /// A listener pair on loopback (any port) for the sample's `client.1.k`, no upstream.
+    fn start() -> (SocketAddr, JoinSet<()>) {
+        let (udp, tcp) = loop {
+            let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+            if let Ok(tcp) = std::net::TcpListener::bind(udp.local_addr().unwrap()) {
+                break (udp, tcp);
+            }
+        };
+        let addr = udp.local_addr().unwrap();
+        udp.set_nonblocking(true).unwrap();
+        tcp.set_nonblocking(true).unwrap();
+        let (_, records) = watch::channel(Arc::new(Records::build(&sample())));
+        let shared = Shared::new(records, Forwarder::new(vec![]), &AgentMetrics::new());
+        let set = serve("client.1.k".into(), udp, tcp, Arc::new(shared)).unwrap();
+        (addr, set)
+    }
+
+    fn query(name: &str) -> Vec<u8> {
+        let mut m = Message::new();
+        m.set_id(7)
+            .set_message_type(MessageType::Query)
+            .set_op_code(OpCode::Query)
+            .add_query(Query::query(Name::from_ascii(name).unwrap(), RecordType::A));
+        m.to_vec().unwrap()
+    }
+
+    fn framed(q: &[u8]) -> Vec<u8> {
+        let mut out = (q.len() as u16).to_be_bytes().to_vec();
+        out.extend_from_slice(q);
+        out
+    }
+
+    async fn read_reply(s: &mut TcpStream) -> Message {
+        let mut len = [0u8; 2];
+        s.read_exact(&mut len).await.unwrap();
+        let mut body = vec![0u8; u16::from_be_bytes(len) as usize];
+        s.read_exact(&mut body).await.unwrap();
+        Message::from_vec(&body).unwrap()
+    }
+
+    fn first_a(m: &Message) -> Option<Ipv4Addr> {
+        m.answers().iter().find_map(|r| match r.data() {
+            RData::A(a) => Some(a.0),
+            _ => None,
+        })
+    }
+
+    #[tokio::test]
+    async fn a_cut_tcp_query_holds_up_nobody_and_is_closed() {
+        let (addr, _serving) = start();
+        let mut stuck = TcpStream::connect(addr).await.unwrap();
+        stuck.write_all(&[0, 100, 0, 7, 1]).await.unwrap();
+        let started = Instant::now();
+        let mut other = TcpStream::connect(addr).await.unwrap();
+        // Two queries in one write: both answered, in order, on the one connection.
+        let mut two = framed(&query("web"));
+        two.extend(framed(&query("tasks.rr")));
+        other.write_all(&two).await.unwrap();
+        let first = read_reply(&mut other).await;
+        assert_eq!(first_a(&first), Some("10.0.9.2".parse().unwrap()));
+        let second = read_reply(&mut other).await;
+        assert_eq!(second.answers().len(), 2);
+        assert!(started.elapsed() < Duration::from_secs(1));
+        let mut byte = [0u8; 1];
+        let closed = timeout(TCP_DEADLINE + Duration::from_secs(2), stuck.read(&mut byte)).await;
+        assert!(matches!(closed, Ok(Ok(0)) | Ok(Err(_))), "{closed:?}");
+    }
+
+    #[tokio::test]
+    async fn past_the_bound_a_new_tcp_connection_is_closed() {
+        let (addr, _serving) = start();
+        let mut idle = Vec::new();
+        for _ in 0..MAX_TCP_CONNS {
+            idle.push(TcpStream::connect(addr).await.unwrap());
+        }
+        // Let the listener take them all before the next one.
+        let mut probe = idle.pop().unwrap();
+        probe.write_all(&framed(&query("web"))).await.unwrap();
+        read_reply(&mut probe).await;
+        idle.push(probe);
+        let mut extra = TcpStream::connect(addr).await.unwrap();
+        let mut byte = [0u8; 1];
+        let got = timeout(Duration::from_secs(1), extra.read(&mut byte)).await;
+        assert!(matches!(got, Ok(Ok(0)) | Ok(Err(_))), "{got:?}");
+    }
+
+    #[tokio::test]
+    async fn udp_garbage_gets_formerr_or_nothing_and_answers_go_on() {
+        let (addr, _serving) = start();
+        let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        sock.connect(addr).await.unwrap();
+        let mut buf = [0u8; 4096];
+        let mut cut = query("web");
+        cut.truncate(cut.len() - 3);
+        sock.send(&cut).await.unwrap();
+        let n = timeout(Duration::from_secs(1), sock.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!((r.id(), r.response_code()), (7, ResponseCode::FormErr));
+        for junk in [&[1u8, 2, 3][..], &[0xff; 3000]] {
+            sock.send(junk).await.unwrap();
+        }
+        sock.send(&query("www")).await.unwrap();
+        let r = loop {
+            let n = timeout(Duration::from_secs(1), sock.recv(&mut buf))
+                .await
+                .unwrap()
+                .unwrap();
+            let r = Message::from_vec(&buf[..n]).unwrap();
+            if r.response_code() == ResponseCode::NoError {
+                break r;
+            }
+        };
+        assert_eq!(first_a(&r), Some("10.0.9.2".parse().unwrap()));
+        // Not a cluster name and no upstream: SERVFAIL, at once.
+        sock.send(&query("example.com.")).await.unwrap();
+        let n = timeout(Duration::from_secs(1), sock.recv(&mut buf))
+            .await
+            .unwrap()
+            .unwrap();
+        let r = Message::from_vec(&buf[..n]).unwrap();
+        assert_eq!(r.response_code(), ResponseCode::ServFail);
+    }
+}
