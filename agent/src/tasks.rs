@@ -359,16 +359,18 @@ impl Supervisor {
             // the task, and stopping it reaches the task's children too.
             .process_group(0);
         // The task's own /etc/resolv.conf (the embedded DNS) and /etc/hosts, in a mount
-        // namespace of its own.
+        // namespace of its own that holds none of our namespace files.
         let (resolv, hosts) =
             crate::dns::view::write(&self.state.task_files_dir(&spec.name), spec, &self.search)
                 .map_err(|e| format!("write resolv.conf and hosts of the task: {e}"))?;
-        netns::prepare_bind_files(
+        let ours = netns::list(&self.state.netns_dir()).map_err(|e| e.to_string())?;
+        netns::prepare_own_mounts(
             &mut cmd,
             &[
                 (&resolv, Path::new("/etc/resolv.conf")),
                 (&hosts, Path::new("/etc/hosts")),
             ],
+            &ours,
         )
         .map_err(|e| e.to_string())?;
         let mut child = ns.spawn(&mut cmd).map_err(|e| match e {

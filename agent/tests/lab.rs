@@ -862,6 +862,11 @@ fn agent_serves_dns_to_tasks() {
         "{hosts}"
     );
     assert!(hosts.contains("127.0.0.1\tlocalhost"), "{hosts}");
+    // Its mount namespace holds none of the agent's namespace files (that would keep deleted
+    // namespaces alive).
+    let mounts = std::fs::read_to_string(format!("/proc/{client_pid}/mountinfo")).unwrap();
+    let netns_dir = lab.netns_dir().display().to_string();
+    assert!(!mounts.contains(&netns_dir), "{mounts}");
     assert!(!std::fs::read_to_string("/etc/resolv.conf")
         .unwrap_or_default()
         .contains("127.0.0.11"));
