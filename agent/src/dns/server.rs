@@ -29,7 +29,8 @@ pub const LISTEN: SocketAddr = SocketAddr::V4(std::net::SocketAddrV4::new(
     53,
 ));
 
-/// TCP connections one listener serves at once; more are closed at once.
+/// TCP connections one listener serves at once; more are closed at once. Only processes in
+/// the task's own namespace reach its listener, so a task can exhaust only its own.
 pub const MAX_TCP_CONNS: usize = 64;
 /// A TCP client has this long to send each whole query (length and body), and to take each reply.
 pub const TCP_DEADLINE: Duration = Duration::from_secs(3);

@@ -217,6 +217,11 @@ mod tests {
     /// An upstream on loopback that answers with `rcode` (echoing the query as a reply), or
     /// never answers when None.
     async fn fake_upstream(rcode: Option<u8>) -> SocketAddr {
+        fake_upstream_flags(rcode, 0).await
+    }
+
+    /// The same, with more header flags set in byte 2 of the reply (0x02: TC).
+    async fn fake_upstream_flags(rcode: Option<u8>, flags: u8) -> SocketAddr {
         let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
         let addr = sock.local_addr().unwrap();
         tokio::spawn(async move {
@@ -224,7 +229,7 @@ mod tests {
             while let Ok((n, peer)) = sock.recv_from(&mut buf).await {
                 if let Some(rc) = rcode {
                     let mut r = buf[..n].to_vec();
-                    r[2] |= 0x80;
+                    r[2] |= 0x80 | flags;
                     r[3] = (r[3] & 0xf0) | rc;
                     let _ = sock.send_to(&r, peer).await;
                 }
@@ -261,6 +266,18 @@ mod tests {
         assert_eq!(f.forward(&QUERY, false).await, None);
         assert!(started.elapsed() < Duration::from_millis(600));
         assert_eq!(Forwarder::new(vec![]).forward(&QUERY, false).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_truncated_udp_reply_goes_back_as_it_came() {
+        let truncating = fake_upstream_flags(Some(0), 0x02).await;
+        let f = Forwarder::new(vec![truncating]);
+        let reply = f.forward(&QUERY, false).await.unwrap();
+        assert_eq!(
+            reply[2] & 0x02,
+            0x02,
+            "TC stays set, so the client retries over TCP"
+        );
     }
 
     #[tokio::test]
