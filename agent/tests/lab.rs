@@ -717,6 +717,16 @@ fn agent_serves_dns_to_tasks() {
                     vec![
                         net_service("web", ip("10.0.9.100"), &["www"], web_tasks),
                         net_service("client", ip("10.0.9.101"), &[], &[("cc", 1, client_ip)]),
+                        proto::agent::NetworkService {
+                            endpoint_mode: proto::model::EndpointMode::Dnsrr,
+                            vip: None,
+                            ..net_service(
+                                "rr",
+                                ip("10.0.9.100"),
+                                &[],
+                                &[("r1", 1, ip("10.0.9.20")), ("r2", 2, ip("10.0.9.21"))],
+                            )
+                        },
                     ],
                 ),
                 dns_network(
@@ -767,6 +777,11 @@ fn agent_serves_dns_to_tasks() {
     assert_eq!(
         dnsq::addrs(&dnsq::udp(&ns, "web.1", RecordType::A)),
         [web_ip]
+    );
+    // dnsrr: the tasks themselves.
+    assert_eq!(
+        dnsq::addrs(&dnsq::udp(&ns, "rr", RecordType::A)),
+        [ip("10.0.9.20"), ip("10.0.9.21")]
     );
     assert_eq!(
         dnsq::addrs(&dnsq::udp(&ns, "web.1.wa", RecordType::A)),

@@ -336,6 +336,22 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_task_on_two_networks_sees_both_first_network_first() {
+        let mut a = sample();
+        a.tasks
+            .push(task("multi.1.m", &[("n2", "10.0.8.9"), ("n1", "10.0.9.9")]));
+        // The same service name on both networks: the task's first network answers.
+        let mut dup = a.networks[0].services[0].clone();
+        dup.vip = Some(ip("10.0.8.50"));
+        a.networks[1].services.push(dup);
+        let r = Records::build(&a);
+        assert_eq!(addrs(&r, "multi.1.m", "other"), Some(vec![ip("10.0.8.2")]));
+        assert_eq!(addrs(&r, "multi.1.m", "tasks.rr").map(|v| v.len()), Some(2));
+        assert_eq!(addrs(&r, "multi.1.m", "web"), Some(vec![ip("10.0.8.50")]));
+        assert_eq!(addrs(&r, "client.1.k", "web"), Some(vec![ip("10.0.9.2")]));
+    }
+
+    #[test]
     fn ptr_names_tasks_and_vips_on_the_tasks_networks_only() {
         let r = Records::build(&sample());
         let c = "client.1.k";
