@@ -400,7 +400,8 @@ async fn main() -> anyhow::Result<()> {
             netns_dir,
             dns::upstream::Forwarder::new(dns_upstreams),
             metrics.clone(),
-        ),
+        )
+        .context("start the DNS resolver's thread")?,
         metrics,
     };
     let interval = Duration::from_secs(flags.reconcile_interval);

@@ -36,19 +36,34 @@ struct Listener {
 pub struct Dns {
     records: watch::Sender<Arc<Records>>,
     shared: Arc<Shared>,
+    /// The runtime of every listener: one thread of its own, so that a query is answered
+    /// without waking another thread, and reconcile work never delays it.
+    rt: tokio::runtime::Handle,
     netns_dir: PathBuf,
     listeners: HashMap<String, Listener>,
 }
 
 impl Dns {
-    pub fn new(netns_dir: PathBuf, forwarder: Forwarder, metrics: AgentMetrics) -> Dns {
+    pub fn new(
+        netns_dir: PathBuf,
+        forwarder: Forwarder,
+        metrics: AgentMetrics,
+    ) -> std::io::Result<Dns> {
         let (records, rx) = watch::channel(Arc::new(Records::default()));
-        Dns {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        let handle = rt.handle().clone();
+        std::thread::Builder::new()
+            .name("mesh-dns".into())
+            .spawn(move || rt.block_on(std::future::pending::<()>()))?;
+        Ok(Dns {
             records,
             shared: Arc::new(Shared::new(rx, forwarder, &metrics)),
+            rt: handle,
             netns_dir,
             listeners: HashMap::new(),
-        }
+        })
     }
 
     /// Every listener answers from `desired` from now on.
@@ -78,7 +93,7 @@ impl Dns {
             .map_err(|e| format!("DNS listener: {e}"))?
             .map_err(|e| format!("bind {} in {}: {e}", server::LISTEN, path.display()))?;
         let (udp, tcp) = bound;
-        let serving = server::serve(task.to_string(), udp, tcp, self.shared.clone())
+        let serving = server::serve(task.to_string(), udp, tcp, self.shared.clone(), &self.rt)
             .map_err(|e| format!("serve DNS in {}: {e}", path.display()))?;
         info!(task = %task, addr = %server::LISTEN, "DNS listening");
         self.listeners.insert(

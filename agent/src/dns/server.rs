@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
+use tokio::runtime::Handle;
 use tokio::sync::watch;
 use tokio::task::JoinSet;
 use tokio::time::timeout;
@@ -95,20 +96,23 @@ pub fn bind() -> std::io::Result<(std::net::UdpSocket, std::net::TcpListener)> {
     Ok((udp, tcp))
 }
 
-/// Serves the sockets until the returned set is dropped (which aborts every task in it,
-/// connections included).
+/// Serves the sockets on runtime `rt` until the returned set is dropped (which aborts every
+/// task in it, connections included).
 pub fn serve(
     task: String,
     udp: std::net::UdpSocket,
     tcp: std::net::TcpListener,
     shared: Arc<Shared>,
+    rt: &Handle,
 ) -> std::io::Result<JoinSet<()>> {
+    // Registered with `rt`'s reactor, where they are polled.
+    let _in = rt.enter();
     let udp = Arc::new(UdpSocket::from_std(udp)?);
     let tcp = TcpListener::from_std(tcp)?;
     let task: Arc<str> = task.into();
     let mut set = JoinSet::new();
-    set.spawn(serve_udp(udp, task.clone(), shared.clone()));
-    set.spawn(serve_tcp(tcp, task, shared));
+    set.spawn_on(serve_udp(udp, task.clone(), shared.clone()), rt);
+    set.spawn_on(serve_tcp(tcp, task, shared), rt);
     Ok(set)
 }
 
@@ -230,7 +234,14 @@ mod tests {
         tcp.set_nonblocking(true).unwrap();
         let (_, records) = watch::channel(Arc::new(Records::build(&sample())));
         let shared = Shared::new(records, Forwarder::new(vec![]), &AgentMetrics::new());
-        let set = serve("client.1.k".into(), udp, tcp, Arc::new(shared)).unwrap();
+        let set = serve(
+            "client.1.k".into(),
+            udp,
+            tcp,
+            Arc::new(shared),
+            &Handle::current(),
+        )
+        .unwrap();
         (addr, set)
     }
 
