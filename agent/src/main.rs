@@ -5,6 +5,7 @@
 mod apply;
 mod cleanup;
 mod conn;
+mod dns;
 mod join;
 mod lb;
 mod mesh;
@@ -16,7 +17,7 @@ mod rules;
 mod state;
 mod tasks;
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroU32;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -26,7 +27,7 @@ use anyhow::Context;
 use clap::{Parser, ValueEnum};
 use ipnet::Ipv4Net;
 use tokio::sync::{mpsc, watch};
-use tracing::info;
+use tracing::{info, warn};
 
 use netns::Netns;
 
@@ -99,6 +100,11 @@ struct Flags {
     /// Serve Prometheus metrics (meshnet_agent_*) on ADDR:PORT at /metrics [default: none].
     #[arg(long, env = "MESH_METRICS_LISTEN")]
     metrics_listen: Option<std::net::SocketAddr>,
+    /// Upstream DNS server, ADDR[:PORT], for the names the embedded resolver (127.0.0.11 in
+    /// every task) does not answer from the cluster; repeat for up to 3, tried in order
+    /// [default: the nameservers of /etc/resolv.conf].
+    #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]", value_parser = dns::upstream::parse_upstream)]
+    dns_upstreams: Vec<SocketAddr>,
     /// Seconds a task has to exit after SIGTERM before it gets SIGKILL.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
     stop_grace_period: u64,
@@ -210,6 +216,33 @@ fn node_nets(node: &Netns, gw_subnet: Ipv4Net) -> anyhow::Result<NodeNets> {
     Ok((addrs, routes))
 }
 
+/// The embedded resolver's upstreams (`--dns-upstream`, else the node's resolv.conf) and the
+/// node's search domains (for the tasks' resolv.conf).
+fn dns_config(upstreams: &[SocketAddr]) -> anyhow::Result<(Vec<SocketAddr>, Vec<String>)> {
+    if upstreams.len() > dns::upstream::MAX_UPSTREAMS {
+        anyhow::bail!(
+            "--dns-upstream: at most {} servers, got {}",
+            dns::upstream::MAX_UPSTREAMS,
+            upstreams.len()
+        );
+    }
+    let path = "/etc/resolv.conf";
+    let node = match std::fs::read_to_string(path) {
+        Ok(text) => dns::upstream::parse_resolv_conf(&text),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Default::default(),
+        Err(e) => return Err(e).with_context(|| format!("read {path}")),
+    };
+    let servers = if upstreams.is_empty() {
+        node.nameservers
+    } else {
+        upstreams.to_vec()
+    };
+    if servers.is_empty() {
+        warn!("no upstream DNS server (none in {path}, no --dns-upstream): tasks resolve only the cluster's names");
+    }
+    Ok((servers, node.search))
+}
+
 /// `--cleanup`: no manager, no join; only the state dir and the node namespace.
 fn cleanup(flags: &Flags) -> anyhow::Result<()> {
     let state = state::StateDir::open(&flags.state_dir)
@@ -293,6 +326,9 @@ async fn run() -> anyhow::Result<()> {
         "mesh-agent starting"
     );
 
+    let (dns_upstreams, dns_search) = dns_config(&flags.dns_upstreams)?;
+    info!(upstreams = ?dns_upstreams, search = ?dns_search, "embedded DNS");
+
     let desired = state.assignment()?.unwrap_or_default();
     if desired.revision > 0 {
         info!(
@@ -323,7 +359,8 @@ async fn run() -> anyhow::Result<()> {
         outbox.clone(),
         Duration::from_secs(flags.stop_grace_period),
     )
-    .context("adopt tasks")?;
+    .context("adopt tasks")?
+    .with_search_domains(dns_search);
     let (assign_tx, assign_rx) = watch::channel(desired);
 
     let connection = conn::Conn {
@@ -366,6 +403,7 @@ async fn run() -> anyhow::Result<()> {
     let kernel = NetKernel::new(&state.netns_dir(), node);
     // Fail early and clearly if netlink or the state dir is unusable.
     kernel.observe().context("read the node's state")?;
+    let netns_dir = state.netns_dir();
     let reconciler = reconcile::Reconciler {
         kernel: Arc::new(kernel),
         supervisor,
@@ -378,6 +416,12 @@ async fn run() -> anyhow::Result<()> {
         outbox,
         mesh,
         wake: None,
+        dns: dns::Dns::new(
+            netns_dir,
+            dns::upstream::Forwarder::new(dns_upstreams),
+            metrics.clone(),
+        )
+        .context("start the DNS resolver's thread")?,
         metrics,
     };
     let interval = Duration::from_secs(flags.reconcile_interval);
@@ -413,6 +457,7 @@ mod tests {
         assert_eq!(f.state_dir, PathBuf::from("/var/lib/meshnet"));
         assert_eq!(f.gwbridge_subnet.to_string(), "172.18.0.0/16");
         assert_eq!(f.drain_seconds, 2);
+        assert!(f.dns_upstreams.is_empty());
 
         let base = [
             "mesh-agent",
@@ -440,6 +485,20 @@ mod tests {
         assert_eq!(f.drain_seconds, 5);
         assert_eq!(f.lb_udp_timeout, NonZeroU32::new(30));
         assert_eq!(f.lb_tcp_timeout, None);
+        let f = with(&[
+            "--dns-upstream",
+            "192.168.56.1",
+            "--dns-upstream",
+            "[::1]:5353",
+        ])
+        .unwrap();
+        assert_eq!(
+            f.dns_upstreams,
+            ["192.168.56.1:53", "[::1]:5353"].map(|s| s.parse::<SocketAddr>().unwrap())
+        );
+        assert!(dns_config(&f.dns_upstreams).is_ok());
+        let four = ["1.1.1.1:53"; 4].map(|s| s.parse::<SocketAddr>().unwrap());
+        assert!(dns_config(&four).is_err());
         assert_eq!(
             with(&["--log-format", "json"]).unwrap().log_format,
             LogFormat::Json
@@ -452,6 +511,8 @@ mod tests {
             &["--gwbridge-subnet", "172.18.0.1/16"],
             &["--gwbridge-subnet", "10.0.0.0/30"],
             &["--lb-tcp-timeout", "0"],
+            &["--dns-upstream", "dns.example"],
+            &["--dns-upstream", "10.0.0.1:0"],
         ] {
             assert!(with(bad).is_err(), "{bad:?}");
         }

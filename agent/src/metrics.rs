@@ -28,6 +28,7 @@ pub struct AgentMetrics {
     applied_revision: Gauge,
     tasks: Family<PhaseLabel, Gauge>,
     pub manager_connected: Gauge,
+    dns_queries: Family<ResultLabel, Counter>,
 }
 
 impl AgentMetrics {
@@ -39,6 +40,7 @@ impl AgentMetrics {
             applied_revision: Gauge::default(),
             tasks: Family::default(),
             manager_connected: Gauge::default(),
+            dns_queries: Family::default(),
         }
     }
 
@@ -68,6 +70,22 @@ impl AgentMetrics {
             "1 while the agent's connection to the manager is up",
             self.manager_connected.clone(),
         );
+        registry.register(
+            "dns_queries",
+            "Queries to the embedded DNS resolver by result: answered, empty (a cluster name \
+             without that record type), forwarded, servfail, formerr, notimp, dropped",
+            self.dns_queries.clone(),
+        );
+    }
+
+    /// The counter of queries to the embedded resolver with this result: taken once, so that
+    /// counting a query costs no label lookup.
+    pub fn dns_queries(&self, result: &str) -> Counter {
+        self.dns_queries
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .clone()
     }
 
     /// One pass: its duration, whether it completed, and the tasks' phases after it.
@@ -120,6 +138,10 @@ mod tests {
         m.pass(0.004, 2, []);
         m.applied(7);
         m.manager_connected.set(1);
+        let answered = m.dns_queries("answered");
+        answered.inc();
+        m.dns_queries("answered").inc();
+        m.dns_queries("formerr").inc();
         let text = mesh_metrics::render(&registry);
         for line in [
             "meshnet_agent_reconcile_passes_total{result=\"ok\"} 1",
@@ -128,6 +150,8 @@ mod tests {
             "meshnet_agent_applied_revision 7",
             "meshnet_agent_tasks{phase=\"running\"} 0",
             "meshnet_agent_manager_connected 1",
+            "meshnet_agent_dns_queries_total{result=\"answered\"} 2",
+            "meshnet_agent_dns_queries_total{result=\"formerr\"} 1",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
         }

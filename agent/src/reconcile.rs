@@ -14,6 +14,7 @@ use tracing::{error, info, info_span, warn, Instrument};
 
 use crate::apply::Kernel;
 use crate::conn::Outbox;
+use crate::dns::Dns;
 use crate::mesh::{self, Gw, INGRESS_SBOX};
 use crate::metrics::AgentMetrics;
 use crate::plan::{plan, sandbox_name, Action, Settings};
@@ -48,12 +49,18 @@ pub struct Reconciler<K: Kernel> {
     /// Set by a pass that wants the next one sooner than the interval (an IPVS drain).
     pub wake: Option<Duration>,
     pub metrics: AgentMetrics,
+    /// The embedded resolver: its records follow `desired`, its listeners the tasks.
+    pub dns: Dns,
 }
 
 impl<K: Kernel> Reconciler<K> {
     /// One observe → plan → apply pass. Returns the number of failed or skipped actions.
     pub async fn pass(&mut self, desired: &Assignment) -> usize {
         self.wake = None;
+        // Names first: they need no kernel change, and a change is answered at once. Listeners
+        // of tasks that ended close before their namespaces go.
+        self.dns.update(desired);
+        self.sync_dns().await;
         // An ingress subnet that clashes with the node is refused: no ingress here.
         let mut desired = desired.clone();
         if let Some(i) = &desired.ingress {
@@ -136,7 +143,21 @@ impl<K: Kernel> Reconciler<K> {
                 errors += 1;
             }
         }
+        // Again once namespaces are in place (a namespace made anew needs a new listener).
+        self.sync_dns().await;
         errors + self.sync_mesh(desired, gw.addrs).await
+    }
+
+    /// DNS listeners for every live task (adopted ones after a restart); the others close.
+    async fn sync_dns(&mut self) {
+        let live: BTreeSet<String> = self
+            .supervisor
+            .records()
+            .iter()
+            .filter(|(_, r)| !matches!(r.phase, Phase::Exited { .. }))
+            .map(|(n, _)| n.clone())
+            .collect();
+        self.dns.retain(&live).await;
     }
 
     /// gwbridge addresses for every leg wanted now (tasks kept while they stop included),
@@ -214,7 +235,11 @@ impl<K: Kernel> Reconciler<K> {
             Action::StopTask { task } => self.supervisor.stop(task),
             Action::ForgetTask { task } => self.supervisor.forget(task),
             Action::StartTask { task } => match desired.tasks.iter().find(|t| &t.name == task) {
-                Some(spec) => self.supervisor.start(spec),
+                Some(spec) => {
+                    // The resolver listens before the task's first query.
+                    self.dns.open(task).await?;
+                    self.supervisor.start(spec)
+                }
                 None => return Err(format!("task {task} is not in the assignment")),
             },
             _ => {

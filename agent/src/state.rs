@@ -6,6 +6,8 @@
 //! - `netns/`: the namespace files (overlay sandboxes `1-<netid[:10]>`, tasks by task name).
 //! - `tasks/<name>.json`: one record per task the agent runs or ran ([`TaskRecord`]).
 //! - `tasks/<name>.log`: the task's stdout and stderr.
+//! - `tasks/<name>/`: the task's own `resolv.conf` and `hosts`, mounted over the node's in the
+//!   task's mount namespace.
 //! - `gwbridge.json`: the gwbridge subnet and each leg's address, so a task keeps its address
 //!   across agent restarts.
 
@@ -81,6 +83,11 @@ impl StateDir {
         self.tasks_dir().join(format!("{name}.log"))
     }
 
+    /// Files the agent writes for the task's own view: `resolv.conf`, `hosts`.
+    pub fn task_files_dir(&self, name: &str) -> PathBuf {
+        self.tasks_dir().join(name)
+    }
+
     fn task_record_path(&self, name: &str) -> PathBuf {
         self.tasks_dir().join(format!("{name}.json"))
     }
@@ -149,7 +156,14 @@ impl StateDir {
         write_json(&self.task_record_path(&rec.spec.name), rec)
     }
 
+    /// Removes the task's record and files (its log stays).
     pub fn remove_task(&self, name: &str) -> Result<(), StateError> {
+        let dir = self.task_files_dir(name);
+        match fs::remove_dir_all(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == ErrorKind::NotFound => {}
+            Err(e) => return Err(io_err("remove", &dir)(e)),
+        }
         let path = self.task_record_path(name);
         match fs::remove_file(&path) {
             Ok(()) => Ok(()),
@@ -253,12 +267,15 @@ mod tests {
         };
         dir.save_task(&running).unwrap();
         dir.save_task(&failed).unwrap();
+        std::fs::create_dir_all(dir.task_files_dir("web.1.a")).unwrap();
+        std::fs::write(dir.task_files_dir("web.1.a").join("hosts"), b"x").unwrap();
         // A reopened directory reads the same (what a restarted agent sees).
         let dir = StateDir::open(&root).unwrap();
         assert_eq!(dir.task_records().unwrap(), vec![failed, running]);
         dir.remove_task("web.1.a").unwrap();
         dir.remove_task("web.1.a").unwrap();
         assert_eq!(dir.task_records().unwrap().len(), 1);
+        assert!(!dir.task_files_dir("web.1.a").exists());
         fs::remove_dir_all(&root).unwrap();
     }
 

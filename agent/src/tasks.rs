@@ -157,6 +157,8 @@ pub struct Supervisor {
     events: UnboundedSender<ProcEvent>,
     outbox: Outbox,
     grace: Duration,
+    /// The node's search domains, for the tasks' resolv.conf.
+    search: Vec<String>,
 }
 
 impl Supervisor {
@@ -176,6 +178,7 @@ impl Supervisor {
             events,
             outbox,
             grace,
+            search: Vec::new(),
         };
         for rec in sup.state.task_records()? {
             let name = rec.spec.name.clone();
@@ -221,6 +224,12 @@ impl Supervisor {
         }
         sup.flush_reports();
         Ok(sup)
+    }
+
+    /// The search domains tasks started from now on see in their resolv.conf.
+    pub fn with_search_domains(mut self, search: Vec<String>) -> Supervisor {
+        self.search = search;
+        self
     }
 
     pub fn records(&self) -> &BTreeMap<String, TaskRecord> {
@@ -349,6 +358,21 @@ impl Supervisor {
             // Its own process group: a signal to the agent's terminal or group does not reach
             // the task, and stopping it reaches the task's children too.
             .process_group(0);
+        // The task's own /etc/resolv.conf (the embedded DNS) and /etc/hosts, in a mount
+        // namespace of its own that holds none of our namespace files.
+        let (resolv, hosts) =
+            crate::dns::view::write(&self.state.task_files_dir(&spec.name), spec, &self.search)
+                .map_err(|e| format!("write resolv.conf and hosts of the task: {e}"))?;
+        let ours = netns::list(&self.state.netns_dir()).map_err(|e| e.to_string())?;
+        netns::prepare_own_mounts(
+            &mut cmd,
+            &[
+                (&resolv, Path::new("/etc/resolv.conf")),
+                (&hosts, Path::new("/etc/hosts")),
+            ],
+            &ours,
+        )
+        .map_err(|e| e.to_string())?;
         let mut child = ns.spawn(&mut cmd).map_err(|e| match e {
             netns::Error::Io { cause, .. } => format!("spawn {prog}: {cause}"),
             other => format!("spawn {prog}: {other}"),

@@ -260,6 +260,73 @@ impl AsFd for Netns {
     }
 }
 
+/// Prepares `cmd` so that its process gets a mount namespace of its own in which each
+/// `(source, target)` file is bind-mounted over `target`, as `ip netns exec` does with
+/// `/etc/netns/<name>/`: the node's files stay as they are. `/` is made a recursive slave
+/// first, so the binds do not propagate back while the node's later mounts still show.
+///
+/// The copy of the mount table would also hold every namespace file bound at the time, and so
+/// keep those namespaces alive after they are deleted on the node (where `/` is private, the
+/// deletion does not propagate): the `detach` files (the namespace files bound in the
+/// caller's directory) are unmounted in the copy.
+pub fn prepare_own_mounts(
+    cmd: &mut Command,
+    binds: &[(&Path, &Path)],
+    detach: &[PathBuf],
+) -> Result<()> {
+    let cstr = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes()).map_err(|_| Error::Io {
+            op: "prepare a mount namespace (a path with a NUL byte) for",
+            path: p.to_path_buf(),
+            cause: io::ErrorKind::InvalidInput.into(),
+        })
+    };
+    let pairs = binds
+        .iter()
+        .map(|(src, dst)| Ok((cstr(src)?, cstr(dst)?)))
+        .collect::<Result<Vec<_>>>()?;
+    let detach = detach.iter().map(|p| cstr(p)).collect::<Result<Vec<_>>>()?;
+    // SAFETY: after fork only unshare, mount and umount2 (async-signal-safe syscalls) run, on C
+    // strings made before the fork; nothing allocates.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::unshare(libc::CLONE_NEWNS) != 0 {
+                return Err(io::Error::last_os_error());
+            }
+            let none = std::ptr::null();
+            let root = c"/".as_ptr();
+            if libc::mount(
+                none,
+                root,
+                none,
+                libc::MS_SLAVE | libc::MS_REC,
+                std::ptr::null(),
+            ) != 0
+            {
+                return Err(io::Error::last_os_error());
+            }
+            // A file already gone or not mounted is fine: only the references matter.
+            for path in &detach {
+                libc::umount2(path.as_ptr(), libc::MNT_DETACH);
+            }
+            for (src, dst) in &pairs {
+                if libc::mount(
+                    src.as_ptr(),
+                    dst.as_ptr(),
+                    none,
+                    libc::MS_BIND,
+                    std::ptr::null(),
+                ) != 0
+                {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    Ok(())
+}
+
 /// Unmounts and removes the namespace file at `path`. A namespace that is already gone is fine.
 /// The namespace itself lives on while a process or open handle still uses it.
 pub fn delete(path: &Path) -> Result<()> {
