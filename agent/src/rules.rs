@@ -111,7 +111,7 @@ impl MeshRules {
         }
         out.report = self.lb.as_ref().map(|(_, lb)| lb.report());
 
-        let tasks = mesh::task_states(desired, running);
+        let tasks = mesh::task_states(desired, running, self.lb_kind.mode());
         self.tasks.retain(|name, _| tasks.contains_key(name));
         for (name, st) in &tasks {
             if let Err(e) = self.sync_task(name, st, recheck) {

@@ -83,8 +83,19 @@
 //!
 //! # Task namespace ([`TaskState`])
 //! ```text
+//! map vips { ipv4_addr : verdict }                VIP → goto vip-<VIP>   (nftables load balancer)
 //! chain nat-prerouting (nat prerouting, dstnat)  ip daddr <task ingress IP> tcp dport <P> redirect to :<T>
+//! chain nat-output     (nat output, -100)        ip daddr vmap @vips
+//! chain vip-<VIP>      dnat to numgen inc mod <N> map { 0 : <task 0>, 1 : <task 1>, ... }
+//!                      (no task: meta l4proto tcp reject with tcp reset; reject)
 //! ```
+//! A connection from the task to a service VIP, any port, is DNATed in the task's own
+//! namespace (kube-proxy's nftables proxier does the same on the node): no extra hop, no SNAT,
+//! the backend sees the client's address. One lookup per new connection whatever the number
+//! of services; a change refills only the chains of the VIPs it concerns. The service chains
+//! keep anonymous maps rather than per-endpoint chains: a task table has few chains, and a
+//! change of backends is one flush and one rule. A backend that leaves every VIP also loses
+//! the task's UDP conntrack entries to it.
 
 mod exec;
 mod listing;
