@@ -353,6 +353,7 @@ async fn main() -> anyhow::Result<()> {
             mtu,
             port: flags.data_path_port,
             advertise_addr,
+            lb_namespaces: lb_kind == LbKind::Ipvs,
         },
         state,
         outbox,

@@ -8,6 +8,9 @@
 //!   goes, the next one takes over).
 //! - ingress_sbox table: ingress-mode ports → the service's fwmark; backends = every running
 //!   task's ingress IP cluster-wide, as the manager lists them.
+//! - ingress_sbox also holds each ingress VIP (/32 on eth0) and marks it like the ports.
+//! - IPVS: per network in use, `lb_<name>` with eth0 = the node's lb address and the VIPs
+//!   (/32), each VIP marked with its service's fwmark, an FWM service over the tasks.
 //! - Task table: ingress-mode published port → target, on the task's ingress IP; with the
 //!   nftables load balancer, every VIP of a vip-mode service on the task's networks → that
 //!   service's running tasks (round robin in the client's own namespace).
@@ -31,6 +34,8 @@ pub const GWBRIDGE: &str = "mesh_gwbridge";
 pub const INGRESS_SBOX: &str = "ingress_sbox";
 /// ingress_sbox's leg on the ingress overlay.
 pub const SBOX_INGRESS_IF: &str = "eth0";
+/// An `lb_<network>` namespace's leg on its network.
+pub const LB_IF: &str = "eth0";
 
 /// The gwbridge as the planner needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -241,6 +246,72 @@ pub fn sbox_state(desired: &Assignment, lb: LbMode) -> Option<SboxState> {
             SboxService {
                 ports,
                 backends: svc.backends.iter().copied().collect(),
+                vip: svc.vip,
+            },
+        );
+    }
+    Some(st)
+}
+
+/// The /32 addresses a sandbox's eth0 holds besides its own: the VIPs its table marks.
+pub fn vip_aliases(st: &SboxState) -> Vec<Ipv4Net> {
+    st.services
+        .values()
+        .filter_map(|s| s.vip)
+        .map(Ipv4Net::from)
+        .collect()
+}
+
+/// The namespace of a network's IPVS load balancer, as Swarm names it.
+pub fn lb_netns_name(network_name: &str) -> String {
+    format!("lb_{network_name}")
+}
+
+/// The networks that get a load-balancer namespace (IPVS): those `tasks` use, with an lb
+/// address, and a name a namespace file can carry.
+pub fn lb_networks<'a>(
+    desired: &'a Assignment,
+    tasks: &[&TaskSpec],
+) -> BTreeMap<String, &'a NetworkSpec> {
+    desired
+        .networks
+        .iter()
+        .filter(|n| n.lb_addr.is_some())
+        .filter(|n| {
+            tasks
+                .iter()
+                .any(|t| t.attachments.iter().any(|a| a.network_id == n.id))
+        })
+        .map(|n| (lb_netns_name(&n.name), n))
+        .filter(|(name, _)| netns::validate_name(name).is_ok())
+        .collect()
+}
+
+/// The table and IPVS services of a network's `lb_<name>` namespace: each VIP marked with its
+/// service's fwmark, the service's running tasks as backends, SNAT to the lb address (so
+/// replies come back through this node), as Swarm does.
+pub fn lb_state(net: &NetworkSpec) -> Option<SboxState> {
+    let lb_addr = net.lb_addr?;
+    let mut st = SboxState::new(SboxConfig {
+        ingress_iface: LB_IF.into(),
+        ingress_subnet: net.subnet,
+        ingress_ip: lb_addr.addr(),
+        lb: LbMode::Ipvs,
+    });
+    for svc in net
+        .services
+        .iter()
+        .filter(|s| s.endpoint_mode == EndpointMode::Vip)
+    {
+        let (Some(vip), Ok(mark)) = (svc.vip, Fwmark::new(svc.fwmark)) else {
+            continue;
+        };
+        st.services.insert(
+            mark,
+            SboxService {
+                ports: BTreeSet::new(),
+                backends: svc.tasks.iter().map(|t| t.addr).collect(),
+                vip: Some(vip),
             },
         );
     }
@@ -628,5 +699,51 @@ mod tests {
         // With IPVS the VIPs live in lb_<network>: the tasks' tables hold none.
         let ipvs = task_states(&a, &[&client, &both], LbMode::Ipvs);
         assert!(ipvs.values().all(|t| t.vips.is_empty()));
+    }
+
+    #[test]
+    fn lb_namespaces_mark_each_vip_for_its_service_and_snat_to_the_lb_address() {
+        let mut back = user_net(
+            "back",
+            "10.0.9.0/24",
+            vec![
+                service(
+                    "api",
+                    EndpointMode::Vip,
+                    Some("10.0.9.2"),
+                    &["10.0.9.5", "10.0.9.6"],
+                ),
+                service("db", EndpointMode::Dnsrr, None, &["10.0.9.7"]),
+            ],
+        );
+        assert!(lb_state(&back).is_none(), "no lb address, no lb namespace");
+        back.lb_addr = Some(net("10.0.9.250/24"));
+        let st = lb_state(&back).unwrap();
+        assert_eq!(st.config.ingress_ip, ip("10.0.9.250"));
+        assert_eq!(st.config.ingress_subnet, net("10.0.9.0/24"));
+        assert_eq!(st.config.lb, LbMode::Ipvs);
+        assert_eq!(
+            st.services.keys().map(|m| m.get()).collect::<Vec<_>>(),
+            [300],
+            "dnsrr is not balanced"
+        );
+        let api = &st.services[&Fwmark::new(300).unwrap()];
+        assert_eq!(api.vip, Some(ip("10.0.9.2")));
+        assert!(api.ports.is_empty());
+        assert_eq!(api.backends, [ip("10.0.9.5"), ip("10.0.9.6")].into());
+        assert_eq!(vip_aliases(&st), [net("10.0.9.2/32")]);
+
+        let mut a = assignment();
+        a.networks = vec![back, user_net("idle", "10.0.8.0/24", vec![])];
+        a.networks[1].lb_addr = Some(net("10.0.8.250/24"));
+        let t = on("cli.1.c", "cli", &[("back", "10.0.9.10")]);
+        let lbs = lb_networks(&a, &[&t]);
+        assert_eq!(
+            lbs.keys().collect::<Vec<_>>(),
+            ["lb_back"],
+            "only networks in use"
+        );
+        a.networks[0].name = "a/b".into();
+        assert!(lb_networks(&a, &[&t]).is_empty(), "no such namespace name");
     }
 }

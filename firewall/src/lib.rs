@@ -48,9 +48,11 @@
 //! # ingress_sbox ([`SboxState`])
 //! ```text
 //! map published { inet_proto . inet_service : mark }      published port → service fwmark
+//! map vips      { ipv4_addr : mark }                      service VIP → service fwmark
 //! map services  { mark : verdict }                        fwmark → jump svc-<mark>
 //! map backends  { mark . mark : ipv4_addr }               fwmark . slot → task ingress IP
 //! chain mangle-prerouting (filter prerouting, mangle)  meta mark set l4proto.dport map @published
+//!                                                      meta mark set ip daddr map @vips
 //! chain nat-prerouting    (nat prerouting, dstnat)     meta mark vmap @services
 //!                                                      dnat to meta mark . ct mark map @backends
 //! chain nat-postrouting   (nat postrouting, srcnat)    ip daddr <ingress subnet> oifname <eth0> snat to <sbox ingress IP>
@@ -139,6 +141,8 @@ pub enum Error {
     InvalidFwmark,
     #[error("port {0} is published twice")]
     DuplicatePort(PortKey),
+    #[error("VIP {0} belongs to two services")]
+    DuplicateVip(std::net::Ipv4Addr),
     #[error("invalid interface name {0:?}: use 1-15 characters of [A-Za-z0-9_.-]")]
     InvalidInterface(String),
     #[error("{action} in network namespace {ns}: {cause}")]

@@ -275,6 +275,7 @@ fn sbox_with(backends: &[&str]) -> SboxState {
         SboxService {
             ports: [PortKey::tcp(80), PortKey::udp(53)].into(),
             backends,
+            vip: None,
         },
     );
     sbox
@@ -710,6 +711,7 @@ fn one_service_changes(nf: &NsNetfilter, base: &SboxState) -> [(f64, f64); 3] {
             SboxService {
                 ports: [PortKey::udp(60_000 + u16::from(i))].into(),
                 backends: (1..=3).map(|j| Ipv4Addr::new(10, 200, i, j)).collect(),
+                vip: None,
             },
         );
         adds.push(change(base, &next).0);
