@@ -156,7 +156,7 @@ impl MeshRules {
     /// The load balancer alone, when it already runs: a new assignment's backends take effect
     /// before the full pass observes every namespace, so a dead task stops receiving new
     /// connections as soon as the manager says so. The full pass that follows re-checks it.
-    /// The VIP balancers of `lb_` namespaces are synced the same way.
+    /// The VIP balancers (`lb_` namespaces, or the tasks' tables) are synced the same way.
     pub fn sync_lb_first(&mut self, desired: &Assignment) -> Option<MeshPass> {
         let mut out = MeshPass::default();
         let mut synced = false;
@@ -182,6 +182,20 @@ impl MeshRules {
             let name = mesh::lb_netns_name(&net.name);
             if self.lbs.contains_key(&name) {
                 sync(self, &name, mesh::lb_state(net));
+            }
+        }
+        // With nftables the VIPs balance in the tasks' own tables: those already programmed
+        // get the new backends now too (a task that starts is programmed by the full pass).
+        let known: Vec<&TaskSpec> = desired
+            .tasks
+            .iter()
+            .filter(|t| self.tasks.contains_key(&t.name))
+            .collect();
+        for (name, st) in mesh::task_states(desired, &known, self.lb_kind.mode()) {
+            synced = true;
+            if let Err(e) = self.sync_task(&name, &st, false) {
+                error!("table of task {name}: {e}");
+                out.errors += 1;
             }
         }
         if !synced {
