@@ -581,6 +581,39 @@ fn vips_balance_in_the_client_namespace() {
     assert!(who(&lab, "c", SocketAddr::from((vip, 7000))).starts_with('b'));
 }
 
+/// The ingress VIP of a published service: a task on the ingress network that connects to it,
+/// on any port, is balanced over the service's tasks like the published port, through
+/// ingress_sbox (which holds the VIP on eth0, as the agent makes it).
+#[test]
+fn an_ingress_vip_is_balanced_like_the_published_port() {
+    let (lab, desired) = ingress_lab();
+    let vip = Ipv4Addr::new(10, 255, 0, 3);
+    lab.ip("sbox", &format!("addr add {vip}/32 dev eth0"));
+    let mut with_vip = desired.sbox.clone();
+    with_vip.services.get_mut(&mark()).unwrap().vip = Some(vip);
+    sync(&lab.nf("sbox"), Some(&desired.sbox), &with_vip).unwrap();
+    assert_eq!(shape_of(&lab, "sbox"), with_vip.shape());
+    // The target port straight, and the published port (redirected in each task).
+    for port in [8080, 80] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..3 {
+            let (_, greeting) = connect(&lab, "b1", SocketAddr::from((vip, port))).unwrap();
+            let (id, peer) = greeting.split_once(' ').unwrap();
+            assert_eq!(peer, "10.255.0.2", "SNAT to the sandbox's ingress IP");
+            seen.insert(id.to_string());
+        }
+        assert_eq!(
+            seen,
+            ["b1", "b2", "b3"].map(String::from).into(),
+            "port {port}"
+        );
+    }
+    let udp: BTreeSet<String> = (0..3)
+        .map(|_| udp_ask(&udp_socket(&lab, "b2"), SocketAddr::from((vip, 5353))))
+        .collect();
+    assert_eq!(udp, ["b1", "b2", "b3"].map(String::from).into());
+}
+
 /// CVE-2020-8558: the gwbridge has route_localnet=1 (for `localhost:<published>`), so without
 /// a guard a neighbour on it that routes 127.0.0.0/8 to the node reaches services bound to the
 /// node's 127.0.0.1. The node table's `raw-prerouting` chain drops those packets; the node's
