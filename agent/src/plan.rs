@@ -15,7 +15,13 @@
 //! - Routing mesh (§2, §3): with a gwbridge, every active task (and `ingress_sbox`) gets one more
 //!   leg, the next `ethN`, on the node's `mesh_gwbridge`, with the default route. With an
 //!   ingress network, its sandbox exists even without tasks (not lazy), and so does
-//!   `ingress_sbox` with `eth0` on it.
+//!   `ingress_sbox` with `eth0` on it (holding the ingress VIPs as /32 aliases too).
+//! - Service VIPs with IPVS (§4): every network in use with an lb address gets `lb_<name>`,
+//!   like ingress_sbox but with no gwbridge leg: `eth0` on the network with the node's lb
+//!   address and each VIP as a /32 alias, so tasks reach the VIPs by ARP on br0. vxlan0 never
+//!   carries that ARP to other nodes: with `proxy` on, the driver answers ARP requests from
+//!   its own neighbour table (remote endpoints only) and sends none over the wire, and no
+//!   all-zeros FDB entry exists to flood to. Each node's own lb namespace answers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;

@@ -45,7 +45,7 @@
 //! only when `br_netfilter` is loaded (`bridge-nf-call-iptables=1`); this crate does not load
 //! it.
 //!
-//! # ingress_sbox ([`SboxState`])
+//! # ingress_sbox and `lb_<network>` ([`SboxState`])
 //! ```text
 //! map published { inet_proto . inet_service : mark }      published port → service fwmark
 //! map vips      { ipv4_addr : mark }                      service VIP → service fwmark
@@ -58,6 +58,11 @@
 //! chain nat-postrouting   (nat postrouting, srcnat)    ip daddr <ingress subnet> oifname <eth0> snat to <sbox ingress IP>
 //! chain svc-<mark>        ct mark set numgen inc mod <N>      (round robin over N slots)
 //! ```
+//! A service's VIP (a local address of the sandbox) is marked for it whatever the port: the
+//! ingress VIP in ingress_sbox, and each VIP of a network in its `lb_<network>` namespace, whose
+//! table is the same with [`LbMode::Ipvs`], no published port, and the network's subnet, leg
+//! and lb address in place of ingress's.
+//!
 //! Lookup is O(1) in the number of services: three map lookups for the first packet of a
 //! connection. The DNAT keeps the port (each task redirects it). With [`LbMode::Ipvs`] only
 //! `published`, the marking chain and the SNAT chain exist (IPVS is programmed elsewhere).
