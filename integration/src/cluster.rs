@@ -70,6 +70,8 @@ pub struct Cluster {
     lb: String,
     /// Extra flags for mesh-manager, e.g. a short --cert-expiry.
     manager_args: Vec<String>,
+    /// Extra flags for every mesh-agent, e.g. --dns-upstream.
+    agent_args: Vec<String>,
     /// The worker join token, once asked for.
     token: Option<String>,
 }
@@ -83,6 +85,16 @@ impl Cluster {
 
     /// [`Cluster::up`] with extra flags for mesh-manager.
     pub fn up_with(nodes: usize, lb: &str, manager_args: &[&str]) -> Result<Cluster> {
+        Cluster::up_with_args(nodes, lb, manager_args, &[])
+    }
+
+    /// [`Cluster::up`] with extra flags for mesh-manager and for every mesh-agent.
+    pub fn up_with_args(
+        nodes: usize,
+        lb: &str,
+        manager_args: &[&str],
+        agent_args: &[&str],
+    ) -> Result<Cluster> {
         let lab = Lab::up(LabConfig {
             nodes,
             ..LabConfig::default()
@@ -97,6 +109,7 @@ impl Cluster {
             manager: None,
             lb: lb.to_string(),
             manager_args: manager_args.iter().map(|a| a.to_string()).collect(),
+            agent_args: agent_args.iter().map(|a| a.to_string()).collect(),
             token: None,
         };
         cluster.start_manager()?;
@@ -214,7 +227,8 @@ impl Cluster {
         let manager_ip = self.lab.nodes()[0].ip;
         let ip = self.lab.node(node)?.ip;
         let mut cmd = self.lab.command(bin("mesh-agent"));
-        cmd.args(extra)
+        cmd.args(&self.agent_args)
+            .args(extra)
             .arg("--manager")
             .arg(format!("{manager_ip}:{MANAGER_PORT}"))
             .arg("--advertise-addr")
@@ -229,6 +243,11 @@ impl Cluster {
             .arg("2")
             .stdin(Stdio::null());
         Ok(cmd)
+    }
+
+    /// The pid of the node's agent, while the harness runs one.
+    pub fn agent_pid(&self, node: &str) -> Option<u32> {
+        self.agents.get(node).copied()
     }
 
     /// Sends `signal` to the node's agent and waits until it is gone.

@@ -404,12 +404,14 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                 service,
                 publish_add,
                 publish_rm,
-                endpoint_mode: _,
+                endpoint_mode,
             } => {
                 let id = cluster
-                    .transact(|s, now| s.update_service(&service, &publish_add, &publish_rm, now))
+                    .transact(|s, now| {
+                        s.update_service(&service, &publish_add, &publish_rm, endpoint_mode, now)
+                    })
                     .map_err(err)?;
-                tracing::info!(%service, ?publish_add, ?publish_rm, "service updated");
+                tracing::info!(%service, ?publish_add, ?publish_rm, ?endpoint_mode, "service updated");
                 Response::Service {
                     service: views::service(cluster.state(), cluster.lb(), &id),
                 }

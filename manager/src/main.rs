@@ -6,6 +6,7 @@ mod alloc;
 mod api;
 mod certs;
 mod cluster;
+mod discovery;
 mod limits;
 mod metrics;
 mod sched;

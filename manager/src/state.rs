@@ -8,16 +8,17 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 use proto::agent::DEFAULT_GWBRIDGE_SUBNET;
 use proto::agent::{
-    Assignment, IngressSpec, NetworkSpec, Peer, PublishedService, TaskSpec, TaskStatus,
+    Assignment, IngressSpec, NetworkService, NetworkSpec, Peer, PublishedService, TaskSpec,
+    TaskStatus,
 };
 use proto::api::{
-    PublishedPort, ServiceSpec, INGRESS_NETWORK, MAX_COMMAND_ARGS, MAX_COMMAND_BYTES,
+    PublishedPort, ServiceSpec, INGRESS_NETWORK, MAX_ALIASES, MAX_COMMAND_ARGS, MAX_COMMAND_BYTES,
     MAX_CONSTRAINTS, MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_REPLICAS,
 };
 use proto::excerpt;
 use proto::model::{
-    endpoint_mac, Attachment, Availability, Network, Node, NodeStatus, PortConfig, Protocol,
-    PublishMode, Role, TaskState,
+    endpoint_mac, Attachment, Availability, EndpointMode, Network, Node, NodeStatus, PortConfig,
+    Protocol, PublishMode, Role, TaskState,
 };
 use serde::{Deserialize, Serialize};
 
@@ -113,6 +114,9 @@ pub struct NodeRecord {
     /// The gwbridge subnet the node's agent reported; None: [`DEFAULT_GWBRIDGE_SUBNET`].
     #[serde(default)]
     pub gwbridge_subnet: Option<Ipv4Net>,
+    /// Network id → the node's load-balancer address there, on each user network it carries.
+    #[serde(default)]
+    pub lb_addrs: BTreeMap<String, Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -131,9 +135,13 @@ pub struct Service {
     pub spec: ServiceSpec,
     pub created_at: u64,
     pub updated_at: u64,
-    /// The routing mesh's mark, held while the service has an ingress-mode port.
+    /// The balancers' mark, held while the service has an ingress-mode port or a VIP (see
+    /// [`Service::wants_fwmark`]).
     #[serde(default)]
     pub fwmark: Option<u32>,
+    /// Network id → the service's VIP there (vip mode).
+    #[serde(default)]
+    pub vips: BTreeMap<String, Ipv4Addr>,
 }
 
 impl Service {
@@ -156,6 +164,14 @@ fn default_gwbridge() -> Ipv4Net {
 
 fn has_ingress_port(ports: &[PortConfig]) -> bool {
     ports.iter().any(|p| p.mode == PublishMode::Ingress)
+}
+
+/// Swarm's rule: dnsrr has no VIP, so nothing could balance an ingress-mode port.
+fn check_endpoint_mode(mode: EndpointMode, ports: &[PortConfig]) -> Result<(), Reason> {
+    if mode == EndpointMode::Dnsrr && has_ingress_port(ports) {
+        return Err(Reason::DnsrrIngress);
+    }
+    Ok(())
 }
 
 /// The first host-mode port: with one, the service runs at most one task per node.
@@ -193,7 +209,7 @@ impl Task {
     }
 
     /// A current task that is on a node (so it is in that node's assignment).
-    fn is_placed(&self) -> bool {
+    pub(crate) fn is_placed(&self) -> bool {
         self.is_current() && self.node_id.is_some()
     }
 
@@ -211,6 +227,76 @@ impl Task {
 }
 
 /// Why a request was refused; [`OpError`] adds what was being done to which object.
+/// What placing tasks needs to know about the others, gathered once per scheduling pass rather
+/// than by a scan of every task for each task placed (which made 10,000 unplaceable replicas
+/// cost seconds per pass), and kept up to date as the pass places tasks.
+struct PlacementIndex {
+    /// Each (service, slot) with ended tasks: when it may start again (the last failed or
+    /// completed task's end plus the restart delay), and the nodes where its tasks ended, which
+    /// a replacement avoids if it can.
+    history: BTreeMap<(String, u64), SlotHistory>,
+    /// Current placed tasks per node.
+    load: BTreeMap<String, NodeLoad>,
+    /// Each service's constraints, parsed once.
+    constraints: BTreeMap<String, Vec<Constraint>>,
+}
+
+#[derive(Default)]
+struct SlotHistory {
+    restart_at: Option<u64>,
+    nodes: BTreeSet<String>,
+}
+
+#[derive(Default)]
+struct NodeLoad {
+    total: usize,
+    per_service: BTreeMap<String, usize>,
+}
+
+impl PlacementIndex {
+    fn new(s: &State) -> PlacementIndex {
+        let mut history: BTreeMap<(String, u64), SlotHistory> = BTreeMap::new();
+        let mut load: BTreeMap<String, NodeLoad> = BTreeMap::new();
+        for t in s.tasks.values() {
+            if t.is_current() {
+                if let Some(node) = t.node_id.clone() {
+                    let l = load.entry(node).or_default();
+                    l.total += 1;
+                    *l.per_service.entry(t.service_id.clone()).or_default() += 1;
+                }
+                continue;
+            }
+            let h = history.entry((t.service_id.clone(), t.slot)).or_default();
+            if matches!(t.state, TaskState::Failed | TaskState::Complete) {
+                h.restart_at = h.restart_at.max(Some(t.updated_at + RESTART_DELAY_SECS));
+            }
+            h.nodes.extend(t.node_id.clone());
+        }
+        let constraints = s
+            .services
+            .values()
+            .map(|svc| {
+                let parsed = svc
+                    .spec
+                    .constraints
+                    .iter()
+                    .filter_map(|c| Constraint::parse(c).ok())
+                    .collect();
+                (svc.id.clone(), parsed)
+            })
+            .collect();
+        PlacementIndex {
+            history,
+            load,
+            constraints,
+        }
+    }
+
+    fn constraints(&self, service: &Service) -> &[Constraint] {
+        self.constraints.get(&service.id).map_or(&[], Vec::as_slice)
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum Reason {
     #[error(transparent)]
@@ -305,6 +391,14 @@ pub enum Reason {
     },
     #[error("no service publishes port {0}")]
     NobodyPublishes(PublishedPort),
+    #[error("endpoint mode dnsrr cannot be used with ports published in ingress mode: publish them with mode=host, or use --endpoint-mode vip")]
+    DnsrrIngress,
+    #[error("alias given for network {}, which the service is not attached to", excerpt(.0))]
+    AliasOffNetwork(String),
+    #[error("{0} aliases on one network is more than the limit of {MAX_ALIASES}")]
+    TooManyAliases(usize),
+    #[error("alias {} is the service's own name", excerpt(.0))]
+    AliasIsName(String),
     #[error(
         "all fwmarks from {} to {} are in use",
         alloc::FIRST_FWMARK,
@@ -442,8 +536,9 @@ impl State {
         }
     }
 
-    /// Addresses taken on a network: its task endpoints, and on ingress also the sboxes.
-    fn addrs_in_use(&self, network: &Network) -> BTreeSet<Ipv4Addr> {
+    /// Addresses taken on a network: its task endpoints, the services' VIPs, the nodes'
+    /// load-balancer endpoints, and on ingress also the sboxes.
+    pub(crate) fn addrs_in_use(&self, network: &Network) -> BTreeSet<Ipv4Addr> {
         let tasks = self
             .tasks
             .values()
@@ -455,7 +550,19 @@ impl State {
             .values()
             .filter(|_| network.ingress)
             .filter_map(|r| r.ingress_addr);
-        tasks.chain(sboxes).collect()
+        let vips = self
+            .services
+            .values()
+            .filter_map(|s| s.vips.get(&network.id));
+        let lbs = self
+            .nodes
+            .values()
+            .filter_map(|r| r.lb_addrs.get(&network.id));
+        tasks
+            .chain(sboxes)
+            .chain(vips.copied())
+            .chain(lbs.copied())
+            .collect()
     }
 
     /// Creates the ingress network at first start (it takes the first VNI) and gives every node
@@ -524,14 +631,8 @@ impl State {
         let Some(ingress) = self.ingress() else {
             return Ok(None);
         };
-        let ingress = ingress.clone();
-        let record = &self.networks[&ingress.id];
-        let ip = alloc::next_ip(ingress.subnet, &self.addrs_in_use(&ingress), record.last_ip)?;
-        self.networks
-            .get_mut(&ingress.id)
-            .expect("ingress exists")
-            .last_ip = Some(ip);
-        Ok(Some(ip))
+        let id = ingress.id.clone();
+        self.next_addr(&id).map(Some)
     }
 
     fn next_revision(&mut self) -> u64 {
@@ -706,6 +807,7 @@ impl State {
                     applied_revision: 0,
                     ingress_addr: sbox,
                     gwbridge_subnet: None,
+                    lb_addrs: BTreeMap::new(),
                 },
             );
         }
@@ -947,15 +1049,13 @@ impl State {
         }
         self.check_ports(None, &spec.name, &[], &spec.ports)
             .or_else(|e| refuse(&op, e))?;
-        let fwmark = if has_ingress_port(&spec.ports) {
+        check_endpoint_mode(spec.endpoint_mode, &spec.ports).or_else(|e| refuse(&op, e))?;
+        let aliases = self
+            .aliases_by_id(&spec.name, &spec.aliases, &networks)
+            .or_else(|e| refuse(&op, e))?;
+        if has_ingress_port(&spec.ports) {
             self.check_ingress_overlap(&networks)
                 .or_else(|e| refuse(&op, e))?;
-            Some(self.next_fwmark().or_else(|e| refuse(&op, e))?)
-        } else {
-            None
-        };
-        if let Some(mark) = fwmark {
-            self.last_fwmark = mark;
         }
         let id = alloc::new_id();
         self.services.insert(
@@ -969,15 +1069,77 @@ impl State {
                     constraints,
                     command: spec.command.clone(),
                     ports: spec.ports.clone(),
-                    endpoint_mode: Default::default(),
-                    aliases: Default::default(),
+                    endpoint_mode: spec.endpoint_mode,
+                    aliases,
                 },
                 created_at: now,
                 updated_at: now,
-                fwmark,
+                fwmark: None,
+                vips: BTreeMap::new(),
             },
         );
+        self.sync_fwmark(&id).or_else(|e| refuse(&op, e))?;
+        self.sync_vips(&id).or_else(|e| refuse(&op, e))?;
         Ok(id)
+    }
+
+    /// Aliases keyed by network id, each a valid name, none twice on one network and none the
+    /// service's own name; every key one of the service's networks (`networks`, ids).
+    fn aliases_by_id(
+        &self,
+        service: &str,
+        aliases: &BTreeMap<String, Vec<String>>,
+        networks: &[String],
+    ) -> Result<BTreeMap<String, Vec<String>>, Reason> {
+        let mut out = BTreeMap::new();
+        for (key, names) in aliases {
+            let id = self.find_network(key)?;
+            if !networks.contains(&id) {
+                return Err(Reason::AliasOffNetwork(key.clone()));
+            }
+            if names.len() > MAX_ALIASES {
+                return Err(Reason::TooManyAliases(names.len()));
+            }
+            let mut seen = BTreeSet::new();
+            for name in names {
+                alloc::validate_name("alias", name)?;
+                if name == service {
+                    return Err(Reason::AliasIsName(name.clone()));
+                }
+                if !seen.insert(name) {
+                    return Err(Reason::Twice {
+                        kind: "alias",
+                        name: name.clone(),
+                    });
+                }
+            }
+            if !names.is_empty() && out.insert(id, names.clone()).is_some() {
+                return Err(Reason::Twice {
+                    kind: "network",
+                    name: key.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    /// Allocates the service's fwmark when it starts needing one and frees it when it stops.
+    fn sync_fwmark(&mut self, service_id: &str) -> Result<(), Reason> {
+        let service = &self.services[service_id];
+        let mark = match (service.fwmark, service.wants_fwmark()) {
+            (Some(mark), true) => Some(mark),
+            (None, true) => {
+                let mark = self.next_fwmark()?;
+                self.last_fwmark = mark;
+                Some(mark)
+            }
+            (_, false) => None,
+        };
+        self.services
+            .get_mut(service_id)
+            .expect("service exists")
+            .fwmark = mark;
+        Ok(())
     }
 
     /// Refuses ports in `add` that are invalid, reserved, given twice, published by another
@@ -1064,6 +1226,7 @@ impl State {
         key: &str,
         add: &[PortConfig],
         rm: &[PublishedPort],
+        mode: Option<EndpointMode>,
         now: u64,
     ) -> Result<String, OpError> {
         let op = format!("update service {}", excerpt(key));
@@ -1093,23 +1256,21 @@ impl State {
         let is_ingress = has_ingress_port(&ports);
         let gains_host_port =
             host_port(&service.spec.ports).is_none() && host_port(&ports).is_some();
-        let fwmark = match (was_ingress, is_ingress) {
-            (false, true) => {
-                self.check_ingress_overlap(&service.spec.networks)
-                    .or_else(|e| refuse(&op, e))?;
-                let mark = self.next_fwmark().or_else(|e| refuse(&op, e))?;
-                self.last_fwmark = mark;
-                Some(mark)
-            }
-            (_, false) => None,
-            (true, true) => service.fwmark,
-        };
+        let mode = mode.unwrap_or(service.spec.endpoint_mode);
+        check_endpoint_mode(mode, &ports).or_else(|e| refuse(&op, e))?;
+        if !was_ingress && is_ingress {
+            self.check_ingress_overlap(&service.spec.networks)
+                .or_else(|e| refuse(&op, e))?;
+        }
         let service = self.services.get_mut(&id).expect("id was just resolved");
-        if service.spec.ports != ports {
+        if service.spec.ports != ports || service.spec.endpoint_mode != mode {
             service.spec.ports = ports;
-            service.fwmark = fwmark;
+            service.spec.endpoint_mode = mode;
             service.updated_at = now;
         }
+        self.sync_fwmark(&id).or_else(|e| refuse(&op, e))?;
+        self.sync_vips(&id).or_else(|e| refuse(&op, e))?;
+        let service = &self.services[&id];
         if was_ingress != is_ingress {
             tracing::info!(service = %service.spec.name, ingress = is_ingress, "replacing tasks: routing mesh membership changed");
             for task in self
@@ -1159,7 +1320,7 @@ impl State {
             .find(|s| s.spec.ports.iter().any(|p| PublishedPort::from(p) == port))
             .map(|s| s.id.clone());
         match publisher {
-            Some(id) => self.update_service(&id, &[], &[port], now),
+            Some(id) => self.update_service(&id, &[], &[port], None, now),
             None => refuse(
                 format!("unpublish port {port}"),
                 Reason::NobodyPublishes(port),
@@ -1406,38 +1567,62 @@ impl State {
                 )
             })
             .collect();
+        if pending.is_empty() {
+            return;
+        }
         pending.sort();
+        let mut index = PlacementIndex::new(self);
         for (_, _, task_id) in pending {
-            if let Err(error) = self.place(&task_id, now) {
+            if let Err(error) = self.place(&task_id, now, &mut index) {
                 let task = self.tasks.get_mut(&task_id).expect("pending task exists");
                 if task.error.as_deref() != Some(error.as_str()) {
-                    tracing::info!(task = %task_id, %error, "task stays pending");
+                    tracing::debug!(task = %task_id, %error, "task stays pending");
                     task.error = Some(error);
                 }
             }
         }
     }
 
-    /// When the slot of `task` may start again: the end of its last failed or completed task
-    /// plus the restart delay. Tasks retired for their node's sake restart at once.
-    fn restart_at(&self, task: &Task) -> Option<u64> {
-        self.tasks
-            .values()
-            .filter(|t| t.service_id == task.service_id && t.slot == task.slot && !t.is_current())
-            .filter(|t| matches!(t.state, TaskState::Failed | TaskState::Complete))
-            .map(|t| t.updated_at + RESTART_DELAY_SECS)
-            .max()
-    }
-
-    /// Gives one pending task its addresses (once) and a node.
-    fn place(&mut self, task_id: &str, now: u64) -> Result<(), String> {
+    /// Gives one pending task a node and then its addresses (once), so a task no node can take
+    /// holds no address.
+    fn place(&mut self, task_id: &str, now: u64, index: &mut PlacementIndex) -> Result<(), String> {
         let task = &self.tasks[task_id];
-        if self.restart_at(task).is_some_and(|at| now < at) {
+        let history = index.history.get(&(task.service_id.clone(), task.slot));
+        if history
+            .and_then(|h| h.restart_at)
+            .is_some_and(|at| now < at)
+        {
             return Err(format!(
                 "restart delayed: the previous task of this slot ended less than {RESTART_DELAY_SECS}s ago"
             ));
         }
         let service = &self.services[&task.service_id];
+        let no_nodes = BTreeSet::new();
+        let avoid = history.map_or(&no_nodes, |h| &h.nodes);
+        let candidates: Vec<Candidate> = self
+            .nodes
+            .values()
+            .map(|r| {
+                let load = index.load.get(&r.node.id);
+                Candidate {
+                    node: &r.node,
+                    service_tasks: load
+                        .and_then(|l| l.per_service.get(&task.service_id))
+                        .copied()
+                        .unwrap_or(0),
+                    total_tasks: load.map_or(0, |l| l.total),
+                }
+            })
+            .collect();
+        let node = sched::pick_node(
+            &candidates,
+            index.constraints(service),
+            avoid,
+            host_port(&service.spec.ports),
+        )
+        .map_err(|e| e.to_string())?
+        .id
+        .clone();
         let networks = self.task_networks(service);
         if task.attachments.len() != networks.len() {
             let attachments = self.allocate_endpoints(&networks)?;
@@ -1446,53 +1631,12 @@ impl State {
                 .expect("task exists")
                 .attachments = attachments;
         }
-        let task = &self.tasks[task_id];
-        let service = &self.services[&task.service_id];
-        let constraints: Vec<Constraint> = service
-            .spec
-            .constraints
-            .iter()
-            .filter_map(|c| Constraint::parse(c).ok())
-            .collect();
-        // The nodes where this slot ended before: a replacement goes elsewhere if it can.
-        let avoid: BTreeSet<String> = self
-            .tasks
-            .values()
-            .filter(|t| t.service_id == task.service_id && t.slot == task.slot && !t.is_current())
-            .filter_map(|t| t.node_id.clone())
-            .collect();
-        let candidates: Vec<Candidate> =
-            self.nodes
-                .values()
-                .map(|r| {
-                    let placed = self.tasks.values().filter(|t| {
-                        t.is_placed() && t.node_id.as_deref() == Some(r.node.id.as_str())
-                    });
-                    let (mut service_tasks, mut total_tasks) = (0, 0);
-                    for t in placed {
-                        total_tasks += 1;
-                        if t.service_id == task.service_id {
-                            service_tasks += 1;
-                        }
-                    }
-                    Candidate {
-                        node: &r.node,
-                        service_tasks,
-                        total_tasks,
-                    }
-                })
-                .collect();
-        let node = sched::pick_node(
-            &candidates,
-            &constraints,
-            &avoid,
-            host_port(&service.spec.ports),
-        )
-        .map_err(|e| e.to_string())?
-        .id
-        .clone();
-        tracing::info!(task = %task_id, service = %service.spec.name, slot = task.slot, node = %node, "task assigned");
         let task = self.tasks.get_mut(task_id).expect("task exists");
+        let name = &self.services[&task.service_id].spec.name;
+        tracing::info!(task = %task_id, service = %name, slot = task.slot, node = %node, "task assigned");
+        let load = index.load.entry(node.clone()).or_default();
+        load.total += 1;
+        *load.per_service.entry(task.service_id.clone()).or_default() += 1;
         task.node_id = Some(node);
         task.state = TaskState::Assigned;
         task.error = None;
@@ -1502,7 +1646,7 @@ impl State {
 
     /// The networks a service's tasks attach to, in interface order: the user's networks keep
     /// eth0, ingress comes last.
-    fn task_networks(&self, service: &Service) -> Vec<String> {
+    pub(crate) fn task_networks(&self, service: &Service) -> Vec<String> {
         let mut networks = service.spec.networks.clone();
         if service.has_ingress_port() {
             networks.extend(self.ingress().map(|n| n.id.clone()));
@@ -1514,20 +1658,14 @@ impl State {
     fn allocate_endpoints(&mut self, networks: &[String]) -> Result<Vec<Attachment>, String> {
         let mut out = Vec::new();
         for network_id in networks {
-            let record = &self.networks[network_id];
-            let network = &record.network;
-            let in_use = self.addrs_in_use(network);
-            let ip = alloc::next_ip(network.subnet, &in_use, record.last_ip)
-                .map_err(|e| format!("allocate an address on network {}: {e}", network.name))?;
-            let network = network.clone();
-            self.networks
-                .get_mut(network_id)
-                .expect("network exists")
-                .last_ip = Some(ip);
+            let ip = self.next_addr(network_id).map_err(|e| {
+                let name = &self.networks[network_id].network.name;
+                format!("allocate an address on network {name}: {e}")
+            })?;
+            let prefix = self.networks[network_id].network.subnet.prefix_len();
             out.push(Attachment {
                 network_id: network_id.clone(),
-                addr: Ipv4Net::new(ip, network.subnet.prefix_len())
-                    .expect("prefix of a valid subnet"),
+                addr: Ipv4Net::new(ip, prefix).expect("prefix of a valid subnet"),
                 mac: endpoint_mac(ip),
             });
         }
@@ -1552,7 +1690,12 @@ impl State {
 
     /// The complete desired state of one node, without its revision. Deterministic (sorted), so
     /// comparing it with the last one tells whether the node needs a new revision.
-    pub fn assignment_for(&self, node_id: &str, published: &[PublishedService]) -> Assignment {
+    pub fn assignment_for(
+        &self,
+        node_id: &str,
+        published: &[PublishedService],
+        services: &BTreeMap<String, Vec<NetworkService>>,
+    ) -> Assignment {
         let mine: Vec<&Task> = self
             .tasks
             .values()
@@ -1582,7 +1725,15 @@ impl State {
             .into_iter()
             .filter_map(|id| self.networks.get(id))
             .filter(|r| !r.network.ingress)
-            .map(|r| self.network_spec(&r.network, node_id))
+            .map(|r| {
+                let mut spec = self.network_spec(&r.network, node_id);
+                spec.lb_addr = self.nodes.get(node_id).and_then(|n| {
+                    let ip = *n.lb_addrs.get(&r.network.id)?;
+                    Ipv4Net::new(ip, r.network.subnet.prefix_len()).ok()
+                });
+                spec.services = services.get(&r.network.id).cloned().unwrap_or_default();
+                spec
+            })
             .collect();
         let sbox = self.nodes.get(node_id).and_then(|r| r.ingress_addr);
         let ingress = self.ingress().zip(sbox).map(|(net, ip)| {
@@ -1654,13 +1805,14 @@ impl State {
             .map(|s| {
                 let mut ips = backends.remove(s.id.as_str()).unwrap_or_default();
                 ips.sort();
+                let ingress_port = s.has_ingress_port();
                 PublishedService {
                     service_id: s.id.clone(),
                     service_name: s.spec.name.clone(),
-                    fwmark: s.fwmark.unwrap_or(0),
+                    fwmark: s.fwmark.filter(|_| ingress_port).unwrap_or(0),
                     ports: s.spec.ports.clone(),
                     backends: ips,
-                    vip: None,
+                    vip: ingress.and_then(|n| s.vips.get(n)).copied(),
                 }
             })
             .collect();
@@ -1668,7 +1820,8 @@ impl State {
         out
     }
 
-    /// Endpoints of a network on nodes other than `node_id`, each with its node's VTEP.
+    /// Endpoints of a network on nodes other than `node_id` (tasks and load balancers), each
+    /// with its node's VTEP.
     fn peers(&self, network_id: &str, node_id: &str) -> Vec<Peer> {
         let mut peers: Vec<Peer> = self
             .tasks
@@ -1689,6 +1842,19 @@ impl State {
                     })
             })
             .collect();
+        peers.extend(
+            self.nodes
+                .values()
+                .filter(|r| r.node.id != node_id)
+                .filter_map(|r| {
+                    let ip = *r.lb_addrs.get(network_id)?;
+                    Some(Peer {
+                        ip,
+                        mac: endpoint_mac(ip),
+                        vtep: r.node.addr,
+                    })
+                }),
+        );
         peers.sort_by_key(|p| (p.ip, p.vtep));
         peers
     }
@@ -1696,11 +1862,13 @@ impl State {
     /// Recomputes every node's assignment; a node whose assignment changed gets the next
     /// revision. Returns the ids of those nodes, to be pushed to their agents.
     pub fn refresh_assignments(&mut self) -> Vec<String> {
+        self.sync_lb_addrs();
         let ids: Vec<String> = self.nodes.keys().cloned().collect();
         let published = self.published();
+        let services = self.network_services();
         let mut changed = Vec::new();
         for id in ids {
-            let mut fresh = self.assignment_for(&id, &published);
+            let mut fresh = self.assignment_for(&id, &published, &services);
             let current = &self.nodes[&id].assignment;
             fresh.revision = current.revision;
             if fresh != *current {
@@ -1798,7 +1966,7 @@ pub(crate) mod tests {
         s.find_node(hostname).unwrap()
     }
 
-    fn current<'a>(s: &'a State, service: &str) -> Vec<&'a Task> {
+    pub(crate) fn current<'a>(s: &'a State, service: &str) -> Vec<&'a Task> {
         let id = s.find_service(service).unwrap();
         let mut tasks: Vec<&Task> = s
             .tasks
@@ -1854,7 +2022,7 @@ pub(crate) mod tests {
         port(published, 8080, Protocol::Tcp, PublishMode::Ingress)
     }
 
-    fn published_spec(
+    pub(crate) fn published_spec(
         name: &str,
         replicas: u64,
         networks: &[&str],
@@ -1870,7 +2038,7 @@ pub(crate) mod tests {
         s.ingress().unwrap().id.clone()
     }
 
-    fn run_all(s: &mut State, service: &str) {
+    pub(crate) fn run_all(s: &mut State, service: &str) {
         for t in current(s, service).into_iter().cloned().collect::<Vec<_>>() {
             report(s, &t, TaskState::Running, None);
         }
@@ -1920,13 +2088,13 @@ pub(crate) mod tests {
         )
         .unwrap();
         assert_eq!(sbox(&back, "node4"), Ipv4Addr::new(10, 255, 0, 5));
-        // Task endpoints on ingress skip the sboxes' addresses.
+        // The service's VIP and task endpoints on ingress skip the sboxes' addresses.
         back.create_service(&published_spec("web", 1, &[], &[web(80)]), 1)
             .unwrap();
         back.reconcile(1);
         assert_eq!(
             current(&back, "web")[0].attachments[0].addr.to_string(),
-            "10.255.0.6/16"
+            "10.255.0.7/16"
         );
 
         // A node inside the ingress subnet is refused, and ingress cannot be removed.
@@ -1984,7 +2152,9 @@ pub(crate) mod tests {
             err.to_string(),
             "create service web: subnet 10.255.0.0/16 overlaps subnet 10.255.1.0/24 of network old"
         );
-        let err = s.update_service("plain", &[web(80)], &[], 3).unwrap_err();
+        let err = s
+            .update_service("plain", &[web(80)], &[], None, 3)
+            .unwrap_err();
         assert!(
             err.to_string()
                 .contains("overlaps subnet 10.255.1.0/24 of network old"),
@@ -2175,6 +2345,7 @@ pub(crate) mod tests {
             "api",
             &[port(9000, 9000, Protocol::Udp, PublishMode::Host)],
             &[],
+            None,
             2,
         )
         .unwrap();
@@ -2190,15 +2361,46 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn a_task_no_node_can_take_holds_no_address() {
+        let mut s = cluster(2);
+        add_network(&mut s, "backend", "10.0.9.0/24");
+        // More replicas than the /24 has addresses, none placeable.
+        let mut big = spec("big", 300, &["backend"]);
+        big.constraints = vec!["node.labels.zone==a".into()];
+        s.create_service(&big, 1).unwrap();
+        s.reconcile(1);
+        let tasks = current(&s, "big");
+        assert_eq!(tasks.len(), 300);
+        assert!(tasks
+            .iter()
+            .all(|t| t.node_id.is_none() && t.attachments.is_empty()));
+        let why = tasks[0].error.as_deref().unwrap();
+        assert!(why.contains("no suitable node"), "{why}");
+        // The network's addresses stay free for tasks that can run.
+        s.create_service(&spec("web", 1, &["backend"]), 2).unwrap();
+        s.reconcile(2);
+        let web = current(&s, "web");
+        assert!(web[0].node_id.is_some());
+        assert_eq!(web[0].attachments.len(), 1);
+    }
+
+    #[test]
     fn every_allocator_hands_out_a_freed_value_last() {
         let mut s = cluster(2);
-        // Ingress: task endpoints and node sboxes share one serial allocation. node1 and node2
-        // hold .2 and .3; a published task takes .4, ends, and node3 must not get .4 back.
+        // Ingress: task endpoints, VIPs and node sboxes share one serial allocation. node1 and
+        // node2 hold .2 and .3; a published service's VIP takes .4 and its task .5; both end,
+        // and node3 must not get either back.
         s.create_service(&published_spec("web", 1, &[], &[web(80)]), 1)
             .unwrap();
         s.reconcile(1);
+        let ingress = s.ingress().unwrap().id.clone();
+        let web_id = s.find_service("web").unwrap();
+        assert_eq!(
+            s.services[&web_id].vips[&ingress],
+            Ipv4Addr::new(10, 255, 0, 4)
+        );
         let task_ip = current(&s, "web")[0].attachments[0].addr.addr();
-        assert_eq!(task_ip, Ipv4Addr::new(10, 255, 0, 4));
+        assert_eq!(task_ip, Ipv4Addr::new(10, 255, 0, 5));
         s.remove_service("web").unwrap();
         s.reconcile(2);
         s.register_node(
@@ -2209,22 +2411,23 @@ pub(crate) mod tests {
         )
         .unwrap();
         let sbox3 = s.nodes[&node_id(&s, "node3")].ingress_addr.unwrap();
-        assert_eq!(sbox3, Ipv4Addr::new(10, 255, 0, 5));
-        // ...and a task after it does not get node3's nor the freed task's.
+        assert_eq!(sbox3, Ipv4Addr::new(10, 255, 0, 6));
+        // ...and a VIP and task after it get neither node3's nor the freed ones.
         s.create_service(&published_spec("web", 1, &[], &[web(80)]), 3)
             .unwrap();
         s.reconcile(3);
         assert_eq!(
             current(&s, "web")[0].attachments[0].addr.addr(),
-            Ipv4Addr::new(10, 255, 0, 6)
+            Ipv4Addr::new(10, 255, 0, 8)
         );
         // Task endpoints on a user network (see also scale_up_then_down_...).
         add_network(&mut s, "backend", "10.0.9.0/24");
+        // The VIP takes .2, the task .3; its replacement .4.
         s.create_service(&spec("db", 1, &["backend"]), 4).unwrap();
         s.reconcile(4);
         assert_eq!(
             current(&s, "db")[0].attachments[0].addr.to_string(),
-            "10.0.9.2/24"
+            "10.0.9.3/24"
         );
         s.scale_service("db", 0, 5).unwrap();
         s.reconcile(5);
@@ -2232,7 +2435,7 @@ pub(crate) mod tests {
         s.reconcile(6);
         assert_eq!(
             current(&s, "db")[0].attachments[0].addr.to_string(),
-            "10.0.9.3/24"
+            "10.0.9.4/24"
         );
         // Subnets, VNIs and fwmarks: a freed one is not the next one.
         let auto = |s: &mut State, name: &str| {
@@ -2251,7 +2454,9 @@ pub(crate) mod tests {
         s.remove_service("web").unwrap();
         s.create_service(&published_spec("web2", 1, &[], &[web(80)]), 8)
             .unwrap();
-        assert_eq!(mark(&s, "web2"), freed.map(|m| m + 1));
+        // db (for its VIP) took the mark after web's.
+        assert_ne!(mark(&s, "web2"), freed);
+        assert_eq!(mark(&s, "web2"), mark(&s, "db").map(|m| m + 1));
     }
 
     #[test]
@@ -2270,7 +2475,7 @@ pub(crate) mod tests {
             s.scale_service(&huge, 1, 1).unwrap_err(),
             s.remove_service(&huge).unwrap_err(),
             s.remove_network(&huge).unwrap_err(),
-            s.update_service(&huge, &[], &[], 1).unwrap_err(),
+            s.update_service(&huge, &[], &[], None, 1).unwrap_err(),
             s.update_node(&huge, None, &BTreeMap::new(), &[])
                 .unwrap_err(),
             s.register_node(&huge, "192.168.56.99".parse().unwrap(), None, Role::Worker)
@@ -2398,23 +2603,27 @@ pub(crate) mod tests {
         let backend = s.find_network("backend").unwrap();
         assert_eq!(nets("a"), [backend.clone(), ing.clone()]);
         assert_eq!(nets("b"), [ing]);
-        // Host mode needs no routing mesh: no ingress endpoint, no fwmark.
+        // Host mode needs no routing mesh: no ingress endpoint; its fwmark is for its VIP on
+        // backend.
         assert_eq!(nets("h"), [backend]);
         let mark = |id: &str| s.services[id].fwmark;
-        assert_eq!((mark(&a), mark(&b), mark(&h)), (Some(256), Some(257), None));
+        assert_eq!(
+            (mark(&a), mark(&b), mark(&h)),
+            (Some(256), Some(257), Some(258))
+        );
 
         // A freed mark is not reused at once, and a live one never.
         s.remove_service("a").unwrap();
         let c = s
             .create_service(&published_spec("c", 1, &[], &[web(80)]), 2)
             .unwrap();
-        assert_eq!(s.services[&c].fwmark, Some(258));
+        assert_eq!(s.services[&c].fwmark, Some(259));
         let text = serde_json::to_string(&s).unwrap();
         let mut back: State = serde_json::from_str(&text).unwrap();
         let d = back
             .create_service(&published_spec("d", 1, &[], &[web(83)]), 2)
             .unwrap();
-        assert_eq!(back.services[&d].fwmark, Some(259));
+        assert_eq!(back.services[&d].fwmark, Some(260));
         assert_eq!(back.services[&b].fwmark, Some(257));
     }
 
@@ -2524,7 +2733,7 @@ pub(crate) mod tests {
 
         // Host mode only: same tasks, published everywhere with fwmark 0 and no backends.
         let host = port(81, 8080, Protocol::Udp, PublishMode::Host);
-        s.update_service("web", &[host], &[], 2).unwrap();
+        s.update_service("web", &[host], &[], None, 2).unwrap();
         s.reconcile(2);
         assert_eq!(
             current(&s, "web")
@@ -2538,7 +2747,7 @@ pub(crate) mod tests {
         assert_eq!((p.fwmark, p.ports.clone()), (0, vec![host]));
 
         // The first ingress port: a fwmark, and new tasks with an ingress endpoint after backend.
-        s.update_service("web", &[web(80)], &[], 3).unwrap();
+        s.update_service("web", &[web(80)], &[], None, 3).unwrap();
         s.reconcile(3);
         assert_eq!(s.services[&id].fwmark, Some(256));
         assert_eq!(s.services[&id].updated_at, 3);
@@ -2553,7 +2762,7 @@ pub(crate) mod tests {
         let replaced: Vec<String> = new.iter().map(|t| t.id.clone()).collect();
 
         // Another ingress port changes no task; removing both ingress ports drops the mesh.
-        s.update_service("web", &[web(8000)], &[], 4).unwrap();
+        s.update_service("web", &[web(8000)], &[], None, 4).unwrap();
         s.reconcile(4);
         assert_eq!(
             current(&s, "web")
@@ -2566,7 +2775,7 @@ pub(crate) mod tests {
             protocol: Protocol::Tcp,
             published: 80,
         };
-        s.update_service("web", &[], &[p80], 5).unwrap();
+        s.update_service("web", &[], &[p80], None, 5).unwrap();
         assert_eq!(s.services[&id].fwmark, Some(256));
         let p8000 = PublishedPort {
             protocol: Protocol::Tcp,
@@ -2574,7 +2783,13 @@ pub(crate) mod tests {
         };
         s.unpublish(p8000, 6).unwrap();
         s.reconcile(6);
-        assert_eq!(s.services[&id].fwmark, None);
+        // Off the mesh, the service keeps its mark for its VIP on its own network, and loses
+        // its ingress VIP.
+        assert_eq!(s.services[&id].fwmark, Some(256));
+        assert_eq!(
+            s.services[&id].vips.keys().collect::<Vec<_>>(),
+            [&s.services[&id].spec.networks[0]]
+        );
         assert_eq!(s.services[&id].spec.ports, [host]);
         assert!(current(&s, "web")
             .iter()
@@ -2585,7 +2800,7 @@ pub(crate) mod tests {
             protocol: Protocol::Udp,
             published: 81,
         };
-        s.update_service("web", &[moved], &[p81], 7).unwrap();
+        s.update_service("web", &[moved], &[p81], None, 7).unwrap();
         assert_eq!(s.services[&id].spec.ports, [moved]);
     }
 
@@ -2639,8 +2854,9 @@ pub(crate) mod tests {
             .iter()
             .map(|t| t.attachments[0].addr.to_string())
             .collect();
-        assert_eq!(ips, ["10.0.9.2/24", "10.0.9.3/24", "10.0.9.4/24"]);
-        assert_eq!(tasks[0].attachments[0].mac, "02:42:0a:00:09:02");
+        // .2 is the service's VIP.
+        assert_eq!(ips, ["10.0.9.3/24", "10.0.9.4/24", "10.0.9.5/24"]);
+        assert_eq!(tasks[0].attachments[0].mac, "02:42:0a:00:09:03");
         assert!(tasks.iter().all(|t| t.state == TaskState::Assigned));
     }
 
@@ -2671,7 +2887,7 @@ pub(crate) mod tests {
         s.reconcile(4);
         assert_eq!(
             current(&s, "web")[2].attachments[0].addr.to_string(),
-            "10.0.9.8/24"
+            "10.0.9.9/24"
         );
     }
 
@@ -2912,7 +3128,24 @@ pub(crate) mod tests {
             .flat_map(|t| &t.attachments)
             .map(|x| x.addr.addr())
             .collect();
-        assert_eq!(backend.peers.len(), 3);
+        // Three web tasks elsewhere, and node2's and node3's load balancers on backend.
+        assert_eq!(backend.peers.len(), 5);
+        let lb = |n: &str| s.nodes[&node_id(&s, n)].lb_addrs[&backend.id];
+        for node in ["node2", "node3"] {
+            assert!(backend.peers.iter().any(|p| p.ip == lb(node)), "{node}");
+        }
+        assert_eq!(backend.lb_addr.map(|a| a.addr()), Some(lb("node1")));
+        let web = &backend.services[0];
+        let web_id = s.find_service("web").unwrap();
+        assert_eq!(
+            (web.name.as_str(), web.vip, web.fwmark),
+            (
+                "web",
+                Some(s.services[&web_id].vips[&backend.id]),
+                s.services[&web_id].fwmark.unwrap()
+            )
+        );
+        assert_eq!(backend.services.len(), 1);
         for peer in &backend.peers {
             assert!(
                 !own.contains(&peer.ip),

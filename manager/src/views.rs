@@ -6,7 +6,7 @@ use ipnet::Ipv4Net;
 use proto::agent::LbReport;
 use proto::api::{
     IngressSbox, NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, NodeLb, PublishInfo,
-    ServiceInfo, TaskEndpoint, TaskInfo,
+    ServiceInfo, TaskEndpoint, TaskInfo, VirtualIp,
 };
 use proto::model::{Network, TaskState};
 
@@ -176,7 +176,18 @@ pub fn service(s: &State, lb: &LbReports, id: &str) -> ServiceInfo {
             .fwmark
             .map(|m| node_lbs(s, lb, Some(m)))
             .unwrap_or_default(),
-        virtual_ips: vec![],
+        virtual_ips: svc
+            .vips
+            .iter()
+            .filter_map(|(network_id, ip)| {
+                let net = &s.networks.get(network_id)?.network;
+                Some(VirtualIp {
+                    network_id: network_id.clone(),
+                    network: net.name.clone(),
+                    addr: Ipv4Net::new(*ip, net.subnet.prefix_len()).ok()?,
+                })
+            })
+            .collect(),
     }
 }
 
@@ -257,8 +268,9 @@ mod tests {
         assert_eq!(d.network.vni, 4097);
         assert!(d.sboxes.is_empty() && d.lb.is_empty());
         let addrs: Vec<String> = d.endpoints.iter().map(|e| e.addr.to_string()).collect();
-        assert_eq!(addrs, ["10.0.9.2/24", "10.0.9.3/24"]);
-        assert_eq!(d.endpoints[0].mac, "02:42:0a:00:09:02");
+        // .2 is the service's VIP.
+        assert_eq!(addrs, ["10.0.9.3/24", "10.0.9.4/24"]);
+        assert_eq!(d.endpoints[0].mac, "02:42:0a:00:09:03");
         assert!(d.endpoints[0].task_name.starts_with("web."));
         let peers: Vec<(String, String)> = d
             .peers

@@ -260,13 +260,35 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
             (network.network.id.as_str(), network.network.vni)
         );
         assert_eq!(net.gateway.to_string(), "10.0.9.1/24");
-        // The only peer is the other node's task, reached through the other node's address.
-        assert_eq!(net.peers.len(), 1, "{me}: {:?}", net.peers);
-        assert_eq!(net.peers[0].vtep, other_vtep.parse::<IpAddr>().unwrap());
-        assert_ne!(net.peers[0].ip, task.attachments[0].addr.addr());
+        // The peers are the other node's task and its load balancer, both reached through the
+        // other node's address.
+        assert_eq!(net.peers.len(), 2, "{me}: {:?}", net.peers);
+        let own = [task.attachments[0].addr.addr(), net.lb_addr.unwrap().addr()];
+        for peer in &net.peers {
+            assert_eq!(peer.vtep, other_vtep.parse::<IpAddr>().unwrap());
+            assert!(
+                !own.contains(&peer.ip),
+                "{me}: own address {} as a peer",
+                peer.ip
+            );
+        }
+        // Both see the service, with its VIP, outside every task's and balancer's address.
+        assert_eq!(net.services.len(), 1);
+        let vip = net.services[0].vip.expect("vip mode");
+        assert!(!own.contains(&vip) && net.peers.iter().all(|p| p.ip != vip));
     }
     a1.report_running(&as1);
     a2.report_running(&as2);
+    // Running tasks enter the service's records on every node: one more revision, applied.
+    let mut latest = Vec::new();
+    for a in [&mut a1, &mut a2] {
+        let next = a.assignment_until(|x| x.networks[0].services[0].tasks.len() == 2);
+        a.send(&AgentMsg::Applied {
+            revision: next.revision,
+        });
+        latest.push(next);
+    }
+    let as1 = latest.swap_remove(0);
     let before = wait_running(&mut api, "web", 2);
     assert!(before
         .iter()

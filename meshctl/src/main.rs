@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use proto::api::{PublishedPort, Request, Response, Scale, ServiceSpec};
 use proto::excerpt;
-use proto::model::{Availability, PortConfig, PublishMode, Role};
+use proto::model::{Availability, EndpointMode, PortConfig, PublishMode, Role};
 use serde::Serialize;
 
 use crate::client::{Client, Host};
@@ -286,7 +286,7 @@ enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
-    /// Change a service's published ports
+    /// Change a service's published ports or endpoint mode
     Update {
         /// Publish a port: P:T[/tcp|udp] or mode=...,published=P,target=T,protocol=... (repeatable)
         #[arg(long = "publish-add", value_parser = ports::parse_publish)]
@@ -294,6 +294,10 @@ enum ServiceCmd {
         /// Unpublish a port: P[/tcp|udp] (repeatable)
         #[arg(long = "publish-rm", value_parser = ports::parse_unpublish)]
         publish_rm: Vec<PublishedPort>,
+        /// vip: one virtual IP per network, balanced over the tasks; dnsrr: the name resolves
+        /// to the tasks' addresses (no ingress-mode ports)
+        #[arg(long = "endpoint-mode", value_parser = parse_endpoint_mode)]
+        endpoint_mode: Option<EndpointMode>,
         #[command(flatten)]
         wait: WaitArgs,
         service: String,
@@ -319,9 +323,14 @@ struct CreateArgs {
     /// others wait until a node is free
     #[arg(long, default_value = "1", allow_hyphen_values = true, value_parser = parse_replicas)]
     replicas: u64,
-    /// Attach to a network (repeatable; the first becomes eth0)
-    #[arg(long = "network")]
-    networks: Vec<String>,
+    /// Attach to a network: NAME, or name=NAME,alias=A[,alias=B] to give the service more
+    /// names there (repeatable; the first network becomes eth0)
+    #[arg(long = "network", value_parser = parse_network)]
+    networks: Vec<NetworkArg>,
+    /// vip (default): the service's name resolves to one virtual IP per network, balanced over
+    /// its tasks; dnsrr: to its tasks' addresses (cannot have ingress-mode ports)
+    #[arg(long = "endpoint-mode", default_value = "vip", value_parser = parse_endpoint_mode)]
+    endpoint_mode: EndpointMode,
     /// Placement constraint, e.g. node.role==worker (repeatable; at most 32, each up to 256
     /// bytes)
     #[arg(long = "constraint")]
@@ -336,6 +345,55 @@ struct CreateArgs {
     /// in all)
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
+}
+
+/// One `--network` of `service create`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct NetworkArg {
+    name: String,
+    aliases: Vec<String>,
+}
+
+/// `NAME`, or Docker's long form `name=NAME,alias=A,alias=B`.
+fn parse_network(text: &str) -> Result<NetworkArg, String> {
+    if !text.contains('=') {
+        return Ok(NetworkArg {
+            name: text.to_string(),
+            aliases: Vec::new(),
+        });
+    }
+    let mut name = None;
+    let mut aliases = Vec::new();
+    for field in text.split(',') {
+        match field.split_once('=') {
+            Some(("name", v)) if name.is_none() => name = Some(v.to_string()),
+            Some(("alias", v)) => aliases.push(v.to_string()),
+            _ => {
+                return Err(format!(
+                    "invalid network {:?}: expected NAME or name=NAME,alias=ALIAS[,alias=ALIAS...]",
+                    excerpt(text)
+                ))
+            }
+        }
+    }
+    match name {
+        Some(name) if !name.is_empty() => Ok(NetworkArg { name, aliases }),
+        _ => Err(format!(
+            "invalid network {:?}: name=NAME is required",
+            excerpt(text)
+        )),
+    }
+}
+
+fn parse_endpoint_mode(text: &str) -> Result<EndpointMode, String> {
+    match text {
+        "vip" => Ok(EndpointMode::Vip),
+        "dnsrr" => Ok(EndpointMode::Dnsrr),
+        _ => Err(format!(
+            "invalid endpoint mode {:?}: expected vip or dnsrr",
+            excerpt(text)
+        )),
+    }
 }
 
 fn parse_replicas(text: &str) -> Result<u64, String> {
@@ -546,13 +604,14 @@ fn each_node(
     Ok(())
 }
 
-/// Changes a service's ports, prints its name, and waits for it to converge unless detached
-/// (tasks are replaced when the service joins or leaves the routing mesh).
-fn update_ports(
+/// Changes a service's ports or endpoint mode, prints its name, and waits for it to converge
+/// unless detached (tasks are replaced when the service joins or leaves the routing mesh).
+fn update_service(
     c: &mut Client,
     service: String,
     publish_add: Vec<PortConfig>,
     publish_rm: Vec<PublishedPort>,
+    endpoint_mode: Option<EndpointMode>,
     wait: &WaitArgs,
 ) -> anyhow::Result<()> {
     let what = format!("update service {}", excerpt(&service));
@@ -560,7 +619,7 @@ fn update_ports(
         service: service.clone(),
         publish_add,
         publish_rm,
-        endpoint_mode: None,
+        endpoint_mode,
     };
     let info = expect!(what, c.call(&req)?, Response::Service { service } => service);
     println!("{service}");
@@ -604,7 +663,7 @@ fn publish(c: &mut Client, args: PublishArgs) -> anyhow::Result<()> {
             if let Some(mode) = args.mode {
                 port.mode = mode.into();
             }
-            update_ports(c, service, vec![port], vec![], &args.wait)?;
+            update_service(c, service, vec![port], vec![], None, &args.wait)?;
         }
     }
     Ok(())
@@ -721,12 +780,17 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             let spec = ServiceSpec {
                 name: args.name,
                 replicas: args.replicas,
-                networks: args.networks,
+                networks: args.networks.iter().map(|n| n.name.clone()).collect(),
                 constraints: args.constraints,
                 command: args.command,
                 ports: args.publish,
-                endpoint_mode: Default::default(),
-                aliases: Default::default(),
+                endpoint_mode: args.endpoint_mode,
+                aliases: args
+                    .networks
+                    .into_iter()
+                    .filter(|n| !n.aliases.is_empty())
+                    .map(|n| (n.name, n.aliases))
+                    .collect(),
             };
             let what = format!("create service {}", excerpt(&spec.name));
             let created = expect!(what, c.call(&Request::ServiceCreate { spec })?,
@@ -776,9 +840,10 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
         ServiceCmd::Update {
             publish_add,
             publish_rm,
+            endpoint_mode,
             wait,
             service,
-        } => update_ports(c, service, publish_add, publish_rm, &wait)?,
+        } => update_service(c, service, publish_add, publish_rm, endpoint_mode, &wait)?,
         ServiceCmd::Scale { wait, scales } => {
             let req = Request::ServiceScaleMany {
                 scales: scales
@@ -829,6 +894,34 @@ mod tests {
     }
 
     #[test]
+    fn network_and_endpoint_mode_flags_refuse_bad_values() {
+        let create = |extra: &[&str]| {
+            let mut args = vec!["service", "create", "--name", "web"];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&["--", "x"]);
+            parse(&args)
+        };
+        for bad in [
+            &["--network", "name=a,color=red"][..],
+            &["--network", "alias=x"],
+            &["--network", "name=,alias=x"],
+            &["--network", "name=a,name=b"],
+            &["--endpoint-mode", "rr"],
+        ] {
+            assert!(create(bad).is_err(), "{bad:?}");
+        }
+        let Command::Service(ServiceCmd::Create(a)) = create(&[]).unwrap().command else {
+            panic!()
+        };
+        assert_eq!(a.endpoint_mode, EndpointMode::Vip);
+        let cli = parse(&["service", "update", "--endpoint-mode", "vip", "web"]).unwrap();
+        let Command::Service(ServiceCmd::Update { endpoint_mode, .. }) = cli.command else {
+            panic!()
+        };
+        assert_eq!(endpoint_mode, Some(EndpointMode::Vip));
+    }
+
+    #[test]
     fn service_create_takes_docker_flags_and_a_command() {
         let cli = parse(&[
             "service",
@@ -840,7 +933,9 @@ mod tests {
             "--network",
             "backend",
             "--network",
-            "front",
+            "name=front,alias=www,alias=web-v2",
+            "--endpoint-mode",
+            "dnsrr",
             "--constraint",
             "node.role==worker",
             "--detach",
@@ -855,7 +950,15 @@ mod tests {
         };
         assert_eq!(a.name, "web");
         assert_eq!(a.replicas, 3);
-        assert_eq!(a.networks, ["backend", "front"]);
+        let net = |name: &str, aliases: &[&str]| NetworkArg {
+            name: name.into(),
+            aliases: aliases.iter().map(|a| a.to_string()).collect(),
+        };
+        assert_eq!(
+            a.networks,
+            [net("backend", &[]), net("front", &["www", "web-v2"])]
+        );
+        assert_eq!(a.endpoint_mode, EndpointMode::Dnsrr);
         assert_eq!(a.constraints, ["node.role==worker"]);
         assert!(a.wait.detach);
         assert_eq!(a.command, ["hello-server", "--port", "8080"]);
@@ -1028,6 +1131,7 @@ mod tests {
         let Command::Service(ServiceCmd::Update {
             publish_add,
             publish_rm,
+            endpoint_mode,
             wait,
             service,
         }) = cli.command
@@ -1040,6 +1144,7 @@ mod tests {
         );
         let rm: Vec<String> = publish_rm.iter().map(|p| p.to_string()).collect();
         assert_eq!(rm, ["80/tcp", "53/udp"]);
+        assert_eq!(endpoint_mode, None);
         assert!(wait.detach);
         assert_eq!(service, "web");
 

@@ -224,6 +224,23 @@ pub fn service_pretty(s: &ServiceInfo) -> String {
     }
     let _ = writeln!(out, "Command:\t{}", s.spec.command.join(" "));
     let _ = writeln!(out, "Networks:\t{}", s.network_names.join(" "));
+    for (id, aliases) in &s.spec.aliases {
+        let name = s
+            .spec
+            .networks
+            .iter()
+            .position(|n| n == id)
+            .and_then(|i| s.network_names.get(i))
+            .unwrap_or(id);
+        let _ = writeln!(out, " Aliases on {name}:\t{}", aliases.join(" "));
+    }
+    let _ = writeln!(out, "Endpoint Mode:\t{}", s.spec.endpoint_mode.as_str());
+    if !s.virtual_ips.is_empty() {
+        let _ = writeln!(out, "Virtual IPs:");
+        for v in &s.virtual_ips {
+            let _ = writeln!(out, " {}:\t{}", v.network, v.addr);
+        }
+    }
     if !s.spec.ports.is_empty() {
         let _ = writeln!(out, "Ports:");
         for p in &s.spec.ports {
