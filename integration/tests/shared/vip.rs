@@ -34,9 +34,9 @@ fn greetings(tasks: &[TaskInfo]) -> BTreeSet<String> {
         .collect()
 }
 
-/// Every node's `lb_internal` shows, in `ipvsadm -Ln`, one FWM service with a Masq line per
-/// task (Swarm's layout).
-fn assert_ipvs(c: &Cluster, tasks: &[TaskInfo]) {
+/// Every node's `lb_internal` shows, in `ipvsadm -Ln`, the service's FWM service with a Masq
+/// line per task (Swarm's layout).
+fn assert_ipvs(c: &Cluster, mark: u32, tasks: &[TaskInfo]) {
     let mut want: Vec<String> = tasks
         .iter()
         .map(|t| format!("-> {}:0 Masq 1", addr(t)))
@@ -53,17 +53,15 @@ fn assert_ipvs(c: &Cluster, tasks: &[TaskInfo]) {
                 .lines()
                 .map(|l| l.split_whitespace().collect::<Vec<_>>().join(" "))
                 .collect();
-            let fwm = lines
-                .iter()
-                .filter(|l| l.starts_with("FWM ") && l.ends_with(" rr"))
-                .count();
             let mut got: Vec<String> = lines
                 .iter()
-                .filter(|l| l.starts_with("-> ") && !l.starts_with("-> RemoteAddress"))
+                .skip_while(|l| **l != format!("FWM {mark} rr"))
+                .skip(1)
+                .take_while(|l| l.starts_with("-> "))
                 .map(|l| l.split(' ').take(4).collect::<Vec<_>>().join(" "))
                 .collect();
             got.sort();
-            (fwm == 1 && got == want).then_some(())
+            (got == want).then_some(())
         })
         .unwrap_or_else(|e| panic!("{node}: {e}\n{}", c.logs()));
     }
@@ -123,7 +121,8 @@ fn a_service_vip_is_balanced_over_its_tasks_from_every_node() {
     }
 
     if crate::LB == "ipvs" {
-        assert_ipvs(&c, &nodejs);
+        let mark = svc.fwmark.expect("a vip-mode service has a fwmark");
+        assert_ipvs(&c, mark, &nodejs);
     }
 
     c.meshctl_ok(&["service", "scale", "nodejs=1", "--detach"])
