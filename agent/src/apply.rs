@@ -35,7 +35,7 @@ pub enum KernelError {
         source: io::Error,
     },
     #[error("{0:?} is a task action, not a kernel one")]
-    NotKernel(Action),
+    NotKernel(Box<Action>),
     #[error("set the default route via {gateway} in {task}: {reason}")]
     Route {
         task: String,
@@ -221,6 +221,7 @@ impl Kernel for NetKernel {
                 mac,
                 addr,
                 mtu,
+                aliases,
             } => {
                 let cfg = EndpointConfig {
                     bridge: BRIDGE.into(),
@@ -229,6 +230,7 @@ impl Kernel for NetKernel {
                     addr: *addr,
                     mac: *mac,
                     mtu: *mtu,
+                    aliases: aliases.clone(),
                 };
                 let task = Netns::open(&self.dir.join(task))?;
                 Ok(self.sandbox(sandbox)?.ensure_endpoint(&task, &cfg)?)
@@ -255,12 +257,13 @@ impl Kernel for NetKernel {
                     addr: *addr,
                     mac: MacAddr::from_ipv4(addr.addr()),
                     mtu: *mtu,
+                    aliases: Vec::new(),
                 };
                 self.gw_leg(veth, task, cfg, *gateway)
             }
             DeleteNodeLink { link } => Ok(self.node_sandbox()?.remove_endpoint(link)?),
             StopTask { .. } | ForgetTask { .. } | StartTask { .. } => {
-                Err(KernelError::NotKernel(action.clone()))
+                Err(KernelError::NotKernel(Box::new(action.clone())))
             }
         }
     }
@@ -484,14 +487,16 @@ pub mod fake {
                     mac,
                     addr,
                     mtu,
+                    aliases,
                 } => {
                     Self::ns(&mut st, task)?;
                     Self::ns(&mut st, sandbox)?;
                     drop(st);
                     self.remove_link(sandbox, veth);
                     self.remove_link(task, ifname);
-                    let (outer, inner) =
+                    let (outer, mut inner) =
                         self.veth_pair((veth, BRIDGE), (ifname, *mac, *addr), *mtu);
+                    inner.addrs.extend(aliases);
                     let mut st = self.state.lock().unwrap();
                     st.namespaces
                         .get_mut(sandbox)
@@ -537,7 +542,7 @@ pub mod fake {
                     self.remove_node_link(link);
                 }
                 StopTask { .. } | ForgetTask { .. } | StartTask { .. } => {
-                    return Err(KernelError::NotKernel(action.clone()))
+                    return Err(KernelError::NotKernel(Box::new(action.clone())))
                 }
             }
             Ok(())

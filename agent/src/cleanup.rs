@@ -3,8 +3,9 @@
 //!
 //! - tasks' processes: SIGTERM to each recorded one still alive, SIGKILL after the grace
 //!   period; whatever still runs inside one of our namespaces is killed with it;
-//! - every namespace in `<state-dir>/netns` (overlay sandboxes, tasks, `ingress_sbox`, and so
-//!   IPVS services and nft tables in them), VXLAN devices first;
+//! - every namespace in `<state-dir>/netns` (overlay sandboxes, tasks, `ingress_sbox`, the
+//!   `lb_<network>` load balancers, and so IPVS services and nft tables in them), VXLAN
+//!   devices first;
 //! - the gwbridge and the node ends of its legs;
 //! - our nft table `ip meshnet` in the node namespace (nothing else there is touched).
 //!
@@ -130,7 +131,7 @@ mod tests {
     #[test]
     fn teardown_removes_every_namespace_and_node_link_bridge_last() {
         let k = FakeKernel::default();
-        for name in ["1-abcdef0123", "ingress_sbox", "web.1.t1"] {
+        for name in ["1-abcdef0123", "ingress_sbox", "lb_backend", "web.1.t1"] {
             k.apply(&Action::CreateNetns { name: name.into() }).unwrap();
         }
         k.apply(&Action::EnsureGwBridge {
@@ -148,7 +149,7 @@ mod tests {
             .insert(node.name.clone(), node);
 
         let actions = teardown(&k.observe().unwrap());
-        assert_eq!(actions.len(), 5);
+        assert_eq!(actions.len(), 6);
         assert_eq!(
             actions.last(),
             Some(&Action::DeleteNodeLink {

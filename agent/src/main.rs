@@ -411,6 +411,7 @@ async fn run() -> anyhow::Result<()> {
             mtu,
             port: flags.data_path_port,
             advertise_addr,
+            lb_namespaces: lb_kind == LbKind::Ipvs,
         },
         state,
         outbox,

@@ -8,7 +8,12 @@
 //!   goes, the next one takes over).
 //! - ingress_sbox table: ingress-mode ports → the service's fwmark; backends = every running
 //!   task's ingress IP cluster-wide, as the manager lists them.
-//! - Task table: ingress-mode published port → target, on the task's ingress IP.
+//! - ingress_sbox also holds each ingress VIP (/32 on eth0) and marks it like the ports.
+//! - IPVS: per network in use, `lb_<name>` with eth0 = the node's lb address and the VIPs
+//!   (/32), each VIP marked with its service's fwmark, an FWM service over the tasks.
+//! - Task table: ingress-mode published port → target, on the task's ingress IP; with the
+//!   nftables load balancer, every VIP of a vip-mode service on the task's networks → that
+//!   service's running tasks (round robin in the client's own namespace).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
@@ -18,8 +23,8 @@ use firewall::{
     TaskState,
 };
 use ipnet::Ipv4Net;
-use proto::agent::{Assignment, PublishedService, TaskSpec};
-use proto::model::{PortConfig, Protocol, PublishMode};
+use proto::agent::{Assignment, NetworkSpec, PublishedService, TaskSpec};
+use proto::model::{EndpointMode, PortConfig, Protocol, PublishMode};
 
 use crate::plan::veth_name;
 
@@ -29,6 +34,8 @@ pub const GWBRIDGE: &str = "mesh_gwbridge";
 pub const INGRESS_SBOX: &str = "ingress_sbox";
 /// ingress_sbox's leg on the ingress overlay.
 pub const SBOX_INGRESS_IF: &str = "eth0";
+/// An `lb_<network>` namespace's leg on its network.
+pub const LB_IF: &str = "eth0";
 
 /// The gwbridge as the planner needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -239,38 +246,133 @@ pub fn sbox_state(desired: &Assignment, lb: LbMode) -> Option<SboxState> {
             SboxService {
                 ports,
                 backends: svc.backends.iter().copied().collect(),
+                vip: svc.vip,
             },
         );
     }
     Some(st)
 }
 
-/// Each local task's table: its ingress-mode published ports redirected to their targets.
-pub fn task_states(desired: &Assignment, running: &[&TaskSpec]) -> BTreeMap<String, TaskState> {
-    let Some(ingress) = &desired.ingress else {
-        return BTreeMap::new();
+/// The /32 addresses a sandbox's eth0 holds besides its own: the VIPs its table marks.
+pub fn vip_aliases(st: &SboxState) -> Vec<Ipv4Net> {
+    st.services
+        .values()
+        .filter_map(|s| s.vip)
+        .map(Ipv4Net::from)
+        .collect()
+}
+
+/// The namespace of a network's IPVS load balancer, as Swarm names it.
+pub fn lb_netns_name(network_name: &str) -> String {
+    format!("lb_{network_name}")
+}
+
+/// The networks that get a load-balancer namespace (IPVS): those `tasks` use, with an lb
+/// address, and a name a namespace file can carry.
+pub fn lb_networks<'a>(
+    desired: &'a Assignment,
+    tasks: &[&TaskSpec],
+) -> BTreeMap<String, &'a NetworkSpec> {
+    desired
+        .networks
+        .iter()
+        .filter(|n| n.lb_addr.is_some())
+        .filter(|n| {
+            tasks
+                .iter()
+                .any(|t| t.attachments.iter().any(|a| a.network_id == n.id))
+        })
+        .map(|n| (lb_netns_name(&n.name), n))
+        .filter(|(name, _)| netns::validate_name(name).is_ok())
+        .collect()
+}
+
+/// The table and IPVS services of a network's `lb_<name>` namespace: each VIP marked with its
+/// service's fwmark, the service's running tasks as backends, SNAT to the lb address (so
+/// replies come back through this node), as Swarm does.
+pub fn lb_state(net: &NetworkSpec) -> Option<SboxState> {
+    let lb_addr = net.lb_addr?;
+    let mut st = SboxState::new(SboxConfig {
+        ingress_iface: LB_IF.into(),
+        ingress_subnet: net.subnet,
+        ingress_ip: lb_addr.addr(),
+        lb: LbMode::Ipvs,
+    });
+    for svc in net
+        .services
+        .iter()
+        .filter(|s| s.endpoint_mode == EndpointMode::Vip)
+    {
+        let (Some(vip), Ok(mark)) = (svc.vip, Fwmark::new(svc.fwmark)) else {
+            continue;
+        };
+        st.services.insert(
+            mark,
+            SboxService {
+                ports: BTreeSet::new(),
+                backends: svc.tasks.iter().map(|t| t.addr).collect(),
+                vip: Some(vip),
+            },
+        );
+    }
+    Some(st)
+}
+
+/// The VIPs of a network's vip-mode services → their running tasks' addresses. dnsrr services
+/// have no VIP and are not balanced.
+pub fn network_vips(net: &NetworkSpec) -> BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>> {
+    net.services
+        .iter()
+        .filter(|s| s.endpoint_mode == EndpointMode::Vip)
+        .filter_map(|s| Some((s.vip?, s.tasks.iter().map(|t| t.addr).collect())))
+        .collect()
+}
+
+/// Each local task's table: its ingress-mode published ports redirected to their targets
+/// and, when the nftables load balancer balances VIPs in the client's namespace, the VIPs of
+/// the services on its networks. Every running task has one, so a change (a service that
+/// goes, a task that leaves it) always reaches the tables that held it.
+pub fn task_states(
+    desired: &Assignment,
+    running: &[&TaskSpec],
+    lb: LbMode,
+) -> BTreeMap<String, TaskState> {
+    let ingress = desired.ingress.as_ref().map(|i| &i.network);
+    // Once per network, not per task: every local task's table changes with a service.
+    let vips: BTreeMap<&str, BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>>> = match lb {
+        LbMode::Nftables => desired
+            .networks
+            .iter()
+            .map(|n| (n.id.as_str(), network_vips(n)))
+            .collect(),
+        LbMode::Ipvs => BTreeMap::new(),
     };
     let mut out = BTreeMap::new();
     for t in running {
-        let Some(att) = t
+        let on_ingress =
+            ingress.and_then(|net| t.attachments.iter().find(|a| a.network_id == net.id));
+        let redirects = match on_ingress {
+            Some(_) => desired
+                .published
+                .iter()
+                .filter(|s| s.service_id == t.service_id)
+                .flat_map(|s| ports(s, PublishMode::Ingress))
+                .map(|p| (port_key(p), p.target))
+                .collect(),
+            None => BTreeMap::new(),
+        };
+        let task_vips = t
             .attachments
             .iter()
-            .find(|a| a.network_id == ingress.network.id)
-        else {
-            continue;
-        };
-        let redirects = desired
-            .published
-            .iter()
-            .filter(|s| s.service_id == t.service_id)
-            .flat_map(|s| ports(s, PublishMode::Ingress))
-            .map(|p| (port_key(p), p.target))
+            .filter_map(|a| vips.get(a.network_id.as_str()))
+            .flat_map(|v| v.iter().map(|(vip, b)| (*vip, b.clone())))
             .collect();
         out.insert(
             t.name.clone(),
             TaskState {
-                ingress_ip: att.addr.addr(),
+                ingress_ip: on_ingress.map(|a| a.addr.addr()),
                 redirects,
+                vips: task_vips,
             },
         );
     }
@@ -280,7 +382,7 @@ pub fn task_states(desired: &Assignment, running: &[&TaskSpec]) -> BTreeMap<Stri
 #[cfg(test)]
 mod tests {
     use super::*;
-    use proto::agent::{IngressSpec, NetworkSpec};
+    use proto::agent::{IngressSpec, NetworkService, ServiceTask};
     use proto::model::{endpoint_mac, Attachment};
 
     fn ip(s: &str) -> Ipv4Addr {
@@ -451,7 +553,7 @@ mod tests {
         assert_eq!(node.config.ingress_sbox_ip, ip("172.18.0.2"));
         assert_eq!(node.ingress_ports.len(), 2);
         assert!(node.host_ports.is_empty(), "no local task, no host port");
-        assert!(task_states(&a, &[]).is_empty());
+        assert!(task_states(&a, &[], LbMode::Nftables).is_empty());
 
         // Without an ingress network nothing is published in ingress mode.
         let none = Assignment {
@@ -484,13 +586,164 @@ mod tests {
             node.host_ports,
             [(PortKey::tcp(81), "172.18.0.4:8080".parse().unwrap())].into()
         );
-        let tasks = task_states(&a, &running);
-        assert_eq!(tasks.len(), 1, "only tasks on the ingress network");
+        let tasks = task_states(&a, &running, LbMode::Nftables);
+        assert_eq!(tasks.len(), 3, "every running task has a table");
         let t = &tasks["web.1.x"];
-        assert_eq!(t.ingress_ip, ip("10.255.0.10"));
+        assert_eq!(t.ingress_ip, Some(ip("10.255.0.10")));
         assert_eq!(
             t.redirects,
             [(PortKey::tcp(80), 8080), (PortKey::udp(53), 5353)].into()
         );
+        let off = &tasks["edge.1.c"];
+        assert!(off.ingress_ip.is_none() && off.redirects.is_empty() && off.vips.is_empty());
+    }
+
+    fn service(
+        name: &str,
+        mode: EndpointMode,
+        vip: Option<&str>,
+        tasks: &[&str],
+    ) -> NetworkService {
+        NetworkService {
+            service_id: name.into(),
+            name: name.into(),
+            aliases: vec![],
+            endpoint_mode: mode,
+            vip: vip.map(ip),
+            fwmark: if mode == EndpointMode::Vip { 300 } else { 0 },
+            tasks: tasks
+                .iter()
+                .enumerate()
+                .map(|(i, a)| ServiceTask {
+                    task_id: format!("{name}{i}"),
+                    slot: i as u64 + 1,
+                    addr: ip(a),
+                })
+                .collect(),
+        }
+    }
+
+    fn user_net(id: &str, subnet: &str, services: Vec<NetworkService>) -> NetworkSpec {
+        let subnet = net(subnet);
+        NetworkSpec {
+            id: id.into(),
+            name: id.into(),
+            subnet,
+            gateway: Ipv4Net::new(nth(subnet, 1), subnet.prefix_len()).unwrap(),
+            vni: 4100,
+            peers: vec![],
+            lb_addr: None,
+            services,
+        }
+    }
+
+    fn on(name: &str, svc: &str, nets: &[(&str, &str)]) -> TaskSpec {
+        TaskSpec {
+            attachments: nets
+                .iter()
+                .map(|(n, a)| Attachment {
+                    network_id: n.to_string(),
+                    addr: format!("{a}/24").parse().unwrap(),
+                    mac: endpoint_mac(ip(a)),
+                })
+                .collect(),
+            ..task(name, svc, None)
+        }
+    }
+
+    #[test]
+    fn tasks_balance_the_vips_of_their_networks_with_nftables_only() {
+        let mut a = assignment();
+        a.networks = vec![
+            user_net(
+                "back",
+                "10.0.9.0/24",
+                vec![
+                    service(
+                        "api",
+                        EndpointMode::Vip,
+                        Some("10.0.9.2"),
+                        &["10.0.9.5", "10.0.9.6"],
+                    ),
+                    service("db", EndpointMode::Dnsrr, None, &["10.0.9.7"]),
+                    service("idle", EndpointMode::Vip, Some("10.0.9.3"), &[]),
+                ],
+            ),
+            user_net(
+                "front",
+                "10.0.8.0/24",
+                vec![service(
+                    "web",
+                    EndpointMode::Vip,
+                    Some("10.0.8.2"),
+                    &["10.0.8.5"],
+                )],
+            ),
+        ];
+        let client = on("cli.1.c", "cli", &[("back", "10.0.9.10")]);
+        let both = on(
+            "gw.1.g",
+            "gw",
+            &[("front", "10.0.8.10"), ("back", "10.0.9.11")],
+        );
+        let tasks = task_states(&a, &[&client, &both], LbMode::Nftables);
+        let want_back: BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>> = [
+            (ip("10.0.9.2"), [ip("10.0.9.5"), ip("10.0.9.6")].into()),
+            (ip("10.0.9.3"), BTreeSet::new()),
+        ]
+        .into();
+        assert_eq!(tasks["cli.1.c"].vips, want_back, "dnsrr has no VIP");
+        let mut want_both = want_back.clone();
+        want_both.insert(ip("10.0.8.2"), [ip("10.0.8.5")].into());
+        assert_eq!(tasks["gw.1.g"].vips, want_both);
+        // With IPVS the VIPs live in lb_<network>: the tasks' tables hold none.
+        let ipvs = task_states(&a, &[&client, &both], LbMode::Ipvs);
+        assert!(ipvs.values().all(|t| t.vips.is_empty()));
+    }
+
+    #[test]
+    fn lb_namespaces_mark_each_vip_for_its_service_and_snat_to_the_lb_address() {
+        let mut back = user_net(
+            "back",
+            "10.0.9.0/24",
+            vec![
+                service(
+                    "api",
+                    EndpointMode::Vip,
+                    Some("10.0.9.2"),
+                    &["10.0.9.5", "10.0.9.6"],
+                ),
+                service("db", EndpointMode::Dnsrr, None, &["10.0.9.7"]),
+            ],
+        );
+        assert!(lb_state(&back).is_none(), "no lb address, no lb namespace");
+        back.lb_addr = Some(net("10.0.9.250/24"));
+        let st = lb_state(&back).unwrap();
+        assert_eq!(st.config.ingress_ip, ip("10.0.9.250"));
+        assert_eq!(st.config.ingress_subnet, net("10.0.9.0/24"));
+        assert_eq!(st.config.lb, LbMode::Ipvs);
+        assert_eq!(
+            st.services.keys().map(|m| m.get()).collect::<Vec<_>>(),
+            [300],
+            "dnsrr is not balanced"
+        );
+        let api = &st.services[&Fwmark::new(300).unwrap()];
+        assert_eq!(api.vip, Some(ip("10.0.9.2")));
+        assert!(api.ports.is_empty());
+        assert_eq!(api.backends, [ip("10.0.9.5"), ip("10.0.9.6")].into());
+        assert_eq!(vip_aliases(&st), [net("10.0.9.2/32")]);
+
+        let mut a = assignment();
+        a.networks = vec![back, user_net("idle", "10.0.8.0/24", vec![])];
+        a.networks[1].lb_addr = Some(net("10.0.8.250/24"));
+        let t = on("cli.1.c", "cli", &[("back", "10.0.9.10")]);
+        let lbs = lb_networks(&a, &[&t]);
+        assert_eq!(
+            lbs.keys().collect::<Vec<_>>(),
+            ["lb_back"],
+            "only networks in use"
+        );
+        a.networks[0].name = "a/b".into();
+        assert!(lb_networks(&a, &[&t]).is_empty(), "no such namespace name");
     }
 }

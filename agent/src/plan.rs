@@ -15,7 +15,13 @@
 //! - Routing mesh (§2, §3): with a gwbridge, every active task (and `ingress_sbox`) gets one more
 //!   leg, the next `ethN`, on the node's `mesh_gwbridge`, with the default route. With an
 //!   ingress network, its sandbox exists even without tasks (not lazy), and so does
-//!   `ingress_sbox` with `eth0` on it.
+//!   `ingress_sbox` with `eth0` on it (holding the ingress VIPs as /32 aliases too).
+//! - Service VIPs with IPVS (§4): every network in use with an lb address gets `lb_<name>`,
+//!   like ingress_sbox but with no gwbridge leg: `eth0` on the network with the node's lb
+//!   address and each VIP as a /32 alias, so tasks reach the VIPs by ARP on br0. vxlan0 never
+//!   carries that ARP to other nodes: with `proxy` on, the driver answers ARP requests from
+//!   its own neighbour table (remote endpoints only) and sends none over the wire, and no
+//!   all-zeros FDB entry exists to flood to. Each node's own lb namespace answers.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -24,7 +30,9 @@ use ipnet::Ipv4Net;
 use proto::agent::{Assignment, NetworkSpec, TaskSpec};
 use vxlan::{LinkKind, LinkState, MacAddr, PeerAction, RemotePeer};
 
-use crate::mesh::{gw_veth_name, Gw, GWBRIDGE, INGRESS_SBOX};
+use firewall::LbMode;
+
+use crate::mesh::{self, gw_veth_name, Gw, GWBRIDGE, INGRESS_SBOX};
 use crate::observe::{NsObs, Observed};
 use crate::tasks::{Phase, TaskRecord};
 
@@ -42,6 +50,9 @@ pub struct Settings {
     pub port: u16,
     /// This node's VTEP: peers behind it are local and never programmed.
     pub advertise_addr: IpAddr,
+    /// IPVS balances VIPs: every network in use with an lb address gets its `lb_<name>`
+    /// namespace. (The nftables balancer works in the tasks' own namespaces instead.)
+    pub lb_namespaces: bool,
 }
 
 /// The namespace file name of a network's sandbox, as Docker names it (`1-` + 10 id chars).
@@ -106,7 +117,8 @@ pub enum Action {
         sandbox: String,
         changes: Vec<PeerAction>,
     },
-    /// A veth pair: `veth` in the sandbox on br0, `ifname` in the task with its MAC and address.
+    /// A veth pair: `veth` in the sandbox on br0, `ifname` in the task with its MAC and
+    /// exactly its address and aliases.
     EnsureEndpoint {
         sandbox: String,
         veth: String,
@@ -115,6 +127,8 @@ pub enum Action {
         mac: MacAddr,
         addr: Ipv4Net,
         mtu: u32,
+        /// /32 VIPs a load-balancer namespace answers for (ARP on br0 reaches it).
+        aliases: Vec<Ipv4Net>,
     },
     StartTask {
         task: String,
@@ -251,20 +265,26 @@ pub fn plan(
 
     let mut wanted_ns: BTreeSet<String> = used.keys().cloned().collect();
     wanted_ns.extend(active.iter().map(|t| t.name.clone()));
-    // ingress_sbox: like a task with one attachment (eth0 on ingress), but no process.
-    let sbox = ingress.map(|i| TaskSpec {
-        id: INGRESS_SBOX.into(),
-        name: INGRESS_SBOX.into(),
-        service_id: String::new(),
-        service_name: String::new(),
-        command: vec![],
-        attachments: vec![proto::model::Attachment {
-            network_id: i.network.id.clone(),
-            addr: i.sbox_addr,
-            mac: String::new(),
-        }],
-    });
+    // ingress_sbox: like a task with one attachment (eth0 on ingress), but no process; it
+    // holds the ingress VIPs too.
+    let sbox = ingress.map(|i| one_leg(INGRESS_SBOX, &i.network.id, i.sbox_addr));
+    let sbox_aliases = mesh::sbox_state(desired, LbMode::Ipvs)
+        .map(|st| mesh::vip_aliases(&st))
+        .unwrap_or_default();
     wanted_ns.extend(sbox.iter().map(|s| s.name.clone()));
+    // IPVS: `lb_<network>` for each network in use, alike, holding the network's VIPs.
+    let lbs: Vec<(TaskSpec, Vec<Ipv4Net>)> = if settings.lb_namespaces {
+        mesh::lb_networks(desired, &active)
+            .into_iter()
+            .filter_map(|(name, n)| {
+                let st = mesh::lb_state(n)?;
+                Some((one_leg(&name, &n.id, n.lb_addr?), mesh::vip_aliases(&st)))
+            })
+            .collect()
+    } else {
+        Vec::new()
+    };
+    wanted_ns.extend(lbs.iter().map(|(l, _)| l.name.clone()));
     for name in observed.namespaces.keys() {
         if !wanted_ns.contains(name) && !kept_ns.contains(name) {
             p.delete.push(Action::DeleteNetns { name: name.clone() });
@@ -281,7 +301,8 @@ pub fn plan(
         };
         let mut expected: BTreeSet<String> = [BRIDGE.to_string(), VXLAN.to_string()].into();
         expected.extend(draining_veths.get(sb).into_iter().flatten().cloned());
-        for t in active.iter().copied().chain(sbox.as_ref()) {
+        let lb_legs = lbs.iter().map(|(l, _)| l);
+        for t in active.iter().copied().chain(sbox.as_ref()).chain(lb_legs) {
             if uses(t, &net.id) {
                 expected.insert(veth_name(&t.name, &net.id));
             }
@@ -309,7 +330,31 @@ pub fn plan(
                 &empty
             }
         };
-        plan_endpoints(&mut p, sb, obs, &networks, observed, settings, gw);
+        plan_endpoints(
+            &mut p,
+            sb,
+            obs,
+            &networks,
+            observed,
+            settings,
+            gw,
+            &sbox_aliases,
+        );
+    }
+    for (lb, aliases) in &lbs {
+        let obs = match observed.namespaces.get(&lb.name) {
+            Some(o) => o,
+            None => {
+                p.create.push(Action::CreateNetns {
+                    name: lb.name.clone(),
+                });
+                &empty
+            }
+        };
+        // No gwbridge leg: it only answers on its network.
+        plan_endpoints(
+            &mut p, lb, obs, &networks, observed, settings, None, aliases,
+        );
     }
 
     // Task namespaces and endpoints, then the process.
@@ -341,7 +386,7 @@ pub fn plan(
                 &empty
             }
         };
-        plan_endpoints(&mut p, t, obs, &networks, observed, settings, gw);
+        plan_endpoints(&mut p, t, obs, &networks, observed, settings, gw, &[]);
         if running.is_none() {
             p.start.push(Action::StartTask {
                 task: t.name.clone(),
@@ -362,6 +407,22 @@ pub fn plan(
         .chain(start)
         .chain(forget)
         .collect()
+}
+
+/// A namespace with one leg (`eth0`) on a network and no process: ingress_sbox, `lb_<name>`.
+fn one_leg(name: &str, network_id: &str, addr: Ipv4Net) -> TaskSpec {
+    TaskSpec {
+        id: name.into(),
+        name: name.into(),
+        service_id: String::new(),
+        service_name: String::new(),
+        command: vec![],
+        attachments: vec![proto::model::Attachment {
+            network_id: network_id.into(),
+            addr,
+            mac: String::new(),
+        }],
+    }
 }
 
 fn uses(t: &TaskSpec, network_id: &str) -> bool {
@@ -459,6 +520,8 @@ fn mac_or_derived(mac: &str, ip: std::net::Ipv4Addr) -> MacAddr {
     mac.parse().unwrap_or_else(|_| MacAddr::from_ipv4(ip))
 }
 
+/// `aliases`: more addresses of the first leg (`eth0`).
+#[allow(clippy::too_many_arguments)]
 fn plan_endpoints(
     p: &mut Plan,
     t: &TaskSpec,
@@ -467,6 +530,7 @@ fn plan_endpoints(
     observed: &Observed,
     s: &Settings,
     gw: Option<&Gw>,
+    aliases: &[Ipv4Net],
 ) {
     let empty = NsObs::default();
     let mut expected: BTreeSet<String> = BTreeSet::new();
@@ -485,6 +549,8 @@ fn plan_endpoints(
         let sb = sandbox_name(&att.network_id);
         let veth = veth_name(&t.name, &att.network_id);
         let mac = mac_or_derived(&att.mac, att.addr.addr());
+        let aliases = if i == 0 { aliases.to_vec() } else { vec![] };
+        let want: BTreeSet<Ipv4Net> = aliases.iter().copied().chain([att.addr]).collect();
         let sb_obs = observed.namespaces.get(&sb).unwrap_or(&empty);
         let ok = match (sb_obs.links.get(&veth), obs.links.get(&ifname)) {
             (Some(outer), Some(inner)) => {
@@ -497,7 +563,8 @@ fn plan_endpoints(
                     && link_ok(outer, s.mtu, true)
                     && link_ok(inner, s.mtu, false)
                     && inner.mac == Some(mac)
-                    && inner.addrs == [att.addr]
+                    && inner.addrs.len() == want.len()
+                    && inner.addrs.iter().all(|a| want.contains(a))
             }
             _ => false,
         };
@@ -510,6 +577,7 @@ fn plan_endpoints(
                 mac,
                 addr: att.addr,
                 mtu: s.mtu,
+                aliases,
             });
         }
     }
@@ -620,6 +688,7 @@ mod tests {
             mtu: 1450,
             port: 4789,
             advertise_addr: "192.168.56.11".parse().unwrap(),
+            lb_namespaces: false,
         }
     }
 
@@ -679,6 +748,8 @@ mod tests {
         kernel: FakeKernel,
         records: BTreeMap<String, TaskRecord>,
         gw: Option<Gw>,
+        /// IPVS: `lb_` namespaces.
+        lb_namespaces: bool,
     }
 
     impl Node {
@@ -687,7 +758,10 @@ mod tests {
                 a,
                 &self.records,
                 &self.kernel.observe().unwrap(),
-                &settings(),
+                &Settings {
+                    lb_namespaces: self.lb_namespaces,
+                    ..settings()
+                },
                 self.gw.as_ref(),
             )
         }
@@ -754,6 +828,7 @@ mod tests {
             mac: mac(addr),
             addr: format!("{addr}/24").parse().unwrap(),
             mtu: 1450,
+            aliases: vec![],
         }
     }
 
@@ -1218,6 +1293,7 @@ mod tests {
             mac: mac("10.255.0.2"),
             addr: "10.255.0.2/16".parse().unwrap(),
             mtu: 1450,
+            aliases: vec![],
         }));
         assert!(acts.contains(&gw_leg(INGRESS_SBOX, "eth1", "172.18.0.2")));
         assert!(acts.contains(&Action::Peers {
@@ -1304,6 +1380,138 @@ mod tests {
             n.links.get_mut("eth1").unwrap().addrs = vec!["172.18.0.9/16".parse().unwrap()]
         });
         assert_eq!(node.step(&a), [leg]);
+        assert_eq!(node.plan(&a), []);
+    }
+
+    fn vip_service(name: &str, vip: Option<&str>, mark: u32) -> proto::agent::NetworkService {
+        proto::agent::NetworkService {
+            service_id: name.into(),
+            name: name.into(),
+            aliases: vec![],
+            endpoint_mode: if vip.is_some() {
+                proto::model::EndpointMode::Vip
+            } else {
+                proto::model::EndpointMode::Dnsrr
+            },
+            vip: vip.map(ip),
+            fwmark: mark,
+            tasks: vec![proto::agent::ServiceTask {
+                task_id: "t1".into(),
+                slot: 1,
+                addr: ip("10.0.9.2"),
+            }],
+        }
+    }
+
+    fn lb_endpoint(aliases: &[&str]) -> Action {
+        Action::EnsureEndpoint {
+            sandbox: SB.into(),
+            veth: veth_name("lb_backend", NET),
+            task: "lb_backend".into(),
+            ifname: "eth0".into(),
+            mac: mac("10.0.9.250"),
+            addr: "10.0.9.250/24".parse().unwrap(),
+            mtu: 1450,
+            aliases: aliases
+                .iter()
+                .map(|a| format!("{a}/32").parse().unwrap())
+                .collect(),
+        }
+    }
+
+    #[test]
+    fn with_ipvs_each_network_in_use_gets_an_lb_namespace_holding_its_vips() {
+        let mut a = assignment(vec![task("web.1.t1", "10.0.9.2")], vec![]);
+        a.networks[0].lb_addr = Some("10.0.9.250/24".parse().unwrap());
+        a.networks[0].services = vec![
+            vip_service("api", Some("10.0.9.100"), 300),
+            vip_service("db", None, 0),
+        ];
+        let mut node = Node {
+            lb_namespaces: true,
+            ..Default::default()
+        };
+        let acts = node.step(&a);
+        assert!(acts.contains(&Action::CreateNetns {
+            name: "lb_backend".into()
+        }));
+        assert!(acts.contains(&lb_endpoint(&["10.0.9.100"])), "{acts:?}");
+        assert_eq!(node.plan(&a), [], "adoption: nothing to redo");
+        assert_eq!(
+            node.ns("lb_backend")
+                .unwrap()
+                .links
+                .keys()
+                .collect::<Vec<_>>(),
+            ["eth0"],
+            "no gwbridge leg, no process"
+        );
+
+        // A VIP deleted by hand comes back; a second service adds its VIP.
+        node.edit("lb_backend", |n| {
+            n.links.get_mut("eth0").unwrap().addrs.pop();
+        });
+        assert_eq!(node.step(&a), [lb_endpoint(&["10.0.9.100"])]);
+        a.networks[0]
+            .services
+            .push(vip_service("web", Some("10.0.9.101"), 301));
+        assert_eq!(node.step(&a), [lb_endpoint(&["10.0.9.100", "10.0.9.101"])]);
+        assert_eq!(node.plan(&a), []);
+
+        // The network leaves the node: its lb namespace goes with its sandbox.
+        node.exit("web.1.t1", TaskState::Shutdown);
+        let mut acts = node.step(&a);
+        acts.sort_by_key(|a| format!("{a:?}"));
+        assert!(acts.contains(&Action::DeleteNetns {
+            name: "lb_backend".into()
+        }));
+        assert!(node.ns("lb_backend").is_none());
+    }
+
+    #[test]
+    fn without_ipvs_or_lb_address_there_is_no_lb_namespace() {
+        let mut a = assignment(vec![task("web.1.t1", "10.0.9.2")], vec![]);
+        a.networks[0].services = vec![vip_service("api", Some("10.0.9.100"), 300)];
+        let ipvs = Node {
+            lb_namespaces: true,
+            ..Default::default()
+        };
+        assert!(ipvs
+            .plan(&a)
+            .iter()
+            .all(|x| !format!("{x:?}").contains("lb_")));
+        a.networks[0].lb_addr = Some("10.0.9.250/24".parse().unwrap());
+        let nft = Node::default();
+        assert!(nft
+            .plan(&a)
+            .iter()
+            .all(|x| !format!("{x:?}").contains("lb_")));
+    }
+
+    #[test]
+    fn ingress_sbox_holds_the_ingress_vips() {
+        let mut a = with_ingress(Assignment {
+            revision: 1,
+            ..Default::default()
+        });
+        a.published = vec![proto::agent::PublishedService {
+            service_id: "web".into(),
+            service_name: "web".into(),
+            fwmark: 256,
+            ports: vec![proto::model::PortConfig {
+                protocol: proto::model::Protocol::Tcp,
+                published: 80,
+                target: 8080,
+                mode: proto::model::PublishMode::Ingress,
+            }],
+            backends: vec![],
+            vip: Some(ip("10.255.0.4")),
+        }];
+        let mut node = Node::default();
+        let acts = node.step(&a);
+        assert!(acts.iter().any(|x| matches!(x,
+            Action::EnsureEndpoint { task, aliases, .. }
+                if task == INGRESS_SBOX && *aliases == ["10.255.0.4/32".parse::<Ipv4Net>().unwrap()])));
         assert_eq!(node.plan(&a), []);
     }
 }

@@ -35,7 +35,20 @@ pub struct MeshRules {
     last_check: Option<Instant>,
     node_table: Option<NodeState>,
     tasks: BTreeMap<String, Applied<TaskState>>,
-    lb: Option<(u64, Box<dyn LoadBalancer>)>,
+    /// Balancers by namespace: the routing mesh's in ingress_sbox and, with IPVS, the VIP
+    /// balancer of each `lb_<network>`.
+    lbs: BTreeMap<String, OpenLb>,
+}
+
+/// A balancer opened in a namespace, tied to the namespace's inode: a recreated namespace
+/// starts empty, so the balancer is opened (and programmed) afresh.
+type OpenLb = (u64, Box<dyn LoadBalancer>);
+
+fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
+    match (a, b) {
+        (Some(a), Some(b)) => Some(a.min(b)),
+        (a, b) => a.or(b),
+    }
 }
 
 /// The outcome of one pass.
@@ -66,7 +79,7 @@ impl MeshRules {
             last_check: None,
             node_table: None,
             tasks: BTreeMap::new(),
-            lb: None,
+            lbs: BTreeMap::new(),
         }
     }
 
@@ -102,16 +115,35 @@ impl MeshRules {
         }
 
         match mesh::sbox_state(desired, self.lb_kind.mode()) {
-            Some(st) => match self.sync_lb(&st, recheck) {
+            Some(st) => match self.sync_lb(INGRESS_SBOX, &st, recheck) {
                 Ok(wake) => out.wake = wake,
                 Err(e) => fail("load balancer in ingress_sbox", &e),
             },
             // The planner deletes the namespace, and IPVS state with it.
-            None => self.lb = None,
+            None => {
+                self.lbs.remove(INGRESS_SBOX);
+            }
         }
-        out.report = self.lb.as_ref().map(|(_, lb)| lb.report());
+        out.report = self.report();
 
-        let tasks = mesh::task_states(desired, running);
+        // The planner made (or deleted) the lb_ namespaces; the same rule picks them here.
+        let lbs = match self.lb_kind {
+            LbKind::Ipvs => mesh::lb_networks(desired, running),
+            LbKind::Nftables => BTreeMap::new(),
+        };
+        self.lbs
+            .retain(|name, _| name == INGRESS_SBOX || lbs.contains_key(name));
+        for (name, net) in lbs {
+            let Some(st) = mesh::lb_state(net) else {
+                continue;
+            };
+            match self.sync_lb(&name, &st, recheck) {
+                Ok(wake) => out.wake = earliest(out.wake, wake),
+                Err(e) => fail(&format!("load balancer in {name}"), &e),
+            }
+        }
+
+        let tasks = mesh::task_states(desired, running, self.lb_kind.mode());
         self.tasks.retain(|name, _| tasks.contains_key(name));
         for (name, st) in &tasks {
             if let Err(e) = self.sync_task(name, st, recheck) {
@@ -124,42 +156,83 @@ impl MeshRules {
     /// The load balancer alone, when it already runs: a new assignment's backends take effect
     /// before the full pass observes every namespace, so a dead task stops receiving new
     /// connections as soon as the manager says so. The full pass that follows re-checks it.
+    /// The VIP balancers (`lb_` namespaces, or the tasks' tables) are synced the same way.
     pub fn sync_lb_first(&mut self, desired: &Assignment) -> Option<MeshPass> {
-        self.lb.as_ref()?;
-        let st = mesh::sbox_state(desired, self.lb_kind.mode())?;
         let mut out = MeshPass::default();
-        match self.sync_lb(&st, false) {
-            Ok(wake) => out.wake = wake,
-            Err(e) => {
-                error!("load balancer in ingress_sbox: {e}");
+        let mut synced = false;
+        let mut sync = |rules: &mut MeshRules, name: &str, st: Option<firewall::SboxState>| {
+            let Some(st) = st else { return };
+            synced = true;
+            match rules.sync_lb(name, &st, false) {
+                Ok(wake) => out.wake = earliest(out.wake, wake),
+                Err(e) => {
+                    error!("load balancer in {name}: {e}");
+                    out.errors += 1;
+                }
+            }
+        };
+        if self.lbs.contains_key(INGRESS_SBOX) {
+            sync(
+                self,
+                INGRESS_SBOX,
+                mesh::sbox_state(desired, self.lb_kind.mode()),
+            );
+        }
+        for net in &desired.networks {
+            let name = mesh::lb_netns_name(&net.name);
+            if self.lbs.contains_key(&name) {
+                sync(self, &name, mesh::lb_state(net));
+            }
+        }
+        // With nftables the VIPs balance in the tasks' own tables: those already programmed
+        // get the new backends now too (a task that starts is programmed by the full pass).
+        let known: Vec<&TaskSpec> = desired
+            .tasks
+            .iter()
+            .filter(|t| self.tasks.contains_key(&t.name))
+            .collect();
+        for (name, st) in mesh::task_states(desired, &known, self.lb_kind.mode()) {
+            synced = true;
+            if let Err(e) = self.sync_task(&name, &st, false) {
+                error!("table of task {name}: {e}");
                 out.errors += 1;
             }
         }
-        out.report = self.lb.as_ref().map(|(_, lb)| lb.report());
+        if !synced {
+            return None;
+        }
+        out.report = self.report();
         Some(out)
     }
 
+    /// The routing mesh's balancer as programmed, for the manager.
+    fn report(&self) -> Option<LbReport> {
+        self.lbs.get(INGRESS_SBOX).map(|(_, lb)| lb.report())
+    }
+
+    /// Programs the balancer of namespace `name` (ingress_sbox or an `lb_` namespace), opening
+    /// it first if the namespace is new to us.
     fn sync_lb(
         &mut self,
+        name: &str,
         st: &firewall::SboxState,
         recheck: bool,
     ) -> Result<Option<Duration>, lb::LbError> {
-        let ns = Netns::open(&self.dir.join(INGRESS_SBOX))?;
+        let ns = Netns::open(&self.dir.join(name))?;
         let inode = ns.inode()?;
         for (key, value) in firewall::sbox_sysctls(self.lb_kind.mode()) {
             ns.write_sysctl(&key, &value)?;
         }
-        let lb = match &mut self.lb {
-            Some((i, lb)) if *i == inode => lb,
-            slot => {
-                info!(
-                    backend = self.lb_kind.name(),
-                    "load balancer opened in ingress_sbox"
-                );
-                let opened = lb::open(self.lb_kind, ns, self.lb_opts)?;
-                &mut slot.insert((inode, opened)).1
-            }
-        };
+        if self.lbs.get(name).is_none_or(|(i, _)| *i != inode) {
+            info!(
+                backend = self.lb_kind.name(),
+                netns = name,
+                "load balancer opened"
+            );
+            let opened = lb::open(self.lb_kind, ns, self.lb_opts)?;
+            self.lbs.insert(name.to_string(), (inode, opened));
+        }
+        let (_, lb) = self.lbs.get_mut(name).expect("inserted above");
         lb.sync(st, recheck)
     }
 

@@ -210,6 +210,7 @@ mod tests {
                     .iter()
                     .map(|b| Ipv4Addr::new(10, 255, 0, *b))
                     .collect(),
+                vip: None,
             },
         );
         s

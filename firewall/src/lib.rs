@@ -45,17 +45,24 @@
 //! only when `br_netfilter` is loaded (`bridge-nf-call-iptables=1`); this crate does not load
 //! it.
 //!
-//! # ingress_sbox ([`SboxState`])
+//! # ingress_sbox and `lb_<network>` ([`SboxState`])
 //! ```text
 //! map published { inet_proto . inet_service : mark }      published port → service fwmark
+//! map vips      { ipv4_addr : mark }                      service VIP → service fwmark
 //! map services  { mark : verdict }                        fwmark → jump svc-<mark>
 //! map backends  { mark . mark : ipv4_addr }               fwmark . slot → task ingress IP
 //! chain mangle-prerouting (filter prerouting, mangle)  meta mark set l4proto.dport map @published
+//!                                                      meta mark set ip daddr map @vips
 //! chain nat-prerouting    (nat prerouting, dstnat)     meta mark vmap @services
 //!                                                      dnat to meta mark . ct mark map @backends
 //! chain nat-postrouting   (nat postrouting, srcnat)    ip daddr <ingress subnet> oifname <eth0> snat to <sbox ingress IP>
 //! chain svc-<mark>        ct mark set numgen inc mod <N>      (round robin over N slots)
 //! ```
+//! A service's VIP (a local address of the sandbox) is marked for it whatever the port: the
+//! ingress VIP in ingress_sbox, and each VIP of a network in its `lb_<network>` namespace, whose
+//! table is the same with [`LbMode::Ipvs`], no published port, and the network's subnet, leg
+//! and lb address in place of ingress's.
+//!
 //! Lookup is O(1) in the number of services: three map lookups for the first packet of a
 //! connection. The DNAT keeps the port (each task redirects it). With [`LbMode::Ipvs`] only
 //! `published`, the marking chain and the SNAT chain exist (IPVS is programmed elsewhere).
@@ -83,8 +90,19 @@
 //!
 //! # Task namespace ([`TaskState`])
 //! ```text
+//! map vips { ipv4_addr : verdict }                VIP → goto vip-<VIP>   (nftables load balancer)
 //! chain nat-prerouting (nat prerouting, dstnat)  ip daddr <task ingress IP> tcp dport <P> redirect to :<T>
+//! chain nat-output     (nat output, -100)        ip daddr vmap @vips
+//! chain vip-<VIP>      dnat to numgen inc mod <N> map { 0 : <task 0>, 1 : <task 1>, ... }
+//!                      (no task: meta l4proto tcp reject with tcp reset; reject)
 //! ```
+//! A connection from the task to a service VIP, any port, is DNATed in the task's own
+//! namespace (kube-proxy's nftables proxier does the same on the node): no extra hop, no SNAT,
+//! the backend sees the client's address. One lookup per new connection whatever the number
+//! of services; a change refills only the chains of the VIPs it concerns. The service chains
+//! keep anonymous maps rather than per-endpoint chains: a task table has few chains, and a
+//! change of backends is one flush and one rule. A backend that leaves every VIP also loses
+//! the task's UDP conntrack entries to it.
 
 mod exec;
 mod listing;
@@ -128,6 +146,8 @@ pub enum Error {
     InvalidFwmark,
     #[error("port {0} is published twice")]
     DuplicatePort(PortKey),
+    #[error("VIP {0} belongs to two services")]
+    DuplicateVip(std::net::Ipv4Addr),
     #[error("invalid interface name {0:?}: use 1-15 characters of [A-Za-z0-9_.-]")]
     InvalidInterface(String),
     #[error("{action} in network namespace {ns}: {cause}")]

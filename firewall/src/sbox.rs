@@ -36,6 +36,9 @@ pub struct SboxService {
     /// Every task's ingress IP, on any node. The port is kept: each task redirects it.
     /// Used by [`LbMode::Nftables`]; with IPVS, only for flushing stale conntrack entries.
     pub backends: BTreeSet<Ipv4Addr>,
+    /// The service's VIP, a local address of the sandbox: every connection to it, any port,
+    /// is marked for the service.
+    pub vip: Option<Ipv4Addr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -56,12 +59,16 @@ impl SboxState {
         }
     }
 
-    /// Bad ports, a port published by two services, a bad interface name: rejected before any
-    /// rule is rendered.
+    /// Bad ports, a port published (or a VIP held) by two services, a bad interface name:
+    /// rejected before any rule is rendered.
     pub fn validate(&self) -> Result<()> {
         check_interface(&self.config.ingress_iface)?;
         let mut seen = BTreeSet::new();
+        let mut vips = BTreeSet::new();
         for (mark, svc) in &self.services {
+            if let Some(vip) = svc.vip.filter(|v| !vips.insert(*v)) {
+                return Err(Error::DuplicateVip(vip));
+            }
             for key in &svc.ports {
                 check_port(format_args!("service with fwmark {mark}"), key.port)?;
                 if !seen.insert(*key) {
@@ -87,6 +94,12 @@ impl SboxState {
         b.add_rule(
             "mangle-prerouting",
             format_args!("meta mark set meta l4proto . th dport map @published"),
+        );
+        // Last: a connection to a VIP belongs to its service, whatever its port.
+        b.add_set("map", "vips", "type ipv4_addr : mark");
+        b.add_rule(
+            "mangle-prerouting",
+            format_args!("meta mark set ip daddr map @vips"),
         );
         if self.balances() {
             b.add_set("map", "services", "type mark : verdict");
@@ -128,6 +141,8 @@ impl SboxState {
 
         let mut del_published = Vec::new();
         let mut add_published = Vec::new();
+        let mut del_vips = Vec::new();
+        let mut add_vips = Vec::new();
         let mut del_services = Vec::new();
         let mut add_services = Vec::new();
         let mut del_slots = Vec::new();
@@ -144,6 +159,10 @@ impl SboxState {
                     .difference(&was.ports)
                     .map(|p| format!("{} : {mark}", p.nft())),
             );
+            if was.vip != now.vip {
+                del_vips.extend(was.vip.map(|v| v.to_string()));
+                add_vips.extend(now.vip.map(|v| format!("{v} : {mark}")));
+            }
             if !self.balances() {
                 continue;
             }
@@ -184,9 +203,11 @@ impl SboxState {
         b.elements("delete", "services", &del_services);
         b.elements("delete", "backends", &del_slots);
         b.elements("delete", "published", &del_published);
+        b.elements("delete", "vips", &del_vips);
         b.append(&chains);
         b.elements("add", "backends", &add_slots);
         b.elements("add", "published", &add_published);
+        b.elements("add", "vips", &add_vips);
         b.elements("add", "services", &add_services);
         for chain in &dead_chains {
             b.delete_chain(chain);
@@ -214,7 +235,9 @@ impl Ruleset for SboxState {
         let mut shape = TableShape::default();
         let ports = self.services.values().map(|s| s.ports.len()).sum();
         shape.sets.insert("published".into(), ports);
-        shape.chains.insert("mangle-prerouting".into(), 1);
+        let vips = self.services.values().filter(|s| s.vip.is_some()).count();
+        shape.sets.insert("vips".into(), vips);
+        shape.chains.insert("mangle-prerouting".into(), 2);
         shape.chains.insert("nat-postrouting".into(), 1);
         if self.balances() {
             shape.chains.insert("nat-prerouting".into(), 2);
@@ -282,6 +305,7 @@ pub fn synthetic_sbox(services: u16, backends: u8) -> SboxState {
             backends: (1..=backends)
                 .map(|j| Ipv4Addr::new(10, hi, lo, j))
                 .collect(),
+            vip: None,
         };
         let mark = Fwmark::new(256 + u32::from(i)).expect("non-zero mark");
         state.services.insert(mark, svc);
@@ -314,6 +338,7 @@ mod tests {
                 SboxService {
                     ports: ports.iter().copied().collect(),
                     backends: backends.iter().map(|b| ip(*b)).collect(),
+                    vip: None,
                 },
             );
         }
@@ -337,6 +362,8 @@ add table ip meshnet
 add map ip meshnet published { type inet_proto . inet_service : mark; }
 add chain ip meshnet mangle-prerouting { type filter hook prerouting priority mangle; policy accept; }
 add rule ip meshnet mangle-prerouting meta mark set meta l4proto . th dport map @published
+add map ip meshnet vips { type ipv4_addr : mark; }
+add rule ip meshnet mangle-prerouting meta mark set ip daddr map @vips
 add map ip meshnet services { type mark : verdict; }
 add map ip meshnet backends { type mark . mark : ipv4_addr; }
 add chain ip meshnet nat-prerouting { type nat hook prerouting priority dstnat; policy accept; }
@@ -363,6 +390,8 @@ add table ip meshnet
 add map ip meshnet published { type inet_proto . inet_service : mark; }
 add chain ip meshnet mangle-prerouting { type filter hook prerouting priority mangle; policy accept; }
 add rule ip meshnet mangle-prerouting meta mark set meta l4proto . th dport map @published
+add map ip meshnet vips { type ipv4_addr : mark; }
+add rule ip meshnet mangle-prerouting meta mark set ip daddr map @vips
 add chain ip meshnet nat-postrouting { type nat hook postrouting priority srcnat; policy accept; }
 add rule ip meshnet nat-postrouting ip daddr 10.255.0.0/16 oifname \"eth0\" snat to 10.255.0.2
 add element ip meshnet published { tcp . 443 : 257 }
@@ -449,6 +478,46 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
     }
 
     #[test]
+    fn a_vip_marks_every_port_of_its_service() {
+        let mut lb = state(LbMode::Ipvs, &[(300, &[], &[10, 11]), (301, &[], &[])]);
+        lb.services.get_mut(&Fwmark::new(300).unwrap()).unwrap().vip = Some(ip(100));
+        let text = render(None, &lb);
+        assert!(
+            text.ends_with("add element ip meshnet vips { 10.255.0.100 : 300 }\n"),
+            "{text}"
+        );
+        assert_eq!(lb.shape().sets["vips"], 1);
+        // The VIP moves to another service: deleted, then added, in one batch.
+        let mut moved = lb.clone();
+        moved
+            .services
+            .get_mut(&Fwmark::new(300).unwrap())
+            .unwrap()
+            .vip = None;
+        moved
+            .services
+            .get_mut(&Fwmark::new(301).unwrap())
+            .unwrap()
+            .vip = Some(ip(100));
+        assert_eq!(
+            render(Some(&lb), &moved),
+            "delete element ip meshnet vips { 10.255.0.100 }\n\
+             add element ip meshnet vips { 10.255.0.100 : 301 }\n"
+        );
+        // Two services cannot hold one VIP.
+        let mut twice = lb.clone();
+        twice
+            .services
+            .get_mut(&Fwmark::new(301).unwrap())
+            .unwrap()
+            .vip = Some(ip(100));
+        assert_eq!(
+            SboxState::render(None, &twice).unwrap_err().to_string(),
+            "VIP 10.255.0.100 belongs to two services"
+        );
+    }
+
+    #[test]
     fn moving_a_port_to_another_service_deletes_then_adds() {
         let before = state(LbMode::Ipvs, &[(256, &[PortKey::tcp(80)], &[])]);
         let after = state(LbMode::Ipvs, &[(257, &[PortKey::tcp(80)], &[])]);
@@ -508,7 +577,8 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
             [
                 ("backends".into(), 2),
                 ("published".into(), 3),
-                ("services".into(), 1)
+                ("services".into(), 1),
+                ("vips".into(), 0)
             ]
             .into()
         );

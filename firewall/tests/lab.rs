@@ -275,6 +275,7 @@ fn sbox_with(backends: &[&str]) -> SboxState {
         SboxService {
             ports: [PortKey::tcp(80), PortKey::udp(53)].into(),
             backends,
+            vip: None,
         },
     );
     sbox
@@ -350,8 +351,9 @@ fn ingress_lab() -> (Lab, Desired) {
             (
                 *name,
                 TaskState {
-                    ingress_ip: *ip,
+                    ingress_ip: Some(*ip),
                     redirects,
+                    vips: BTreeMap::new(),
                 },
             )
         })
@@ -488,6 +490,130 @@ fn routing_mesh_balances_round_robin_and_follows_incremental_updates() {
     assert_eq!(foreign_after, foreign_before);
 }
 
+/// The nftables VIP balancer in a client task's own namespace: any port, TCP and UDP, round
+/// robin over the service's tasks, the client's address kept; a task that leaves stops getting
+/// new connections and flows; a VIP without tasks refuses at once.
+#[test]
+fn vips_balance_in_the_client_namespace() {
+    let (mut lab, _) = ingress_lab();
+    lab.add("c");
+    lab.veth("ing", "p-c", "c", "eth0");
+    lab.ip("ing", "link set p-c master br0");
+    lab.ip("c", "addr add 10.255.0.20/16 dev eth0");
+    for (name, _) in BACKENDS {
+        lab.tcp_server(name, 7000, name);
+    }
+    let (vip, idle) = (
+        Ipv4Addr::new(10, 255, 0, 100),
+        Ipv4Addr::new(10, 255, 0, 101),
+    );
+    let client = |backends: &[Ipv4Addr]| TaskState {
+        ingress_ip: None,
+        redirects: BTreeMap::new(),
+        vips: [
+            (vip, backends.iter().copied().collect()),
+            (idle, BTreeSet::new()),
+        ]
+        .into(),
+    };
+    let all = client(&BACKENDS.map(|(_, ip)| ip));
+    sync(&lab.nf("c"), None, &all).unwrap();
+    assert_eq!(shape_of(&lab, "c"), all.shape());
+
+    for port in [8080, 7000] {
+        let mut seen = Vec::new();
+        for _ in 0..6 {
+            let (_, greeting) = connect(&lab, "c", SocketAddr::from((vip, port))).unwrap();
+            let (id, peer) = greeting.split_once(' ').unwrap();
+            assert_eq!(peer, "10.255.0.20", "no SNAT: the task sees the client");
+            seen.push(id.to_string());
+        }
+        for window in seen.chunks(3) {
+            let set: BTreeSet<&str> = window.iter().map(String::as_str).collect();
+            assert_eq!(set, ["b1", "b2", "b3"].into(), "port {port}: {seen:?}");
+        }
+    }
+    let udp: BTreeSet<String> = (0..3)
+        .map(|_| udp_ask(&udp_socket(&lab, "c"), SocketAddr::from((vip, 5353))))
+        .collect();
+    assert_eq!(udp, ["b1", "b2", "b3"].map(String::from).into());
+
+    // No task: refused at once, not a timeout.
+    let t0 = Instant::now();
+    let err = connect(&lab, "c", SocketAddr::from((idle, 80))).unwrap_err();
+    assert_eq!(err.kind(), std::io::ErrorKind::ConnectionRefused, "{err}");
+    assert!(t0.elapsed() < Duration::from_millis(500));
+
+    // b2 leaves: one chain refilled; its UDP flow moves on; a held TCP connection drains.
+    let mut held = (0..3)
+        .map(|_| connect(&lab, "c", SocketAddr::from((vip, 7000))).unwrap())
+        .find(|(_, g)| g.starts_with("b2 "))
+        .expect("b2 answers one of three connections")
+        .0;
+    let flow = (0..3)
+        .map(|_| udp_socket(&lab, "c"))
+        .find(|s| udp_ask(s, SocketAddr::from((vip, 5353))) == "b2")
+        .expect("b2 answers one of three flows");
+    let without_b2 = client(&[BACKENDS[0].1, BACKENDS[2].1]);
+    let batch = TaskState::render(Some(&all), &without_b2)
+        .unwrap()
+        .to_string();
+    assert_eq!(batch.lines().count(), 2, "{batch}");
+    sync(&lab.nf("c"), Some(&all), &without_b2).unwrap();
+    assert_eq!(shape_of(&lab, "c"), without_b2.shape());
+    let after: BTreeSet<String> = (0..4)
+        .map(|_| who(&lab, "c", SocketAddr::from((vip, 7000))))
+        .collect();
+    assert_eq!(after, ["b1", "b3"].map(String::from).into());
+    let moved = udp_ask(&flow, SocketAddr::from((vip, 5353)));
+    assert!(
+        moved == "b1" || moved == "b3",
+        "UDP flow answered by {moved}"
+    );
+    held.get_mut().write_all(b"still there\n").unwrap();
+    let mut echo = String::new();
+    held.read_line(&mut echo).unwrap();
+    assert_eq!(echo, "still there\n");
+
+    // A VIP chain deleted behind our back is found and rebuilt.
+    lab.run("c", "nft", &["flush chain ip meshnet vip-10.255.0.100"]);
+    assert!(reconcile(&lab.nf("c"), &without_b2).unwrap());
+    assert!(who(&lab, "c", SocketAddr::from((vip, 7000))).starts_with('b'));
+}
+
+/// The ingress VIP of a published service: a task on the ingress network that connects to it,
+/// on any port, is balanced over the service's tasks like the published port, through
+/// ingress_sbox (which holds the VIP on eth0, as the agent makes it).
+#[test]
+fn an_ingress_vip_is_balanced_like_the_published_port() {
+    let (lab, desired) = ingress_lab();
+    let vip = Ipv4Addr::new(10, 255, 0, 3);
+    lab.ip("sbox", &format!("addr add {vip}/32 dev eth0"));
+    let mut with_vip = desired.sbox.clone();
+    with_vip.services.get_mut(&mark()).unwrap().vip = Some(vip);
+    sync(&lab.nf("sbox"), Some(&desired.sbox), &with_vip).unwrap();
+    assert_eq!(shape_of(&lab, "sbox"), with_vip.shape());
+    // The target port straight, and the published port (redirected in each task).
+    for port in [8080, 80] {
+        let mut seen = BTreeSet::new();
+        for _ in 0..3 {
+            let (_, greeting) = connect(&lab, "b1", SocketAddr::from((vip, port))).unwrap();
+            let (id, peer) = greeting.split_once(' ').unwrap();
+            assert_eq!(peer, "10.255.0.2", "SNAT to the sandbox's ingress IP");
+            seen.insert(id.to_string());
+        }
+        assert_eq!(
+            seen,
+            ["b1", "b2", "b3"].map(String::from).into(),
+            "port {port}"
+        );
+    }
+    let udp: BTreeSet<String> = (0..3)
+        .map(|_| udp_ask(&udp_socket(&lab, "b2"), SocketAddr::from((vip, 5353))))
+        .collect();
+    assert_eq!(udp, ["b1", "b2", "b3"].map(String::from).into());
+}
+
 /// CVE-2020-8558: the gwbridge has route_localnet=1 (for `localhost:<published>`), so without
 /// a guard a neighbour on it that routes 127.0.0.0/8 to the node reaches services bound to the
 /// node's 127.0.0.1. The node table's `raw-prerouting` chain drops those packets; the node's
@@ -618,6 +744,7 @@ fn one_service_changes(nf: &NsNetfilter, base: &SboxState) -> [(f64, f64); 3] {
             SboxService {
                 ports: [PortKey::udp(60_000 + u16::from(i))].into(),
                 backends: (1..=3).map(|j| Ipv4Addr::new(10, 200, i, j)).collect(),
+                vip: None,
             },
         );
         adds.push(change(base, &next).0);

@@ -5,6 +5,8 @@
 const LB: &str = "ipvs";
 #[path = "shared/mesh.rs"]
 mod mesh;
+#[path = "shared/vip.rs"]
+mod vip;
 
 use std::process::Command;
 

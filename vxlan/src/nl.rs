@@ -240,13 +240,14 @@ impl Nl {
             .map_err(|e| self.fail("list addresses", e))
     }
 
-    /// Makes `net` the only IPv4 address on the link.
-    pub(crate) async fn set_only_addr(&self, index: u32, name: &str, net: Ipv4Net) -> Result<()> {
+    /// Makes `nets` exactly the IPv4 addresses on the link, the first added first (it is the
+    /// primary one of its subnet).
+    pub(crate) async fn set_addrs(&self, index: u32, name: &str, nets: &[Ipv4Net]) -> Result<()> {
         for m in self.addr_messages().await? {
             let Some((i, other)) = addr_v4(&m) else {
                 continue;
             };
-            if i != index || other == net {
+            if i != index || nets.contains(&other) {
                 continue;
             }
             match self.h.address().del(m).execute().await {
@@ -256,13 +257,16 @@ impl Nl {
                 _ => {}
             }
         }
-        self.h
-            .address()
-            .add(index, IpAddr::V4(net.addr()), net.prefix_len())
-            .replace()
-            .execute()
-            .await
-            .map_err(|e| self.fail(format!("add address {net} to {name}"), e))
+        for net in nets {
+            self.h
+                .address()
+                .add(index, IpAddr::V4(net.addr()), net.prefix_len())
+                .replace()
+                .execute()
+                .await
+                .map_err(|e| self.fail(format!("add address {net} to {name}"), e))?;
+        }
+        Ok(())
     }
 
     pub(crate) async fn neighbours(&self, family: AddressFamily) -> Result<Vec<NeighbourMessage>> {

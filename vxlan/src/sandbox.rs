@@ -113,6 +113,9 @@ pub struct EndpointConfig {
     pub addr: Ipv4Net,
     pub mac: MacAddr,
     pub mtu: u32,
+    /// More addresses of the task end, besides `addr` (e.g. the /32 VIPs a load-balancer
+    /// namespace answers for).
+    pub aliases: Vec<Ipv4Net>,
 }
 
 impl EndpointConfig {
@@ -125,7 +128,15 @@ impl EndpointConfig {
             addr,
             mac: MacAddr::from_ipv4(addr.addr()),
             mtu,
+            aliases: Vec::new(),
         }
+    }
+
+    /// Every address of the task end, `addr` first.
+    pub fn addrs(&self) -> Vec<Ipv4Net> {
+        std::iter::once(self.addr)
+            .chain(self.aliases.iter().copied())
+            .collect()
     }
 
     fn validate(&self) -> Result<()> {
@@ -250,7 +261,7 @@ impl Sandbox {
             let msg = LinkUnspec::new_with_index(index).mtu(cfg.mtu).up().build();
             nl.set_link(msg, &format!("set mtu {} and up on {}", cfg.mtu, cfg.name))
                 .await?;
-            nl.set_only_addr(index, &cfg.name, cfg.gateway).await
+            nl.set_addrs(index, &cfg.name, &[cfg.gateway]).await
         })
     }
 
@@ -355,7 +366,7 @@ impl Sandbox {
     }
 
     /// Ensures the endpoint: a veth pair whose sandbox end is a port of the bridge and
-    /// whose task end, in `task`, has the name, MAC, MTU and exactly the address, up.
+    /// whose task end, in `task`, has the name, MAC, MTU and exactly the address (and aliases), up.
     /// The pair is created in one request from inside the sandbox with the peer placed
     /// straight into `task`, so no name is ever taken in the node namespace. An existing
     /// pair is kept; ends that are not paired with each other are replaced.
@@ -434,7 +445,7 @@ impl Sandbox {
                 ),
             )
             .await?;
-            nl.set_only_addr(index, &cfg.ifname, cfg.addr).await
+            nl.set_addrs(index, &cfg.ifname, &cfg.addrs()).await
         })?;
         nl::run(&self.ns, |nl| async move {
             let index = nl.require_link(&cfg.host_ifname, op).await?.header.index;

@@ -1,6 +1,7 @@
-//! The IPVS backend, as Swarm programs it: one FWM virtual service per published service (rr,
-//! no persistence), each task's ingress IP a masq destination with port 0 and weight 1. The
-//! sandbox table only marks and SNATs.
+//! The IPVS backend, as Swarm programs it: one FWM virtual service per balanced service (rr,
+//! no persistence), each task's address a masq destination with port 0 and weight 1. The
+//! sandbox table only marks and SNATs. In ingress_sbox the services are the published ones;
+//! in `lb_<network>`, the network's VIPs.
 //!
 //! Sync diffs against an IPVS dump, never flush-and-refill, so a restarted agent adopts what
 //! is there without breaking a connection. A backend that goes is drained: weight 0 first (no
@@ -207,7 +208,7 @@ impl LoadBalancer for IpvsLb {
         let now = Instant::now();
         let ops = plan_ipvs(&want, &observed, &mut self.draining, now, self.grace);
         if !ops.is_empty() {
-            tracing::info!(?ops, "ipvs changes in ingress_sbox");
+            tracing::info!(?ops, netns = %self.sbox.name(), "ipvs changes");
         }
         // One request each: a handful per change, and an error names the one that failed.
         for op in &ops {

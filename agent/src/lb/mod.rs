@@ -1,6 +1,7 @@
-//! The routing mesh's load balancer inside ingress_sbox, behind one trait with one module per
-//! backend: [`ipvs`] (FWM virtual services, Swarm's way) and [`nft`] (nftables maps + numgen).
-//! Both also own the sandbox's nftables table (marks and SNAT; for nft also the balancing).
+//! The load balancer of a sandbox (the routing mesh's inside ingress_sbox; with IPVS also the
+//! VIPs' inside each `lb_<network>`), behind one trait with one module per backend: [`ipvs`]
+//! (FWM virtual services, Swarm's way) and [`nft`] (nftables maps + numgen). Both also own the
+//! sandbox's nftables table (marks and SNAT; for nft also the balancing).
 
 pub mod ipvs;
 pub mod nft;
@@ -52,9 +53,9 @@ pub struct LbOptions {
 
 #[derive(Debug, thiserror::Error)]
 pub enum LbError {
-    #[error("ingress_sbox table: {0}")]
+    #[error("load-balancer table: {0}")]
     Firewall(#[from] firewall::Error),
-    #[error("IPVS in ingress_sbox: {0}")]
+    #[error("IPVS: {0}")]
     Ipvs(#[from] ::ipvs::Error),
     #[error(transparent)]
     Netns(#[from] netns::Error),

@@ -75,6 +75,7 @@ impl Table {
             SboxService {
                 ports: [PortKey::tcp(60_000 + u16::from(k))].into(),
                 backends: (1..=3).map(|j| Ipv4Addr::new(10, 250, k, j)).collect(),
+                vip: None,
             },
         );
         let add = self.change(next)?;

@@ -8,6 +8,8 @@ mod trust;
 const LB: &str = "nftables";
 #[path = "../shared/mesh.rs"]
 mod mesh;
+#[path = "../shared/vip.rs"]
+mod vip;
 
 use std::fs;
 use std::io::{BufRead, BufReader};

@@ -119,7 +119,17 @@ fn peer_entries(c: &Cluster, ns: &Path) -> (Pairs, Pairs) {
     (fdb, neigh)
 }
 
-/// Every node with tasks of the network holds exactly the entries of the other nodes' tasks.
+/// A node's load-balancer endpoint on a network, as its agent last applied it (the API does not
+/// show it): every other node carrying the network has a peer entry for it.
+fn lb_addr(c: &Cluster, node: &str, network_id: &str) -> Option<String> {
+    let text = std::fs::read_to_string(c.state_dir(node).join("assignment.json")).ok()?;
+    let a: proto::agent::Assignment = serde_json::from_str(&text).ok()?;
+    let net = a.networks.into_iter().find(|n| n.id == network_id)?;
+    Some(net.lb_addr?.addr().to_string())
+}
+
+/// Every node with tasks of the network holds exactly the entries of the other nodes' tasks and
+/// load-balancer endpoints.
 fn assert_peers_exact(c: &Cluster, network_id: &str, tasks: &[TaskInfo]) {
     let vtep = |node: &str| c.lab.node(node).unwrap().ip.to_string();
     for node in c.lab.nodes() {
@@ -138,27 +148,43 @@ fn assert_peers_exact(c: &Cluster, network_id: &str, tasks: &[TaskInfo]) {
             .iter()
             .filter(|t| t.node.as_deref() != Some(node.name.as_str()))
             .collect();
-        let want_fdb: BTreeSet<_> = remote
-            .iter()
-            .map(|t| (t.endpoints[0].mac.clone(), vtep(t.node.as_deref().unwrap())))
-            .collect();
-        let want_neigh: BTreeSet<_> = remote
-            .iter()
-            .map(|t| (ip(t), t.endpoints[0].mac.clone()))
-            .collect();
+        let remote_nodes: BTreeSet<&str> =
+            remote.iter().filter_map(|t| t.node.as_deref()).collect();
+        let want = |c: &Cluster| -> (Pairs, Pairs) {
+            let lbs: Vec<(String, String, String)> = remote_nodes
+                .iter()
+                .filter_map(|n| {
+                    let ip = lb_addr(c, n, network_id)?;
+                    let mac = proto::model::endpoint_mac(ip.parse().ok()?);
+                    Some((ip, mac, vtep(n)))
+                })
+                .collect();
+            let fdb = remote
+                .iter()
+                .map(|t| (t.endpoints[0].mac.clone(), vtep(t.node.as_deref().unwrap())))
+                .chain(lbs.iter().map(|(_, mac, vtep)| (mac.clone(), vtep.clone())))
+                .collect();
+            let neigh = remote
+                .iter()
+                .map(|t| (ip(t), t.endpoints[0].mac.clone()))
+                .chain(lbs.iter().map(|(ip, mac, _)| (ip.clone(), mac.clone())))
+                .collect();
+            (fdb, neigh)
+        };
         let got = c
             .wait_for(Duration::from_secs(15), "peer entries converge", |c| {
                 let got = peer_entries(c, &ns);
-                (got.0 == want_fdb && got.1 == want_neigh).then_some(got)
+                (got == want(c)).then_some(got)
             })
             .unwrap_or_else(|e| {
                 panic!(
-                    "{}: {e}: got {:?}, want fdb {want_fdb:?} neigh {want_neigh:?}",
+                    "{}: {e}: got {:?}, want {:?}",
                     node.name,
-                    peer_entries(c, &ns)
+                    peer_entries(c, &ns),
+                    want(c)
                 )
             });
-        assert_eq!(got.0, want_fdb);
+        assert_eq!(got, want(c));
     }
 }
 
