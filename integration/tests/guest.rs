@@ -3,6 +3,8 @@
 
 /// The guest kernel has IPVS: the routing mesh balances with it.
 const LB: &str = "ipvs";
+#[path = "shared/discovery.rs"]
+mod discovery;
 #[path = "shared/mesh.rs"]
 mod mesh;
 #[path = "shared/vip.rs"]

@@ -6,6 +6,8 @@ mod trust;
 
 /// The load balancer of the host kernel, which has no IPVS.
 const LB: &str = "nftables";
+#[path = "../shared/discovery.rs"]
+mod discovery;
 #[path = "../shared/mesh.rs"]
 mod mesh;
 #[path = "../shared/vip.rs"]

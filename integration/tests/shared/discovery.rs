@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::process::{Command, Output, Stdio};
 
-use integration::cluster::{Cluster, CONVERGE_TIMEOUT};
+use integration::cluster::{Cluster, ClusterOptions, CONVERGE_TIMEOUT};
 use proto::api::{ServiceInfo, TaskInfo};
 
 /// A resolver on the underlay that the agents forward other names to (dnsmasq, a real peer).
@@ -19,8 +19,11 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 100);
 
 pub(crate) fn cluster() -> Cluster {
     let upstream = UPSTREAM_IP.to_string();
-    let mut c =
-        Cluster::up_with_args(3, crate::LB, &[], &["--dns-upstream", upstream.as_str()]).unwrap();
+    let opts = ClusterOptions {
+        agent_args: &["--dns-upstream", upstream.as_str()],
+        ..ClusterOptions::default()
+    };
+    let mut c = Cluster::up_opts(3, crate::LB, opts).unwrap();
     c.lab.add_host(UPSTREAM, UPSTREAM_IP).unwrap();
     c.lab.add_host(CLIENT, CLIENT_IP).unwrap();
     let mut dnsmasq = c.lab.command("dnsmasq");
