@@ -61,10 +61,12 @@ impl Outcome {
 
 #[derive(Debug)]
 pub enum Decision {
-    /// Send these bytes back.
+    /// Send these bytes back. `cacheable`: the same query bytes get the same reply (but for
+    /// the id) until the records change; false for shuffled answers and refusals.
     Reply {
         bytes: Vec<u8>,
         outcome: Outcome,
+        cacheable: bool,
     },
     /// Not a name of the cluster for this task: the query goes upstream as it came. `failed` is
     /// the reply to send if no upstream answers.
@@ -93,6 +95,7 @@ pub fn decide<R: Rng>(
     let reply_to = |rcode, outcome| Decision::Reply {
         bytes: encode(&error_reply(&header, None, rcode)),
         outcome,
+        cacheable: false,
     };
     let Ok(msg) = Message::from_vec(query) else {
         return reply_to(ResponseCode::FormErr, Outcome::FormErr);
@@ -119,11 +122,13 @@ pub fn decide<R: Rng>(
         edns.set_max_payload(MAX_UDP_REPLY as u16);
         reply.set_edns(edns);
     }
+    let mut cacheable = true;
     match (found, q.query_type()) {
         (Found::Addrs(entry), RecordType::A) => {
             let mut addrs = entry.addrs.clone();
             if entry.shuffle {
                 addrs.shuffle(rng);
+                cacheable = false;
             }
             for a in addrs {
                 let rec = Record::from_rdata(q.name().clone(), TTL, RData::A(A(a)));
@@ -155,7 +160,11 @@ pub fn decide<R: Rng>(
     if bytes.len() > limit {
         bytes = encode(&reply.truncate());
     }
-    Decision::Reply { bytes, outcome }
+    Decision::Reply {
+        bytes,
+        outcome,
+        cacheable,
+    }
 }
 
 /// The largest UDP reply the client takes: 512, or its EDNS size up to [`MAX_UDP_REPLY`].
@@ -208,7 +217,7 @@ mod tests {
 
     fn reply(d: Decision) -> (Message, Outcome) {
         match d {
-            Decision::Reply { bytes, outcome } => (Message::from_vec(&bytes).unwrap(), outcome),
+            Decision::Reply { bytes, outcome, .. } => (Message::from_vec(&bytes).unwrap(), outcome),
             other => panic!("expected a reply, got {other:?}"),
         }
     }

@@ -7,6 +7,7 @@
 //! 0.82-0.85x the queries per second of the direct one. The price is that a task cannot bind
 //! 0.0.0.0:53 itself; it can still serve DNS on its overlay address.
 
+use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
@@ -67,15 +68,18 @@ impl Shared {
         }
     }
 
+    fn records(&self) -> Arc<Records> {
+        self.records.borrow().clone()
+    }
+
     fn decide(&self, task: &str, query: &[u8], tcp: bool) -> Decision {
-        let records = self.records.borrow().clone();
-        decide(&records, task, query, tcp, &mut rand::rng())
+        decide(&self.records(), task, query, tcp, &mut rand::rng())
     }
 
     /// The reply to send for a decision (forwarding if it says so), or None to send nothing.
     async fn finish(&self, query: &[u8], tcp: bool, decision: Decision) -> Option<Vec<u8>> {
         let (reply, outcome) = match decision {
-            Decision::Reply { bytes, outcome } => (Some(bytes), outcome),
+            Decision::Reply { bytes, outcome, .. } => (Some(bytes), outcome),
             Decision::Drop => (None, Outcome::Dropped),
             Decision::Forward { failed } => match self.forwarder.forward(query, tcp).await {
                 Some(r) => (Some(r), Outcome::Forwarded),
@@ -116,9 +120,50 @@ pub fn serve(
     Ok(set)
 }
 
+/// Replies already given on one listener, by the query's bytes after its id: the same question
+/// from the same task gets the same bytes until the records change, without parsing and
+/// encoding again (what lets the resolver keep up with dnsmasq, B8).
+#[derive(Default)]
+struct AnswerCache {
+    /// The records the entries were made from; held, so a new set is never taken for it.
+    records: Option<Arc<Records>>,
+    replies: HashMap<Box<[u8]>, (Outcome, Vec<u8>)>,
+}
+
+/// Entries one listener keeps; a task asks for few names, so a full cache is simply emptied.
+const CACHE_ENTRIES: usize = 256;
+
+impl AnswerCache {
+    /// The reply to `query` made from `records`, with the query's id.
+    fn get(&mut self, records: &Arc<Records>, query: &[u8]) -> Option<(Outcome, Vec<u8>)> {
+        if !self
+            .records
+            .as_ref()
+            .is_some_and(|r| Arc::ptr_eq(r, records))
+        {
+            self.replies.clear();
+            self.records = Some(records.clone());
+        }
+        let (outcome, bytes) = self.replies.get(query.get(2..)?)?;
+        let mut reply = bytes.clone();
+        reply[..2].copy_from_slice(&query[..2]);
+        Some((*outcome, reply))
+    }
+
+    fn put(&mut self, query: &[u8], outcome: Outcome, reply: &[u8]) {
+        if self.replies.len() >= CACHE_ENTRIES {
+            self.replies.clear();
+        }
+        if let Some(key) = query.get(2..) {
+            self.replies.insert(key.into(), (outcome, reply.to_vec()));
+        }
+    }
+}
+
 async fn serve_udp(sock: Arc<UdpSocket>, task: Arc<str>, shared: Arc<Shared>) {
     let mut buf = vec![0u8; 4096];
     let mut forwards = JoinSet::new();
+    let mut cache = AnswerCache::default();
     loop {
         tokio::select! {
             got = sock.recv_from(&mut buf) => {
@@ -128,7 +173,14 @@ async fn serve_udp(sock: Arc<UdpSocket>, task: Arc<str>, shared: Arc<Shared>) {
                     continue;
                 };
                 let query = &buf[..n];
-                match shared.decide(&task, query, false) {
+                let records = shared.records();
+                if let Some((outcome, reply)) = cache.get(&records, query) {
+                    shared.count(outcome);
+                    let _ = sock.send_to(&reply, peer).await;
+                    continue;
+                }
+                let decision = decide(&records, &task, query, false, &mut rand::rng());
+                match decision {
                     // Upstreams may take seconds: never waited for in this loop.
                     forward @ Decision::Forward { .. } => {
                         let (sock, shared, query) = (sock.clone(), shared.clone(), query.to_vec());
@@ -139,6 +191,9 @@ async fn serve_udp(sock: Arc<UdpSocket>, task: Arc<str>, shared: Arc<Shared>) {
                         });
                     }
                     local => {
+                        if let Decision::Reply { bytes, outcome, cacheable: true } = &local {
+                            cache.put(query, *outcome, bytes);
+                        }
                         if let Some(reply) = shared.finish(query, false, local).await {
                             let _ = sock.send_to(&reply, peer).await;
                         }
@@ -273,6 +328,46 @@ mod tests {
             RData::A(a) => Some(a.0),
             _ => None,
         })
+    }
+
+    #[test]
+    fn cached_replies_take_the_query_id_and_go_with_their_records() {
+        let records = Arc::new(Records::build(&sample()));
+        let mut cache = AnswerCache::default();
+        let q = query("web");
+        assert!(cache.get(&records, &q).is_none());
+        let decision = decide(&records, "client.1.k", &q, false, &mut rand::rng());
+        let Decision::Reply {
+            bytes,
+            outcome,
+            cacheable: true,
+        } = decision
+        else {
+            panic!("a VIP answer is cacheable: {decision:?}")
+        };
+        cache.put(&q, outcome, &bytes);
+        let mut again = q.clone();
+        again[..2].copy_from_slice(&0xbeefu16.to_be_bytes());
+        let (o, reply) = cache.get(&records, &again).unwrap();
+        assert_eq!(o, Outcome::Answered);
+        assert_eq!(reply[..2], [0xbe, 0xef]);
+        assert_eq!(reply[2..], bytes[2..]);
+        // Another name, or the same name from new records: not from the cache.
+        assert!(cache.get(&records, &query("tasks.web")).is_none());
+        let newer = Arc::new(Records::build(&sample()));
+        assert!(cache.get(&newer, &q).is_none());
+        // dnsrr answers are shuffled per query: never cached.
+        let rr = decide(&newer, "client.1.k", &query("rr"), false, &mut rand::rng());
+        assert!(
+            matches!(
+                rr,
+                Decision::Reply {
+                    cacheable: false,
+                    ..
+                }
+            ),
+            "{rr:?}"
+        );
     }
 
     #[tokio::test]
