@@ -337,6 +337,13 @@ impl Cluster {
         })
     }
 
+    /// `meshctl network create --driver overlay --subnet SUBNET NAME`.
+    pub fn network_create(&self, name: &str, subnet: &str) -> Result<String> {
+        self.meshctl_ok(&[
+            "network", "create", "--driver", "overlay", "--subnet", subnet, name,
+        ])
+    }
+
     /// Creates `name`, `replicas` hello-servers on port 8080 with extra `service create` flags
     /// (networks, ports, constraints), and waits until they all run.
     pub fn hello_service(

@@ -186,9 +186,7 @@ fn wait_applied(c: &Cluster, timeout: Duration, settle: Duration) -> Result<Vec<
 
 /// The loaded phase's services, created one by one; returns once every task runs.
 fn create_services(c: &Cluster, args: &Args, timeout: Duration) -> Result<()> {
-    c.meshctl_ok(&[
-        "network", "create", "--driver", "overlay", "--subnet", SUBNET, NETWORK,
-    ])?;
+    c.network_create(NETWORK, SUBNET)?;
     let t0 = Instant::now();
     let replicas = args.replicas.to_string();
     for i in 0..args.services {

@@ -121,15 +121,7 @@ fn deploy(c: &Cluster, name: &str, cmd: &[&str]) -> Result<Vec<TaskInfo>> {
 fn main() -> Result<()> {
     let args = Args::parse();
     let c = Cluster::up(2, "nftables")?;
-    c.meshctl_ok(&[
-        "network",
-        "create",
-        "--driver",
-        "overlay",
-        "--subnet",
-        "10.0.99.0/24",
-        "bench",
-    ])?;
+    c.network_create("bench", "10.0.99.0/24")?;
     let iperf3 = "/usr/bin/iperf3";
     let hello = bin("hello-server").display().to_string();
     let perf = deploy(&c, "iperf", &[iperf3, "-s"])?;

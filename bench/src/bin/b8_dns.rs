@@ -34,7 +34,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bench::{header, quantile, row};
 use clap::Parser;
-use integration::cluster::{bin, Cluster};
+use integration::cluster::Cluster;
 use netns::Netns;
 use proto::api::{ServiceInfo, TaskInfo};
 
@@ -216,39 +216,9 @@ fn ask_until(
 fn main() -> Result<()> {
     let args = Args::parse();
     let c = Cluster::up(3, "nftables")?;
-    meshctl(
-        &c,
-        &[
-            "network",
-            "create",
-            "--driver",
-            "overlay",
-            "--subnet",
-            "172.32.0.0/24",
-            "internal",
-        ],
-    )?;
-    let hello = bin("hello-server").display().to_string();
+    c.network_create("internal", "172.32.0.0/24")?;
     for i in 0..SERVICES {
-        let name = format!("svc{i:02}");
-        meshctl(
-            &c,
-            &[
-                "service",
-                "create",
-                "--name",
-                &name,
-                "--replicas",
-                "2",
-                "--network",
-                "internal",
-                "--detach",
-                "--",
-                &hello,
-                "--port",
-                "8080",
-            ],
-        )?;
+        c.hello_service(&format!("svc{i:02}"), 2, &["--network", "internal"])?;
     }
     let mut probes = Vec::new();
     for node in ["node1", "node2", "node3"] {

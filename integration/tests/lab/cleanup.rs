@@ -17,16 +17,7 @@ fn out(c: &Cluster, node: &str, args: &[&str]) -> (bool, String) {
 #[test]
 fn cleanup_removes_everything_meshnet_made_on_the_node() {
     let mut c = Cluster::up(2, super::LB).unwrap();
-    c.meshctl_ok(&[
-        "network",
-        "create",
-        "--driver",
-        "overlay",
-        "--subnet",
-        "10.0.31.0/24",
-        "backend",
-    ])
-    .unwrap();
+    c.network_create("backend", "10.0.31.0/24").unwrap();
     let tasks = c
         .hello_service("web", 2, &["--network", "backend", "--publish", "80:8080"])
         .unwrap();

@@ -16,10 +16,7 @@ fn hello() -> String {
 
 /// Creates network `net` and a service `svc` of hello-server tasks on it.
 fn deploy(c: &Cluster, net: &str, subnet: &str, svc: &str, replicas: u32) -> Vec<TaskInfo> {
-    c.meshctl_ok(&[
-        "network", "create", "--driver", "overlay", "--subnet", subnet, net,
-    ])
-    .unwrap();
+    c.network_create(net, subnet).unwrap();
     c.hello_service(svc, replicas as usize, &["--network", net])
         .unwrap()
 }
@@ -428,16 +425,7 @@ fn networks_with_the_same_subnet_stay_isolated() {
 #[test]
 fn bad_input_is_refused_and_changes_nothing() {
     let c = Cluster::up(1, "nftables").unwrap();
-    c.meshctl_ok(&[
-        "network",
-        "create",
-        "--driver",
-        "overlay",
-        "--subnet",
-        "10.0.30.0/24",
-        "backend",
-    ])
-    .unwrap();
+    c.network_create("backend", "10.0.30.0/24").unwrap();
     let hello = hello();
     c.meshctl_ok(&[
         "service",

@@ -130,19 +130,12 @@ fn greeting(ip: Ipv4Addr) -> String {
     format!("Hello World! from {ip}\n")
 }
 
-pub(crate) fn create_network(c: &Cluster, name: &str, subnet: &str) {
-    c.meshctl_ok(&[
-        "network", "create", "--driver", "overlay", "--subnet", subnet, name,
-    ])
-    .unwrap();
-}
-
 /// The seeds' flow (002): `internal` 172.32.0.0/24, `nodejs` published on 80, `busybox`
 /// reaching it by name.
 #[test]
 fn the_seeds_flow_resolves_names_and_balances_the_vip() {
     let c = cluster();
-    create_network(&c, "internal", "172.32.0.0/24");
+    c.network_create("internal", "172.32.0.0/24").unwrap();
     let nodejs = c
         .hello_service(
             "nodejs",
@@ -221,8 +214,8 @@ fn the_seeds_flow_resolves_names_and_balances_the_vip() {
 #[test]
 fn names_follow_networks_modes_and_task_changes() {
     let c = cluster();
-    create_network(&c, "front", "10.70.0.0/24");
-    create_network(&c, "back", "10.71.0.0/24");
+    c.network_create("front", "10.70.0.0/24").unwrap();
+    c.network_create("back", "10.71.0.0/24").unwrap();
     c.hello_service("api", 2, &["--network", "name=front,alias=api-v1"])
         .unwrap();
     c.hello_service("db", 1, &["--network", "back"]).unwrap();

@@ -73,16 +73,7 @@ fn assert_ipvs(c: &Cluster, mark: u32, tasks: &[TaskInfo]) {
 #[test]
 fn a_service_vip_is_balanced_over_its_tasks_from_every_node() {
     let c = Cluster::up(2, crate::LB).unwrap();
-    c.meshctl_ok(&[
-        "network",
-        "create",
-        "--driver",
-        "overlay",
-        "--subnet",
-        "172.32.0.0/24",
-        "internal",
-    ])
-    .unwrap();
+    c.network_create("internal", "172.32.0.0/24").unwrap();
     let nodejs = c
         .hello_service("nodejs", 2, &["--network", "internal"])
         .unwrap();
