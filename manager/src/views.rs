@@ -172,8 +172,10 @@ pub fn service(s: &State, lb: &LbReports, id: &str) -> ServiceInfo {
         created_at: svc.created_at,
         updated_at: svc.updated_at,
         fwmark: svc.fwmark,
+        // What the nodes report is the routing mesh's balancer (ingress_sbox).
         lb: svc
             .fwmark
+            .filter(|_| svc.has_ingress_port())
             .map(|m| node_lbs(s, lb, Some(m)))
             .unwrap_or_default(),
         virtual_ips: svc

@@ -252,6 +252,8 @@ pub fn service_pretty(s: &ServiceInfo) -> String {
     }
     if let Some(mark) = s.fwmark {
         let _ = writeln!(out, "Fwmark:\t\t{mark}");
+    }
+    if !s.lb.is_empty() {
         let _ = writeln!(out, "Load balancers:");
         out.push_str(&lb_table(&s.lb));
     }
@@ -337,7 +339,7 @@ pub fn tasks(tasks: &[TaskInfo], now: u64) -> String {
 mod tests {
     use super::*;
     use proto::agent::{LbBackendReport, LbServiceReport};
-    use proto::api::{IngressSbox, ServiceSpec, TaskEndpoint};
+    use proto::api::{IngressSbox, ServiceSpec, TaskEndpoint, VirtualIp};
     use proto::model::{Node, PortConfig, Protocol, PublishMode};
     use std::collections::BTreeMap;
 
@@ -535,6 +537,32 @@ mod tests {
             ),
             "{out}"
         );
+        // A VIP-only service: its mode, aliases and VIPs; no routing-mesh balancers.
+        let vip_only = ServiceInfo {
+            spec: ServiceSpec {
+                networks: vec!["n1".into()],
+                ports: vec![],
+                aliases: [("n1".to_string(), vec!["www".to_string()])].into(),
+                ..info.spec.clone()
+            },
+            network_names: vec!["backend".into()],
+            lb: vec![],
+            virtual_ips: vec![VirtualIp {
+                network_id: "n1".into(),
+                network: "backend".into(),
+                addr: "10.0.9.2/24".parse().unwrap(),
+            }],
+            ..info
+        };
+        let out = service_pretty(&vip_only);
+        assert!(
+            out.contains(
+                "Networks:\tbackend\n Aliases on backend:\twww\nEndpoint Mode:\tvip\n\
+                 Virtual IPs:\n backend:\t10.0.9.2/24\n"
+            ),
+            "{out}"
+        );
+        assert!(!out.contains("Load balancers"), "{out}");
         let detail = NetworkDetail {
             network: Network {
                 id: "ing".into(),

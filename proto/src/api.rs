@@ -350,10 +350,11 @@ pub struct ServiceInfo {
     pub running: usize,
     pub created_at: u64,
     pub updated_at: u64,
-    /// The routing mesh's mark for this service; only with an ingress-mode port.
+    /// The balancers' mark for this service: with an ingress-mode port or a VIP.
     #[serde(default)]
     pub fwmark: Option<u32>,
-    /// Each node's load balancer entry for `fwmark`, as its agent last reported it.
+    /// With an ingress-mode port: each node's routing-mesh balancer entry for `fwmark`
+    /// (ingress_sbox), as its agent last reported it.
     #[serde(default)]
     pub lb: Vec<NodeLb>,
     /// The service's VIPs (vip mode): one per network it is attached to, and one on ingress
