@@ -12,6 +12,7 @@ use std::os::unix::fs::MetadataExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
+use std::sync::Mutex;
 use std::time::Duration;
 
 use nix::sys::signal::{killpg, Signal};
@@ -364,15 +365,11 @@ impl Supervisor {
             crate::dns::view::write(&self.state.task_files_dir(&spec.name), spec, &self.search)
                 .map_err(|e| format!("write resolv.conf and hosts of the task: {e}"))?;
         let ours = netns::list(&self.state.netns_dir()).map_err(|e| e.to_string())?;
-        netns::prepare_own_mounts(
-            &mut cmd,
-            &[
-                (&resolv, Path::new("/etc/resolv.conf")),
-                (&hosts, Path::new("/etc/hosts")),
-            ],
-            &ours,
-        )
-        .map_err(|e| e.to_string())?;
+        let binds = present_targets(&[
+            (&resolv, Path::new("/etc/resolv.conf")),
+            (&hosts, Path::new("/etc/hosts")),
+        ]);
+        netns::prepare_own_mounts(&mut cmd, &binds, &ours).map_err(|e| e.to_string())?;
         let mut child = ns.spawn(&mut cmd).map_err(|e| match e {
             netns::Error::Io { cause, .. } => format!("spawn {prog}: {cause}"),
             other => format!("spawn {prog}: {other}"),
@@ -483,6 +480,24 @@ impl Supervisor {
 
 /// Signals the task's process group (the task and its children), or the process alone if it
 /// left its group.
+/// The (task file, node file) pairs whose node file exists: a bind mount needs a target, and
+/// the node's files are not ours to create. A node without one (a debootstrap'd machine has no
+/// /etc/hosts) runs its tasks without that file of their own, and says so once per file.
+fn present_targets<'a>(binds: &[(&'a Path, &'a Path)]) -> Vec<(&'a Path, &'a Path)> {
+    static WARNED: Mutex<BTreeSet<PathBuf>> = Mutex::new(BTreeSet::new());
+    binds
+        .iter()
+        .copied()
+        .filter(|(_, target)| {
+            let present = target.exists();
+            if !present && WARNED.lock().map(|mut w| w.insert(target.to_path_buf())).unwrap_or(false) {
+                warn!(file = %target.display(), "the node has no such file: tasks run without their own copy of it");
+            }
+            present
+        })
+        .collect()
+}
+
 pub fn signal_task(pid: u32, sig: Signal) {
     let pid = Pid::from_raw(pid as i32);
     if killpg(pid, sig).is_err() {
@@ -516,6 +531,18 @@ fn is_zombie(pid: u32) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_task_file_goes_only_over_a_node_file_that_exists() {
+        let dir = std::env::temp_dir().join(format!("meshnet-targets-{}", std::process::id()));
+        fs::create_dir_all(&dir).unwrap();
+        let (ours, there) = (dir.join("ours"), dir.join("there"));
+        fs::write(&there, "").unwrap();
+        let missing = dir.join("missing");
+        let kept = present_targets(&[(&ours, &there), (&ours, &missing)]);
+        assert_eq!(kept, [(ours.as_path(), there.as_path())]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     fn running() -> Phase {
         Phase::Running {
