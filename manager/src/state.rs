@@ -1635,7 +1635,11 @@ impl State {
             let fit = node.as_ref().and_then(fit_of);
             let why = match (fit, task.node_id.is_some()) {
                 (Some(GlobalFit::Place), _) | (Some(GlobalFit::Keep), true) => None,
-                (Some(GlobalFit::Keep), false) => Some("node is paused".to_string()),
+                (Some(GlobalFit::Keep), false) => {
+                    let host = node.as_ref().and_then(|n| self.nodes.get(n));
+                    let host = host.map_or("?", |r| r.node.hostname.as_str());
+                    Some(format!("node {host} is paused"))
+                }
                 (Some(GlobalFit::Leave(why)), _) => Some(why.clone()),
                 (None, _) => Some("node left the cluster".to_string()),
             };
@@ -3313,6 +3317,26 @@ pub(crate) mod tests {
             .starts_with("restart delayed"));
         s.reconcile(400 + RESTART_DELAY_SECS);
         assert_eq!(by_node(&s, "agent")["node1"], (1, TaskState::Assigned));
+        // One waiting for its restart delay on a node that is paused meanwhile is not placed.
+        let on3 = current(&s, "agent")[2].clone();
+        report_at(&mut s, &on3, TaskState::Running, None, 410);
+        report_at(&mut s, &on3, TaskState::Failed, Some("exit status 1"), 410);
+        s.reconcile(411);
+        let waiting = current(&s, "agent")[2].clone();
+        assert_eq!((waiting.slot, waiting.node_id.as_ref()), (3, None));
+        s.update_node("node3", Some(Availability::Pause), &none, &[])
+            .unwrap();
+        s.reconcile(420);
+        let gone = &s.tasks[&waiting.id];
+        assert_eq!(
+            (gone.desired_state, gone.error.as_deref()),
+            (TaskState::Shutdown, Some("node node3 is paused"))
+        );
+        assert_eq!(hosts(&s, "agent"), ["node1", "node2"]);
+        s.update_node("node3", Some(Availability::Active), &none, &[])
+            .unwrap();
+        s.reconcile(421);
+        assert_eq!(by_node(&s, "agent")["node3"], (3, TaskState::Assigned));
 
         // A node that goes down: its task is orphaned and not replaced elsewhere.
         s.set_node_status(&n2, NodeStatus::Down);
