@@ -1601,19 +1601,18 @@ impl State {
 
     fn reconcile_global_service(&mut self, service_id: &str, now: u64, index: &mut PlacementIndex) {
         let service = &self.services[service_id];
-        // By hostname, so that nodes get their slots in a predictable order.
-        let mut nodes: Vec<&Node> = self.nodes.values().map(|r| &r.node).collect();
-        nodes.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
-        let fits: Vec<(String, GlobalFit)> = nodes
-            .into_iter()
-            .map(|n| {
-                (
-                    n.id.clone(),
-                    sched::global_fit(n, index.constraints(service)),
-                )
+        let fits: BTreeMap<String, GlobalFit> = self
+            .nodes
+            .values()
+            .map(|r| {
+                let fit = sched::global_fit(&r.node, index.constraints(service));
+                (r.node.id.clone(), fit)
             })
             .collect();
-        let fit_of = |node: &String| fits.iter().find(|(id, _)| id == node).map(|(_, f)| f);
+        // By hostname, so that nodes get their slots in a predictable order.
+        let mut order: Vec<&Node> = self.nodes.values().map(|r| &r.node).collect();
+        order.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
+        let order: Vec<String> = order.into_iter().map(|n| n.id.clone()).collect();
         let slot_nodes: BTreeMap<u64, String> = service
             .node_slots
             .iter()
@@ -1632,7 +1631,7 @@ impl State {
                 .node_id
                 .clone()
                 .or_else(|| slot_nodes.get(&task.slot).cloned());
-            let fit = node.as_ref().and_then(fit_of);
+            let fit = node.as_ref().and_then(|n| fits.get(n));
             let why = match (fit, task.node_id.is_some()) {
                 (Some(GlobalFit::Place), _) | (Some(GlobalFit::Keep), true) => None,
                 (Some(GlobalFit::Keep), false) => {
@@ -1643,25 +1642,22 @@ impl State {
                 (Some(GlobalFit::Leave(why)), _) => Some(why.clone()),
                 (None, _) => Some("node left the cluster".to_string()),
             };
-            match (why, node) {
-                (Some(why), _) => {
-                    tracing::info!(task = %task.id, service = %name, %why, "retiring global task");
-                    task.retire(TaskState::Shutdown, Some(why), now);
-                }
-                // Without a node there is no fit, so a reason: nothing is left here.
-                (None, node) => {
-                    let node = node.expect("a task that fits has a node");
-                    if task.node_id.is_some() {
-                        placed.insert(node);
-                    } else {
-                        waiting.insert(node, task.id.clone());
-                    }
-                }
+            if let Some(why) = why {
+                tracing::info!(task = %task.id, service = %name, %why, "retiring global task");
+                task.retire(TaskState::Shutdown, Some(why), now);
+                continue;
+            }
+            // A task with no reason to go has a node that fits.
+            let Some(node) = node else { continue };
+            if task.node_id.is_some() {
+                placed.insert(node);
+            } else {
+                waiting.insert(node, task.id.clone());
             }
         }
         // Every eligible node without a task gets one: the pending one of its slot, or a new one.
-        for (node, fit) in &fits {
-            if *fit != GlobalFit::Place || placed.contains(node) {
+        for node in &order {
+            if fits.get(node) != Some(&GlobalFit::Place) || placed.contains(node) {
                 continue;
             }
             let task_id = match waiting.get(node) {
@@ -3255,6 +3251,12 @@ pub(crate) mod tests {
             names.contains(&format!("agent.{}", node_id(&s, "node4"))),
             "{names:?}"
         );
+        // The mode and the nodes' slots survive a manager restart.
+        let mut back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        back.agent_port = s.agent_port;
+        assert_eq!(back, s);
+        back.reconcile(4);
+        assert_eq!(by_node(&back, "agent"), by_node(&s, "agent"));
     }
 
     #[test]
