@@ -1,5 +1,6 @@
 //! Global mode end to end: a hello-server on every eligible node of a 3-node lab, on a user
-//! network with a published port, following a drain, a return to active and a fourth node.
+//! network with a published port, following a drain, a return to active and a fourth node; and
+//! one with a host-mode port following node labels.
 
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
@@ -11,7 +12,12 @@ const CLIENT: &str = "client";
 
 /// One `GET /` from the client to `ip:80`; None if it fails.
 fn get(c: &Cluster, ip: &str) -> Option<String> {
-    let url = format!("http://{ip}:80/");
+    get_at(c, ip, 80, "/")
+}
+
+/// One `GET path` from the client to `ip:port`; None if it fails.
+fn get_at(c: &Cluster, ip: &str, port: u16, path: &str) -> Option<String> {
+    let url = format!("http://{ip}:{port}{path}");
     let out = c
         .lab
         .exec(CLIENT, &["curl", "-s", "--max-time", "3", &url])
@@ -65,12 +71,17 @@ fn inspect(c: &Cluster) -> ServiceInfo {
     c.json(&["service", "inspect", "agent"]).unwrap()
 }
 
-#[test]
-fn a_global_service_runs_on_every_node_and_follows_drain_and_joins() {
+fn client_cluster() -> Cluster {
     let mut c = Cluster::up(3, crate::LB).unwrap();
     c.lab
         .add_host(CLIENT, Ipv4Addr::new(192, 168, 56, 100))
         .unwrap();
+    c
+}
+
+#[test]
+fn a_global_service_runs_on_every_node_and_follows_drain_and_joins() {
+    let mut c = client_cluster();
     c.network_create("backend", "10.0.9.0/24").unwrap();
     let hello = bin("hello-server").display().to_string();
 
@@ -194,4 +205,79 @@ fn a_global_service_runs_on_every_node_and_follows_drain_and_joins() {
     let node4 = node4.iter().find(|n| n.node.hostname == "node4").unwrap();
     assert!(ps.contains(&format!("agent.{}", node4.node.id)), "{ps}");
     assert!(ps.contains("\"node node2 is drained\""), "{ps}");
+}
+
+/// Whether `ip:8081` (host mode) answers, straight from a task there that sees the client.
+fn host_port_answers(c: &Cluster, ip: &str) -> bool {
+    get_at(c, ip, 8081, "/whoami").is_some_and(|who| who.starts_with("client 192.168.56.100:"))
+}
+
+fn wait_host_port(c: &Cluster, ip: &str, answers: bool) {
+    c.wait_for(
+        CONVERGE_TIMEOUT,
+        &format!("{ip}:8081 answers: {answers}"),
+        |c| (host_port_answers(c, ip) == answers).then_some(()),
+    )
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+}
+
+#[test]
+fn a_global_service_follows_node_labels_with_a_host_mode_port() {
+    let c = client_cluster();
+    let hello = bin("hello-server").display().to_string();
+    for node in ["node1", "node3"] {
+        c.meshctl_ok(&["node", "update", "--label-add", "edge=yes", node])
+            .unwrap();
+    }
+    let created = c
+        .meshctl_ok(&[
+            "service",
+            "create",
+            "--name",
+            "edge",
+            "--mode",
+            "global",
+            "--constraint",
+            "node.labels.edge==yes",
+            "--publish",
+            "mode=host,published=8081,target=8080,protocol=tcp",
+            "--",
+            &hello,
+            "--port",
+            "8080",
+        ])
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert!(
+        created.contains("overall progress: 2 out of 2 tasks"),
+        "{created}"
+    );
+    assert_eq!(
+        nodes_of(&c.wait_running("edge", 2).unwrap()),
+        ["node1", "node3"]
+    );
+    wait_host_port(&c, "192.168.56.11", true);
+    wait_host_port(&c, "192.168.56.13", true);
+    assert!(!host_port_answers(&c, "192.168.56.12"));
+
+    // node2 starts matching: it gets a task, and its host port answers.
+    c.meshctl_ok(&["node", "update", "--label-add", "edge=yes", "node2"])
+        .unwrap();
+    assert_eq!(
+        nodes_of(&c.wait_running("edge", 3).unwrap()),
+        ["node1", "node2", "node3"]
+    );
+    wait_host_port(&c, "192.168.56.12", true);
+
+    // node3 stops matching: its task goes, and so does its host port.
+    c.meshctl_ok(&["node", "update", "--label-rm", "edge", "node3"])
+        .unwrap();
+    assert_eq!(
+        nodes_of(&c.wait_running("edge", 2).unwrap()),
+        ["node1", "node2"]
+    );
+    wait_host_port(&c, "192.168.56.13", false);
+    wait_host_port(&c, "192.168.56.11", true);
+    let ls = c.meshctl_ok(&["service", "ls"]).unwrap();
+    let row = ls.lines().find(|l| l.contains(" edge ")).unwrap();
+    assert!(row.contains(" global ") && row.contains(" 2/2 "), "{ls}");
 }
