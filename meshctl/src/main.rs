@@ -672,7 +672,7 @@ fn update_service(
         progress::wait(
             c,
             &info.spec.name,
-            info.desired,
+            info.desired_tasks(),
             Duration::from_secs(wait.timeout),
             &mut std::io::stdout(),
         )?;
@@ -831,7 +831,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 progress::wait(
                     c,
                     &created.spec.name,
-                    created.desired,
+                    created.desired_tasks(),
                     Duration::from_secs(args.wait.timeout),
                     &mut stdout,
                 )?;
@@ -896,7 +896,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                     progress::wait(
                         c,
                         &info.spec.name,
-                        info.desired,
+                        info.desired_tasks(),
                         Duration::from_secs(wait.timeout),
                         &mut stdout,
                     )?;

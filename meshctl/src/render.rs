@@ -137,7 +137,7 @@ pub fn services(services: &[ServiceInfo]) -> String {
                 short(&s.id),
                 s.spec.name.clone(),
                 s.spec.mode.as_str().to_string(),
-                format!("{}/{}", s.running, s.desired),
+                format!("{}/{}", s.running, s.desired_tasks()),
                 s.spec.command.join(" "),
                 s.spec
                     .ports

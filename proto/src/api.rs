@@ -371,6 +371,17 @@ pub struct ServiceInfo {
     pub virtual_ips: Vec<VirtualIp>,
 }
 
+impl ServiceInfo {
+    /// The tasks the service wants: the replica count of a replicated service (so also from a
+    /// manager that predates `desired`), `desired` for a global one.
+    pub fn desired_tasks(&self) -> u64 {
+        match self.spec.mode {
+            ServiceMode::Replicated => self.spec.replicas,
+            ServiceMode::Global => self.desired,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VirtualIp {
     pub network_id: String,
@@ -495,6 +506,18 @@ mod tests {
         assert_eq!(global.mode, ServiceMode::Global);
         let value: serde_json::Value = serde_json::from_slice(&encode_frame(&global)).unwrap();
         assert_eq!(value["mode"], "global");
+        // A manager that predates global mode sends no `desired`: the replicas stand for it.
+        let info: ServiceInfo = decode_frame(
+            br#"{"id":"x","spec":{"name":"web","replicas":3,"command":["x"]},"network_names":[],"running":1,"created_at":0,"updated_at":0}"#,
+        )
+        .unwrap();
+        assert_eq!((info.desired, info.desired_tasks()), (0, 3));
+        let info = ServiceInfo {
+            spec: global,
+            desired: 4,
+            ..info
+        };
+        assert_eq!(info.desired_tasks(), 4);
         let req: Request = decode_frame(br#"{"type":"service_update","service":"web"}"#).unwrap();
         assert_eq!(
             req,
