@@ -671,8 +671,7 @@ fn update_service(
     if !wait.detach {
         progress::wait(
             c,
-            &info.spec.name,
-            info.desired_tasks(),
+            &info,
             Duration::from_secs(wait.timeout),
             &mut std::io::stdout(),
         )?;
@@ -830,8 +829,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             if !args.wait.detach {
                 progress::wait(
                     c,
-                    &created.spec.name,
-                    created.desired_tasks(),
+                    &created,
                     Duration::from_secs(args.wait.timeout),
                     &mut stdout,
                 )?;
@@ -893,13 +891,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             if !wait.detach {
                 for info in scaled {
                     writeln!(stdout, "{}:", info.spec.name)?;
-                    progress::wait(
-                        c,
-                        &info.spec.name,
-                        info.desired_tasks(),
-                        Duration::from_secs(wait.timeout),
-                        &mut stdout,
-                    )?;
+                    progress::wait(c, &info, Duration::from_secs(wait.timeout), &mut stdout)?;
                 }
             }
         }

@@ -130,6 +130,13 @@ fn a_global_service_runs_on_every_node_and_follows_drain_and_joins() {
         created.contains("overall progress: 3 out of 3 tasks"),
         "{created}"
     );
+    // Progress by node, as docker shows a global service's.
+    for node in ["node1", "node2", "node3"] {
+        assert!(
+            created.contains(&format!("\n{node}: running\n")),
+            "{created}"
+        );
+    }
     let tasks = c.wait_running("agent", 3).unwrap();
     assert_eq!(nodes_of(&tasks), ["node1", "node2", "node3"]);
     let ls = c.meshctl_ok(&["service", "ls"]).unwrap();
