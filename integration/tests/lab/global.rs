@@ -6,7 +6,9 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use integration::cluster::{bin, Cluster, CONVERGE_TIMEOUT};
+use nix::sys::signal::Signal;
 use proto::api::{ServiceInfo, TaskInfo};
+use proto::model::TaskState;
 
 const CLIENT: &str = "client";
 
@@ -212,6 +214,26 @@ fn a_global_service_runs_on_every_node_and_follows_drain_and_joins() {
     let node4 = node4.iter().find(|n| n.node.hostname == "node4").unwrap();
     assert!(ps.contains(&format!("agent.{}", node4.node.id)), "{ps}");
     assert!(ps.contains("\"node node2 is drained\""), "{ps}");
+
+    // node4 goes silent: once it is down its task is orphaned and not replaced elsewhere; the
+    // others keep answering. Back up, it gets a task again.
+    let on4 = tasks
+        .iter()
+        .find(|t| t.node.as_deref() == Some("node4"))
+        .unwrap();
+    c.kill_agent("node4", Signal::SIGKILL);
+    let tasks = c.wait_running("agent", 3).unwrap();
+    assert_eq!(nodes_of(&tasks), ["node1", "node2", "node3"]);
+    let history: Vec<TaskInfo> = c.json(&["service", "ps", "agent"]).unwrap();
+    let orphan = history.iter().find(|t| t.id == on4.id).unwrap();
+    assert_eq!(orphan.state, TaskState::Orphaned, "{orphan:?}");
+    assert_every_node_answers(&c, &nodes, &tasks);
+    c.start_agent("node4").unwrap();
+    let tasks = c
+        .wait_running("agent", 4)
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    assert_eq!(nodes_of(&tasks), ["node1", "node2", "node3", "node4"]);
+    assert_every_node_answers(&c, &all, &tasks);
 }
 
 /// Whether `ip:8081` (host mode) answers, straight from a task there that sees the client.
