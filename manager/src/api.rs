@@ -706,6 +706,10 @@ mod tests {
             (create(bad_constraint), "create service api: invalid constraint \"node.role=worker\""),
             (create(spec("api", 1_000_000, &[])), "1000000 replicas is more than the limit"),
             (create(spec("bad name", 1, &[])), "invalid service name"),
+            (
+                create(ServiceSpec { mode: proto::model::ServiceMode::Global, ..spec("api", 2, &[]) }),
+                "create service api: replicas can only be used with replicated mode",
+            ),
             (Request::ServiceScale { service: "nope".into(), replicas: 3 }, "scale service nope: no such service: nope"),
             (Request::ServiceScale { service: "web".into(), replicas: 20_000 }, "scale service web: 20000 replicas"),
             (Request::ServiceRm { service: "nope".into() }, "remove service nope: no such service"),

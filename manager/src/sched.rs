@@ -186,6 +186,35 @@ pub fn pick_node<'a>(
     }
 }
 
+/// What a global service does on one node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum GlobalFit {
+    /// Ready, active and within the constraints: the node gets a task.
+    Place,
+    /// Paused: a task already there stays, no new one is placed.
+    Keep,
+    /// Down, drained or outside the constraints: no task belongs there; why, for `service ps`.
+    Leave(String),
+}
+
+/// Whether a global service wants a task on `node`, as Swarm's global orchestrator decides it.
+pub fn global_fit(node: &Node, constraints: &[Constraint]) -> GlobalFit {
+    let host = &node.hostname;
+    if node.status == NodeStatus::Down {
+        return GlobalFit::Leave(format!("node {host} is down"));
+    }
+    if node.availability == Availability::Drain {
+        return GlobalFit::Leave(format!("node {host} is drained"));
+    }
+    if let Some(unmet) = constraints.iter().find(|k| !k.matches(node)) {
+        return GlobalFit::Leave(format!("node {host} does not satisfy constraint {unmet}"));
+    }
+    match node.availability {
+        Availability::Pause => GlobalFit::Keep,
+        _ => GlobalFit::Place,
+    }
+}
+
 fn plural(n: usize, what: &str) -> String {
     if n == 1 {
         format!("1 {what}")
@@ -221,6 +250,32 @@ mod tests {
                 total_tasks,
             })
             .collect()
+    }
+
+    #[test]
+    fn a_global_service_fits_ready_active_matching_nodes() {
+        let mut n = node("a", Role::Worker);
+        let zone = [Constraint::parse("node.labels.zone==a").unwrap()];
+        assert_eq!(global_fit(&n, &[]), GlobalFit::Place);
+        assert_eq!(
+            global_fit(&n, &zone),
+            GlobalFit::Leave("node host-a does not satisfy constraint node.labels.zone==a".into())
+        );
+        n.labels.insert("zone".into(), "a".into());
+        assert_eq!(global_fit(&n, &zone), GlobalFit::Place);
+        n.availability = Availability::Pause;
+        assert_eq!(global_fit(&n, &zone), GlobalFit::Keep);
+        n.availability = Availability::Drain;
+        assert_eq!(
+            global_fit(&n, &zone),
+            GlobalFit::Leave("node host-a is drained".into())
+        );
+        n.availability = Availability::Active;
+        n.status = NodeStatus::Down;
+        assert_eq!(
+            global_fit(&n, &zone),
+            GlobalFit::Leave("node host-a is down".into())
+        );
     }
 
     #[test]

@@ -18,12 +18,12 @@ use proto::api::{
 use proto::excerpt;
 use proto::model::{
     endpoint_mac, Attachment, Availability, EndpointMode, Network, Node, NodeStatus, PortConfig,
-    Protocol, PublishMode, Role, TaskState,
+    Protocol, PublishMode, Role, ServiceMode, TaskState,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::{self, AllocError};
-use crate::sched::{self, Candidate, Constraint, ConstraintError};
+use crate::sched::{self, Candidate, Constraint, ConstraintError, GlobalFit};
 
 /// Finished tasks kept per slot for `service ps`, besides the current one (Docker keeps 5 in all).
 pub const TASK_HISTORY: usize = 4;
@@ -142,11 +142,19 @@ pub struct Service {
     /// Network id → the service's VIP there (vip mode).
     #[serde(default)]
     pub vips: BTreeMap<String, Ipv4Addr>,
+    /// A global service: node id → the slot of its tasks there, kept for the service's life so
+    /// that a node's tasks share one slot and their history.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub node_slots: BTreeMap<String, u64>,
 }
 
 impl Service {
     pub fn has_ingress_port(&self) -> bool {
         has_ingress_port(&self.spec.ports)
+    }
+
+    pub fn is_global(&self) -> bool {
+        self.spec.mode == ServiceMode::Global
     }
 }
 
@@ -211,6 +219,24 @@ impl Task {
     /// A current task that is on a node (so it is in that node's assignment).
     pub(crate) fn is_placed(&self) -> bool {
         self.is_current() && self.node_id.is_some()
+    }
+
+    /// A new task of `service` in `slot`, on no node yet.
+    fn pending(service: &Service, slot: u64, now: u64) -> Task {
+        Task {
+            id: alloc::new_id(),
+            service_id: service.id.clone(),
+            slot,
+            node_id: None,
+            desired_state: TaskState::Running,
+            state: TaskState::Pending,
+            error: None,
+            pid: None,
+            netns: None,
+            attachments: Vec::new(),
+            created_at: now,
+            updated_at: now,
+        }
     }
 
     fn retire(&mut self, state: TaskState, error: Option<String>, now: u64) {
@@ -319,6 +345,10 @@ pub enum Reason {
     EmptyCommand,
     #[error("{0} replicas is more than the limit of {MAX_REPLICAS}")]
     TooManyReplicas(u64),
+    #[error("replicas can only be used with replicated mode: a global service runs one task on every eligible node")]
+    ReplicasGlobal,
+    #[error("scale can only be used with replicated mode")]
+    ScaleGlobal,
     #[error("{kind} {} is given more than once", excerpt(name))]
     Twice { kind: &'static str, name: String },
     #[error("no {0} is given")]
@@ -1013,6 +1043,9 @@ impl State {
         if spec.replicas > MAX_REPLICAS {
             return refuse(op, Reason::TooManyReplicas(spec.replicas));
         }
+        if spec.mode == ServiceMode::Global && spec.replicas != 0 {
+            return refuse(op, Reason::ReplicasGlobal);
+        }
         let mut networks = Vec::new();
         for key in &spec.networks {
             let id = self.find_network(key).or_else(|r| refuse(&op, r))?;
@@ -1064,6 +1097,7 @@ impl State {
                 id: id.clone(),
                 spec: ServiceSpec {
                     name: spec.name.clone(),
+                    mode: spec.mode,
                     replicas: spec.replicas,
                     networks,
                     constraints,
@@ -1076,6 +1110,7 @@ impl State {
                 updated_at: now,
                 fwmark: None,
                 vips: BTreeMap::new(),
+                node_slots: BTreeMap::new(),
             },
         );
         self.sync_fwmark(&id).or_else(|e| refuse(&op, e))?;
@@ -1420,6 +1455,9 @@ impl State {
     pub fn scale_service(&mut self, key: &str, replicas: u64, now: u64) -> Result<String, OpError> {
         let op = format!("scale service {}", excerpt(key));
         let id = self.find_service(key).or_else(|r| refuse(&op, r))?;
+        if self.services[&id].is_global() {
+            return refuse(op, Reason::ScaleGlobal);
+        }
         if replicas > MAX_REPLICAS {
             return refuse(op, Reason::TooManyReplicas(replicas));
         }
@@ -1482,11 +1520,13 @@ impl State {
     }
 
     /// Converges tasks to the specs and the nodes: retires tasks that ended or whose node went
-    /// down or is drained, fills empty slots, removes slots above the replica count, then gives
-    /// pending tasks addresses and nodes.
+    /// down or is drained, fills empty slots, removes slots above the replica count, gives every
+    /// eligible node its task of each global service, then gives pending tasks addresses and
+    /// nodes.
     pub fn reconcile(&mut self, now: u64) {
         self.retire_lost_tasks(now);
         self.fill_slots(now);
+        self.reconcile_global(now);
         self.place_pending(now);
         self.prune_history();
     }
@@ -1518,7 +1558,7 @@ impl State {
     }
 
     fn fill_slots(&mut self, now: u64) {
-        for service in self.services.values() {
+        for service in self.services.values().filter(|s| !s.is_global()) {
             let replicas = service.spec.replicas;
             let filled: BTreeSet<u64> = self
                 .tasks
@@ -1531,25 +1571,113 @@ impl State {
             self.tasks
                 .retain(|_, t| t.service_id != service.id || t.slot <= replicas);
             for slot in (1..=replicas).filter(|s| !filled.contains(s)) {
-                let id = alloc::new_id();
-                tracing::info!(service = %service.spec.name, slot, task = %id, "new task");
-                self.tasks.insert(
-                    id.clone(),
-                    Task {
-                        id,
-                        service_id: service.id.clone(),
-                        slot,
-                        node_id: None,
-                        desired_state: TaskState::Running,
-                        state: TaskState::Pending,
-                        error: None,
-                        pid: None,
-                        netns: None,
-                        attachments: Vec::new(),
-                        created_at: now,
-                        updated_at: now,
-                    },
-                );
+                let task = Task::pending(service, slot, now);
+                tracing::info!(service = %service.spec.name, slot, task = %task.id, "new task");
+                self.tasks.insert(task.id.clone(), task);
+            }
+        }
+    }
+
+    /// Global services: one current task on every eligible node (ready, active, within the
+    /// constraints), each node's in its own stable slot; a task on a node that stopped being
+    /// eligible is retired (a paused node keeps its task but gets no new one). Tasks are placed
+    /// straight on their node, not through the spread scheduler; one that cannot start yet (its
+    /// slot's restart delay, no free address) stays pending with the reason, and is retried.
+    fn reconcile_global(&mut self, now: u64) {
+        let globals: Vec<String> = self
+            .services
+            .values()
+            .filter(|s| s.is_global())
+            .map(|s| s.id.clone())
+            .collect();
+        if globals.is_empty() {
+            return;
+        }
+        let mut index = PlacementIndex::new(self);
+        for service_id in globals {
+            self.reconcile_global_service(&service_id, now, &mut index);
+        }
+    }
+
+    fn reconcile_global_service(&mut self, service_id: &str, now: u64, index: &mut PlacementIndex) {
+        let service = &self.services[service_id];
+        let fits: BTreeMap<String, GlobalFit> = self
+            .nodes
+            .values()
+            .map(|r| {
+                let fit = sched::global_fit(&r.node, index.constraints(service));
+                (r.node.id.clone(), fit)
+            })
+            .collect();
+        // By hostname, so that nodes get their slots in a predictable order.
+        let mut order: Vec<&Node> = self.nodes.values().map(|r| &r.node).collect();
+        order.sort_by(|a, b| (&a.hostname, &a.id).cmp(&(&b.hostname, &b.id)));
+        let order: Vec<String> = order.into_iter().map(|n| n.id.clone()).collect();
+        let slot_nodes: BTreeMap<u64, String> = service
+            .node_slots
+            .iter()
+            .map(|(node, slot)| (*slot, node.clone()))
+            .collect();
+        let name = service.spec.name.clone();
+        // Current tasks that no longer belong where they are (or would go) become history.
+        let mut placed: BTreeSet<String> = BTreeSet::new();
+        let mut waiting: BTreeMap<String, String> = BTreeMap::new();
+        for task in self
+            .tasks
+            .values_mut()
+            .filter(|t| t.service_id == service_id && t.is_current())
+        {
+            let node = task
+                .node_id
+                .clone()
+                .or_else(|| slot_nodes.get(&task.slot).cloned());
+            let fit = node.as_ref().and_then(|n| fits.get(n));
+            let why = match (fit, task.node_id.is_some()) {
+                (Some(GlobalFit::Place), _) | (Some(GlobalFit::Keep), true) => None,
+                (Some(GlobalFit::Keep), false) => {
+                    let host = node.as_ref().and_then(|n| self.nodes.get(n));
+                    let host = host.map_or("?", |r| r.node.hostname.as_str());
+                    Some(format!("node {host} is paused"))
+                }
+                (Some(GlobalFit::Leave(why)), _) => Some(why.clone()),
+                (None, _) => Some("node left the cluster".to_string()),
+            };
+            if let Some(why) = why {
+                tracing::info!(task = %task.id, service = %name, %why, "retiring global task");
+                task.retire(TaskState::Shutdown, Some(why), now);
+                continue;
+            }
+            // A task with no reason to go has a node that fits.
+            let Some(node) = node else { continue };
+            if task.node_id.is_some() {
+                placed.insert(node);
+            } else {
+                waiting.insert(node, task.id.clone());
+            }
+        }
+        // Every eligible node without a task gets one: the pending one of its slot, or a new one.
+        for node in &order {
+            if fits.get(node) != Some(&GlobalFit::Place) || placed.contains(node) {
+                continue;
+            }
+            let task_id = match waiting.get(node) {
+                Some(id) => id.clone(),
+                None => {
+                    let service = self.services.get_mut(service_id).expect("service exists");
+                    let next = service.node_slots.values().max().copied().unwrap_or(0) + 1;
+                    let slot = *service.node_slots.entry(node.clone()).or_insert(next);
+                    let task = Task::pending(service, slot, now);
+                    tracing::info!(service = %name, slot, task = %task.id, %node, "new global task");
+                    let id = task.id.clone();
+                    self.tasks.insert(id.clone(), task);
+                    id
+                }
+            };
+            let placed = self
+                .check_restart_delay(&task_id, now, index)
+                .and_then(|()| self.assign(&task_id, node, now, index));
+            if let Err(error) = placed {
+                self.set_pending_error(&task_id, error);
             }
         }
     }
@@ -1559,6 +1687,7 @@ impl State {
             .tasks
             .values()
             .filter(|t| t.is_current() && t.node_id.is_none())
+            .filter(|t| !self.services[&t.service_id].is_global())
             .map(|t| {
                 (
                     self.services[&t.service_id].spec.name.clone(),
@@ -1574,18 +1703,26 @@ impl State {
         let mut index = PlacementIndex::new(self);
         for (_, _, task_id) in pending {
             if let Err(error) = self.place(&task_id, now, &mut index) {
-                let task = self.tasks.get_mut(&task_id).expect("pending task exists");
-                if task.error.as_deref() != Some(error.as_str()) {
-                    tracing::debug!(task = %task_id, %error, "task stays pending");
-                    task.error = Some(error);
-                }
+                self.set_pending_error(&task_id, error);
             }
         }
     }
 
-    /// Gives one pending task a node and then its addresses (once), so a task no node can take
-    /// holds no address.
-    fn place(&mut self, task_id: &str, now: u64, index: &mut PlacementIndex) -> Result<(), String> {
+    fn set_pending_error(&mut self, task_id: &str, error: String) {
+        let task = self.tasks.get_mut(task_id).expect("pending task exists");
+        if task.error.as_deref() != Some(error.as_str()) {
+            tracing::debug!(task = %task_id, %error, "task stays pending");
+            task.error = Some(error);
+        }
+    }
+
+    /// A slot whose task failed or completed a moment ago waits before its next task starts.
+    fn check_restart_delay(
+        &self,
+        task_id: &str,
+        now: u64,
+        index: &PlacementIndex,
+    ) -> Result<(), String> {
         let task = &self.tasks[task_id];
         let history = index.history.get(&(task.service_id.clone(), task.slot));
         if history
@@ -1596,6 +1733,15 @@ impl State {
                 "restart delayed: the previous task of this slot ended less than {RESTART_DELAY_SECS}s ago"
             ));
         }
+        Ok(())
+    }
+
+    /// Gives one pending task a node and then its addresses (once), so a task no node can take
+    /// holds no address.
+    fn place(&mut self, task_id: &str, now: u64, index: &mut PlacementIndex) -> Result<(), String> {
+        self.check_restart_delay(task_id, now, index)?;
+        let task = &self.tasks[task_id];
+        let history = index.history.get(&(task.service_id.clone(), task.slot));
         let service = &self.services[&task.service_id];
         let no_nodes = BTreeSet::new();
         let avoid = history.map_or(&no_nodes, |h| &h.nodes);
@@ -1623,8 +1769,20 @@ impl State {
         .map_err(|e| e.to_string())?
         .id
         .clone();
+        self.assign(task_id, &node, now, index)
+    }
+
+    /// Gives a pending task its addresses (once) and then `node`.
+    fn assign(
+        &mut self,
+        task_id: &str,
+        node: &str,
+        now: u64,
+        index: &mut PlacementIndex,
+    ) -> Result<(), String> {
+        let service = &self.services[&self.tasks[task_id].service_id];
         let networks = self.task_networks(service);
-        if task.attachments.len() != networks.len() {
+        if self.tasks[task_id].attachments.len() != networks.len() {
             let attachments = self.allocate_endpoints(&networks)?;
             self.tasks
                 .get_mut(task_id)
@@ -1634,10 +1792,10 @@ impl State {
         let task = self.tasks.get_mut(task_id).expect("task exists");
         let name = &self.services[&task.service_id].spec.name;
         tracing::info!(task = %task_id, service = %name, slot = task.slot, node = %node, "task assigned");
-        let load = index.load.entry(node.clone()).or_default();
+        let load = index.load.entry(node.to_string()).or_default();
         load.total += 1;
         *load.per_service.entry(task.service_id.clone()).or_default() += 1;
-        task.node_id = Some(node);
+        task.node_id = Some(node.to_string());
         task.state = TaskState::Assigned;
         task.error = None;
         task.updated_at = now;
@@ -1919,6 +2077,7 @@ pub(crate) mod tests {
     pub(crate) fn spec(name: &str, replicas: u64, networks: &[&str]) -> ServiceSpec {
         ServiceSpec {
             name: name.into(),
+            mode: ServiceMode::Replicated,
             replicas,
             networks: networks.iter().map(|n| n.to_string()).collect(),
             constraints: vec![],
@@ -3012,6 +3171,278 @@ pub(crate) mod tests {
                 .starts_with("update node node3: invalid label key"),
             "{err}"
         );
+    }
+
+    fn global(name: &str, networks: &[&str]) -> ServiceSpec {
+        ServiceSpec {
+            mode: ServiceMode::Global,
+            ..spec(name, 0, networks)
+        }
+    }
+
+    /// Each node's current task of a service: hostname → (slot, state).
+    fn by_node(s: &State, service: &str) -> BTreeMap<String, (u64, TaskState)> {
+        current(s, service)
+            .into_iter()
+            .map(|t| {
+                let node = t.node_id.as_ref().expect("a global task is on its node");
+                (s.nodes[node].node.hostname.clone(), (t.slot, t.state))
+            })
+            .collect()
+    }
+
+    fn hosts(s: &State, service: &str) -> Vec<String> {
+        by_node(s, service).into_keys().collect()
+    }
+
+    #[test]
+    fn a_global_service_runs_one_task_on_every_node_and_on_nodes_that_join() {
+        let mut s = cluster(3);
+        add_network(&mut s, "backend", "10.0.9.0/24");
+        s.create_service(&global("agent", &["backend"]), 1).unwrap();
+        s.reconcile(1);
+        let tasks = current(&s, "agent");
+        assert_eq!(tasks.len(), 3);
+        assert!(tasks
+            .iter()
+            .all(|t| t.state == TaskState::Assigned && t.attachments.len() == 1));
+        assert_eq!(
+            by_node(&s, "agent"),
+            [
+                ("node1".to_string(), (1, TaskState::Assigned)),
+                ("node2".to_string(), (2, TaskState::Assigned)),
+                ("node3".to_string(), (3, TaskState::Assigned)),
+            ]
+            .into()
+        );
+        s.refresh_assignments();
+        for r in s.nodes.values() {
+            assert_eq!(r.assignment.tasks.len(), 1, "{}", r.node.hostname);
+        }
+        // A replicated service beside it still spreads as before.
+        s.create_service(&spec("web", 2, &[]), 2).unwrap();
+        s.reconcile(2);
+        assert_eq!(current(&s, "web").len(), 2);
+        assert_eq!(current(&s, "agent").len(), 3);
+
+        // A fourth node joins: it gets a task, in a slot of its own; the others are untouched.
+        let before: Vec<String> = current(&s, "agent").iter().map(|t| t.id.clone()).collect();
+        s.register_node(
+            "node4",
+            "192.168.56.14".parse().unwrap(),
+            None,
+            Role::Worker,
+        )
+        .unwrap();
+        s.reconcile(3);
+        let after = current(&s, "agent");
+        assert_eq!(after.len(), 4);
+        assert_eq!(by_node(&s, "agent")["node4"], (4, TaskState::Assigned));
+        assert!(before.iter().all(|id| s.tasks[id].is_current()));
+        run_all(&mut s, "agent");
+        let info =
+            crate::views::service(&s, &Default::default(), &s.find_service("agent").unwrap());
+        assert_eq!((info.running, info.desired), (4, 4));
+        let names: Vec<String> = crate::views::tasks(&s, &info.id)
+            .into_iter()
+            .map(|t| t.name)
+            .collect();
+        assert!(
+            names.contains(&format!("agent.{}", node_id(&s, "node4"))),
+            "{names:?}"
+        );
+        // The mode and the nodes' slots survive a manager restart.
+        let mut back: State = serde_json::from_str(&serde_json::to_string(&s).unwrap()).unwrap();
+        back.agent_port = s.agent_port;
+        assert_eq!(back, s);
+        back.reconcile(4);
+        assert_eq!(by_node(&back, "agent"), by_node(&s, "agent"));
+    }
+
+    #[test]
+    fn a_global_service_follows_drain_pause_and_down_nodes() {
+        let mut s = cluster(3);
+        s.create_service(&global("agent", &[]), 1).unwrap();
+        s.reconcile(1);
+        run_all(&mut s, "agent");
+        let none = BTreeMap::new();
+        let n2 = node_id(&s, "node2");
+        let old = current(&s, "agent")[1].clone();
+        assert_eq!(old.node_id.as_deref(), Some(n2.as_str()));
+
+        // Drain: node2's task goes and is not replaced elsewhere.
+        s.update_node("node2", Some(Availability::Drain), &none, &[])
+            .unwrap();
+        s.reconcile(2);
+        assert_eq!(hosts(&s, "agent"), ["node1", "node3"]);
+        let gone = &s.tasks[&old.id];
+        assert_eq!(
+            (gone.desired_state, gone.error.as_deref()),
+            (TaskState::Shutdown, Some("node node2 is drained"))
+        );
+        // Active again: a new task there, in node2's slot, so its history stays together.
+        s.update_node("node2", Some(Availability::Active), &none, &[])
+            .unwrap();
+        s.reconcile(3);
+        assert_eq!(
+            by_node(&s, "agent")["node2"],
+            (old.slot, TaskState::Assigned)
+        );
+        assert_ne!(current(&s, "agent")[1].id, old.id);
+        run_all(&mut s, "agent");
+
+        // Pause keeps the task there, but places none: once it ends nothing replaces it.
+        s.update_node("node3", Some(Availability::Pause), &none, &[])
+            .unwrap();
+        s.reconcile(4);
+        assert_eq!(hosts(&s, "agent"), ["node1", "node2", "node3"]);
+        let on3 = current(&s, "agent")[2].clone();
+        report(&mut s, &on3, TaskState::Failed, Some("exit status 1"));
+        s.reconcile(300);
+        assert_eq!(hosts(&s, "agent"), ["node1", "node2"]);
+        s.update_node("node3", Some(Availability::Active), &none, &[])
+            .unwrap();
+        s.reconcile(301);
+        assert_eq!(by_node(&s, "agent")["node3"], (3, TaskState::Assigned));
+
+        // A failed task comes back on its own node, in its slot, after the restart delay.
+        let on1 = current(&s, "agent")[0].clone();
+        report_at(&mut s, &on1, TaskState::Running, None, 400);
+        report_at(&mut s, &on1, TaskState::Failed, Some("exit status 1"), 400);
+        s.reconcile(401);
+        let waiting = current(&s, "agent")[0].clone();
+        assert_eq!((waiting.slot, waiting.node_id.as_ref()), (1, None));
+        assert!(waiting
+            .error
+            .as_deref()
+            .unwrap()
+            .starts_with("restart delayed"));
+        s.reconcile(400 + RESTART_DELAY_SECS);
+        assert_eq!(by_node(&s, "agent")["node1"], (1, TaskState::Assigned));
+        // One waiting for its restart delay on a node that is paused meanwhile is not placed.
+        let on3 = current(&s, "agent")[2].clone();
+        report_at(&mut s, &on3, TaskState::Running, None, 410);
+        report_at(&mut s, &on3, TaskState::Failed, Some("exit status 1"), 410);
+        s.reconcile(411);
+        let waiting = current(&s, "agent")[2].clone();
+        assert_eq!((waiting.slot, waiting.node_id.as_ref()), (3, None));
+        s.update_node("node3", Some(Availability::Pause), &none, &[])
+            .unwrap();
+        s.reconcile(420);
+        let gone = &s.tasks[&waiting.id];
+        assert_eq!(
+            (gone.desired_state, gone.error.as_deref()),
+            (TaskState::Shutdown, Some("node node3 is paused"))
+        );
+        assert_eq!(hosts(&s, "agent"), ["node1", "node2"]);
+        s.update_node("node3", Some(Availability::Active), &none, &[])
+            .unwrap();
+        s.reconcile(421);
+        assert_eq!(by_node(&s, "agent")["node3"], (3, TaskState::Assigned));
+
+        // A node that goes down: its task is orphaned and not replaced elsewhere.
+        s.set_node_status(&n2, NodeStatus::Down);
+        s.reconcile(500);
+        assert_eq!(hosts(&s, "agent"), ["node1", "node3"]);
+        assert_eq!(current(&s, "agent").len(), 2);
+        s.set_node_status(&n2, NodeStatus::Ready);
+        s.reconcile(501);
+        assert_eq!(hosts(&s, "agent"), ["node1", "node2", "node3"]);
+        // A removed one loses its task for good.
+        s.set_node_status(&n2, NodeStatus::Down);
+        s.remove_node("node2", false, 502).unwrap();
+        s.reconcile(502);
+        assert_eq!(hosts(&s, "agent"), ["node1", "node3"]);
+    }
+
+    #[test]
+    fn a_global_service_follows_label_constraints() {
+        let mut s = cluster(3);
+        let mut sp = global("agent", &[]);
+        sp.constraints = vec!["node.labels.zone==a".into()];
+        s.create_service(&sp, 1).unwrap();
+        s.reconcile(1);
+        assert!(current(&s, "agent").is_empty());
+        let zone_a: BTreeMap<String, String> = [("zone".to_string(), "a".to_string())].into();
+        s.update_node("node2", None, &zone_a, &[]).unwrap();
+        s.update_node("node3", None, &zone_a, &[]).unwrap();
+        s.reconcile(2);
+        assert_eq!(hosts(&s, "agent"), ["node2", "node3"]);
+        let on2 = current(&s, "agent")[0].clone();
+        s.update_node("node2", None, &BTreeMap::new(), &["zone".to_string()])
+            .unwrap();
+        s.reconcile(3);
+        assert_eq!(hosts(&s, "agent"), ["node3"]);
+        assert_eq!(
+            s.tasks[&on2.id].error.as_deref(),
+            Some("node node2 does not satisfy constraint node.labels.zone==a")
+        );
+        // A paused node that stops matching loses its task too.
+        s.update_node("node3", Some(Availability::Pause), &BTreeMap::new(), &[])
+            .unwrap();
+        let zone_b: BTreeMap<String, String> = [("zone".to_string(), "b".to_string())].into();
+        s.update_node("node3", None, &zone_b, &[]).unwrap();
+        s.reconcile(4);
+        assert!(current(&s, "agent").is_empty());
+    }
+
+    #[test]
+    fn a_global_service_with_a_host_mode_port_runs_on_every_node() {
+        let mut s = cluster(3);
+        let host = port(8081, 8080, Protocol::Tcp, PublishMode::Host);
+        s.create_service(
+            &ServiceSpec {
+                ports: vec![host],
+                ..global("web", &[])
+            },
+            1,
+        )
+        .unwrap();
+        s.reconcile(1);
+        assert_eq!(hosts(&s, "web"), ["node1", "node2", "node3"]);
+        assert!(current(&s, "web").iter().all(|t| t.error.is_none()));
+        // Ingress and host ports together: every task on ingress, one per node.
+        s.update_service("web", &[web(80)], &[], None, 2).unwrap();
+        s.reconcile(2);
+        assert_eq!(hosts(&s, "web"), ["node1", "node2", "node3"]);
+        let ingress = ingress_id(&s);
+        assert!(current(&s, "web")
+            .iter()
+            .all(|t| t.attachments.iter().any(|a| a.network_id == ingress)));
+    }
+
+    #[test]
+    fn replicas_and_scale_are_refused_for_a_global_service() {
+        let mut s = cluster(2);
+        let before = s.clone();
+        let err = s
+            .create_service(
+                &ServiceSpec {
+                    replicas: 2,
+                    ..global("agent", &[])
+                },
+                1,
+            )
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "create service agent: replicas can only be used with replicated mode: a global service runs one task on every eligible node"
+        );
+        assert_eq!(s, before);
+        s.create_service(&global("agent", &[]), 1).unwrap();
+        s.create_service(&spec("web", 1, &[]), 1).unwrap();
+        s.reconcile(1);
+        let before = s.clone();
+        let err = s.scale_service("agent", 3, 2).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "scale service agent: scale can only be used with replicated mode"
+        );
+        let err = s
+            .scale_services(&[("web".into(), 3), ("agent".into(), 3)], 2)
+            .unwrap_err();
+        assert!(err.to_string().contains("scale can only be used"), "{err}");
+        assert_eq!(s, before);
     }
 
     #[test]

@@ -155,6 +155,14 @@ pub fn service(s: &State, lb: &LbReports, id: &str) -> ServiceInfo {
         .values()
         .filter(|t| t.service_id == id && t.is_current() && t.state == TaskState::Running)
         .count();
+    let desired = if svc.is_global() {
+        s.tasks
+            .values()
+            .filter(|t| t.service_id == id && t.is_current())
+            .count() as u64
+    } else {
+        svc.spec.replicas
+    };
     ServiceInfo {
         id: svc.id.clone(),
         spec: svc.spec.clone(),
@@ -169,6 +177,7 @@ pub fn service(s: &State, lb: &LbReports, id: &str) -> ServiceInfo {
             })
             .collect(),
         running,
+        desired,
         created_at: svc.created_at,
         updated_at: svc.updated_at,
         fwmark: svc.fwmark,
@@ -211,10 +220,20 @@ pub fn tasks(s: &State, service_id: &str) -> Vec<TaskInfo> {
 }
 
 fn task(s: &State, t: &Task) -> TaskInfo {
-    let service = &s.services[&t.service_id].spec.name;
+    let svc = &s.services[&t.service_id];
+    let service = &svc.spec.name;
+    // As Docker names them: a global service's tasks by node, a replicated one's by slot.
+    let global_node = svc
+        .is_global()
+        .then(|| svc.node_slots.iter().find(|(_, slot)| **slot == t.slot))
+        .flatten();
+    let name = match global_node {
+        Some((node, _)) => format!("{service}.{node}"),
+        None => format!("{service}.{}", t.slot),
+    };
     TaskInfo {
         id: t.id.clone(),
-        name: format!("{service}.{}", t.slot),
+        name,
         service_id: t.service_id.clone(),
         service_name: service.clone(),
         slot: t.slot,

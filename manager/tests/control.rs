@@ -183,6 +183,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
     let Response::Service { service } = api.call(Request::ServiceCreate {
         spec: ServiceSpec {
             name: "web".into(),
+            mode: Default::default(),
             replicas: 2,
             networks: vec!["backend".into()],
             constraints: vec![],
@@ -423,6 +424,7 @@ fn a_published_service_reaches_every_agent_with_its_backends() {
         mode: PublishMode::Ingress,
     };
     let spec = |ports: Vec<PortConfig>| ServiceSpec {
+        mode: Default::default(),
         name: "web".into(),
         replicas: 1,
         networks: vec![],

@@ -349,6 +349,7 @@ fn services(m: &Manager) -> usize {
 fn spec(name: &str, replicas: u64, ports: Vec<PortConfig>) -> ServiceSpec {
     ServiceSpec {
         name: name.into(),
+        mode: Default::default(),
         replicas,
         networks: vec![],
         constraints: vec![],

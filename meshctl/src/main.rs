@@ -13,7 +13,7 @@ use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use proto::api::{PublishedPort, Request, Response, Scale, ServiceSpec};
 use proto::excerpt;
-use proto::model::{Availability, EndpointMode, PortConfig, PublishMode, Role};
+use proto::model::{Availability, EndpointMode, PortConfig, PublishMode, Role, ServiceMode};
 use serde::Serialize;
 
 use crate::client::{Client, Host};
@@ -319,10 +319,15 @@ struct CreateArgs {
     /// 1 to 32 of [a-zA-Z0-9_.-], starting with a letter or digit
     #[arg(long)]
     name: String,
-    /// Number of tasks, at most 10000. With a host-mode port at most one runs per node; the
-    /// others wait until a node is free
-    #[arg(long, default_value = "1", allow_hyphen_values = true, value_parser = parse_replicas)]
-    replicas: u64,
+    /// replicated (default): --replicas tasks spread over the nodes; global: one task on every
+    /// eligible node (ready, active, within the constraints), following nodes as they join,
+    /// leave, drain or change labels
+    #[arg(long, default_value = "replicated", value_parser = parse_mode)]
+    mode: ServiceMode,
+    /// Number of tasks of a replicated service (default 1), at most 10000. With a host-mode
+    /// port at most one runs per node; the others wait until a node is free
+    #[arg(long, allow_hyphen_values = true, value_parser = parse_replicas)]
+    replicas: Option<u64>,
     /// Attach to a network: NAME, or name=NAME,alias=A[,alias=B] to give the service more
     /// names there (repeatable; the first network becomes eth0)
     #[arg(long = "network", value_parser = parse_network)]
@@ -345,6 +350,35 @@ struct CreateArgs {
     /// in all)
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
+}
+
+impl CreateArgs {
+    /// The spec to send; `--replicas` with `--mode global` is refused, as by docker.
+    fn spec(&self) -> anyhow::Result<ServiceSpec> {
+        let replicas = match (self.mode, self.replicas) {
+            (ServiceMode::Global, Some(_)) => {
+                bail!("--replicas can only be used with replicated mode")
+            }
+            (ServiceMode::Global, None) => 0,
+            (ServiceMode::Replicated, replicas) => replicas.unwrap_or(1),
+        };
+        Ok(ServiceSpec {
+            name: self.name.clone(),
+            mode: self.mode,
+            replicas,
+            networks: self.networks.iter().map(|n| n.name.clone()).collect(),
+            constraints: self.constraints.clone(),
+            command: self.command.clone(),
+            ports: self.publish.clone(),
+            endpoint_mode: self.endpoint_mode,
+            aliases: self
+                .networks
+                .iter()
+                .filter(|n| !n.aliases.is_empty())
+                .map(|n| (n.name.clone(), n.aliases.clone()))
+                .collect(),
+        })
+    }
 }
 
 /// One `--network` of `service create`.
@@ -391,6 +425,17 @@ fn parse_endpoint_mode(text: &str) -> Result<EndpointMode, String> {
         "dnsrr" => Ok(EndpointMode::Dnsrr),
         _ => Err(format!(
             "invalid endpoint mode {:?}: expected vip or dnsrr",
+            excerpt(text)
+        )),
+    }
+}
+
+fn parse_mode(text: &str) -> Result<ServiceMode, String> {
+    match text {
+        "replicated" => Ok(ServiceMode::Replicated),
+        "global" => Ok(ServiceMode::Global),
+        _ => Err(format!(
+            "invalid service mode {:?}: expected replicated or global",
             excerpt(text)
         )),
     }
@@ -626,8 +671,7 @@ fn update_service(
     if !wait.detach {
         progress::wait(
             c,
-            &info.spec.name,
-            info.spec.replicas,
+            &info,
             Duration::from_secs(wait.timeout),
             &mut std::io::stdout(),
         )?;
@@ -777,21 +821,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
     let mut stdout = std::io::stdout();
     match cmd {
         ServiceCmd::Create(args) => {
-            let spec = ServiceSpec {
-                name: args.name,
-                replicas: args.replicas,
-                networks: args.networks.iter().map(|n| n.name.clone()).collect(),
-                constraints: args.constraints,
-                command: args.command,
-                ports: args.publish,
-                endpoint_mode: args.endpoint_mode,
-                aliases: args
-                    .networks
-                    .into_iter()
-                    .filter(|n| !n.aliases.is_empty())
-                    .map(|n| (n.name, n.aliases))
-                    .collect(),
-            };
+            let spec = args.spec()?;
             let what = format!("create service {}", excerpt(&spec.name));
             let created = expect!(what, c.call(&Request::ServiceCreate { spec })?,
                                   Response::Service { service } => service);
@@ -799,8 +829,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             if !args.wait.detach {
                 progress::wait(
                     c,
-                    &created.spec.name,
-                    created.spec.replicas,
+                    &created,
                     Duration::from_secs(args.wait.timeout),
                     &mut stdout,
                 )?;
@@ -862,13 +891,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             if !wait.detach {
                 for info in scaled {
                     writeln!(stdout, "{}:", info.spec.name)?;
-                    progress::wait(
-                        c,
-                        &info.spec.name,
-                        info.spec.replicas,
-                        Duration::from_secs(wait.timeout),
-                        &mut stdout,
-                    )?;
+                    progress::wait(c, &info, Duration::from_secs(wait.timeout), &mut stdout)?;
                 }
             }
         }
@@ -949,7 +972,10 @@ mod tests {
             panic!("parsed as {:?}", cli.command)
         };
         assert_eq!(a.name, "web");
-        assert_eq!(a.replicas, 3);
+        assert_eq!(a.replicas, Some(3));
+        assert_eq!(a.mode, ServiceMode::Replicated);
+        let spec = a.spec().unwrap();
+        assert_eq!((spec.mode, spec.replicas), (ServiceMode::Replicated, 3));
         let net = |name: &str, aliases: &[&str]| NetworkArg {
             name: name.into(),
             aliases: aliases.iter().map(|a| a.to_string()).collect(),
@@ -975,11 +1001,46 @@ mod tests {
         let Command::Service(ServiceCmd::Create(a)) = cli.command else {
             panic!("parsed as {:?}", cli.command)
         };
+        assert_eq!(a.spec().unwrap().replicas, 1);
         assert_eq!(
             (a.replicas, a.command),
-            (1, vec!["sleep".to_string(), "30".to_string()])
+            (None, vec!["sleep".to_string(), "30".to_string()])
         );
         assert!(!a.wait.detach);
+    }
+
+    #[test]
+    fn global_mode_is_parsed_and_refuses_replicas() {
+        let create = |extra: &[&str]| {
+            let mut args = vec!["service", "create", "--name", "agent"];
+            args.extend_from_slice(extra);
+            args.extend_from_slice(&["--", "hello-server"]);
+            let cli = parse(&args)?;
+            let Command::Service(ServiceCmd::Create(a)) = cli.command else {
+                panic!("parsed as {:?}", cli.command)
+            };
+            Ok::<_, String>(a)
+        };
+        let spec = create(&["--mode", "global"]).unwrap().spec().unwrap();
+        assert_eq!((spec.mode, spec.replicas), (ServiceMode::Global, 0));
+        let spec = create(&["--mode", "replicated", "--replicas", "2"])
+            .unwrap()
+            .spec()
+            .unwrap();
+        assert_eq!((spec.mode, spec.replicas), (ServiceMode::Replicated, 2));
+        let err = create(&["--mode", "global", "--replicas", "2"])
+            .unwrap()
+            .spec()
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "--replicas can only be used with replicated mode"
+        );
+        let err = create(&["--mode", "everywhere"]).unwrap_err();
+        assert!(
+            err.contains("invalid service mode \"everywhere\": expected replicated or global"),
+            "{err}"
+        );
     }
 
     #[test]

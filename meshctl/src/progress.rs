@@ -5,8 +5,8 @@ use std::io::Write;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use proto::api::{Request, Response, TaskInfo};
-use proto::model::TaskState;
+use proto::api::{Request, Response, ServiceInfo, TaskInfo};
+use proto::model::{ServiceMode, TaskState};
 
 use crate::client::Client;
 
@@ -17,11 +17,15 @@ pub struct Progress {
     pub running: usize,
     /// Slot → "running", "assigned", "pending: no suitable node (...)", ...
     pub slots: BTreeMap<u64, String>,
+    /// A global service: slot → its node, which names the slot in the lines shown (as docker
+    /// shows a global service's progress by node); empty for a replicated one.
+    pub nodes: BTreeMap<u64, String>,
 }
 
 impl Progress {
-    pub fn of(tasks: &[TaskInfo], desired: u64) -> Progress {
+    pub fn of(tasks: &[TaskInfo], desired: u64, mode: ServiceMode) -> Progress {
         let mut slots = BTreeMap::new();
+        let mut nodes = BTreeMap::new();
         let mut running = 0;
         for t in tasks
             .iter()
@@ -36,11 +40,29 @@ impl Progress {
                 None => word,
             };
             slots.insert(t.slot, text);
+            if mode == ServiceMode::Global {
+                // A task waiting to start has no node yet, but its name `<service>.<node id>`
+                // says where it goes.
+                let node = t.node.clone().unwrap_or_else(|| {
+                    let id = t.name.rsplit_once('.').map_or("", |(_, id)| id);
+                    id.chars().take(12).collect()
+                });
+                nodes.insert(t.slot, node);
+            }
         }
         Progress {
             desired,
             running,
             slots,
+            nodes,
+        }
+    }
+
+    /// How the lines shown name a slot: `2/3`, or a global service's node.
+    fn label(&self, slot: u64) -> String {
+        match self.nodes.get(&slot) {
+            Some(node) => node.clone(),
+            None => format!("{slot}/{}", self.desired),
         }
     }
 
@@ -53,20 +75,22 @@ impl Progress {
         self.slots
             .iter()
             .filter(|(_, text)| text.as_str() != "running")
-            .map(|(slot, text)| format!("{slot}/{}: {text}", self.desired))
+            .map(|(slot, text)| format!("{}: {text}", self.label(*slot)))
             .collect()
     }
 }
 
-/// Polls the service's tasks until every slot runs, printing a line for every change.
-/// `service` is the service's name (unique, and what the user reads in messages).
+/// Polls the service's tasks until every slot runs, printing a line for every change; `info`
+/// is the service as the manager answered the change, with the tasks it wants.
 pub fn wait(
     client: &mut Client,
-    service: &str,
-    desired: u64,
+    info: &ServiceInfo,
     timeout: Duration,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
+    // The name: unique, and what the user reads in messages.
+    let service = info.spec.name.as_str();
+    let desired = info.desired_tasks();
     let deadline = Instant::now() + timeout;
     let mut shown: Option<Progress> = None;
     loop {
@@ -76,11 +100,11 @@ pub fn wait(
             Response::Tasks { tasks } => tasks,
             other => bail!("list tasks of service {service}: unexpected answer {other:?}"),
         };
-        let now = Progress::of(&tasks, desired);
+        let now = Progress::of(&tasks, desired, info.spec.mode);
         if shown.as_ref() != Some(&now) {
             for (slot, text) in &now.slots {
                 if shown.as_ref().and_then(|p| p.slots.get(slot)) != Some(text) {
-                    writeln!(out, "{slot}/{desired}: {text}")?;
+                    writeln!(out, "{}: {text}", now.label(*slot))?;
                 }
             }
             if shown.as_ref().map(|p| p.running) != Some(now.running) {
@@ -152,7 +176,7 @@ mod tests {
                 Some("no suitable node (1 node not ready or not active)"),
             ),
         ];
-        let p = Progress::of(&tasks, 3);
+        let p = Progress::of(&tasks, 3, ServiceMode::Replicated);
         assert_eq!(p.running, 1);
         assert!(!p.converged());
         assert_eq!(
@@ -166,9 +190,38 @@ mod tests {
             task(1, Running, Running, None),
             task(2, Running, Running, None),
         ];
-        assert!(Progress::of(&all, 2).converged());
+        let of =
+            |tasks: &[TaskInfo], desired| Progress::of(tasks, desired, ServiceMode::Replicated);
+        assert!(of(&all, 2).converged());
         // Scaled to 1 while slot 2 still exists: not yet.
-        assert!(!Progress::of(&all, 1).converged());
-        assert!(Progress::of(&[], 0).converged());
+        assert!(!of(&all, 1).converged());
+        assert!(of(&[], 0).converged());
+    }
+
+    #[test]
+    fn a_global_service_shows_progress_by_node() {
+        use TaskState::*;
+        let on = |slot, node: &str, state, error| TaskInfo {
+            name: "web.4bc7f0d1a2b3c4d5e6f7a8b9c".into(),
+            node: Some(node.to_string()),
+            ..task(slot, Running, state, error)
+        };
+        let waiting = TaskInfo {
+            node: None,
+            ..on(3, "", Pending, Some("restart delayed"))
+        };
+        let tasks = vec![
+            on(1, "node1", Running, None),
+            on(2, "node2", Assigned, None),
+            waiting,
+        ];
+        let p = Progress::of(&tasks, 3, ServiceMode::Global);
+        assert!(!p.converged());
+        assert_eq!(
+            p.laggards(),
+            ["node2: assigned", "4bc7f0d1a2b3: pending: restart delayed"]
+        );
+        let all = [on(1, "node1", Running, None), on(2, "node2", Running, None)];
+        assert!(Progress::of(&all, 2, ServiceMode::Global).converged());
     }
 }

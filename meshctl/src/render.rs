@@ -4,7 +4,7 @@
 use std::fmt::Write;
 
 use proto::api::{NetworkDetail, NodeInfo, NodeLb, PublishInfo, ServiceInfo, TaskInfo};
-use proto::model::{Availability, Network, NodeStatus, Role, TaskState};
+use proto::model::{Availability, Network, NodeStatus, Role, ServiceMode, TaskState};
 
 use crate::ports;
 
@@ -136,8 +136,8 @@ pub fn services(services: &[ServiceInfo]) -> String {
             vec![
                 short(&s.id),
                 s.spec.name.clone(),
-                "replicated".to_string(),
-                format!("{}/{}", s.running, s.spec.replicas),
+                s.spec.mode.as_str().to_string(),
+                format!("{}/{}", s.running, s.desired_tasks()),
                 s.spec.command.join(" "),
                 s.spec
                     .ports
@@ -212,12 +212,20 @@ pub fn service_pretty(s: &ServiceInfo) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "ID:\t\t{}", s.id);
     let _ = writeln!(out, "Name:\t\t{}", s.spec.name);
-    let _ = writeln!(out, "Service Mode:\tReplicated");
-    let _ = writeln!(
-        out,
-        " Replicas:\t{} (running {})",
-        s.spec.replicas, s.running
-    );
+    match s.spec.mode {
+        ServiceMode::Replicated => {
+            let _ = writeln!(out, "Service Mode:\tReplicated");
+            let _ = writeln!(
+                out,
+                " Replicas:\t{} (running {})",
+                s.spec.replicas, s.running
+            );
+        }
+        ServiceMode::Global => {
+            let _ = writeln!(out, "Service Mode:\tGlobal");
+            let _ = writeln!(out, " Tasks:\t\t{} (running {})", s.desired, s.running);
+        }
+    }
     if !s.spec.constraints.is_empty() {
         let _ = writeln!(out, "Placement:");
         let _ = writeln!(out, " Constraints:\t{}", s.spec.constraints.join(", "));
@@ -428,10 +436,11 @@ mod tests {
 
     #[test]
     fn service_ls_shows_replicas_as_running_over_desired() {
-        let out = services(&[ServiceInfo {
+        let replicated = ServiceInfo {
             id: "0123456789abcdef0123456789".into(),
             spec: ServiceSpec {
                 name: "web".into(),
+                mode: Default::default(),
                 replicas: 3,
                 networks: vec!["n".into()],
                 constraints: vec![],
@@ -455,17 +464,41 @@ mod tests {
             },
             network_names: vec!["backend".into()],
             running: 2,
+            desired: 3,
             created_at: 0,
             updated_at: 0,
             fwmark: Some(256),
             lb: vec![],
             virtual_ips: vec![],
-        }]);
+        };
+        // A global service: running over the nodes it belongs on.
+        let global = ServiceInfo {
+            id: "1123456789abcdef0123456789".into(),
+            spec: ServiceSpec {
+                name: "agent".into(),
+                mode: ServiceMode::Global,
+                replicas: 0,
+                ports: vec![],
+                command: vec!["sleep".into(), "1d".into()],
+                ..replicated.spec.clone()
+            },
+            running: 4,
+            desired: 4,
+            ..replicated.clone()
+        };
+        let out = services(&[replicated, global.clone()]);
         assert_eq!(
             out,
             "ID             NAME      MODE         REPLICAS   COMMAND                    PORTS\n\
-             0123456789ab   web       replicated   2/3        hello-server --port 8080   *:80->8080/tcp, *:53->5353/udp\n"
+             0123456789ab   web       replicated   2/3        hello-server --port 8080   *:80->8080/tcp, *:53->5353/udp\n\
+             1123456789ab   agent     global       4/4        sleep 1d\n"
         );
+        let out = service_pretty(&global);
+        assert!(
+            out.contains("Service Mode:\tGlobal\n Tasks:\t\t4 (running 4)\n"),
+            "{out}"
+        );
+        assert!(!out.contains("Replicas"), "{out}");
     }
 
     fn lb(hostname: &str, backends: &[(&str, u32)]) -> NodeLb {
@@ -506,6 +539,7 @@ mod tests {
         let info = ServiceInfo {
             id: "svc".into(),
             spec: ServiceSpec {
+                mode: Default::default(),
                 name: "web".into(),
                 replicas: 2,
                 networks: vec![],
@@ -517,6 +551,7 @@ mod tests {
             },
             network_names: vec![],
             running: 2,
+            desired: 2,
             created_at: 0,
             updated_at: 0,
             fwmark: Some(256),

@@ -15,7 +15,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::LbServiceReport;
 use crate::model::{
-    Availability, EndpointMode, Network, Node, PortConfig, Protocol, Role, TaskState,
+    Availability, EndpointMode, Network, Node, PortConfig, Protocol, Role, ServiceMode, TaskState,
 };
 
 /// Where `mesh-manager` listens for `meshctl` unless told otherwise.
@@ -269,6 +269,10 @@ pub enum Response {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ServiceSpec {
     pub name: String,
+    /// replicated (default: `replicas` tasks) or global (one task on every eligible node).
+    #[serde(default)]
+    pub mode: ServiceMode,
+    /// Tasks of a replicated service; 0 for a global one.
     pub replicas: u64,
     /// Network names or ids in a request; the manager stores ids. The first becomes eth0.
     #[serde(default)]
@@ -346,8 +350,12 @@ pub struct ServiceInfo {
     pub spec: ServiceSpec,
     /// The same networks as `spec.networks`, by name.
     pub network_names: Vec<String>,
-    /// Tasks that run now, against `spec.replicas`.
+    /// Tasks that run now, against `desired`.
     pub running: usize,
+    /// Tasks the manager wants: `spec.replicas` for a replicated service; for a global one, the
+    /// nodes it has a task on (every eligible node, and paused ones that keep theirs).
+    #[serde(default)]
+    pub desired: u64,
     pub created_at: u64,
     pub updated_at: u64,
     /// The balancers' mark for this service: with an ingress-mode port or a VIP.
@@ -361,6 +369,17 @@ pub struct ServiceInfo {
     /// with an ingress-mode port; as Docker's `Endpoint.VirtualIPs`.
     #[serde(default)]
     pub virtual_ips: Vec<VirtualIp>,
+}
+
+impl ServiceInfo {
+    /// The tasks the service wants: the replica count of a replicated service (so also from a
+    /// manager that predates `desired`), `desired` for a global one.
+    pub fn desired_tasks(&self) -> u64 {
+        match self.spec.mode {
+            ServiceMode::Replicated => self.spec.replicas,
+            ServiceMode::Global => self.desired,
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -480,6 +499,25 @@ mod tests {
         let spec: ServiceSpec =
             decode_frame(br#"{"name":"web","replicas":1,"command":["x"]}"#).unwrap();
         assert!(spec.ports.is_empty());
+        assert_eq!(spec.mode, ServiceMode::Replicated);
+        let global: ServiceSpec =
+            decode_frame(br#"{"name":"web","mode":"global","replicas":0,"command":["x"]}"#)
+                .unwrap();
+        assert_eq!(global.mode, ServiceMode::Global);
+        let value: serde_json::Value = serde_json::from_slice(&encode_frame(&global)).unwrap();
+        assert_eq!(value["mode"], "global");
+        // A manager that predates global mode sends no `desired`: the replicas stand for it.
+        let info: ServiceInfo = decode_frame(
+            br#"{"id":"x","spec":{"name":"web","replicas":3,"command":["x"]},"network_names":[],"running":1,"created_at":0,"updated_at":0}"#,
+        )
+        .unwrap();
+        assert_eq!((info.desired, info.desired_tasks()), (0, 3));
+        let info = ServiceInfo {
+            spec: global,
+            desired: 4,
+            ..info
+        };
+        assert_eq!(info.desired_tasks(), 4);
         let req: Request = decode_frame(br#"{"type":"service_update","service":"web"}"#).unwrap();
         assert_eq!(
             req,

@@ -136,6 +136,26 @@ impl EndpointMode {
     }
 }
 
+/// How a service's tasks are counted: a number of replicas, or one on every eligible node.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServiceMode {
+    /// `replicas` tasks, spread over the eligible nodes.
+    #[default]
+    Replicated,
+    /// One task on every node that is ready, active and satisfies the constraints.
+    Global,
+}
+
+impl ServiceMode {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ServiceMode::Replicated => "replicated",
+            ServiceMode::Global => "global",
+        }
+    }
+}
+
 /// One published port of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PortConfig {

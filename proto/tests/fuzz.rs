@@ -301,6 +301,7 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
         .prop_map(
             |(name, replicas, networks, constraints, command, ports)| ServiceSpec {
                 name,
+                mode: Default::default(),
                 replicas,
                 networks,
                 constraints,
@@ -501,6 +502,7 @@ fn service_info() -> impl Strategy<Value = ServiceInfo> {
                 spec,
                 network_names,
                 running,
+                desired: running as u64,
                 created_at,
                 updated_at,
                 fwmark,
