@@ -190,32 +190,6 @@ fn choose_lb(lb: Lb) -> anyhow::Result<LbKind> {
     Ok(kind)
 }
 
-/// The node's addresses (but the gwbridge's) and routes, and refuses a gwbridge subnet that
-/// clashes with them.
-type NodeNets = (Vec<(String, Ipv4Net)>, Vec<Ipv4Net>);
-
-fn node_nets(node: &Netns, gw_subnet: Ipv4Net) -> anyhow::Result<NodeNets> {
-    let dir = node.path().parent().unwrap_or(std::path::Path::new("/"));
-    let seen = vxlan::Sandbox::open(dir, &node.name())?.observe()?;
-    let addrs: Vec<(String, Ipv4Net)> = seen
-        .links
-        .iter()
-        .filter(|l| l.name != mesh::GWBRIDGE)
-        .flat_map(|l| l.addrs.iter().map(|a| (l.name.clone(), *a)))
-        .collect();
-    let out = std::process::Command::new("ip")
-        .args(["-4", "-o", "route", "show", "table", "main"])
-        .output()
-        .context("run `ip -4 route show` to check the gwbridge subnet")?;
-    if !out.status.success() {
-        anyhow::bail!("ip -4 route show: {}", String::from_utf8_lossy(&out.stderr));
-    }
-    let routes = mesh::parse_routes(&String::from_utf8_lossy(&out.stdout));
-    mesh::check_clash("gwbridge", gw_subnet, &addrs, &routes)
-        .map_err(|e| anyhow::anyhow!("{e} (--gwbridge-subnet)"))?;
-    Ok((addrs, routes))
-}
-
 /// The embedded resolver's upstreams (`--dns-upstream`, else the node's resolv.conf) and the
 /// node's search domains (for the tasks' resolv.conf).
 fn dns_config(upstreams: &[SocketAddr]) -> anyhow::Result<(Vec<SocketAddr>, Vec<String>)> {
@@ -314,7 +288,16 @@ async fn run() -> anyhow::Result<()> {
         None => overlay_mtu(&node, advertise_addr)?,
     };
     let lb_kind = choose_lb(flags.lb)?;
-    let (node_addrs, node_routes) = node_nets(&node, flags.gwbridge_subnet)?;
+    let kernel = NetKernel::new(
+        &state.netns_dir(),
+        Netns::open(node.path()).context("open the node's network namespace")?,
+    );
+    // A clash found now stops the agent; one that appears later is logged by the pass.
+    kernel
+        .node_nets()
+        .context("read the node's addresses and routes")?
+        .check_clash("gwbridge", flags.gwbridge_subnet, &[])
+        .map_err(|e| anyhow::anyhow!("{e} (--gwbridge-subnet)"))?;
     // The gwbridge carries underlay-sized packets: the underlay's MTU, or the one --mtu implies.
     let gw_mtu = mtu + vxlan::VXLAN_OVERHEAD;
     info!(
@@ -395,12 +378,10 @@ async fn run() -> anyhow::Result<()> {
     let mesh = reconcile::Mesh {
         gw_subnet: flags.gwbridge_subnet,
         gw_mtu,
-        node_addrs,
-        node_routes,
+        gw_clash: None,
         gw_addrs: state.gw_addrs(flags.gwbridge_subnet)?,
         rules: Arc::new(Mutex::new(rules)),
     };
-    let kernel = NetKernel::new(&state.netns_dir(), node);
     // Fail early and clearly if netlink or the state dir is unusable.
     kernel.observe().context("read the node's state")?;
     let netns_dir = state.netns_dir();

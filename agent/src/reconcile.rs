@@ -27,10 +27,8 @@ pub struct Mesh {
     pub gw_subnet: Ipv4Net,
     /// MTU of the gwbridge and its legs: the underlay's.
     pub gw_mtu: u32,
-    /// The node's own addresses and routes (at start), which an ingress subnet must not clash
-    /// with.
-    pub node_addrs: Vec<(String, Ipv4Net)>,
-    pub node_routes: Vec<Ipv4Net>,
+    /// The gwbridge subnet's clash with the node's addresses or routes, as last logged.
+    pub gw_clash: Option<String>,
     /// gwbridge addresses as given out (and persisted).
     pub gw_addrs: BTreeMap<String, Ipv4Addr>,
     pub rules: Arc<Mutex<MeshRules>>,
@@ -61,13 +59,32 @@ impl<K: Kernel> Reconciler<K> {
         // of tasks that ended close before their namespaces go.
         self.dns.update(desired);
         self.sync_dns().await;
+        // The node's addresses and routes, read again: they change under us (DHCP, VPNs).
+        let kernel = self.kernel.clone();
+        let node = match tokio::task::spawn_blocking(move || kernel.node_nets()).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                error!("read the node's addresses and routes: {e}");
+                return 1;
+            }
+            Err(panicked) => {
+                error!("read the node's addresses and routes: {panicked}");
+                return 1;
+            }
+        };
+        let gw_clash = node.check_clash("gwbridge", self.mesh.gw_subnet, &[]).err();
+        if gw_clash != self.mesh.gw_clash {
+            match &gw_clash {
+                Some(e) => error!("{e}: tasks may not reach it through the gwbridge"),
+                None => info!("the gwbridge subnet no longer clashes with the node"),
+            }
+            self.mesh.gw_clash = gw_clash;
+        }
         // An ingress subnet that clashes with the node is refused: no ingress here.
         let mut desired = desired.clone();
         if let Some(i) = &desired.ingress {
-            let m = &self.mesh;
-            let mut routes = m.node_routes.clone();
-            routes.push(m.gw_subnet);
-            if let Err(e) = mesh::check_clash("ingress", i.network.subnet, &m.node_addrs, &routes) {
+            let gw = [self.mesh.gw_subnet];
+            if let Err(e) = node.check_clash("ingress", i.network.subnet, &gw) {
                 error!("{e}; the routing mesh stays off on this node");
                 desired.ingress = None;
             }
@@ -341,7 +358,8 @@ fn span_of(action: &Action, desired: &Assignment) -> tracing::Span {
         | Action::StartTask { task }
         | Action::RebindNetns { task, .. }
         | Action::EnsureEndpoint { task, .. }
-        | Action::EnsureGwLeg { task, .. } => info_span!("task", task = %task),
+        | Action::EnsureGwLeg { task, .. }
+        | Action::EnsureDefaultRoute { task, .. } => info_span!("task", task = %task),
         Action::EnsureGwBridge { .. } | Action::DeleteNodeLink { .. } => {
             info_span!("gwbridge")
         }
