@@ -10,6 +10,7 @@ mod join;
 mod lb;
 mod mesh;
 mod metrics;
+mod netwatch;
 mod observe;
 mod plan;
 mod reconcile;
@@ -385,6 +386,8 @@ async fn run() -> anyhow::Result<()> {
     // Fail early and clearly if netlink or the state dir is unusable.
     kernel.observe().context("read the node's state")?;
     let netns_dir = state.netns_dir();
+    let (watch, changes) = netwatch::Watcher::new(&node, &netns_dir)
+        .context("watch the node's links, addresses and routes")?;
     let reconciler = reconcile::Reconciler {
         kernel: Arc::new(kernel),
         supervisor,
@@ -398,6 +401,8 @@ async fn run() -> anyhow::Result<()> {
         outbox,
         mesh,
         wake: None,
+        watch,
+        settled: false,
         dns: dns::Dns::new(
             netns_dir,
             dns::upstream::Forwarder::new(dns_upstreams),
@@ -409,7 +414,7 @@ async fn run() -> anyhow::Result<()> {
     let interval = Duration::from_secs(flags.reconcile_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = reconciler.run(assign_rx, events_rx, interval) => {}
+        _ = reconciler.run(assign_rx, events_rx, changes, interval) => {}
         _ = tokio::signal::ctrl_c() => info!("interrupted; tasks and overlays keep running"),
         _ = term.recv() => info!("terminated; tasks and overlays keep running"),
     }

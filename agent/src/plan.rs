@@ -161,6 +161,21 @@ pub enum Action {
 }
 
 impl Action {
+    /// What kind of object the action makes right, for logs and the repair metric.
+    pub fn kind(&self) -> &'static str {
+        use Action::*;
+        match self {
+            StopTask { .. } | ForgetTask { .. } | StartTask { .. } => "task",
+            DeleteNetns { .. } | CreateNetns { .. } | RebindNetns { .. } => "netns",
+            DeleteLink { .. } | DeleteNodeLink { .. } => "link",
+            EnsureBridge { .. } | EnsureGwBridge { .. } => "bridge",
+            EnsureVxlan { .. } => "vxlan",
+            Peers { .. } => "fdb_neigh",
+            EnsureEndpoint { .. } | EnsureGwLeg { .. } => "veth",
+            EnsureDefaultRoute { .. } => "route",
+        }
+    }
+
     /// The namespaces (or tasks) an action works on: when one fails, later actions on the same
     /// objects are skipped until the next pass.
     pub fn scopes(&self) -> Vec<&str> {

@@ -1,5 +1,6 @@
 //! The reconciliation loop: observe → plan → apply, at start, on every new assignment, on every
-//! task exit and on a timer. Kernel calls run on blocking threads (never on a tokio worker).
+//! task exit, soon after a kernel change in a namespace the agent owns, and on a timer (the
+//! backstop). Kernel calls run on blocking threads (never on a tokio worker).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -10,13 +11,14 @@ use ipnet::Ipv4Net;
 use proto::agent::{Assignment, TaskSpec};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::apply::Kernel;
 use crate::conn::Outbox;
 use crate::dns::Dns;
 use crate::mesh::{self, Gw, INGRESS_SBOX};
 use crate::metrics::AgentMetrics;
+use crate::netwatch::{Change, Watcher};
 use crate::plan::{plan, sandbox_name, Action, Settings};
 use crate::rules::MeshRules;
 use crate::state::StateDir;
@@ -36,6 +38,9 @@ pub struct Mesh {
 
 /// A pass that failed is retried this soon, not only at the next interval.
 const RETRY: Duration = Duration::from_secs(2);
+/// A kernel change brings the next pass this close: the rest of a burst (a veth takes its
+/// peer, addresses and routes with it) comes in meanwhile and is seen by the same pass.
+const DEBOUNCE: Duration = Duration::from_millis(75);
 
 pub struct Reconciler<K: Kernel> {
     pub kernel: Arc<K>,
@@ -47,6 +52,11 @@ pub struct Reconciler<K: Kernel> {
     /// Set by a pass that wants the next one sooner than the interval (an IPVS drain).
     pub wake: Option<Duration>,
     pub metrics: AgentMetrics,
+    /// Kernel changes in the node namespace and the agent's own ones.
+    pub watch: Watcher,
+    /// The last pass completed and nothing was asked of the agent since (no new assignment, no
+    /// task ended): whatever a pass applies now repairs drift.
+    pub settled: bool,
     /// The embedded resolver: its records follow `desired`, its listeners the tasks.
     pub dns: Dns,
 }
@@ -121,6 +131,13 @@ impl<K: Kernel> Reconciler<K> {
                 return 1;
             }
         };
+        // A watch holds its namespace alive: none outlives the file it was opened through.
+        let current = observed
+            .namespaces
+            .iter()
+            .map(|(name, o)| (name.clone(), o.inode))
+            .collect();
+        self.watch.retain(&current).await;
         // A task whose name cannot name its namespace (and files) fails instead of retrying.
         for t in &desired.tasks {
             if let Err(e) = netns::validate_name(&t.name) {
@@ -149,7 +166,12 @@ impl<K: Kernel> Reconciler<K> {
                 continue;
             }
             let span = span_of(&action, desired);
-            span.in_scope(|| info!(?action, "apply"));
+            if self.settled {
+                span.in_scope(|| warn!(kind = action.kind(), ?action, "repair"));
+                self.metrics.repair(action.kind());
+            } else {
+                span.in_scope(|| info!(?action, "apply"));
+            }
             if let Err(e) = self
                 .apply(action.clone(), desired)
                 .instrument(span.clone())
@@ -162,6 +184,7 @@ impl<K: Kernel> Reconciler<K> {
         }
         // Again once namespaces are in place (a namespace made anew needs a new listener).
         self.sync_dns().await;
+        self.watch.sync().await;
         errors + self.sync_mesh(desired, gw.addrs).await
     }
 
@@ -251,6 +274,11 @@ impl<K: Kernel> Reconciler<K> {
         match &action {
             Action::StopTask { task } => self.supervisor.stop(task),
             Action::ForgetTask { task } => self.supervisor.forget(task),
+            Action::DeleteNetns { name } => {
+                // Our socket inside would keep the namespace, and its links, alive.
+                self.watch.forget(name).await;
+                self.apply_kernel(action).await?;
+            }
             Action::StartTask { task } => match desired.tasks.iter().find(|t| &t.name == task) {
                 Some(spec) => {
                     // The resolver listens before the task's first query.
@@ -259,16 +287,18 @@ impl<K: Kernel> Reconciler<K> {
                 }
                 None => return Err(format!("task {task} is not in the assignment")),
             },
-            _ => {
-                let kernel = self.kernel.clone();
-                let shown = format!("{action:?}");
-                tokio::task::spawn_blocking(move || kernel.apply(&action))
-                    .await
-                    .map_err(|e| format!("{shown}: {e}"))?
-                    .map_err(|e| e.to_string())?;
-            }
+            _ => self.apply_kernel(action).await?,
         }
         Ok(())
+    }
+
+    async fn apply_kernel(&self, action: Action) -> Result<(), String> {
+        let kernel = self.kernel.clone();
+        let shown = format!("{action:?}");
+        tokio::task::spawn_blocking(move || kernel.apply(&action))
+            .await
+            .map_err(|e| format!("{shown}: {e}"))?
+            .map_err(|e| e.to_string())
     }
 
     /// Runs forever: passes on new assignments, process events and the timer.
@@ -276,6 +306,7 @@ impl<K: Kernel> Reconciler<K> {
         mut self,
         mut assignments: watch::Receiver<Assignment>,
         mut events: mpsc::UnboundedReceiver<ProcEvent>,
+        mut changes: mpsc::UnboundedReceiver<Change>,
         interval: Duration,
     ) {
         let mut desired = assignments.borrow_and_update().clone();
@@ -301,13 +332,23 @@ impl<K: Kernel> Reconciler<K> {
                         error!("persist assignment {}: {e}", desired.revision);
                     }
                     unreported = Some(desired.revision);
+                    self.settled = false;
                     next = Instant::now();
                 }
                 ev = events.recv() => {
                     let Some(ev) = ev else { return };
                     if self.supervisor.handle(ev) {
                         // A task ended: its namespace and maybe its network's sandbox go now.
+                        self.settled = false;
                         next = Instant::now();
+                    }
+                }
+                Some(Change { netns, what }) = changes.recv() => {
+                    // Our own changes come back too: they cost one pass that finds nothing.
+                    let soon = Instant::now() + DEBOUNCE;
+                    if soon < next {
+                        debug!(%netns, %what, "kernel change; reconciling");
+                        next = soon;
                     }
                 }
                 _ = tokio::time::sleep_until(next) => {
@@ -326,6 +367,7 @@ impl<K: Kernel> Reconciler<K> {
                         }
                     }
                     if errors == 0 {
+                        self.settled = true;
                         if let Some(rev) = unreported.take() {
                             info!(revision = rev, "assignment applied");
                             self.outbox.applied(rev);
