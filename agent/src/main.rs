@@ -174,21 +174,35 @@ fn overlay_mtu(node: &Netns, advertise: IpAddr) -> anyhow::Result<u32> {
     Ok(vxlan::overlay_mtu(underlay, None)?)
 }
 
-/// Resolves `--lb`: IPVS where the kernel has it (the generic netlink family is global to all
-/// namespaces, so probing here answers for ingress_sbox too); `--lb ipvs` without it is an error.
+/// Resolves `--lb`. IPVS is probed by resolving its generic netlink family (global to all
+/// namespaces, so the answer holds for ingress_sbox too): a kernel with IPVS as a module loads
+/// it for that request (`net-pf-16-proto-16-family-IPVS`), so no `modprobe` is needed, and
+/// `--lb nftables` does not probe, so it loads nothing.
 fn choose_lb(lb: Lb) -> anyhow::Result<LbKind> {
-    let probe = ipvs::Client::new().map(drop);
-    let kind = match (lb, probe) {
-        (Lb::Nftables, _) => LbKind::Nftables,
-        (Lb::Ipvs | Lb::Auto, Ok(())) => LbKind::Ipvs,
-        (Lb::Auto, Err(e)) => {
-            info!("no IPVS ({e}); using nftables");
-            LbKind::Nftables
-        }
-        (Lb::Ipvs, Err(e)) => anyhow::bail!("--lb ipvs: {e}"),
-    };
-    info!(lb = ?lb, backend = kind.name(), "routing-mesh load balancer");
+    let probe = || ipvs::Client::new().map(|c| c.family_id());
+    let (kind, why) = decide_lb(lb, probe)?;
+    info!(lb = ?lb, backend = kind.name(), "routing-mesh load balancer: {why}");
     Ok(kind)
+}
+
+/// The balancer for `lb`, and why; `probe` resolves the IPVS family.
+fn decide_lb(
+    lb: Lb,
+    probe: impl FnOnce() -> Result<u16, ipvs::Error>,
+) -> anyhow::Result<(LbKind, String)> {
+    if lb == Lb::Nftables {
+        return Ok((LbKind::Nftables, "asked for".into()));
+    }
+    match (lb, probe()) {
+        (_, Ok(id)) => Ok((
+            LbKind::Ipvs,
+            format!(
+                "the kernel has IPVS (generic netlink family id {id}, built in or loaded on demand)"
+            ),
+        )),
+        (Lb::Auto, Err(e)) => Ok((LbKind::Nftables, format!("no IPVS: {e}"))),
+        (_, Err(e)) => anyhow::bail!("--lb ipvs: {e}"),
+    }
 }
 
 /// The embedded resolver's upstreams (`--dns-upstream`, else the node's resolv.conf) and the
@@ -424,6 +438,23 @@ async fn run() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lb_auto_takes_ipvs_when_its_family_resolves_and_says_why() {
+        let (kind, why) = decide_lb(Lb::Auto, || Ok(23)).unwrap();
+        assert_eq!(kind, LbKind::Ipvs);
+        assert!(why.contains("family id 23"), "{why}");
+        let (kind, why) = decide_lb(Lb::Auto, || Err(ipvs::Error::NoIpvs)).unwrap();
+        assert_eq!(kind, LbKind::Nftables);
+        assert!(why.starts_with("no IPVS: IPVS is not available"), "{why}");
+        assert_eq!(decide_lb(Lb::Ipvs, || Ok(23)).unwrap().0, LbKind::Ipvs);
+        let err = decide_lb(Lb::Ipvs, || Err(ipvs::Error::NoIpvs)).unwrap_err();
+        assert!(err.to_string().starts_with("--lb ipvs: "), "{err}");
+        let nft = decide_lb(Lb::Nftables, || {
+            panic!("--lb nftables must not probe (it would load ip_vs)")
+        });
+        assert_eq!(nft.unwrap().0, LbKind::Nftables);
+    }
 
     #[test]
     fn flags_parse_with_defaults_and_validation() {
