@@ -301,7 +301,7 @@ impl<K: Kernel> Reconciler<K> {
             .map_err(|e| e.to_string())
     }
 
-    /// Runs forever: passes on new assignments, process events and the timer.
+    /// Runs forever: passes on new assignments, process events, kernel changes and the timer.
     pub async fn run(
         mut self,
         mut assignments: watch::Receiver<Assignment>,
