@@ -8,7 +8,6 @@ use std::io;
 use std::net::Ipv4Addr;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use netns::Netns;
 use nix::mount::{mount, MsFlags};
@@ -17,7 +16,7 @@ use nix::unistd::Pid;
 use tracing::warn;
 use vxlan::{BridgeConfig, EndpointConfig, MacAddr, Sandbox, VxlanConfig};
 
-use crate::mesh::GWBRIDGE;
+use crate::mesh::{NodeNets, GWBRIDGE};
 use crate::observe::{NsObs, Observed};
 use crate::plan::{Action, BRIDGE, VXLAN};
 
@@ -36,17 +35,13 @@ pub enum KernelError {
     },
     #[error("{0:?} is a task action, not a kernel one")]
     NotKernel(Box<Action>),
-    #[error("set the default route via {gateway} in {task}: {reason}")]
-    Route {
-        task: String,
-        gateway: std::net::Ipv4Addr,
-        reason: String,
-    },
 }
 
 /// Reads and changes the kernel objects the agent owns.
 pub trait Kernel: Send + Sync + 'static {
     fn observe(&self) -> Result<Observed, KernelError>;
+    /// The node's own addresses and routes, which our subnets must not clash with.
+    fn node_nets(&self) -> Result<NodeNets, KernelError>;
     /// Applies one kernel action (every [`Action`] but the task ones).
     fn apply(&self, action: &Action) -> Result<(), KernelError>;
 }
@@ -81,37 +76,22 @@ impl NetKernel {
     /// A task's leg on the gwbridge and its default route through it.
     fn gw_leg(
         &self,
-        veth: &str,
         task: &str,
         cfg: EndpointConfig,
         gateway: Ipv4Addr,
     ) -> Result<(), KernelError> {
         let ns = Netns::open(&self.dir.join(task))?;
         self.node_sandbox()?.ensure_endpoint(&ns, &cfg)?;
-        let route_err = |reason: String| KernelError::Route {
-            task: task.to_string(),
-            gateway,
-            reason,
-        };
-        let out = ns
-            .output(Command::new("ip").args([
-                "-4",
-                "route",
-                "replace",
-                "default",
-                "via",
-                &gateway.to_string(),
-                "dev",
-                &cfg.ifname,
-            ]))
-            .map_err(|e| route_err(e.to_string()))?;
-        if !out.status.success() {
-            return Err(route_err(format!(
-                "ip route ({veth}): {}",
-                String::from_utf8_lossy(&out.stderr).trim()
-            )));
-        }
-        Ok(())
+        self.default_route(task, &cfg.ifname, gateway)
+    }
+
+    fn default_route(
+        &self,
+        task: &str,
+        ifname: &str,
+        gateway: Ipv4Addr,
+    ) -> Result<(), KernelError> {
+        Ok(self.sandbox(task)?.ensure_default_route(ifname, gateway)?)
     }
 
     /// Binds the running process's namespace to the task's file again.
@@ -182,8 +162,13 @@ impl Kernel for NetKernel {
         });
         seen.neighs.clear();
         seen.fdb.clear();
+        seen.routes.clear();
         out.node = NsObs::new(node.netns().inode()?, seen);
         Ok(out)
+    }
+
+    fn node_nets(&self) -> Result<NodeNets, KernelError> {
+        Ok(NodeNets::new(&self.node_sandbox()?.observe()?))
     }
 
     fn apply(&self, action: &Action) -> Result<(), KernelError> {
@@ -259,8 +244,13 @@ impl Kernel for NetKernel {
                     mtu: *mtu,
                     aliases: Vec::new(),
                 };
-                self.gw_leg(veth, task, cfg, *gateway)
+                self.gw_leg(task, cfg, *gateway)
             }
+            EnsureDefaultRoute {
+                task,
+                ifname,
+                gateway,
+            } => self.default_route(task, ifname, *gateway),
             DeleteNodeLink { link } => Ok(self.node_sandbox()?.remove_endpoint(link)?),
             StopTask { .. } | ForgetTask { .. } | StartTask { .. } => {
                 Err(KernelError::NotKernel(Box::new(action.clone())))
@@ -276,7 +266,9 @@ pub mod fake {
     use std::sync::Mutex;
 
     use super::*;
-    use vxlan::{FdbEntry, FdbOwner, LinkKind, LinkState, NeighEntry, PeerAction, VxlanState};
+    use vxlan::{
+        FdbEntry, FdbOwner, LinkKind, LinkState, NeighEntry, PeerAction, RouteEntry, VxlanState,
+    };
 
     #[derive(Default)]
     pub struct FakeKernel {
@@ -347,6 +339,8 @@ pub mod fake {
                 return;
             };
             let n = st.namespaces.get_mut(ns).unwrap();
+            // Routes out of a link go with it.
+            n.routes.retain(|r| r.dev.as_deref() != Some(name));
             if name == VXLAN {
                 n.neighs.clear();
                 n.fdb.clear();
@@ -362,7 +356,7 @@ pub mod fake {
             } = l.kind
             {
                 for n in st.namespaces.values_mut() {
-                    n.links.retain(|_, other| other.index != p);
+                    remove_index(n, p);
                 }
                 st.node.links.retain(|_, other| other.index != p);
             }
@@ -379,15 +373,43 @@ pub mod fake {
             }) = st.node.links.remove(name)
             {
                 for n in st.namespaces.values_mut() {
-                    n.links.retain(|_, other| other.index != p);
+                    remove_index(n, p);
                 }
             }
         }
     }
 
+    /// `ip route replace default via <gateway> dev <ifname>`.
+    fn set_default_route(n: &mut NsObs, ifname: &str, gateway: Ipv4Addr) {
+        n.routes.retain(|r| r.dst.prefix_len() != 0);
+        n.routes.push(RouteEntry {
+            dst: ipnet::Ipv4Net::default(),
+            gateway: Some(gateway),
+            dev: Some(ifname.into()),
+        });
+    }
+
+    /// Removes the link with `index` from `n`, and the routes out of it.
+    fn remove_index(n: &mut NsObs, index: u32) {
+        let gone: Vec<String> = n
+            .links
+            .values()
+            .filter(|l| l.index == index)
+            .map(|l| l.name.clone())
+            .collect();
+        n.links.retain(|_, l| l.index != index);
+        n.routes
+            .retain(|r| !gone.iter().any(|g| r.dev.as_deref() == Some(g)));
+    }
+
     impl Kernel for FakeKernel {
         fn observe(&self) -> Result<Observed, KernelError> {
             Ok(self.state.lock().unwrap().clone())
+        }
+
+        /// A node with no addresses or routes of its own: nothing clashes.
+        fn node_nets(&self) -> Result<NodeNets, KernelError> {
+            Ok(NodeNets::default())
         }
 
         fn apply(&self, action: &Action) -> Result<(), KernelError> {
@@ -519,8 +541,8 @@ pub mod fake {
                     task,
                     ifname,
                     addr,
+                    gateway,
                     mtu,
-                    ..
                 } => {
                     Self::ns(&mut st, task)?;
                     drop(st);
@@ -531,11 +553,17 @@ pub mod fake {
                         self.veth_pair((veth, GWBRIDGE), (ifname, mac, *addr), *mtu);
                     let mut st = self.state.lock().unwrap();
                     st.node.links.insert(veth.clone(), outer);
-                    st.namespaces
-                        .get_mut(task)
-                        .unwrap()
-                        .links
-                        .insert(ifname.clone(), inner);
+                    let n = st.namespaces.get_mut(task).unwrap();
+                    n.links.insert(ifname.clone(), inner);
+                    set_default_route(n, ifname, *gateway);
+                }
+                EnsureDefaultRoute {
+                    task,
+                    ifname,
+                    gateway,
+                } => {
+                    let n = Self::ns(&mut st, task)?;
+                    set_default_route(n, ifname, *gateway);
                 }
                 DeleteNodeLink { link } => {
                     drop(st);

@@ -10,6 +10,7 @@ mod join;
 mod lb;
 mod mesh;
 mod metrics;
+mod netwatch;
 mod observe;
 mod plan;
 mod reconcile;
@@ -173,47 +174,35 @@ fn overlay_mtu(node: &Netns, advertise: IpAddr) -> anyhow::Result<u32> {
     Ok(vxlan::overlay_mtu(underlay, None)?)
 }
 
-/// Resolves `--lb`: IPVS where the kernel has it (the generic netlink family is global to all
-/// namespaces, so probing here answers for ingress_sbox too); `--lb ipvs` without it is an error.
+/// Resolves `--lb`. IPVS is probed by resolving its generic netlink family (global to all
+/// namespaces, so the answer holds for ingress_sbox too): a kernel with IPVS as a module loads
+/// it for that request (`net-pf-16-proto-16-family-IPVS`), so no `modprobe` is needed, and
+/// `--lb nftables` does not probe, so it loads nothing.
 fn choose_lb(lb: Lb) -> anyhow::Result<LbKind> {
-    let probe = ipvs::Client::new().map(drop);
-    let kind = match (lb, probe) {
-        (Lb::Nftables, _) => LbKind::Nftables,
-        (Lb::Ipvs | Lb::Auto, Ok(())) => LbKind::Ipvs,
-        (Lb::Auto, Err(e)) => {
-            info!("no IPVS ({e}); using nftables");
-            LbKind::Nftables
-        }
-        (Lb::Ipvs, Err(e)) => anyhow::bail!("--lb ipvs: {e}"),
-    };
-    info!(lb = ?lb, backend = kind.name(), "routing-mesh load balancer");
+    let probe = || ipvs::Client::new().map(|c| c.family_id());
+    let (kind, why) = decide_lb(lb, probe)?;
+    info!(lb = ?lb, backend = kind.name(), "routing-mesh load balancer: {why}");
     Ok(kind)
 }
 
-/// The node's addresses (but the gwbridge's) and routes, and refuses a gwbridge subnet that
-/// clashes with them.
-type NodeNets = (Vec<(String, Ipv4Net)>, Vec<Ipv4Net>);
-
-fn node_nets(node: &Netns, gw_subnet: Ipv4Net) -> anyhow::Result<NodeNets> {
-    let dir = node.path().parent().unwrap_or(std::path::Path::new("/"));
-    let seen = vxlan::Sandbox::open(dir, &node.name())?.observe()?;
-    let addrs: Vec<(String, Ipv4Net)> = seen
-        .links
-        .iter()
-        .filter(|l| l.name != mesh::GWBRIDGE)
-        .flat_map(|l| l.addrs.iter().map(|a| (l.name.clone(), *a)))
-        .collect();
-    let out = std::process::Command::new("ip")
-        .args(["-4", "-o", "route", "show", "table", "main"])
-        .output()
-        .context("run `ip -4 route show` to check the gwbridge subnet")?;
-    if !out.status.success() {
-        anyhow::bail!("ip -4 route show: {}", String::from_utf8_lossy(&out.stderr));
+/// The balancer for `lb`, and why; `probe` resolves the IPVS family.
+fn decide_lb(
+    lb: Lb,
+    probe: impl FnOnce() -> Result<u16, ipvs::Error>,
+) -> anyhow::Result<(LbKind, String)> {
+    if lb == Lb::Nftables {
+        return Ok((LbKind::Nftables, "asked for".into()));
     }
-    let routes = mesh::parse_routes(&String::from_utf8_lossy(&out.stdout));
-    mesh::check_clash("gwbridge", gw_subnet, &addrs, &routes)
-        .map_err(|e| anyhow::anyhow!("{e} (--gwbridge-subnet)"))?;
-    Ok((addrs, routes))
+    match (lb, probe()) {
+        (_, Ok(id)) => Ok((
+            LbKind::Ipvs,
+            format!(
+                "the kernel has IPVS (generic netlink family id {id}, built in or loaded on demand)"
+            ),
+        )),
+        (Lb::Auto, Err(e)) => Ok((LbKind::Nftables, format!("no IPVS: {e}"))),
+        (_, Err(e)) => anyhow::bail!("--lb ipvs: {e}"),
+    }
 }
 
 /// The embedded resolver's upstreams (`--dns-upstream`, else the node's resolv.conf) and the
@@ -314,7 +303,16 @@ async fn run() -> anyhow::Result<()> {
         None => overlay_mtu(&node, advertise_addr)?,
     };
     let lb_kind = choose_lb(flags.lb)?;
-    let (node_addrs, node_routes) = node_nets(&node, flags.gwbridge_subnet)?;
+    let kernel = NetKernel::new(
+        &state.netns_dir(),
+        Netns::open(node.path()).context("open the node's network namespace")?,
+    );
+    // A clash found now stops the agent; one that appears later is logged by the pass.
+    kernel
+        .node_nets()
+        .context("read the node's addresses and routes")?
+        .check_clash("gwbridge", flags.gwbridge_subnet, &[])
+        .map_err(|e| anyhow::anyhow!("{e} (--gwbridge-subnet)"))?;
     // The gwbridge carries underlay-sized packets: the underlay's MTU, or the one --mtu implies.
     let gw_mtu = mtu + vxlan::VXLAN_OVERHEAD;
     info!(
@@ -395,15 +393,15 @@ async fn run() -> anyhow::Result<()> {
     let mesh = reconcile::Mesh {
         gw_subnet: flags.gwbridge_subnet,
         gw_mtu,
-        node_addrs,
-        node_routes,
+        gw_clash: None,
         gw_addrs: state.gw_addrs(flags.gwbridge_subnet)?,
         rules: Arc::new(Mutex::new(rules)),
     };
-    let kernel = NetKernel::new(&state.netns_dir(), node);
     // Fail early and clearly if netlink or the state dir is unusable.
     kernel.observe().context("read the node's state")?;
     let netns_dir = state.netns_dir();
+    let (watch, changes) = netwatch::Watcher::new(&node, &netns_dir)
+        .context("watch the node's links, addresses and routes")?;
     let reconciler = reconcile::Reconciler {
         kernel: Arc::new(kernel),
         supervisor,
@@ -417,6 +415,8 @@ async fn run() -> anyhow::Result<()> {
         outbox,
         mesh,
         wake: None,
+        watch,
+        settled: false,
         dns: dns::Dns::new(
             netns_dir,
             dns::upstream::Forwarder::new(dns_upstreams),
@@ -428,7 +428,7 @@ async fn run() -> anyhow::Result<()> {
     let interval = Duration::from_secs(flags.reconcile_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
     tokio::select! {
-        _ = reconciler.run(assign_rx, events_rx, interval) => {}
+        _ = reconciler.run(assign_rx, events_rx, changes, interval) => {}
         _ = tokio::signal::ctrl_c() => info!("interrupted; tasks and overlays keep running"),
         _ = term.recv() => info!("terminated; tasks and overlays keep running"),
     }
@@ -438,6 +438,23 @@ async fn run() -> anyhow::Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lb_auto_takes_ipvs_when_its_family_resolves_and_says_why() {
+        let (kind, why) = decide_lb(Lb::Auto, || Ok(23)).unwrap();
+        assert_eq!(kind, LbKind::Ipvs);
+        assert!(why.contains("family id 23"), "{why}");
+        let (kind, why) = decide_lb(Lb::Auto, || Err(ipvs::Error::NoIpvs)).unwrap();
+        assert_eq!(kind, LbKind::Nftables);
+        assert!(why.starts_with("no IPVS: IPVS is not available"), "{why}");
+        assert_eq!(decide_lb(Lb::Ipvs, || Ok(23)).unwrap().0, LbKind::Ipvs);
+        let err = decide_lb(Lb::Ipvs, || Err(ipvs::Error::NoIpvs)).unwrap_err();
+        assert!(err.to_string().starts_with("--lb ipvs: "), "{err}");
+        let nft = decide_lb(Lb::Nftables, || {
+            panic!("--lb nftables must not probe (it would load ip_vs)")
+        });
+        assert_eq!(nft.unwrap().0, LbKind::Nftables);
+    }
 
     #[test]
     fn flags_parse_with_defaults_and_validation() {

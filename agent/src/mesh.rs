@@ -128,48 +128,54 @@ fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// Refuses a subnet that overlaps one of the node's addresses (their networks) or routes.
-/// The default route overlaps everything and says nothing, so it is not counted.
-pub fn check_clash(
-    what: &str,
-    subnet: Ipv4Net,
-    addrs: &[(String, Ipv4Net)],
-    routes: &[Ipv4Net],
-) -> Result<(), String> {
-    if let Some((dev, a)) = addrs.iter().find(|(_, a)| overlaps(subnet, a.trunc())) {
-        return Err(format!(
-            "{what} subnet {subnet} clashes with the node's address {a} on {dev}: choose another subnet"
-        ));
-    }
-    if let Some(r) = routes
-        .iter()
-        .find(|r| r.prefix_len() > 0 && overlaps(subnet, **r))
-    {
-        return Err(format!(
-            "{what} subnet {subnet} clashes with the node's route to {r}: choose another subnet"
-        ));
-    }
-    Ok(())
+/// What a subnet of ours must not clash with: the node's addresses (but the gwbridge's) and the
+/// destinations of its routes (but those through the gwbridge).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct NodeNets {
+    pub addrs: Vec<(String, Ipv4Net)>,
+    pub routes: Vec<Ipv4Net>,
 }
 
-/// Destinations of `ip -4 -o route show` lines, except routes through our own gwbridge.
-pub fn parse_routes(text: &str) -> Vec<Ipv4Net> {
-    text.lines()
-        .filter(|l| {
-            !l.split_whitespace()
-                .collect::<Vec<_>>()
-                .windows(2)
-                .any(|w| w == ["dev", GWBRIDGE])
-        })
-        .filter_map(|l| {
-            let dst = l.split_whitespace().next()?;
-            if let Ok(net) = dst.parse::<Ipv4Net>() {
-                Some(net)
-            } else {
-                dst.parse::<Ipv4Addr>().ok().map(Ipv4Net::from)
-            }
-        })
-        .collect()
+impl NodeNets {
+    pub fn new(seen: &vxlan::Observed) -> NodeNets {
+        let ours = |dev: Option<&str>| dev == Some(GWBRIDGE);
+        NodeNets {
+            addrs: seen
+                .links
+                .iter()
+                .filter(|l| !ours(Some(&l.name)))
+                .flat_map(|l| l.addrs.iter().map(|a| (l.name.clone(), *a)))
+                .collect(),
+            routes: seen
+                .routes
+                .iter()
+                .filter(|r| !ours(r.dev.as_deref()))
+                .map(|r| r.dst)
+                .collect(),
+        }
+    }
+
+    /// Refuses a subnet that overlaps one of the node's addresses (their networks) or routes,
+    /// or one of `more`. The default route overlaps everything and says nothing, so it is not
+    /// counted.
+    pub fn check_clash(&self, what: &str, subnet: Ipv4Net, more: &[Ipv4Net]) -> Result<(), String> {
+        if let Some((dev, a)) = self.addrs.iter().find(|(_, a)| overlaps(subnet, a.trunc())) {
+            return Err(format!(
+                "{what} subnet {subnet} clashes with the node's address {a} on {dev}: choose another subnet"
+            ));
+        }
+        if let Some(r) = self
+            .routes
+            .iter()
+            .chain(more)
+            .find(|r| r.prefix_len() > 0 && overlaps(subnet, **r))
+        {
+            return Err(format!(
+                "{what} subnet {subnet} clashes with the node's route to {r}: choose another subnet"
+            ));
+        }
+        Ok(())
+    }
 }
 
 fn port_key(p: &PortConfig) -> PortKey {
@@ -431,23 +437,46 @@ mod tests {
 
     #[test]
     fn subnets_that_clash_with_the_node_are_refused() {
-        let addrs = vec![("eth0".to_string(), net("192.168.56.11/24"))];
-        let routes = parse_routes(
-            "default via 192.168.56.1 dev eth0\n\
-             192.168.56.0/24 dev eth0 proto kernel scope link src 192.168.56.11\n\
-             10.20.0.0/16 via 192.168.56.1 dev eth0\n\
-             172.18.0.0/16 dev mesh_gwbridge proto kernel scope link src 172.18.0.1\n\
-             10.30.0.7 via 192.168.56.1 dev eth0\n",
-        );
+        let route = |dst: &str, dev: &str| vxlan::RouteEntry {
+            dst: net(dst),
+            gateway: None,
+            dev: Some(dev.into()),
+        };
+        let link = |name: &str, addr: &str| vxlan::LinkState {
+            name: name.into(),
+            index: 1,
+            mtu: 1500,
+            up: true,
+            mac: None,
+            master: None,
+            addrs: vec![net(addr)],
+            kind: vxlan::LinkKind::Bridge,
+        };
+        let node = NodeNets::new(&vxlan::Observed {
+            links: vec![
+                link("eth0", "192.168.56.11/24"),
+                link(GWBRIDGE, "172.18.0.1/16"),
+            ],
+            routes: vec![
+                route("0.0.0.0/0", "eth0"),
+                route("192.168.56.0/24", "eth0"),
+                route("10.20.0.0/16", "eth0"),
+                route("172.18.0.0/16", GWBRIDGE),
+                route("10.30.0.7/32", "eth0"),
+            ],
+            ..Default::default()
+        });
+        assert_eq!(node.addrs, [("eth0".into(), net("192.168.56.11/24"))]);
         assert_eq!(
-            routes,
+            node.routes,
             [
+                net("0.0.0.0/0"),
                 net("192.168.56.0/24"),
                 net("10.20.0.0/16"),
                 net("10.30.0.7/32")
             ]
         );
-        let ok = |s: &str| check_clash("gwbridge", net(s), &addrs, &routes);
+        let ok = |s: &str| node.check_clash("gwbridge", net(s), &[]);
         assert!(ok("172.18.0.0/16").is_ok());
         let err = ok("192.168.0.0/16").unwrap_err();
         assert!(err.contains("192.168.56.11/24 on eth0"), "{err}");
@@ -456,6 +485,9 @@ mod tests {
             .unwrap_err()
             .contains("route to 10.20.0.0/16"));
         assert!(ok("10.30.0.0/24").is_err());
+        assert!(node
+            .check_clash("ingress", net("172.18.5.0/24"), &[net("172.18.0.0/16")])
+            .is_err());
         assert!(check_gw_subnet(net("172.18.0.0/30")).is_err());
         assert!(check_gw_subnet(net("172.18.0.1/16")).is_err());
         assert!(check_gw_subnet(net("172.18.0.0/16")).is_ok());

@@ -16,6 +16,11 @@ pub struct ResultLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct KindLabel {
+    pub kind: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PhaseLabel {
     pub phase: String,
 }
@@ -29,6 +34,7 @@ pub struct AgentMetrics {
     tasks: Family<PhaseLabel, Gauge>,
     pub manager_connected: Gauge,
     dns_queries: Family<ResultLabel, Counter>,
+    repairs: Family<KindLabel, Counter>,
 }
 
 impl AgentMetrics {
@@ -41,6 +47,7 @@ impl AgentMetrics {
             tasks: Family::default(),
             manager_connected: Gauge::default(),
             dns_queries: Family::default(),
+            repairs: Family::default(),
         }
     }
 
@@ -76,6 +83,18 @@ impl AgentMetrics {
              without that record type), forwarded, servfail, formerr, notimp, dropped",
             self.dns_queries.clone(),
         );
+        registry.register(
+            "repairs",
+            "Actions that put back what drifted from the applied state (deleted or altered by \
+             someone else), by kind of object",
+            self.repairs.clone(),
+        );
+    }
+
+    pub fn repair(&self, kind: &str) {
+        self.repairs
+            .get_or_create(&KindLabel { kind: kind.into() })
+            .inc();
     }
 
     /// The counter of queries to the embedded resolver with this result: taken once, so that
@@ -142,6 +161,8 @@ mod tests {
         answered.inc();
         m.dns_queries("answered").inc();
         m.dns_queries("formerr").inc();
+        m.repair("route");
+        m.repair("route");
         let text = mesh_metrics::render(&registry);
         for line in [
             "meshnet_agent_reconcile_passes_total{result=\"ok\"} 1",
@@ -152,6 +173,7 @@ mod tests {
             "meshnet_agent_manager_connected 1",
             "meshnet_agent_dns_queries_total{result=\"answered\"} 2",
             "meshnet_agent_dns_queries_total{result=\"formerr\"} 1",
+            "meshnet_agent_repairs_total{kind=\"route\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
         }

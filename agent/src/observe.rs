@@ -2,7 +2,7 @@
 
 use std::collections::BTreeMap;
 
-use vxlan::{FdbEntry, LinkState, NeighEntry};
+use vxlan::{FdbEntry, LinkState, NeighEntry, RouteEntry};
 
 /// Everything the agent owns, as found: the namespaces in its netns dir, by file name.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -22,6 +22,8 @@ pub struct NsObs {
     pub neighs: Vec<NeighEntry>,
     /// FDB entries on VXLAN devices.
     pub fdb: Vec<FdbEntry>,
+    /// IPv4 routes of the main table (a task's default route is the agent's).
+    pub routes: Vec<RouteEntry>,
 }
 
 impl NsObs {
@@ -36,6 +38,7 @@ impl NsObs {
                 .collect(),
             neighs: seen.neighs,
             fdb: seen.fdb,
+            routes: seen.routes,
         }
     }
 }
@@ -67,6 +70,7 @@ mod tests {
             ],
             neighs: vec![],
             fdb: vec![],
+            routes: vec![],
         };
         let obs = NsObs::new(7, seen);
         assert_eq!(obs.inode, 7);

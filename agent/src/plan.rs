@@ -148,6 +148,12 @@ pub enum Action {
         gateway: std::net::Ipv4Addr,
         mtu: u32,
     },
+    /// The default route in `task` via the gwbridge on its leg `ifname` (the leg is right).
+    EnsureDefaultRoute {
+        task: String,
+        ifname: String,
+        gateway: std::net::Ipv4Addr,
+    },
     /// Removes one of the agent's own links from the node namespace.
     DeleteNodeLink {
         link: String,
@@ -155,6 +161,21 @@ pub enum Action {
 }
 
 impl Action {
+    /// What kind of object the action makes right, for logs and the repair metric.
+    pub fn kind(&self) -> &'static str {
+        use Action::*;
+        match self {
+            StopTask { .. } | ForgetTask { .. } | StartTask { .. } => "task",
+            DeleteNetns { .. } | CreateNetns { .. } | RebindNetns { .. } => "netns",
+            DeleteLink { .. } | DeleteNodeLink { .. } => "link",
+            EnsureBridge { .. } | EnsureGwBridge { .. } => "bridge",
+            EnsureVxlan { .. } => "vxlan",
+            Peers { .. } => "fdb_neigh",
+            EnsureEndpoint { .. } | EnsureGwLeg { .. } => "veth",
+            EnsureDefaultRoute { .. } => "route",
+        }
+    }
+
     /// The namespaces (or tasks) an action works on: when one fails, later actions on the same
     /// objects are skipped until the next pass.
     pub fn scopes(&self) -> Vec<&str> {
@@ -170,6 +191,7 @@ impl Action {
             EnsureEndpoint { sandbox, task, .. } => vec![sandbox, task],
             EnsureGwBridge { .. } | DeleteNodeLink { .. } => vec![GWBRIDGE],
             EnsureGwLeg { task, .. } => vec![GWBRIDGE, task],
+            EnsureDefaultRoute { task, .. } => vec![task],
         }
     }
 }
@@ -658,16 +680,32 @@ fn plan_gw_leg(
         }
         _ => false,
     };
+    let gateway = gw.gateway.addr();
     if !ok {
         p.create.push(Action::EnsureGwLeg {
             veth,
             task: t.name.clone(),
             ifname,
             addr,
-            gateway: gw.gateway.addr(),
+            gateway,
             mtu: gw.mtu,
         });
+    } else if !default_route_ok(obs, &ifname, gateway) {
+        p.create.push(Action::EnsureDefaultRoute {
+            task: t.name.clone(),
+            ifname,
+            gateway,
+        });
     }
+}
+
+/// Exactly one default route, via the gwbridge's gateway on the leg.
+fn default_route_ok(obs: &NsObs, ifname: &str, gateway: std::net::Ipv4Addr) -> bool {
+    let mut defaults = obs.routes.iter().filter(|r| r.dst.prefix_len() == 0);
+    matches!(
+        (defaults.next(), defaults.next()),
+        (Some(r), None) if r.gateway == Some(gateway) && r.dev.as_deref() == Some(ifname)
+    )
 }
 
 #[cfg(test)]
@@ -1380,6 +1418,54 @@ mod tests {
             n.links.get_mut("eth1").unwrap().addrs = vec!["172.18.0.9/16".parse().unwrap()]
         });
         assert_eq!(node.step(&a), [leg]);
+        assert_eq!(node.plan(&a), []);
+    }
+
+    #[test]
+    fn a_task_default_route_that_went_or_changed_comes_back_alone() {
+        let a = assignment(vec![task("web.1.t1", "10.0.9.2")], vec![]);
+        let mut node = Node {
+            gw: Some(gw(&[("web.1.t1", "172.18.0.3")])),
+            ..Default::default()
+        };
+        node.step(&a);
+        let t = "web.1.t1";
+        let default = |gateway: &str, dev: &str| vxlan::RouteEntry {
+            dst: Ipv4Net::default(),
+            gateway: Some(ip(gateway)),
+            dev: Some(dev.into()),
+        };
+        assert_eq!(node.ns(t).unwrap().routes, [default("172.18.0.1", "eth1")]);
+        assert_eq!(node.plan(&a), [], "a right default route: nothing to do");
+
+        let route = Action::EnsureDefaultRoute {
+            task: t.into(),
+            ifname: "eth1".into(),
+            gateway: ip("172.18.0.1"),
+        };
+        // Deleted: only the route comes back, the leg (and its connections) stays.
+        node.edit(t, |n| n.routes.clear());
+        assert_eq!(node.step(&a), std::slice::from_ref(&route));
+        assert_eq!(node.plan(&a), []);
+        // Through another gateway or link, or a second default next to ours.
+        node.edit(t, |n| n.routes = vec![default("172.18.0.9", "eth1")]);
+        assert_eq!(node.step(&a), std::slice::from_ref(&route));
+        node.edit(t, |n| n.routes = vec![default("172.18.0.1", "eth0")]);
+        assert_eq!(node.step(&a), std::slice::from_ref(&route));
+        node.edit(t, |n| n.routes.push(default("10.0.9.1", "eth0")));
+        assert_eq!(node.step(&a), std::slice::from_ref(&route));
+        // Other routes (the kernel's subnet routes) are not the agent's.
+        node.edit(t, |n| {
+            n.routes.push(vxlan::RouteEntry {
+                dst: "10.0.9.0/24".parse().unwrap(),
+                gateway: None,
+                dev: Some("eth0".into()),
+            })
+        });
+        assert_eq!(node.plan(&a), []);
+        // A leg rebuilt brings its route with it: no separate route action.
+        node.kernel.remove_node_link(&gw_veth_name(t));
+        assert_eq!(node.step(&a), [gw_leg(t, "eth1", "172.18.0.3")]);
         assert_eq!(node.plan(&a), []);
     }
 

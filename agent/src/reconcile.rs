@@ -1,5 +1,6 @@
 //! The reconciliation loop: observe → plan → apply, at start, on every new assignment, on every
-//! task exit and on a timer. Kernel calls run on blocking threads (never on a tokio worker).
+//! task exit, soon after a kernel change in a namespace the agent owns, and on a timer (the
+//! backstop). Kernel calls run on blocking threads (never on a tokio worker).
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
@@ -10,13 +11,14 @@ use ipnet::Ipv4Net;
 use proto::agent::{Assignment, TaskSpec};
 use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
-use tracing::{error, info, info_span, warn, Instrument};
+use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::apply::Kernel;
 use crate::conn::Outbox;
 use crate::dns::Dns;
 use crate::mesh::{self, Gw, INGRESS_SBOX};
 use crate::metrics::AgentMetrics;
+use crate::netwatch::{Change, Watcher};
 use crate::plan::{plan, sandbox_name, Action, Settings};
 use crate::rules::MeshRules;
 use crate::state::StateDir;
@@ -27,10 +29,8 @@ pub struct Mesh {
     pub gw_subnet: Ipv4Net,
     /// MTU of the gwbridge and its legs: the underlay's.
     pub gw_mtu: u32,
-    /// The node's own addresses and routes (at start), which an ingress subnet must not clash
-    /// with.
-    pub node_addrs: Vec<(String, Ipv4Net)>,
-    pub node_routes: Vec<Ipv4Net>,
+    /// The gwbridge subnet's clash with the node's addresses or routes, as last logged.
+    pub gw_clash: Option<String>,
     /// gwbridge addresses as given out (and persisted).
     pub gw_addrs: BTreeMap<String, Ipv4Addr>,
     pub rules: Arc<Mutex<MeshRules>>,
@@ -38,6 +38,9 @@ pub struct Mesh {
 
 /// A pass that failed is retried this soon, not only at the next interval.
 const RETRY: Duration = Duration::from_secs(2);
+/// A kernel change brings the next pass this close: the rest of a burst (a veth takes its
+/// peer, addresses and routes with it) comes in meanwhile and is seen by the same pass.
+const DEBOUNCE: Duration = Duration::from_millis(75);
 
 pub struct Reconciler<K: Kernel> {
     pub kernel: Arc<K>,
@@ -49,6 +52,11 @@ pub struct Reconciler<K: Kernel> {
     /// Set by a pass that wants the next one sooner than the interval (an IPVS drain).
     pub wake: Option<Duration>,
     pub metrics: AgentMetrics,
+    /// Kernel changes in the node namespace and the agent's own ones.
+    pub watch: Watcher,
+    /// The last pass completed and nothing was asked of the agent since (no new assignment, no
+    /// task ended): whatever a pass applies now repairs drift.
+    pub settled: bool,
     /// The embedded resolver: its records follow `desired`, its listeners the tasks.
     pub dns: Dns,
 }
@@ -61,13 +69,32 @@ impl<K: Kernel> Reconciler<K> {
         // of tasks that ended close before their namespaces go.
         self.dns.update(desired);
         self.sync_dns().await;
+        // The node's addresses and routes, read again: they change under us (DHCP, VPNs).
+        let kernel = self.kernel.clone();
+        let node = match tokio::task::spawn_blocking(move || kernel.node_nets()).await {
+            Ok(Ok(n)) => n,
+            Ok(Err(e)) => {
+                error!("read the node's addresses and routes: {e}");
+                return 1;
+            }
+            Err(panicked) => {
+                error!("read the node's addresses and routes: {panicked}");
+                return 1;
+            }
+        };
+        let gw_clash = node.check_clash("gwbridge", self.mesh.gw_subnet, &[]).err();
+        if gw_clash != self.mesh.gw_clash {
+            match &gw_clash {
+                Some(e) => error!("{e}: tasks may not reach it through the gwbridge"),
+                None => info!("the gwbridge subnet no longer clashes with the node"),
+            }
+            self.mesh.gw_clash = gw_clash;
+        }
         // An ingress subnet that clashes with the node is refused: no ingress here.
         let mut desired = desired.clone();
         if let Some(i) = &desired.ingress {
-            let m = &self.mesh;
-            let mut routes = m.node_routes.clone();
-            routes.push(m.gw_subnet);
-            if let Err(e) = mesh::check_clash("ingress", i.network.subnet, &m.node_addrs, &routes) {
+            let gw = [self.mesh.gw_subnet];
+            if let Err(e) = node.check_clash("ingress", i.network.subnet, &gw) {
                 error!("{e}; the routing mesh stays off on this node");
                 desired.ingress = None;
             }
@@ -104,6 +131,13 @@ impl<K: Kernel> Reconciler<K> {
                 return 1;
             }
         };
+        // A watch holds its namespace alive: none outlives the file it was opened through.
+        let current = observed
+            .namespaces
+            .iter()
+            .map(|(name, o)| (name.clone(), o.inode))
+            .collect();
+        self.watch.retain(&current).await;
         // A task whose name cannot name its namespace (and files) fails instead of retrying.
         for t in &desired.tasks {
             if let Err(e) = netns::validate_name(&t.name) {
@@ -132,7 +166,12 @@ impl<K: Kernel> Reconciler<K> {
                 continue;
             }
             let span = span_of(&action, desired);
-            span.in_scope(|| info!(?action, "apply"));
+            if self.settled {
+                span.in_scope(|| warn!(kind = action.kind(), ?action, "repair"));
+                self.metrics.repair(action.kind());
+            } else {
+                span.in_scope(|| info!(?action, "apply"));
+            }
             if let Err(e) = self
                 .apply(action.clone(), desired)
                 .instrument(span.clone())
@@ -145,6 +184,7 @@ impl<K: Kernel> Reconciler<K> {
         }
         // Again once namespaces are in place (a namespace made anew needs a new listener).
         self.sync_dns().await;
+        self.watch.sync().await;
         errors + self.sync_mesh(desired, gw.addrs).await
     }
 
@@ -234,6 +274,11 @@ impl<K: Kernel> Reconciler<K> {
         match &action {
             Action::StopTask { task } => self.supervisor.stop(task),
             Action::ForgetTask { task } => self.supervisor.forget(task),
+            Action::DeleteNetns { name } => {
+                // Our socket inside would keep the namespace, and its links, alive.
+                self.watch.forget(name).await;
+                self.apply_kernel(action).await?;
+            }
             Action::StartTask { task } => match desired.tasks.iter().find(|t| &t.name == task) {
                 Some(spec) => {
                     // The resolver listens before the task's first query.
@@ -242,23 +287,26 @@ impl<K: Kernel> Reconciler<K> {
                 }
                 None => return Err(format!("task {task} is not in the assignment")),
             },
-            _ => {
-                let kernel = self.kernel.clone();
-                let shown = format!("{action:?}");
-                tokio::task::spawn_blocking(move || kernel.apply(&action))
-                    .await
-                    .map_err(|e| format!("{shown}: {e}"))?
-                    .map_err(|e| e.to_string())?;
-            }
+            _ => self.apply_kernel(action).await?,
         }
         Ok(())
     }
 
-    /// Runs forever: passes on new assignments, process events and the timer.
+    async fn apply_kernel(&self, action: Action) -> Result<(), String> {
+        let kernel = self.kernel.clone();
+        let shown = format!("{action:?}");
+        tokio::task::spawn_blocking(move || kernel.apply(&action))
+            .await
+            .map_err(|e| format!("{shown}: {e}"))?
+            .map_err(|e| e.to_string())
+    }
+
+    /// Runs forever: passes on new assignments, process events, kernel changes and the timer.
     pub async fn run(
         mut self,
         mut assignments: watch::Receiver<Assignment>,
         mut events: mpsc::UnboundedReceiver<ProcEvent>,
+        mut changes: mpsc::UnboundedReceiver<Change>,
         interval: Duration,
     ) {
         let mut desired = assignments.borrow_and_update().clone();
@@ -284,13 +332,23 @@ impl<K: Kernel> Reconciler<K> {
                         error!("persist assignment {}: {e}", desired.revision);
                     }
                     unreported = Some(desired.revision);
+                    self.settled = false;
                     next = Instant::now();
                 }
                 ev = events.recv() => {
                     let Some(ev) = ev else { return };
                     if self.supervisor.handle(ev) {
                         // A task ended: its namespace and maybe its network's sandbox go now.
+                        self.settled = false;
                         next = Instant::now();
+                    }
+                }
+                Some(Change { netns, what }) = changes.recv() => {
+                    // Our own changes come back too: they cost one pass that finds nothing.
+                    let soon = Instant::now() + DEBOUNCE;
+                    if soon < next {
+                        debug!(%netns, %what, "kernel change; reconciling");
+                        next = soon;
                     }
                 }
                 _ = tokio::time::sleep_until(next) => {
@@ -309,6 +367,7 @@ impl<K: Kernel> Reconciler<K> {
                         }
                     }
                     if errors == 0 {
+                        self.settled = true;
                         if let Some(rev) = unreported.take() {
                             info!(revision = rev, "assignment applied");
                             self.outbox.applied(rev);
@@ -341,7 +400,8 @@ fn span_of(action: &Action, desired: &Assignment) -> tracing::Span {
         | Action::StartTask { task }
         | Action::RebindNetns { task, .. }
         | Action::EnsureEndpoint { task, .. }
-        | Action::EnsureGwLeg { task, .. } => info_span!("task", task = %task),
+        | Action::EnsureGwLeg { task, .. }
+        | Action::EnsureDefaultRoute { task, .. } => info_span!("task", task = %task),
         Action::EnsureGwBridge { .. } | Action::DeleteNodeLink { .. } => {
             info_span!("gwbridge")
         }

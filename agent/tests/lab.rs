@@ -10,6 +10,7 @@ mod support;
 use std::io::{Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::path::Path;
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -600,4 +601,131 @@ fn agent_serves_dns_to_tasks() {
     }));
     m.wait_status(&lab, "oo", TaskState::Shutdown);
     lab.eventually("the task's files go", || !files.exists());
+}
+
+/// Waits at most `limit` for `f` to hold; returns how long it took, or fails with the log.
+fn within(lab: &Lab, what: &str, limit: Duration, f: impl Fn() -> bool) -> Duration {
+    let start = Instant::now();
+    while !f() {
+        assert!(
+            start.elapsed() < limit,
+            "not within {limit:?}: {what}\n{}",
+            lab.log()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    start.elapsed()
+}
+
+/// A sample of the agent's metrics, e.g. `meshnet_agent_repairs_total{kind="route"}`; 0 when
+/// absent.
+fn metric(lab: &Lab, sample: &str) -> u64 {
+    let text = lab
+        .node
+        .run(|| -> std::io::Result<String> {
+            let mut s = TcpStream::connect(METRICS)?;
+            s.write_all(b"GET /metrics HTTP/1.0\r\nHost: lab\r\n\r\n")?;
+            let mut text = String::new();
+            s.read_to_string(&mut text)?;
+            Ok(text)
+        })
+        .unwrap()
+        .unwrap_or_else(|e| panic!("scrape the metrics: {e}\n{}", lab.log()));
+    text.lines()
+        .find_map(|l| l.strip_prefix(sample)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+const METRICS: &str = "127.0.0.1:9901";
+
+/// With a timer pass only every hour, only kernel notifications can explain a repair: a task's
+/// deleted default route, a deleted veth and a deleted FDB entry each come back within 1 s, and
+/// each repair is logged and counted once. The pass that each repair's own changes set off
+/// applies nothing.
+#[test]
+fn drift_is_repaired_on_kernel_events() {
+    let ip_a = Ipv4Addr::new(10, 0, 9, 2);
+    let a = task("a", ip_a);
+    let mut lab = Lab::new();
+    lab.start_agent_with(&["--reconcile-interval", "3600", "--metrics-listen", METRICS]);
+    let mut m = lab.accept();
+    m.send(&assignment(1, vec![a.clone()]));
+    m.wait_status(&lab, "a", TaskState::Running);
+    m.wait_applied(&lab, 1);
+    let task_ns = || Sandbox::open(&lab.netns_dir(), &a.name).unwrap();
+    let default_route = || {
+        task_ns()
+            .observe()
+            .unwrap()
+            .routes
+            .iter()
+            .any(|r| r.dst.prefix_len() == 0 && r.dev.as_deref() == Some("eth1"))
+    };
+    lab.eventually("the task's default route", default_route);
+    let ip = |ns: &Netns, args: &[&str]| {
+        let out = ns.output(Command::new("ip").args(args)).unwrap();
+        assert!(out.status.success(), "ip {args:?}: {out:?}");
+    };
+    let limit = Duration::from_secs(1);
+    let passes = || metric(&lab, "meshnet_agent_reconcile_passes_total{result=\"ok\"}");
+    // The repair's pass, then the one its own notifications set off.
+    let two_passes_since = |before: u64| {
+        lab.eventually("the repair's pass and the one after it", || {
+            passes() >= before + 2
+        })
+    };
+
+    let before = passes();
+    ip(&lab.ns(&a.name), &["route", "del", "default"]);
+    assert!(!default_route());
+    let took = within(&lab, "the default route comes back", limit, default_route);
+    eprintln!("default route back after {took:?}");
+    two_passes_since(before);
+
+    let before = passes();
+    let veth = lab
+        .sandbox()
+        .endpoints()
+        .next()
+        .expect("a's veth")
+        .name
+        .clone();
+    ip(&lab.ns(SANDBOX), &["link", "del", &veth]);
+    let paired = || {
+        lab.sandbox().link(&veth).is_some() && task_ns().observe().unwrap().link("eth0").is_some()
+    };
+    let took = within(&lab, "the veth comes back", limit, paired);
+    eprintln!("veth back after {took:?}");
+    two_passes_since(before);
+
+    let before = passes();
+    Sandbox::open(&lab.netns_dir(), SANDBOX)
+        .unwrap()
+        .remove_peer("vxlan0", &RemotePeer::new(REMOTE.0, REMOTE.1))
+        .unwrap();
+    assert!(!has_remote_fdb(&lab.sandbox()));
+    let took = within(&lab, "the FDB entry comes back", limit, || {
+        has_remote_fdb(&lab.sandbox())
+    });
+    eprintln!("fdb entry back after {took:?}");
+    two_passes_since(before);
+
+    // One repair each: the passes after them found nothing to do.
+    for kind in ["route", "veth", "fdb_neigh"] {
+        let sample = format!("meshnet_agent_repairs_total{{kind=\"{kind}\"}}");
+        assert_eq!(metric(&lab, &sample), 1, "{sample}\n{}", lab.log());
+    }
+    let logged: Vec<String> = lab
+        .log()
+        .lines()
+        .filter(|l| l.contains(" repair"))
+        .map(String::from)
+        .collect();
+    assert_eq!(logged.len(), 3, "{logged:#?}");
+    for what in ["EnsureDefaultRoute", "EnsureEndpoint", "AddFdb"] {
+        assert!(
+            logged.iter().any(|l| l.contains(what)),
+            "{what} in {logged:#?}"
+        );
+    }
 }

@@ -4,9 +4,10 @@ use std::io;
 /// `add destination 10.0.0.2:0 to service FWM 256: File exists (errno 17)`.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
-    /// The kernel has no "IPVS" generic netlink family: IPVS is not built in and the
-    /// `ip_vs` module is not loaded. Callers can fall back to another load balancer.
-    #[error("IPVS is not available in this kernel (no generic netlink family \"IPVS\"; is the ip_vs module loaded?)")]
+    /// The kernel has no "IPVS" generic netlink family: IPVS is not built in, and no `ip_vs`
+    /// module could be loaded (the kernel tries when the family is resolved). Callers can fall
+    /// back to another load balancer.
+    #[error("IPVS is not available in this kernel (no generic netlink family \"IPVS\", built in or as a module the kernel could load)")]
     NoIpvs,
     /// The service (ESRCH) or destination (ENOENT) does not exist.
     #[error("{op}: {}", kernel_message(*.errno, .ext_ack))]

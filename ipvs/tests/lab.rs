@@ -1,5 +1,6 @@
 //! Runs as root on the host kernel. The build machines' kernel has no IPVS, which is the
-//! case `--lb auto` must detect; on a kernel with ip_vs loaded the client must open.
+//! case `--lb auto` must detect; on a kernel with ip_vs built in or as a module the client must
+//! open.
 
 use std::path::Path;
 
@@ -13,7 +14,8 @@ fn missing_ipvs_is_reported_as_no_ipvs() {
     let res = ns.run(Client::new).unwrap();
     netns::delete(ns.path()).unwrap();
     // ip_vs has module parameters, so /sys/module/ip_vs exists whenever it is loaded or
-    // built in; the family lookup does not load it on demand.
+    // built in. Looked at after the lookup: that makes a kernel with ip_vs as a module load it
+    // (request_module "net-pf-16-proto-16-family-IPVS"; seen in the guest after `rmmod ip_vs`).
     if Path::new("/sys/module/ip_vs").exists() {
         assert!(res.is_ok(), "{res:?}");
     } else {

@@ -50,7 +50,7 @@ pub use addr::{host_ifname, overlay_mtu, MacAddr, ParseMacError, VXLAN_OVERHEAD}
 pub use plan::{plan_peers, FdbEntry, FdbOwner, NeighEntry, PeerAction, RemotePeer};
 pub use sandbox::{
     delete_sandbox, underlay_mtu, BridgeConfig, EndpointConfig, LinkKind, LinkState, Observed,
-    Sandbox, VxlanConfig, VxlanState, DEFAULT_VXLAN_PORT,
+    RouteEntry, Sandbox, VxlanConfig, VxlanState, DEFAULT_VXLAN_PORT,
 };
 
 /// What went wrong, naming the operation, the object and the namespace, e.g.

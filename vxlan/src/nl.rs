@@ -18,8 +18,11 @@ use rtnetlink::packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessa
 use rtnetlink::packet_route::neighbour::{
     NeighbourAddress, NeighbourAttribute, NeighbourFlags, NeighbourMessage,
 };
+use rtnetlink::packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteType,
+};
 use rtnetlink::packet_route::AddressFamily;
-use rtnetlink::{Handle, LinkUnspec};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 
 use crate::{Error, MacAddr, PeerAction, Result};
 
@@ -269,6 +272,44 @@ impl Nl {
         Ok(())
     }
 
+    /// The IPv4 routes of the main table.
+    pub(crate) async fn routes_v4(&self) -> Result<Vec<RouteMessage>> {
+        let msgs: Vec<RouteMessage> = self
+            .h
+            .route()
+            .get(RouteMessageBuilder::<Ipv4Addr>::new().build())
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| self.fail("list routes", e))?;
+        // Without strict checking the kernel dumps every table: keep main's unicast routes.
+        Ok(msgs
+            .into_iter()
+            .filter(|m| route_table(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+            .filter(|m| m.header.kind == RouteType::Unicast)
+            .collect())
+    }
+
+    /// Makes the default route go via `gateway` on link `index` (`ip route replace default`).
+    pub(crate) async fn replace_default_route(
+        &self,
+        index: u32,
+        name: &str,
+        gateway: Ipv4Addr,
+    ) -> Result<()> {
+        let msg = RouteMessageBuilder::<Ipv4Addr>::new()
+            .output_interface(index)
+            .gateway(gateway)
+            .build();
+        self.h
+            .route()
+            .add(msg)
+            .replace()
+            .execute()
+            .await
+            .map_err(|e| self.fail(format!("set the default route via {gateway} on {name}"), e))
+    }
+
     pub(crate) async fn neighbours(&self, family: AddressFamily) -> Result<Vec<NeighbourMessage>> {
         let what = if family == AddressFamily::Bridge {
             "list fdb entries"
@@ -350,6 +391,34 @@ fn addr_v4(m: &AddressMessage) -> Option<(u32, Ipv4Net)> {
         _ => None,
     })?;
     Some((m.header.index, Ipv4Net::new(ip, m.header.prefix_len).ok()?))
+}
+
+/// A route's table: RTA_TABLE when present (ids above 255 live only there), else the header's.
+fn route_table(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+/// The destination, gateway and output link index of an IPv4 route.
+pub(crate) fn route_fields(m: &RouteMessage) -> (Option<Ipv4Net>, Option<Ipv4Addr>, Option<u32>) {
+    let mut dst = Ipv4Addr::UNSPECIFIED;
+    let mut gateway = None;
+    let mut oif = None;
+    for a in &m.attributes {
+        match a {
+            RouteAttribute::Destination(RouteAddress::Inet(ip)) => dst = *ip,
+            RouteAttribute::Gateway(RouteAddress::Inet(ip)) => gateway = Some(*ip),
+            RouteAttribute::Oif(i) => oif = Some(*i),
+            _ => {}
+        }
+    }
+    let dst = Ipv4Net::new(dst, m.header.destination_prefix_length).ok();
+    (dst, gateway, oif)
 }
 
 fn fdb_message(index: u32, mac: MacAddr, flags: NeighbourFlags) -> NeighbourMessage {

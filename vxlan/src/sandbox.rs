@@ -1,7 +1,7 @@
 //! The kernel side: a per-network sandbox namespace and what lives in it.
 
 use std::collections::{HashMap, HashSet};
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::os::fd::AsRawFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -184,6 +184,16 @@ pub struct VxlanState {
     pub underlay_elsewhere: bool,
 }
 
+/// An IPv4 unicast route of the main table, as observed.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct RouteEntry {
+    /// `0.0.0.0/0` for the default route.
+    pub dst: Ipv4Net,
+    pub gateway: Option<Ipv4Addr>,
+    /// The output link's name.
+    pub dev: Option<String>,
+}
+
 /// What the sandbox holds, for reconciliation with [`plan_peers`] and for checks.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct Observed {
@@ -192,6 +202,8 @@ pub struct Observed {
     pub neighs: Vec<NeighEntry>,
     /// FDB entries on VXLAN devices (their own and their bridge's).
     pub fdb: Vec<FdbEntry>,
+    /// IPv4 unicast routes of the main table.
+    pub routes: Vec<RouteEntry>,
 }
 
 impl Observed {
@@ -466,7 +478,18 @@ impl Sandbox {
         })
     }
 
-    /// Lists the sandbox's links, and the neighbour and FDB entries of its VXLAN devices.
+    /// Makes the default route go via `gateway` on `ifname`, replacing any other one.
+    pub fn ensure_default_route(&self, ifname: &str, gateway: Ipv4Addr) -> Result<()> {
+        check_ifname(ifname)?;
+        nl::run(&self.ns, |nl| async move {
+            let op = format!("set the default route via {gateway}");
+            let index = nl.require_link(ifname, &op).await?.header.index;
+            nl.replace_default_route(index, ifname, gateway).await
+        })
+    }
+
+    /// Lists the sandbox's links, its IPv4 main-table routes, and the neighbour and FDB
+    /// entries of its VXLAN devices.
     pub fn observe(&self) -> Result<Observed> {
         nl::run(&self.ns, |nl| async move { observe(&nl).await })
     }
@@ -650,7 +673,27 @@ async fn observe(nl: &Nl) -> Result<Observed> {
         })
         .collect();
     fdb.sort();
-    Ok(Observed { links, neighs, fdb })
+
+    let mut routes: Vec<RouteEntry> = nl
+        .routes_v4()
+        .await?
+        .iter()
+        .filter_map(|m| {
+            let (dst, gateway, oif) = nl::route_fields(m);
+            Some(RouteEntry {
+                dst: dst?,
+                gateway,
+                dev: oif.and_then(|i| names.get(&i).cloned()),
+            })
+        })
+        .collect();
+    routes.sort();
+    Ok(Observed {
+        links,
+        neighs,
+        fdb,
+        routes,
+    })
 }
 
 fn link_state(

@@ -14,7 +14,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use netns::Netns;
 use vxlan::{
     overlay_mtu, underlay_mtu, BridgeConfig, EndpointConfig, FdbOwner, LinkKind, MacAddr,
-    NeighEntry, PeerAction, RemotePeer, Sandbox, VxlanConfig, VxlanState,
+    NeighEntry, PeerAction, RemotePeer, RouteEntry, Sandbox, VxlanConfig, VxlanState,
 };
 
 const VNI: u32 = 4096;
@@ -560,4 +560,50 @@ fn reconciliation_repairs_drift_and_deletes_cleanly() {
     assert!(!lab.dir.join("1-other").exists());
     let _ = holder.kill();
     let _ = holder.wait();
+}
+
+#[test]
+fn a_default_route_is_set_replaced_and_observed() {
+    let lab = Lab::new();
+    let ul = lab.underlay();
+    let a = side(&lab, &ul, 11, 2);
+    let task = Sandbox::open(&lab.dir, "task11").unwrap();
+    let default = |gw: &str| RouteEntry {
+        dst: "0.0.0.0/0".parse().unwrap(),
+        gateway: Some(gw.parse().unwrap()),
+        dev: Some("eth0".into()),
+    };
+    let subnet = RouteEntry {
+        dst: "10.0.0.0/24".parse().unwrap(),
+        gateway: None,
+        dev: Some("eth0".into()),
+    };
+    assert_eq!(
+        task.observe().unwrap().routes,
+        std::slice::from_ref(&subnet)
+    );
+
+    task.ensure_default_route("eth0", "10.0.0.1".parse().unwrap())
+        .unwrap();
+    task.ensure_default_route("eth0", "10.0.0.1".parse().unwrap())
+        .unwrap();
+    assert_eq!(
+        task.observe().unwrap().routes,
+        [default("10.0.0.1"), subnet.clone()]
+    );
+    assert_eq!(
+        ip(&a.task, &["-4", "route", "show", "default"]).trim(),
+        "default via 10.0.0.1 dev eth0 proto static"
+    );
+    // Another gateway replaces it: still one default route.
+    task.ensure_default_route("eth0", "10.0.0.9".parse().unwrap())
+        .unwrap();
+    assert_eq!(
+        task.observe().unwrap().routes,
+        [default("10.0.0.9"), subnet]
+    );
+    let err = task
+        .ensure_default_route("eth9", "10.0.0.1".parse().unwrap())
+        .unwrap_err();
+    assert!(err.to_string().contains("eth9"), "{err}");
 }

@@ -111,8 +111,13 @@ impl Lab {
         self.start_agent_with(&[]);
     }
 
-    /// Starts the agent with more flags (e.g. `--lb ipvs`).
+    /// Starts the agent with more flags (e.g. `--lb ipvs`); a pass every second unless they say
+    /// otherwise.
     pub fn start_agent_with(&mut self, extra: &[&str]) {
+        let mut extra = extra.to_vec();
+        if !extra.contains(&"--reconcile-interval") {
+            extra.extend(["--reconcile-interval", "1"]);
+        }
         let port = self.listener.local_addr().unwrap().port();
         let log = File::options()
             .create(true)
@@ -129,14 +134,7 @@ impl Lab {
             ])
             .arg("--state-dir")
             .arg(self.dir.join("state"))
-            .args([
-                "--mtu",
-                "1450",
-                "--reconcile-interval",
-                "1",
-                "--stop-grace-period",
-                "1",
-            ])
+            .args(["--mtu", "1450", "--stop-grace-period", "1"])
             .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
