@@ -10,38 +10,13 @@ use nix::sys::signal::Signal;
 use proto::api::{ServiceInfo, TaskInfo};
 use proto::model::TaskState;
 
+use crate::mesh::{get as get_at, greetings};
+
 const CLIENT: &str = "client";
 
 /// One `GET /` from the client to `ip:80`; None if it fails.
 fn get(c: &Cluster, ip: &str) -> Option<String> {
     get_at(c, ip, 80, "/")
-}
-
-/// One `GET path` from the client to `ip:port`; None if it fails.
-fn get_at(c: &Cluster, ip: &str, port: u16, path: &str) -> Option<String> {
-    let url = format!("http://{ip}:{port}{path}");
-    let out = c
-        .lab
-        .exec(CLIENT, &["curl", "-s", "--max-time", "3", &url])
-        .ok()?;
-    out.status
-        .success()
-        .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-fn greetings(tasks: &[TaskInfo]) -> BTreeSet<String> {
-    tasks
-        .iter()
-        .map(|t| {
-            let ip = t
-                .endpoints
-                .iter()
-                .find(|e| e.network == "ingress")
-                .unwrap_or_else(|| panic!("{} has no ingress endpoint", t.name))
-                .ip();
-            format!("Hello World! from {ip}\n")
-        })
-        .collect()
 }
 
 /// Waits until every node in `ips` answers on the published port, and the answers of each,

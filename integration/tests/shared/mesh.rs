@@ -58,7 +58,7 @@ fn greeting(ip: &str) -> String {
 }
 
 /// One `GET /` from the client to `node:port`; None if it fails.
-fn get(c: &Cluster, node: &str, port: u16, path: &str) -> Option<String> {
+pub(crate) fn get(c: &Cluster, node: &str, port: u16, path: &str) -> Option<String> {
     let url = format!("http://{node}:{port}{path}");
     let out = c
         .lab
@@ -106,7 +106,7 @@ fn assert_balanced(c: &Cluster, node: &str, port: u16, want: &BTreeSet<String>) 
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()))
 }
 
-fn greetings(tasks: &[TaskInfo]) -> BTreeSet<String> {
+pub(crate) fn greetings(tasks: &[TaskInfo]) -> BTreeSet<String> {
     tasks.iter().map(|t| greeting(&ingress_ip(t))).collect()
 }
 
