@@ -15,14 +15,14 @@ use netns::Netns;
 use proto::agent::{Assignment, LbReport, TaskSpec};
 use tracing::{error, info};
 
-use crate::lb::{self, sync_table, LbKind, LbOptions, LoadBalancer};
+use crate::lb::{self, sync_table, LbKind, LbOptions, LoadBalancer, Table};
 use crate::mesh::{self, GWBRIDGE, INGRESS_SBOX};
 
 /// A table applied in one namespace, tied to the namespace's inode: a recreated namespace
 /// starts empty, so its table is rebuilt in full.
 struct Applied<R> {
     inode: u64,
-    state: Option<R>,
+    state: Table<R>,
 }
 
 pub struct MeshRules {
@@ -33,7 +33,7 @@ pub struct MeshRules {
     lb_opts: LbOptions,
     recheck_every: Duration,
     last_check: Option<Instant>,
-    node_table: Option<NodeState>,
+    node_table: Table<NodeState>,
     tasks: BTreeMap<String, Applied<TaskState>>,
     /// Balancers by namespace: the routing mesh's in ingress_sbox and, with IPVS, the VIP
     /// balancer of each `lb_<network>`.
@@ -77,7 +77,7 @@ impl MeshRules {
             lb_opts,
             recheck_every,
             last_check: None,
-            node_table: None,
+            node_table: Table::default(),
             tasks: BTreeMap::new(),
             lbs: BTreeMap::new(),
         }
@@ -239,12 +239,15 @@ impl MeshRules {
     fn sync_task(&mut self, name: &str, st: &TaskState, recheck: bool) -> Result<(), String> {
         let ns = Netns::open(&self.dir.join(name)).map_err(|e| e.to_string())?;
         let inode = ns.inode().map_err(|e| e.to_string())?;
-        let applied = self
-            .tasks
-            .entry(name.to_string())
-            .or_insert(Applied { inode, state: None });
+        let applied = self.tasks.entry(name.to_string()).or_insert(Applied {
+            inode,
+            state: Table::default(),
+        });
         if applied.inode != inode {
-            *applied = Applied { inode, state: None };
+            *applied = Applied {
+                inode,
+                state: Table::default(),
+            };
         }
         sync_table(&ns, &mut applied.state, st, recheck)
             .map(drop)

@@ -105,6 +105,7 @@
 //! the task's UDP conntrack entries to it.
 
 mod exec;
+mod generation;
 mod listing;
 mod node;
 mod render;
@@ -114,6 +115,7 @@ mod task;
 use std::fmt;
 
 pub use exec::{reconcile, sync, FakeNetfilter, Netfilter, NsNetfilter};
+pub use generation::generation;
 pub use listing::{parse_listing, TableShape};
 pub use node::{node_sysctls, NodeConfig, NodeState};
 pub use render::{Batch, ELEMENTS_PER_STATEMENT};

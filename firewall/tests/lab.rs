@@ -831,3 +831,25 @@ fn programming_ten_thousand_services() {
         ms(check),
     );
 }
+
+#[test]
+fn the_nf_tables_generation_moves_with_every_transaction_in_its_namespace_only() {
+    let mut lab = Lab::new();
+    lab.add("a");
+    lab.add("b");
+    let (a0, b0) = (
+        firewall::generation(lab.ns("a")).unwrap(),
+        firewall::generation(lab.ns("b")).unwrap(),
+    );
+    assert_eq!(
+        firewall::generation(lab.ns("a")).unwrap(),
+        a0,
+        "asking moves nothing"
+    );
+    lab.run("a", "nft", &["add", "table", "ip", "gen-test"]);
+    let a1 = firewall::generation(lab.ns("a")).unwrap();
+    assert!(a1 > a0, "{a0} -> {a1}");
+    lab.run("a", "nft", &["delete", "table", "ip", "gen-test"]);
+    assert!(firewall::generation(lab.ns("a")).unwrap() > a1);
+    assert_eq!(firewall::generation(lab.ns("b")).unwrap(), b0);
+}

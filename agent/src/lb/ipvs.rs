@@ -19,7 +19,7 @@ use ipvs::{Client, Destination, Family, Forward, Service, ServiceKey, TimeoutCha
 use netns::Netns;
 use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
 
-use super::{sync_table, LbError, LbOptions, LoadBalancer};
+use super::{sync_table, LbError, LbOptions, LoadBalancer, Table};
 
 const SCHEDULER: &str = "rr";
 
@@ -144,7 +144,7 @@ pub struct IpvsLb {
     client: Client,
     sbox: Netns,
     grace: Duration,
-    table: Option<SboxState>,
+    table: Table<SboxState>,
     draining: Draining,
     programmed: BTreeMap<u32, SvcObs>,
 }
@@ -164,7 +164,7 @@ impl IpvsLb {
             client,
             sbox,
             grace: opts.drain,
-            table: None,
+            table: Table::default(),
             draining: Draining::new(),
             programmed: BTreeMap::new(),
         })

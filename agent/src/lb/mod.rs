@@ -78,24 +78,58 @@ pub fn open(kind: LbKind, sbox: Netns, opts: LbOptions) -> Result<Box<dyn LoadBa
     })
 }
 
-/// Applies `next` to a namespace's table: a full atomic rebuild the first time (`prev` unknown,
-/// e.g. after a restart: conntrack entries survive it), then only what changed; with `recheck`,
-/// reads the table back and rebuilds it if it drifted. Returns whether anything was applied.
+/// Our table in one namespace: what we last applied, and the namespace's nf_tables generation
+/// when the table was last found right.
+pub struct Table<R> {
+    applied: Option<R>,
+    checked_at: Option<u32>,
+}
+
+impl<R> Table<R> {
+    /// What we last applied, if anything.
+    pub fn applied(&self) -> Option<&R> {
+        self.applied.as_ref()
+    }
+}
+
+impl<R> Default for Table<R> {
+    fn default() -> Self {
+        Table {
+            applied: None,
+            checked_at: None,
+        }
+    }
+}
+
+/// Applies `next` to a namespace's table: a full atomic rebuild the first time (nothing applied
+/// yet, e.g. after a restart: conntrack entries survive it), then only what changed. With
+/// `recheck`, reads the table back and rebuilds it if it drifted, unless the namespace's
+/// nf_tables generation has not moved since the table was last found right (nothing can have
+/// changed it then, and asking is far cheaper than an `nft` listing). Returns whether anything
+/// was applied.
 pub fn sync_table<R: Ruleset + Clone + PartialEq>(
     ns: &Netns,
-    prev: &mut Option<R>,
+    table: &mut Table<R>,
     next: &R,
     recheck: bool,
 ) -> Result<bool, firewall::Error> {
     let nf = NsNetfilter::new(ns);
-    let mut changed = false;
-    if prev.as_ref() != Some(next) {
-        firewall::sync(&nf, prev.as_ref(), next)?;
-        *prev = Some(next.clone());
-        changed = true;
+    if table.applied.as_ref() != Some(next) {
+        firewall::sync(&nf, table.applied.as_ref(), next)?;
+        table.applied = Some(next.clone());
+        // Our own write moved the generation: the next check lists the table once.
+        table.checked_at = None;
+        return Ok(true);
     }
-    if recheck && !changed {
-        changed = firewall::reconcile(&nf, next)?;
+    if !recheck {
+        return Ok(false);
     }
-    Ok(changed)
+    // Read before listing: a change made after it moves the generation past it.
+    let generation = firewall::generation(ns).ok();
+    if generation.is_some() && generation == table.checked_at {
+        return Ok(false);
+    }
+    let rebuilt = firewall::reconcile(&nf, next)?;
+    table.checked_at = if rebuilt { None } else { generation };
+    Ok(rebuilt)
 }

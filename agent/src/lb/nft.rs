@@ -9,11 +9,11 @@ use firewall::SboxState;
 use netns::Netns;
 use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
 
-use super::{sync_table, LbError, LoadBalancer, Timeouts};
+use super::{sync_table, LbError, LoadBalancer, Table, Timeouts};
 
 pub struct NftLb {
     sbox: Netns,
-    table: Option<SboxState>,
+    table: Table<SboxState>,
 }
 
 /// The conntrack sysctls that carry each timeout in the sandbox namespace.
@@ -40,7 +40,10 @@ impl NftLb {
         for (key, secs) in conntrack_sysctls(&timeouts) {
             sbox.write_sysctl(key, &secs.to_string())?;
         }
-        Ok(NftLb { sbox, table: None })
+        Ok(NftLb {
+            sbox,
+            table: Table::default(),
+        })
     }
 }
 
@@ -55,6 +58,7 @@ impl LoadBalancer for NftLb {
             backend: "nftables".into(),
             services: self
                 .table
+                .applied()
                 .iter()
                 .flat_map(|t| &t.services)
                 .map(|(mark, svc)| LbServiceReport {

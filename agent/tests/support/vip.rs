@@ -180,7 +180,7 @@ impl Drop for Servers {
     }
 }
 
-fn client(lab: &Lab) -> netns::Netns {
+pub fn client(lab: &Lab) -> netns::Netns {
     lab.ns(&tasks()[2].name)
 }
 
