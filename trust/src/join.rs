@@ -3,14 +3,14 @@
 //! then, over a connection that verifies the manager against that CA, send the token with a
 //! signing request and receive the node's certificate.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
 use proto::agent::{AgentMsg, ManagerMsg};
 use proto::wire::{read_frame, write_frame};
 use tokio::io::BufReader;
-use tokio::net::TcpStream;
+use tokio::net::{TcpSocket, TcpStream};
 use tokio_rustls::client::TlsStream;
 use tokio_rustls::TlsConnector;
 
@@ -28,12 +28,22 @@ pub async fn connect(
     addr: &str,
     config: Arc<rustls::ClientConfig>,
 ) -> Result<TlsStream<TcpStream>, Error> {
+    connect_from(addr, None, config).await
+}
+
+/// [`connect`] from the source address `local`, or one the kernel picks (`None`): many
+/// simulated nodes on one machine (the B11 benchmark) each dial from an address of their own.
+pub async fn connect_from(
+    addr: &str,
+    local: Option<IpAddr>,
+    config: Arc<rustls::ClientConfig>,
+) -> Result<TlsStream<TcpStream>, Error> {
     let net = |what: &str| {
         let what = format!("{what} the manager at {addr}");
         move |source| Error::Net { what, source }
     };
     let timed_out = || std::io::Error::from(std::io::ErrorKind::TimedOut);
-    let tcp = tokio::time::timeout(STEP_TIMEOUT, TcpStream::connect(addr))
+    let tcp = tokio::time::timeout(STEP_TIMEOUT, dial(addr, local))
         .await
         .map_err(|_| timed_out())
         .and_then(|r| r)
@@ -55,6 +65,23 @@ pub async fn connect(
         }
         net("TLS handshake with")(e)
     })
+}
+
+async fn dial(addr: &str, local: Option<IpAddr>) -> std::io::Result<TcpStream> {
+    let Some(local) = local else {
+        return TcpStream::connect(addr).await;
+    };
+    let to = tokio::net::lookup_host(addr)
+        .await?
+        .find(|to| to.is_ipv4() == local.is_ipv4())
+        .ok_or_else(|| std::io::Error::from(std::io::ErrorKind::AddrNotAvailable))?;
+    let sock = if local.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    sock.bind(SocketAddr::new(local, 0))?;
+    sock.connect(to).await
 }
 
 /// Sends one message and reads the one answer.
@@ -93,7 +120,15 @@ async fn ask(
 
 /// The cluster's CA from the manager at `addr`, checked against `token`.
 pub async fn fetch_ca(addr: &str, token: &JoinToken) -> Result<String, Error> {
-    let stream = connect(addr, tls::first_contact_config()).await?;
+    fetch_ca_from(addr, None, token).await
+}
+
+async fn fetch_ca_from(
+    addr: &str,
+    local: Option<IpAddr>,
+    token: &JoinToken,
+) -> Result<String, Error> {
+    let stream = connect_from(addr, local, tls::first_contact_config()).await?;
     match ask(stream, addr, &AgentMsg::GetCa).await? {
         ManagerMsg::Ca { cert } if token.pins(&cert) => Ok(cert),
         ManagerMsg::Ca { .. } => Err(Error::CaMismatch(addr.to_string())),
@@ -109,9 +144,20 @@ pub async fn join(
     hostname: &str,
     advertise_addr: IpAddr,
 ) -> Result<(String, Credentials), Error> {
-    let ca_pem = fetch_ca(addr, token).await?;
+    join_from(addr, None, token, hostname, advertise_addr).await
+}
+
+/// [`join`] dialling from the source address `local` (see [`connect_from`]).
+pub async fn join_from(
+    addr: &str,
+    local: Option<IpAddr>,
+    token: &JoinToken,
+    hostname: &str,
+    advertise_addr: IpAddr,
+) -> Result<(String, Credentials), Error> {
+    let ca_pem = fetch_ca_from(addr, local, token).await?;
     let key = KeyRequest::generate()?;
-    let stream = connect(addr, tls::client_config(&ca_pem, None)?).await?;
+    let stream = connect_from(addr, local, tls::client_config(&ca_pem, None)?).await?;
     let msg = AgentMsg::Join {
         version: proto::PROTOCOL_VERSION,
         token: token.to_string(),

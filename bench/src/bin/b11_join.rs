@@ -14,9 +14,9 @@
 //! system's temp dir (its fsyncs are part of a join).
 //!
 //! Every agent has its own address, as real nodes do: 127.1.x.y, used both as the source of its
-//! connections and as its advertise address. The manager admits at most 16 unauthenticated
-//! connections per peer address (limits::MAX_PENDING_PER_PEER), so agents sharing one address
-//! would be turned away; `--one-source` runs them all from 127.0.0.1 through
+//! connections (`trust::join::{join_from, connect_from}`) and as its advertise address. The
+//! manager admits at most 16 unauthenticated connections per peer address
+//! (limits::MAX_PENDING_PER_PEER), so agents sharing one address would be turned away; `--one-source` runs them all from 127.0.0.1 through
 //! `trust::join::{join, connect}` unchanged, retrying what the manager turns away, to show it.
 //!
 //! B11b, assignment push latency: in this process, a server with the manager's TLS
@@ -39,7 +39,6 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -54,7 +53,7 @@ use proto::api::{Request, Response};
 use proto::model::{endpoint_mac, Attachment, NodeStatus, PortConfig, Protocol, PublishMode, Role};
 use proto::wire::{read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
-use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector};
 use trust::tls::{certified_key, server_config, CertSlot, ClientAuth};
 use trust::{Ca, CertRole, Credentials, JoinToken, KeyRequest, Subject};
@@ -207,83 +206,6 @@ async fn timed<T, E: Into<anyhow::Error>>(
     }
 }
 
-/// trust::join::connect from a given source address.
-async fn connect_from(
-    local: IpAddr,
-    to: SocketAddr,
-    config: Arc<tokio_rustls::rustls::ClientConfig>,
-) -> Result<Tls> {
-    let sock = TcpSocket::new_v4()?;
-    sock.bind(SocketAddr::new(local, 0))
-        .with_context(|| format!("bind {local}"))?;
-    let tcp = timed("connect to the manager", sock.connect(to)).await?;
-    tcp.set_nodelay(true)?;
-    timed(
-        "TLS handshake with the manager",
-        TlsConnector::from(config).connect(trust::tls::manager_name(), tcp),
-    )
-    .await
-}
-
-/// One request, one answer, as trust::join does.
-async fn ask<S: AsyncRead + AsyncWrite + Unpin>(stream: S, msg: &AgentMsg) -> Result<ManagerMsg> {
-    let (rd, mut wr) = tokio::io::split(stream);
-    write_frame(&mut wr, msg).await?;
-    let mut buf = Vec::new();
-    let got = timed(
-        "read the manager's answer",
-        read_frame(
-            &mut BufReader::new(rd),
-            &mut buf,
-            proto::PREAUTH_FRAME_BYTES * 4,
-        ),
-    )
-    .await?;
-    if !got {
-        bail!("the manager closed the connection without answering");
-    }
-    Ok(proto::decode_frame(&buf)?)
-}
-
-/// trust::join::join from a given source address: the same steps and checks.
-async fn join_from(
-    local: IpAddr,
-    to: SocketAddr,
-    token: &JoinToken,
-    hostname: &str,
-) -> Result<Credentials> {
-    let s = connect_from(local, to, trust::tls::first_contact_config()).await?;
-    let ca_pem = match ask(s, &AgentMsg::GetCa).await? {
-        ManagerMsg::Ca { cert } if token.pins(&cert) => cert,
-        other => bail!("fetch the CA: {}", kind(&other)),
-    };
-    let key = KeyRequest::generate()?;
-    let s = connect_from(local, to, trust::tls::client_config(&ca_pem, None)?).await?;
-    let msg = AgentMsg::Join {
-        version: proto::PROTOCOL_VERSION,
-        token: token.to_string(),
-        csr: key.csr_pem,
-        hostname: hostname.to_string(),
-        advertise_addr: local,
-    };
-    match ask(s, &msg).await? {
-        ManagerMsg::Joined { node_id, cert } => {
-            let creds = Credentials {
-                ca_pem,
-                cert_pem: cert,
-                key_pem: key.key_pem,
-            };
-            if creds.identity()?.common_name != node_id {
-                bail!("the certificate does not name node {node_id}");
-            }
-            creds.client_config()?;
-            Ok(creds)
-        }
-        ManagerMsg::Refused { reason } => bail!("join refused: {reason}"),
-        other => bail!("join: {}", kind(&other)),
-    }
-}
-
 fn kind(msg: &ManagerMsg) -> String {
     match msg {
         ManagerMsg::Refused { reason } => format!("refused: {reason}"),
@@ -357,9 +279,10 @@ async fn agent(
         };
         (stream, advertise)
     } else {
-        let creds = join_from(local, to, &token, &hostname).await?;
+        let to = to.to_string();
+        let (_, creds) = trust::join::join_from(&to, Some(local), &token, &hostname, local).await?;
         (
-            connect_from(local, to, creds.client_config()?).await?,
+            trust::join::connect_from(&to, Some(local), creds.client_config()?).await?,
             local,
         )
     };
