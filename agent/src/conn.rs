@@ -362,6 +362,8 @@ mod tests {
             error: None,
             pid: Some(7),
             netns: None,
+            health: None,
+            health_log: None,
         }
     }
 

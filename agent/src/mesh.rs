@@ -508,6 +508,9 @@ mod tests {
                 })
                 .into_iter()
                 .collect(),
+            env: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
         }
     }
 

@@ -444,6 +444,9 @@ fn one_leg(name: &str, network_id: &str, addr: Ipv4Net) -> TaskSpec {
             addr,
             mac: String::new(),
         }],
+        env: Default::default(),
+        stop_grace_ms: 10_000,
+        health: None,
     }
 }
 
@@ -759,6 +762,9 @@ mod tests {
                 addr,
                 mac: endpoint_mac(addr.addr()),
             }],
+            env: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
         }
     }
 

@@ -228,6 +228,9 @@ mod tests {
             service_name: "web".into(),
             command: vec!["sleep".into(), "1000".into()],
             attachments: vec![],
+            env: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
         }
     }
 

@@ -117,6 +117,8 @@ pub fn status_of(rec: &TaskRecord, netns_path: &Path) -> TaskStatus {
         error,
         netns: matches!(rec.phase, Phase::Running { .. }).then(|| netns_path.display().to_string()),
         pid,
+        health: None,
+        health_log: None,
     }
 }
 
@@ -656,6 +658,9 @@ mod tests {
             service_name: "web".into(),
             command: vec![],
             attachments: vec![],
+            env: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
         };
         let ns = Path::new("/run/meshnet/agent/netns/web.1.t1");
         let st = status_of(
@@ -705,6 +710,9 @@ mod tests {
             service_name: "web".into(),
             command: vec!["true".into()],
             attachments: vec![],
+            env: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
         };
         sup.reject(&spec, "task name: invalid".into());
         sup.flush_reports();

@@ -331,6 +331,9 @@ fn attached(id: &str, service: &str, slot: u64, net: &str, ip: Ipv4Addr) -> Task
             addr: format!("{ip}/24").parse().unwrap(),
             mac: endpoint_mac(ip),
         }],
+        env: Default::default(),
+        stop_grace_ms: 10_000,
+        health: None,
     }
 }
 

@@ -203,6 +203,7 @@ fn request_kind(req: &Request) -> &'static str {
         Request::ServiceRm { .. } => "service rm",
         Request::ServiceRmMany { .. } => "service rm",
         Request::ServiceUpdate { .. } => "service update",
+        Request::ServiceRollback { .. } => "service rollback",
         Request::PublishLs => "publish ls",
         Request::PublishRm { .. } => "publish rm",
         Request::PublishRmMany { .. } => "publish rm",
@@ -405,13 +406,30 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                 publish_add,
                 publish_rm,
                 endpoint_mode,
+                spec,
             } => {
                 let id = cluster
                     .transact(|s, now| {
-                        s.update_service(&service, &publish_add, &publish_rm, endpoint_mode, now)
+                        s.update_service(
+                            &service,
+                            &publish_add,
+                            &publish_rm,
+                            endpoint_mode,
+                            &spec,
+                            now,
+                        )
                     })
                     .map_err(err)?;
-                tracing::info!(%service, ?publish_add, ?publish_rm, ?endpoint_mode, "service updated");
+                tracing::info!(%service, ?publish_add, ?publish_rm, ?endpoint_mode, ?spec, "service updated");
+                Response::Service {
+                    service: views::service(cluster.state(), cluster.lb(), &id),
+                }
+            }
+            Request::ServiceRollback { service } => {
+                let id = cluster
+                    .transact(|s, now| s.rollback_service(&service, now))
+                    .map_err(err)?;
+                tracing::info!(%service, "service rollback");
                 Response::Service {
                     service: views::service(cluster.state(), cluster.lb(), &id),
                 }
@@ -514,6 +532,7 @@ mod tests {
                 publish_add: vec![dns],
                 publish_rm: vec![],
                 endpoint_mode: None,
+                spec: Default::default(),
             },
         ) else {
             panic!("service update answers with the service")
@@ -661,6 +680,7 @@ mod tests {
                     })
                     .collect(),
                 endpoint_mode: None,
+                spec: Default::default(),
             };
         let host80 = port(80, 8080, Protocol::Tcp, PublishMode::Host);
         let ingress53 = port(53, 53, Protocol::Udp, PublishMode::Ingress);
@@ -809,7 +829,7 @@ mod tests {
             (Request::ServicePs { service: huge.clone() }, cut),
             (Request::ServiceScale { service: huge.clone(), replicas: 1 }, cut),
             (Request::ServiceRm { service: huge.clone() }, cut),
-            (Request::ServiceUpdate { service: huge.clone(), publish_add: vec![], publish_rm: vec![], endpoint_mode: None }, cut),
+            (Request::ServiceUpdate { service: huge.clone(), publish_add: vec![], publish_rm: vec![], endpoint_mode: None, spec: Default::default() }, cut),
             (scale(&[("web", 1), (&huge, 1)]), cut),
             (Request::ServiceRmMany { services: vec!["web".into(), huge.clone()] }, cut),
             (Request::NetworkRmMany { networks: vec!["twin".into(), huge.clone()] }, cut),

@@ -163,7 +163,7 @@ impl State {
 
 #[cfg(test)]
 mod tests {
-    use proto::api::ServiceSpec;
+    use proto::api::{ServiceSpec, SpecUpdate};
 
     use super::*;
     use crate::state::tests::{
@@ -198,16 +198,31 @@ mod tests {
 
         // Off the mesh: the ingress VIP goes, the backend one stays the same.
         let p80 = (&web(80)).into();
-        s.update_service("web", &[], &[p80], None, 2).unwrap();
+        s.update_service("web", &[], &[p80], None, &SpecUpdate::default(), 2)
+            .unwrap();
         assert_eq!(vips(&s).keys().collect::<Vec<_>>(), [&backend]);
         assert_eq!(vips(&s)[&backend], Ipv4Addr::new(10, 0, 9, 2));
         // dnsrr frees every VIP and the mark; back to vip gets a new VIP, not the freed one.
-        s.update_service("web", &[], &[], Some(EndpointMode::Dnsrr), 3)
-            .unwrap();
+        s.update_service(
+            "web",
+            &[],
+            &[],
+            Some(EndpointMode::Dnsrr),
+            &SpecUpdate::default(),
+            3,
+        )
+        .unwrap();
         assert!(vips(&s).is_empty());
         assert_eq!(s.services[&id].fwmark, None);
-        s.update_service("web", &[], &[], Some(EndpointMode::Vip), 4)
-            .unwrap();
+        s.update_service(
+            "web",
+            &[],
+            &[],
+            Some(EndpointMode::Vip),
+            &SpecUpdate::default(),
+            4,
+        )
+        .unwrap();
         assert_ne!(vips(&s)[&backend], Ipv4Addr::new(10, 0, 9, 2));
         assert!(s.services[&id].fwmark.is_some());
         // A service on no network and with no ingress port has nothing to balance.
@@ -238,7 +253,7 @@ mod tests {
         s.create_service(&ok, 1).unwrap();
         let before = s.clone();
         let err = s
-            .update_service("db", &[web(80)], &[], None, 2)
+            .update_service("db", &[web(80)], &[], None, &SpecUpdate::default(), 2)
             .unwrap_err()
             .to_string();
         assert!(err.contains("dnsrr"), "{err}");
@@ -246,7 +261,14 @@ mod tests {
             .unwrap();
         let before_web = s.clone();
         let err = s
-            .update_service("web", &[], &[], Some(EndpointMode::Dnsrr), 4)
+            .update_service(
+                "web",
+                &[],
+                &[],
+                Some(EndpointMode::Dnsrr),
+                &SpecUpdate::default(),
+                4,
+            )
             .unwrap_err()
             .to_string();
         assert!(err.contains("dnsrr"), "{err}");

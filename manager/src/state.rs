@@ -12,8 +12,9 @@ use proto::agent::{
     TaskStatus,
 };
 use proto::api::{
-    PublishedPort, ServiceSpec, INGRESS_NETWORK, MAX_ALIASES, MAX_COMMAND_ARGS, MAX_COMMAND_BYTES,
-    MAX_CONSTRAINTS, MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES, MAX_REPLICAS,
+    PublishedPort, ServiceSpec, SpecUpdate, INGRESS_NETWORK, MAX_ALIASES, MAX_COMMAND_ARGS,
+    MAX_COMMAND_BYTES, MAX_CONSTRAINTS, MAX_LABELS, MAX_LABEL_KEY_BYTES, MAX_LABEL_VALUE_BYTES,
+    MAX_REPLICAS,
 };
 use proto::excerpt;
 use proto::model::{
@@ -1105,6 +1106,10 @@ impl State {
                     ports: spec.ports.clone(),
                     endpoint_mode: spec.endpoint_mode,
                     aliases,
+                    env: Default::default(),
+                    update_config: Default::default(),
+                    stop_grace_ms: 10_000,
+                    health: None,
                 },
                 created_at: now,
                 updated_at: now,
@@ -1262,6 +1267,7 @@ impl State {
         add: &[PortConfig],
         rm: &[PublishedPort],
         mode: Option<EndpointMode>,
+        _spec: &SpecUpdate,
         now: u64,
     ) -> Result<String, OpError> {
         let op = format!("update service {}", excerpt(key));
@@ -1355,7 +1361,7 @@ impl State {
             .find(|s| s.spec.ports.iter().any(|p| PublishedPort::from(p) == port))
             .map(|s| s.id.clone());
         match publisher {
-            Some(id) => self.update_service(&id, &[], &[port], None, now),
+            Some(id) => self.update_service(&id, &[], &[port], None, &SpecUpdate::default(), now),
             None => refuse(
                 format!("unpublish port {port}"),
                 Reason::NobodyPublishes(port),
@@ -1467,6 +1473,11 @@ impl State {
             service.updated_at = now;
         }
         Ok(id)
+    }
+
+    pub fn rollback_service(&mut self, key: &str, _now: u64) -> Result<String, OpError> {
+        let op = format!("roll back service {}", excerpt(key));
+        self.find_service(key).or_else(|r| refuse(&op, r))
     }
 
     /// Removes a service and all its tasks; their agents stop them on the next assignment.
@@ -1870,6 +1881,9 @@ impl State {
                     service_name: service.spec.name.clone(),
                     command: service.spec.command.clone(),
                     attachments: t.attachments.clone(),
+                    env: Default::default(),
+                    stop_grace_ms: 10_000,
+                    health: None,
                 }
             })
             .collect();
@@ -2085,6 +2099,10 @@ pub(crate) mod tests {
             ports: vec![],
             endpoint_mode: Default::default(),
             aliases: Default::default(),
+            env: Default::default(),
+            update_config: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
         }
     }
 
@@ -2158,6 +2176,8 @@ pub(crate) mod tests {
             error: error.map(str::to_string),
             pid: Some(42),
             netns: Some(format!("/run/meshnet/netns/{}", task.id)),
+            health: None,
+            health_log: None,
         };
         s.task_status(task.node_id.as_ref().unwrap(), &status, now)
             .unwrap();
@@ -2312,7 +2332,7 @@ pub(crate) mod tests {
             "create service web: subnet 10.255.0.0/16 overlaps subnet 10.255.1.0/24 of network old"
         );
         let err = s
-            .update_service("plain", &[web(80)], &[], None, 3)
+            .update_service("plain", &[web(80)], &[], None, &SpecUpdate::default(), 3)
             .unwrap_err();
         assert!(
             err.to_string()
@@ -2505,6 +2525,7 @@ pub(crate) mod tests {
             &[port(9000, 9000, Protocol::Udp, PublishMode::Host)],
             &[],
             None,
+            &SpecUpdate::default(),
             2,
         )
         .unwrap();
@@ -2634,7 +2655,8 @@ pub(crate) mod tests {
             s.scale_service(&huge, 1, 1).unwrap_err(),
             s.remove_service(&huge).unwrap_err(),
             s.remove_network(&huge).unwrap_err(),
-            s.update_service(&huge, &[], &[], None, 1).unwrap_err(),
+            s.update_service(&huge, &[], &[], None, &SpecUpdate::default(), 1)
+                .unwrap_err(),
             s.update_node(&huge, None, &BTreeMap::new(), &[])
                 .unwrap_err(),
             s.register_node(&huge, "192.168.56.99".parse().unwrap(), None, Role::Worker)
@@ -2892,7 +2914,8 @@ pub(crate) mod tests {
 
         // Host mode only: same tasks, published everywhere with fwmark 0 and no backends.
         let host = port(81, 8080, Protocol::Udp, PublishMode::Host);
-        s.update_service("web", &[host], &[], None, 2).unwrap();
+        s.update_service("web", &[host], &[], None, &SpecUpdate::default(), 2)
+            .unwrap();
         s.reconcile(2);
         assert_eq!(
             current(&s, "web")
@@ -2906,7 +2929,8 @@ pub(crate) mod tests {
         assert_eq!((p.fwmark, p.ports.clone()), (0, vec![host]));
 
         // The first ingress port: a fwmark, and new tasks with an ingress endpoint after backend.
-        s.update_service("web", &[web(80)], &[], None, 3).unwrap();
+        s.update_service("web", &[web(80)], &[], None, &SpecUpdate::default(), 3)
+            .unwrap();
         s.reconcile(3);
         assert_eq!(s.services[&id].fwmark, Some(256));
         assert_eq!(s.services[&id].updated_at, 3);
@@ -2921,7 +2945,8 @@ pub(crate) mod tests {
         let replaced: Vec<String> = new.iter().map(|t| t.id.clone()).collect();
 
         // Another ingress port changes no task; removing both ingress ports drops the mesh.
-        s.update_service("web", &[web(8000)], &[], None, 4).unwrap();
+        s.update_service("web", &[web(8000)], &[], None, &SpecUpdate::default(), 4)
+            .unwrap();
         s.reconcile(4);
         assert_eq!(
             current(&s, "web")
@@ -2934,7 +2959,8 @@ pub(crate) mod tests {
             protocol: Protocol::Tcp,
             published: 80,
         };
-        s.update_service("web", &[], &[p80], None, 5).unwrap();
+        s.update_service("web", &[], &[p80], None, &SpecUpdate::default(), 5)
+            .unwrap();
         assert_eq!(s.services[&id].fwmark, Some(256));
         let p8000 = PublishedPort {
             protocol: Protocol::Tcp,
@@ -2959,7 +2985,8 @@ pub(crate) mod tests {
             protocol: Protocol::Udp,
             published: 81,
         };
-        s.update_service("web", &[moved], &[p81], None, 7).unwrap();
+        s.update_service("web", &[moved], &[p81], None, &SpecUpdate::default(), 7)
+            .unwrap();
         assert_eq!(s.services[&id].spec.ports, [moved]);
     }
 
@@ -3402,7 +3429,8 @@ pub(crate) mod tests {
         assert_eq!(hosts(&s, "web"), ["node1", "node2", "node3"]);
         assert!(current(&s, "web").iter().all(|t| t.error.is_none()));
         // Ingress and host ports together: every task on ingress, one per node.
-        s.update_service("web", &[web(80)], &[], None, 2).unwrap();
+        s.update_service("web", &[web(80)], &[], None, &SpecUpdate::default(), 2)
+            .unwrap();
         s.reconcile(2);
         assert_eq!(hosts(&s, "web"), ["node1", "node2", "node3"]);
         let ingress = ingress_id(&s);
@@ -3649,6 +3677,8 @@ pub(crate) mod tests {
             error: None,
             pid: None,
             netns: None,
+            health: None,
+            health_log: None,
         };
         let err = s.task_status(&other, &status, 2).unwrap_err();
         assert!(

@@ -191,6 +191,10 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
             ports: vec![],
             endpoint_mode: Default::default(),
             aliases: Default::default(),
+            env: Default::default(),
+            update_config: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
         },
     }) else {
         panic!("service create failed; log:\n{}", manager.logs())
@@ -433,6 +437,10 @@ fn a_published_service_reaches_every_agent_with_its_backends() {
         ports,
         endpoint_mode: Default::default(),
         aliases: Default::default(),
+        env: Default::default(),
+        update_config: Default::default(),
+        stop_grace_ms: 10_000,
+        health: None,
     };
     // The manager's own agent port cannot be published.
     match api.call(Request::ServiceCreate {

@@ -357,6 +357,10 @@ fn spec(name: &str, replicas: u64, ports: Vec<PortConfig>) -> ServiceSpec {
         ports,
         endpoint_mode: Default::default(),
         aliases: Default::default(),
+        env: Default::default(),
+        update_config: Default::default(),
+        stop_grace_ms: 10_000,
+        health: None,
     }
 }
 
@@ -1147,6 +1151,7 @@ fn the_tcp_api_port_cannot_be_published() {
             publish_add: vec![tcp_port(api, PublishMode::Ingress)],
             publish_rm: vec![],
             endpoint_mode: None,
+            spec: Default::default(),
         }),
         "publish_add of the API port",
     );
@@ -1167,6 +1172,7 @@ fn the_tcp_api_port_cannot_be_published() {
         }],
         publish_rm: vec![],
         endpoint_mode: None,
+        spec: Default::default(),
     }) else {
         panic!("publishing {api}/udp was refused")
     };

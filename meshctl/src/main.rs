@@ -377,6 +377,10 @@ impl CreateArgs {
                 .filter(|n| !n.aliases.is_empty())
                 .map(|n| (n.name.clone(), n.aliases.clone()))
                 .collect(),
+            env: Default::default(),
+            update_config: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
         })
     }
 }

@@ -159,6 +159,8 @@ mod tests {
             endpoints: vec![],
             created_at: 0,
             updated_at: 0,
+            spec_version: 0,
+            health: None,
         }
     }
 

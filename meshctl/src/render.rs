@@ -402,6 +402,8 @@ mod tests {
             }],
             created_at: 0,
             updated_at: 90,
+            spec_version: 0,
+            health: None,
         }
     }
 
@@ -470,6 +472,9 @@ mod tests {
             fwmark: Some(256),
             lb: vec![],
             virtual_ips: vec![],
+            version: 0,
+            previous_spec: None,
+            update_status: None,
         };
         // A global service: running over the nodes it belongs on.
         let global = ServiceInfo {
@@ -560,6 +565,9 @@ mod tests {
                 lb("node2", &[]),
             ],
             virtual_ips: vec![],
+            version: 0,
+            previous_spec: None,
+            update_status: None,
         };
         let out = service_pretty(&info);
         assert!(out.contains(" PublishedPort = 53\n  Protocol = udp\n  TargetPort = 5353\n  PublishMode = host\n"), "{out}");

@@ -22,12 +22,13 @@
 //! The assignment is the whole truth for the node: anything the agent owns that it does not name
 //! is stale and goes. While the manager is unreachable the agent keeps the last one applied.
 
+use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 
-use crate::model::{Attachment, EndpointMode, Role, TaskState};
+use crate::model::{Attachment, EndpointMode, Health, HealthCheck, Role, TaskState};
 
 pub const HEARTBEAT_SECS: u64 = 2;
 pub const NODE_DOWN_SECS: u64 = 10;
@@ -101,6 +102,12 @@ pub struct TaskStatus {
     pub pid: Option<u32>,
     /// The task's network namespace file on the node.
     pub netns: Option<String>,
+    /// With a health check, while the task runs: what the checks found.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// The output or error of the last failed check (bounded), while not healthy.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health_log: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -254,6 +261,15 @@ pub struct TaskSpec {
     pub command: Vec<String>,
     /// One endpoint per network; the first becomes eth0, the next eth1, …
     pub attachments: Vec<Attachment>,
+    /// Environment of the task's process, besides what the agent sets.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// SIGTERM, then SIGKILL after this long, when the task is stopped.
+    #[serde(default = "crate::model::default_stop_grace_ms")]
+    pub stop_grace_ms: u64,
+    /// Checked by the agent, which reports the result in [`TaskStatus::health`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
 }
 
 #[cfg(test)]

@@ -15,7 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::LbServiceReport;
 use crate::model::{
-    Availability, EndpointMode, Network, Node, PortConfig, Protocol, Role, ServiceMode, TaskState,
+    Availability, EndpointMode, Health, HealthCheck, Network, Node, PortConfig, Protocol, Role,
+    ServiceMode, TaskState, UpdateConfig, UpdateStatus,
 };
 
 /// Where `mesh-manager` listens for `meshctl` unless told otherwise.
@@ -143,6 +144,16 @@ pub enum Request {
         /// A new endpoint mode: vip allocates the service's VIPs, dnsrr frees them.
         #[serde(default, skip_serializing_if = "Option::is_none")]
         endpoint_mode: Option<EndpointMode>,
+        /// The rest of this request changes the tasks' spec; when it differs, the service's
+        /// version goes up and its tasks are replaced by a rolling update (see
+        /// [`UpdateConfig`]).
+        #[serde(flatten)]
+        spec: SpecUpdate,
+    },
+    /// `meshctl service rollback`: back to the spec before the last update, rolled out the
+    /// same way.
+    ServiceRollback {
+        service: String,
     },
     /// Every published port of every service.
     PublishLs,
@@ -156,6 +167,38 @@ pub enum Request {
     PublishRmMany {
         ports: Vec<PublishedPort>,
     },
+}
+
+/// The task-spec part of `meshctl service update`; what is left out is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct SpecUpdate {
+    /// `--command`: the whole argv.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub command: Option<Vec<String>>,
+    /// `--args`: replaces everything after the program (after `command`, when both are given).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub args: Option<Vec<String>>,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env_add: BTreeMap<String, String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub env_rm: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraint_add: Vec<String>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub constraint_rm: Vec<String>,
+    /// Replace every task even if nothing else changes.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub force: bool,
+    /// The whole new update config (meshctl merges its flags over the current one).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_config: Option<UpdateConfig>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stop_grace_ms: Option<u64>,
+    /// A new health check; with `health_none`, the check is removed instead.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub health_none: bool,
 }
 
 /// One target of [`Request::ServiceScaleMany`].
@@ -292,6 +335,18 @@ pub struct ServiceSpec {
     /// like `networks` (names or ids in a request; ids as stored).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub aliases: BTreeMap<String, Vec<String>>,
+    /// Environment of each task's process.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// How updates and rollbacks replace the tasks.
+    #[serde(default)]
+    pub update_config: UpdateConfig,
+    /// Between SIGTERM and SIGKILL when a task stops (`--stop-grace-period`).
+    #[serde(default = "crate::model::default_stop_grace_ms")]
+    pub stop_grace_ms: u64,
+    /// A task gets traffic only once its check passes, and is replaced when it fails.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthCheck>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -369,6 +424,14 @@ pub struct ServiceInfo {
     /// with an ingress-mode port; as Docker's `Endpoint.VirtualIPs`.
     #[serde(default)]
     pub virtual_ips: Vec<VirtualIp>,
+    /// Goes up with every change of the tasks' spec; each task records the version it runs.
+    #[serde(default)]
+    pub version: u64,
+    /// The spec before the last update: what `service rollback` returns to.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_spec: Option<ServiceSpec>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_status: Option<UpdateStatus>,
 }
 
 impl ServiceInfo {
@@ -412,6 +475,12 @@ pub struct TaskInfo {
     pub created_at: u64,
     /// When `state` last changed (seconds since the Unix epoch).
     pub updated_at: u64,
+    /// The service version whose spec the task runs.
+    #[serde(default)]
+    pub spec_version: u64,
+    /// With a health check, while the task runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -526,8 +595,41 @@ mod tests {
                 publish_add: vec![],
                 publish_rm: vec![],
                 endpoint_mode: None,
+                spec: SpecUpdate::default(),
             }
         );
+        // The spec part rides flattened in the same frame, and comes back whole.
+        let req = Request::ServiceUpdate {
+            service: "web".into(),
+            publish_add: vec![],
+            publish_rm: vec![],
+            endpoint_mode: None,
+            spec: SpecUpdate {
+                args: Some(vec!["--v2".into()]),
+                env_add: [("K".to_string(), "V".to_string())].into(),
+                force: true,
+                update_config: Some(UpdateConfig {
+                    parallelism: 2,
+                    max_failure_ratio: crate::model::Ratio(0.25),
+                    ..UpdateConfig::default()
+                }),
+                health: Some(HealthCheck::new(crate::model::HealthTest::Http {
+                    port: 8080,
+                    path: "/".into(),
+                })),
+                ..SpecUpdate::default()
+            },
+        };
+        let wire = encode_frame(&req);
+        let value: serde_json::Value = serde_json::from_slice(&wire).unwrap();
+        assert_eq!(value["args"][0], "--v2");
+        assert_eq!(value["update_config"]["order"], "stop-first");
+        assert_eq!(decode_frame::<Request>(&wire).unwrap(), req);
+        // A spec from before updates existed gets Docker's defaults.
+        let spec: ServiceSpec =
+            decode_frame(br#"{"name":"web","replicas":1,"command":["x"]}"#).unwrap();
+        assert_eq!(spec.stop_grace_ms, 10_000);
+        assert_eq!(spec.update_config, UpdateConfig::default());
         let port = PublishedPort {
             protocol: Protocol::Udp,
             published: 53,

@@ -156,6 +156,207 @@ impl ServiceMode {
     }
 }
 
+/// Docker's default `--stop-grace-period`: 10 s.
+pub fn default_stop_grace_ms() -> u64 {
+    10_000
+}
+
+/// A task's health as its agent's checks find it, as Docker's health status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Health {
+    /// No check has passed yet; the task gets no traffic.
+    Starting,
+    Healthy,
+    /// `retries` checks in a row failed (after the start period): the task is replaced.
+    Unhealthy,
+}
+
+impl Health {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Health::Starting => "starting",
+            Health::Healthy => "healthy",
+            Health::Unhealthy => "unhealthy",
+        }
+    }
+}
+
+/// What a health check runs, inside the task's namespaces.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "kind", rename_all = "lowercase")]
+pub enum HealthTest {
+    /// argv run in the task's network and mount namespaces; exit status 0 is healthy.
+    Cmd { argv: Vec<String> },
+    /// `GET path` to 127.0.0.1:port inside the task's network namespace; any 2xx or 3xx
+    /// status is healthy.
+    Http { port: u16, path: String },
+}
+
+/// `--health-*`: how and how often a task's health is checked, as Docker's HEALTHCHECK.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HealthCheck {
+    pub test: HealthTest,
+    /// Between checks once the task has been healthy. Until its first pass a task is checked
+    /// every second (at most `interval`), so that a new task gets traffic as soon as it can.
+    #[serde(default = "default_health_interval_ms")]
+    pub interval_ms: u64,
+    /// A check that takes longer fails.
+    #[serde(default = "default_health_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Failures in a row that make the task unhealthy.
+    #[serde(default = "default_health_retries")]
+    pub retries: u32,
+    /// Failures within this time after the task starts do not count.
+    #[serde(default)]
+    pub start_period_ms: u64,
+}
+
+fn default_health_interval_ms() -> u64 {
+    30_000
+}
+
+fn default_health_timeout_ms() -> u64 {
+    30_000
+}
+
+fn default_health_retries() -> u32 {
+    3
+}
+
+impl HealthCheck {
+    /// A check with Docker's defaults: every 30 s, 30 s timeout, 3 retries, no start period.
+    pub fn new(test: HealthTest) -> HealthCheck {
+        HealthCheck {
+            test,
+            interval_ms: default_health_interval_ms(),
+            timeout_ms: default_health_timeout_ms(),
+            retries: default_health_retries(),
+            start_period_ms: 0,
+        }
+    }
+}
+
+/// Which goes first when a slot's task is replaced by an update.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateOrder {
+    /// The old task leaves the load balancers and stops, then the new one starts (Swarm's
+    /// default).
+    #[default]
+    StopFirst,
+    /// The new task starts; once it is up, the old one leaves the load balancers and stops.
+    StartFirst,
+}
+
+impl UpdateOrder {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateOrder::StopFirst => "stop-first",
+            UpdateOrder::StartFirst => "start-first",
+        }
+    }
+}
+
+/// What a rolling update does when a new task fails.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum FailureAction {
+    #[default]
+    Pause,
+    Continue,
+    Rollback,
+}
+
+impl FailureAction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            FailureAction::Pause => "pause",
+            FailureAction::Continue => "continue",
+            FailureAction::Rollback => "rollback",
+        }
+    }
+}
+
+/// A fraction from 0 to 1 (the manager refuses anything else).
+#[derive(Debug, Clone, Copy, PartialEq, Default, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Ratio(pub f64);
+
+// Only finite values in 0..=1 are ever stored, so equality is total.
+impl Eq for Ratio {}
+
+/// `--update-*`: how an update (and a rollback) replaces a service's tasks, as Docker's
+/// UpdateConfig.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateConfig {
+    /// Slots replaced at once; 0 replaces them all at once.
+    pub parallelism: u64,
+    /// Wait after a slot's new task is up and monitored, before the next slot starts.
+    pub delay_ms: u64,
+    pub order: UpdateOrder,
+    /// How long a new task must stay up (running, and healthy with a health check) before its
+    /// slot counts as updated; a task that fails within it is a failure of the update.
+    pub monitor_ms: u64,
+    pub failure_action: FailureAction,
+    /// Failures tolerated, as a fraction of the tasks the update replaces, before
+    /// `failure_action` applies.
+    pub max_failure_ratio: Ratio,
+}
+
+impl Default for UpdateConfig {
+    fn default() -> UpdateConfig {
+        UpdateConfig {
+            parallelism: 1,
+            delay_ms: 0,
+            order: UpdateOrder::StopFirst,
+            monitor_ms: 5_000,
+            failure_action: FailureAction::Pause,
+            max_failure_ratio: Ratio(0.0),
+        }
+    }
+}
+
+/// Where a service's last update or rollback stands, as Docker's UpdateStatus.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UpdateState {
+    Updating,
+    Paused,
+    Completed,
+    RollbackStarted,
+    RollbackPaused,
+    RollbackCompleted,
+}
+
+impl UpdateState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UpdateState::Updating => "updating",
+            UpdateState::Paused => "paused",
+            UpdateState::Completed => "completed",
+            UpdateState::RollbackStarted => "rollback_started",
+            UpdateState::RollbackPaused => "rollback_paused",
+            UpdateState::RollbackCompleted => "rollback_completed",
+        }
+    }
+
+    /// An update or rollback still replacing tasks.
+    pub fn is_active(self) -> bool {
+        matches!(self, UpdateState::Updating | UpdateState::RollbackStarted)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateStatus {
+    pub state: UpdateState,
+    pub started_at: u64,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub completed_at: Option<u64>,
+    /// Why it paused or rolled back, or how it ended.
+    pub message: String,
+}
+
 /// One published port of a service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct PortConfig {

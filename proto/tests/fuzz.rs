@@ -179,6 +179,9 @@ fn assignment() -> impl Strategy<Value = Assignment> {
                 service_name,
                 command,
                 attachments,
+                env: Default::default(),
+                stop_grace_ms: 10_000,
+                health: None,
             },
         );
     let ingress = (network_spec(), net4())
@@ -241,6 +244,8 @@ fn agent_msg() -> impl Strategy<Value = AgentMsg> {
             error,
             pid,
             netns,
+            health: None,
+            health_log: None,
         });
     prop_oneof![
         (any::<u32>(), text(), ip(), option::of(net4())).prop_map(
@@ -309,6 +314,10 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
                 ports,
                 endpoint_mode: Default::default(),
                 aliases: Default::default(),
+                env: Default::default(),
+                update_config: Default::default(),
+                stop_grace_ms: 10_000,
+                health: None,
             },
         )
 }
@@ -363,6 +372,7 @@ fn request() -> impl Strategy<Value = Request> {
                     publish_add,
                     publish_rm,
                     endpoint_mode: None,
+                    spec: Default::default(),
                 }
             ),
         Just(Request::PublishLs),
@@ -508,6 +518,9 @@ fn service_info() -> impl Strategy<Value = ServiceInfo> {
                 fwmark,
                 lb,
                 virtual_ips: vec![],
+                version: 0,
+                previous_spec: None,
+                update_status: None,
             },
         )
 }
@@ -557,6 +570,8 @@ fn task_info() -> impl Strategy<Value = TaskInfo> {
                 endpoints,
                 created_at,
                 updated_at,
+                spec_version: 0,
+                health: None,
             },
         )
 }

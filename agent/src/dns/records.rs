@@ -238,6 +238,9 @@ pub(crate) mod tests {
                     mac: endpoint_mac(ip(addr)),
                 })
                 .collect(),
+            env: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
         }
     }
 

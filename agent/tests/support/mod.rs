@@ -320,6 +320,9 @@ pub fn task(id: &str, ip: Ipv4Addr) -> TaskSpec {
             addr: format!("{ip}/24").parse().unwrap(),
             mac: endpoint_mac(ip),
         }],
+        env: Default::default(),
+        stop_grace_ms: 10_000,
+        health: None,
     }
 }
 

@@ -49,6 +49,9 @@ fn service_task(service: &str, id: &str, ip: Ipv4Addr) -> TaskSpec {
             addr: format!("{ip}/24").parse().unwrap(),
             mac: endpoint_mac(ip),
         }],
+        env: Default::default(),
+        stop_grace_ms: 10_000,
+        health: None,
     }
 }
 

@@ -454,6 +454,9 @@ fn realistic_assignment() -> Assignment {
                     "8080".into(),
                 ],
                 attachments: vec![attach(net), attach(&ingress)],
+                env: Default::default(),
+                stop_grace_ms: 10_000,
+                health: None,
             }
         })
         .collect();

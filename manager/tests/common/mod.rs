@@ -151,6 +151,8 @@ impl Conn<Tls> {
                 error: None,
                 pid: Some(1000),
                 netns: Some(format!("/run/meshnet/netns/{}", t.name)),
+                health: None,
+                health_log: None,
             }));
         }
         self.send(&AgentMsg::Applied {
