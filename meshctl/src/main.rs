@@ -669,6 +669,7 @@ fn update_service(
         publish_add,
         publish_rm,
         endpoint_mode,
+        spec: Default::default(),
     };
     let info = expect!(what, c.call(&req)?, Response::Service { service } => service);
     println!("{service}");
