@@ -59,12 +59,13 @@ pub async fn serve(listener: TcpListener, cluster: Shared, tls: Arc<rustls::Serv
     }
 }
 
-/// Drives [`crate::cluster::Cluster::tick`] once a second.
+/// Drives [`crate::cluster::Cluster::tick`] every [`crate::cluster::TICK`].
 pub async fn tick(cluster: Shared) {
-    let mut interval = tokio::time::interval(Duration::from_secs(1));
-    loop {
+    let mut interval = tokio::time::interval(crate::cluster::TICK);
+    let per_second = (1000 / crate::cluster::TICK.as_millis()) as u64;
+    for n in 0u64.. {
         interval.tick().await;
-        if let Err(e) = lock(&cluster).tick() {
+        if let Err(e) = lock(&cluster).tick(n % per_second == 0) {
             tracing::error!("periodic reconcile: {e}");
         }
     }

@@ -338,7 +338,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(service = %spec.name, replicas = spec.replicas, "service created");
                 Response::Service {
-                    service: views::service(cluster.state(), cluster.lb(), &id),
+                    service: Box::new(views::service(cluster.state(), cluster.lb(), &id)),
                 }
             }
             Request::ServiceLs => Response::Services {
@@ -350,7 +350,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     cluster.state().find_service(&service),
                 )?;
                 Response::Service {
-                    service: views::service(cluster.state(), cluster.lb(), &id),
+                    service: Box::new(views::service(cluster.state(), cluster.lb(), &id)),
                 }
             }
             Request::ServicePs { service } => {
@@ -368,7 +368,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(%service, replicas, "service scaled");
                 Response::Service {
-                    service: views::service(cluster.state(), cluster.lb(), &id),
+                    service: Box::new(views::service(cluster.state(), cluster.lb(), &id)),
                 }
             }
             Request::ServiceScaleMany { scales } => {
@@ -422,7 +422,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(%service, ?publish_add, ?publish_rm, ?endpoint_mode, ?spec, "service updated");
                 Response::Service {
-                    service: views::service(cluster.state(), cluster.lb(), &id),
+                    service: Box::new(views::service(cluster.state(), cluster.lb(), &id)),
                 }
             }
             Request::ServiceRollback { service } => {
@@ -431,7 +431,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(%service, "service rollback");
                 Response::Service {
-                    service: views::service(cluster.state(), cluster.lb(), &id),
+                    service: Box::new(views::service(cluster.state(), cluster.lb(), &id)),
                 }
             }
             Request::PublishLs => Response::Ports {
@@ -450,7 +450,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(%port, "port unpublished");
                 Response::Service {
-                    service: views::service(cluster.state(), cluster.lb(), &id),
+                    service: Box::new(views::service(cluster.state(), cluster.lb(), &id)),
                 }
             }
             Request::PublishRmMany { ports } => {

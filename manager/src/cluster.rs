@@ -48,6 +48,10 @@ pub struct Cluster {
 
 pub type Shared = Arc<Mutex<Cluster>>;
 
+/// How often [`Cluster::tick`] runs: the granularity of update delays, monitor periods and
+/// drain timeouts.
+pub const TICK: Duration = Duration::from_millis(200);
+
 pub fn lock(shared: &Shared) -> MutexGuard<'_, Cluster> {
     // A panic while holding the lock happened between whole-state swaps, so the state is sound.
     shared
@@ -56,9 +60,13 @@ pub fn lock(shared: &Shared) -> MutexGuard<'_, Cluster> {
 }
 
 pub fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
+pub fn unix_now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
+        .map(|d| d.as_millis() as u64)
         .unwrap_or(0)
 }
 
@@ -170,10 +178,10 @@ impl Cluster {
         &mut self,
         change: impl FnOnce(&mut State, u64) -> Result<T, OpError>,
     ) -> Result<T, TxError> {
-        let now = unix_now();
+        let now_ms = unix_now_ms();
         let mut next = self.state.clone();
-        let out = change(&mut next, now)?;
-        next.reconcile(now);
+        let out = change(&mut next, now_ms / 1000)?;
+        next.reconcile_ms(now_ms);
         let changed = next.refresh_assignments();
         if next != self.state {
             self.store.save(&next)?;
@@ -244,15 +252,29 @@ impl Cluster {
         self.last_seen.insert(node_id.to_string(), Instant::now());
     }
 
-    /// Runs once a second: marks silent nodes down, and retries placing pending tasks (a
-    /// restart delay may have passed).
-    pub fn tick(&mut self) -> Result<(), TxError> {
+    /// Runs every [`TICK`]: moves draining tasks and rolling updates on (their waits end on
+    /// time, not only on an agent's word); once a second also marks silent nodes down and
+    /// retries placing pending tasks (a restart delay may have passed).
+    pub fn tick(&mut self, whole_second: bool) -> Result<(), TxError> {
+        let timed = self.state.tasks.values().any(|t| t.is_draining())
+            || self.state.services.values().any(|s| {
+                s.rollout
+                    .as_ref()
+                    .is_some_and(|r| r.status.state.is_active())
+            });
+        if timed {
+            self.transact(|_, _| Ok(()))?;
+        }
+        if !whole_second {
+            return Ok(());
+        }
         self.check_liveness()?;
-        if self
-            .state
-            .tasks
-            .values()
-            .any(|t| t.is_current() && t.node_id.is_none())
+        if !timed
+            && self
+                .state
+                .tasks
+                .values()
+                .any(|t| t.is_current() && t.node_id.is_none())
         {
             self.transact(|_, _| Ok(()))?;
         }
@@ -497,7 +519,7 @@ pub(crate) mod tests {
         c.record_lb("unknown", report.clone());
         c.record_lb(&id, report.clone());
         assert_eq!(c.lb().keys().collect::<Vec<_>>(), [&id]);
-        c.tick().unwrap();
+        c.tick(true).unwrap();
         assert_eq!(
             c.lb().get(&id),
             Some(&report),
@@ -507,7 +529,7 @@ pub(crate) mod tests {
             .checked_sub(Duration::from_secs(NODE_DOWN_SECS + 1))
             .unwrap();
         c.last_seen.insert(id.clone(), long_ago);
-        c.tick().unwrap();
+        c.tick(true).unwrap();
         assert_eq!(c.state().nodes[&id].node.status, NodeStatus::Down);
         assert!(c.lb().is_empty());
     }

@@ -7,7 +7,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 
 use proto::agent::{NetworkService, ServiceTask};
-use proto::model::{EndpointMode, TaskState};
+use proto::model::EndpointMode;
 
 use crate::alloc::{self, AllocError};
 use crate::state::{Service, State};
@@ -69,8 +69,8 @@ impl State {
     /// carries. A full subnet leaves the node without one, which only its IPVS balancer needs.
     pub(crate) fn sync_lb_addrs(&mut self) {
         let mut carried: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
-        for t in self.tasks.values().filter(|t| t.is_placed()) {
-            let node = t.node_id.clone().expect("a placed task has a node");
+        for t in self.tasks.values().filter(|t| t.is_on_node()) {
+            let node = t.node_id.clone().expect("a task on a node has a node");
             let nets = carried.entry(node).or_default();
             for a in &t.attachments {
                 if self
@@ -113,11 +113,7 @@ impl State {
     /// same for every node, so it is computed once per refresh.
     pub(crate) fn network_services(&self) -> BTreeMap<String, Vec<NetworkService>> {
         let mut tasks: BTreeMap<(&str, &str), Vec<ServiceTask>> = BTreeMap::new();
-        for t in self
-            .tasks
-            .values()
-            .filter(|t| t.is_placed() && t.state == TaskState::Running)
-        {
+        for t in self.tasks.values().filter(|t| self.serves(t)) {
             for a in &t.attachments {
                 tasks
                     .entry((t.service_id.as_str(), a.network_id.as_str()))

@@ -9,6 +9,7 @@ mod cluster;
 mod discovery;
 mod limits;
 mod metrics;
+mod rollout;
 mod sched;
 mod state;
 mod store;

@@ -18,12 +18,13 @@ use proto::api::{
 };
 use proto::excerpt;
 use proto::model::{
-    endpoint_mac, Attachment, Availability, EndpointMode, Network, Node, NodeStatus, PortConfig,
-    Protocol, PublishMode, Role, ServiceMode, TaskState,
+    endpoint_mac, Attachment, Availability, EndpointMode, Health, Network, Node, NodeStatus,
+    PortConfig, Protocol, PublishMode, Role, ServiceMode, TaskState,
 };
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::{self, AllocError};
+use crate::rollout::{self, Drain, Rollout, SpecError, TaskRuntime};
 use crate::sched::{self, Candidate, Constraint, ConstraintError, GlobalFit};
 
 /// Finished tasks kept per slot for `service ps`, besides the current one (Docker keeps 5 in all).
@@ -147,6 +148,20 @@ pub struct Service {
     /// that a node's tasks share one slot and their history.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub node_slots: BTreeMap<String, u64>,
+    /// Goes up with every change that replaces the tasks; each task records the one it runs.
+    #[serde(default)]
+    pub version: u64,
+    /// `service update --force` count: part of what a task runs, so a forced update replaces
+    /// every task.
+    #[serde(default)]
+    pub force: u64,
+    /// The spec before the last update that replaced the tasks: `service rollback` returns to
+    /// it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous_spec: Option<ServiceSpec>,
+    /// The rolling update in progress, or how the last one ended.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<Rollout>,
 }
 
 impl Service {
@@ -209,6 +224,19 @@ pub struct Task {
     pub attachments: Vec<Attachment>,
     pub created_at: u64,
     pub updated_at: u64,
+    /// The service version whose spec the task runs.
+    #[serde(default)]
+    pub spec_version: u64,
+    /// What the task runs, fixed when it is made; None for a task from before tasks kept it
+    /// (it runs its service's spec).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<TaskRuntime>,
+    /// With a health check, while it runs: what its agent's checks find.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<Health>,
+    /// Set while the task leaves the balancers before it stops.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub drain: Option<Drain>,
 }
 
 impl Task {
@@ -217,13 +245,19 @@ impl Task {
         self.desired_state == TaskState::Running && !self.state.is_terminal()
     }
 
-    /// A current task that is on a node (so it is in that node's assignment).
+    /// A current task that is on a node.
     pub(crate) fn is_placed(&self) -> bool {
         self.is_current() && self.node_id.is_some()
     }
 
-    /// A new task of `service` in `slot`, on no node yet.
-    fn pending(service: &Service, slot: u64, now: u64) -> Task {
+    /// A task whose process the node keeps: a placed one, or one draining there. It is in its
+    /// node's assignment, and its addresses stay reachable from the other nodes.
+    pub(crate) fn is_on_node(&self) -> bool {
+        (self.is_current() || self.is_draining()) && self.node_id.is_some()
+    }
+
+    /// A new task of `service` in `slot`, on no node yet, running the service's spec now.
+    pub(crate) fn pending(service: &Service, slot: u64, now: u64) -> Task {
         Task {
             id: alloc::new_id(),
             service_id: service.id.clone(),
@@ -237,11 +271,16 @@ impl Task {
             attachments: Vec::new(),
             created_at: now,
             updated_at: now,
+            spec_version: service.version,
+            runtime: Some(service.runtime()),
+            health: None,
+            drain: None,
         }
     }
 
-    fn retire(&mut self, state: TaskState, error: Option<String>, now: u64) {
+    pub(crate) fn retire(&mut self, state: TaskState, error: Option<String>, now: u64) {
         self.desired_state = TaskState::Shutdown;
+        self.drain = None;
         if self.state != state {
             self.state = state;
             self.updated_at = now;
@@ -259,7 +298,7 @@ impl Task {
 /// cost seconds per pass), and kept up to date as the pass places tasks.
 struct PlacementIndex {
     /// Each (service, slot) with ended tasks: when it may start again (the last failed or
-    /// completed task's end plus the restart delay), and the nodes where its tasks ended, which
+    /// completed task's end plus the restart delay), and the nodes where its tasks failed, which
     /// a replacement avoids if it can.
     history: BTreeMap<(String, u64), SlotHistory>,
     /// Current placed tasks per node.
@@ -285,7 +324,8 @@ impl PlacementIndex {
         let mut history: BTreeMap<(String, u64), SlotHistory> = BTreeMap::new();
         let mut load: BTreeMap<String, NodeLoad> = BTreeMap::new();
         for t in s.tasks.values() {
-            if t.is_current() {
+            // A draining task still holds its node (and any host-mode port there).
+            if t.is_current() || t.is_draining() {
                 if let Some(node) = t.node_id.clone() {
                     let l = load.entry(node).or_default();
                     l.total += 1;
@@ -294,10 +334,12 @@ impl PlacementIndex {
                 continue;
             }
             let h = history.entry((t.service_id.clone(), t.slot)).or_default();
+            // Only where a task failed is avoided: a task replaced by an update may come back
+            // to its node.
             if matches!(t.state, TaskState::Failed | TaskState::Complete) {
                 h.restart_at = h.restart_at.max(Some(t.updated_at + RESTART_DELAY_SECS));
+                h.nodes.extend(t.node_id.clone());
             }
-            h.nodes.extend(t.node_id.clone());
         }
         let constraints = s
             .services
@@ -328,6 +370,8 @@ impl PlacementIndex {
 pub enum Reason {
     #[error(transparent)]
     Alloc(#[from] AllocError),
+    #[error(transparent)]
+    Spec(#[from] SpecError),
     #[error(transparent)]
     Constraint(#[from] ConstraintError),
     #[error("no such {kind}: {}", excerpt(name))]
@@ -1038,6 +1082,7 @@ impl State {
             return refuse(op, Reason::EmptyCommand);
         }
         check_command(&spec.command).or_else(|e| refuse(&op, e))?;
+        rollout::check_runtime(spec).or_else(|e| refuse(&op, e))?;
         if spec.constraints.len() > MAX_CONSTRAINTS {
             return refuse(op, Reason::TooManyConstraints(spec.constraints.len()));
         }
@@ -1106,16 +1151,20 @@ impl State {
                     ports: spec.ports.clone(),
                     endpoint_mode: spec.endpoint_mode,
                     aliases,
-                    env: Default::default(),
-                    update_config: Default::default(),
-                    stop_grace_ms: 10_000,
-                    health: None,
+                    env: spec.env.clone(),
+                    update_config: spec.update_config.clone(),
+                    stop_grace_ms: spec.stop_grace_ms,
+                    health: spec.health.clone(),
                 },
                 created_at: now,
                 updated_at: now,
                 fwmark: None,
                 vips: BTreeMap::new(),
                 node_slots: BTreeMap::new(),
+                version: 1,
+                force: 0,
+                previous_spec: None,
+                rollout: None,
             },
         );
         self.sync_fwmark(&id).or_else(|e| refuse(&op, e))?;
@@ -1257,17 +1306,19 @@ impl State {
         alloc::next_fwmark(&in_use, self.last_fwmark).ok_or(Reason::NoFreeFwmark)
     }
 
-    /// Unpublishes `rm`, then publishes `add`. When the service joins or leaves the routing
-    /// mesh (its first ingress port added, its last removed), its fwmark is allocated or freed
-    /// and all its tasks are replaced at once, since a task's interfaces are fixed when it
-    /// starts. Other port changes reach the nodes through the published list, tasks untouched.
+    /// `meshctl service update`, all or nothing: unpublishes `rm`, publishes `add`, sets the
+    /// endpoint mode, and applies the task-spec changes. A change to what tasks run (command,
+    /// environment, health check, stop grace period, constraints, `--force`) or to their
+    /// networks (the first ingress-mode port added, the last removed) keeps the old spec for
+    /// rollback, raises the version and starts a rolling update. Other port changes reach the
+    /// nodes through the published list, tasks untouched.
     pub fn update_service(
         &mut self,
         key: &str,
         add: &[PortConfig],
         rm: &[PublishedPort],
         mode: Option<EndpointMode>,
-        _spec: &SpecUpdate,
+        update: &SpecUpdate,
         now: u64,
     ) -> Result<String, OpError> {
         let op = format!("update service {}", excerpt(key));
@@ -1303,24 +1354,55 @@ impl State {
             self.check_ingress_overlap(&service.spec.networks)
                 .or_else(|e| refuse(&op, e))?;
         }
+        let mut next =
+            rollout::apply_spec_update(&service.spec, update).or_else(|e| refuse(&op, e))?;
+        check_command(&next.command).or_else(|e| refuse(&op, e))?;
+        rollout::check_runtime(&next).or_else(|e| refuse(&op, e))?;
+        if next.constraints.len() > MAX_CONSTRAINTS {
+            return refuse(op, Reason::TooManyConstraints(next.constraints.len()));
+        }
+        let mut constraints = Vec::new();
+        for text in &next.constraints {
+            let canonical = Constraint::parse(text)
+                .or_else(|e| refuse(&op, e))?
+                .to_string();
+            if constraints.contains(&canonical) {
+                return refuse(
+                    op,
+                    Reason::Twice {
+                        kind: "constraint",
+                        name: canonical,
+                    },
+                );
+            }
+            constraints.push(canonical);
+        }
+        next.constraints = constraints;
+        next.ports = ports;
+        next.endpoint_mode = mode;
+        let old = &service.spec;
+        let replaces = update.force
+            || was_ingress != is_ingress
+            || next.command != old.command
+            || next.env != old.env
+            || next.health != old.health
+            || next.stop_grace_ms != old.stop_grace_ms
+            || next.constraints != old.constraints;
         let service = self.services.get_mut(&id).expect("id was just resolved");
-        if service.spec.ports != ports || service.spec.endpoint_mode != mode {
-            service.spec.ports = ports;
-            service.spec.endpoint_mode = mode;
+        if service.spec != next {
+            let old = std::mem::replace(&mut service.spec, next);
+            if replaces {
+                service.previous_spec = Some(old);
+            }
             service.updated_at = now;
+        }
+        if update.force {
+            service.force += 1;
         }
         self.sync_fwmark(&id).or_else(|e| refuse(&op, e))?;
         self.sync_vips(&id).or_else(|e| refuse(&op, e))?;
-        let service = &self.services[&id];
-        if was_ingress != is_ingress {
-            tracing::info!(service = %service.spec.name, ingress = is_ingress, "replacing tasks: routing mesh membership changed");
-            for task in self
-                .tasks
-                .values_mut()
-                .filter(|t| t.service_id == id && t.is_current())
-            {
-                task.retire(TaskState::Shutdown, None, now);
-            }
+        if replaces {
+            self.start_rollout(&id, false, now * 1000);
         } else if gains_host_port {
             self.retire_extra_host_tasks(&id, now);
         }
@@ -1342,12 +1424,12 @@ impl State {
             let node = task.node_id.clone().expect("a placed task has a node");
             if !kept.insert(node) {
                 tracing::info!(task = %task.id, slot = task.slot, "replacing task: a host-mode port allows one task of the service per node");
-                task.retire(
-                    TaskState::Shutdown,
+                task.begin_drain(
                     Some(
                         "replaced: a host-mode port allows one task of the service per node".into(),
                     ),
-                    now,
+                    false,
+                    now * 1000,
                 );
             }
         }
@@ -1475,9 +1557,10 @@ impl State {
         Ok(id)
     }
 
-    pub fn rollback_service(&mut self, key: &str, _now: u64) -> Result<String, OpError> {
-        let op = format!("roll back service {}", excerpt(key));
-        self.find_service(key).or_else(|r| refuse(&op, r))
+    /// `meshctl service rollback` (see [`State::rollback_to_previous`]).
+    pub fn rollback_service(&mut self, key: &str, now: u64) -> Result<String, OpError> {
+        self.rollback_to_previous(key, now * 1000)
+            .or_else(|r| refuse(format!("roll back service {}", excerpt(key)), r))
     }
 
     /// Removes a service and all its tasks; their agents stop them on the next assignment.
@@ -1527,6 +1610,17 @@ impl State {
         task.error = status.error.as_deref().map(task_error);
         task.pid = status.pid;
         task.netns = status.netns.clone();
+        task.health = status.health.filter(|_| status.state == TaskState::Running);
+        if task.health == Some(Health::Unhealthy) {
+            // It already gets no traffic (only healthy tasks do); its slot gets a new task.
+            let log = status.health_log.as_deref().map(task_error);
+            let error = match log {
+                Some(log) => format!("unhealthy: {log}"),
+                None => "unhealthy".to_string(),
+            };
+            tracing::info!(task = %task.id, %error, "replacing unhealthy task");
+            task.retire(TaskState::Failed, Some(error), now);
+        }
         Ok(())
     }
 
@@ -1534,15 +1628,29 @@ impl State {
     /// down or is drained, fills empty slots, removes slots above the replica count, gives every
     /// eligible node its task of each global service, then gives pending tasks addresses and
     /// nodes.
+    #[cfg(test)]
     pub fn reconcile(&mut self, now: u64) {
-        self.retire_lost_tasks(now);
+        self.reconcile_ms(now * 1000);
+    }
+
+    /// [`State::reconcile`] at a time in milliseconds, which drains and rolling updates count
+    /// in. First the draining tasks every node has stopped balancing to are stopped and the
+    /// tasks that must go begin draining; rolling updates advance once the slots are filled,
+    /// before pending tasks are placed.
+    pub fn reconcile_ms(&mut self, now_ms: u64) {
+        let now = now_ms / 1000;
+        self.release_drains(now_ms);
+        self.retire_lost_tasks(now_ms);
+        self.drain_misplaced(now_ms);
         self.fill_slots(now);
         self.reconcile_global(now);
+        self.advance_rollouts(now_ms);
         self.place_pending(now);
         self.prune_history();
     }
 
-    fn retire_lost_tasks(&mut self, now: u64) {
+    fn retire_lost_tasks(&mut self, now_ms: u64) {
+        let now = now_ms / 1000;
         for task in self.tasks.values_mut() {
             if task.desired_state != TaskState::Running {
                 continue;
@@ -1563,7 +1671,7 @@ impl State {
             } else if node.node.availability == Availability::Drain {
                 let error = format!("node {} is drained", node.node.hostname);
                 tracing::info!(task = %task.id, node = %node.node.hostname, "moving task off drained node");
-                task.retire(TaskState::Shutdown, Some(error), now);
+                task.begin_drain(Some(error), false, now_ms);
             }
         }
     }
@@ -1571,16 +1679,23 @@ impl State {
     fn fill_slots(&mut self, now: u64) {
         for service in self.services.values().filter(|s| !s.is_global()) {
             let replicas = service.spec.replicas;
+            // A slot is filled by a current task, or by one draining for a stop-first update.
             let filled: BTreeSet<u64> = self
                 .tasks
                 .values()
-                .filter(|t| t.service_id == service.id && t.is_current())
+                .filter(|t| t.service_id == service.id)
+                .filter(|t| t.is_current() || t.drain.as_ref().is_some_and(|d| d.hold_slot))
                 .map(|t| t.slot)
                 .collect();
             // Slots above the replica count go, history included; the highest slots go first
-            // because the count only keeps the low ones.
+            // because the count only keeps the low ones. Their running tasks drain first.
+            for t in self.tasks.values_mut() {
+                if t.service_id == service.id && t.slot > replicas {
+                    t.begin_drain(Some("scaled down".into()), false, now * 1000);
+                }
+            }
             self.tasks
-                .retain(|_, t| t.service_id != service.id || t.slot <= replicas);
+                .retain(|_, t| t.service_id != service.id || t.slot <= replicas || t.is_draining());
             for slot in (1..=replicas).filter(|s| !filled.contains(s)) {
                 let task = Task::pending(service, slot, now);
                 tracing::info!(service = %service.spec.name, slot, task = %task.id, "new task");
@@ -1631,7 +1746,14 @@ impl State {
             .collect();
         let name = service.spec.name.clone();
         // Current tasks that no longer belong where they are (or would go) become history.
-        let mut placed: BTreeSet<String> = BTreeSet::new();
+        // A node whose task drains for a stop-first update gets its new one once it stopped.
+        let mut placed: BTreeSet<String> = self
+            .tasks
+            .values()
+            .filter(|t| t.service_id == service_id)
+            .filter(|t| t.drain.as_ref().is_some_and(|d| d.hold_slot))
+            .filter_map(|t| t.node_id.clone())
+            .collect();
         let mut waiting: BTreeMap<String, String> = BTreeMap::new();
         for task in self
             .tasks
@@ -1667,8 +1789,12 @@ impl State {
             }
         }
         // Every eligible node without a task gets one: the pending one of its slot, or a new one.
+        // A node with both a placed task and a waiting one gets the waiting one too: the new
+        // task of a start-first update, which the old one makes way for once it serves.
         for node in &order {
-            if fits.get(node) != Some(&GlobalFit::Place) || placed.contains(node) {
+            if fits.get(node) != Some(&GlobalFit::Place)
+                || (placed.contains(node) && !waiting.contains_key(node))
+            {
                 continue;
             }
             let task_id = match waiting.get(node) {
@@ -1868,22 +1994,23 @@ impl State {
         let mine: Vec<&Task> = self
             .tasks
             .values()
-            .filter(|t| t.is_placed() && t.node_id.as_deref() == Some(node_id))
+            .filter(|t| t.is_on_node() && t.node_id.as_deref() == Some(node_id))
             .collect();
         let tasks = mine
             .iter()
             .map(|t| {
                 let service = &self.services[&t.service_id];
+                let runtime = t.runtime_in(service);
                 TaskSpec {
                     id: t.id.clone(),
                     name: format!("{}.{}.{}", service.spec.name, t.slot, t.id),
                     service_id: service.id.clone(),
                     service_name: service.spec.name.clone(),
-                    command: service.spec.command.clone(),
+                    command: runtime.command,
                     attachments: t.attachments.clone(),
-                    env: Default::default(),
-                    stop_grace_ms: 10_000,
-                    health: None,
+                    env: runtime.env,
+                    stop_grace_ms: runtime.stop_grace_ms,
+                    health: runtime.health,
                 }
             })
             .collect();
@@ -1958,11 +2085,7 @@ impl State {
     pub fn published(&self) -> Vec<PublishedService> {
         let ingress = self.ingress().map(|n| n.id.as_str());
         let mut backends: BTreeMap<&str, Vec<Ipv4Addr>> = BTreeMap::new();
-        for t in self
-            .tasks
-            .values()
-            .filter(|t| t.is_placed() && t.state == TaskState::Running)
-        {
+        for t in self.tasks.values().filter(|t| self.serves(t)) {
             let addrs = t
                 .attachments
                 .iter()
@@ -1998,7 +2121,7 @@ impl State {
         let mut peers: Vec<Peer> = self
             .tasks
             .values()
-            .filter(|t| t.is_placed())
+            .filter(|t| t.is_on_node())
             .filter_map(|t| {
                 let node = self.nodes.get(t.node_id.as_deref()?)?;
                 (node.node.id != node_id).then_some((t, node.node.addr))
@@ -2049,6 +2172,7 @@ impl State {
                 changed.push(id);
             }
         }
+        self.arm_drains();
         changed
     }
 }
@@ -2060,7 +2184,7 @@ pub fn task_error(text: &str) -> String {
 }
 
 /// A command exec can run and the store can hold: bounded in size, no NUL inside an argument.
-fn check_command(command: &[String]) -> Result<(), Reason> {
+pub(crate) fn check_command(command: &[String]) -> Result<(), Reason> {
     if command.len() > MAX_COMMAND_ARGS {
         return Err(Reason::TooManyArgs(command.len()));
     }
@@ -2169,7 +2293,13 @@ pub(crate) mod tests {
         report_at(s, task, state, error, 200);
     }
 
-    fn report_at(s: &mut State, task: &Task, state: TaskState, error: Option<&str>, now: u64) {
+    pub(crate) fn report_at(
+        s: &mut State,
+        task: &Task,
+        state: TaskState,
+        error: Option<&str>,
+        now: u64,
+    ) {
         let status = TaskStatus {
             task_id: task.id.clone(),
             state,
@@ -2221,6 +2351,48 @@ pub(crate) mod tests {
         for t in current(s, service).into_iter().cloned().collect::<Vec<_>>() {
             report(s, &t, TaskState::Running, None);
         }
+    }
+
+    /// Every node applies its newest assignment, as agents answer Applied.
+    pub(crate) fn apply_all(s: &mut State) {
+        let revisions: Vec<(String, u64)> = s
+            .nodes
+            .values()
+            .map(|r| (r.node.id.clone(), r.assignment.revision))
+            .collect();
+        for (id, rev) in revisions {
+            s.set_applied(&id, rev);
+        }
+    }
+
+    /// Runs the cluster as the manager and well-behaved agents would, a second per step from
+    /// `from`, until nothing drains and no update rolls: assignments are applied at once and
+    /// every placed task runs. Returns the time reached.
+    pub(crate) fn settle(s: &mut State, from: u64) -> u64 {
+        for now in from..from + 600 {
+            s.reconcile(now);
+            s.refresh_assignments();
+            apply_all(s);
+            let placed: Vec<Task> = s
+                .tasks
+                .values()
+                .filter(|t| t.is_placed() && t.state != TaskState::Running)
+                .cloned()
+                .collect();
+            for t in &placed {
+                report_at(s, t, TaskState::Running, None, now);
+            }
+            let busy = s.tasks.values().any(|t| t.is_draining())
+                || s.services.values().any(|v| {
+                    v.rollout
+                        .as_ref()
+                        .is_some_and(|r| r.status.state.is_active())
+                });
+            if !busy && placed.is_empty() {
+                return now;
+            }
+        }
+        panic!("the cluster did not settle in 600 steps");
     }
 
     #[test]
@@ -2928,12 +3100,16 @@ pub(crate) mod tests {
         let p = &s.nodes.values().next().unwrap().assignment.published[0];
         assert_eq!((p.fwmark, p.ports.clone()), (0, vec![host]));
 
-        // The first ingress port: a fwmark, and new tasks with an ingress endpoint after backend.
+        // The first ingress port: a fwmark, and new tasks with an ingress endpoint after
+        // backend, rolled out one at a time.
         s.update_service("web", &[web(80)], &[], None, &SpecUpdate::default(), 3)
             .unwrap();
         s.reconcile(3);
         assert_eq!(s.services[&id].fwmark, Some(256));
         assert_eq!(s.services[&id].updated_at, 3);
+        let draining: Vec<&Task> = s.tasks.values().filter(|t| t.is_draining()).collect();
+        assert_eq!(draining.len(), 1, "parallelism 1: one old task at a time");
+        let now = settle(&mut s, 3);
         let new = current(&s, "web");
         assert_eq!(new.len(), 2);
         assert!(new
@@ -2945,9 +3121,9 @@ pub(crate) mod tests {
         let replaced: Vec<String> = new.iter().map(|t| t.id.clone()).collect();
 
         // Another ingress port changes no task; removing both ingress ports drops the mesh.
-        s.update_service("web", &[web(8000)], &[], None, &SpecUpdate::default(), 4)
+        s.update_service("web", &[web(8000)], &[], None, &SpecUpdate::default(), now)
             .unwrap();
-        s.reconcile(4);
+        s.reconcile(now);
         assert_eq!(
             current(&s, "web")
                 .iter()
@@ -2959,15 +3135,15 @@ pub(crate) mod tests {
             protocol: Protocol::Tcp,
             published: 80,
         };
-        s.update_service("web", &[], &[p80], None, &SpecUpdate::default(), 5)
+        s.update_service("web", &[], &[p80], None, &SpecUpdate::default(), now)
             .unwrap();
         assert_eq!(s.services[&id].fwmark, Some(256));
         let p8000 = PublishedPort {
             protocol: Protocol::Tcp,
             published: 8000,
         };
-        s.unpublish(p8000, 6).unwrap();
-        s.reconcile(6);
+        s.unpublish(p8000, now).unwrap();
+        settle(&mut s, now);
         // Off the mesh, the service keeps its mark for its VIP on its own network, and loses
         // its ingress VIP.
         assert_eq!(s.services[&id].fwmark, Some(256));
@@ -3066,15 +3242,20 @@ pub(crate) mod tests {
         let tasks = current(&s, "web");
         assert_eq!(tasks.iter().map(|t| t.slot).collect::<Vec<_>>(), [1, 2]);
         assert_eq!(tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), kept);
-        // Slots 3..6 are gone entirely; their addresses are free, but handed out again only
+        // Slots 3..6 drain first: off the balancers, still on their nodes until every node
+        // applied that.
+        let draining: Vec<&Task> = s.tasks.values().filter(|t| t.is_draining()).collect();
+        assert_eq!(draining.len(), 4);
+        assert!(draining.iter().all(|t| t.slot > 2 && t.is_on_node()));
+        let freed: Vec<Ipv4Net> = draining.iter().map(|t| t.attachments[0].addr).collect();
+        // Then they are gone entirely; their addresses are free, but handed out again only
         // after the ones never used (serial allocation: no stale state for a reused address).
+        let now = settle(&mut s, 3);
         assert_eq!(s.tasks.len(), 2);
-        s.scale_service("web", 3, 4).unwrap();
-        s.reconcile(4);
-        assert_eq!(
-            current(&s, "web")[2].attachments[0].addr.to_string(),
-            "10.0.9.9/24"
-        );
+        s.scale_service("web", 3, now).unwrap();
+        s.reconcile(now);
+        let fresh = current(&s, "web")[2].attachments[0].addr;
+        assert!(!freed.contains(&fresh), "{fresh} was handed out before");
     }
 
     #[test]
@@ -3431,7 +3612,7 @@ pub(crate) mod tests {
         // Ingress and host ports together: every task on ingress, one per node.
         s.update_service("web", &[web(80)], &[], None, &SpecUpdate::default(), 2)
             .unwrap();
-        s.reconcile(2);
+        settle(&mut s, 2);
         assert_eq!(hosts(&s, "web"), ["node1", "node2", "node3"]);
         let ingress = ingress_id(&s);
         assert!(current(&s, "web")
@@ -3640,8 +3821,7 @@ pub(crate) mod tests {
         // A node without tasks has no networks: overlays are built lazily.
         s.scale_service("web", 0, 6).unwrap();
         s.remove_service("db").unwrap();
-        s.reconcile(6);
-        s.refresh_assignments();
+        settle(&mut s, 6);
         assert_eq!(s.nodes[&n1].assignment.networks, vec![]);
         assert_eq!(s.nodes[&n1].assignment.tasks, vec![]);
     }

@@ -199,9 +199,9 @@ pub fn service(s: &State, lb: &LbReports, id: &str) -> ServiceInfo {
                 })
             })
             .collect(),
-        version: 0,
-        previous_spec: None,
-        update_status: None,
+        version: svc.version,
+        previous_spec: svc.previous_spec.clone().map(Box::new),
+        update_status: svc.update_status().cloned(),
     }
 }
 
@@ -266,8 +266,8 @@ fn task(s: &State, t: &Task) -> TaskInfo {
             .collect(),
         created_at: t.created_at,
         updated_at: t.updated_at,
-        spec_version: 0,
-        health: None,
+        spec_version: t.spec_version,
+        health: t.health,
     }
 }
 

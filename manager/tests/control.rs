@@ -333,7 +333,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
             manager.logs()
         )
     };
-    assert_eq!(again, service_with_running(service, 2));
+    assert_eq!(*again, service_with_running(*service, 2));
     let Response::Network { network: net_again } = api.call(Request::NetworkInspect {
         network: "backend".into(),
     }) else {

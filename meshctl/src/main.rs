@@ -866,7 +866,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             for service in services {
                 let what = format!("inspect service {}", excerpt(&service));
                 let req = Request::ServiceInspect { service };
-                out.push(expect!(what, c.call(&req)?, Response::Service { service } => service));
+                out.push(expect!(what, c.call(&req)?, Response::Service { service } => *service));
             }
             let pretty = pretty.then_some(render::service_pretty as fn(&_) -> String);
             print_inspect(&out, &format, pretty)?;

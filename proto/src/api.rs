@@ -284,7 +284,7 @@ pub enum Response {
         services: Vec<ServiceInfo>,
     },
     Service {
-        service: ServiceInfo,
+        service: Box<ServiceInfo>,
     },
     Tasks {
         tasks: Vec<TaskInfo>,
@@ -429,7 +429,7 @@ pub struct ServiceInfo {
     pub version: u64,
     /// The spec before the last update: what `service rollback` returns to.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub previous_spec: Option<ServiceSpec>,
+    pub previous_spec: Option<Box<ServiceSpec>>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub update_status: Option<UpdateStatus>,
 }

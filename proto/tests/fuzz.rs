@@ -590,7 +590,9 @@ fn response() -> impl Strategy<Value = Response> {
         vec(network(), 0..3).prop_map(|networks| Response::Networks { networks }),
         network_detail().prop_map(|network| Response::Network { network }),
         vec(service_info(), 0..3).prop_map(|services| Response::Services { services }),
-        service_info().prop_map(|service| Response::Service { service }),
+        service_info().prop_map(|service| Response::Service {
+            service: Box::new(service)
+        }),
         vec(task_info(), 0..3).prop_map(|tasks| Response::Tasks { tasks }),
         vec(publish_info, 0..3).prop_map(|ports| Response::Ports { ports }),
         text().prop_map(|id| Response::Removed { id }),
