@@ -7,6 +7,8 @@ const LB: &str = "ipvs";
 mod discovery;
 #[path = "shared/mesh.rs"]
 mod mesh;
+#[path = "shared/rolling.rs"]
+mod rolling;
 #[path = "shared/vip.rs"]
 mod vip;
 

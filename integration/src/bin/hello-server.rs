@@ -2,6 +2,7 @@
 //!
 //!   GET /        → `Hello World! from <the local IP the request arrived on>`
 //!   GET /whoami  → `client <peer IP>:<peer port>`
+//!   GET /tag     → the value of `$HELLO_TAG` (`untagged` without it): which spec a task runs
 //!
 //! HTTP/1.1 with keep-alive, so load generators measure the network and not reconnects.
 //! One thread per connection: plenty for tests and benchmarks on a 2-core machine.
@@ -63,6 +64,10 @@ fn respond(path: &str, local: SocketAddr, peer: SocketAddr) -> (&'static str, St
     match path {
         "/" => ("200 OK", format!("Hello World! from {}\n", local.ip())),
         "/whoami" => ("200 OK", format!("client {}:{}\n", peer.ip(), peer.port())),
+        "/tag" => {
+            let tag = std::env::var("HELLO_TAG").unwrap_or_else(|_| "untagged".into());
+            ("200 OK", format!("{tag}\n"))
+        }
         _ => ("404 Not Found", "not found\n".to_string()),
     }
 }

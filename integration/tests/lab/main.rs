@@ -11,6 +11,8 @@ const LB: &str = "nftables";
 mod discovery;
 #[path = "../shared/mesh.rs"]
 mod mesh;
+#[path = "../shared/rolling.rs"]
+mod rolling;
 #[path = "../shared/vip.rs"]
 mod vip;
 

@@ -1,0 +1,264 @@
+//! Replacing tasks under load loses nothing: rolling updates in both orders, rollback, an
+//! update whose new tasks never get healthy, and a node drain, each under a steady request
+//! loop from a client on the underlay to every node's published port and from a task to the
+//! service's name. Shared by the lab tier (nftables) and the guest tier (IPVS).
+
+use std::io::Write;
+use std::net::{Ipv4Addr, TcpStream};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use integration::cluster::{bin, Cluster, CONVERGE_TIMEOUT};
+use proto::api::{ServiceInfo, TaskInfo};
+use proto::model::{TaskState, UpdateState};
+
+use crate::discovery::{in_task, sleeper};
+
+const CLIENT: &str = "client";
+const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 100);
+const NODES: [&str; 3] = ["192.168.56.11", "192.168.56.12", "192.168.56.13"];
+
+fn cluster() -> Cluster {
+    let mut c = Cluster::up(3, crate::LB).unwrap();
+    c.lab.add_host(CLIENT, CLIENT_IP).unwrap();
+    c.network_create("app", "10.0.42.0/24").unwrap();
+    c
+}
+
+/// Three hello-servers tagged v1 on `app`, published on 80, with the given extra flags.
+fn web(c: &Cluster, flags: &[&str]) -> Vec<TaskInfo> {
+    let hello = bin("hello-server").display().to_string();
+    let mut args = vec![
+        "service",
+        "create",
+        "--name",
+        "web",
+        "--replicas",
+        "3",
+        "--network",
+        "app",
+        "--publish",
+        "80:8080",
+        "--env",
+        "HELLO_TAG=v1",
+        "--update-monitor",
+        "1s",
+    ];
+    args.extend(flags);
+    args.extend(["--", &hello, "--port", "8080"]);
+    c.meshctl_ok(&args).unwrap();
+    c.wait_running("web", 3).unwrap()
+}
+
+/// `GET path` on a new connection from the client namespace; None if it fails.
+fn fetch(client: &netns::Netns, node: &str, path: &str) -> Option<String> {
+    let addr: std::net::SocketAddr = format!("{node}:80").parse().unwrap();
+    let stream = client
+        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
+        .ok()?
+        .ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+    let mut s = stream;
+    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    let mut response = String::new();
+    std::io::Read::read_to_string(&mut s, &mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+}
+
+/// Requests sent and failed by the load loops.
+#[derive(Debug, Default)]
+struct Tally {
+    sent: usize,
+    failed: Vec<String>,
+}
+
+/// Runs `during` while a thread per node sends requests to that node's port 80 and another
+/// asks the service by name from a task on `app`; returns what they saw.
+fn under_load(c: &Cluster, probe: &TaskInfo, during: impl FnOnce()) -> Tally {
+    let stop = AtomicBool::new(false);
+    let client = &c.lab.node(CLIENT).unwrap().ns;
+    std::thread::scope(|scope| {
+        let mesh: Vec<_> = NODES
+            .iter()
+            .map(|node| {
+                let stop = &stop;
+                scope.spawn(move || {
+                    let mut t = Tally::default();
+                    while !stop.load(Ordering::Relaxed) {
+                        t.sent += 1;
+                        if fetch(client, node, "/tag").is_none() {
+                            t.failed.push(format!("mesh via {node}"));
+                        }
+                        std::thread::sleep(Duration::from_millis(10));
+                    }
+                    t
+                })
+            })
+            .collect();
+        let by_name = scope.spawn(|| {
+            let mut t = Tally::default();
+            while !stop.load(Ordering::Relaxed) {
+                t.sent += 1;
+                let out = in_task(probe, &["curl", "-sf", "--max-time", "3", "http://web:8080/tag"]);
+                if !out.status.success() {
+                    t.failed.push("by name from a task".into());
+                }
+            }
+            t
+        });
+        during();
+        stop.store(true, Ordering::Relaxed);
+        let mut all = Tally::default();
+        for h in mesh.into_iter().chain([by_name]) {
+            let t = h.join().unwrap();
+            all.sent += t.sent;
+            all.failed.extend(t.failed);
+        }
+        all
+    })
+}
+
+/// Waits until every node answers only `tag`.
+fn wait_tag(c: &Cluster, tag: &str) {
+    let client = &c.lab.node(CLIENT).unwrap().ns;
+    let want = format!("{tag}\n");
+    c.wait_for(CONVERGE_TIMEOUT, &format!("every node answers {tag}"), |_| {
+        NODES
+            .iter()
+            .all(|n| (0..6).all(|_| fetch(client, n, "/tag").as_deref() == Some(&want)))
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+}
+
+fn inspect(c: &Cluster) -> ServiceInfo {
+    c.json(&["service", "inspect", "web"]).unwrap()
+}
+
+fn assert_no_failures(what: &str, t: &Tally, c: &Cluster) {
+    assert!(t.sent > 50, "{what}: only {} requests sent", t.sent);
+    assert!(
+        t.failed.is_empty(),
+        "{what}: {} of {} requests failed: {:?}\n{}",
+        t.failed.len(),
+        t.sent,
+        t.failed,
+        c.logs()
+    );
+    eprintln!("{what}: {} requests, none failed", t.sent);
+}
+
+#[test]
+fn rolling_updates_and_a_rollback_lose_no_request() {
+    let c = cluster();
+    let old = web(&c, &[]);
+    let probe = sleeper(&c, "probe", "app");
+    wait_tag(&c, "v1");
+    for (tag, order) in [("v2", "stop-first"), ("v3", "start-first")] {
+        let env = format!("HELLO_TAG={tag}");
+        let t = under_load(&c, &probe, || {
+            c.meshctl_ok(&[
+                "service",
+                "update",
+                "--env-add",
+                &env,
+                "--update-order",
+                order,
+                "web",
+            ])
+            .unwrap();
+        });
+        assert_no_failures(order, &t, &c);
+        wait_tag(&c, tag);
+        let s = inspect(&c);
+        assert_eq!(s.update_status.unwrap().state, UpdateState::Completed);
+        let tasks = c.wait_running("web", 3).unwrap();
+        assert!(tasks.iter().all(|t| t.spec_version == s.version), "{tasks:?}");
+    }
+    let t = under_load(&c, &probe, || {
+        c.meshctl_ok(&["service", "rollback", "web"]).unwrap();
+    });
+    assert_no_failures("rollback", &t, &c);
+    wait_tag(&c, "v2");
+    let s = inspect(&c);
+    assert_eq!(s.update_status.unwrap().state, UpdateState::RollbackCompleted);
+    // The replaced tasks are history, as `service ps` shows them.
+    let all: Vec<TaskInfo> = c.json(&["service", "ps", "web"]).unwrap();
+    for o in &old {
+        let t = all.iter().find(|t| t.id == o.id);
+        assert!(
+            t.is_none_or(|t| t.desired_state == TaskState::Shutdown),
+            "{t:?}"
+        );
+    }
+}
+
+#[test]
+fn an_update_that_never_gets_healthy_pauses_while_the_old_tasks_serve() {
+    let c = cluster();
+    web(&c, &["--health-http", "8080/tag", "--health-interval", "1s"]);
+    let probe = sleeper(&c, "probe", "app");
+    wait_tag(&c, "v1");
+    // Nothing listens on 8081: the new tasks never pass their check.
+    let t = under_load(&c, &probe, || {
+        let out = c
+            .meshctl(&[
+                "service",
+                "update",
+                "--env-add",
+                "HELLO_TAG=broken",
+                "--health-http",
+                "8081/",
+                "--health-retries",
+                "2",
+                "--health-interval",
+                "200ms",
+                "web",
+            ])
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success() && err.contains("paused"), "{err}");
+    });
+    assert_no_failures("a failing update", &t, &c);
+    let s = inspect(&c);
+    let status = s.update_status.unwrap();
+    assert_eq!(status.state, UpdateState::Paused, "{}", status.message);
+    wait_tag(&c, "v1");
+    // Back to the spec that worked, the way it was rolled out.
+    let t = under_load(&c, &probe, || {
+        c.meshctl_ok(&["service", "rollback", "web"]).unwrap();
+    });
+    assert_no_failures("rollback of a failed update", &t, &c);
+    let tasks = c.wait_running("web", 3).unwrap();
+    assert!(tasks.iter().all(|t| t.health.is_some()));
+}
+
+#[test]
+fn draining_a_node_under_load_loses_no_request() {
+    let c = cluster();
+    web(&c, &[]);
+    let probe = sleeper(&c, "probe", "app");
+    wait_tag(&c, "v1");
+    let before = c.tasks("web").unwrap();
+    let victim = before
+        .iter()
+        .find(|t| t.node.as_deref() != probe.node.as_deref())
+        .and_then(|t| t.node.clone())
+        .unwrap();
+    let t = under_load(&c, &probe, || {
+        c.meshctl_ok(&["node", "update", "--availability", "drain", &victim])
+            .unwrap();
+        c.wait_for(CONVERGE_TIMEOUT, "tasks off the drained node", |c| {
+            let tasks = c.wait_running("web", 3).ok()?;
+            tasks
+                .iter()
+                .all(|t| t.node.as_deref() != Some(victim.as_str()))
+                .then_some(())
+        })
+        .unwrap();
+        // Some more load on the new layout.
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    assert_no_failures("node drain", &t, &c);
+}
