@@ -4,6 +4,7 @@ mod client;
 mod ports;
 mod progress;
 mod render;
+mod spec;
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -11,12 +12,17 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use proto::api::{PublishedPort, Request, Response, Scale, ServiceSpec};
+use proto::api::{PublishedPort, Request, Response, Scale, ServiceSpec, SpecUpdate};
 use proto::excerpt;
-use proto::model::{Availability, EndpointMode, PortConfig, PublishMode, Role, ServiceMode};
+use proto::model::{
+    default_stop_grace_ms, Availability, EndpointMode, PortConfig, PublishMode, Role, ServiceMode,
+    UpdateConfig,
+};
 use serde::Serialize;
 
 use crate::client::{Client, Host};
+use crate::progress::Goal;
+use crate::spec::{unique_map, Argv, HealthArgs, UpdateConfigArgs};
 
 #[derive(Debug, Parser)]
 #[command(name = "meshctl", version, about = "Control a meshnet cluster")]
@@ -252,7 +258,7 @@ enum NetworkCmd {
 #[derive(Debug, Subcommand)]
 enum ServiceCmd {
     /// Create a service: meshctl service create --name web --replicas 3 -- CMD [ARG...]
-    Create(CreateArgs),
+    Create(Box<CreateArgs>),
     /// List services
     #[command(alias = "list")]
     Ls(ListFormat),
@@ -286,22 +292,123 @@ enum ServiceCmd {
         #[arg(required = true)]
         services: Vec<String>,
     },
-    /// Change a service's published ports or endpoint mode
-    Update {
-        /// Publish a port: P:T[/tcp|udp] or mode=...,published=P,target=T,protocol=... (repeatable)
-        #[arg(long = "publish-add", value_parser = ports::parse_publish)]
-        publish_add: Vec<PortConfig>,
-        /// Unpublish a port: P[/tcp|udp] (repeatable)
-        #[arg(long = "publish-rm", value_parser = ports::parse_unpublish)]
-        publish_rm: Vec<PublishedPort>,
-        /// vip: one virtual IP per network, balanced over the tasks; dnsrr: the name resolves
-        /// to the tasks' addresses (no ingress-mode ports)
-        #[arg(long = "endpoint-mode", value_parser = parse_endpoint_mode)]
-        endpoint_mode: Option<EndpointMode>,
+    /// Change a service; what is not given is kept. A change of its tasks' command, environment,
+    /// constraints or health check (or --force) replaces the tasks by a rolling update
+    /// (--update-*)
+    Update(Box<UpdateArgs>),
+    /// Return a service to its spec before the last update, replacing its tasks the same way
+    Rollback {
         #[command(flatten)]
         wait: WaitArgs,
         service: String,
     },
+}
+
+#[derive(Debug, Args)]
+struct UpdateArgs {
+    /// Publish a port: P:T[/tcp|udp] or mode=...,published=P,target=T,protocol=... (repeatable)
+    #[arg(long = "publish-add", value_parser = ports::parse_publish)]
+    publish_add: Vec<PortConfig>,
+    /// Unpublish a port: P[/tcp|udp] (repeatable)
+    #[arg(long = "publish-rm", value_parser = ports::parse_unpublish)]
+    publish_rm: Vec<PublishedPort>,
+    /// vip: one virtual IP per network, balanced over the tasks; dnsrr: the name resolves
+    /// to the tasks' addresses (no ingress-mode ports)
+    #[arg(long = "endpoint-mode", value_parser = parse_endpoint_mode)]
+    endpoint_mode: Option<EndpointMode>,
+    /// Replace the arguments after the program, split like a shell:
+    /// --args "--port 8080 --name 'a b'"
+    #[arg(
+        long,
+        value_name = "ARGS",
+        allow_hyphen_values = true,
+        value_parser = spec::parse_argv
+    )]
+    args: Option<Argv>,
+    /// Replace the whole command, program included, split like a shell:
+    /// --command "hello-server --port 8080"
+    #[arg(
+        long,
+        value_name = "COMMAND",
+        allow_hyphen_values = true,
+        value_parser = spec::parse_argv
+    )]
+    command: Option<Argv>,
+    /// Add or change an environment variable (repeatable)
+    #[arg(long = "env-add", value_name = "KEY=VALUE", value_parser = spec::parse_env)]
+    env_add: Vec<(String, String)>,
+    /// Remove an environment variable (repeatable)
+    #[arg(long = "env-rm", value_name = "KEY")]
+    env_rm: Vec<String>,
+    /// Add a placement constraint, e.g. node.labels.zone==a (repeatable)
+    #[arg(long = "constraint-add", value_name = "EXPR")]
+    constraint_add: Vec<String>,
+    /// Remove a placement constraint, written as `service inspect` shows it (repeatable)
+    #[arg(long = "constraint-rm", value_name = "EXPR")]
+    constraint_rm: Vec<String>,
+    /// Replace every task even if nothing else changes (a rolling restart)
+    #[arg(long)]
+    force: bool,
+    /// Time between SIGTERM and SIGKILL when a task stops, e.g. 30s
+    #[arg(
+        long = "stop-grace-period",
+        value_name = "DURATION",
+        value_parser = spec::parse_duration
+    )]
+    stop_grace_period: Option<u64>,
+    /// Remove the health check: tasks get traffic as soon as they run
+    #[arg(
+        long = "no-healthcheck",
+        help_heading = "Health check",
+        conflicts_with_all = [
+            "health_cmd",
+            "health_http",
+            "health_interval",
+            "health_timeout",
+            "health_retries",
+            "health_start_period",
+        ]
+    )]
+    no_healthcheck: bool,
+    #[command(flatten)]
+    wait: WaitArgs,
+    service: String,
+    // Last: the help headings of these groups also cover the flags after them.
+    #[command(flatten)]
+    update_config: UpdateConfigArgs,
+    #[command(flatten)]
+    health: HealthArgs,
+}
+
+impl UpdateArgs {
+    /// The task-spec part of the request. `current` is the service's spec now: update and
+    /// health flags change its update config and health check field by field, as docker's do.
+    fn spec_update(&self, current: &ServiceSpec) -> anyhow::Result<SpecUpdate> {
+        let command = match &self.command {
+            Some(Argv(argv)) if argv.is_empty() => {
+                bail!("--command needs at least the program to run")
+            }
+            other => other.as_ref().map(|a| a.0.clone()),
+        };
+        let health = if self.no_healthcheck {
+            None
+        } else {
+            self.health.merge(current.health.as_ref())?
+        };
+        Ok(SpecUpdate {
+            command,
+            args: self.args.as_ref().map(|a| a.0.clone()),
+            env_add: unique_map("env", self.env_add.clone())?,
+            env_rm: self.env_rm.clone(),
+            constraint_add: self.constraint_add.clone(),
+            constraint_rm: self.constraint_rm.clone(),
+            force: self.force,
+            update_config: self.update_config.merge(&current.update_config),
+            stop_grace_ms: self.stop_grace_period,
+            health,
+            health_none: self.no_healthcheck,
+        })
+    }
 }
 
 #[derive(Debug, Args)]
@@ -344,12 +451,27 @@ struct CreateArgs {
     /// (repeatable)
     #[arg(long = "publish", short = 'p', value_parser = ports::parse_publish)]
     publish: Vec<PortConfig>,
+    /// Set an environment variable of the task's process (repeatable)
+    #[arg(long = "env", short = 'e', value_name = "KEY=VALUE", value_parser = spec::parse_env)]
+    env: Vec<(String, String)>,
+    /// Time between SIGTERM and SIGKILL when a task stops, e.g. 30s (default 10s)
+    #[arg(
+        long = "stop-grace-period",
+        value_name = "DURATION",
+        value_parser = spec::parse_duration
+    )]
+    stop_grace_period: Option<u64>,
     #[command(flatten)]
     wait: WaitArgs,
     /// The task's command and its arguments, after -- (at most 1024 arguments and 65536 bytes
     /// in all)
     #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
     command: Vec<String>,
+    // Last: the help headings of these groups also cover the flags after them.
+    #[command(flatten)]
+    update_config: UpdateConfigArgs,
+    #[command(flatten)]
+    health: HealthArgs,
 }
 
 impl CreateArgs {
@@ -377,10 +499,13 @@ impl CreateArgs {
                 .filter(|n| !n.aliases.is_empty())
                 .map(|n| (n.name.clone(), n.aliases.clone()))
                 .collect(),
-            env: Default::default(),
-            update_config: Default::default(),
-            stop_grace_ms: 10_000,
-            health: None,
+            env: unique_map("env", self.env.clone())?,
+            update_config: self
+                .update_config
+                .merge(&UpdateConfig::default())
+                .unwrap_or_default(),
+            stop_grace_ms: self.stop_grace_period.unwrap_or_else(default_stop_grace_ms),
+            health: self.health.merge(None)?,
         })
     }
 }
@@ -476,16 +601,9 @@ fn parse_label(text: &str) -> Result<(String, String), String> {
         .ok_or_else(|| format!("invalid label {:?}: expected KEY=VALUE", excerpt(text)))
 }
 
-/// The labels of `--label-add`, refusing a key given twice: which value was meant is a guess.
+/// The labels of `--label-add`, refusing a key given twice.
 fn label_map(labels: Vec<(String, String)>) -> anyhow::Result<BTreeMap<String, String>> {
-    let mut map = BTreeMap::new();
-    for (key, value) in labels {
-        if map.contains_key(&key) {
-            bail!("label {} is given more than once", excerpt(&key));
-        }
-        map.insert(key, value);
-    }
-    Ok(map)
+    unique_map("label", labels)
 }
 
 /// Parses the command line. clap quotes the offending argument in its errors; a huge one is cut
@@ -559,7 +677,7 @@ fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
 fn print_inspect<T: Serialize>(
     items: &[T],
     format: &InspectArgs,
-    pretty: Option<fn(&T) -> String>,
+    pretty: Option<&dyn Fn(&T) -> String>,
 ) -> anyhow::Result<()> {
     if let Some(render) = pretty {
         let texts: Vec<String> = items.iter().map(render).collect();
@@ -580,7 +698,8 @@ fn print_inspect<T: Serialize>(
     }
 }
 
-/// What clap cannot see: flags that contradict each other. Checked before connecting.
+/// What clap cannot see: flags that contradict each other, and a whole `service create` spec.
+/// Checked before connecting.
 fn check(cli: &Cli) -> anyhow::Result<()> {
     if let Command::Publish(PublishArgs {
         port: Some(arg),
@@ -593,6 +712,9 @@ fn check(cli: &Cli) -> anyhow::Result<()> {
                 "publish: the mode is given twice, in the port (mode=...) and in --mode: give one"
             );
         }
+    }
+    if let Command::Service(ServiceCmd::Create(args)) = &cli.command {
+        args.spec()?;
     }
     Ok(())
 }
@@ -653,35 +775,47 @@ fn each_node(
     Ok(())
 }
 
-/// Changes a service's ports or endpoint mode, prints its name, and waits for it to converge
-/// unless detached (tasks are replaced when the service joins or leaves the routing mesh).
-fn update_service(
+/// Sends a change of `service` (`what` says which, for errors), prints the service as given, and
+/// waits for `goal` unless detached.
+fn change_service(
     c: &mut Client,
-    service: String,
-    publish_add: Vec<PortConfig>,
-    publish_rm: Vec<PublishedPort>,
-    endpoint_mode: Option<EndpointMode>,
+    service: &str,
+    what: String,
+    req: &Request,
+    goal: Goal,
     wait: &WaitArgs,
 ) -> anyhow::Result<()> {
-    let what = format!("update service {}", excerpt(&service));
-    let req = Request::ServiceUpdate {
-        service: service.clone(),
-        publish_add,
-        publish_rm,
-        endpoint_mode,
-        spec: Default::default(),
-    };
-    let info = expect!(what, c.call(&req)?, Response::Service { service } => service);
+    let info = expect!(what, c.call(req)?, Response::Service { service } => service);
     println!("{service}");
     if !wait.detach {
         progress::wait(
             c,
             &info,
+            goal,
             Duration::from_secs(wait.timeout),
             &mut std::io::stdout(),
         )?;
     }
     Ok(())
+}
+
+/// `service update`: the task-spec flags are merged over the service's current spec, so it is
+/// asked for first.
+fn update_service(c: &mut Client, args: UpdateArgs) -> anyhow::Result<()> {
+    let what = format!("update service {}", excerpt(&args.service));
+    let req = Request::ServiceInspect {
+        service: args.service.clone(),
+    };
+    let current = expect!(what.clone(), c.call(&req)?, Response::Service { service } => service);
+    let spec = args.spec_update(&current.spec).context(what.clone())?;
+    let req = Request::ServiceUpdate {
+        service: args.service.clone(),
+        publish_add: args.publish_add,
+        publish_rm: args.publish_rm,
+        endpoint_mode: args.endpoint_mode,
+        spec,
+    };
+    change_service(c, &args.service, what, &req, Goal::Update, &args.wait)
 }
 
 fn publish(c: &mut Client, args: PublishArgs) -> anyhow::Result<()> {
@@ -712,7 +846,19 @@ fn publish(c: &mut Client, args: PublishArgs) -> anyhow::Result<()> {
             if let Some(mode) = args.mode {
                 port.mode = mode.into();
             }
-            update_service(c, service, vec![port], vec![], None, &args.wait)?;
+            let what = format!(
+                "publish {} on service {}",
+                ports::short(&port),
+                excerpt(&service)
+            );
+            let req = Request::ServiceUpdate {
+                service: service.clone(),
+                publish_add: vec![port],
+                publish_rm: vec![],
+                endpoint_mode: None,
+                spec: SpecUpdate::default(),
+            };
+            change_service(c, &service, what, &req, Goal::Running, &args.wait)?;
         }
     }
     Ok(())
@@ -806,7 +952,7 @@ fn network(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<()> {
                 let req = Request::NetworkInspect { network };
                 out.push(expect!(what, c.call(&req)?, Response::Network { network } => network));
             }
-            let pretty = pretty.then_some(render::network_pretty as fn(&_) -> String);
+            let pretty = pretty.then_some(&render::network_pretty as &dyn Fn(&_) -> String);
             print_inspect(&out, &format, pretty)?;
         }
         NetworkCmd::Rm { networks } => {
@@ -835,6 +981,7 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 progress::wait(
                     c,
                     &created,
+                    Goal::Running,
                     Duration::from_secs(args.wait.timeout),
                     &mut stdout,
                 )?;
@@ -868,16 +1015,19 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
                 let req = Request::ServiceInspect { service };
                 out.push(expect!(what, c.call(&req)?, Response::Service { service } => *service));
             }
-            let pretty = pretty.then_some(render::service_pretty as fn(&_) -> String);
+            let now = unix_now();
+            let render = |s: &_| render::service_pretty(s, now);
+            let pretty = pretty.then_some(&render as &dyn Fn(&_) -> String);
             print_inspect(&out, &format, pretty)?;
         }
-        ServiceCmd::Update {
-            publish_add,
-            publish_rm,
-            endpoint_mode,
-            wait,
-            service,
-        } => update_service(c, service, publish_add, publish_rm, endpoint_mode, &wait)?,
+        ServiceCmd::Update(args) => update_service(c, *args)?,
+        ServiceCmd::Rollback { wait, service } => {
+            let what = format!("roll back service {}", excerpt(&service));
+            let req = Request::ServiceRollback {
+                service: service.clone(),
+            };
+            change_service(c, &service, what, &req, Goal::Rollback, &wait)?;
+        }
         ServiceCmd::Scale { wait, scales } => {
             let req = Request::ServiceScaleMany {
                 scales: scales
@@ -896,7 +1046,13 @@ fn service(c: &mut Client, cmd: ServiceCmd) -> anyhow::Result<()> {
             if !wait.detach {
                 for info in scaled {
                     writeln!(stdout, "{}:", info.spec.name)?;
-                    progress::wait(c, &info, Duration::from_secs(wait.timeout), &mut stdout)?;
+                    progress::wait(
+                        c,
+                        &info,
+                        Goal::Running,
+                        Duration::from_secs(wait.timeout),
+                        &mut stdout,
+                    )?;
                 }
             }
         }
@@ -943,10 +1099,10 @@ mod tests {
         };
         assert_eq!(a.endpoint_mode, EndpointMode::Vip);
         let cli = parse(&["service", "update", "--endpoint-mode", "vip", "web"]).unwrap();
-        let Command::Service(ServiceCmd::Update { endpoint_mode, .. }) = cli.command else {
+        let Command::Service(ServiceCmd::Update(args)) = cli.command else {
             panic!()
         };
-        assert_eq!(endpoint_mode, Some(EndpointMode::Vip));
+        assert_eq!(args.endpoint_mode, Some(EndpointMode::Vip));
     }
 
     #[test]
@@ -1194,16 +1350,17 @@ mod tests {
             "web",
         ])
         .unwrap();
-        let Command::Service(ServiceCmd::Update {
+        let Command::Service(ServiceCmd::Update(args)) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        let UpdateArgs {
             publish_add,
             publish_rm,
             endpoint_mode,
             wait,
             service,
-        }) = cli.command
-        else {
-            panic!("parsed as {:?}", cli.command)
-        };
+            ..
+        } = *args;
         assert_eq!(
             (publish_add[0].published, publish_add[0].target),
             (8080, 80)
@@ -1356,6 +1513,301 @@ mod tests {
             assert!(err.len() < 500, "{} bytes: {}", err.len(), excerpt(&err));
             assert!(err.contains(" bytes)"), "{}", excerpt(&err));
         }
+    }
+
+    fn create_args(extra: &[&str]) -> Result<CreateArgs, String> {
+        let mut args = vec!["service", "create", "--name", "web"];
+        args.extend_from_slice(extra);
+        args.extend_from_slice(&["--", "hello-server"]);
+        match parse(&args)?.command {
+            Command::Service(ServiceCmd::Create(a)) => Ok(*a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    fn update_args(extra: &[&str]) -> Result<UpdateArgs, String> {
+        let mut args = vec!["service", "update"];
+        args.extend_from_slice(extra);
+        args.push("web");
+        match parse(&args)?.command {
+            Command::Service(ServiceCmd::Update(a)) => Ok(*a),
+            other => panic!("parsed as {other:?}"),
+        }
+    }
+
+    #[test]
+    fn service_create_takes_env_update_config_and_a_health_check() {
+        use proto::model::{FailureAction, HealthTest, Ratio, UpdateOrder};
+        let spec = create_args(&[
+            "-e",
+            "A=1",
+            "--env",
+            "B=x=y",
+            "--update-parallelism",
+            "2",
+            "--update-delay",
+            "10s",
+            "--update-order",
+            "start-first",
+            "--update-monitor",
+            "1m30s",
+            "--update-failure-action",
+            "rollback",
+            "--update-max-failure-ratio",
+            "0.25",
+            "--stop-grace-period",
+            "30s",
+            "--health-cmd",
+            "curl -f http://localhost:8080/ || exit 1",
+            "--health-interval",
+            "5s",
+            "--health-timeout",
+            "2s",
+            "--health-retries",
+            "4",
+            "--health-start-period",
+            "500ms",
+        ])
+        .unwrap()
+        .spec()
+        .unwrap();
+        assert_eq!(
+            spec.env,
+            [("A".into(), "1".into()), ("B".into(), "x=y".into())].into()
+        );
+        assert_eq!(
+            spec.update_config,
+            UpdateConfig {
+                parallelism: 2,
+                delay_ms: 10_000,
+                order: UpdateOrder::StartFirst,
+                monitor_ms: 90_000,
+                failure_action: FailureAction::Rollback,
+                max_failure_ratio: Ratio(0.25),
+            }
+        );
+        assert_eq!(spec.stop_grace_ms, 30_000);
+        let health = spec.health.unwrap();
+        assert_eq!(
+            health.test,
+            HealthTest::Cmd {
+                argv: vec![
+                    "/bin/sh".into(),
+                    "-c".into(),
+                    "curl -f http://localhost:8080/ || exit 1".into()
+                ]
+            }
+        );
+        assert_eq!(
+            (
+                health.interval_ms,
+                health.timeout_ms,
+                health.retries,
+                health.start_period_ms
+            ),
+            (5_000, 2_000, 4, 500)
+        );
+        // Without the flags: docker's defaults and no check.
+        let spec = create_args(&[]).unwrap().spec().unwrap();
+        assert_eq!(spec.update_config, UpdateConfig::default());
+        assert_eq!((spec.stop_grace_ms, spec.health), (10_000, None));
+        let spec = create_args(&["--health-http", "8080/healthz"])
+            .unwrap()
+            .spec()
+            .unwrap();
+        assert_eq!(
+            spec.health.unwrap().test,
+            HealthTest::Http {
+                port: 8080,
+                path: "/healthz".into()
+            }
+        );
+    }
+
+    #[test]
+    fn bad_task_spec_flags_are_refused_clearly() {
+        // A bare number: clap names the flag, the parser says what to write.
+        let err = create_args(&["--update-delay", "10"]).unwrap_err();
+        assert!(err.contains("--update-delay <DURATION>"), "{err}");
+        assert!(err.contains("a number needs a unit"), "{err}");
+        let err = create_args(&["--stop-grace-period", "5"]).unwrap_err();
+        assert!(err.contains("--stop-grace-period"), "{err}");
+        let err = create_args(&["--health-cmd", "true", "--health-http", "80"]).unwrap_err();
+        assert!(err.contains("cannot be used with"), "{err}");
+        for bad in [
+            &["--update-max-failure-ratio", "2"][..],
+            &["--update-order", "rolling"],
+            &["--update-failure-action", "stop"],
+            &["--update-parallelism", "-1"],
+            &["--health-retries", "0"],
+            &["--health-interval", "0s"],
+            &["--health-http", "x/healthz"],
+            &["--env", "NOVALUE"],
+        ] {
+            assert!(create_args(bad).is_err(), "{bad:?}");
+        }
+        let err = create_args(&["--health-interval", "5s"])
+            .unwrap()
+            .spec()
+            .unwrap_err();
+        assert!(err.to_string().contains("need a health check"), "{err}");
+        // Refused before connecting to the manager.
+        let cli = parse(&[
+            "service",
+            "create",
+            "--name",
+            "w",
+            "--health-retries",
+            "2",
+            "x",
+        ]);
+        assert!(check(&cli.unwrap()).is_err());
+        let err = create_args(&["-e", "A=1", "-e", "A=2"])
+            .unwrap()
+            .spec()
+            .unwrap_err();
+        assert_eq!(err.to_string(), "env A is given more than once");
+        let err = update_args(&["--no-healthcheck", "--health-retries", "2"]).unwrap_err();
+        assert!(err.contains("cannot be used with"), "{err}");
+    }
+
+    #[test]
+    fn service_update_merges_its_flags_over_the_current_spec() {
+        use proto::model::{HealthCheck, HealthTest, UpdateOrder};
+        let current = CreateArgs::spec(
+            &create_args(&["--update-parallelism", "3", "--health-http", "8080"]).unwrap(),
+        )
+        .unwrap();
+        let args = update_args(&[
+            "--args",
+            r#"--port 8080 --name "a b""#,
+            "--env-add",
+            "A=1",
+            "--env-rm",
+            "B",
+            "--constraint-add",
+            "node.labels.zone==a",
+            "--constraint-rm",
+            "node.role==worker",
+            "--update-order",
+            "start-first",
+            "--health-interval",
+            "5s",
+            "--stop-grace-period",
+            "1m",
+            "--force",
+            "--publish-add",
+            "80:8080",
+            "-d",
+        ])
+        .unwrap();
+        assert_eq!(args.publish_add.len(), 1);
+        let spec = args.spec_update(&current).unwrap();
+        assert_eq!(
+            spec,
+            SpecUpdate {
+                command: None,
+                args: Some(vec![
+                    "--port".into(),
+                    "8080".into(),
+                    "--name".into(),
+                    "a b".into()
+                ]),
+                env_add: [("A".to_string(), "1".to_string())].into(),
+                env_rm: vec!["B".into()],
+                constraint_add: vec!["node.labels.zone==a".into()],
+                constraint_rm: vec!["node.role==worker".into()],
+                force: true,
+                // The current parallelism stays; only the order changes.
+                update_config: Some(UpdateConfig {
+                    parallelism: 3,
+                    order: UpdateOrder::StartFirst,
+                    ..UpdateConfig::default()
+                }),
+                stop_grace_ms: Some(60_000),
+                health: Some(HealthCheck {
+                    interval_ms: 5_000,
+                    ..HealthCheck::new(HealthTest::Http {
+                        port: 8080,
+                        path: "/".into()
+                    })
+                }),
+                health_none: false,
+            }
+        );
+        // Nothing but ports: no task-spec change at all.
+        let spec = update_args(&["--publish-rm", "80"])
+            .unwrap()
+            .spec_update(&current)
+            .unwrap();
+        assert_eq!(spec, SpecUpdate::default());
+        let spec = update_args(&["--command", "hello-server --v2"])
+            .unwrap()
+            .spec_update(&current)
+            .unwrap();
+        assert_eq!(
+            spec.command,
+            Some(vec!["hello-server".to_string(), "--v2".to_string()])
+        );
+        let spec = update_args(&["--no-healthcheck"])
+            .unwrap()
+            .spec_update(&current)
+            .unwrap();
+        assert!(spec.health_none && spec.health.is_none());
+        // Errors: timing without any check, an empty command, a key twice, an open quote.
+        let unchecked = CreateArgs::spec(&create_args(&[]).unwrap()).unwrap();
+        let err = update_args(&["--health-timeout", "3s"])
+            .unwrap()
+            .spec_update(&unchecked)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("give --health-cmd or --health-http"),
+            "{err}"
+        );
+        let err = update_args(&["--command", ""])
+            .unwrap()
+            .spec_update(&current)
+            .unwrap_err();
+        assert!(err.to_string().contains("at least the program"), "{err}");
+        let err = update_args(&["--env-add", "A=1", "--env-add", "A=2"])
+            .unwrap()
+            .spec_update(&current)
+            .unwrap_err();
+        assert_eq!(err.to_string(), "env A is given more than once");
+        let err = update_args(&["--args", "'open"]).unwrap_err();
+        assert!(err.contains("a quote is not closed"), "{err}");
+        let cli = parse(&["service", "rollback", "web", "-d", "--timeout", "5"]).unwrap();
+        let Command::Service(ServiceCmd::Rollback { wait, service }) = cli.command else {
+            panic!("parsed as {:?}", cli.command)
+        };
+        assert_eq!(
+            (wait.detach, wait.timeout, service.as_str()),
+            (true, 5, "web")
+        );
+    }
+
+    #[test]
+    fn service_update_help_groups_its_flags() {
+        use clap::CommandFactory;
+        let mut cmd = Cli::command();
+        let update = cmd
+            .find_subcommand_mut("service")
+            .unwrap()
+            .find_subcommand_mut("update")
+            .unwrap();
+        let help = update.render_help().to_string();
+        let at = |text: &str| {
+            help.find(text)
+                .unwrap_or_else(|| panic!("{text} not in:\n{help}"))
+        };
+        assert!(at("Arguments:\n  <SERVICE>") < at("Options:"));
+        assert!(at("Options:") < at("--env-add <KEY=VALUE>"));
+        assert!(at("--detach") < at("Health check:"));
+        assert!(at("Health check:") < at("--no-healthcheck"));
+        assert!(at("--no-healthcheck") < at("--health-cmd <CMD>"));
+        assert!(at("Rolling update:") < at("--update-parallelism <N>"));
+        assert!(at("--args <ARGS>") < at("Health check:"));
     }
 
     #[test]

@@ -4,9 +4,13 @@
 use std::fmt::Write;
 
 use proto::api::{NetworkDetail, NodeInfo, NodeLb, PublishInfo, ServiceInfo, TaskInfo};
-use proto::model::{Availability, Network, NodeStatus, Role, ServiceMode, TaskState};
+use proto::model::{
+    Availability, Health, HealthCheck, HealthTest, Network, NodeStatus, Role, ServiceMode,
+    TaskState,
+};
 
 use crate::ports;
+use crate::spec::format_duration;
 
 /// Renders rows under headers; every line ends with a newline, trailing blanks trimmed.
 pub fn table(headers: &[&str], rows: &[Vec<String>]) -> String {
@@ -54,6 +58,16 @@ pub fn state_word(state: TaskState) -> String {
             .and_then(|v| v.as_str())
             .unwrap_or("unknown"),
     )
+}
+
+/// A task's health as `docker service ps` words it after the state: `Running 5 seconds ago
+/// (health: starting)`.
+pub fn health_note(health: Health) -> &'static str {
+    match health {
+        Health::Starting => "health: starting",
+        Health::Healthy => "healthy",
+        Health::Unhealthy => "unhealthy",
+    }
 }
 
 /// "3 minutes ago", as docker's units.HumanDuration words it (lower-cased, as `service ps`
@@ -207,11 +221,33 @@ fn lb_table(lbs: &[NodeLb]) -> String {
     table(&["NODE", "LB", "FWMARK", "BACKENDS"], &rows)
 }
 
-/// `meshctl service inspect --pretty`, after docker's.
-pub fn service_pretty(s: &ServiceInfo) -> String {
+/// A health check's test as docker shows one: `CMD-SHELL <cmd>` for what `--health-cmd` makes,
+/// else `CMD <argv>`; ours over HTTP as `HTTP GET :<port><path>`.
+fn health_test(test: &HealthTest) -> String {
+    match test {
+        HealthTest::Cmd { argv } => match argv.as_slice() {
+            [sh, c, cmd] if sh == "/bin/sh" && c == "-c" => format!("CMD-SHELL {cmd}"),
+            argv => format!("CMD {}", argv.join(" ")),
+        },
+        HealthTest::Http { port, path } => format!("HTTP GET :{port}{path}"),
+    }
+}
+
+fn healthcheck_pretty(out: &mut String, h: &HealthCheck) {
+    let _ = writeln!(out, "Healthcheck:");
+    let _ = writeln!(out, " Test = {}", health_test(&h.test));
+    let _ = writeln!(out, " Interval = {}", format_duration(h.interval_ms));
+    let _ = writeln!(out, " Timeout = {}", format_duration(h.timeout_ms));
+    let _ = writeln!(out, " Retries = {}", h.retries);
+    let _ = writeln!(out, " StartPeriod = {}", format_duration(h.start_period_ms));
+}
+
+/// `meshctl service inspect --pretty`, after docker's; `now` for the update status's times.
+pub fn service_pretty(s: &ServiceInfo, now: u64) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "ID:\t\t{}", s.id);
     let _ = writeln!(out, "Name:\t\t{}", s.spec.name);
+    let _ = writeln!(out, "Version:\t{}", s.version);
     match s.spec.mode {
         ServiceMode::Replicated => {
             let _ = writeln!(out, "Service Mode:\tReplicated");
@@ -226,11 +262,47 @@ pub fn service_pretty(s: &ServiceInfo) -> String {
             let _ = writeln!(out, " Tasks:\t\t{} (running {})", s.desired, s.running);
         }
     }
+    if let Some(u) = &s.update_status {
+        let _ = writeln!(out, "UpdateStatus:");
+        let _ = writeln!(out, " State:\t\t{}", u.state.as_str());
+        let _ = writeln!(out, " Started:\t{}", ago(u.started_at, now));
+        if let Some(done) = u.completed_at {
+            let _ = writeln!(out, " Completed:\t{}", ago(done, now));
+        }
+        let _ = writeln!(out, " Message:\t{}", u.message);
+    }
     if !s.spec.constraints.is_empty() {
         let _ = writeln!(out, "Placement:");
         let _ = writeln!(out, " Constraints:\t{}", s.spec.constraints.join(", "));
     }
+    // Zero delay and monitor are left out, as docker does.
+    let u = &s.spec.update_config;
+    let _ = writeln!(out, "UpdateConfig:");
+    let _ = writeln!(out, " Parallelism:\t{}", u.parallelism);
+    if u.delay_ms > 0 {
+        let _ = writeln!(out, " Delay:\t\t{}", format_duration(u.delay_ms));
+    }
+    let _ = writeln!(out, " On failure:\t{}", u.failure_action.as_str());
+    if u.monitor_ms > 0 {
+        let _ = writeln!(out, " Monitoring Period: {}", format_duration(u.monitor_ms));
+    }
+    let _ = writeln!(out, " Max failure ratio: {}", u.max_failure_ratio.0);
+    let _ = writeln!(out, " Update order:      {}", u.order.as_str());
     let _ = writeln!(out, "Command:\t{}", s.spec.command.join(" "));
+    if !s.spec.env.is_empty() {
+        let _ = writeln!(out, "Env:");
+        for (key, value) in &s.spec.env {
+            let _ = writeln!(out, " {key}={value}");
+        }
+    }
+    let _ = writeln!(
+        out,
+        "Stop grace period:\t{}",
+        format_duration(s.spec.stop_grace_ms)
+    );
+    if let Some(h) = &s.spec.health {
+        healthcheck_pretty(&mut out, h);
+    }
     let _ = writeln!(out, "Networks:\t{}", s.network_names.join(" "));
     for (id, aliases) in &s.spec.aliases {
         let name = s
@@ -307,6 +379,16 @@ pub fn network_pretty(n: &NetworkDetail) -> String {
     out
 }
 
+/// CURRENT STATE of `service ps`: the state, since when, and the health of a running task with
+/// a check.
+fn current_state(t: &TaskInfo, now: u64) -> String {
+    let text = format!("{} {}", state_word(t.state), ago(t.updated_at, now));
+    match t.health {
+        Some(h) if t.state == TaskState::Running => format!("{text} ({})", health_note(h)),
+        _ => text,
+    }
+}
+
 pub fn tasks(tasks: &[TaskInfo], now: u64) -> String {
     let rows: Vec<Vec<String>> = tasks
         .iter()
@@ -322,7 +404,7 @@ pub fn tasks(tasks: &[TaskInfo], now: u64) -> String {
                 name,
                 t.node.clone().unwrap_or_default(),
                 state_word(t.desired_state),
-                format!("{} {}", state_word(t.state), ago(t.updated_at, now)),
+                current_state(t, now),
                 t.error
                     .as_ref()
                     .map(|e| format!("{e:?}"))
@@ -437,6 +519,146 @@ mod tests {
     }
 
     #[test]
+    fn service_ps_shows_the_health_of_running_tasks() {
+        let with = |state, health| TaskInfo {
+            health,
+            ..task(1, TaskState::Running, state, None)
+        };
+        let current = |t: TaskInfo| current_state(&t, 95);
+        assert_eq!(
+            current(with(TaskState::Running, Some(Health::Healthy))),
+            "Running 5 seconds ago (healthy)"
+        );
+        assert_eq!(
+            current(with(TaskState::Running, Some(Health::Unhealthy))),
+            "Running 5 seconds ago (unhealthy)"
+        );
+        assert_eq!(
+            current(with(TaskState::Running, Some(Health::Starting))),
+            "Running 5 seconds ago (health: starting)"
+        );
+        // No check, or a task no longer running: no health.
+        assert_eq!(
+            current(with(TaskState::Running, None)),
+            "Running 5 seconds ago"
+        );
+        assert_eq!(
+            current(with(TaskState::Failed, Some(Health::Unhealthy))),
+            "Failed 5 seconds ago"
+        );
+        let out = tasks(&[with(TaskState::Running, Some(Health::Healthy))], 95);
+        assert!(
+            out.ends_with("Running         Running 5 seconds ago (healthy)\n"),
+            "{out}"
+        );
+    }
+
+    #[test]
+    fn pretty_inspect_shows_the_update_status_config_env_and_health_check() {
+        use proto::model::{
+            FailureAction, Ratio, UpdateConfig, UpdateOrder, UpdateState, UpdateStatus,
+        };
+        let spec = ServiceSpec {
+            name: "web".into(),
+            mode: Default::default(),
+            replicas: 3,
+            networks: vec![],
+            constraints: vec![],
+            command: vec!["hello-server".into(), "--v2".into()],
+            ports: vec![],
+            endpoint_mode: Default::default(),
+            aliases: Default::default(),
+            env: [
+                ("GREETING".to_string(), "hello world".to_string()),
+                ("PORT".to_string(), "8080".to_string()),
+            ]
+            .into(),
+            update_config: UpdateConfig {
+                parallelism: 2,
+                delay_ms: 10_000,
+                order: UpdateOrder::StartFirst,
+                monitor_ms: 5_000,
+                failure_action: FailureAction::Rollback,
+                max_failure_ratio: Ratio(0.25),
+            },
+            stop_grace_ms: 30_000,
+            health: Some(HealthCheck {
+                start_period_ms: 1_500,
+                ..HealthCheck::new(HealthTest::Cmd {
+                    argv: vec!["/bin/sh".into(), "-c".into(), "curl -f localhost".into()],
+                })
+            }),
+        };
+        let info = ServiceInfo {
+            id: "svc".into(),
+            spec,
+            network_names: vec![],
+            running: 3,
+            desired: 3,
+            created_at: 0,
+            updated_at: 0,
+            fwmark: None,
+            lb: vec![],
+            virtual_ips: vec![],
+            version: 4,
+            previous_spec: None,
+            update_status: Some(UpdateStatus {
+                state: UpdateState::Completed,
+                started_at: 1_000,
+                completed_at: Some(1_070),
+                message: "update completed".into(),
+            }),
+        };
+        let out = service_pretty(&info, 1_100);
+        for part in [
+            "Name:\t\tweb\nVersion:\t4\n",
+            "UpdateStatus:\n State:\t\tcompleted\n Started:\tabout a minute ago\n \
+             Completed:\t30 seconds ago\n Message:\tupdate completed\n",
+            "UpdateConfig:\n Parallelism:\t2\n Delay:\t\t10s\n On failure:\trollback\n \
+             Monitoring Period: 5s\n Max failure ratio: 0.25\n Update order:      start-first\n",
+            "Env:\n GREETING=hello world\n PORT=8080\n",
+            "Stop grace period:\t30s\n",
+            "Healthcheck:\n Test = CMD-SHELL curl -f localhost\n Interval = 30s\n \
+             Timeout = 30s\n Retries = 3\n StartPeriod = 1.5s\n",
+        ] {
+            assert!(out.contains(part), "{part:?} not in:\n{out}");
+        }
+        // Docker leaves out a zero delay and monitor; an update under way has no end yet.
+        let paused = ServiceInfo {
+            spec: ServiceSpec {
+                update_config: UpdateConfig::default(),
+                env: Default::default(),
+                health: Some(HealthCheck::new(HealthTest::Http {
+                    port: 8080,
+                    path: "/healthz".into(),
+                })),
+                ..info.spec.clone()
+            },
+            update_status: Some(UpdateStatus {
+                state: UpdateState::Paused,
+                started_at: 1_090,
+                completed_at: None,
+                message: "task web.2 failed: exit status 1".into(),
+            }),
+            ..info
+        };
+        let out = service_pretty(&paused, 1_100);
+        assert!(
+            out.contains(
+                " State:\t\tpaused\n Started:\t10 seconds ago\n \
+                 Message:\ttask web.2 failed: exit status 1\n"
+            ),
+            "{out}"
+        );
+        assert!(
+            out.contains(" Parallelism:\t1\n On failure:\tpause\n Monitoring Period: 5s\n"),
+            "{out}"
+        );
+        assert!(!out.contains("Env:"), "{out}");
+        assert!(out.contains(" Test = HTTP GET :8080/healthz\n"), "{out}");
+    }
+
+    #[test]
     fn service_ls_shows_replicas_as_running_over_desired() {
         let replicated = ServiceInfo {
             id: "0123456789abcdef0123456789".into(),
@@ -502,7 +724,7 @@ mod tests {
              0123456789ab   web       replicated   2/3        hello-server --port 8080   *:80->8080/tcp, *:53->5353/udp\n\
              1123456789ab   agent     global       4/4        sleep 1d\n"
         );
-        let out = service_pretty(&global);
+        let out = service_pretty(&global, 0);
         assert!(
             out.contains("Service Mode:\tGlobal\n Tasks:\t\t4 (running 4)\n"),
             "{out}"
@@ -577,7 +799,7 @@ mod tests {
             previous_spec: None,
             update_status: None,
         };
-        let out = service_pretty(&info);
+        let out = service_pretty(&info, 0);
         assert!(out.contains(" PublishedPort = 53\n  Protocol = udp\n  TargetPort = 5353\n  PublishMode = host\n"), "{out}");
         assert!(out.contains("Fwmark:\t\t256\n"), "{out}");
         assert!(
@@ -605,7 +827,7 @@ mod tests {
             }],
             ..info
         };
-        let out = service_pretty(&vip_only);
+        let out = service_pretty(&vip_only, 0);
         assert!(
             out.contains(
                 "Networks:\tbackend\n Aliases on backend:\twww\nEndpoint Mode:\tvip\n\
