@@ -1,8 +1,8 @@
 //! `mesh-agent --cleanup`: takes everything the agent made off the node, then exits. The
 //! agent must be stopped first (a running one would rebuild it all).
 //!
-//! - tasks' processes: SIGTERM to each recorded one still alive, SIGKILL after the grace
-//!   period; whatever still runs inside one of our namespaces is killed with it;
+//! - tasks' processes: SIGTERM to each recorded one still alive, SIGKILL after its own stop
+//!   grace period; whatever still runs inside one of our namespaces is killed with it;
 //! - every namespace in `<state-dir>/netns` (overlay sandboxes, tasks, `ingress_sbox`, the
 //!   `lb_<network>` load balancers, and so IPVS services and nft tables in them), VXLAN
 //!   devices first;
@@ -48,15 +48,10 @@ pub fn teardown(observed: &Observed) -> Vec<Action> {
 }
 
 /// Runs the cleanup. Every step is tried; the error counts the ones that failed.
-pub fn run(
-    state: &StateDir,
-    kernel: &dyn Kernel,
-    node: &Netns,
-    grace: Duration,
-) -> anyhow::Result<()> {
+pub fn run(state: &StateDir, kernel: &dyn Kernel, node: &Netns) -> anyhow::Result<()> {
     let mut failed = 0;
     match state.task_records() {
-        Ok(records) => stop_tasks(&records, grace),
+        Ok(records) => stop_tasks(&records),
         Err(e) => {
             // The namespaces still go, and the processes in them.
             error!("read task records: {e}");
@@ -88,18 +83,23 @@ pub fn run(
     Ok(())
 }
 
-/// SIGTERM to every recorded task process that still runs, SIGKILL to those left after `grace`.
-fn stop_tasks(records: &[tasks::TaskRecord], grace: Duration) {
-    let alive: Vec<(String, u32, u64, u64)> = records
+/// SIGTERM to every recorded task process that still runs, SIGKILL to each one left after its
+/// task's stop grace period.
+fn stop_tasks(records: &[tasks::TaskRecord]) {
+    let mut alive: Vec<(&str, u32, u64, u64, Duration)> = records
         .iter()
         .filter_map(|r| match r.phase {
             Phase::Running {
                 pid,
                 start_time,
                 netns_inode,
-            } if tasks::is_alive(pid, start_time, netns_inode) => {
-                Some((r.spec.name.clone(), pid, start_time, netns_inode))
-            }
+            } if tasks::is_alive(pid, start_time, netns_inode) => Some((
+                r.spec.name.as_str(),
+                pid,
+                start_time,
+                netns_inode,
+                Duration::from_millis(r.spec.stop_grace_ms),
+            )),
             _ => None,
         })
         .collect();
@@ -107,19 +107,22 @@ fn stop_tasks(records: &[tasks::TaskRecord], grace: Duration) {
         info!(task = %task, pid, "stopping task");
         tasks::signal_task(*pid, Signal::SIGTERM);
     }
-    let deadline = Instant::now() + grace;
-    let running = || {
-        alive
-            .iter()
-            .filter(|(_, pid, start, ino)| tasks::is_alive(*pid, *start, *ino))
-            .collect::<Vec<_>>()
-    };
-    while !running().is_empty() && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    for (task, pid, ..) in running() {
-        warn!(task = %task, pid, "task ignored SIGTERM; killing it");
-        tasks::signal_task(*pid, Signal::SIGKILL);
+    let started = Instant::now();
+    while !alive.is_empty() {
+        alive.retain(|(task, pid, start_time, netns_inode, grace)| {
+            if !tasks::is_alive(*pid, *start_time, *netns_inode) {
+                return false;
+            }
+            if started.elapsed() < *grace {
+                return true;
+            }
+            warn!(task = %task, pid, "task ignored SIGTERM; killing it");
+            tasks::signal_task(*pid, Signal::SIGKILL);
+            false
+        });
+        if !alive.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 

@@ -6,6 +6,7 @@ mod apply;
 mod cleanup;
 mod conn;
 mod dns;
+mod health;
 mod join;
 mod lb;
 mod mesh;
@@ -106,9 +107,6 @@ struct Flags {
     /// [default: the nameservers of /etc/resolv.conf].
     #[arg(long = "dns-upstream", value_name = "ADDR[:PORT]", value_parser = dns::upstream::parse_upstream)]
     dns_upstreams: Vec<SocketAddr>,
-    /// Seconds a task has to exit after SIGTERM before it gets SIGKILL.
-    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(0..=3600))]
-    stop_grace_period: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -241,12 +239,7 @@ fn cleanup(flags: &Flags) -> anyhow::Result<()> {
         &state.netns_dir(),
         Netns::open(node.path()).context("open the node's network namespace")?,
     );
-    cleanup::run(
-        &state,
-        &kernel,
-        &node,
-        Duration::from_secs(flags.stop_grace_period),
-    )
+    cleanup::run(&state, &kernel, &node)
 }
 
 /// Caps glibc malloc's arenas at two. By default every thread that allocates gets an arena of
@@ -351,14 +344,10 @@ async fn run() -> anyhow::Result<()> {
     }
     let (outbox, outgoing) = conn::Outbox::new();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
-    let supervisor = tasks::Supervisor::adopt(
-        state.clone(),
-        events_tx,
-        outbox.clone(),
-        Duration::from_secs(flags.stop_grace_period),
-    )
-    .context("adopt tasks")?
-    .with_search_domains(dns_search);
+    let supervisor =
+        tasks::Supervisor::adopt(state.clone(), events_tx, outbox.clone(), metrics.clone())
+            .context("adopt tasks")?
+            .with_search_domains(dns_search);
     let (assign_tx, assign_rx) = watch::channel(desired);
 
     let connection = conn::Conn {

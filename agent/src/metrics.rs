@@ -11,7 +11,8 @@ use crate::tasks::{Phase, TaskRecord};
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabel {
-    /// `ok`, or `incomplete` when an action failed (the pass is retried).
+    /// Of a pass: `ok`, or `incomplete` when an action failed (the pass is retried); of a DNS
+    /// query: how it was answered; of a health check: `pass` or `fail`.
     pub result: String,
 }
 
@@ -35,6 +36,7 @@ pub struct AgentMetrics {
     pub manager_connected: Gauge,
     dns_queries: Family<ResultLabel, Counter>,
     repairs: Family<KindLabel, Counter>,
+    health_checks: Family<ResultLabel, Counter>,
 }
 
 impl AgentMetrics {
@@ -48,6 +50,7 @@ impl AgentMetrics {
             manager_connected: Gauge::default(),
             dns_queries: Family::default(),
             repairs: Family::default(),
+            health_checks: Family::default(),
         }
     }
 
@@ -89,6 +92,20 @@ impl AgentMetrics {
              someone else), by kind of object",
             self.repairs.clone(),
         );
+        registry.register(
+            "health_checks",
+            "Health check probes of tasks, by result: pass or fail",
+            self.health_checks.clone(),
+        );
+    }
+
+    pub fn health_check(&self, passed: bool) {
+        let result = if passed { "pass" } else { "fail" };
+        self.health_checks
+            .get_or_create(&ResultLabel {
+                result: result.into(),
+            })
+            .inc();
     }
 
     pub fn repair(&self, kind: &str) {
@@ -163,6 +180,9 @@ mod tests {
         m.dns_queries("formerr").inc();
         m.repair("route");
         m.repair("route");
+        m.health_check(true);
+        m.health_check(false);
+        m.health_check(false);
         let text = mesh_metrics::render(&registry);
         for line in [
             "meshnet_agent_reconcile_passes_total{result=\"ok\"} 1",
@@ -174,6 +194,8 @@ mod tests {
             "meshnet_agent_dns_queries_total{result=\"answered\"} 2",
             "meshnet_agent_dns_queries_total{result=\"formerr\"} 1",
             "meshnet_agent_repairs_total{kind=\"route\"} 2",
+            "meshnet_agent_health_checks_total{result=\"pass\"} 1",
+            "meshnet_agent_health_checks_total{result=\"fail\"} 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
         }

@@ -823,8 +823,14 @@ mod tests {
                             start_time: 1,
                             netns_inode: inode,
                         };
-                        self.records
-                            .insert(task.clone(), TaskRecord { spec, phase });
+                        self.records.insert(
+                            task.clone(),
+                            TaskRecord {
+                                spec,
+                                phase,
+                                health: None,
+                            },
+                        );
                     }
                     Action::ForgetTask { task } => {
                         self.records.remove(task);

@@ -260,6 +260,7 @@ mod tests {
                 start_time: 7,
                 netns_inode: 4026532000,
             },
+            health: None,
         };
         let failed = TaskRecord {
             spec: spec("web.1.a"),
@@ -267,6 +268,7 @@ mod tests {
                 state: TaskState::Failed,
                 error: Some("exit status 3".into()),
             },
+            health: None,
         };
         dir.save_task(&running).unwrap();
         dir.save_task(&failed).unwrap();

@@ -3,7 +3,8 @@
 //! state dir so a restarted agent adopts the running process instead of starting another.
 //!
 //! The lifecycle is a pure state machine ([`transition`]); the [`Supervisor`] feeds it with what
-//! happens to processes and reports every change to the manager.
+//! happens to processes and reports every change to the manager. A task with a health check is
+//! probed by a [`Checker`] while it runs, and its health is part of its status.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::{self, OpenOptions};
@@ -18,7 +19,7 @@ use std::time::Duration;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 use proto::agent::{TaskSpec, TaskStatus};
-use proto::model::TaskState;
+use proto::model::{Health, TaskState};
 use serde::{Deserialize, Serialize};
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -26,6 +27,8 @@ use tokio::sync::mpsc::UnboundedSender;
 use tracing::{info, info_span, warn};
 
 use crate::conn::Outbox;
+use crate::health::{Checker, HealthState, Target};
+use crate::metrics::AgentMetrics;
 use crate::state::StateDir;
 
 /// Where a task is in its life, as persisted.
@@ -52,6 +55,9 @@ pub enum Phase {
 pub struct TaskRecord {
     pub spec: TaskSpec,
     pub phase: Phase,
+    /// What the health checks found last, while Running with a check.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub health: Option<HealthState>,
 }
 
 /// What happens to a task's process.
@@ -67,6 +73,8 @@ pub enum Event {
     Exited(ExitStatus),
     /// A process we adopted (not our child) is gone; its exit status cannot be known.
     Vanished,
+    /// The health checks of the running process found a new health.
+    Health(HealthState),
 }
 
 /// The next phase, or None when the event does not apply (a terminal task stays terminal).
@@ -104,22 +112,43 @@ pub fn transition(phase: &Phase, event: &Event, stopping: bool) -> Option<Phase>
     }
 }
 
-/// The status the manager sees for a record.
+/// The status the manager sees for a record. Health is told only while a task with a check
+/// runs: Starting until the checks find otherwise; the log only while not healthy.
 pub fn status_of(rec: &TaskRecord, netns_path: &Path) -> TaskStatus {
     let (state, error, pid) = match &rec.phase {
         Phase::Starting => (TaskState::Starting, None, None),
         Phase::Running { pid, .. } => (TaskState::Running, None, Some(*pid)),
         Phase::Exited { state, error } => (*state, error.clone(), None),
     };
+    let checked = rec.spec.health.is_some() && matches!(rec.phase, Phase::Running { .. });
+    let found = rec.health.as_ref().filter(|_| checked);
+    let health = checked.then(|| found.map_or(Health::Starting, |f| f.health));
+    let health_log = found
+        .filter(|f| f.health != Health::Healthy)
+        .and_then(|f| f.log.clone());
     TaskStatus {
         task_id: rec.spec.id.clone(),
         state,
         error,
         netns: matches!(rec.phase, Phase::Running { .. }).then(|| netns_path.display().to_string()),
         pid,
-        health: None,
-        health_log: None,
+        health,
+        health_log,
     }
+}
+
+/// The environment the agent gives a task's process (and its health check commands): the
+/// spec's, then the agent's own variables, which win.
+pub fn task_env(spec: &TaskSpec) -> impl Iterator<Item = (&str, &str)> {
+    let ours = [
+        ("MESH_TASK_ID", spec.id.as_str()),
+        ("MESH_TASK_NAME", spec.name.as_str()),
+        ("MESH_SERVICE_NAME", spec.service_name.as_str()),
+    ];
+    spec.env
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_str()))
+        .chain(ours)
 }
 
 /// A process event, tagged with the task and pid it is about (events of an earlier process of
@@ -159,19 +188,22 @@ pub struct Supervisor {
     unreported: BTreeSet<String>,
     events: UnboundedSender<ProcEvent>,
     outbox: Outbox,
-    grace: Duration,
+    metrics: AgentMetrics,
+    /// The health checks of running tasks that have one; dropping one stops it.
+    checkers: BTreeMap<String, Checker>,
     /// The node's search domains, for the tasks' resolv.conf.
     search: Vec<String>,
 }
 
 impl Supervisor {
-    /// Loads the records and adopts every process that still runs; the others are marked as
-    /// exited. Reports every task's status.
+    /// Loads the records and adopts every process that still runs (and its health checks,
+    /// which go on from the health last found); the others are marked as exited. Reports every
+    /// task's status.
     pub fn adopt(
         state: StateDir,
         events: UnboundedSender<ProcEvent>,
         outbox: Outbox,
-        grace: Duration,
+        metrics: AgentMetrics,
     ) -> anyhow::Result<Supervisor> {
         let mut sup = Supervisor {
             records: BTreeMap::new(),
@@ -180,7 +212,8 @@ impl Supervisor {
             state,
             events,
             outbox,
-            grace,
+            metrics,
+            checkers: BTreeMap::new(),
             search: Vec::new(),
         };
         for rec in sup.state.task_records()? {
@@ -196,6 +229,7 @@ impl Supervisor {
                     if is_alive(pid, start_time, netns_inode) {
                         info!(pid, "adopted running task");
                         sup.watch_adopted(&name, pid, start_time, netns_inode);
+                        sup.check_health(&name);
                         sup.report(&name);
                     } else {
                         warn!(pid, "task process is gone");
@@ -251,6 +285,7 @@ impl Supervisor {
                 state = ?st.state,
                 error = st.error.as_deref().unwrap_or(""),
                 pid = st.pid.unwrap_or(0),
+                health = st.health.map_or("", Health::as_str),
                 "task status"
             );
             self.outbox.task_status(st);
@@ -261,6 +296,10 @@ impl Supervisor {
         let Some(rec) = self.records.get_mut(name) else {
             return;
         };
+        if !matches!(phase, Phase::Running { .. }) {
+            rec.health = None;
+            self.checkers.remove(name);
+        }
         rec.phase = phase;
         if let Err(e) = self.state.save_task(rec) {
             warn!(task = %name, "persist task record: {e}");
@@ -275,12 +314,56 @@ impl Supervisor {
         }
     }
 
+    /// Starts the health checks of a running task that has some.
+    fn check_health(&mut self, name: &str) {
+        let Some(rec) = self.records.get(name) else {
+            return;
+        };
+        let (
+            Some(check),
+            Phase::Running {
+                pid,
+                start_time,
+                netns_inode,
+            },
+        ) = (&rec.spec.health, &rec.phase)
+        else {
+            return;
+        };
+        let target = Target {
+            task: name.to_string(),
+            pid: *pid,
+            start_time: *start_time,
+            netns_inode: *netns_inode,
+        };
+        let checker = Checker::start(
+            target,
+            &rec.spec,
+            check.clone(),
+            rec.health.clone(),
+            self.events.clone(),
+            self.metrics.clone(),
+        );
+        self.checkers.insert(name.to_string(), checker);
+    }
+
     /// Applies a process event. Returns true if the task's phase changed.
     pub fn handle(&mut self, ev: ProcEvent) -> bool {
-        let Some(rec) = self.records.get(&ev.task) else {
+        let Some(rec) = self.records.get_mut(&ev.task) else {
             return false;
         };
         if matches!(rec.phase, Phase::Running { pid, .. } if pid != ev.pid) {
+            return false;
+        }
+        if let Event::Health(found) = ev.event {
+            // Only about the process that runs now; told at once, the manager routes by it.
+            if matches!(rec.phase, Phase::Running { .. }) && rec.health.as_ref() != Some(&found) {
+                rec.health = Some(found);
+                if let Err(e) = self.state.save_task(rec) {
+                    warn!(task = %ev.task, "persist task record: {e}");
+                }
+                self.report(&ev.task);
+            }
             return false;
         }
         let stopping = self.stopping.contains(&ev.task);
@@ -308,6 +391,7 @@ impl Supervisor {
             TaskRecord {
                 spec: spec.clone(),
                 phase: Phase::Starting,
+                health: None,
             },
         );
         // Starting and Running are both told at once: the network is already built.
@@ -329,6 +413,7 @@ impl Supervisor {
         };
         if let Some(next) = transition(&Phase::Starting, &event, false) {
             self.set_phase(&name, next);
+            self.check_health(&name);
             self.flush_reports();
         }
     }
@@ -355,9 +440,7 @@ impl Supervisor {
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
-            .env("MESH_TASK_ID", &spec.id)
-            .env("MESH_TASK_NAME", &spec.name)
-            .env("MESH_SERVICE_NAME", &spec.service_name)
+            .envs(task_env(spec))
             // Its own process group: a signal to the agent's terminal or group does not reach
             // the task, and stopping it reaches the task's children too.
             .process_group(0);
@@ -418,22 +501,29 @@ impl Supervisor {
     }
 
     /// Stops a task that is no longer wanted: SIGTERM to its process group, SIGKILL after the
-    /// grace period. Its exit arrives as an event and makes it Shutdown.
+    /// task's grace period. Its exit arrives as an event and makes it Shutdown. Its checks stop:
+    /// it gets no traffic any more whatever they would find.
     pub fn stop(&mut self, name: &str) {
-        let Some(Phase::Running {
-            pid,
-            start_time,
-            netns_inode,
-        }) = self.records.get(name).map(|r| r.phase.clone())
+        let Some(TaskRecord {
+            phase:
+                Phase::Running {
+                    pid,
+                    start_time,
+                    netns_inode,
+                },
+            spec,
+            ..
+        }) = self.records.get(name).cloned()
         else {
             return;
         };
         if !self.stopping.insert(name.to_string()) {
             return;
         }
-        info!(pid, grace = ?self.grace, "stopping task");
+        self.checkers.remove(name);
+        let grace = Duration::from_millis(spec.stop_grace_ms);
+        info!(pid, ?grace, "stopping task");
         signal_task(pid, Signal::SIGTERM);
-        let grace = self.grace;
         let task = name.to_string();
         tokio::spawn(async move {
             tokio::time::sleep(grace).await;
@@ -458,6 +548,7 @@ impl Supervisor {
         let rec = TaskRecord {
             spec: spec.clone(),
             phase,
+            health: None,
         };
         self.records.insert(spec.name.clone(), rec);
         self.unreported.insert(spec.name.clone());
@@ -465,6 +556,7 @@ impl Supervisor {
 
     /// Forgets a terminal task that left the assignment.
     pub fn forget(&mut self, name: &str) {
+        self.checkers.remove(name);
         if self.unreported.remove(name) {
             self.report(name);
         }
@@ -667,6 +759,7 @@ mod tests {
             &TaskRecord {
                 spec: spec.clone(),
                 phase: running(),
+                health: None,
             },
             ns,
         );
@@ -682,6 +775,7 @@ mod tests {
                     state: TaskState::Failed,
                     error: Some("exit status 1".into()),
                 },
+                health: None,
             },
             ns,
         );
@@ -693,6 +787,81 @@ mod tests {
         assert_eq!(st.error.as_deref(), Some("exit status 1"));
     }
 
+    #[test]
+    fn status_carries_health_only_while_a_checked_task_runs() {
+        let mut rec = TaskRecord {
+            spec: TaskSpec {
+                id: "t1".into(),
+                name: "web.1.t1".into(),
+                service_id: "s".into(),
+                service_name: "web".into(),
+                command: vec![],
+                attachments: vec![],
+                env: Default::default(),
+                stop_grace_ms: 10_000,
+                health: None,
+            },
+            phase: running(),
+            health: None,
+        };
+        let ns = Path::new("/run/meshnet/agent/netns/web.1.t1");
+        let health = |rec: &TaskRecord| {
+            let st = status_of(rec, ns);
+            (st.health, st.health_log)
+        };
+        assert_eq!(health(&rec), (None, None), "no check, no health");
+        rec.spec.health = Some(proto::model::HealthCheck::new(
+            proto::model::HealthTest::Http {
+                port: 80,
+                path: "/".into(),
+            },
+        ));
+        assert_eq!(health(&rec), (Some(Health::Starting), None));
+        rec.health = Some(HealthState {
+            health: Health::Starting,
+            log: Some("connect 127.0.0.1:80: refused".into()),
+        });
+        assert_eq!(
+            health(&rec),
+            (
+                Some(Health::Starting),
+                Some("connect 127.0.0.1:80: refused".into())
+            )
+        );
+        // A healthy task's last failure (fewer than retries) is not told.
+        rec.health = Some(HealthState {
+            health: Health::Healthy,
+            log: Some("a failure".into()),
+        });
+        assert_eq!(health(&rec), (Some(Health::Healthy), None));
+        rec.phase = Phase::Exited {
+            state: TaskState::Shutdown,
+            error: None,
+        };
+        assert_eq!(health(&rec), (None, None));
+    }
+
+    #[test]
+    fn the_spec_env_comes_with_the_agents_own_variables_which_win() {
+        let spec = TaskSpec {
+            id: "t1".into(),
+            name: "web.1.t1".into(),
+            service_id: "s".into(),
+            service_name: "web".into(),
+            command: vec![],
+            attachments: vec![],
+            env: [("GREETING", "hi"), ("MESH_TASK_ID", "forged")]
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .into(),
+            stop_grace_ms: 10_000,
+            health: None,
+        };
+        let env: BTreeMap<&str, &str> = task_env(&spec).collect();
+        assert_eq!(env["GREETING"], "hi");
+        assert_eq!(env["MESH_TASK_ID"], "t1");
+        assert_eq!(env["MESH_SERVICE_NAME"], "web");
+    }
+
     #[tokio::test]
     async fn a_task_with_an_unusable_name_fails_and_is_forgotten_safely() {
         let root = std::env::temp_dir().join(format!("mesh-agent-reject-{}", std::process::id()));
@@ -702,7 +871,7 @@ mod tests {
         fs::write(&outside, b"{}").unwrap();
         let (events, _) = tokio::sync::mpsc::unbounded_channel();
         let (outbox, mut sent) = Outbox::new();
-        let mut sup = Supervisor::adopt(state, events, outbox, Duration::ZERO).unwrap();
+        let mut sup = Supervisor::adopt(state, events, outbox, AgentMetrics::new()).unwrap();
         let spec = TaskSpec {
             id: "t9".into(),
             name: "../keep".into(),

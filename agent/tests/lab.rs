@@ -16,8 +16,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use netns::Netns;
-use proto::agent::{Assignment, ManagerMsg, NetworkSpec, TaskSpec};
-use proto::model::{endpoint_mac, Attachment, TaskState};
+use proto::agent::{AgentMsg, Assignment, ManagerMsg, NetworkSpec, TaskSpec};
+use proto::model::{endpoint_mac, Attachment, Health, HealthCheck, HealthTest, TaskState};
 use vxlan::{LinkKind, RemotePeer, Sandbox};
 
 use support::vip;
@@ -740,4 +740,239 @@ fn drift_is_repaired_on_kernel_events() {
             "{what} in {logged:#?}"
         );
     }
+}
+
+// --- Task environment, stop grace and health checks ------------------------------------------
+
+/// A file under /tmp (which tasks and their checks share with the node) named for this test,
+/// removed when dropped.
+struct TmpFile(std::path::PathBuf);
+
+impl TmpFile {
+    fn new(what: &str) -> TmpFile {
+        TmpFile(std::path::PathBuf::from(format!(
+            "/tmp/meshnet-lab-{what}-{}",
+            std::process::id()
+        )))
+    }
+
+    fn path(&self) -> &str {
+        self.0.to_str().unwrap()
+    }
+}
+
+impl Drop for TmpFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+/// The first status of `id` with this health (skipping others).
+fn wait_health(m: &Manager, lab: &Lab, id: &str, health: Health) -> proto::agent::TaskStatus {
+    m.wait_for(lab, &format!("{id} {health:?}"), |msg| match msg {
+        AgentMsg::TaskStatus(s) if s.task_id == id && s.health == Some(health) => Some(s.clone()),
+        _ => None,
+    })
+}
+
+fn checked(mut spec: TaskSpec, test: HealthTest, start_period_ms: u64) -> TaskSpec {
+    spec.health = Some(HealthCheck {
+        test,
+        interval_ms: 200,
+        timeout_ms: 1000,
+        retries: 2,
+        start_period_ms,
+    });
+    spec
+}
+
+/// An HTTP check: the task is Starting while nothing listens in its namespace, failures in
+/// the start period do not make it Unhealthy, and it is Healthy as soon as a server on its
+/// loopback answers 200. Its process sees the spec's env.
+#[test]
+fn an_http_check_makes_a_task_healthy_once_its_server_answers() {
+    assert!(nix::unistd::geteuid().is_root(), "lab tests need root");
+    let env_out = TmpFile::new("env");
+    let mut h = task("h", Ipv4Addr::new(10, 0, 9, 2));
+    h.command = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("echo \"$GREETING\" > {}; exec sleep 1000", env_out.path()),
+    ];
+    h.env
+        .insert("GREETING".into(), "hello from the spec".into());
+    let h = checked(
+        h,
+        HealthTest::Http {
+            port: 8080,
+            path: "/healthz".into(),
+        },
+        60_000,
+    );
+    let mut lab = Lab::new();
+    lab.start_agent();
+    let mut m = lab.accept();
+    m.send(&assignment(1, vec![h.clone()]));
+    let st = m.wait_for(&lab, "h running", |msg| match msg {
+        AgentMsg::TaskStatus(s) if s.task_id == "h" && s.state == TaskState::Running => {
+            Some(s.clone())
+        }
+        _ => None,
+    });
+    assert_eq!(st.health, Some(Health::Starting), "{st:?}");
+    lab.eventually("the task wrote its env var", || {
+        std::fs::read_to_string(&env_out.0).is_ok_and(|s| s == "hello from the spec\n")
+    });
+
+    // A few probes fail (connection refused) within the start period: still Starting.
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(!lab.log().contains("unhealthy"), "{}", lab.log());
+
+    let server = lab
+        .ns(&h.name)
+        .run(|| TcpListener::bind("127.0.0.1:8080"))
+        .unwrap()
+        .unwrap();
+    server.set_nonblocking(true).unwrap();
+    let asked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let (seen, stopped) = (asked.clone(), stop.clone());
+    // Stopped before the task goes: its socket would keep the task's namespace alive.
+    let serving = std::thread::spawn(move || {
+        while !stopped.load(Ordering::Relaxed) {
+            let Ok((mut s, _)) = server.accept() else {
+                std::thread::sleep(Duration::from_millis(20));
+                continue;
+            };
+            let _ = s.set_nonblocking(false);
+            let _ = s.set_read_timeout(Some(Duration::from_secs(1)));
+            let mut buf = [0u8; 1024];
+            let n = s.read(&mut buf).unwrap_or(0);
+            let request = String::from_utf8_lossy(&buf[..n]).into_owned();
+            seen.lock().unwrap().push(request);
+            let _ = s.write_all(b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok");
+        }
+    });
+    let st = wait_health(&m, &lab, "h", Health::Healthy);
+    assert_eq!((st.state, st.health_log), (TaskState::Running, None));
+    let first = asked.lock().unwrap()[0].clone();
+    assert!(first.starts_with("GET /healthz HTTP/1.0\r\n"), "{first:?}");
+    stop.store(true, Ordering::Relaxed);
+    serving.join().unwrap();
+
+    m.send(&assignment(2, vec![]));
+    let st = m.wait_for(&lab, "h shutdown", |msg| match msg {
+        AgentMsg::TaskStatus(s) if s.task_id == "h" && s.state == TaskState::Shutdown => {
+            Some(s.clone())
+        }
+        _ => None,
+    });
+    assert_eq!(st.health, None, "no health once it stopped");
+    lab.eventually("every namespace goes", || lab.namespaces().is_empty());
+}
+
+/// A command check runs in the task's network namespace (it sees the task's eth0) and mount
+/// namespace (its own resolv.conf): Starting, Healthy while the file exists, Unhealthy after
+/// `retries` failures once it is removed (with the command's output in the log), Healthy again
+/// when it is back. After an agent restart the adopted task keeps its health and is checked
+/// on. Probes are counted.
+#[test]
+fn a_cmd_check_follows_the_task_and_goes_on_after_a_restart() {
+    assert!(nix::unistd::geteuid().is_root(), "lab tests need root");
+    let marker = TmpFile::new("healthy");
+    std::fs::write(&marker.0, b"").unwrap();
+    let script = format!(
+        "grep -q eth0 /proc/net/dev && grep -q 127.0.0.11 /etc/resolv.conf \
+         && test -e {0} || {{ echo no {0}; exit 1; }}",
+        marker.path()
+    );
+    let c = checked(
+        task("c", Ipv4Addr::new(10, 0, 9, 2)),
+        HealthTest::Cmd {
+            argv: vec!["sh".into(), "-c".into(), script],
+        },
+        0,
+    );
+    let mut lab = Lab::new();
+    lab.start_agent_with(&["--metrics-listen", METRICS]);
+    let mut m = lab.accept();
+    m.send(&assignment(1, vec![c.clone()]));
+    wait_health(&m, &lab, "c", Health::Starting);
+    wait_health(&m, &lab, "c", Health::Healthy);
+
+    std::fs::remove_file(&marker.0).unwrap();
+    let removed = Instant::now();
+    let st = wait_health(&m, &lab, "c", Health::Unhealthy);
+    // Two failures 200 ms apart: well within a couple of seconds.
+    assert!(
+        removed.elapsed() < Duration::from_secs(3),
+        "{:?}",
+        removed.elapsed()
+    );
+    let log = st.health_log.expect("the failure's output");
+    assert!(
+        log.contains("exit status 1") && log.contains(&format!("no {}", marker.path())),
+        "{log}"
+    );
+    assert_eq!(st.state, TaskState::Running, "the agent does not kill it");
+    std::fs::write(&marker.0, b"").unwrap();
+    wait_health(&m, &lab, "c", Health::Healthy);
+    assert!(metric(&lab, "meshnet_agent_health_checks_total{result=\"pass\"}") >= 2);
+    assert!(metric(&lab, "meshnet_agent_health_checks_total{result=\"fail\"}") >= 2);
+
+    // A restarted agent adopts the task as Healthy and goes on checking it.
+    lab.crash_agent();
+    drop(m);
+    lab.start_agent();
+    let mut m = lab.accept();
+    let st = m.wait_for(&lab, "c adopted", |msg| match msg {
+        AgentMsg::TaskStatus(s) if s.task_id == "c" => Some(s.clone()),
+        _ => None,
+    });
+    assert_eq!(
+        (st.state, st.health),
+        (TaskState::Running, Some(Health::Healthy))
+    );
+    m.send(&assignment(1, vec![c.clone()]));
+    std::fs::remove_file(&marker.0).unwrap();
+    wait_health(&m, &lab, "c", Health::Unhealthy);
+
+    m.send(&assignment(2, vec![]));
+    m.wait_status(&lab, "c", TaskState::Shutdown);
+    lab.eventually("every namespace goes", || lab.namespaces().is_empty());
+}
+
+/// A task that ignores SIGTERM is killed after its own stop grace period (0.5 s here), not
+/// after the 10 s default.
+#[test]
+fn a_task_that_ignores_sigterm_is_killed_after_its_own_grace() {
+    assert!(nix::unistd::geteuid().is_root(), "lab tests need root");
+    let ready = TmpFile::new("trapped");
+    let mut t = task("t", Ipv4Addr::new(10, 0, 9, 2));
+    t.command = vec![
+        "sh".into(),
+        "-c".into(),
+        format!("trap '' TERM; touch {}; sleep 100", ready.path()),
+    ];
+    t.stop_grace_ms = 500;
+    let mut lab = Lab::new();
+    lab.start_agent();
+    let mut m = lab.accept();
+    m.send(&assignment(1, vec![t.clone()]));
+    m.wait_status(&lab, "t", TaskState::Running);
+    m.wait_applied(&lab, 1);
+    // The shell has set its trap before it is told to stop.
+    lab.eventually("the task traps SIGTERM", || ready.0.exists());
+    let stopped = Instant::now();
+    m.send(&assignment(2, vec![]));
+    m.wait_status(&lab, "t", TaskState::Shutdown);
+    let took = stopped.elapsed();
+    eprintln!("shut down after {took:?}");
+    assert!(
+        took >= Duration::from_millis(450) && took < Duration::from_secs(3),
+        "killed after {took:?}\n{}",
+        lab.log()
+    );
+    assert!(lab.log().contains("task ignored SIGTERM; killing it"));
+    lab.eventually("every namespace goes", || lab.namespaces().is_empty());
 }

@@ -134,7 +134,7 @@ impl Lab {
             ])
             .arg("--state-dir")
             .arg(self.dir.join("state"))
-            .args(["--mtu", "1450", "--stop-grace-period", "1"])
+            .args(["--mtu", "1450"])
             .args(extra)
             .stdout(log.try_clone().unwrap())
             .stderr(log);
