@@ -197,7 +197,7 @@ pub fn wait(
             info = match client.call(&Request::ServiceInspect {
                 service: info.id.clone(),
             })? {
-                Response::Service { service } => service,
+                Response::Service { service } => *service,
                 other => bail!("inspect service {service}: unexpected answer {other:?}"),
             };
         }
@@ -537,7 +537,7 @@ mod tests {
                 let (info, tasks) = &steps[step.min(steps.len() - 1)];
                 let answer = match proto::decode_frame::<Request>(&line).unwrap() {
                     Request::ServiceInspect { .. } => Response::Service {
-                        service: info.clone(),
+                        service: Box::new(info.clone()),
                     },
                     Request::ServicePs { .. } => {
                         step += 1;

@@ -59,7 +59,11 @@ fn fetch(client: &netns::Netns, node: &str, path: &str) -> Option<String> {
         .ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
     let mut s = stream;
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").ok()?;
+    write!(
+        s,
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
     let mut response = String::new();
     std::io::Read::read_to_string(&mut s, &mut response).ok()?;
     let (head, body) = response.split_once("\r\n\r\n")?;
@@ -100,7 +104,10 @@ fn under_load(c: &Cluster, probe: &TaskInfo, during: impl FnOnce()) -> Tally {
             let mut t = Tally::default();
             while !stop.load(Ordering::Relaxed) {
                 t.sent += 1;
-                let out = in_task(probe, &["curl", "-sf", "--max-time", "3", "http://web:8080/tag"]);
+                let out = in_task(
+                    probe,
+                    &["curl", "-sf", "--max-time", "3", "http://web:8080/tag"],
+                );
                 if !out.status.success() {
                     t.failed.push("by name from a task".into());
                 }
@@ -123,12 +130,16 @@ fn under_load(c: &Cluster, probe: &TaskInfo, during: impl FnOnce()) -> Tally {
 fn wait_tag(c: &Cluster, tag: &str) {
     let client = &c.lab.node(CLIENT).unwrap().ns;
     let want = format!("{tag}\n");
-    c.wait_for(CONVERGE_TIMEOUT, &format!("every node answers {tag}"), |_| {
-        NODES
-            .iter()
-            .all(|n| (0..6).all(|_| fetch(client, n, "/tag").as_deref() == Some(&want)))
-            .then_some(())
-    })
+    c.wait_for(
+        CONVERGE_TIMEOUT,
+        &format!("every node answers {tag}"),
+        |_| {
+            NODES
+                .iter()
+                .all(|n| (0..6).all(|_| fetch(client, n, "/tag").as_deref() == Some(&want)))
+                .then_some(())
+        },
+    )
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
 }
 
@@ -174,7 +185,10 @@ fn rolling_updates_and_a_rollback_lose_no_request() {
         let s = inspect(&c);
         assert_eq!(s.update_status.unwrap().state, UpdateState::Completed);
         let tasks = c.wait_running("web", 3).unwrap();
-        assert!(tasks.iter().all(|t| t.spec_version == s.version), "{tasks:?}");
+        assert!(
+            tasks.iter().all(|t| t.spec_version == s.version),
+            "{tasks:?}"
+        );
     }
     let t = under_load(&c, &probe, || {
         c.meshctl_ok(&["service", "rollback", "web"]).unwrap();
@@ -182,7 +196,10 @@ fn rolling_updates_and_a_rollback_lose_no_request() {
     assert_no_failures("rollback", &t, &c);
     wait_tag(&c, "v2");
     let s = inspect(&c);
-    assert_eq!(s.update_status.unwrap().state, UpdateState::RollbackCompleted);
+    assert_eq!(
+        s.update_status.unwrap().state,
+        UpdateState::RollbackCompleted
+    );
     // The replaced tasks are history, as `service ps` shows them.
     let all: Vec<TaskInfo> = c.json(&["service", "ps", "web"]).unwrap();
     for o in &old {
@@ -197,7 +214,10 @@ fn rolling_updates_and_a_rollback_lose_no_request() {
 #[test]
 fn an_update_that_never_gets_healthy_pauses_while_the_old_tasks_serve() {
     let c = cluster();
-    web(&c, &["--health-http", "8080/tag", "--health-interval", "1s"]);
+    web(
+        &c,
+        &["--health-http", "8080/tag", "--health-interval", "1s"],
+    );
     let probe = sleeper(&c, "probe", "app");
     wait_tag(&c, "v1");
     // Nothing listens on 8081: the new tasks never pass their check.
