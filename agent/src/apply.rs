@@ -443,6 +443,7 @@ pub mod fake {
                 } => {
                     let mut br = self.link(BRIDGE, LinkKind::Bridge, *mtu);
                     br.addrs = vec![*gateway];
+                    br.mac = Some(MacAddr::from_ipv4(gateway.addr()));
                     let n = Self::ns(&mut st, sandbox)?;
                     n.links.insert(BRIDGE.into(), br);
                 }
@@ -534,6 +535,7 @@ pub mod fake {
                 EnsureGwBridge { gateway, mtu } => {
                     let mut br = self.link(GWBRIDGE, LinkKind::Bridge, *mtu);
                     br.addrs = vec![*gateway];
+                    br.mac = Some(MacAddr::from_ipv4(gateway.addr()));
                     st.node.links.insert(GWBRIDGE.into(), br);
                 }
                 EnsureGwLeg {

@@ -478,7 +478,10 @@ fn plan_sandbox(
     }
 
     let bridge_ok = obs.links.get(BRIDGE).is_some_and(|l| {
-        l.kind == LinkKind::Bridge && link_ok(l, s.mtu, false) && l.addrs == [net.gateway]
+        l.kind == LinkKind::Bridge
+            && link_ok(l, s.mtu, false)
+            && l.addrs == [net.gateway]
+            && l.mac == Some(MacAddr::from_ipv4(net.gateway.addr()))
     });
     if !bridge_ok {
         p.create.push(Action::EnsureBridge {
@@ -630,7 +633,10 @@ fn plan_gwbridge(
 ) {
     let node = &observed.node;
     let ok = node.links.get(GWBRIDGE).is_some_and(|l| {
-        l.kind == LinkKind::Bridge && link_ok(l, gw.mtu, false) && l.addrs == [gw.gateway]
+        l.kind == LinkKind::Bridge
+            && link_ok(l, gw.mtu, false)
+            && l.addrs == [gw.gateway]
+            && l.mac == Some(MacAddr::from_ipv4(gw.gateway.addr()))
     });
     if !ok {
         p.create.push(Action::EnsureGwBridge {
@@ -974,6 +980,11 @@ mod tests {
         node.edit(SB, |n| n.links.get_mut(BRIDGE).unwrap().addrs.clear());
         assert!(matches!(node.step(&a)[..], [Action::EnsureBridge { .. }]));
         node.edit(SB, |n| n.links.get_mut(BRIDGE).unwrap().up = false);
+        assert!(matches!(node.step(&a)[..], [Action::EnsureBridge { .. }]));
+        // So is a bridge MAC that moved (as one without its own follows its lowest port's).
+        node.edit(SB, |n| {
+            n.links.get_mut(BRIDGE).unwrap().mac = Some(mac("10.0.9.200"))
+        });
         assert!(matches!(node.step(&a)[..], [Action::EnsureBridge { .. }]));
 
         // A deleted bridge comes back, and its ports go back in.

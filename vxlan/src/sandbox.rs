@@ -46,6 +46,11 @@ impl BridgeConfig {
         }
     }
 
+    /// The bridge's own MAC: Swarm's endpoint form of its gateway address.
+    pub fn mac(&self) -> MacAddr {
+        MacAddr::from_ipv4(self.gateway.addr())
+    }
+
     fn validate(&self) -> Result<()> {
         check_ifname(&self.name)?;
         check_mtu(self.mtu)
@@ -270,9 +275,22 @@ impl Sandbox {
                     nl.require_link(&cfg.name, &op).await?.header.index
                 }
             };
-            let msg = LinkUnspec::new_with_index(index).mtu(cfg.mtu).up().build();
-            nl.set_link(msg, &format!("set mtu {} and up on {}", cfg.mtu, cfg.name))
-                .await?;
+            // A bridge without an address of its own takes its lowest port's, which changes
+            // as tasks come and go; every neighbour that cached the old one then sends its
+            // traffic for the gateway into a task's veth until it re-resolves (seconds of
+            // black-holed replies on the published path). A fixed one, derived from the
+            // gateway, never moves, also across agent restarts.
+            let mac = cfg.mac();
+            let msg = LinkUnspec::new_with_index(index)
+                .address(mac.0.to_vec())
+                .mtu(cfg.mtu)
+                .up()
+                .build();
+            nl.set_link(
+                msg,
+                &format!("set address {mac}, mtu {} and up on {}", cfg.mtu, cfg.name),
+            )
+            .await?;
             nl.set_addrs(index, &cfg.name, &[cfg.gateway]).await
         })
     }

@@ -50,24 +50,39 @@ fn web(c: &Cluster, flags: &[&str]) -> Vec<TaskInfo> {
     c.wait_running("web", 3).unwrap()
 }
 
-/// `GET path` on a new connection from the client namespace; None if it fails.
-fn fetch(client: &netns::Netns, node: &str, path: &str) -> Option<String> {
+/// `GET path` on a new connection from the client namespace, or what went wrong.
+fn fetch(client: &netns::Netns, node: &str, path: &str) -> Result<String, String> {
     let addr: std::net::SocketAddr = format!("{node}:80").parse().unwrap();
     let stream = client
         .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .ok()?
-        .ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
+        .map_err(|e| e.to_string())?
+        .map_err(|e| format!("connect: {e}"))?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .map_err(|e| e.to_string())?;
     let mut s = stream;
     write!(
         s,
         "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )
-    .ok()?;
+    .map_err(|e| format!("send: {e}"))?;
     let mut response = String::new();
-    std::io::Read::read_to_string(&mut s, &mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
+    std::io::Read::read_to_string(&mut s, &mut response).map_err(|e| format!("read: {e}"))?;
+    let (head, body) = response
+        .split_once("\r\n\r\n")
+        .ok_or_else(|| format!("answer {response:?}"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return Err(format!("answer {head:?}"));
+    }
+    Ok(body.to_string())
+}
+
+/// Wall-clock time, to match a failure with the processes' logs.
+fn now() -> String {
+    let d = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    format!("{}.{:03}", d.as_secs() % 86400, d.subsec_millis())
 }
 
 /// Requests sent and failed by the load loops.
@@ -91,8 +106,10 @@ fn under_load(c: &Cluster, probe: &TaskInfo, during: impl FnOnce()) -> Tally {
                     let mut t = Tally::default();
                     while !stop.load(Ordering::Relaxed) {
                         t.sent += 1;
-                        if fetch(client, node, "/tag").is_none() {
-                            t.failed.push(format!("mesh via {node}"));
+                        let started = now();
+                        if let Err(e) = fetch(client, node, "/tag") {
+                            t.failed
+                                .push(format!("mesh via {node} from {started} to {}: {e}", now()));
                         }
                         std::thread::sleep(Duration::from_millis(10));
                     }
@@ -109,7 +126,7 @@ fn under_load(c: &Cluster, probe: &TaskInfo, during: impl FnOnce()) -> Tally {
                     &["curl", "-sf", "--max-time", "3", "http://web:8080/tag"],
                 );
                 if !out.status.success() {
-                    t.failed.push("by name from a task".into());
+                    t.failed.push(format!("by name from a task at {}", now()));
                 }
             }
             t
@@ -136,7 +153,7 @@ fn wait_tag(c: &Cluster, tag: &str) {
         |_| {
             NODES
                 .iter()
-                .all(|n| (0..6).all(|_| fetch(client, n, "/tag").as_deref() == Some(&want)))
+                .all(|n| (0..6).all(|_| fetch(client, n, "/tag").ok().as_deref() == Some(&want)))
                 .then_some(())
         },
     )
@@ -163,7 +180,9 @@ fn assert_no_failures(what: &str, t: &Tally, c: &Cluster) {
 #[test]
 fn rolling_updates_and_a_rollback_lose_no_request() {
     let c = cluster();
-    let old = web(&c, &[]);
+    // Without a check a new task gets traffic once its process runs, which may be before it
+    // listens: the check is what says it is ready.
+    let old = web(&c, &["--health-http", "8080/tag"]);
     let probe = sleeper(&c, "probe", "app");
     wait_tag(&c, "v1");
     for (tag, order) in [("v2", "stop-first"), ("v3", "start-first")] {
@@ -281,4 +300,40 @@ fn draining_a_node_under_load_loses_no_request() {
         std::thread::sleep(Duration::from_secs(1));
     });
     assert_no_failures("node drain", &t, &c);
+}
+
+/// Other tasks coming and going on the same nodes and networks must not disturb a service's
+/// traffic. (They did: a bridge without its own MAC took its lowest port's, so every task
+/// added or removed could move the gateway's MAC under the published path's cached neighbour
+/// entries, stalling replies for seconds.)
+#[test]
+fn other_tasks_coming_and_going_disturb_no_request() {
+    let c = cluster();
+    web(&c, &["--health-http", "8080/tag"]);
+    let probe = sleeper(&c, "probe", "app");
+    wait_tag(&c, "v1");
+    let hello = bin("hello-server").display().to_string();
+    c.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "other",
+        "--replicas",
+        "0",
+        "--network",
+        "app",
+        "--detach",
+        "--",
+        &hello,
+        "--port",
+        "8080",
+    ])
+    .unwrap();
+    let t = under_load(&c, &probe, || {
+        for _ in 0..6 {
+            c.meshctl_ok(&["service", "scale", "other=6"]).unwrap();
+            c.meshctl_ok(&["service", "scale", "other=0"]).unwrap();
+        }
+    });
+    assert_no_failures("churn", &t, &c);
 }
