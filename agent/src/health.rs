@@ -27,8 +27,10 @@ use tracing::{debug, info};
 use crate::metrics::AgentMetrics;
 use crate::tasks::{self, Event, ProcEvent};
 
-/// Until its first pass a task is probed at least this often, so that it gets traffic soon.
+/// Until its first pass a task is probed at least this often, so that it gets traffic soon:
+/// first after [`FIRST_PROBE_DELAY`], then twice as long each time up to this.
 const FIRST_PASS_INTERVAL: Duration = Duration::from_secs(1);
+const FIRST_PROBE_DELAY: Duration = Duration::from_millis(50);
 /// A floor under the interval: a check configured with 0 must not spin.
 const MIN_INTERVAL: Duration = Duration::from_millis(100);
 /// Output of a command probe kept per stream; the rest is read and dropped so that the probe
@@ -59,6 +61,9 @@ pub struct Tracker {
     failures: u32,
     /// A probe has passed since the task started (or it was healthy before an agent restart).
     passed: bool,
+    /// Probes that failed before the first pass: the quick probing of a starting task backs
+    /// off with them.
+    early_probes: u32,
     log: Option<String>,
 }
 
@@ -80,6 +85,7 @@ impl Tracker {
                 0
             },
             passed: health == Health::Healthy,
+            early_probes: 0,
             log: last.and_then(|l| l.log.clone()),
         }
     }
@@ -104,9 +110,17 @@ impl Tracker {
             }
             Err(log) => {
                 self.log = Some(log);
+                if !self.passed {
+                    self.early_probes = self.early_probes.saturating_add(1);
+                }
                 // Docker's start period: failures while the task starts up do not count, unless
-                // it has already passed once (then it has started).
-                if self.passed || since_start >= self.start_period {
+                // it has already passed once (then it has started). Before a first pass the
+                // task is probed faster than its interval, but failures count at most once per
+                // interval, so that it turns unhealthy no sooner than Docker's would
+                // (`retries` × `interval`).
+                let paced =
+                    self.passed || since_start >= self.interval * self.failures.saturating_add(1);
+                if paced && (self.passed || since_start >= self.start_period) {
                     self.failures = self.failures.saturating_add(1);
                 }
                 if self.failures >= self.retries {
@@ -122,7 +136,8 @@ impl Tracker {
         if self.passed {
             self.interval
         } else {
-            self.interval.min(FIRST_PASS_INTERVAL)
+            let quick = FIRST_PROBE_DELAY * 2u32.pow(self.early_probes.min(5));
+            self.interval.min(FIRST_PASS_INTERVAL).min(quick)
         }
     }
 }
@@ -431,13 +446,17 @@ mod tests {
     }
 
     #[test]
-    fn a_new_task_is_starting_and_probed_every_second_until_it_passes() {
+    fn a_new_task_is_starting_and_probed_quickly_until_it_passes() {
         let mut t = Tracker::new(&check(30_000, 3, 0), None);
         assert_eq!(t.state().health, Health::Starting);
-        assert_eq!(t.next_delay(), ms(1000));
-        assert!(!fail(&mut t, ms(0)));
-        assert_eq!(t.next_delay(), ms(1000));
-        assert!(t.record(ms(1000), Ok(())));
+        // 50 ms, then twice as long after each failure, up to a second.
+        let mut at = 0;
+        for want in [50, 100, 200, 400, 800, 1000, 1000] {
+            assert_eq!(t.next_delay(), ms(want));
+            assert!(!fail(&mut t, ms(at)));
+            at += want;
+        }
+        assert!(t.record(ms(at), Ok(())));
         assert_eq!(
             t.state(),
             HealthState {
@@ -446,13 +465,17 @@ mod tests {
             }
         );
         assert_eq!(t.next_delay(), ms(30_000));
-        // A short interval is used from the start.
-        assert_eq!(Tracker::new(&check(200, 3, 0), None).next_delay(), ms(200));
+        // A short interval caps the quick probing.
+        let mut t = Tracker::new(&check(200, 3, 0), None);
+        for _ in 0..3 {
+            fail(&mut t, ms(0));
+        }
+        assert_eq!(t.next_delay(), ms(200));
         // An interval of 0 does not spin.
-        assert_eq!(
-            Tracker::new(&check(0, 3, 0), None).next_delay(),
-            MIN_INTERVAL
-        );
+        let mut t = Tracker::new(&check(0, 3, 0), None);
+        assert_eq!(t.next_delay(), FIRST_PROBE_DELAY);
+        t.record(ms(0), Ok(()));
+        assert_eq!(t.next_delay(), MIN_INTERVAL);
     }
 
     #[test]
@@ -478,12 +501,16 @@ mod tests {
     }
 
     #[test]
-    fn a_task_that_never_passes_goes_unhealthy_after_retries() {
+    fn a_task_that_never_passes_goes_unhealthy_after_retries_intervals() {
         let mut t = Tracker::new(&check(30_000, 2, 0), None);
         assert!(!fail(&mut t, ms(0)));
         assert_eq!(t.state().health, Health::Starting);
         assert_eq!(t.state().log.as_deref(), Some("failed at 0ns"));
-        assert!(fail(&mut t, ms(1000)));
+        // The quick probes of a starting task count once per interval, as Docker's would.
+        for at in [50, 150, 1000, 29_000, 30_000, 31_000] {
+            assert!(!fail(&mut t, ms(at)), "{at}");
+        }
+        assert!(fail(&mut t, ms(60_000)));
         assert_eq!(t.state().health, Health::Unhealthy);
         // Never passed: still probed every second, to take it back as soon as it can.
         assert_eq!(t.next_delay(), ms(1000));
@@ -512,7 +539,8 @@ mod tests {
     #[test]
     fn retries_of_zero_mean_one() {
         let mut t = Tracker::new(&check(1000, 0, 0), None);
-        assert!(fail(&mut t, ms(0)));
+        assert!(!fail(&mut t, ms(0)));
+        assert!(fail(&mut t, ms(1000)));
         assert_eq!(t.state().health, Health::Unhealthy);
     }
 

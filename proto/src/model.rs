@@ -198,7 +198,8 @@ pub enum HealthTest {
 pub struct HealthCheck {
     pub test: HealthTest,
     /// Between checks once the task has been healthy. Until its first pass a task is checked
-    /// every second (at most `interval`), so that a new task gets traffic as soon as it can.
+    /// sooner (from 50 ms, backing off to a second, at most `interval`), so that a new task
+    /// gets traffic as soon as it can; failures then count at most once per interval.
     #[serde(default = "default_health_interval_ms")]
     pub interval_ms: u64,
     /// A check that takes longer fails.
