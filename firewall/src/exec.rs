@@ -21,18 +21,21 @@ pub trait Netfilter {
     fn apply(&self, batch: &Batch) -> Result<()>;
     /// `nft -j list table ip meshnet`, or `None` when our table does not exist.
     fn list_table(&self) -> Result<Option<String>>;
-    /// Deletes UDP conntrack entries whose reply comes from `backend` (the DNATed or balanced
-    /// destination) and returns how many went. TCP entries stay: established connections drain.
-    fn delete_udp_conntrack(&self, backend: Ipv4Addr) -> Result<u64>;
+    /// Deletes the conntrack entries of a destination that left the balancer (its DNATed or
+    /// balanced address is `backend`) that would otherwise keep sending new traffic to it, and
+    /// returns how many went: UDP flows, and TCP connections still waiting for its SYN-ACK
+    /// (SYN_SENT), which a client reusing that source port would follow to a gone backend for
+    /// two minutes. Other TCP entries stay: established connections drain.
+    fn delete_stale_conntrack(&self, backend: Ipv4Addr) -> Result<u64>;
 }
 
-/// Applies the change from `prev` to `next`, then clears UDP conntrack entries of destinations
-/// that are gone, so the next datagram of such a flow is balanced afresh.
+/// Applies the change from `prev` to `next`, then clears the stale conntrack entries of
+/// destinations that are gone, so the next datagram or SYN of such a flow is balanced afresh.
 pub fn sync<R: Ruleset>(nf: &dyn Netfilter, prev: Option<&R>, next: &R) -> Result<()> {
     nf.apply(&R::render(prev, next)?)?;
     if let Some(prev) = prev {
         for ip in R::stale_destinations(prev, next) {
-            nf.delete_udp_conntrack(ip)?;
+            nf.delete_stale_conntrack(ip)?;
         }
     }
     Ok(())
@@ -93,6 +96,21 @@ impl<'a> NsNetfilter<'a> {
             cause,
         })
     }
+
+    /// `conntrack` with `args` (a `-D` and its filters); returns how many entries went.
+    fn delete_conntrack(&self, args: &[&str]) -> Result<u64> {
+        const ACTION: &str = "delete stale conntrack entries";
+        let mut cmd = Command::new("conntrack");
+        cmd.args(args);
+        let out = self.output(ACTION, &mut cmd)?;
+        // conntrack exits 1 when nothing matched; the summary line tells both cases apart.
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let deleted = stderr
+            .lines()
+            .find_map(|l| l.strip_suffix(" flow entries have been deleted."))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok());
+        deleted.ok_or_else(|| self.command_error(ACTION, "conntrack -D", &out))
+    }
 }
 
 impl Netfilter for NsNetfilter<'_> {
@@ -146,21 +164,19 @@ impl Netfilter for NsNetfilter<'_> {
         Err(self.command_error(ACTION, "nft -j list table ip meshnet", &out))
     }
 
-    fn delete_udp_conntrack(&self, backend: Ipv4Addr) -> Result<u64> {
-        const ACTION: &str = "delete UDP conntrack entries";
-        let mut cmd = Command::new("conntrack");
-        cmd.args(["-D", "-p", "udp", "--reply-src", &backend.to_string()]);
-        let out = self.output(ACTION, &mut cmd)?;
-        // conntrack exits 1 when nothing matched; the summary line tells both cases apart.
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let deleted = stderr
-            .lines()
-            .find_map(|l| l.strip_suffix(" flow entries have been deleted."))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok());
-        match deleted {
-            Some(n) => Ok(n),
-            None => Err(self.command_error(ACTION, "conntrack -D -p udp --reply-src", &out)),
-        }
+    fn delete_stale_conntrack(&self, backend: Ipv4Addr) -> Result<u64> {
+        let backend = backend.to_string();
+        let udp = ["-D", "-p", "udp", "--reply-src", &backend];
+        let syn_sent = [
+            "-D",
+            "-p",
+            "tcp",
+            "--state",
+            "SYN_SENT",
+            "--reply-src",
+            &backend,
+        ];
+        Ok(self.delete_conntrack(&udp)? + self.delete_conntrack(&syn_sent)?)
     }
 }
 
@@ -184,7 +200,7 @@ impl Netfilter for FakeNetfilter {
         Ok(self.listing.lock().unwrap().clone())
     }
 
-    fn delete_udp_conntrack(&self, backend: Ipv4Addr) -> Result<u64> {
+    fn delete_stale_conntrack(&self, backend: Ipv4Addr) -> Result<u64> {
         self.conntrack_deleted.lock().unwrap().push(backend);
         Ok(1)
     }

@@ -86,7 +86,9 @@
 //!
 //! Draining: a removed backend leaves the `backends` map (no new connection picks it) while
 //! established connections keep their conntrack entry. [`sync`] then deletes the UDP conntrack
-//! entries whose reply source is that backend, so UDP flows move on to live backends.
+//! entries whose reply source is that backend, so UDP flows move on to live backends, and the
+//! TCP ones still waiting for its SYN-ACK (SYN_SENT): a client that reuses such a source port
+//! would otherwise follow the entry to a gone backend for two minutes.
 //!
 //! # Task namespace ([`TaskState`])
 //! ```text
@@ -102,7 +104,7 @@
 //! of services; a change refills only the chains of the VIPs it concerns. The service chains
 //! keep anonymous maps rather than per-endpoint chains: a task table has few chains, and a
 //! change of backends is one flush and one rule. A backend that leaves every VIP also loses
-//! the task's UDP conntrack entries to it.
+//! the task's UDP and SYN_SENT conntrack entries to it.
 
 mod exec;
 mod generation;
@@ -131,7 +133,8 @@ pub trait Ruleset: Sized {
     /// What `nft -j list table ip meshnet` must show when `self` is applied.
     fn shape(&self) -> TableShape;
 
-    /// Destinations whose UDP conntrack entries must go after moving from `prev` to `next`.
+    /// Destinations whose stale conntrack entries (see [`Netfilter::delete_stale_conntrack`])
+    /// must go after moving from `prev` to `next`.
     fn stale_destinations(_prev: &Self, _next: &Self) -> Vec<std::net::Ipv4Addr> {
         Vec::new()
     }

@@ -254,7 +254,7 @@ impl Ruleset for SboxState {
         shape
     }
 
-    /// Backends that no service has any more: their UDP conntrack entries should go.
+    /// Backends that no service has any more: their stale conntrack entries should go.
     fn stale_destinations(prev: &SboxState, next: &SboxState) -> Vec<Ipv4Addr> {
         let all = |s: &SboxState| -> BTreeSet<Ipv4Addr> {
             s.services

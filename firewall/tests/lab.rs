@@ -375,6 +375,111 @@ fn shape_of(lab: &Lab, ns: &str) -> firewall::TableShape {
     parse_listing(&lab.nf(ns).list_table().unwrap().expect("our table exists")).unwrap()
 }
 
+/// Connects from local `port` (reused at once) with a 500 ms timeout; true if it connected.
+/// Closes with a reset, so the port is free again at once.
+fn connect_from_port(port: u16, to: SocketAddrV4) -> bool {
+    fn opt<T>(fd: libc::c_int, name: libc::c_int, value: &T) {
+        let len = std::mem::size_of::<T>() as libc::socklen_t;
+        // SAFETY: `value` is a live T of `len` bytes, as the option expects.
+        let r = unsafe {
+            libc::setsockopt(fd, libc::SOL_SOCKET, name, (value as *const T).cast(), len)
+        };
+        assert_eq!(r, 0, "setsockopt {name}");
+    }
+    let addr = |ip: Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(ip).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    // SAFETY: plain socket calls on a descriptor this function owns and closes.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0, "socket");
+        opt(fd, libc::SO_REUSEADDR, &1 as &libc::c_int);
+        let timeout = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 500_000,
+        };
+        opt(fd, libc::SO_SNDTIMEO, &timeout);
+        let local = addr(Ipv4Addr::UNSPECIFIED, port);
+        assert_eq!(
+            libc::bind(fd, (&local as *const libc::sockaddr_in).cast(), len),
+            0,
+            "bind {port}"
+        );
+        let remote = addr(*to.ip(), to.port());
+        let connected = libc::connect(fd, (&remote as *const libc::sockaddr_in).cast(), len) == 0;
+        opt(
+            fd,
+            libc::SO_LINGER,
+            &libc::linger {
+                l_onoff: 1,
+                l_linger: 0,
+            },
+        );
+        libc::close(fd);
+        connected
+    }
+}
+
+/// A backend that never answered leaves SYN_SENT conntrack entries behind; once it leaves the
+/// balancer they go, so a client reusing such a source port reaches a live backend instead of
+/// following the stale entry to the gone one (for two minutes, the SYN_SENT timeout).
+#[test]
+fn a_removed_backend_takes_its_half_open_connections_along() {
+    let (lab, desired) = ingress_lab();
+    let gone = Ipv4Addr::new(10, 255, 0, 99);
+    let mut with_gone = sbox_with(&["b1"]);
+    with_gone
+        .services
+        .get_mut(&mark())
+        .unwrap()
+        .backends
+        .insert(gone);
+    sync(&lab.nf("sbox"), Some(&desired.sbox), &with_gone).unwrap();
+    let to = SocketAddrV4::new(NODE_IP, 80);
+    let half_open =
+        |port: u16| -> bool { !lab.ns("cl").run(|| connect_from_port(port, to)).unwrap() };
+    // Every other new connection goes to the address nobody holds.
+    let port = (41000..41010)
+        .find(|&p| half_open(p))
+        .expect("one attempt goes nowhere");
+    let syn_sent = || {
+        lab.run(
+            "sbox",
+            "conntrack",
+            &[
+                "-L",
+                "-p",
+                "tcp",
+                "--state",
+                "SYN_SENT",
+                "--reply-src",
+                "10.255.0.99",
+            ],
+        )
+    };
+    assert!(
+        syn_sent().contains(&format!("dport={port}")),
+        "{}",
+        syn_sent()
+    );
+    // While it is there, that source port keeps following it.
+    assert!(half_open(port));
+
+    let only_b1 = sbox_with(&["b1"]);
+    sync(&lab.nf("sbox"), Some(&with_gone), &only_b1).unwrap();
+    assert_eq!(syn_sent(), "");
+    assert!(
+        !half_open(port),
+        "port {port} still follows the gone backend"
+    );
+}
+
 #[test]
 fn routing_mesh_balances_round_robin_and_follows_incremental_updates() {
     let (mut lab, desired) = ingress_lab();
@@ -733,7 +838,7 @@ fn one_service_changes(nf: &NsNetfilter, base: &SboxState) -> [(f64, f64); 3] {
         let programmed = start.elapsed();
         let start = Instant::now();
         for ip in SboxState::stale_destinations(from, to) {
-            nf.delete_udp_conntrack(ip).unwrap();
+            nf.delete_stale_conntrack(ip).unwrap();
         }
         (programmed, start.elapsed())
     };

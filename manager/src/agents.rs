@@ -59,15 +59,28 @@ pub async fn serve(listener: TcpListener, cluster: Shared, tls: Arc<rustls::Serv
     }
 }
 
-/// Drives [`crate::cluster::Cluster::tick`] every [`crate::cluster::TICK`].
+/// Drives [`crate::cluster::Cluster::tick`]: once a second, and at each deadline it names.
 pub async fn tick(cluster: Shared) {
-    let mut interval = tokio::time::interval(crate::cluster::TICK);
-    let per_second = (1000 / crate::cluster::TICK.as_millis()) as u64;
-    for n in 0u64.. {
-        interval.tick().await;
-        if let Err(e) = lock(&cluster).tick(n % per_second == 0) {
-            tracing::error!("periodic reconcile: {e}");
+    let second = Duration::from_secs(1);
+    let mut next_second = tokio::time::Instant::now();
+    loop {
+        let whole_second = tokio::time::Instant::now() >= next_second;
+        if whole_second {
+            next_second = tokio::time::Instant::now() + second;
         }
+        let deadline = match lock(&cluster).tick(whole_second) {
+            Ok(d) => d,
+            Err(e) => {
+                tracing::error!("periodic reconcile: {e}");
+                None
+            }
+        };
+        let mut wake = next_second;
+        if let Some(ms) = deadline {
+            let wait = Duration::from_millis(ms.saturating_sub(crate::cluster::unix_now_ms()));
+            wake = wake.min(tokio::time::Instant::now() + wait);
+        }
+        tokio::time::sleep_until(wake).await;
     }
 }
 

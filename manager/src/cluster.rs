@@ -44,13 +44,11 @@ pub struct Cluster {
     pki: Arc<Pki>,
     /// Where agents reach this manager, for the join command `meshctl join-token` prints.
     agent_addr: String,
+    /// When the state was last reconciled: timed work due by then is done.
+    last_pass_ms: u64,
 }
 
 pub type Shared = Arc<Mutex<Cluster>>;
-
-/// How often [`Cluster::tick`] runs: the granularity of update delays, monitor periods and
-/// drain timeouts.
-pub const TICK: Duration = Duration::from_millis(200);
 
 pub fn lock(shared: &Shared) -> MutexGuard<'_, Cluster> {
     // A panic while holding the lock happened between whole-state swaps, so the state is sound.
@@ -92,6 +90,7 @@ impl Cluster {
             lb: LbReports::new(),
             pki,
             agent_addr,
+            last_pass_ms: 0,
         }
     }
 
@@ -182,6 +181,7 @@ impl Cluster {
         let mut next = self.state.clone();
         let out = change(&mut next, now_ms / 1000)?;
         next.reconcile_ms(now_ms);
+        self.last_pass_ms = now_ms;
         let changed = next.refresh_assignments();
         if next != self.state {
             self.store.save(&next)?;
@@ -252,33 +252,30 @@ impl Cluster {
         self.last_seen.insert(node_id.to_string(), Instant::now());
     }
 
-    /// Runs every [`TICK`]: moves draining tasks and rolling updates on (their waits end on
-    /// time, not only on an agent's word); once a second also marks silent nodes down and
-    /// retries placing pending tasks (a restart delay may have passed).
-    pub fn tick(&mut self, whole_second: bool) -> Result<(), TxError> {
-        let timed = self.state.tasks.values().any(|t| t.is_draining())
-            || self.state.services.values().any(|s| {
-                s.rollout
-                    .as_ref()
-                    .is_some_and(|r| r.status.state.is_active())
-            });
-        if timed {
+    /// Runs once a second (`whole_second`: marks silent nodes down, and retries placing pending
+    /// tasks, as a restart delay may have passed) and when the clock alone moves a drain or a
+    /// rolling update on (see [`State::next_deadline_ms`]). Returns when that is next.
+    pub fn tick(&mut self, whole_second: bool) -> Result<Option<u64>, TxError> {
+        let now_ms = unix_now_ms();
+        if self
+            .state
+            .next_deadline_ms(self.last_pass_ms)
+            .is_some_and(|d| d <= now_ms)
+        {
             self.transact(|_, _| Ok(()))?;
         }
-        if !whole_second {
-            return Ok(());
-        }
-        self.check_liveness()?;
-        if !timed
-            && self
+        if whole_second {
+            self.check_liveness()?;
+            if self
                 .state
                 .tasks
                 .values()
                 .any(|t| t.is_current() && t.node_id.is_none())
-        {
-            self.transact(|_, _| Ok(()))?;
+            {
+                self.transact(|_, _| Ok(()))?;
+            }
         }
-        Ok(())
+        Ok(self.state.next_deadline_ms(self.last_pass_ms))
     }
 
     /// Marks down the nodes silent for longer than [`NODE_DOWN_SECS`]; their tasks move.

@@ -646,6 +646,29 @@ impl State {
         }
     }
 
+    /// The next time after `now_ms` at which a drain or a rolling update moves on by the clock
+    /// alone (a monitor period or an update delay ends, a drain times out), if any; everything
+    /// else moves on an agent's word.
+    pub fn next_deadline_ms(&self, now_ms: u64) -> Option<u64> {
+        let drains = self
+            .tasks
+            .values()
+            .filter_map(|t| t.drain.as_ref())
+            .map(|d| d.since_ms + DRAIN_TIMEOUT_MS);
+        let rollouts = self.services.values().flat_map(|s| {
+            let monitor = s.spec.update_config.monitor_ms;
+            let r = s.rollout.as_ref().filter(|r| r.status.state.is_active());
+            r.into_iter().flat_map(move |r| {
+                let monitors = r
+                    .in_flight
+                    .values()
+                    .filter_map(move |p| p.up_since_ms.map(|u| u + monitor));
+                monitors.chain([r.next_start_ms])
+            })
+        });
+        drains.chain(rollouts).filter(|&d| d > now_ms).min()
+    }
+
     /// Records, for each task that began draining, the revision that removed it from each
     /// ready node's balancers: called once the assignments are computed.
     pub(crate) fn arm_drains(&mut self) {
@@ -841,6 +864,45 @@ mod tests {
         assert!(old.iter().all(|o| s.tasks[o].state == TaskState::Shutdown));
         // Each slot waited its monitor period: 3 slots × 2 s at least.
         assert!(now - 10 >= 6, "{now}");
+    }
+
+    #[test]
+    fn the_clock_is_asked_back_when_a_monitor_period_or_a_drain_ends() {
+        let mut s = web3(UpdateConfig {
+            monitor_ms: 2000,
+            delay_ms: 500,
+            ..UpdateConfig::default()
+        });
+        assert_eq!(
+            s.next_deadline_ms(0),
+            None,
+            "nothing timed without a rollout"
+        );
+        s.update_service("web", &[], &[], None, &args(&["--v2"]), 10)
+            .unwrap();
+        s.reconcile_ms(10_000);
+        s.refresh_assignments();
+        // A draining task: its timeout.
+        assert_eq!(s.next_deadline_ms(10_000), Some(10_000 + DRAIN_TIMEOUT_MS));
+        apply_all(&mut s);
+        s.reconcile_ms(10_100);
+        s.refresh_assignments();
+        apply_all(&mut s);
+        let fresh: Vec<Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.is_placed())
+            .cloned()
+            .collect();
+        for t in fresh.iter().filter(|t| t.state != TaskState::Running) {
+            report_at(&mut s, t, TaskState::Running, None, 10);
+        }
+        s.reconcile_ms(10_200);
+        // The new task serves from 10.2 s: its slot is done 2 s later.
+        assert_eq!(s.next_deadline_ms(10_200), Some(12_200));
+        s.reconcile_ms(12_200);
+        // Then the update delay before the next slot.
+        assert_eq!(s.next_deadline_ms(12_200), Some(12_700));
     }
 
     #[test]

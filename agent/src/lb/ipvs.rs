@@ -6,8 +6,8 @@
 //! Sync diffs against an IPVS dump, never flush-and-refill, so a restarted agent adopts what
 //! is there without breaking a connection. A backend that goes is drained: weight 0 first (no
 //! new connections, established ones go on), deleted after the grace period; with
-//! `expire_nodest_conn=1` its remaining connections then expire, and its UDP conntrack entries
-//! are deleted so datagram flows move to live backends. A service that goes is drained the
+//! `expire_nodest_conn=1` its remaining connections then expire, and its UDP (and SYN_SENT)
+//! conntrack entries are deleted so flows move to live backends. A service that goes is drained the
 //! same way, then deleted once it has no destination left.
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -227,7 +227,7 @@ impl LoadBalancer for IpvsLb {
         for op in &ops {
             if let IpvsOp::DeleteDest(_, ip) = op {
                 if !live.contains(ip) {
-                    nf.delete_udp_conntrack(*ip)?;
+                    nf.delete_stale_conntrack(*ip)?;
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! The nftables backend: the sandbox table balances (`numgen` round robin over a map of backend
 //! slots). A removed backend leaves the map at once (drained: established TCP keeps its
-//! conntrack entry), and `firewall::sync` deletes its UDP conntrack entries so flows move on.
+//! conntrack entry), and `firewall::sync` deletes its UDP and SYN_SENT conntrack entries so
+//! flows move on.
 //! Timeouts are the sandbox's conntrack sysctls.
 
 use std::time::Duration;
