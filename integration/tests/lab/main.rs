@@ -4,6 +4,7 @@ mod cleanup;
 mod global;
 mod overlay;
 mod trust;
+mod updates;
 
 /// The load balancer of the host kernel, which has no IPVS.
 const LB: &str = "nftables";
