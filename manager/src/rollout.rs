@@ -747,12 +747,11 @@ fn parse_constraints(texts: &[String]) -> Vec<Constraint> {
 mod tests {
     use std::collections::BTreeMap;
 
-    use proto::agent::TaskStatus;
     use proto::model::{Availability, FailureAction, Ratio};
 
     use super::*;
     use crate::state::tests::{
-        apply_all, cluster, current, published_spec, report_at, settle, spec, web,
+        apply_all, cluster, current, published_spec, report_at, settle, spec, step, web,
     };
 
     fn args(a: &[&str]) -> SpecUpdate {
@@ -769,33 +768,6 @@ mod tests {
     fn status(s: &State, service: &str) -> UpdateStatus {
         let id = s.find_service(service).unwrap();
         s.services[&id].update_status().cloned().unwrap()
-    }
-
-    /// One step of the cluster at `now` (seconds), as in `settle`, but tasks report what
-    /// `health` says for them.
-    fn step(s: &mut State, now: u64, health: impl Fn(&Task) -> Option<Health>) {
-        s.reconcile(now);
-        s.refresh_assignments();
-        apply_all(s);
-        let placed: Vec<Task> = s
-            .tasks
-            .values()
-            .filter(|t| t.is_placed())
-            .cloned()
-            .collect();
-        for t in placed {
-            let status = TaskStatus {
-                task_id: t.id.clone(),
-                state: TaskState::Running,
-                error: None,
-                pid: Some(1),
-                netns: None,
-                health: health(&t),
-                health_log: Some("connection refused".into()),
-            };
-            s.task_status(t.node_id.as_ref().unwrap(), &status, now)
-                .unwrap();
-        }
     }
 
     fn web3(config: UpdateConfig) -> State {
@@ -930,20 +902,22 @@ mod tests {
         assert_eq!(backends(&s).len(), 3);
     }
 
-    #[test]
-    fn a_drain_waits_for_every_ready_node_and_no_longer_than_the_timeout() {
+    /// Three running replicas scaled to two at 10 s, its assignments computed: the state and
+    /// the task that drains.
+    fn scaled_down() -> (State, String) {
         let mut s = web3(UpdateConfig::default());
-        let id = s.find_service("web").unwrap();
         s.scale_service("web", 2, 10).unwrap();
         s.reconcile_ms(10_000);
         s.refresh_assignments();
-        let gone = s
-            .tasks
-            .values()
-            .find(|t| t.is_draining())
-            .unwrap()
-            .id
-            .clone();
+        let gone = s.tasks.values().find(|t| t.is_draining()).unwrap();
+        let gone = gone.id.clone();
+        (s, gone)
+    }
+
+    #[test]
+    fn a_drain_waits_for_every_ready_node_and_no_longer_than_the_timeout() {
+        let (mut s, gone) = scaled_down();
+        let id = s.find_service("web").unwrap();
         // Two nodes applied, one did not: the task keeps running.
         let ids: Vec<String> = s.nodes.keys().cloned().collect();
         for n in &ids[..2] {
@@ -959,17 +933,7 @@ mod tests {
         assert!(s.services.contains_key(&id));
 
         // A node that neither applies nor goes down is waited for DRAIN_TIMEOUT_MS.
-        let mut s = web3(UpdateConfig::default());
-        s.scale_service("web", 2, 10).unwrap();
-        s.reconcile_ms(10_000);
-        s.refresh_assignments();
-        let gone = s
-            .tasks
-            .values()
-            .find(|t| t.is_draining())
-            .unwrap()
-            .id
-            .clone();
+        let (mut s, gone) = scaled_down();
         s.reconcile_ms(10_000 + DRAIN_TIMEOUT_MS - 1);
         assert!(s.tasks[&gone].is_draining());
         s.reconcile_ms(10_000 + DRAIN_TIMEOUT_MS);

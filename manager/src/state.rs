@@ -2365,30 +2365,52 @@ pub(crate) mod tests {
         }
     }
 
-    /// Runs the cluster as the manager and well-behaved agents would, a second per step from
-    /// `from`, until nothing drains and no update rolls: assignments are applied at once and
-    /// every placed task runs. Returns the time reached.
+    /// One second of the cluster at `now` as the manager and well-behaved agents make it:
+    /// a pass, assignments applied at once, and every placed task running with the health
+    /// `health` gives it (a failed check says "connection refused"). Returns the placed tasks
+    /// that were not running yet.
+    pub(crate) fn step(s: &mut State, now: u64, health: impl Fn(&Task) -> Option<Health>) -> usize {
+        s.reconcile(now);
+        s.refresh_assignments();
+        apply_all(s);
+        let placed: Vec<Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.is_placed())
+            .cloned()
+            .collect();
+        for t in &placed {
+            let status = TaskStatus {
+                task_id: t.id.clone(),
+                state: TaskState::Running,
+                error: None,
+                pid: Some(42),
+                netns: Some(format!("/run/meshnet/netns/{}", t.id)),
+                health: health(t),
+                health_log: Some("connection refused".into()),
+            };
+            s.task_status(t.node_id.as_ref().unwrap(), &status, now)
+                .unwrap();
+        }
+        placed
+            .iter()
+            .filter(|t| t.state != TaskState::Running)
+            .count()
+    }
+
+    /// Steps the cluster a second at a time from `from` (see [`step`], tasks without a health
+    /// check) until nothing drains, no update rolls and every placed task runs. Returns the
+    /// time reached.
     pub(crate) fn settle(s: &mut State, from: u64) -> u64 {
         for now in from..from + 600 {
-            s.reconcile(now);
-            s.refresh_assignments();
-            apply_all(s);
-            let placed: Vec<Task> = s
-                .tasks
-                .values()
-                .filter(|t| t.is_placed() && t.state != TaskState::Running)
-                .cloned()
-                .collect();
-            for t in &placed {
-                report_at(s, t, TaskState::Running, None, now);
-            }
+            let starting = step(s, now, |_| None);
             let busy = s.tasks.values().any(|t| t.is_draining())
                 || s.services.values().any(|v| {
                     v.rollout
                         .as_ref()
                         .is_some_and(|r| r.status.state.is_active())
                 });
-            if !busy && placed.is_empty() {
+            if !busy && starting == 0 {
                 return now;
             }
         }
