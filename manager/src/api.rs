@@ -389,14 +389,14 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
             }
             Request::ServiceRm { service } => {
                 let id = cluster
-                    .transact(|s, _| s.remove_service(&service))
+                    .transact(|s, now| s.remove_service(&service, now))
                     .map_err(err)?;
                 tracing::info!(%service, "service removed");
                 Response::Removed { id }
             }
             Request::ServiceRmMany { services } => {
                 let ids = cluster
-                    .transact(|s, _| s.remove_services(&services))
+                    .transact(|s, now| s.remove_services(&services, now))
                     .map_err(err)?;
                 tracing::info!(?services, "services removed");
                 Response::RemovedMany { ids }
@@ -953,7 +953,9 @@ mod tests {
             panic!("network rm answers with the ids")
         };
         assert_eq!(ids.len(), 2);
-        assert!(c.state().services.is_empty() && c.state().networks.len() == 1);
+        let s = c.state();
+        assert!(s.find_service("web").is_err() && s.find_service("api").is_err());
+        assert!(s.services.values().all(|v| v.removing) && s.networks.len() == 1);
     }
 
     #[test]
@@ -1032,7 +1034,9 @@ mod tests {
                 service: "web".into(),
             },
         );
-        assert!(c.state().tasks.is_empty());
+        // Gone for users at once; its tasks drain until the nodes (none here) confirm.
+        assert!(c.state().find_service("web").is_err());
+        assert!(c.state().tasks.values().all(|t| !t.is_current()));
         ok(
             &mut c,
             Request::NetworkRm {

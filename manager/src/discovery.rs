@@ -343,8 +343,8 @@ mod tests {
             .chain(web.vip)
             .collect();
         assert!(lb.iter().all(|ip| !taken.contains(ip)) && lb[0] != lb[1]);
-        s.remove_services(&["web".into(), "db".into()]).unwrap();
-        s.refresh_assignments();
+        s.remove_services(&["web".into(), "db".into()], 5).unwrap();
+        crate::state::tests::settle(&mut s, 5);
         assert!(s.nodes.values().all(|n| n.lb_addrs.is_empty()));
     }
 }

@@ -703,7 +703,11 @@ impl State {
     /// own rule (see `reconcile_global`).
     pub(crate) fn drain_misplaced(&mut self, now_ms: u64) {
         let mut misplaced = Vec::new();
-        for service in self.services.values().filter(|s| !s.is_global()) {
+        for service in self
+            .services
+            .values()
+            .filter(|s| !s.is_global() && !s.removing)
+        {
             // A rolling update moves them itself, at its pace.
             let rolling = service
                 .rollout
@@ -875,6 +879,36 @@ mod tests {
         s.reconcile_ms(12_200);
         // Then the update delay before the next slot.
         assert_eq!(s.next_deadline_ms(12_200), Some(12_700));
+    }
+
+    #[test]
+    fn a_removed_service_is_gone_at_once_and_its_tasks_drain_before_they_stop() {
+        let mut s = web3(UpdateConfig::default());
+        let old: Vec<Task> = current(&s, "web").into_iter().cloned().collect();
+        s.remove_service("web", 20).unwrap();
+        // Gone for users at once: its name and port can be taken again.
+        assert!(s.find_service("web").is_err());
+        assert!(s.services.values().all(|v| v.removing));
+        s.create_service(&published_spec("web", 1, &[], &[web(80)]), 20)
+            .unwrap();
+        s.reconcile_ms(20_000);
+        s.refresh_assignments();
+        // Its tasks are out of every balancer but still run until every node applied that.
+        let balanced = backends(&s);
+        for t in &old {
+            assert!(s.tasks[&t.id].is_draining());
+            assert!(!balanced.contains(&t.attachments[0].addr.addr()));
+            let node = &s.nodes[t.node_id.as_ref().unwrap()];
+            assert!(node.assignment.tasks.iter().any(|spec| spec.id == t.id));
+        }
+        settle(&mut s, 20);
+        assert!(old.iter().all(|t| !s.tasks.contains_key(&t.id)));
+        assert_eq!(
+            s.services.len(),
+            1,
+            "the removed service is deleted once drained"
+        );
+        assert_eq!(backends(&s).len(), 1);
     }
 
     #[test]

@@ -162,6 +162,10 @@ pub struct Service {
     /// The rolling update in progress, or how the last one ended.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rollout: Option<Rollout>,
+    /// `service rm`: gone for every user (no name, ports, VIPs or networks), kept only until
+    /// its tasks have drained; then reconcile deletes it.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub removing: bool,
 }
 
 impl Service {
@@ -543,12 +547,14 @@ impl State {
         )
     }
 
+    /// A service by id, name or id prefix; one being removed is no longer found.
     pub fn find_service(&self, key: &str) -> Result<String, Reason> {
         resolve(
             "service",
             key,
             self.services
                 .iter()
+                .filter(|(_, s)| !s.removing)
                 .map(|(id, s)| (id, s.spec.name.as_str())),
         )
     }
@@ -1069,7 +1075,11 @@ impl State {
     pub fn create_service(&mut self, spec: &ServiceSpec, now: u64) -> Result<String, OpError> {
         let op = format!("create service {}", excerpt(&spec.name));
         alloc::validate_name("service", &spec.name).or_else(|e| refuse(&op, e))?;
-        if self.services.values().any(|s| s.spec.name == spec.name) {
+        if self
+            .services
+            .values()
+            .any(|s| s.spec.name == spec.name && !s.removing)
+        {
             return refuse(
                 op,
                 Reason::Duplicate {
@@ -1165,6 +1175,7 @@ impl State {
                 force: 0,
                 previous_spec: None,
                 rollout: None,
+                removing: false,
             },
         );
         self.sync_fwmark(&id).or_else(|e| refuse(&op, e))?;
@@ -1527,10 +1538,10 @@ impl State {
     }
 
     /// Removes every service or none; returns their ids in order.
-    pub fn remove_services(&mut self, keys: &[String]) -> Result<Vec<String>, OpError> {
+    pub fn remove_services(&mut self, keys: &[String], now: u64) -> Result<Vec<String>, OpError> {
         let keys: Vec<&str> = keys.iter().map(String::as_str).collect();
         self.resolve_each("service", "remove", &keys, State::find_service)?;
-        self.all_or_none(|s| keys.iter().map(|k| s.remove_service(k)).collect())
+        self.all_or_none(|s| keys.iter().map(|k| s.remove_service(k, now)).collect())
     }
 
     /// Removes every network or none; returns their ids in order.
@@ -1563,14 +1574,46 @@ impl State {
             .or_else(|r| refuse(format!("roll back service {}", excerpt(key)), r))
     }
 
-    /// Removes a service and all its tasks; their agents stop them on the next assignment.
-    pub fn remove_service(&mut self, key: &str) -> Result<String, OpError> {
-        let id = self
-            .find_service(key)
-            .or_else(|r| refuse(format!("remove service {}", excerpt(key)), r))?;
-        self.services.remove(&id);
-        self.tasks.retain(|_, t| t.service_id != id);
+    /// Removes a service: at once its name, ports, VIPs and networks are free and it is gone
+    /// from every listing and every node's balancers and DNS; its running tasks drain, and
+    /// are stopped once every node has applied that. Reconcile then deletes the service and
+    /// its tasks (see [`State::finish_removals`]).
+    pub fn remove_service(&mut self, key: &str, now: u64) -> Result<String, OpError> {
+        let op = format!("remove service {}", excerpt(key));
+        let id = self.find_service(key).or_else(|r| refuse(&op, r))?;
+        let service = self.services.get_mut(&id).expect("id was just resolved");
+        service.removing = true;
+        service.rollout = None;
+        service.spec.ports.clear();
+        service.spec.networks.clear();
+        service.spec.aliases.clear();
+        self.sync_fwmark(&id).or_else(|e| refuse(&op, e))?;
+        self.sync_vips(&id).or_else(|e| refuse(&op, e))?;
+        for task in self.tasks.values_mut().filter(|t| t.service_id == id) {
+            task.begin_drain(Some("service removed".into()), false, now * 1000);
+        }
         Ok(id)
+    }
+
+    /// Deletes the services being removed whose tasks have all stopped draining.
+    fn finish_removals(&mut self) {
+        let done: Vec<String> = self
+            .services
+            .values()
+            .filter(|s| s.removing)
+            .filter(|s| {
+                !self
+                    .tasks
+                    .values()
+                    .any(|t| t.service_id == s.id && (t.is_current() || t.is_draining()))
+            })
+            .map(|s| s.id.clone())
+            .collect();
+        for id in done {
+            tracing::info!(service = %id, "removed service's tasks have stopped");
+            self.services.remove(&id);
+            self.tasks.retain(|_, t| t.service_id != id);
+        }
     }
 
     /// A task state reported by the agent of `node_id`. Reports about tasks the manager has
@@ -1640,6 +1683,7 @@ impl State {
     pub fn reconcile_ms(&mut self, now_ms: u64) {
         let now = now_ms / 1000;
         self.release_drains(now_ms);
+        self.finish_removals();
         self.retire_lost_tasks(now_ms);
         self.drain_misplaced(now_ms);
         self.fill_slots(now);
@@ -1677,7 +1721,11 @@ impl State {
     }
 
     fn fill_slots(&mut self, now: u64) {
-        for service in self.services.values().filter(|s| !s.is_global()) {
+        for service in self
+            .services
+            .values()
+            .filter(|s| !s.is_global() && !s.removing)
+        {
             let replicas = service.spec.replicas;
             // A slot is filled by a current task, or by one draining for a stop-first update.
             let filled: BTreeSet<u64> = self
@@ -1713,7 +1761,7 @@ impl State {
         let globals: Vec<String> = self
             .services
             .values()
-            .filter(|s| s.is_global())
+            .filter(|s| s.is_global() && !s.removing)
             .map(|s| s.id.clone())
             .collect();
         if globals.is_empty() {
@@ -2572,11 +2620,11 @@ pub(crate) mod tests {
                 "scale services: no service is given",
             ),
             (
-                s.remove_services(&keys(&["web", "nope"])),
+                s.remove_services(&keys(&["web", "nope"]), 1),
                 "remove service nope: no such service: nope",
             ),
             (
-                s.remove_services(&keys(&["web", "web"])),
+                s.remove_services(&keys(&["web", "web"]), 1),
                 "remove service web: service web is given more than once",
             ),
             (
@@ -2609,8 +2657,11 @@ pub(crate) mod tests {
             2
         );
         assert_eq!(s.services[&web_id].spec.replicas, 2);
-        s.remove_services(&keys(&["web", "api"])).unwrap();
+        s.remove_services(&keys(&["web", "api"]), 3).unwrap();
+        // Gone for users at once, their networks free; deleted once their tasks drained.
+        assert!(s.find_service("web").is_err() && s.find_service("api").is_err());
         s.remove_networks(&keys(&["a", "b"])).unwrap();
+        settle(&mut s, 3);
         assert!(s.services.is_empty());
         assert_eq!(s.networks.len(), 1, "only ingress is left");
     }
@@ -2775,7 +2826,7 @@ pub(crate) mod tests {
         );
         let task_ip = current(&s, "web")[0].attachments[0].addr.addr();
         assert_eq!(task_ip, Ipv4Addr::new(10, 255, 0, 5));
-        s.remove_service("web").unwrap();
+        s.remove_service("web", 2).unwrap();
         s.reconcile(2);
         s.register_node(
             "node3",
@@ -2825,7 +2876,7 @@ pub(crate) mod tests {
         assert_eq!(second.vni, first.vni + 1);
         let mark = |s: &State, name: &str| s.services[&s.find_service(name).unwrap()].fwmark;
         let freed = mark(&s, "web");
-        s.remove_service("web").unwrap();
+        s.remove_service("web", 8).unwrap();
         s.create_service(&published_spec("web2", 1, &[], &[web(80)]), 8)
             .unwrap();
         // db (for its VIP) took the mark after web's.
@@ -2847,7 +2898,7 @@ pub(crate) mod tests {
                 .unwrap_err(),
             s.create_service(&spec(&huge, 1, &[]), 1).unwrap_err(),
             s.scale_service(&huge, 1, 1).unwrap_err(),
-            s.remove_service(&huge).unwrap_err(),
+            s.remove_service(&huge, 1).unwrap_err(),
             s.remove_network(&huge).unwrap_err(),
             s.update_service(&huge, &[], &[], None, &SpecUpdate::default(), 1)
                 .unwrap_err(),
@@ -2988,7 +3039,7 @@ pub(crate) mod tests {
         );
 
         // A freed mark is not reused at once, and a live one never.
-        s.remove_service("a").unwrap();
+        s.remove_service("a", 2).unwrap();
         let c = s
             .create_service(&published_spec("c", 1, &[], &[web(80)]), 2)
             .unwrap();
@@ -3842,7 +3893,7 @@ pub(crate) mod tests {
         assert!(s.nodes[&n1].assignment.revision > before);
         // A node without tasks has no networks: overlays are built lazily.
         s.scale_service("web", 0, 6).unwrap();
-        s.remove_service("db").unwrap();
+        s.remove_service("db", 6).unwrap();
         settle(&mut s, 6);
         assert_eq!(s.nodes[&n1].assignment.networks, vec![]);
         assert_eq!(s.nodes[&n1].assignment.tasks, vec![]);

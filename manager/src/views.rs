@@ -143,7 +143,12 @@ pub fn published(s: &State) -> Vec<PublishInfo> {
 }
 
 pub fn services(s: &State, lb: &LbReports) -> Vec<ServiceInfo> {
-    let mut out: Vec<ServiceInfo> = s.services.keys().map(|id| service(s, lb, id)).collect();
+    let mut out: Vec<ServiceInfo> = s
+        .services
+        .values()
+        .filter(|v| !v.removing)
+        .map(|v| service(s, lb, &v.id))
+        .collect();
     out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     out
 }

@@ -118,3 +118,28 @@ fn draining_a_node_under_load_loses_no_request() {
     });
     assert_no_failures("node drain", &t, &c);
 }
+
+/// `service rm` frees the name, ports and networks at once (so `service rm web && network rm
+/// app` works and a new `web` can publish port 80 right away), and its tasks still stop.
+#[test]
+fn a_removed_service_frees_its_name_and_network_at_once_and_its_tasks_stop() {
+    let c = cluster();
+    let old = web(&c, &["--health-http", "8080/tag"]);
+    c.meshctl_ok(&["service", "rm", "web"]).unwrap();
+    c.meshctl_ok(&["network", "rm", "app"]).unwrap();
+    c.hello_service("web", 1, &["--publish", "80:8080"])
+        .unwrap();
+    c.wait_for(
+        CONVERGE_TIMEOUT,
+        "the removed service's processes gone",
+        |_| {
+            old.iter()
+                .all(|t| {
+                    let pid = t.pid.expect("a running task has a pid");
+                    !std::path::Path::new(&format!("/proc/{pid}/ns/net")).exists()
+                })
+                .then_some(())
+        },
+    )
+    .unwrap();
+}
