@@ -28,8 +28,7 @@
 //!
 //! Usage (root): b6_update [--rounds 3] [--pace-ms 10] [--monitor-ms 1000]
 
-use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, TcpStream};
+use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -39,6 +38,7 @@ use anyhow::{bail, Context, Result};
 use bench::{ms, quartiles, title};
 use clap::Parser;
 use integration::cluster::{bin, Cluster};
+use integration::http;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use proto::api::{ServiceInfo, TaskInfo};
@@ -63,28 +63,6 @@ const NODES: [&str; 3] = ["192.168.56.11", "192.168.56.12", "192.168.56.13"];
 const WAIT: Duration = Duration::from_secs(120);
 /// Swarm's fixed wait between taking a task out and stopping the next.
 const SWARM_SLEEP: Duration = Duration::from_secs(2);
-
-/// `GET /tag` on a new connection from the client namespace; what went wrong if it failed.
-fn fetch(client: &netns::Netns, node: &str, port: u16) -> Result<(), String> {
-    let addr: SocketAddr = format!("{node}:{port}").parse().expect("a socket address");
-    let mut s = client
-        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(|e| e.to_string())?;
-    s.write_all(b"GET /tag HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .map_err(|e| format!("send: {e}"))?;
-    let mut response = String::new();
-    std::io::Read::read_to_string(&mut s, &mut response).map_err(|e| format!("read: {e}"))?;
-    if !response.starts_with("HTTP/1.1 200") {
-        return Err(format!(
-            "answer {:?}",
-            response.lines().next().unwrap_or("")
-        ));
-    }
-    Ok(())
-}
 
 /// What the load saw: requests sent, and the start of each failed one (since `t0`) with its
 /// path.
@@ -126,7 +104,7 @@ fn under_load<T>(
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {
                     let started = t0.elapsed();
-                    let result = fetch(client, node, port);
+                    let result = http::get(client, node, port, "/tag");
                     let mut t = tally.lock().expect("tally");
                     t.sent += 1;
                     if let Err(e) = result {

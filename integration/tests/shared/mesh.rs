@@ -8,6 +8,7 @@ use std::net::{Ipv4Addr, TcpStream, UdpSocket};
 use std::time::Duration;
 
 use integration::cluster::{bin, Cluster, CONVERGE_TIMEOUT};
+use integration::http;
 use nix::sys::signal::Signal;
 use proto::api::{ServiceInfo, TaskInfo};
 
@@ -67,24 +68,6 @@ pub(crate) fn get(c: &Cluster, node: &str, port: u16, path: &str) -> Option<Stri
     out.status
         .success()
         .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// One `GET /` on a new connection from the client namespace, without spawning a process, so a
-/// load loop is not paced by process start-up (slow in the emulated guest).
-fn fetch(client: &netns::Netns, node: &str, port: u16) -> Option<String> {
-    let addr: std::net::SocketAddr = format!("{node}:{port}").parse().unwrap();
-    let stream = client
-        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .ok()?
-        .ok()?;
-    stream.set_read_timeout(Some(Duration::from_secs(3))).ok()?;
-    let mut s = stream;
-    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
-        .ok()?;
-    let mut response = String::new();
-    std::io::Read::read_to_string(&mut s, &mut response).ok()?;
-    let (head, body) = response.split_once("\r\n\r\n")?;
-    head.starts_with("HTTP/1.1 200").then(|| body.to_string())
 }
 
 /// Waits until `n` requests in a row to `node:port` are answered by exactly `want`, each
@@ -264,7 +247,7 @@ fn a_killed_task_leaves_every_node_and_steady_load_barely_notices() {
     let client = &c.lab.node(CLIENT).unwrap().ns;
     for i in 0..30 {
         assert!(
-            fetch(client, NODES[0], 80).is_some(),
+            http::get(client, NODES[0], 80, "/").is_ok(),
             "request {i} failed before the kill"
         );
     }
@@ -305,7 +288,7 @@ fn a_killed_task_leaves_every_node_and_steady_load_barely_notices() {
             || results.len() < 60
         {
             let sent = killed.elapsed();
-            results.push((sent, fetch(client, NODES[0], 80)));
+            results.push((sent, http::get(client, NODES[0], 80, "/").ok()));
             std::thread::sleep(Duration::from_millis(5));
             assert!(
                 killed.elapsed() < CONVERGE_TIMEOUT + Duration::from_secs(10),

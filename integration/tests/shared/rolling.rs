@@ -6,12 +6,12 @@
 //! The services have a health check: without one a new task gets traffic once its process
 //! runs, which may be before it listens (in the emulated guest, seconds before).
 
-use std::io::Write;
-use std::net::{Ipv4Addr, TcpStream};
+use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use integration::cluster::{bin, Cluster, CONVERGE_TIMEOUT};
+use integration::http;
 use proto::api::{ServiceInfo, TaskInfo};
 use proto::model::{TaskState, UpdateState};
 
@@ -53,33 +53,6 @@ pub(crate) fn web(c: &Cluster, flags: &[&str]) -> Vec<TaskInfo> {
     c.wait_running("web", 3).unwrap()
 }
 
-/// `GET path` on a new connection from the client namespace, or what went wrong.
-fn fetch(client: &netns::Netns, node: &str, path: &str) -> Result<String, String> {
-    let addr: std::net::SocketAddr = format!("{node}:80").parse().unwrap();
-    let stream = client
-        .run(|| TcpStream::connect_timeout(&addr, Duration::from_secs(2)))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("connect: {e}"))?;
-    stream
-        .set_read_timeout(Some(Duration::from_secs(3)))
-        .map_err(|e| e.to_string())?;
-    let mut s = stream;
-    write!(
-        s,
-        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
-    )
-    .map_err(|e| format!("send: {e}"))?;
-    let mut response = String::new();
-    std::io::Read::read_to_string(&mut s, &mut response).map_err(|e| format!("read: {e}"))?;
-    let (head, body) = response
-        .split_once("\r\n\r\n")
-        .ok_or_else(|| format!("answer {response:?}"))?;
-    if !head.starts_with("HTTP/1.1 200") {
-        return Err(format!("answer {head:?}"));
-    }
-    Ok(body.to_string())
-}
-
 /// Wall-clock time, to match a failure with the processes' logs.
 fn now() -> String {
     let d = std::time::SystemTime::now()
@@ -110,7 +83,7 @@ pub(crate) fn under_load(c: &Cluster, probe: &TaskInfo, during: impl FnOnce()) -
                     while !stop.load(Ordering::Relaxed) {
                         t.sent += 1;
                         let started = now();
-                        if let Err(e) = fetch(client, node, "/tag") {
+                        if let Err(e) = http::get(client, node, 80, "/tag") {
                             t.failed
                                 .push(format!("mesh via {node} from {started} to {}: {e}", now()));
                         }
@@ -156,7 +129,9 @@ pub(crate) fn wait_tag(c: &Cluster, tag: &str) {
         |_| {
             NODES
                 .iter()
-                .all(|n| (0..6).all(|_| fetch(client, n, "/tag").ok().as_deref() == Some(&want)))
+                .all(|n| {
+                    (0..6).all(|_| http::get(client, n, 80, "/tag").ok().as_deref() == Some(&want))
+                })
                 .then_some(())
         },
     )
