@@ -646,6 +646,21 @@ mod tests {
         }
     }
 
+    /// Task t1 of service web, slot 1, with no command, network or check.
+    fn web_t1() -> TaskSpec {
+        TaskSpec {
+            id: "t1".into(),
+            name: "web.1.t1".into(),
+            service_id: "s".into(),
+            service_name: "web".into(),
+            command: vec![],
+            attachments: vec![],
+            env: Default::default(),
+            stop_grace_ms: 10_000,
+            health: None,
+        }
+    }
+
     fn exited(state: TaskState, error: Option<&str>) -> Option<Phase> {
         Some(Phase::Exited {
             state,
@@ -743,17 +758,7 @@ mod tests {
 
     #[test]
     fn status_carries_pid_and_netns_only_while_running() {
-        let spec = TaskSpec {
-            id: "t1".into(),
-            name: "web.1.t1".into(),
-            service_id: "s".into(),
-            service_name: "web".into(),
-            command: vec![],
-            attachments: vec![],
-            env: Default::default(),
-            stop_grace_ms: 10_000,
-            health: None,
-        };
+        let spec = web_t1();
         let ns = Path::new("/run/meshnet/agent/netns/web.1.t1");
         let st = status_of(
             &TaskRecord {
@@ -790,17 +795,7 @@ mod tests {
     #[test]
     fn status_carries_health_only_while_a_checked_task_runs() {
         let mut rec = TaskRecord {
-            spec: TaskSpec {
-                id: "t1".into(),
-                name: "web.1.t1".into(),
-                service_id: "s".into(),
-                service_name: "web".into(),
-                command: vec![],
-                attachments: vec![],
-                env: Default::default(),
-                stop_grace_ms: 10_000,
-                health: None,
-            },
+            spec: web_t1(),
             phase: running(),
             health: None,
         };
@@ -844,17 +839,10 @@ mod tests {
     #[test]
     fn the_spec_env_comes_with_the_agents_own_variables_which_win() {
         let spec = TaskSpec {
-            id: "t1".into(),
-            name: "web.1.t1".into(),
-            service_id: "s".into(),
-            service_name: "web".into(),
-            command: vec![],
-            attachments: vec![],
             env: [("GREETING", "hi"), ("MESH_TASK_ID", "forged")]
                 .map(|(k, v)| (k.to_string(), v.to_string()))
                 .into(),
-            stop_grace_ms: 10_000,
-            health: None,
+            ..web_t1()
         };
         let env: BTreeMap<&str, &str> = task_env(&spec).collect();
         assert_eq!(env["GREETING"], "hi");
