@@ -26,6 +26,7 @@ use ipnet::Ipv4Net;
 use proto::agent::{Assignment, NetworkSpec, PublishedService, TaskSpec};
 use proto::model::{EndpointMode, PortConfig, Protocol, PublishMode};
 
+use crate::lb::DrainingBackends;
 use crate::plan::veth_name;
 
 /// The node's gateway bridge (Swarm's `docker_gwbridge`).
@@ -324,6 +325,15 @@ pub fn lb_state(net: &NetworkSpec) -> Option<SboxState> {
     Some(st)
 }
 
+/// The network's tasks that left the balancers but may still run, by their service's mark.
+pub fn draining(net: &NetworkSpec) -> DrainingBackends {
+    let mut out = DrainingBackends::new();
+    for d in &net.draining {
+        out.entry(d.fwmark).or_default().insert(d.addr);
+    }
+    out
+}
+
 /// The VIPs of a network's vip-mode services → their running tasks' addresses. dnsrr services
 /// have no VIP and are not balanced.
 pub fn network_vips(net: &NetworkSpec) -> BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>> {
@@ -535,6 +545,7 @@ mod tests {
                     vni: 4096,
                     peers: vec![],
                     lb_addr: None,
+                    draining: vec![],
                     services: vec![],
                 },
                 sbox_addr: net("10.255.0.2/16"),
@@ -668,6 +679,7 @@ mod tests {
             vni: 4100,
             peers: vec![],
             lb_addr: None,
+            draining: vec![],
             services,
         }
     }

@@ -15,7 +15,7 @@ use netns::Netns;
 use proto::agent::{Assignment, LbReport, TaskSpec};
 use tracing::{error, info};
 
-use crate::lb::{self, sync_table, LbKind, LbOptions, LoadBalancer, Table};
+use crate::lb::{self, sync_table, DrainingBackends, LbKind, LbOptions, LoadBalancer, Table};
 use crate::mesh::{self, GWBRIDGE, INGRESS_SBOX};
 
 /// A table applied in one namespace, tied to the namespace's inode: a recreated namespace
@@ -43,6 +43,15 @@ pub struct MeshRules {
 /// A balancer opened in a namespace, tied to the namespace's inode: a recreated namespace
 /// starts empty, so the balancer is opened (and programmed) afresh.
 type OpenLb = (u64, Box<dyn LoadBalancer>);
+
+/// The routing mesh's draining backends: those of the ingress network.
+fn ingress_draining(desired: &Assignment) -> DrainingBackends {
+    desired
+        .ingress
+        .as_ref()
+        .map(|i| mesh::draining(&i.network))
+        .unwrap_or_default()
+}
 
 fn earliest(a: Option<Duration>, b: Option<Duration>) -> Option<Duration> {
     match (a, b) {
@@ -115,10 +124,12 @@ impl MeshRules {
         }
 
         match mesh::sbox_state(desired, self.lb_kind.mode()) {
-            Some(st) => match self.sync_lb(INGRESS_SBOX, &st, recheck) {
-                Ok(wake) => out.wake = wake,
-                Err(e) => fail("load balancer in ingress_sbox", &e),
-            },
+            Some(st) => {
+                match self.sync_lb(INGRESS_SBOX, &st, &ingress_draining(desired), recheck) {
+                    Ok(wake) => out.wake = wake,
+                    Err(e) => fail("load balancer in ingress_sbox", &e),
+                }
+            }
             // The planner deletes the namespace, and IPVS state with it.
             None => {
                 self.lbs.remove(INGRESS_SBOX);
@@ -137,7 +148,7 @@ impl MeshRules {
             let Some(st) = mesh::lb_state(net) else {
                 continue;
             };
-            match self.sync_lb(&name, &st, recheck) {
+            match self.sync_lb(&name, &st, &mesh::draining(net), recheck) {
                 Ok(wake) => out.wake = earliest(out.wake, wake),
                 Err(e) => fail(&format!("load balancer in {name}"), &e),
             }
@@ -160,10 +171,13 @@ impl MeshRules {
     pub fn sync_lb_first(&mut self, desired: &Assignment) -> Option<MeshPass> {
         let mut out = MeshPass::default();
         let mut synced = false;
-        let mut sync = |rules: &mut MeshRules, name: &str, st: Option<firewall::SboxState>| {
+        let mut sync = |rules: &mut MeshRules,
+                        name: &str,
+                        st: Option<firewall::SboxState>,
+                        draining: DrainingBackends| {
             let Some(st) = st else { return };
             synced = true;
-            match rules.sync_lb(name, &st, false) {
+            match rules.sync_lb(name, &st, &draining, false) {
                 Ok(wake) => out.wake = earliest(out.wake, wake),
                 Err(e) => {
                     error!("load balancer in {name}: {e}");
@@ -176,12 +190,13 @@ impl MeshRules {
                 self,
                 INGRESS_SBOX,
                 mesh::sbox_state(desired, self.lb_kind.mode()),
+                ingress_draining(desired),
             );
         }
         for net in &desired.networks {
             let name = mesh::lb_netns_name(&net.name);
             if self.lbs.contains_key(&name) {
-                sync(self, &name, mesh::lb_state(net));
+                sync(self, &name, mesh::lb_state(net), mesh::draining(net));
             }
         }
         // With nftables the VIPs balance in the tasks' own tables: those already programmed
@@ -216,6 +231,7 @@ impl MeshRules {
         &mut self,
         name: &str,
         st: &firewall::SboxState,
+        draining: &DrainingBackends,
         recheck: bool,
     ) -> Result<Option<Duration>, lb::LbError> {
         let ns = Netns::open(&self.dir.join(name))?;
@@ -233,7 +249,7 @@ impl MeshRules {
             self.lbs.insert(name.to_string(), (inode, opened));
         }
         let (_, lb) = self.lbs.get_mut(name).expect("inserted above");
-        lb.sync(st, recheck)
+        lb.sync(st, draining, recheck)
     }
 
     fn sync_task(&mut self, name: &str, st: &TaskState, recheck: bool) -> Result<(), String> {

@@ -375,6 +375,7 @@ fn dns_network(
         vni: if id == NET { 4096 } else { 4097 },
         peers: vec![],
         lb_addr: None,
+        draining: vec![],
         services,
     }
 }

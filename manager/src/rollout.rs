@@ -10,6 +10,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
+use proto::agent::DrainingBackend;
 use proto::api::{ServiceSpec, SpecUpdate, MAX_COMMAND_BYTES, MAX_REPLICAS};
 use proto::excerpt;
 use proto::model::{
@@ -25,6 +26,9 @@ use crate::state::{Reason, Service, State, Task};
 /// that is not down has not confirmed it applied that (as long as an agent takes to be declared
 /// down).
 pub const DRAIN_TIMEOUT_MS: u64 = proto::agent::NODE_DOWN_SECS * 1000;
+/// A stopping task is taken for ended this long after its grace period, if its agent has not
+/// said so: the time for SIGKILL to land and the agent's report to arrive.
+pub const STOP_MARGIN_MS: u64 = 2_000;
 /// Variables in a service's environment.
 pub const MAX_ENV: usize = 256;
 /// The longest duration any update, health or stop setting may have.
@@ -638,11 +642,42 @@ impl State {
             }
         }
         for id in done {
+            let task = &self.tasks[&id];
+            let grace = task
+                .runtime_in(&self.services[&task.service_id])
+                .stop_grace_ms;
             let task = self.tasks.get_mut(&id).expect("task exists");
             tracing::info!(task = %id, waited_ms = now_ms.saturating_sub(task.drain.as_ref().map_or(now_ms, |d| d.since_ms)), "task left every balancer: stopping it");
-            let error = task.error.take();
-            task.drain = None;
-            task.retire(TaskState::Shutdown, error, now_ms / 1000);
+            if task.node_id.is_some() {
+                // Its node stops it; it stays reachable until it has ended (`end_stops`).
+                task.drain = None;
+                task.desired_state = TaskState::Shutdown;
+                task.stopping_until_ms = Some(now_ms + grace + STOP_MARGIN_MS);
+            } else {
+                let error = task.error.take();
+                task.retire(TaskState::Shutdown, error, now_ms / 1000);
+            }
+        }
+    }
+
+    /// Retires stopping tasks whose process cannot be running any more although no report
+    /// said so: their grace period and the margin have passed, or their node is down or gone.
+    /// (A report that one ended retires it at once: see `task_status`.)
+    pub(crate) fn end_stops(&mut self, now_ms: u64) {
+        for task in self.tasks.values_mut() {
+            let Some(until) = task.stopping_until_ms else {
+                continue;
+            };
+            let node_up = task
+                .node_id
+                .as_ref()
+                .and_then(|id| self.nodes.get(id))
+                .is_some_and(|r| r.node.status != NodeStatus::Down);
+            if now_ms >= until || !node_up {
+                tracing::info!(task = %task.id, node_up, "stopping task given up on");
+                let error = task.error.take();
+                task.retire(TaskState::Shutdown, error, now_ms / 1000);
+            }
         }
     }
 
@@ -654,7 +689,8 @@ impl State {
             .tasks
             .values()
             .filter_map(|t| t.drain.as_ref())
-            .map(|d| d.since_ms + DRAIN_TIMEOUT_MS);
+            .map(|d| d.since_ms + DRAIN_TIMEOUT_MS)
+            .chain(self.tasks.values().filter_map(|t| t.stopping_until_ms));
         let rollouts = self.services.values().flat_map(|s| {
             let monitor = s.spec.update_config.monitor_ms;
             let r = s.rollout.as_ref().filter(|r| r.status.state.is_active());
@@ -696,6 +732,34 @@ impl State {
             None => self.services[&task.service_id].spec.health.is_some(),
         };
         !checked || task.health == Some(Health::Healthy)
+    }
+
+    /// Per network, the addresses of tasks that left the balancers but may still run (draining
+    /// or stopping), under their service's mark: balancers keep their open connections. Tasks
+    /// of services without a mark (dnsrr, or nothing balanced) are not listed.
+    pub(crate) fn draining_backends(&self) -> BTreeMap<String, Vec<DrainingBackend>> {
+        let mut out: BTreeMap<String, Vec<DrainingBackend>> = BTreeMap::new();
+        for t in self
+            .tasks
+            .values()
+            .filter(|t| t.is_draining() || t.is_stopping())
+        {
+            let Some(fwmark) = self.services.get(&t.service_id).and_then(|s| s.fwmark) else {
+                continue;
+            };
+            for a in &t.attachments {
+                out.entry(a.network_id.clone())
+                    .or_default()
+                    .push(DrainingBackend {
+                        fwmark,
+                        addr: a.addr.addr(),
+                    });
+            }
+        }
+        for list in out.values_mut() {
+            list.sort();
+        }
+        out
     }
 
     /// Replicated tasks on nodes their service's constraints no longer allow (labels changed)
@@ -836,7 +900,8 @@ mod tests {
             assert_eq!(t.spec_version, 2);
             assert_eq!(t.runtime.as_ref().unwrap().command[1], "--v2");
         }
-        // The old tasks are history, as `service ps` shows them.
+        // The old tasks are history once their agents said they ended, as `service ps` shows.
+        settle(&mut s, now);
         assert!(old.iter().all(|o| s.tasks[o].state == TaskState::Shutdown));
         // Each slot waited its monitor period: 3 slots × 2 s at least.
         assert!(now - 10 >= 6, "{now}");
@@ -972,6 +1037,71 @@ mod tests {
         assert!(s.tasks[&gone].is_draining());
         s.reconcile_ms(10_000 + DRAIN_TIMEOUT_MS);
         assert!(!s.tasks.get(&gone).is_some_and(|t| t.is_draining()));
+    }
+
+    /// Where a task's address is seen from the nodes: (nodes whose ingress peers list it,
+    /// nodes whose ingress balancer keeps it as draining).
+    fn seen(s: &State, addr: std::net::Ipv4Addr) -> (usize, usize) {
+        let ingress = s
+            .nodes
+            .values()
+            .filter_map(|r| r.assignment.ingress.as_ref());
+        let peers = ingress
+            .clone()
+            .filter(|i| i.network.peers.iter().any(|p| p.ip == addr))
+            .count();
+        let draining = ingress
+            .filter(|i| i.network.draining.iter().any(|d| d.addr == addr))
+            .count();
+        (peers, draining)
+    }
+
+    #[test]
+    fn a_stopped_task_stays_reachable_and_draining_until_its_agent_says_it_ended() {
+        let (mut s, gone) = scaled_down();
+        let addr = s.tasks[&gone].attachments[0].addr.addr();
+        // Draining: out of the balancers, kept by them for its open connections.
+        assert_eq!(seen(&s, addr), (2, 3));
+        apply_all(&mut s);
+        s.reconcile_ms(10_100);
+        s.refresh_assignments();
+        let t = s.tasks[&gone].clone();
+        assert!(t.is_stopping() && !t.is_draining());
+        let node = &s.nodes[t.node_id.as_ref().unwrap()];
+        assert!(
+            !node.assignment.tasks.iter().any(|spec| spec.id == gone),
+            "its node is told to stop it"
+        );
+        assert_eq!(seen(&s, addr), (2, 3), "still reachable while it stops");
+        assert!(s.next_deadline_ms(10_100) <= Some(10_100 + 10_000 + STOP_MARGIN_MS));
+
+        report_at(&mut s, &t, TaskState::Shutdown, None, 12);
+        s.refresh_assignments();
+        assert!(s.tasks[&gone].is_history());
+        assert_eq!(s.tasks[&gone].state, TaskState::Shutdown);
+        assert_eq!(seen(&s, addr), (0, 0), "gone once it ended");
+    }
+
+    #[test]
+    fn a_stopping_task_is_given_up_after_its_grace_or_when_its_node_goes_down() {
+        let (mut s, gone) = scaled_down();
+        apply_all(&mut s);
+        s.reconcile_ms(10_100);
+        let until = s.tasks[&gone].stopping_until_ms.unwrap();
+        assert_eq!(until, 10_100 + 10_000 + STOP_MARGIN_MS, "grace 10 s");
+        s.reconcile_ms(until - 1);
+        assert!(s.tasks[&gone].is_stopping());
+        s.reconcile_ms(until);
+        assert!(!s.tasks.contains_key(&gone));
+
+        let (mut s, gone) = scaled_down();
+        apply_all(&mut s);
+        s.reconcile_ms(10_100);
+        let node = s.tasks[&gone].node_id.clone().unwrap();
+        s.set_node_status(&node, NodeStatus::Down);
+        s.reconcile_ms(10_200);
+        // Retired, and as a slot above the replica count, forgotten.
+        assert!(!s.tasks.contains_key(&gone));
     }
 
     #[test]

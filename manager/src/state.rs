@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 use proto::agent::DEFAULT_GWBRIDGE_SUBNET;
 use proto::agent::{
-    Assignment, IngressSpec, NetworkService, NetworkSpec, Peer, PublishedService, TaskSpec,
-    TaskStatus,
+    Assignment, DrainingBackend, IngressSpec, NetworkService, NetworkSpec, Peer, PublishedService,
+    TaskSpec, TaskStatus,
 };
 use proto::api::{
     PublishedPort, ServiceSpec, SpecUpdate, INGRESS_NETWORK, MAX_ALIASES, MAX_COMMAND_ARGS,
@@ -241,6 +241,12 @@ pub struct Task {
     /// Set while the task leaves the balancers before it stops.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub drain: Option<Drain>,
+    /// Set once the task has left every balancer and its node was told to stop it. Until its
+    /// agent reports it ended, or this time passes (its grace period and a margin), its
+    /// addresses stay reachable from the other nodes and listed to their balancers as
+    /// draining, so its open connections can finish.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stopping_until_ms: Option<u64>,
 }
 
 impl Task {
@@ -258,6 +264,21 @@ impl Task {
     /// node's assignment, and its addresses stay reachable from the other nodes.
     pub(crate) fn is_on_node(&self) -> bool {
         (self.is_current() || self.is_draining()) && self.node_id.is_some()
+    }
+
+    /// A task told to stop whose process may still run (see `stopping_until_ms`).
+    pub fn is_stopping(&self) -> bool {
+        self.stopping_until_ms.is_some()
+    }
+
+    /// A task whose addresses the other nodes still reach: on its node, or stopping there.
+    pub(crate) fn is_reachable(&self) -> bool {
+        (self.is_on_node() || self.is_stopping()) && self.node_id.is_some()
+    }
+
+    /// A task whose process has left for good: the history `service ps` shows.
+    pub(crate) fn is_history(&self) -> bool {
+        !(self.is_current() || self.is_draining() || self.is_stopping())
     }
 
     /// A new task of `service` in `slot`, on no node yet, running the service's spec now.
@@ -279,12 +300,14 @@ impl Task {
             runtime: Some(service.runtime()),
             health: None,
             drain: None,
+            stopping_until_ms: None,
         }
     }
 
     pub(crate) fn retire(&mut self, state: TaskState, error: Option<String>, now: u64) {
         self.desired_state = TaskState::Shutdown;
         self.drain = None;
+        self.stopping_until_ms = None;
         if self.state != state {
             self.state = state;
             self.updated_at = now;
@@ -1605,7 +1628,7 @@ impl State {
                 !self
                     .tasks
                     .values()
-                    .any(|t| t.service_id == s.id && (t.is_current() || t.is_draining()))
+                    .any(|t| t.service_id == s.id && !t.is_history())
             })
             .map(|s| s.id.clone())
             .collect();
@@ -1642,6 +1665,12 @@ impl State {
         };
         if task.node_id.as_deref() != Some(node_id) {
             return refuse(op(), Reason::NotYourTask(status.task_id.clone()));
+        }
+        if task.is_stopping() && status.state.is_terminal() {
+            tracing::info!(task = %task.id, "stopped task has ended");
+            let reason = task.error.take();
+            task.retire(TaskState::Shutdown, reason, now);
+            return Ok(());
         }
         if !task.is_current() {
             return Ok(());
@@ -1682,6 +1711,7 @@ impl State {
     /// before pending tasks are placed.
     pub fn reconcile_ms(&mut self, now_ms: u64) {
         let now = now_ms / 1000;
+        self.end_stops(now_ms);
         self.release_drains(now_ms);
         self.finish_removals();
         self.retire_lost_tasks(now_ms);
@@ -1736,14 +1766,14 @@ impl State {
                 .map(|t| t.slot)
                 .collect();
             // Slots above the replica count go, history included; the highest slots go first
-            // because the count only keeps the low ones. Their running tasks drain first.
+            // because the count only keeps the low ones. Their running tasks drain and stop first.
             for t in self.tasks.values_mut() {
                 if t.service_id == service.id && t.slot > replicas {
                     t.begin_drain(Some("scaled down".into()), false, now * 1000);
                 }
             }
             self.tasks
-                .retain(|_, t| t.service_id != service.id || t.slot <= replicas || t.is_draining());
+                .retain(|_, t| t.service_id != service.id || t.slot <= replicas || !t.is_history());
             for slot in (1..=replicas).filter(|s| !filled.contains(s)) {
                 let task = Task::pending(service, slot, now);
                 tracing::info!(service = %service.spec.name, slot, task = %task.id, "new task");
@@ -2017,7 +2047,7 @@ impl State {
 
     fn prune_history(&mut self) {
         let mut history: BTreeMap<(&str, u64), Vec<&Task>> = BTreeMap::new();
-        for t in self.tasks.values().filter(|t| !t.is_current()) {
+        for t in self.tasks.values().filter(|t| t.is_history()) {
             history.entry((&t.service_id, t.slot)).or_default().push(t);
         }
         let mut drop = Vec::new();
@@ -2038,6 +2068,7 @@ impl State {
         node_id: &str,
         published: &[PublishedService],
         services: &BTreeMap<String, Vec<NetworkService>>,
+        draining: &BTreeMap<String, Vec<DrainingBackend>>,
     ) -> Assignment {
         let mine: Vec<&Task> = self
             .tasks
@@ -2073,7 +2104,7 @@ impl State {
             .filter_map(|id| self.networks.get(id))
             .filter(|r| !r.network.ingress)
             .map(|r| {
-                let mut spec = self.network_spec(&r.network, node_id);
+                let mut spec = self.network_spec(&r.network, node_id, draining);
                 spec.lb_addr = self.nodes.get(node_id).and_then(|n| {
                     let ip = *n.lb_addrs.get(&r.network.id)?;
                     Ipv4Net::new(ip, r.network.subnet.prefix_len()).ok()
@@ -2084,7 +2115,7 @@ impl State {
             .collect();
         let sbox = self.nodes.get(node_id).and_then(|r| r.ingress_addr);
         let ingress = self.ingress().zip(sbox).map(|(net, ip)| {
-            let mut network = self.network_spec(net, node_id);
+            let mut network = self.network_spec(net, node_id, draining);
             network.peers.extend(
                 self.nodes
                     .values()
@@ -2113,7 +2144,12 @@ impl State {
         }
     }
 
-    fn network_spec(&self, network: &Network, node_id: &str) -> NetworkSpec {
+    fn network_spec(
+        &self,
+        network: &Network,
+        node_id: &str,
+        draining: &BTreeMap<String, Vec<DrainingBackend>>,
+    ) -> NetworkSpec {
         NetworkSpec {
             id: network.id.clone(),
             name: network.name.clone(),
@@ -2124,6 +2160,7 @@ impl State {
             peers: self.peers(&network.id, node_id),
             lb_addr: None,
             services: vec![],
+            draining: draining.get(&network.id).cloned().unwrap_or_default(),
         }
     }
 
@@ -2169,7 +2206,7 @@ impl State {
         let mut peers: Vec<Peer> = self
             .tasks
             .values()
-            .filter(|t| t.is_on_node())
+            .filter(|t| t.is_reachable())
             .filter_map(|t| {
                 let node = self.nodes.get(t.node_id.as_deref()?)?;
                 (node.node.id != node_id).then_some((t, node.node.addr))
@@ -2209,9 +2246,10 @@ impl State {
         let ids: Vec<String> = self.nodes.keys().cloned().collect();
         let published = self.published();
         let services = self.network_services();
+        let draining = self.draining_backends();
         let mut changed = Vec::new();
         for id in ids {
-            let mut fresh = self.assignment_for(&id, &published, &services);
+            let mut fresh = self.assignment_for(&id, &published, &services, &draining);
             let current = &self.nodes[&id].assignment;
             fresh.revision = current.revision;
             if fresh != *current {
@@ -2414,10 +2452,20 @@ pub(crate) mod tests {
     }
 
     /// One second of the cluster at `now` as the manager and well-behaved agents make it:
-    /// a pass, assignments applied at once, and every placed task running with the health
-    /// `health` gives it (a failed check says "connection refused"). Returns the placed tasks
-    /// that were not running yet.
+    /// tasks told to stop have ended, a pass, assignments applied at once, and every placed
+    /// task running with the health `health` gives it (a failed check says "connection
+    /// refused"). Returns the placed tasks that were not running yet.
     pub(crate) fn step(s: &mut State, now: u64, health: impl Fn(&Task) -> Option<Health>) -> usize {
+        // Tasks told to stop a second ago have ended.
+        let stopped: Vec<Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.is_stopping())
+            .cloned()
+            .collect();
+        for t in &stopped {
+            report_at(s, t, TaskState::Shutdown, None, now);
+        }
         s.reconcile(now);
         s.refresh_assignments();
         apply_all(s);
@@ -2447,16 +2495,17 @@ pub(crate) mod tests {
     }
 
     /// Steps the cluster a second at a time from `from` (see [`step`], tasks without a health
-    /// check) until nothing drains, no update rolls and every placed task runs. Returns the
-    /// time reached.
+    /// check) until nothing drains or stops, no update rolls, no removal waits and every placed
+    /// task runs. Returns the time reached.
     pub(crate) fn settle(s: &mut State, from: u64) -> u64 {
         for now in from..from + 600 {
             let starting = step(s, now, |_| None);
-            let busy = s.tasks.values().any(|t| t.is_draining())
+            let busy = s.tasks.values().any(|t| t.is_draining() || t.is_stopping())
                 || s.services.values().any(|v| {
-                    v.rollout
-                        .as_ref()
-                        .is_some_and(|r| r.status.state.is_active())
+                    v.removing
+                        || v.rollout
+                            .as_ref()
+                            .is_some_and(|r| r.status.state.is_active())
                 });
             if !busy && starting == 0 {
                 return now;

@@ -211,6 +211,18 @@ pub struct NetworkSpec {
     /// over and what its names resolve to for tasks on this network.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub services: Vec<NetworkService>,
+    /// Tasks on this network that left the balancers but whose process may still run
+    /// (draining, or told to stop and within their grace period). Their open connections go
+    /// on: an IPVS balancer keeps them as weight-0 destinations until they leave this list.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub draining: Vec<DrainingBackend>,
+}
+
+/// A task's address under its service's mark, for a balancer to keep without new connections.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub struct DrainingBackend {
+    pub fwmark: u32,
+    pub addr: std::net::Ipv4Addr,
 }
 
 /// A service as the tasks of one network see it.
@@ -321,6 +333,7 @@ mod tests {
                     vtep: "192.168.56.12".parse().unwrap(),
                 }],
                 lb_addr: Some("10.0.9.4/24".parse().unwrap()),
+                draining: vec![],
                 services: vec![NetworkService {
                     service_id: "s2".into(),
                     name: "api".into(),
@@ -345,6 +358,7 @@ mod tests {
                     vni: 4096,
                     peers: vec![],
                     lb_addr: None,
+                    draining: vec![],
                     services: vec![],
                 },
                 sbox_addr: "10.255.0.2/16".parse().unwrap(),

@@ -150,6 +150,7 @@ fn network_spec() -> impl Strategy<Value = NetworkSpec> {
             vni,
             peers,
             lb_addr: None,
+            draining: vec![],
             services: vec![],
         })
 }

@@ -219,6 +219,7 @@ pub(crate) mod tests {
             vni: 4096,
             peers: vec![],
             lb_addr: None,
+            draining: vec![],
             services,
         }
     }

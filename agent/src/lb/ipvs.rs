@@ -5,10 +5,12 @@
 //!
 //! Sync diffs against an IPVS dump, never flush-and-refill, so a restarted agent adopts what
 //! is there without breaking a connection. A backend that goes is drained: weight 0 first (no
-//! new connections, established ones go on), deleted after the grace period; with
+//! new connections, established ones go on). It stays so while the manager lists its task as
+//! draining (out of the balancers, or stopping within its grace period), and is deleted the
+//! agent's grace period (`--drain-seconds`) after it left that list; with
 //! `expire_nodest_conn=1` its remaining connections then expire, and its UDP (and SYN_SENT)
-//! conntrack entries are deleted so flows move to live backends. A service that goes is drained the
-//! same way, then deleted once it has no destination left.
+//! conntrack entries are deleted so flows move to live backends. A service that goes is
+//! drained the same way, then deleted once it has no destination left.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
@@ -19,7 +21,7 @@ use ipvs::{Client, Destination, Family, Forward, Service, ServiceKey, TimeoutCha
 use netns::Netns;
 use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
 
-use super::{sync_table, LbError, LbOptions, LoadBalancer, Table};
+use super::{sync_table, DrainingBackends, LbError, LbOptions, LoadBalancer, Table};
 
 const SCHEDULER: &str = "rr";
 
@@ -42,21 +44,23 @@ pub enum IpvsOp {
     DeleteDest(u32, Ipv4Addr),
 }
 
-/// Destinations waiting out their drain, since when they have weight 0.
-pub type Draining = BTreeMap<(u32, Ipv4Addr), Instant>;
+/// Destinations waiting out their grace period, since when they have weight 0.
+pub type DrainTimers = BTreeMap<(u32, Ipv4Addr), Instant>;
 
 /// The changes from `observed` to `desired` (fwmark → backends), with the drain state machine
-/// per destination: desired → weight 1; not desired → weight 0, then deleted `grace` after.
-/// A weight-0 destination found without a record (an agent restart) starts its grace anew.
+/// per destination: desired → weight 1; listed in `draining` (its task may still run) →
+/// weight 0 and kept; neither → weight 0, then deleted `grace` after. A weight-0 destination
+/// found without a timer (an agent restart) starts its grace anew.
 pub fn plan_ipvs(
     desired: &BTreeMap<u32, BTreeSet<Ipv4Addr>>,
+    draining: &DrainingBackends,
     observed: &BTreeMap<u32, SvcObs>,
-    draining: &mut Draining,
+    timers: &mut DrainTimers,
     now: Instant,
     grace: Duration,
 ) -> Vec<IpvsOp> {
     let mut ops = Vec::new();
-    let mut still_draining = Draining::new();
+    let mut still_draining = DrainTimers::new();
     let empty = BTreeSet::new();
     for (&mark, backends) in desired {
         match observed.get(&mark) {
@@ -75,13 +79,22 @@ pub fn plan_ipvs(
     }
     for (&mark, o) in observed {
         let backends = desired.get(&mark).unwrap_or(&empty);
+        let kept = draining.get(&mark).unwrap_or(&empty);
         let mut left = 0;
         for (&ip, &weight) in &o.dests {
             if backends.contains(&ip) {
                 left += 1;
                 continue;
             }
-            let since = *draining.get(&(mark, ip)).unwrap_or(&now);
+            if kept.contains(&ip) {
+                // Its grace period starts once it leaves the list (its task has ended).
+                if weight != 0 {
+                    ops.push(IpvsOp::SetWeight(mark, ip, 0));
+                }
+                left += 1;
+                continue;
+            }
+            let since = *timers.get(&(mark, ip)).unwrap_or(&now);
             if weight != 0 {
                 ops.push(IpvsOp::SetWeight(mark, ip, 0));
                 still_draining.insert((mark, ip), now);
@@ -97,7 +110,7 @@ pub fn plan_ipvs(
             ops.push(IpvsOp::DeleteService(mark));
         }
     }
-    *draining = still_draining;
+    *timers = still_draining;
     ops
 }
 
@@ -145,7 +158,7 @@ pub struct IpvsLb {
     sbox: Netns,
     grace: Duration,
     table: Table<SboxState>,
-    draining: Draining,
+    timers: DrainTimers,
     programmed: BTreeMap<u32, SvcObs>,
 }
 
@@ -165,7 +178,7 @@ impl IpvsLb {
             sbox,
             grace: opts.drain,
             table: Table::default(),
-            draining: Draining::new(),
+            timers: DrainTimers::new(),
             programmed: BTreeMap::new(),
         })
     }
@@ -197,7 +210,12 @@ impl IpvsLb {
 }
 
 impl LoadBalancer for IpvsLb {
-    fn sync(&mut self, desired: &SboxState, recheck: bool) -> Result<Option<Duration>, LbError> {
+    fn sync(
+        &mut self,
+        desired: &SboxState,
+        draining: &DrainingBackends,
+        recheck: bool,
+    ) -> Result<Option<Duration>, LbError> {
         sync_table(&self.sbox, &mut self.table, desired, recheck)?;
         let want: BTreeMap<u32, BTreeSet<Ipv4Addr>> = desired
             .services
@@ -206,7 +224,14 @@ impl LoadBalancer for IpvsLb {
             .collect();
         let observed = self.dump()?;
         let now = Instant::now();
-        let ops = plan_ipvs(&want, &observed, &mut self.draining, now, self.grace);
+        let ops = plan_ipvs(
+            &want,
+            draining,
+            &observed,
+            &mut self.timers,
+            now,
+            self.grace,
+        );
         if !ops.is_empty() {
             tracing::info!(?ops, netns = %self.sbox.name(), "ipvs changes");
         }
@@ -233,7 +258,7 @@ impl LoadBalancer for IpvsLb {
         }
         self.programmed = after(&observed, &ops);
         Ok(self
-            .draining
+            .timers
             .values()
             .map(|since| (*since + self.grace).saturating_duration_since(now))
             .min())
@@ -273,14 +298,24 @@ mod tests {
         [(256, backends.iter().map(|n| ip(*n)).collect())].into()
     }
 
-    /// Plans and applies to `obs` as the kernel would.
+    /// Plans and applies to `obs` as the kernel would, nothing listed as draining.
     fn step(
         desired: &BTreeMap<u32, BTreeSet<Ipv4Addr>>,
         obs: &mut BTreeMap<u32, SvcObs>,
-        draining: &mut Draining,
+        timers: &mut DrainTimers,
         now: Instant,
     ) -> Vec<IpvsOp> {
-        let ops = plan_ipvs(desired, obs, draining, now, Duration::from_secs(2));
+        step_draining(desired, &BTreeMap::new(), obs, timers, now)
+    }
+
+    fn step_draining(
+        desired: &BTreeMap<u32, BTreeSet<Ipv4Addr>>,
+        draining: &DrainingBackends,
+        obs: &mut BTreeMap<u32, SvcObs>,
+        timers: &mut DrainTimers,
+        now: Instant,
+    ) -> Vec<IpvsOp> {
+        let ops = plan_ipvs(desired, draining, obs, timers, now, Duration::from_secs(2));
         *obs = after(obs, &ops);
         ops
     }
@@ -289,7 +324,7 @@ mod tests {
     fn a_removed_backend_goes_weight_1_then_0_then_away() {
         let t0 = Instant::now();
         let mut obs = BTreeMap::new();
-        let mut dr = Draining::new();
+        let mut dr = DrainTimers::new();
         assert_eq!(
             step(&want(&[10, 11]), &mut obs, &mut dr, t0),
             [
@@ -317,10 +352,55 @@ mod tests {
     }
 
     #[test]
+    fn a_backend_listed_as_draining_keeps_weight_0_until_it_leaves_the_list() {
+        let t0 = Instant::now();
+        let mut obs = BTreeMap::new();
+        let mut dr = DrainTimers::new();
+        step(&want(&[10, 11]), &mut obs, &mut dr, t0);
+        let listed: DrainingBackends = [(256, [ip(11)].into())].into();
+        assert_eq!(
+            step_draining(&want(&[10]), &listed, &mut obs, &mut dr, t0),
+            [IpvsOp::SetWeight(256, ip(11), 0)]
+        );
+        // Far past the grace period, its task still runs: kept, and nothing to wake for.
+        let t60 = t0 + Duration::from_secs(60);
+        assert_eq!(
+            step_draining(&want(&[10]), &listed, &mut obs, &mut dr, t60),
+            []
+        );
+        assert!(dr.is_empty());
+        // Its whole service may go meanwhile (service rm): the service stays for it.
+        assert_eq!(
+            step_draining(&BTreeMap::new(), &listed, &mut obs, &mut dr, t60),
+            [IpvsOp::SetWeight(256, ip(10), 0)]
+        );
+        // Its task ended: the usual grace, then it goes, and the service with it.
+        assert_eq!(step(&BTreeMap::new(), &mut obs, &mut dr, t60), []);
+        assert_eq!(
+            step(
+                &BTreeMap::new(),
+                &mut obs,
+                &mut dr,
+                t60 + Duration::from_secs(2)
+            ),
+            [
+                IpvsOp::DeleteDest(256, ip(10)),
+                IpvsOp::DeleteDest(256, ip(11)),
+                IpvsOp::DeleteService(256)
+            ]
+        );
+        // A listed address IPVS does not hold is not added.
+        assert_eq!(
+            step_draining(&want(&[10]), &listed, &mut obs, &mut dr, t60),
+            [IpvsOp::AddService(256), IpvsOp::AddDest(256, ip(10))]
+        );
+    }
+
+    #[test]
     fn a_draining_backend_that_returns_gets_weight_1_back() {
         let t0 = Instant::now();
         let mut obs = BTreeMap::new();
-        let mut dr = Draining::new();
+        let mut dr = DrainTimers::new();
         step(&want(&[10, 11]), &mut obs, &mut dr, t0);
         step(&want(&[10]), &mut obs, &mut dr, t0);
         assert_eq!(
@@ -339,10 +419,10 @@ mod tests {
     fn a_removed_service_drains_then_goes_and_restart_adopts_without_churn() {
         let t0 = Instant::now();
         let mut obs = BTreeMap::new();
-        let mut dr = Draining::new();
+        let mut dr = DrainTimers::new();
         step(&want(&[10]), &mut obs, &mut dr, t0);
         // A restarted agent (no drain records) finds the same state: nothing to do.
-        let mut fresh = Draining::new();
+        let mut fresh = DrainTimers::new();
         assert_eq!(step(&want(&[10]), &mut obs, &mut fresh, t0), []);
         let none = BTreeMap::new();
         assert_eq!(

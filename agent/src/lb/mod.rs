@@ -6,6 +6,8 @@
 pub mod ipvs;
 pub mod nft;
 
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::Ipv4Addr;
 use std::num::NonZeroU32;
 use std::time::Duration;
 
@@ -61,11 +63,21 @@ pub enum LbError {
     Netns(#[from] netns::Error),
 }
 
+/// By fwmark, the addresses of tasks that left a service's backends but may still run: their
+/// open connections are to go on, without new ones.
+pub type DrainingBackends = BTreeMap<u32, BTreeSet<Ipv4Addr>>;
+
 pub trait LoadBalancer: Send {
     /// Programs `desired` (services by fwmark with their backends) into the sandbox, changing
-    /// only what differs. `recheck` also re-reads the kernel and repairs drift. Returns when it
-    /// wants to run again at the latest (a drain deadline), if it does.
-    fn sync(&mut self, desired: &SboxState, recheck: bool) -> Result<Option<Duration>, LbError>;
+    /// only what differs, and keeps the open connections of `draining`. `recheck` also
+    /// re-reads the kernel and repairs drift. Returns when it wants to run again at the latest
+    /// (a drain deadline), if it does.
+    fn sync(
+        &mut self,
+        desired: &SboxState,
+        draining: &DrainingBackends,
+        recheck: bool,
+    ) -> Result<Option<Duration>, LbError>;
     /// What is programmed now, for the manager.
     fn report(&self) -> LbReport;
 }

@@ -10,7 +10,7 @@ use firewall::SboxState;
 use netns::Netns;
 use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
 
-use super::{sync_table, LbError, LoadBalancer, Table, Timeouts};
+use super::{sync_table, DrainingBackends, LbError, LoadBalancer, Table, Timeouts};
 
 pub struct NftLb {
     sbox: Netns,
@@ -49,7 +49,13 @@ impl NftLb {
 }
 
 impl LoadBalancer for NftLb {
-    fn sync(&mut self, desired: &SboxState, recheck: bool) -> Result<Option<Duration>, LbError> {
+    /// Draining backends need nothing: out of the map, their conntrack entries carry them.
+    fn sync(
+        &mut self,
+        desired: &SboxState,
+        _draining: &DrainingBackends,
+        recheck: bool,
+    ) -> Result<Option<Duration>, LbError> {
         sync_table(&self.sbox, &mut self.table, desired, recheck)?;
         Ok(None)
     }

@@ -342,6 +342,7 @@ pub fn assignment(revision: u64, tasks: Vec<TaskSpec>) -> ManagerMsg {
                 vtep: IpAddr::V4(REMOTE.1),
             }],
             lb_addr: None,
+            draining: vec![],
             services: vec![],
         }]
     };

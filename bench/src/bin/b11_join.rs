@@ -424,6 +424,7 @@ fn realistic_assignment() -> Assignment {
             })
             .collect(),
         lb_addr: None,
+        draining: vec![],
         services: vec![],
     };
     let networks: Vec<NetworkSpec> = (0..5)
