@@ -8,7 +8,7 @@
 
 use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use integration::cluster::{bin, Cluster, CONVERGE_TIMEOUT};
 use integration::http;
@@ -206,4 +206,76 @@ fn rolling_updates_and_a_rollback_lose_no_request() {
             "{t:?}"
         );
     }
+}
+
+#[test]
+fn an_open_connection_to_a_stopping_task_lasts_its_grace_period() {
+    let c = cluster();
+    let hello = bin("hello-server").display().to_string();
+    // The task ignores SIGTERM, as a server finishing its requests would: it runs until the
+    // SIGKILL at the end of its grace period.
+    let cmd = format!("trap '' TERM; exec {hello} --port 8080");
+    c.meshctl_ok(&[
+        "service",
+        "create",
+        "--name",
+        "slow",
+        "--constraint",
+        "node.hostname==node3",
+        "--publish",
+        "81:8080",
+        "--stop-grace-period",
+        "9s",
+        "--env",
+        "HELLO_TAG=slow",
+        "--",
+        "/bin/sh",
+        "-c",
+        &cmd,
+    ])
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    let task = c.wait_running("slow", 1).unwrap().remove(0);
+    // Through node1: the task is on node3, across the ingress overlay.
+    let client = &c.lab.node(CLIENT).unwrap().ns;
+    let mut conn = c
+        .wait_for(CONVERGE_TIMEOUT, "node1 answers on 81", |_| {
+            let mut k = http::KeepAlive::open(client, NODES[0], 81).ok()?;
+            (k.get("/tag").ok()? == "slow\n").then_some(k)
+        })
+        .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+
+    c.meshctl_ok(&["service", "scale", "--detach", "slow=0"])
+        .unwrap();
+    // Well past the drain (every node's confirmation) and the agents' own 2 s IPVS grace.
+    let stopped = Instant::now();
+    let mut answered = 0;
+    while stopped.elapsed() < Duration::from_secs(5) {
+        match conn.get("/tag") {
+            Ok(body) => assert_eq!(body, "slow\n"),
+            Err(e) => panic!(
+                "the open connection failed {:?} after the stop: {e}\n{}",
+                stopped.elapsed(),
+                c.logs()
+            ),
+        }
+        answered += 1;
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // All that time it was told to stop, and still ran.
+    let all: Vec<TaskInfo> = c.json(&["service", "ps", "slow"]).unwrap();
+    let t = all.iter().find(|t| t.id == task.id).unwrap();
+    assert_eq!(
+        (t.desired_state, t.state),
+        (TaskState::Shutdown, TaskState::Running),
+        "{t:?}"
+    );
+    // It ends at the end of its grace period, and the manager hears of it.
+    c.wait_for(CONVERGE_TIMEOUT, "the stopped task ended", |_| {
+        let all: Vec<TaskInfo> = c.json(&["service", "ps", "slow"]).ok()?;
+        all.iter()
+            .all(|t| t.state == TaskState::Shutdown)
+            .then_some(())
+    })
+    .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
+    eprintln!("the open connection answered {answered} requests while its task stopped");
 }
