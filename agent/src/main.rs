@@ -73,7 +73,8 @@ struct Flags {
     #[arg(long, default_value = "172.18.0.0/16", value_parser = parse_gw_subnet)]
     gwbridge_subnet: Ipv4Net,
     /// Seconds a removed IPVS backend keeps weight 0 (established connections go on) before
-    /// it is deleted.
+    /// it is deleted, counted from when the manager stops listing its task as draining (the
+    /// task has ended, or its grace period is over).
     #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u64).range(0..=3600))]
     drain_seconds: u64,
     /// Idle timeout of established TCP connections through the mesh, in seconds (IPVS, or

@@ -31,6 +31,8 @@ pub struct MeshRules {
     gw_subnet: Ipv4Net,
     lb_kind: LbKind,
     lb_opts: LbOptions,
+    /// The kernel's release: which IPVS sysctls are right depends on it.
+    kernel: String,
     recheck_every: Duration,
     last_check: Option<Instant>,
     node_table: Table<NodeState>,
@@ -84,6 +86,7 @@ impl MeshRules {
             gw_subnet,
             lb_kind,
             lb_opts,
+            kernel: firewall::kernel_release(),
             recheck_every,
             last_check: None,
             node_table: Table::default(),
@@ -236,7 +239,7 @@ impl MeshRules {
     ) -> Result<Option<Duration>, lb::LbError> {
         let ns = Netns::open(&self.dir.join(name))?;
         let inode = ns.inode()?;
-        for (key, value) in firewall::sbox_sysctls(self.lb_kind.mode()) {
+        for (key, value) in firewall::sbox_sysctls(self.lb_kind.mode(), &self.kernel) {
             ns.write_sysctl(&key, &value)?;
         }
         if self.lbs.get(name).is_none_or(|(i, _)| *i != inode) {

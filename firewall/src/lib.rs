@@ -121,7 +121,9 @@ pub use generation::generation;
 pub use listing::{parse_listing, TableShape};
 pub use node::{node_sysctls, NodeConfig, NodeState};
 pub use render::{Batch, ELEMENTS_PER_STATEMENT};
-pub use sbox::{sbox_sysctls, synthetic_sbox, LbMode, SboxConfig, SboxService, SboxState};
+pub use sbox::{
+    kernel_release, sbox_sysctls, synthetic_sbox, LbMode, SboxConfig, SboxService, SboxState,
+};
 pub use task::TaskState;
 
 /// A rule set of one namespace's table: rendered from desired state, checked by its shape.

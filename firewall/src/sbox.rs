@@ -266,22 +266,51 @@ impl Ruleset for SboxState {
     }
 }
 
-/// Sysctls the sandbox needs (keys in `/proc/sys` dotted form), applied by the agent.
-/// IPVS values as Swarm sets them: conntrack for the SNAT rule, no stale connections to removed
-/// destinations, no SYN drops on port reuse (moby#35082).
-pub fn sbox_sysctls(lb: LbMode) -> Vec<(String, String)> {
+/// Sysctls the sandbox needs (keys in `/proc/sys` dotted form), applied by the agent, on a
+/// kernel of release `kernel` (uname -r). IPVS values as Swarm sets them: conntrack for the SNAT
+/// rule, no stale connections to removed destinations. Except `conn_reuse_mode`: Swarm sets 0,
+/// which avoids the 1 s SYN drop on port reuse of old kernels (moby#35082) but sends a new
+/// connection that reuses a client port to the old one's destination even when it is draining
+/// (kubernetes#81775, #99162), so a stopping task gets new connections. From 5.9 a reused port
+/// is rescheduled without the drop, so it keeps the kernel's 1 there, as kube-proxy does.
+pub fn sbox_sysctls(lb: LbMode, kernel: &str) -> Vec<(String, String)> {
     let mut out = vec![("net.ipv4.ip_forward", "1")];
     if lb == LbMode::Ipvs {
+        let reuse = if reschedules_reused_ports(kernel) {
+            "1"
+        } else {
+            "0"
+        };
         out.extend([
             ("net.ipv4.vs.conntrack", "1"),
             ("net.ipv4.vs.expire_nodest_conn", "1"),
             ("net.ipv4.vs.expire_quiescent_template", "1"),
-            ("net.ipv4.vs.conn_reuse_mode", "0"),
+            ("net.ipv4.vs.conn_reuse_mode", reuse),
         ]);
     }
     out.into_iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
         .collect()
+}
+
+/// The running kernel's release (`uname -r`), for [`sbox_sysctls`]; empty if unreadable.
+pub fn kernel_release() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|r| r.trim().to_string())
+        .unwrap_or_default()
+}
+
+/// Whether IPVS on kernel release `kernel` reschedules a SYN that reuses a finished
+/// connection's port without dropping it first, with conntrack on: from 5.9 ("ipvs: allow
+/// connection reuse for unconfirmed conntrack"). An unreadable release counts as older.
+fn reschedules_reused_ports(kernel: &str) -> bool {
+    let mut parts = kernel
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse::<u32>().ok());
+    match (parts.next().flatten(), parts.next().flatten()) {
+        (Some(major), Some(minor)) => (major, minor) >= (5, 9),
+        _ => false,
+    }
 }
 
 /// A sandbox with `services` services, each on its own TCP port (from 1024, fwmark from 256)
@@ -597,13 +626,23 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
     #[test]
     fn sysctls_per_lb_mode() {
         assert_eq!(
-            sbox_sysctls(LbMode::Nftables),
+            sbox_sysctls(LbMode::Nftables, "6.18.0"),
             vec![("net.ipv4.ip_forward".to_string(), "1".to_string())]
         );
-        let ipvs = sbox_sysctls(LbMode::Ipvs);
-        assert!(ipvs.contains(&("net.ipv4.vs.conn_reuse_mode".into(), "0".into())));
-        assert!(ipvs.contains(&("net.ipv4.vs.expire_nodest_conn".into(), "1".into())));
-        assert_eq!(ipvs.len(), 5);
+        let reuse = |kernel| {
+            let ipvs = sbox_sysctls(LbMode::Ipvs, kernel);
+            assert!(ipvs.contains(&("net.ipv4.vs.expire_nodest_conn".into(), "1".into())));
+            assert_eq!(ipvs.len(), 5);
+            ipvs.into_iter()
+                .find(|(k, _)| k == "net.ipv4.vs.conn_reuse_mode")
+                .unwrap()
+                .1
+        };
+        assert_eq!(reuse("6.1.0-28-amd64"), "1");
+        assert_eq!(reuse("5.9.0"), "1");
+        assert_eq!(reuse("5.8.18-100.fc31.x86_64"), "0");
+        assert_eq!(reuse("4.19.0"), "0");
+        assert_eq!(reuse("garbage"), "0");
     }
 
     #[test]

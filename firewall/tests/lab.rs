@@ -320,7 +320,10 @@ fn ingress_lab() -> (Lab, Desired) {
     lab.tcp_server("host", 8081, "host");
 
     lab.sysctls("node", &firewall::node_sysctls("gwbr"));
-    lab.sysctls("sbox", &firewall::sbox_sysctls(LbMode::Nftables));
+    lab.sysctls(
+        "sbox",
+        &firewall::sbox_sysctls(LbMode::Nftables, &firewall::kernel_release()),
+    );
     for ns in ["node", "sbox"] {
         lab.run(ns, "nft", &["add", "table", "ip", "foreign"]);
         lab.run(

@@ -1,7 +1,9 @@
 //! B7, IPVS connection reuse (../shared/reference/performance-anchors.md §3, anchor A24): with
 //! one client IP reusing a small set of source ports in rapid short connections, does the IPVS
-//! routing mesh add the 1 s SYN-retransmit plateau (`conn_reuse_mode=1` with conntrack drops
-//! the SYN of a reused port while the old IPVS entry is in TIME_WAIT)?
+//! routing mesh add the 1 s SYN-retransmit plateau (before kernel 5.9, `conn_reuse_mode=1` with
+//! conntrack drops the SYN of a reused port while the old IPVS entry is in TIME_WAIT, which is
+//! why Swarm sets 0; from 5.9 meshnet keeps 1, which also stops a reused port from reaching a
+//! draining task)?
 //!
 //! Needs a kernel with IPVS (the QEMU guest). A 2-node lab with mesh-manager and mesh-agent
 //! `--lb ipvs`, a client host on the underlay, one hello-server task pinned to node2 and
@@ -155,7 +157,7 @@ fn main() -> Result<()> {
         stalls[0], counts[0], stalls[1], counts[1], fails[0], fails[1]
     );
     println!(
-        "node1 ingress_sbox: net.ipv4.vs.conn_reuse_mode={reuse} (want 0), net.ipv4.vs.expire_nodest_conn={nodest} (want 1)"
+        "node1 ingress_sbox: net.ipv4.vs.conn_reuse_mode={reuse} (want 1 from kernel 5.9, 0 before), net.ipv4.vs.expire_nodest_conn={nodest} (want 1)"
     );
     Ok(())
 }

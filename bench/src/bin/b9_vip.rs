@@ -105,7 +105,7 @@ fn ipvs_lb(scratch: &mut Scratch, sb: &Netns) -> Result<Netns> {
         &lb,
         &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "eth0"],
     )?;
-    for (key, value) in firewall::sbox_sysctls(LbMode::Ipvs) {
+    for (key, value) in firewall::sbox_sysctls(LbMode::Ipvs, &firewall::kernel_release()) {
         lb.write_sysctl(&key, &value)?;
     }
     let mark = Fwmark::new(300)?;
