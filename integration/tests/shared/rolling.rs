@@ -1,7 +1,8 @@
 //! Replacing tasks under load loses nothing: rolling updates in both orders and a rollback,
 //! under a steady request loop from a client on the underlay to every node's published port
 //! and from a task to the service's name. Shared by the lab tier (nftables) and the guest tier
-//! (IPVS); lab/updates.rs adds a node drain, a failing update and churn beside a service.
+//! (IPVS), with a node drain and an open connection to a stopping task; lab/updates.rs adds a
+//! failing update and churn beside a service.
 //!
 //! The services have a health check: without one a new task gets traffic once its process
 //! runs, which may be before it listens (in the emulated guest, seconds before).
@@ -278,4 +279,33 @@ fn an_open_connection_to_a_stopping_task_lasts_its_grace_period() {
     })
     .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     eprintln!("the open connection answered {answered} requests while its task stopped");
+}
+
+#[test]
+fn draining_a_node_under_load_loses_no_request() {
+    let c = cluster();
+    web(&c, &["--health-http", "8080/tag"]);
+    let probe = sleeper(&c, "probe", "app");
+    wait_tag(&c, "v1");
+    let before = c.tasks("web").unwrap();
+    let victim = before
+        .iter()
+        .find(|t| t.node.as_deref() != probe.node.as_deref())
+        .and_then(|t| t.node.clone())
+        .unwrap();
+    let t = under_load(&c, &probe, || {
+        c.meshctl_ok(&["node", "update", "--availability", "drain", &victim])
+            .unwrap();
+        c.wait_for(CONVERGE_TIMEOUT, "tasks off the drained node", |c| {
+            let tasks = c.wait_running("web", 3).ok()?;
+            tasks
+                .iter()
+                .all(|t| t.node.as_deref() != Some(victim.as_str()))
+                .then_some(())
+        })
+        .unwrap();
+        // Some more load on the new layout.
+        std::thread::sleep(Duration::from_secs(1));
+    });
+    assert_no_failures("node drain", &t, &c);
 }
