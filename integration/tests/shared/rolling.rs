@@ -108,8 +108,17 @@ pub(crate) fn under_load(c: &Cluster, probe: &TaskInfo, during: impl FnOnce()) -
             }
             t
         });
+        // Stops the load threads however `during` ends: a panic in it must not leave the scope
+        // waiting for them forever.
+        struct StopOnDrop<'a>(&'a AtomicBool);
+        impl Drop for StopOnDrop<'_> {
+            fn drop(&mut self) {
+                self.0.store(true, Ordering::Relaxed);
+            }
+        }
+        let guard = StopOnDrop(&stop);
         during();
-        stop.store(true, Ordering::Relaxed);
+        drop(guard);
         let mut all = Tally::default();
         for h in mesh.into_iter().chain([by_name]) {
             let t = h.join().unwrap();
@@ -176,7 +185,7 @@ fn rolling_updates_and_a_rollback_lose_no_request() {
                 order,
                 "web",
             ])
-            .unwrap();
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
         });
         assert_no_failures(order, &t, &c);
         wait_tag(&c, tag);
@@ -189,7 +198,8 @@ fn rolling_updates_and_a_rollback_lose_no_request() {
         );
     }
     let t = under_load(&c, &probe, || {
-        c.meshctl_ok(&["service", "rollback", "web"]).unwrap();
+        c.meshctl_ok(&["service", "rollback", "web"])
+            .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
     });
     assert_no_failures("rollback", &t, &c);
     wait_tag(&c, "v2");
