@@ -37,8 +37,8 @@ t0=$(date +%s.%N)
 elapsed() { echo "$(date +%s.%N) $t0" | awk '{printf "%.1f", $1 - $2}'; }
 
 # Runtime packages, only the missing ones (the nspawn image has them all: no network there).
-# conntrack: the agent flushes UDP flows of removed backends; ipvsadm: to look at IPVS.
-packages=(iproute2 nftables conntrack curl ipvsadm kmod)
+# nftables: the agent runs nft; ipvsadm: to look at IPVS.
+packages=(iproute2 nftables curl ipvsadm kmod)
 missing=()
 for p in "${packages[@]}"; do
     dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

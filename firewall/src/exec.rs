@@ -96,21 +96,6 @@ impl<'a> NsNetfilter<'a> {
             cause,
         })
     }
-
-    /// `conntrack` with `args` (a `-D` and its filters); returns how many entries went.
-    fn delete_conntrack(&self, args: &[&str]) -> Result<u64> {
-        const ACTION: &str = "delete stale conntrack entries";
-        let mut cmd = Command::new("conntrack");
-        cmd.args(args);
-        let out = self.output(ACTION, &mut cmd)?;
-        // conntrack exits 1 when nothing matched; the summary line tells both cases apart.
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let deleted = stderr
-            .lines()
-            .find_map(|l| l.strip_suffix(" flow entries have been deleted."))
-            .and_then(|l| l.rsplit(' ').next()?.parse().ok());
-        deleted.ok_or_else(|| self.command_error(ACTION, "conntrack -D", &out))
-    }
 }
 
 impl Netfilter for NsNetfilter<'_> {
@@ -165,18 +150,7 @@ impl Netfilter for NsNetfilter<'_> {
     }
 
     fn delete_stale_conntrack(&self, backend: Ipv4Addr) -> Result<u64> {
-        let backend = backend.to_string();
-        let udp = ["-D", "-p", "udp", "--reply-src", &backend];
-        let syn_sent = [
-            "-D",
-            "-p",
-            "tcp",
-            "--state",
-            "SYN_SENT",
-            "--reply-src",
-            &backend,
-        ];
-        Ok(self.delete_conntrack(&udp)? + self.delete_conntrack(&syn_sent)?)
+        crate::conntrack::delete_stale(self.ns, backend)
     }
 }
 

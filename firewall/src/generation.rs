@@ -39,7 +39,8 @@ pub fn generation(ns: &Netns) -> Result<u32> {
     ask(&sock).map_err(io_err)
 }
 
-fn open() -> io::Result<OwnedFd> {
+/// A netfilter netlink socket in the calling thread's namespace, with a 1 s receive timeout.
+pub(crate) fn open() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the descriptor is owned at once.
     let fd = unsafe {
         libc::socket(

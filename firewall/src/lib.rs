@@ -106,6 +106,7 @@
 //! change of backends is one flush and one rule. A backend that leaves every VIP also loses
 //! the task's UDP and SYN_SENT conntrack entries to it.
 
+mod conntrack;
 mod exec;
 mod generation;
 mod listing;
