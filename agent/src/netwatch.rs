@@ -1,6 +1,7 @@
 //! Kernel notifications of change (rtnetlink: links, addresses, IPv4 routes, neighbour and FDB
-//! entries) in the node namespace and in every namespace the agent owns, so that drift is
-//! repaired when it happens instead of at the next timer pass (which stays as the backstop).
+//! entries; nf_tables: our `ip meshnet` table's chains, rules, sets and elements) in the node
+//! namespace and in every namespace the agent owns, so that drift is repaired when it happens
+//! instead of at the next timer pass (which stays as the backstop).
 //!
 //! Each namespace's socket is opened on a thread inside it (a socket stays in the namespace it
 //! was made in) and then read from the runtime: no tokio worker changes namespace. A socket
@@ -16,7 +17,10 @@ use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::neighbour::NeighbourState;
 use netlink_packet_route::route::{RouteAttribute, RouteHeader};
 use netlink_packet_route::RouteNetlinkMessage;
-use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
+use netlink_sys::{
+    protocols::{NETLINK_NETFILTER, NETLINK_ROUTE},
+    Socket, SocketAddr,
+};
 use netns::Netns;
 use tokio::io::unix::AsyncFd;
 use tokio::io::Interest;
@@ -31,6 +35,12 @@ const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_NEIGH: u32 = 0x4;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
+/// nf_tables' multicast group (linux/netfilter/nfnetlink.h), and its messages' subsystem.
+const NFNLGRP_NFTABLES: u32 = 7;
+const NFNL_SUBSYS_NFTABLES: u16 = 10;
+const NFPROTO_IPV4: u8 = 2;
+/// The table every agent rule set lives in (see the firewall crate).
+const OUR_TABLE: &[u8] = b"meshnet";
 
 /// A change the agent may have to repair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -39,6 +49,22 @@ pub struct Change {
     pub netns: String,
     /// What changed, for the log (e.g. `link veth1234567 deleted`).
     pub what: String,
+    /// Our nftables table there changed: it must be compared with what it should be, which
+    /// the passes otherwise do only every so often.
+    pub nft: bool,
+}
+
+/// A namespace's sockets, each with what it carries.
+type Sockets = Vec<(Socket, Source)>;
+
+/// Which notifications a socket carries.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Source {
+    /// rtnetlink; in the node namespace only some objects are ours.
+    Route {
+        node: bool,
+    },
+    Nft,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -57,9 +83,9 @@ pub enum WatchError {
 pub struct Watcher {
     dir: PathBuf,
     tx: mpsc::UnboundedSender<Change>,
-    node: JoinHandle<()>,
-    /// By namespace file name: the inode watched, and the task reading its socket.
-    watched: BTreeMap<String, (u64, JoinHandle<()>)>,
+    node: Vec<JoinHandle<()>>,
+    /// By namespace file name: the inode watched, and the tasks reading its sockets.
+    watched: BTreeMap<String, (u64, Vec<JoinHandle<()>>)>,
 }
 
 impl Watcher {
@@ -69,8 +95,10 @@ impl Watcher {
         dir: &Path,
     ) -> Result<(Watcher, mpsc::UnboundedReceiver<Change>), WatchError> {
         let (tx, rx) = mpsc::unbounded_channel();
-        let sock = subscribe(node, "node")?;
-        let node = tokio::spawn(read(sock, "node".into(), true, tx.clone()));
+        let node = subscribe(node, "node", true)?
+            .into_iter()
+            .map(|(sock, source)| tokio::spawn(read(sock, "node".into(), source, tx.clone())))
+            .collect();
         let w = Watcher {
             dir: dir.to_path_buf(),
             tx,
@@ -96,9 +124,11 @@ impl Watcher {
     /// Ends the watch of `name` and closes its socket before returning, so that the namespace
     /// can go.
     pub async fn forget(&mut self, name: &str) {
-        if let Some((_, task)) = self.watched.remove(name) {
-            task.abort();
-            let _ = task.await;
+        if let Some((_, tasks)) = self.watched.remove(name) {
+            for task in tasks {
+                task.abort();
+                let _ = task.await;
+            }
         }
     }
 
@@ -118,26 +148,34 @@ impl Watcher {
                 return;
             }
         };
-        for (name, inode, sock) in opened {
+        for (name, inode, socks) in opened {
             // A namespace replaced under the same name: the old watch goes.
             self.forget(&name).await;
-            let task = tokio::spawn(read(sock, name.clone(), false, self.tx.clone()));
-            self.watched.insert(name, (inode, task));
+            let tasks = socks
+                .into_iter()
+                .map(|(sock, source)| {
+                    tokio::spawn(read(sock, name.clone(), source, self.tx.clone()))
+                })
+                .collect();
+            self.watched.insert(name, (inode, tasks));
         }
     }
 }
 
 impl Drop for Watcher {
     fn drop(&mut self) {
-        self.node.abort();
-        for (_, task) in self.watched.values() {
+        for task in self
+            .node
+            .iter()
+            .chain(self.watched.values().flat_map(|(_, t)| t))
+        {
             task.abort();
         }
     }
 }
 
 /// Sockets for the namespaces in `dir` that `known` lacks (or knows by another inode).
-fn open_new(dir: &Path, known: &BTreeMap<String, u64>) -> Vec<(String, u64, Socket)> {
+fn open_new(dir: &Path, known: &BTreeMap<String, u64>) -> Vec<(String, u64, Sockets)> {
     let paths = match netns::list(dir) {
         Ok(p) => p,
         Err(e) => {
@@ -157,31 +195,36 @@ fn open_new(dir: &Path, known: &BTreeMap<String, u64>) -> Vec<(String, u64, Sock
         if known.get(&name) == Some(&inode) {
             continue;
         }
-        match subscribe(&ns, &name) {
-            Ok(sock) => out.push((name, inode, sock)),
+        match subscribe(&ns, &name, false) {
+            Ok(socks) => out.push((name, inode, socks)),
             Err(e) => warn!("{e}; drift there is found by the timer pass"),
         }
     }
     out
 }
 
-/// A non-blocking rtnetlink socket in `ns`, subscribed to the groups the agent's objects live in.
-fn subscribe(ns: &Netns, label: &str) -> Result<Socket, WatchError> {
+/// Non-blocking sockets in `ns`, subscribed to the groups the agent's objects live in: one for
+/// rtnetlink, one for nf_tables.
+fn subscribe(ns: &Netns, label: &str, node: bool) -> Result<Sockets, WatchError> {
     let err = |source| WatchError::Subscribe {
         netns: label.to_string(),
         source,
     };
-    ns.run(|| -> io::Result<Socket> {
-        let mut s = Socket::new(NETLINK_ROUTE)?;
+    ns.run(|| -> io::Result<Sockets> {
+        let mut route = Socket::new(NETLINK_ROUTE)?;
         let groups = RTMGRP_LINK | RTMGRP_NEIGH | RTMGRP_IPV4_IFADDR | RTMGRP_IPV4_ROUTE;
-        s.bind(&SocketAddr::new(0, groups))?;
-        s.set_non_blocking(true)?;
-        Ok(s)
+        route.bind(&SocketAddr::new(0, groups))?;
+        route.set_non_blocking(true)?;
+        let mut nft = Socket::new(NETLINK_NETFILTER)?;
+        nft.bind(&SocketAddr::new(0, 0))?;
+        nft.add_membership(NFNLGRP_NFTABLES)?;
+        nft.set_non_blocking(true)?;
+        Ok(vec![(route, Source::Route { node }), (nft, Source::Nft)])
     })?
     .map_err(err)
 }
 
-async fn read(sock: Socket, netns: String, node: bool, tx: mpsc::UnboundedSender<Change>) {
+async fn read(sock: Socket, netns: String, source: Source, tx: mpsc::UnboundedSender<Change>) {
     // SAFETY: the socket owns its descriptor, which stays open and the same until it drops.
     let fd = match unsafe { AsyncFd::register_with_interest(sock, Interest::READABLE) } {
         Ok(fd) => fd,
@@ -202,7 +245,10 @@ async fn read(sock: Socket, netns: String, node: bool, tx: mpsc::UnboundedSender
         buf.clear();
         let found = match guard.try_io(|s| s.get_ref().recv(&mut buf, 0)) {
             Err(_would_block) => continue,
-            Ok(Ok(_)) => parse(&buf, node),
+            Ok(Ok(_)) => match source {
+                Source::Route { node } => parse(&buf, node),
+                Source::Nft => parse_nft(&buf),
+            },
             // The socket overflowed: something changed, we do not know what.
             Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
                 vec!["notifications lost".into()]
@@ -217,6 +263,7 @@ async fn read(sock: Socket, netns: String, node: bool, tx: mpsc::UnboundedSender
             let change = Change {
                 netns: netns.clone(),
                 what,
+                nft: source == Source::Nft,
             };
             if tx.send(change).is_err() {
                 return;
@@ -244,6 +291,59 @@ fn parse(datagram: &[u8], node: bool) -> Vec<String> {
         rest = &rest[next..];
     }
     out
+}
+
+/// The changes to our table in one datagram of nf_tables notifications. Every message that
+/// changes a table's content names its table in attribute 1 (`NFTA_*_TABLE`); the others
+/// (a new generation, flowtables, objects) and other tables are not ours.
+fn parse_nft(datagram: &[u8]) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut rest = datagram;
+    while rest.len() >= 16 {
+        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
+        if len < 16 || len > rest.len() {
+            break;
+        }
+        let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
+        let verb = match (kind >> 8 == NFNL_SUBSYS_NFTABLES, kind & 0xff) {
+            (true, 0) => Some("table added"),
+            (true, 2) => Some("table deleted"),
+            (true, 3) => Some("chain added or changed"),
+            (true, 5) => Some("chain deleted"),
+            (true, 6) => Some("rule added or changed"),
+            (true, 8) => Some("rule deleted"),
+            (true, 9) => Some("set added"),
+            (true, 11) => Some("set deleted"),
+            (true, 12) => Some("element added"),
+            (true, 14) => Some("element deleted"),
+            _ => None,
+        };
+        let body = &rest[16..len];
+        if let Some(verb) = verb.filter(|_| body.first() == Some(&NFPROTO_IPV4)) {
+            if table_of(body.get(4..).unwrap_or_default()) == Some(OUR_TABLE) {
+                out.push(format!("nf_tables: {verb} in table ip meshnet"));
+            }
+        }
+        rest = &rest[((len + 3) & !3).min(rest.len())..];
+    }
+    out
+}
+
+/// The value of attribute 1 among `attrs`, without its terminating NULs.
+fn table_of(mut attrs: &[u8]) -> Option<&[u8]> {
+    while attrs.len() >= 4 {
+        let len = u16::from_ne_bytes(attrs[0..2].try_into().expect("2 bytes")) as usize;
+        if len < 4 || len > attrs.len() {
+            return None;
+        }
+        if u16::from_ne_bytes(attrs[2..4].try_into().expect("2 bytes")) & 0x3fff == 1 {
+            let value = &attrs[4..len];
+            let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
+            return Some(&value[..end]);
+        }
+        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
+    }
+    None
 }
 
 /// Whether a notification may concern the agent. In its own namespaces every link, address and
@@ -384,5 +484,48 @@ mod tests {
             ["link eth1 deleted", "route to prefix /0 deleted"]
         );
         assert!(parse(&[1, 2, 3], false).is_empty(), "garbage is ignored");
+    }
+
+    /// An nf_tables notification of `msg` in table `family table`.
+    fn nft_msg(msg: u16, family: u8, table: &str) -> Vec<u8> {
+        let mut name = table.as_bytes().to_vec();
+        name.push(0);
+        let mut attr = Vec::new();
+        attr.extend_from_slice(&((4 + name.len()) as u16).to_ne_bytes());
+        attr.extend_from_slice(&1u16.to_ne_bytes());
+        attr.extend_from_slice(&name);
+        while attr.len() % 4 != 0 {
+            attr.push(0);
+        }
+        let mut m = Vec::new();
+        m.extend_from_slice(&((20 + attr.len()) as u32).to_ne_bytes());
+        m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
+        m.extend_from_slice(&[0; 10]);
+        m.extend_from_slice(&[family, 0, 0, 0]);
+        m.extend_from_slice(&attr);
+        m
+    }
+
+    #[test]
+    fn only_changes_to_our_table_count() {
+        let datagram = [
+            nft_msg(8, NFPROTO_IPV4, "meshnet"),
+            nft_msg(14, NFPROTO_IPV4, "filter"),
+            nft_msg(2, 1, "meshnet"),
+            nft_msg(15, NFPROTO_IPV4, "meshnet"),
+            nft_msg(12, NFPROTO_IPV4, "meshnet"),
+        ]
+        .concat();
+        assert_eq!(
+            parse_nft(&datagram),
+            [
+                "nf_tables: rule deleted in table ip meshnet",
+                "nf_tables: element added in table ip meshnet"
+            ]
+        );
+        let table = nft_msg(2, NFPROTO_IPV4, "meshnet");
+        for cut in 0..table.len() {
+            assert!(parse_nft(&table[..cut]).is_empty(), "cut at {cut}");
+        }
     }
 }

@@ -59,6 +59,9 @@ pub struct Reconciler<K: Kernel> {
     pub settled: bool,
     /// The embedded resolver: its records follow `desired`, its listeners the tasks.
     pub dns: Dns,
+    /// An nftables table of ours changed behind our back, maybe: the next pass compares every
+    /// table with what it should be, as the timer's passes do.
+    pub recheck_tables: bool,
 }
 
 impl<K: Kernel> Reconciler<K> {
@@ -249,15 +252,20 @@ impl<K: Kernel> Reconciler<K> {
             .collect();
         let rules = self.mesh.rules.clone();
         let desired = desired.clone();
+        let recheck = std::mem::take(&mut self.recheck_tables);
         let result = tokio::task::spawn_blocking(move || {
             let running: Vec<&TaskSpec> = running.iter().collect();
             let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
-            rules.sync(&desired, &running, &gw_addrs)
+            rules.sync(&desired, &running, &gw_addrs, recheck)
         })
         .await;
         match result {
             Ok(out) => {
                 self.wake = out.wake;
+                for netns in out.repaired {
+                    warn!(kind = "nft_table", %netns, "repair: table ip meshnet differed from what it should be; rebuilt");
+                    self.metrics.repair("nft_table");
+                }
                 if let Some(report) = out.report {
                     self.outbox.lb_state(report);
                 }
@@ -343,7 +351,8 @@ impl<K: Kernel> Reconciler<K> {
                         next = Instant::now();
                     }
                 }
-                Some(Change { netns, what }) = changes.recv() => {
+                Some(Change { netns, what, nft }) = changes.recv() => {
+                    self.recheck_tables |= nft;
                     // Our own changes come back too: they cost one pass that finds nothing.
                     let soon = Instant::now() + DEBOUNCE;
                     if soon < next {

@@ -15,7 +15,9 @@ use netns::Netns;
 use proto::agent::{Assignment, LbReport, TaskSpec};
 use tracing::{error, info};
 
-use crate::lb::{self, sync_table, DrainingBackends, LbKind, LbOptions, LoadBalancer, Table};
+use crate::lb::{
+    self, sync_table, DrainingBackends, LbKind, LbOptions, LoadBalancer, Synced, Table,
+};
 use crate::mesh::{self, GWBRIDGE, INGRESS_SBOX};
 
 /// A table applied in one namespace, tied to the namespace's inode: a recreated namespace
@@ -69,6 +71,8 @@ pub struct MeshPass {
     /// Run again within this (an IPVS drain deadline).
     pub wake: Option<Duration>,
     pub report: Option<LbReport>,
+    /// The namespaces whose table had drifted and was rebuilt.
+    pub repaired: Vec<String>,
 }
 
 impl MeshRules {
@@ -96,18 +100,21 @@ impl MeshRules {
     }
 
     /// Brings the tables and the load balancer to `desired`. `running`: the local tasks whose
-    /// process runs; `gw_addrs`: their gwbridge addresses.
+    /// process runs; `gw_addrs`: their gwbridge addresses. The tables are compared with what
+    /// they should be every `recheck_every`, and now if `recheck`.
     pub fn sync(
         &mut self,
         desired: &Assignment,
         running: &[&TaskSpec],
         gw_addrs: &BTreeMap<String, std::net::Ipv4Addr>,
+        recheck: bool,
     ) -> MeshPass {
         let mut out = MeshPass::default();
         let now = Instant::now();
-        let recheck = self
-            .last_check
-            .is_none_or(|t| now.duration_since(t) >= self.recheck_every);
+        let recheck = recheck
+            || self
+                .last_check
+                .is_none_or(|t| now.duration_since(t) >= self.recheck_every);
         if recheck {
             self.last_check = Some(now);
         }
@@ -122,14 +129,21 @@ impl MeshRules {
             }
         }
         let node = mesh::node_state(desired, self.gw_subnet, gw_addrs, running);
-        if let Err(e) = sync_table(&self.node, &mut self.node_table, &node, recheck) {
-            fail("node table", &e);
+        match sync_table(&self.node, &mut self.node_table, &node, recheck) {
+            Ok(Synced::Repaired) => out.repaired.push("node".into()),
+            Ok(_) => {}
+            Err(e) => fail("node table", &e),
         }
 
         match mesh::sbox_state(desired, self.lb_kind.mode()) {
             Some(st) => {
                 match self.sync_lb(INGRESS_SBOX, &st, &ingress_draining(desired), recheck) {
-                    Ok(wake) => out.wake = wake,
+                    Ok(s) => {
+                        out.wake = s.wake;
+                        if s.repaired {
+                            out.repaired.push(INGRESS_SBOX.into());
+                        }
+                    }
                     Err(e) => fail("load balancer in ingress_sbox", &e),
                 }
             }
@@ -152,7 +166,12 @@ impl MeshRules {
                 continue;
             };
             match self.sync_lb(&name, &st, &mesh::draining(net), recheck) {
-                Ok(wake) => out.wake = earliest(out.wake, wake),
+                Ok(s) => {
+                    out.wake = earliest(out.wake, s.wake);
+                    if s.repaired {
+                        out.repaired.push(name);
+                    }
+                }
                 Err(e) => fail(&format!("load balancer in {name}"), &e),
             }
         }
@@ -160,8 +179,10 @@ impl MeshRules {
         let tasks = mesh::task_states(desired, running, self.lb_kind.mode());
         self.tasks.retain(|name, _| tasks.contains_key(name));
         for (name, st) in &tasks {
-            if let Err(e) = self.sync_task(name, st, recheck) {
-                fail(&format!("table of task {name}"), &e);
+            match self.sync_task(name, st, recheck) {
+                Ok(Synced::Repaired) => out.repaired.push(name.clone()),
+                Ok(_) => {}
+                Err(e) => fail(&format!("table of task {name}"), &e),
             }
         }
         out
@@ -181,7 +202,7 @@ impl MeshRules {
             let Some(st) = st else { return };
             synced = true;
             match rules.sync_lb(name, &st, &draining, false) {
-                Ok(wake) => out.wake = earliest(out.wake, wake),
+                Ok(s) => out.wake = earliest(out.wake, s.wake),
                 Err(e) => {
                     error!("load balancer in {name}: {e}");
                     out.errors += 1;
@@ -236,7 +257,7 @@ impl MeshRules {
         st: &firewall::SboxState,
         draining: &DrainingBackends,
         recheck: bool,
-    ) -> Result<Option<Duration>, lb::LbError> {
+    ) -> Result<lb::LbSynced, lb::LbError> {
         let ns = Netns::open(&self.dir.join(name))?;
         let inode = ns.inode()?;
         for (key, value) in firewall::sbox_sysctls(self.lb_kind.mode(), &self.kernel) {
@@ -255,7 +276,7 @@ impl MeshRules {
         lb.sync(st, draining, recheck)
     }
 
-    fn sync_task(&mut self, name: &str, st: &TaskState, recheck: bool) -> Result<(), String> {
+    fn sync_task(&mut self, name: &str, st: &TaskState, recheck: bool) -> Result<Synced, String> {
         let ns = Netns::open(&self.dir.join(name)).map_err(|e| e.to_string())?;
         let inode = ns.inode().map_err(|e| e.to_string())?;
         let applied = self.tasks.entry(name.to_string()).or_insert(Applied {
@@ -268,8 +289,6 @@ impl MeshRules {
                 state: Table::default(),
             };
         }
-        sync_table(&ns, &mut applied.state, st, recheck)
-            .map(drop)
-            .map_err(|e| e.to_string())
+        sync_table(&ns, &mut applied.state, st, recheck).map_err(|e| e.to_string())
     }
 }

@@ -652,9 +652,9 @@ fn metric(lab: &Lab, sample: &str) -> u64 {
 const METRICS: &str = "127.0.0.1:9901";
 
 /// With a timer pass only every hour, only kernel notifications can explain a repair: a task's
-/// deleted default route, a deleted veth and a deleted FDB entry each come back within 1 s, and
-/// each repair is logged and counted once. The pass that each repair's own changes set off
-/// applies nothing.
+/// deleted default route, a deleted veth, a deleted FDB entry and a flushed chain of the node's
+/// nftables table each come back within 1 s, and each repair is logged and counted once. The
+/// pass that each repair's own changes set off applies nothing.
 #[test]
 fn drift_is_repaired_on_kernel_events() {
     let ip_a = Ipv4Addr::new(10, 0, 9, 2);
@@ -723,8 +723,22 @@ fn drift_is_repaired_on_kernel_events() {
     eprintln!("fdb entry back after {took:?}");
     two_passes_since(before);
 
+    let before = passes();
+    let nft = |args: &[&str]| lab.node.output(Command::new("nft").args(args)).unwrap();
+    let masquerades = || {
+        let out = nft(&["list", "chain", "ip", "meshnet", "nat-postrouting"]);
+        String::from_utf8_lossy(&out.stdout).contains("masquerade")
+    };
+    lab.eventually("the node table's masquerade", masquerades);
+    let flushed = nft(&["flush", "chain", "ip", "meshnet", "nat-postrouting"]);
+    assert!(flushed.status.success(), "{flushed:?}");
+    assert!(!masquerades());
+    let took = within(&lab, "the masquerade rules come back", limit, masquerades);
+    eprintln!("nft chain back after {took:?}");
+    two_passes_since(before);
+
     // One repair each: the passes after them found nothing to do.
-    for kind in ["route", "veth", "fdb_neigh"] {
+    for kind in ["route", "veth", "fdb_neigh", "nft_table"] {
         let sample = format!("meshnet_agent_repairs_total{{kind=\"{kind}\"}}");
         assert_eq!(metric(&lab, &sample), 1, "{sample}\n{}", lab.log());
     }
@@ -734,8 +748,13 @@ fn drift_is_repaired_on_kernel_events() {
         .filter(|l| l.contains(" repair"))
         .map(String::from)
         .collect();
-    assert_eq!(logged.len(), 3, "{logged:#?}");
-    for what in ["EnsureDefaultRoute", "EnsureEndpoint", "AddFdb"] {
+    assert_eq!(logged.len(), 4, "{logged:#?}");
+    for what in [
+        "EnsureDefaultRoute",
+        "EnsureEndpoint",
+        "AddFdb",
+        "table ip meshnet",
+    ] {
         assert!(
             logged.iter().any(|l| l.contains(what)),
             "{what} in {logged:#?}"

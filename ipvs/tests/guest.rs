@@ -386,8 +386,9 @@ fn counters_match_ipvsadm_stats() {
         ),
     ]];
     assert_eq!(ipvsadm_blocks(&t, &["--stats"]), want);
-    // The listing reports the same counters as the single-service query.
-    assert_eq!(c.services().unwrap()[0].stats, svc.stats);
+    // The listing reports the same counters as the single-service query (not the same rates:
+    // the kernel's estimator may tick between the two queries).
+    assert_eq!(counts(&c.services().unwrap()[0].stats), counts(&svc.stats));
 }
 
 #[test]

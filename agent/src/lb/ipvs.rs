@@ -21,7 +21,9 @@ use ipvs::{Client, Destination, Family, Forward, Service, ServiceKey, TimeoutCha
 use netns::Netns;
 use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
 
-use super::{sync_table, DrainingBackends, LbError, LbOptions, LoadBalancer, Table};
+use super::{
+    sync_table, DrainingBackends, LbError, LbOptions, LbSynced, LoadBalancer, Synced, Table,
+};
 
 const SCHEDULER: &str = "rr";
 
@@ -215,8 +217,8 @@ impl LoadBalancer for IpvsLb {
         desired: &SboxState,
         draining: &DrainingBackends,
         recheck: bool,
-    ) -> Result<Option<Duration>, LbError> {
-        sync_table(&self.sbox, &mut self.table, desired, recheck)?;
+    ) -> Result<LbSynced, LbError> {
+        let synced = sync_table(&self.sbox, &mut self.table, desired, recheck)?;
         let want: BTreeMap<u32, BTreeSet<Ipv4Addr>> = desired
             .services
             .iter()
@@ -257,11 +259,14 @@ impl LoadBalancer for IpvsLb {
             }
         }
         self.programmed = after(&observed, &ops);
-        Ok(self
-            .timers
-            .values()
-            .map(|since| (*since + self.grace).saturating_duration_since(now))
-            .min())
+        Ok(LbSynced {
+            wake: self
+                .timers
+                .values()
+                .map(|since| (*since + self.grace).saturating_duration_since(now))
+                .min(),
+            repaired: synced == Synced::Repaired,
+        })
     }
 
     fn report(&self) -> LbReport {

@@ -67,17 +67,25 @@ pub enum LbError {
 /// open connections are to go on, without new ones.
 pub type DrainingBackends = BTreeMap<u32, BTreeSet<Ipv4Addr>>;
 
+/// What one [`LoadBalancer::sync`] did.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct LbSynced {
+    /// Run again within this, at the latest (a drain deadline).
+    pub wake: Option<Duration>,
+    /// The sandbox's table had drifted and was rebuilt.
+    pub repaired: bool,
+}
+
 pub trait LoadBalancer: Send {
     /// Programs `desired` (services by fwmark with their backends) into the sandbox, changing
     /// only what differs, and keeps the open connections of `draining`. `recheck` also
-    /// re-reads the kernel and repairs drift. Returns when it wants to run again at the latest
-    /// (a drain deadline), if it does.
+    /// re-reads the kernel and repairs drift.
     fn sync(
         &mut self,
         desired: &SboxState,
         draining: &DrainingBackends,
         recheck: bool,
-    ) -> Result<Option<Duration>, LbError>;
+    ) -> Result<LbSynced, LbError>;
     /// What is programmed now, for the manager.
     fn report(&self) -> LbReport;
 }
@@ -113,35 +121,48 @@ impl<R> Default for Table<R> {
     }
 }
 
+/// What [`sync_table`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Synced {
+    Unchanged,
+    /// A new desired state applied.
+    Applied,
+    /// The table had drifted from the desired state: rebuilt.
+    Repaired,
+}
+
 /// Applies `next` to a namespace's table: a full atomic rebuild the first time (nothing applied
 /// yet, e.g. after a restart: conntrack entries survive it), then only what changed. With
 /// `recheck`, reads the table back and rebuilds it if it drifted, unless the namespace's
 /// nf_tables generation has not moved since the table was last found right (nothing can have
-/// changed it then, and asking is far cheaper than an `nft` listing). Returns whether anything
-/// was applied.
+/// changed it then, and asking is far cheaper than an `nft` listing).
 pub fn sync_table<R: Ruleset + Clone + PartialEq>(
     ns: &Netns,
     table: &mut Table<R>,
     next: &R,
     recheck: bool,
-) -> Result<bool, firewall::Error> {
+) -> Result<Synced, firewall::Error> {
     let nf = NsNetfilter::new(ns);
     if table.applied.as_ref() != Some(next) {
         firewall::sync(&nf, table.applied.as_ref(), next)?;
         table.applied = Some(next.clone());
         // Our own write moved the generation: the next check lists the table once.
         table.checked_at = None;
-        return Ok(true);
+        return Ok(Synced::Applied);
     }
     if !recheck {
-        return Ok(false);
+        return Ok(Synced::Unchanged);
     }
     // Read before listing: a change made after it moves the generation past it.
     let generation = firewall::generation(ns).ok();
     if generation.is_some() && generation == table.checked_at {
-        return Ok(false);
+        return Ok(Synced::Unchanged);
     }
     let rebuilt = firewall::reconcile(&nf, next)?;
     table.checked_at = if rebuilt { None } else { generation };
-    Ok(rebuilt)
+    Ok(if rebuilt {
+        Synced::Repaired
+    } else {
+        Synced::Unchanged
+    })
 }

@@ -4,13 +4,13 @@
 //! flows move on.
 //! Timeouts are the sandbox's conntrack sysctls.
 
-use std::time::Duration;
-
 use firewall::SboxState;
 use netns::Netns;
 use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
 
-use super::{sync_table, DrainingBackends, LbError, LoadBalancer, Table, Timeouts};
+use super::{
+    sync_table, DrainingBackends, LbError, LbSynced, LoadBalancer, Synced, Table, Timeouts,
+};
 
 pub struct NftLb {
     sbox: Netns,
@@ -55,9 +55,12 @@ impl LoadBalancer for NftLb {
         desired: &SboxState,
         _draining: &DrainingBackends,
         recheck: bool,
-    ) -> Result<Option<Duration>, LbError> {
-        sync_table(&self.sbox, &mut self.table, desired, recheck)?;
-        Ok(None)
+    ) -> Result<LbSynced, LbError> {
+        let synced = sync_table(&self.sbox, &mut self.table, desired, recheck)?;
+        Ok(LbSynced {
+            wake: None,
+            repaired: synced == Synced::Repaired,
+        })
     }
 
     fn report(&self) -> LbReport {
