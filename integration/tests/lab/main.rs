@@ -1,5 +1,6 @@
 //! Lab tier (root, host kernel): the lab itself, and meshnet clusters built in it.
 
+mod chaos;
 mod cleanup;
 mod global;
 mod overlay;

@@ -11,7 +11,7 @@ use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use integration::cluster::{bin, Cluster, CONVERGE_TIMEOUT};
+use integration::cluster::{bin, Cluster, ClusterOptions, CONVERGE_TIMEOUT};
 use integration::http;
 use proto::api::{ServiceInfo, TaskInfo};
 use proto::model::{TaskState, UpdateState};
@@ -23,7 +23,12 @@ const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 100);
 const NODES: [&str; 3] = ["192.168.56.11", "192.168.56.12", "192.168.56.13"];
 
 pub(crate) fn cluster() -> Cluster {
-    let mut c = Cluster::up(3, crate::LB).unwrap();
+    cluster_with(ClusterOptions::default())
+}
+
+/// [`cluster`] with other options.
+pub(crate) fn cluster_with(opts: ClusterOptions) -> Cluster {
+    let mut c = Cluster::up_opts(3, crate::LB, opts).unwrap();
     c.lab.add_host(CLIENT, CLIENT_IP).unwrap();
     c.network_create("app", "10.0.42.0/24").unwrap();
     c
@@ -65,8 +70,8 @@ fn now() -> String {
 /// Requests sent and failed by the load loops.
 #[derive(Debug, Default)]
 pub(crate) struct Tally {
-    sent: usize,
-    failed: Vec<String>,
+    pub(crate) sent: usize,
+    pub(crate) failed: Vec<String>,
 }
 
 /// Runs `during` while a thread per node sends requests to that node's port 80 and another
