@@ -8,6 +8,7 @@ use std::sync::Mutex;
 
 use netns::Netns;
 
+use crate::changes::Changes;
 use crate::listing::parse_listing;
 use crate::render::Batch;
 use crate::{Error, Result, Ruleset, TABLE};
@@ -19,6 +20,10 @@ const STDERR_LIMIT: usize = 4096;
 pub trait Netfilter {
     /// Applies a batch as one transaction. An empty batch does nothing.
     fn apply(&self, batch: &Batch) -> Result<()>;
+    /// Applies incremental changes as one transaction. By default as their `nft` script.
+    fn apply_changes(&self, changes: &Changes) -> Result<()> {
+        self.apply(&changes.to_batch())
+    }
     /// `nft -j list table ip meshnet`, or `None` when our table does not exist.
     fn list_table(&self) -> Result<Option<String>>;
     /// Deletes the conntrack entries of a destination that left the balancer (its DNATed or
@@ -31,8 +36,13 @@ pub trait Netfilter {
 
 /// Applies the change from `prev` to `next`, then clears the stale conntrack entries of
 /// destinations that are gone, so the next datagram or SYN of such a flow is balanced afresh.
+/// Element and chain changes go through [`Netfilter::apply_changes`], anything else (a
+/// first build, a configuration change) through a full `nft` batch.
 pub fn sync<R: Ruleset>(nf: &dyn Netfilter, prev: Option<&R>, next: &R) -> Result<()> {
-    nf.apply(&R::render(prev, next)?)?;
+    match prev.map(|p| R::changes(p, next)).transpose()?.flatten() {
+        Some(changes) => nf.apply_changes(&changes)?,
+        None => nf.apply(&R::render(prev, next)?)?,
+    }
     if let Some(prev) = prev {
         for ip in R::stale_destinations(prev, next) {
             nf.delete_stale_conntrack(ip)?;
@@ -114,6 +124,11 @@ impl<'a> NsNetfilter<'a> {
 }
 
 impl Netfilter for NsNetfilter<'_> {
+    /// Over nf_tables netlink, without `nft` (see [`crate::nfnl`]).
+    fn apply_changes(&self, changes: &Changes) -> Result<()> {
+        crate::nfnl::apply(self.ns, changes)
+    }
+
     fn apply(&self, batch: &Batch) -> Result<()> {
         const ACTION: &str = "apply an nft batch";
         if batch.is_empty() {

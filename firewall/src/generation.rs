@@ -39,7 +39,7 @@ pub fn generation(ns: &Netns) -> Result<u32> {
     ask(&sock).map_err(io_err)
 }
 
-fn open() -> io::Result<OwnedFd> {
+pub(crate) fn open() -> io::Result<OwnedFd> {
     // SAFETY: plain syscall; the descriptor is owned at once.
     let fd = unsafe {
         libc::socket(

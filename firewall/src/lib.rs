@@ -106,9 +106,11 @@
 //! change of backends is one flush and one rule. A backend that leaves every VIP also loses
 //! the task's UDP and SYN_SENT conntrack entries to it.
 
+mod changes;
 mod exec;
 mod generation;
 mod listing;
+pub mod nfnl;
 mod node;
 mod render;
 mod sbox;
@@ -116,6 +118,7 @@ mod task;
 
 use std::fmt;
 
+pub use changes::{Changes, Key, Step, Value};
 pub use exec::{reconcile, sync, FakeNetfilter, Netfilter, NsNetfilter};
 pub use generation::generation;
 pub use listing::{parse_listing, TableShape};
@@ -129,6 +132,14 @@ pub trait Ruleset: Sized {
     /// The batch that takes the table from `prev` (what was last applied; `None` when unknown)
     /// to `next`. Validates `next` first: bad input renders nothing.
     fn render(prev: Option<&Self>, next: &Self) -> Result<Batch>;
+
+    /// The same transition as [`Ruleset::render`] from a known `prev`, as data, when it is
+    /// only element and per-object chain changes (which an executor may apply over nf_tables
+    /// netlink rather than `nft`); `None` when it needs a rebuild or the table has no such
+    /// form. Validates `next` first.
+    fn changes(_prev: &Self, _next: &Self) -> Result<Option<Changes>> {
+        Ok(None)
+    }
 
     /// What `nft -j list table ip meshnet` must show when `self` is applied.
     fn shape(&self) -> TableShape;
@@ -174,6 +185,13 @@ pub enum Error {
         command: &'static str,
         status: String,
         stderr: String,
+    },
+    #[error("{action} in network namespace {ns}: {cause}")]
+    Nfnl {
+        /// What failed, as the nft statement it stands for.
+        action: String,
+        ns: String,
+        cause: std::io::Error,
     },
     #[error("parse the listing of table {TABLE}: {0}")]
     Listing(String),
