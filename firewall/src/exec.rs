@@ -4,12 +4,13 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use netns::Netns;
 
 use crate::changes::Changes;
 use crate::listing::parse_listing;
+use crate::nfnl::NfnlSocket;
 use crate::render::Batch;
 use crate::{Error, Result, Ruleset, TABLE};
 
@@ -66,14 +67,26 @@ pub fn reconcile<R: Ruleset>(nf: &dyn Netfilter, desired: &R) -> Result<bool> {
     Ok(true)
 }
 
-/// Runs `nft`/`conntrack` inside a namespace via [`Netns::spawn`].
+/// Runs `nft`/`conntrack` inside a namespace via [`Netns::spawn`], and sends incremental
+/// changes over nf_tables netlink.
 pub struct NsNetfilter<'a> {
     ns: &'a Netns,
+    nfnl: Option<&'a OnceLock<NfnlSocket>>,
 }
 
 impl<'a> NsNetfilter<'a> {
+    /// Incremental changes open a netlink socket each (see [`NfnlSocket`] for its cost).
     pub fn new(ns: &'a Netns) -> NsNetfilter<'a> {
-        NsNetfilter { ns }
+        NsNetfilter { ns, nfnl: None }
+    }
+
+    /// Incremental changes go through the socket kept in `nfnl`, opened in `ns` by the first
+    /// of them. Keep `nfnl` with the namespace.
+    pub fn with_nfnl(ns: &'a Netns, nfnl: &'a OnceLock<NfnlSocket>) -> NsNetfilter<'a> {
+        NsNetfilter {
+            ns,
+            nfnl: Some(nfnl),
+        }
     }
 
     fn ns_name(&self) -> String {
@@ -126,7 +139,14 @@ impl<'a> NsNetfilter<'a> {
 impl Netfilter for NsNetfilter<'_> {
     /// Over nf_tables netlink, without `nft` (see [`crate::nfnl`]).
     fn apply_changes(&self, changes: &Changes) -> Result<()> {
-        crate::nfnl::apply(self.ns, changes)
+        let Some(slot) = self.nfnl else {
+            return NfnlSocket::open(self.ns)?.apply(changes);
+        };
+        if slot.get().is_none() {
+            // Should another thread fill the slot meanwhile, its socket serves and ours closes.
+            let _ = slot.set(NfnlSocket::open(self.ns)?);
+        }
+        slot.get().expect("set above").apply(changes)
     }
 
     fn apply(&self, batch: &Batch) -> Result<()> {

@@ -122,6 +122,7 @@ pub use changes::{Changes, Key, Step, Value};
 pub use exec::{reconcile, sync, FakeNetfilter, Netfilter, NsNetfilter};
 pub use generation::generation;
 pub use listing::{parse_listing, TableShape};
+pub use nfnl::NfnlSocket;
 pub use node::{node_sysctls, NodeConfig, NodeState};
 pub use render::{Batch, ELEMENTS_PER_STATEMENT};
 pub use sbox::{sbox_sysctls, synthetic_sbox, LbMode, SboxConfig, SboxService, SboxState};

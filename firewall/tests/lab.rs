@@ -17,7 +17,7 @@ use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4, TcpListener, TcpStream, UdpSo
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -1098,7 +1098,8 @@ fn incremental_changes_over_netlink_list_as_with_nft() {
 fn a_failed_netlink_batch_changes_nothing_and_names_the_element() {
     let mut lab = Lab::new();
     lab.add("nl");
-    let nf = lab.nf("nl");
+    let nfnl = OnceLock::new();
+    let nf = NsNetfilter::with_nfnl(lab.ns("nl"), &nfnl);
     let applied = sbox_with(&["b1", "b2"]);
     sync(&nf, None, &applied).unwrap();
     let before = lab.list("nl", "table ip meshnet");
@@ -1126,7 +1127,7 @@ fn a_failed_netlink_batch_changes_nothing_and_names_the_element() {
         "nothing applied"
     );
 
-    // The same batch from the right state goes through.
+    // The same batch from the right state goes through, on the same socket.
     sync(&nf, Some(&applied), &next).unwrap();
     assert!(!reconcile(&nf, &next).unwrap());
 }

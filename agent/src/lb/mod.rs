@@ -7,11 +7,13 @@ pub mod ipvs;
 pub mod nft;
 
 use std::num::NonZeroU32;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use firewall::{NsNetfilter, Ruleset, SboxState};
+use firewall::{NfnlSocket, NsNetfilter, Ruleset, SboxState};
 use netns::Netns;
 use proto::agent::LbReport;
+use tracing::warn;
 
 /// Which backend balances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -78,11 +80,13 @@ pub fn open(kind: LbKind, sbox: Netns, opts: LbOptions) -> Result<Box<dyn LoadBa
     })
 }
 
-/// Our table in one namespace: what we last applied, and the namespace's nf_tables generation
-/// when the table was last found right.
+/// Our table in one namespace: what we last applied, the namespace's nf_tables generation
+/// when the table was last found right, and the netlink socket that carries incremental
+/// changes there (opened by the first one and kept: see [`NfnlSocket`]).
 pub struct Table<R> {
     applied: Option<R>,
     checked_at: Option<u32>,
+    nfnl: OnceLock<NfnlSocket>,
 }
 
 impl<R> Table<R> {
@@ -97,25 +101,35 @@ impl<R> Default for Table<R> {
         Table {
             applied: None,
             checked_at: None,
+            nfnl: OnceLock::new(),
         }
     }
 }
 
 /// Applies `next` to a namespace's table: a full atomic rebuild the first time (nothing applied
-/// yet, e.g. after a restart: conntrack entries survive it), then only what changed. With
-/// `recheck`, reads the table back and rebuilds it if it drifted, unless the namespace's
-/// nf_tables generation has not moved since the table was last found right (nothing can have
-/// changed it then, and asking is far cheaper than an `nft` listing). Returns whether anything
-/// was applied.
+/// yet, e.g. after a restart: conntrack entries survive it), then only what changed, as one
+/// nf_tables netlink batch where the table has an incremental form (the sandboxes' tables) and
+/// an `nft` batch otherwise. Should an incremental batch fail (the kernel's table is not what
+/// we last applied), the table is rebuilt atomically instead. With `recheck`, reads the table
+/// back and rebuilds it if it drifted, unless the namespace's nf_tables generation has not
+/// moved since the table was last found right (nothing can have changed it then, and asking
+/// is far cheaper than an `nft` listing). Returns whether anything was applied.
 pub fn sync_table<R: Ruleset + Clone + PartialEq>(
     ns: &Netns,
     table: &mut Table<R>,
     next: &R,
     recheck: bool,
 ) -> Result<bool, firewall::Error> {
-    let nf = NsNetfilter::new(ns);
     if table.applied.as_ref() != Some(next) {
-        firewall::sync(&nf, table.applied.as_ref(), next)?;
+        let nf = NsNetfilter::with_nfnl(ns, &table.nfnl);
+        match firewall::sync(&nf, table.applied.as_ref(), next) {
+            Ok(()) => {}
+            Err(e @ firewall::Error::Nfnl { .. }) => {
+                warn!(error = %e, "incremental change failed: rebuilding the table");
+                firewall::sync(&nf, None, next)?;
+            }
+            Err(e) => return Err(e),
+        }
         table.applied = Some(next.clone());
         // Our own write moved the generation: the next check lists the table once.
         table.checked_at = None;
@@ -124,6 +138,7 @@ pub fn sync_table<R: Ruleset + Clone + PartialEq>(
     if !recheck {
         return Ok(false);
     }
+    let nf = NsNetfilter::new(ns);
     // Read before listing: a change made after it moves the generation past it.
     let generation = firewall::generation(ns).ok();
     if generation.is_some() && generation == table.checked_at {

@@ -33,6 +33,8 @@ mod socket;
 mod wire;
 
 use std::io;
+use std::os::fd::OwnedFd;
+use std::sync::Mutex;
 
 use netns::Netns;
 
@@ -368,48 +370,71 @@ pub fn encode(changes: &Changes, seq: u32) -> Encoded {
     }
 }
 
-/// Applies `changes` in `ns` as one nf_tables transaction over netlink. On failure nothing
-/// changed, and the error names the statement (the element, when the kernel says which) that
-/// failed.
-pub fn apply(ns: &Netns, changes: &Changes) -> Result<()> {
-    if changes.is_empty() {
-        return Ok(());
+/// A netlink socket for nf_tables batches in one namespace. Keep it as long as the namespace
+/// is served: closing a netlink socket makes nf_tables finish freeing what earlier transactions
+/// deleted (it waits for an RCU grace period, 8-16 ms here), so a socket per change would pay
+/// that on every change that deletes an element or a rule.
+#[derive(Debug)]
+pub struct NfnlSocket {
+    fd: OwnedFd,
+    ns: String,
+    /// The next sequence number; held while a batch is in flight.
+    seq: Mutex<u32>,
+}
+
+impl NfnlSocket {
+    /// Opens the socket inside `ns` (a thread enters it; the socket stays there).
+    pub fn open(ns: &Netns) -> Result<NfnlSocket> {
+        const ACTION: &str = "open an nf_tables netlink socket";
+        let name = ns.path().display().to_string();
+        let fd = ns
+            .run(socket::open)
+            .map_err(|cause| Error::Netns {
+                action: ACTION,
+                ns: name.clone(),
+                cause,
+            })?
+            .map_err(|cause| Error::Io {
+                action: ACTION,
+                ns: name.clone(),
+                cause,
+            })?;
+        Ok(NfnlSocket {
+            fd,
+            ns: name,
+            seq: Mutex::new(1),
+        })
     }
-    let ns_name = || ns.path().display().to_string();
-    let sock = ns
-        .run(socket::open)
-        .map_err(|cause| Error::Netns {
-            action: "open an nf_tables netlink socket",
-            ns: ns_name(),
-            cause,
-        })?
-        .map_err(|cause| Error::Io {
-            action: "open an nf_tables netlink socket",
-            ns: ns_name(),
+
+    /// Applies `changes` as one nf_tables transaction. On failure nothing changed, and the
+    /// error names the statement (the element, when the kernel says which) that failed.
+    pub fn apply(&self, changes: &Changes) -> Result<()> {
+        if changes.is_empty() {
+            return Ok(());
+        }
+        let mut seq = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        let batch = encode(changes, *seq);
+        *seq = seq.wrapping_add(batch.commands() as u32 + 2);
+        let failed = socket::transact(&self.fd, &batch).map_err(|cause| Error::Nfnl {
+            action: format!("apply a batch of {} changes to {TABLE}", batch.commands()),
+            ns: self.ns.clone(),
             cause,
         })?;
-    let batch = encode(changes, 1);
-    let failed = socket::transact(&sock, &batch).map_err(|cause| Error::Nfnl {
-        action: format!("apply a batch of {} changes to {TABLE}", batch.commands()),
-        ns: ns_name(),
-        cause,
-    })?;
-    match failed {
-        None => Ok(()),
-        Some(f) => {
-            let mut action = batch.blame(f.first.seq, f.first.offset);
-            if let Some(msg) = &f.first.message {
-                action.push_str(&format!(" (kernel: {msg})"));
-            }
-            if f.others > 0 {
-                action.push_str(&format!(" (and {} more errors in the batch)", f.others));
-            }
-            Err(Error::Nfnl {
-                action,
-                ns: ns_name(),
-                cause: io::Error::from_raw_os_error(f.first.errno),
-            })
+        let Some(f) = failed else {
+            return Ok(());
+        };
+        let mut action = batch.blame(f.first.seq, f.first.offset);
+        if let Some(msg) = &f.first.message {
+            action.push_str(&format!(" (kernel: {msg})"));
         }
+        if f.others > 0 {
+            action.push_str(&format!(" (and {} more errors in the batch)", f.others));
+        }
+        Err(Error::Nfnl {
+            action,
+            ns: self.ns.clone(),
+            cause: io::Error::from_raw_os_error(f.first.errno),
+        })
     }
 }
 

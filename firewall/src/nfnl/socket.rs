@@ -61,6 +61,18 @@ pub fn transact(sock: &OwnedFd, batch: &Encoded) -> io::Result<Option<Failed>> {
         set_int(sock, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size)
             .or_else(|_| set_int(sock, libc::SOL_SOCKET, libc::SO_SNDBUF, size))?;
     }
+    let mut buf = vec![0u8; RECV_BUFFER];
+    // Answers left over from an earlier batch that ended early go first.
+    // SAFETY: the buffer is valid for its length.
+    while unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    } > 0
+    {}
     // SAFETY: the buffer is valid for its length.
     let sent = unsafe { libc::send(sock.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
     if sent < 0 {
@@ -73,8 +85,8 @@ pub fn transact(sock: &OwnedFd, batch: &Encoded) -> io::Result<Option<Failed>> {
         ));
     }
     let last = batch.commands.last().map(|c| c.seq);
+    let ours = |seq: u32| seq.wrapping_sub(batch.begin_seq) <= batch.commands.len() as u32 + 1;
     let mut errors: Vec<Ack> = Vec::new();
-    let mut buf = vec![0u8; RECV_BUFFER];
     loop {
         // SAFETY: the buffer is valid for its length.
         let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
@@ -92,7 +104,10 @@ pub fn transact(sock: &OwnedFd, batch: &Encoded) -> io::Result<Option<Failed>> {
             io::Error::new(io::ErrorKind::InvalidData, "malformed netlink answer")
         })?;
         let mut done = false;
-        for msg in msgs.iter().filter(|m| m.kind == wire::NLMSG_ERROR) {
+        for msg in msgs
+            .iter()
+            .filter(|m| m.kind == wire::NLMSG_ERROR && ours(m.seq))
+        {
             let ack = wire::parse_ack(msg).ok_or_else(|| {
                 io::Error::new(io::ErrorKind::InvalidData, "malformed netlink error answer")
             })?;
