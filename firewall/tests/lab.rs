@@ -22,8 +22,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use firewall::{
-    parse_listing, reconcile, sync, synthetic_sbox, Fwmark, LbMode, Netfilter, NodeConfig,
-    NodeState, NsNetfilter, PortKey, Ruleset, SboxConfig, SboxService, SboxState, TaskState,
+    parse_listing, reconcile, sync, synthetic_sbox, Fwmark, LbMode, Netfilter, NfnlSocket,
+    NodeConfig, NodeState, NsNetfilter, PortKey, Ruleset, SboxConfig, SboxService, SboxState,
+    TaskState,
 };
 use netns::Netns;
 
@@ -957,6 +958,19 @@ fn the_nf_tables_generation_moves_with_every_transaction_in_its_namespace_only()
     lab.run("a", "nft", &["delete", "table", "ip", "gen-test"]);
     assert!(firewall::generation(lab.ns("a")).unwrap() > a1);
     assert_eq!(firewall::generation(lab.ns("b")).unwrap(), b0);
+
+    // A kept netlink socket tells the same, also after batches of its own.
+    let nfnl = NfnlSocket::open(lab.ns("a")).unwrap();
+    let a2 = nfnl.generation().unwrap();
+    assert_eq!(a2, firewall::generation(lab.ns("a")).unwrap());
+    let empty = synthetic_sbox(0, 2);
+    sync(&lab.nf("a"), None, &empty).unwrap();
+    let one = synthetic_sbox(1, 2);
+    let changes = SboxState::changes(&empty, &one).unwrap().unwrap();
+    nfnl.apply(&changes).unwrap();
+    let a3 = nfnl.generation().unwrap();
+    assert!(a3 > a2 + 1, "{a2} -> {a3}");
+    assert_eq!(a3, firewall::generation(lab.ns("a")).unwrap());
 }
 
 /// `nft -j list table ip meshnet` with every set's elements sorted (a hash set lists its

@@ -139,8 +139,13 @@ pub fn sync_table<R: Ruleset + Clone + PartialEq>(
         return Ok(false);
     }
     let nf = NsNetfilter::new(ns);
-    // Read before listing: a change made after it moves the generation past it.
-    let generation = firewall::generation(ns).ok();
+    // Read before listing: a change made after it moves the generation past it. On the kept
+    // socket where there is one: closing a socket can wait for nf_tables' deferred frees.
+    let generation = match table.nfnl.get() {
+        Some(nfnl) => nfnl.generation(),
+        None => firewall::generation(ns),
+    }
+    .ok();
     if generation.is_some() && generation == table.checked_at {
         return Ok(false);
     }

@@ -406,6 +406,17 @@ impl NfnlSocket {
         })
     }
 
+    /// The namespace's nf_tables generation (see [`crate::generation`]), asked on this socket.
+    pub fn generation(&self) -> Result<u32> {
+        let _busy = self.seq.lock().unwrap_or_else(|p| p.into_inner());
+        socket::drain(&self.fd, &mut [0u8; 4096]);
+        crate::generation::ask(&self.fd).map_err(|cause| Error::Io {
+            action: "ask the nf_tables generation",
+            ns: self.ns.clone(),
+            cause,
+        })
+    }
+
     /// Applies `changes` as one nf_tables transaction. On failure nothing changed, and the
     /// error names the statement (the element, when the kernel says which) that failed.
     pub fn apply(&self, changes: &Changes) -> Result<()> {

@@ -44,6 +44,21 @@ pub fn open() -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
+/// Drops answers left over from an earlier exchange that ended early (a batch failed as a
+/// whole, or a wait timed out), so they are not taken for the next one's.
+pub fn drain(sock: &OwnedFd, buf: &mut [u8]) {
+    // SAFETY: the buffer is valid for its length.
+    while unsafe {
+        libc::recv(
+            sock.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_DONTWAIT,
+        )
+    } > 0
+    {}
+}
+
 /// The first error of a failed batch, and how many more came with it.
 #[derive(Debug)]
 pub struct Failed {
@@ -62,17 +77,7 @@ pub fn transact(sock: &OwnedFd, batch: &Encoded) -> io::Result<Option<Failed>> {
             .or_else(|_| set_int(sock, libc::SOL_SOCKET, libc::SO_SNDBUF, size))?;
     }
     let mut buf = vec![0u8; RECV_BUFFER];
-    // Answers left over from an earlier batch that ended early go first.
-    // SAFETY: the buffer is valid for its length.
-    while unsafe {
-        libc::recv(
-            sock.as_raw_fd(),
-            buf.as_mut_ptr().cast(),
-            buf.len(),
-            libc::MSG_DONTWAIT,
-        )
-    } > 0
-    {}
+    drain(sock, &mut buf);
     // SAFETY: the buffer is valid for its length.
     let sent = unsafe { libc::send(sock.as_raw_fd(), bytes.as_ptr().cast(), bytes.len(), 0) };
     if sent < 0 {
