@@ -64,18 +64,23 @@ impl SboxState {
     /// rejected before any rule is rendered.
     pub fn validate(&self) -> Result<()> {
         check_interface(&self.config.ingress_iface)?;
-        let mut seen = BTreeSet::new();
-        let mut vips = BTreeSet::new();
+        // Sorted lists rather than sets: this runs on every sync, over every service.
+        let mut ports = Vec::with_capacity(self.services.len());
+        let mut vips = Vec::with_capacity(self.services.len());
         for (mark, svc) in &self.services {
-            if let Some(vip) = svc.vip.filter(|v| !vips.insert(*v)) {
-                return Err(Error::DuplicateVip(vip));
-            }
+            vips.extend(svc.vip);
             for key in &svc.ports {
                 check_port(format_args!("service with fwmark {mark}"), key.port)?;
-                if !seen.insert(*key) {
-                    return Err(Error::DuplicatePort(*key));
-                }
+                ports.push(*key);
             }
+        }
+        vips.sort_unstable();
+        if let Some(w) = vips.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::DuplicateVip(w[0]));
+        }
+        ports.sort_unstable();
+        if let Some(w) = ports.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::DuplicatePort(w[0]));
         }
         Ok(())
     }
@@ -132,13 +137,31 @@ impl SboxState {
     /// references), then new or refilled chains, then new elements, then chain deletions.
     fn service_changes(&self, old: &BTreeMap<Fwmark, SboxService>) -> Changes {
         let empty = SboxService::default();
-        // Only services whose entry changed are looked at further.
-        let mut changed: BTreeSet<Fwmark> = old
-            .iter()
-            .filter(|(m, s)| self.services.get(m) != Some(s))
-            .map(|(m, _)| *m)
-            .collect();
-        changed.extend(self.services.keys().filter(|m| !old.contains_key(m)));
+        // Only services whose entry changed are looked at further: both maps walked in step.
+        let mut changed = Vec::new();
+        let (mut was, mut now) = (old.iter().peekable(), self.services.iter().peekable());
+        loop {
+            let mark = match (was.peek(), now.peek()) {
+                (None, None) => break,
+                (Some((w, _)), None) => **w,
+                (None, Some((n, _))) => **n,
+                (Some((w, ws)), Some((n, ns))) => {
+                    if w == n && ws == ns {
+                        was.next();
+                        now.next();
+                        continue;
+                    }
+                    (**w).min(**n)
+                }
+            };
+            if was.peek().is_some_and(|(w, _)| **w == mark) {
+                was.next();
+            }
+            if now.peek().is_some_and(|(n, _)| **n == mark) {
+                now.next();
+            }
+            changed.push(mark);
+        }
 
         let mut del_published = Vec::new();
         let mut add_published = Vec::new();

@@ -2,10 +2,11 @@
 //! to add one published service (one port, 3 backends: every map of the table and a service
 //! chain touched) and to remove it again, with 10k services already programmed versus none.
 //!
-//! Two throwaway sbox namespaces under /run: one holding `synthetic_sbox(0, 2)`, one
-//! `synthetic_sbox(10000, 2)`, each programmed once with a full batch. Then, per sample, on
-//! both tables (interleaved, order alternating), a new service is added and removed again by
-//! each of the two incremental paths, in alternating order:
+//! Four throwaway sbox namespaces under /run, two per path: one holding `synthetic_sbox(0, 2)`,
+//! one `synthetic_sbox(10000, 2)`, each programmed once with a full batch. (Each path has its
+//! own tables: an `nft` run leaves work behind in its namespace, freeing what it deleted, and
+//! its exit waits for it.) Then, per round, path after path, per sample on both tables of the
+//! path (interleaved, order alternating), a new service is added and removed again:
 //! - netlink, the agent's path: `SboxState::changes(prev, next)` encoded and sent as one
 //!   nf_tables netlink batch by `NsNetfilter::apply_changes` on a socket opened in the
 //!   namespace by the first change and kept, as the agent's `sync_table` does; both timed;
@@ -118,14 +119,21 @@ fn main() -> Result<()> {
     let args = Args::parse();
     ensure!(args.samples > 0 && args.samples <= 200, "--samples 1..=200");
     let mut scratch = Scratch::new("b4")?;
+    // [path][empty=0/full=1]
     let mut tables = [
-        Table::new(&mut scratch, "empty", 0)?,
-        Table::new(&mut scratch, "full", args.services)?,
+        [
+            Table::new(&mut scratch, "nl-empty", 0)?,
+            Table::new(&mut scratch, "nl-full", args.services)?,
+        ],
+        [
+            Table::new(&mut scratch, "nft-empty", 0)?,
+            Table::new(&mut scratch, "nft-full", args.services)?,
+        ],
     ];
-    // One warm-up change each way (page cache, nft's first run).
-    for t in &mut tables {
-        for (path, _) in PATHS {
-            t.add_remove(0, path)?;
+    // One warm-up change each (page cache, nft's first run, the netlink socket).
+    for (p, (path, _)) in PATHS.iter().enumerate() {
+        for t in &mut tables[p] {
+            t.add_remove(0, *path)?;
         }
     }
     // [path][table][add=0/remove=1][round] -> (p99, median)
@@ -133,15 +141,18 @@ fn main() -> Result<()> {
     let mut p50: [PerTable<Vec<Duration>>; 2] = Default::default();
     for round in 0..args.rounds {
         let mut times: [PerTable<Vec<Duration>>; 2] = Default::default();
-        for k in 0..args.samples {
-            let order = if (k + round) % 2 == 0 { [0, 1] } else { [1, 0] };
-            for t in order {
-                for p in order {
-                    let (a, r) = tables[t].add_remove(k as u8, PATHS[p].0)?;
+        // The paths one after the other (nft's processes and what they leave behind would
+        // load the machine under the netlink samples), the two table sizes interleaved.
+        for (p, (path, _)) in PATHS.iter().enumerate() {
+            for k in 0..args.samples {
+                let order = if (k + round) % 2 == 0 { [0, 1] } else { [1, 0] };
+                for t in order {
+                    let (a, r) = tables[p][t].add_remove(k as u8, *path)?;
                     times[p][t][0].push(a);
                     times[p][t][1].push(r);
                 }
             }
+            std::thread::sleep(Duration::from_millis(100));
         }
         for p in 0..2 {
             for t in 0..2 {
