@@ -1,5 +1,6 @@
 //! meshnet's nftables rule sets: pure renderers from desired state to `nft -f` scripts, plus a
-//! thin executor that runs `nft` inside a network namespace.
+//! thin executor that runs `nft` inside a network namespace, and sends the sandboxes'
+//! incremental changes as nf_tables netlink batches ([`nfnl`]).
 //!
 //! Every rule set lives in **one table, `table ip meshnet`**, in the namespace it serves. Nothing
 //! here lists, flushes or touches any other table, so foreign rules survive every update.
@@ -15,6 +16,13 @@
 //!   flushed and refilled, or deleted. Base chains are rewritten only through a full rebuild,
 //!   when the table's configuration (interfaces, subnets, LB mode) changes.
 //! - Element lists are split into statements of at most [`ELEMENTS_PER_STATEMENT`].
+//! - Where a table's incremental changes are only elements and per-object chains (the sandbox
+//!   tables, [`SboxState`]), [`Ruleset::changes`] gives them as data ([`Changes`]), and [`sync`]
+//!   hands them to [`Netfilter::apply_changes`]: [`NsNetfilter`] encodes them as one nf_tables
+//!   netlink batch ([`nfnl`]) instead of running `nft`, which would first dump every chain and
+//!   set of the namespace. The same [`Changes`] render as the `nft -f` script
+//!   ([`Changes::to_batch`]), so both paths apply the same transition; the lab tests check that
+//!   they list the same table. Full rebuilds stay `nft -f` scripts.
 //! - The incremental path never lists the table. [`TableShape`] (chains with their rule counts,
 //!   sets with their element counts) read back with `nft -j list table ip meshnet` lets the
 //!   agent detect drift (a deleted rule, chain or element) and rebuild: see [`reconcile`].

@@ -28,6 +28,14 @@
 //! whole batch), then that ACK, so the ACK (or a batch-wide error answering BATCH_BEGIN) ends
 //! the reading. With `NETLINK_EXT_ACK` an error carries the offset of the attribute at fault:
 //! the element that failed is named in the error, as the nft statement it stands for.
+//!
+//! # Cost (kernel 6.18, measured with 10k services × 2 backends in the table)
+//! - Any commit walks every chain of every table in the namespace (`nf_tables_commit`, "make
+//!   rules_gen_X visible"): ~0.06 ms with 10k service chains, against ~3 µs in an empty table.
+//! - Adding a `jump` element (a new service) makes the commit validate the table's whole jump
+//!   graph (loop and hook checks through the `services` map into every service chain): ~1 ms.
+//! - Closing a netlink socket waits for nf_tables to free what earlier transactions deleted
+//!   (an RCU grace period, 8-16 ms): keep an [`NfnlSocket`] per namespace.
 
 mod socket;
 mod wire;
