@@ -127,7 +127,7 @@ mod task;
 use std::fmt;
 
 pub use changes::{Changes, Key, Step, Value};
-pub use exec::{reconcile, sync, FakeNetfilter, Netfilter, NsNetfilter};
+pub use exec::{reconcile, sync, sync_report, FakeNetfilter, Netfilter, NsNetfilter, Synced};
 pub use generation::generation;
 pub use listing::{parse_listing, TableShape};
 pub use nfnl::NfnlSocket;

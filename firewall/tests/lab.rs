@@ -22,9 +22,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use firewall::{
-    parse_listing, reconcile, sync, synthetic_sbox, Fwmark, LbMode, Netfilter, NfnlSocket,
-    NodeConfig, NodeState, NsNetfilter, PortKey, Ruleset, SboxConfig, SboxService, SboxState,
-    TaskState,
+    parse_listing, reconcile, sync, sync_report, synthetic_sbox, Fwmark, LbMode, Netfilter,
+    NfnlSocket, NodeConfig, NodeState, NsNetfilter, PortKey, Ruleset, SboxConfig, SboxService,
+    SboxState, Synced, TaskState,
 };
 use netns::Netns;
 
@@ -1107,7 +1107,8 @@ fn incremental_changes_over_netlink_list_as_with_nft() {
     }
 }
 
-/// A batch that fails changes nothing, and its error names the element at fault.
+/// A batch that fails changes nothing, and its error names the element at fault; `sync` then
+/// rebuilds the table whole.
 #[test]
 fn a_failed_netlink_batch_changes_nothing_and_names_the_element() {
     let mut lab = Lab::new();
@@ -1129,7 +1130,8 @@ fn a_failed_netlink_batch_changes_nothing_and_names_the_element() {
         Fwmark::new(301).unwrap(),
         vip_svc(&[PortKey::tcp(7000)], &[40], None),
     );
-    let err = sync(&nf, Some(&believed), &next).unwrap_err().to_string();
+    let changes = SboxState::changes(&believed, &next).unwrap().unwrap();
+    let err = nf.apply_changes(&changes).unwrap_err().to_string();
     assert!(
         err.starts_with("delete element ip meshnet published { tcp . 9999 }"),
         "{err}"
@@ -1141,7 +1143,17 @@ fn a_failed_netlink_batch_changes_nothing_and_names_the_element() {
         "nothing applied"
     );
 
-    // The same batch from the right state goes through, on the same socket.
-    sync(&nf, Some(&applied), &next).unwrap();
+    // `sync` rebuilds instead, and says so.
+    match sync_report(&nf, Some(&believed), &next).unwrap() {
+        Synced::Rebuilt(e) => assert_eq!(e.to_string(), err),
+        other => panic!("{other:?}"),
+    }
     assert!(!reconcile(&nf, &next).unwrap());
+
+    // The same socket goes on with the next batches.
+    assert!(matches!(
+        sync_report(&nf, Some(&next), &applied).unwrap(),
+        Synced::Applied
+    ));
+    assert_eq!(lab.list("nl", "table ip meshnet"), before);
 }

@@ -10,7 +10,7 @@ use std::num::NonZeroU32;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use firewall::{NfnlSocket, NsNetfilter, Ruleset, SboxState};
+use firewall::{NfnlSocket, NsNetfilter, Ruleset, SboxState, Synced};
 use netns::Netns;
 use proto::agent::LbReport;
 use tracing::warn;
@@ -110,7 +110,7 @@ impl<R> Default for Table<R> {
 /// yet, e.g. after a restart: conntrack entries survive it), then only what changed, as one
 /// nf_tables netlink batch where the table has an incremental form (the sandboxes' tables) and
 /// an `nft` batch otherwise. Should an incremental batch fail (the kernel's table is not what
-/// we last applied), the table is rebuilt atomically instead. With `recheck`, reads the table
+/// we last applied), the table is rebuilt atomically instead (and a warning logged). With `recheck`, reads the table
 /// back and rebuilds it if it drifted, unless the namespace's nf_tables generation has not
 /// moved since the table was last found right (nothing can have changed it then, and asking
 /// is far cheaper than an `nft` listing). Returns whether anything was applied.
@@ -122,13 +122,8 @@ pub fn sync_table<R: Ruleset + Clone + PartialEq>(
 ) -> Result<bool, firewall::Error> {
     if table.applied.as_ref() != Some(next) {
         let nf = NsNetfilter::with_nfnl(ns, &table.nfnl);
-        match firewall::sync(&nf, table.applied.as_ref(), next) {
-            Ok(()) => {}
-            Err(e @ firewall::Error::Nfnl { .. }) => {
-                warn!(error = %e, "incremental change failed: rebuilding the table");
-                firewall::sync(&nf, None, next)?;
-            }
-            Err(e) => return Err(e),
+        if let Synced::Rebuilt(e) = firewall::sync_report(&nf, table.applied.as_ref(), next)? {
+            warn!(error = %e, "incremental change failed: the table was rebuilt");
         }
         table.applied = Some(next.clone());
         // Our own write moved the generation: the next check lists the table once.
