@@ -4,11 +4,13 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Output, Stdio};
-use std::sync::Mutex;
+use std::sync::{Mutex, OnceLock};
 
 use netns::Netns;
 
+use crate::changes::Changes;
 use crate::listing::parse_listing;
+use crate::nfnl::NfnlSocket;
 use crate::render::Batch;
 use crate::{Error, Result, Ruleset, TABLE};
 
@@ -19,6 +21,10 @@ const STDERR_LIMIT: usize = 4096;
 pub trait Netfilter {
     /// Applies a batch as one transaction. An empty batch does nothing.
     fn apply(&self, batch: &Batch) -> Result<()>;
+    /// Applies incremental changes as one transaction. By default as their `nft` script.
+    fn apply_changes(&self, changes: &Changes) -> Result<()> {
+        self.apply(&changes.to_batch())
+    }
     /// `nft -j list table ip meshnet`, or `None` when our table does not exist.
     fn list_table(&self) -> Result<Option<String>>;
     /// Deletes the conntrack entries of a destination that left the balancer (its DNATed or
@@ -29,16 +35,46 @@ pub trait Netfilter {
     fn delete_stale_conntrack(&self, backend: Ipv4Addr) -> Result<u64>;
 }
 
+/// How [`sync`] went.
+#[derive(Debug)]
+pub enum Synced {
+    /// The change was applied as asked (the whole table when there was no `prev`).
+    Applied,
+    /// The incremental changes failed, nothing of them applied (the kernel's table was not
+    /// what `prev` says: changed behind our back), so the whole table was rebuilt instead.
+    /// The error says what did not match.
+    Rebuilt(Error),
+}
+
 /// Applies the change from `prev` to `next`, then clears the stale conntrack entries of
 /// destinations that are gone, so the next datagram or SYN of such a flow is balanced afresh.
+/// Element and chain changes go through [`Netfilter::apply_changes`], anything else (a
+/// first build, a configuration change) through a full `nft` batch. Should the changes fail
+/// ([`Error::Nfnl`]), the table is rebuilt atomically: [`sync_report`] says when.
 pub fn sync<R: Ruleset>(nf: &dyn Netfilter, prev: Option<&R>, next: &R) -> Result<()> {
-    nf.apply(&R::render(prev, next)?)?;
+    sync_report(nf, prev, next).map(drop)
+}
+
+/// [`sync`], saying whether the changes went as asked or the table was rebuilt instead.
+pub fn sync_report<R: Ruleset>(nf: &dyn Netfilter, prev: Option<&R>, next: &R) -> Result<Synced> {
+    let mut synced = Synced::Applied;
+    match prev.map(|p| R::changes(p, next)).transpose()?.flatten() {
+        Some(changes) => match nf.apply_changes(&changes) {
+            Ok(()) => {}
+            Err(e @ Error::Nfnl { .. }) => {
+                nf.apply(&R::render(None, next)?)?;
+                synced = Synced::Rebuilt(e);
+            }
+            Err(e) => return Err(e),
+        },
+        None => nf.apply(&R::render(prev, next)?)?,
+    }
     if let Some(prev) = prev {
         for ip in R::stale_destinations(prev, next) {
             nf.delete_stale_conntrack(ip)?;
         }
     }
-    Ok(())
+    Ok(synced)
 }
 
 /// Reads our table back and rebuilds it atomically if it is missing or its shape differs from
@@ -56,14 +92,26 @@ pub fn reconcile<R: Ruleset>(nf: &dyn Netfilter, desired: &R) -> Result<bool> {
     Ok(true)
 }
 
-/// Runs `nft`/`conntrack` inside a namespace via [`Netns::spawn`].
+/// Runs `nft`/`conntrack` inside a namespace via [`Netns::spawn`], and sends incremental
+/// changes over nf_tables netlink.
 pub struct NsNetfilter<'a> {
     ns: &'a Netns,
+    nfnl: Option<&'a OnceLock<NfnlSocket>>,
 }
 
 impl<'a> NsNetfilter<'a> {
+    /// Incremental changes open a netlink socket each (see [`NfnlSocket`] for its cost).
     pub fn new(ns: &'a Netns) -> NsNetfilter<'a> {
-        NsNetfilter { ns }
+        NsNetfilter { ns, nfnl: None }
+    }
+
+    /// Incremental changes go through the socket kept in `nfnl`, opened in `ns` by the first
+    /// of them. Keep `nfnl` with the namespace.
+    pub fn with_nfnl(ns: &'a Netns, nfnl: &'a OnceLock<NfnlSocket>) -> NsNetfilter<'a> {
+        NsNetfilter {
+            ns,
+            nfnl: Some(nfnl),
+        }
     }
 
     fn ns_name(&self) -> String {
@@ -99,6 +147,18 @@ impl<'a> NsNetfilter<'a> {
 }
 
 impl Netfilter for NsNetfilter<'_> {
+    /// Over nf_tables netlink, without `nft` (see [`crate::nfnl`]).
+    fn apply_changes(&self, changes: &Changes) -> Result<()> {
+        let Some(slot) = self.nfnl else {
+            return NfnlSocket::open(self.ns)?.apply(changes);
+        };
+        if slot.get().is_none() {
+            // Should another thread fill the slot meanwhile, its socket serves and ours closes.
+            let _ = slot.set(NfnlSocket::open(self.ns)?);
+        }
+        slot.get().expect("set above").apply(changes)
+    }
+
     fn apply(&self, batch: &Batch) -> Result<()> {
         const ACTION: &str = "apply an nft batch";
         if batch.is_empty() {
@@ -154,12 +214,14 @@ impl Netfilter for NsNetfilter<'_> {
     }
 }
 
-/// Records what would run; `listing` plays the table nft would list.
+/// Records what would run; `listing` plays the table nft would list. With `changes_fail`,
+/// incremental changes fail as a netlink batch does when the table is not what we think.
 #[derive(Debug, Default)]
 pub struct FakeNetfilter {
     pub applied: Mutex<Vec<String>>,
     pub listing: Mutex<Option<String>>,
     pub conntrack_deleted: Mutex<Vec<Ipv4Addr>>,
+    pub changes_fail: Mutex<bool>,
 }
 
 impl Netfilter for FakeNetfilter {
@@ -168,6 +230,17 @@ impl Netfilter for FakeNetfilter {
             self.applied.lock().unwrap().push(batch.to_string());
         }
         Ok(())
+    }
+
+    fn apply_changes(&self, changes: &Changes) -> Result<()> {
+        if *self.changes_fail.lock().unwrap() {
+            return Err(Error::Nfnl {
+                action: "delete element ip meshnet backends { 256 . 1 }".into(),
+                ns: "fake".into(),
+                cause: std::io::Error::from_raw_os_error(libc::ENOENT),
+            });
+        }
+        self.apply(&changes.to_batch())
     }
 
     fn list_table(&self) -> Result<Option<String>> {
@@ -238,6 +311,30 @@ mod tests {
                 .unwrap()
                 .to_string()
         );
+        assert_eq!(
+            *nf.conntrack_deleted.lock().unwrap(),
+            vec![Ipv4Addr::new(10, 255, 0, 11)]
+        );
+    }
+
+    #[test]
+    fn a_failed_incremental_change_rebuilds_the_table() {
+        let nf = FakeNetfilter::default();
+        let (before, after) = (sbox(&[10, 11]), sbox(&[10]));
+        *nf.changes_fail.lock().unwrap() = true;
+        let synced = sync_report(&nf, Some(&before), &after).unwrap();
+        let Synced::Rebuilt(e) = synced else {
+            panic!("{synced:?}")
+        };
+        assert!(e.to_string().starts_with(
+            "delete element ip meshnet backends { 256 . 1 } in network namespace fake"
+        ));
+        let applied = nf.applied.lock().unwrap();
+        assert_eq!(
+            *applied,
+            vec![SboxState::render(None, &after).unwrap().to_string()]
+        );
+        // The gone backend's flows still go.
         assert_eq!(
             *nf.conntrack_deleted.lock().unwrap(),
             vec![Ipv4Addr::new(10, 255, 0, 11)]

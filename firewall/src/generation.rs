@@ -74,7 +74,7 @@ pub(crate) fn open() -> io::Result<OwnedFd> {
     Ok(sock)
 }
 
-fn ask(sock: &OwnedFd) -> io::Result<u32> {
+pub(crate) fn ask(sock: &OwnedFd) -> io::Result<u32> {
     let mut req = [0u8; HEADERS];
     req[0..4].copy_from_slice(&(HEADERS as u32).to_ne_bytes());
     req[4..6].copy_from_slice(&GETGEN.to_ne_bytes());

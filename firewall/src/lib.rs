@@ -1,5 +1,6 @@
 //! meshnet's nftables rule sets: pure renderers from desired state to `nft -f` scripts, plus a
-//! thin executor that runs `nft` inside a network namespace.
+//! thin executor that runs `nft` inside a network namespace, and sends the sandboxes'
+//! incremental changes as nf_tables netlink batches ([`nfnl`]).
 //!
 //! Every rule set lives in **one table, `table ip meshnet`**, in the namespace it serves. Nothing
 //! here lists, flushes or touches any other table, so foreign rules survive every update.
@@ -15,6 +16,13 @@
 //!   flushed and refilled, or deleted. Base chains are rewritten only through a full rebuild,
 //!   when the table's configuration (interfaces, subnets, LB mode) changes.
 //! - Element lists are split into statements of at most [`ELEMENTS_PER_STATEMENT`].
+//! - Where a table's incremental changes are only elements and per-object chains (the sandbox
+//!   tables, [`SboxState`]), [`Ruleset::changes`] gives them as data ([`Changes`]), and [`sync`]
+//!   hands them to [`Netfilter::apply_changes`]: [`NsNetfilter`] encodes them as one nf_tables
+//!   netlink batch ([`nfnl`]) instead of running `nft`, which would first dump every chain and
+//!   set of the namespace. The same [`Changes`] render as the `nft -f` script
+//!   ([`Changes::to_batch`]), so both paths apply the same transition; the lab tests check that
+//!   they list the same table. Full rebuilds stay `nft -f` scripts.
 //! - The incremental path never lists the table. [`TableShape`] (chains with their rule counts,
 //!   sets with their element counts) read back with `nft -j list table ip meshnet` lets the
 //!   agent detect drift (a deleted rule, chain or element) and rebuild: see [`reconcile`].
@@ -106,10 +114,12 @@
 //! change of backends is one flush and one rule. A backend that leaves every VIP also loses
 //! the task's UDP and SYN_SENT conntrack entries to it.
 
+mod changes;
 mod conntrack;
 mod exec;
 mod generation;
 mod listing;
+pub mod nfnl;
 mod node;
 mod render;
 mod sbox;
@@ -117,9 +127,11 @@ mod task;
 
 use std::fmt;
 
-pub use exec::{reconcile, sync, FakeNetfilter, Netfilter, NsNetfilter};
+pub use changes::{Changes, Key, Step, Value};
+pub use exec::{reconcile, sync, sync_report, FakeNetfilter, Netfilter, NsNetfilter, Synced};
 pub use generation::generation;
 pub use listing::{parse_listing, TableShape};
+pub use nfnl::NfnlSocket;
 pub use node::{node_sysctls, NodeConfig, NodeState};
 pub use render::{Batch, ELEMENTS_PER_STATEMENT};
 pub use sbox::{
@@ -132,6 +144,14 @@ pub trait Ruleset: Sized {
     /// The batch that takes the table from `prev` (what was last applied; `None` when unknown)
     /// to `next`. Validates `next` first: bad input renders nothing.
     fn render(prev: Option<&Self>, next: &Self) -> Result<Batch>;
+
+    /// The same transition as [`Ruleset::render`] from a known `prev`, as data, when it is
+    /// only element and per-object chain changes (which an executor may apply over nf_tables
+    /// netlink rather than `nft`); `None` when it needs a rebuild or the table has no such
+    /// form. Validates `next` first.
+    fn changes(_prev: &Self, _next: &Self) -> Result<Option<Changes>> {
+        Ok(None)
+    }
 
     /// What `nft -j list table ip meshnet` must show when `self` is applied.
     fn shape(&self) -> TableShape;
@@ -177,6 +197,13 @@ pub enum Error {
         command: &'static str,
         status: String,
         stderr: String,
+    },
+    #[error("{action} in network namespace {ns}: {cause}")]
+    Nfnl {
+        /// What failed, as the nft statement it stands for.
+        action: String,
+        ns: String,
+        cause: std::io::Error,
     },
     #[error("parse the listing of table {TABLE}: {0}")]
     Listing(String),

@@ -6,6 +6,7 @@ use std::net::Ipv4Addr;
 
 use ipnet::Ipv4Net;
 
+use crate::changes::{Changes, Key, Step, Value};
 use crate::render::Batch;
 use crate::{check_interface, check_port, Error, Fwmark, PortKey, Result, Ruleset, TableShape};
 
@@ -63,18 +64,23 @@ impl SboxState {
     /// rejected before any rule is rendered.
     pub fn validate(&self) -> Result<()> {
         check_interface(&self.config.ingress_iface)?;
-        let mut seen = BTreeSet::new();
-        let mut vips = BTreeSet::new();
+        // Sorted lists rather than sets: this runs on every sync, over every service.
+        let mut ports = Vec::with_capacity(self.services.len());
+        let mut vips = Vec::with_capacity(self.services.len());
         for (mark, svc) in &self.services {
-            if let Some(vip) = svc.vip.filter(|v| !vips.insert(*v)) {
-                return Err(Error::DuplicateVip(vip));
-            }
+            vips.extend(svc.vip);
             for key in &svc.ports {
                 check_port(format_args!("service with fwmark {mark}"), key.port)?;
-                if !seen.insert(*key) {
-                    return Err(Error::DuplicatePort(*key));
-                }
+                ports.push(*key);
             }
+        }
+        vips.sort_unstable();
+        if let Some(w) = vips.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::DuplicateVip(w[0]));
+        }
+        ports.sort_unstable();
+        if let Some(w) = ports.windows(2).find(|w| w[0] == w[1]) {
+            return Err(Error::DuplicatePort(w[0]));
         }
         Ok(())
     }
@@ -129,15 +135,33 @@ impl SboxState {
     /// The element and chain changes from `old` services to `self`'s, in an order the kernel
     /// accepts within one transaction: deletions of elements first (so chains lose their
     /// references), then new or refilled chains, then new elements, then chain deletions.
-    fn render_services(&self, old: &BTreeMap<Fwmark, SboxService>, b: &mut Batch) {
+    fn service_changes(&self, old: &BTreeMap<Fwmark, SboxService>) -> Changes {
         let empty = SboxService::default();
-        // Only services whose entry changed are looked at further.
-        let mut changed: BTreeSet<Fwmark> = old
-            .iter()
-            .filter(|(m, s)| self.services.get(m) != Some(s))
-            .map(|(m, _)| *m)
-            .collect();
-        changed.extend(self.services.keys().filter(|m| !old.contains_key(m)));
+        // Only services whose entry changed are looked at further: both maps walked in step.
+        let mut changed = Vec::new();
+        let (mut was, mut now) = (old.iter().peekable(), self.services.iter().peekable());
+        loop {
+            let mark = match (was.peek(), now.peek()) {
+                (None, None) => break,
+                (Some((w, _)), None) => **w,
+                (None, Some((n, _))) => **n,
+                (Some((w, ws)), Some((n, ns))) => {
+                    if w == n && ws == ns {
+                        was.next();
+                        now.next();
+                        continue;
+                    }
+                    (**w).min(**n)
+                }
+            };
+            if was.peek().is_some_and(|(w, _)| **w == mark) {
+                was.next();
+            }
+            if now.peek().is_some_and(|(n, _)| **n == mark) {
+                now.next();
+            }
+            changed.push(mark);
+        }
 
         let mut del_published = Vec::new();
         let mut add_published = Vec::new();
@@ -148,20 +172,20 @@ impl SboxState {
         let mut del_slots = Vec::new();
         let mut add_slots = Vec::new();
         let mut dead_chains = Vec::new();
-        let mut chains = Batch::default();
+        let mut chains = Vec::new();
         for mark in changed {
             let was = old.get(&mark).unwrap_or(&empty);
             let now = self.services.get(&mark).unwrap_or(&empty);
             // A port moving between services is deleted before it is added again.
-            del_published.extend(was.ports.difference(&now.ports).map(PortKey::nft));
+            del_published.extend(was.ports.difference(&now.ports).map(|p| Key::Port(*p)));
             add_published.extend(
                 now.ports
                     .difference(&was.ports)
-                    .map(|p| format!("{} : {mark}", p.nft())),
+                    .map(|p| (Key::Port(*p), Value::Mark(mark))),
             );
             if was.vip != now.vip {
-                del_vips.extend(was.vip.map(|v| v.to_string()));
-                add_vips.extend(now.vip.map(|v| format!("{v} : {mark}")));
+                del_vips.extend(was.vip.map(Key::Ip));
+                add_vips.extend(now.vip.map(|v| (Key::Ip(v), Value::Mark(mark))));
             }
             if !self.balances() {
                 continue;
@@ -174,44 +198,54 @@ impl SboxState {
                 if w == n {
                     continue;
                 }
+                let slot = Key::Slot(mark, i as u32);
                 if w.is_some() {
-                    del_slots.push(format!("{mark} . {i}"));
+                    del_slots.push(slot);
                 }
                 if let Some(ip) = n {
-                    add_slots.push(format!("{mark} . {i} : {ip}"));
+                    add_slots.push((slot, Value::Ip(*ip)));
                 }
             }
             let svc = svc_chain(mark);
             match (was.len(), now.len()) {
                 (w, n) if w == n => {}
                 (_, 0) => {
-                    del_services.push(mark.to_string());
-                    dead_chains.push(svc);
+                    del_services.push(Key::Mark(mark));
+                    dead_chains.push(Step::DeleteChain(svc));
                 }
                 (w, n) => {
                     if w == 0 {
-                        chains.add_chain(&svc);
-                        add_services.push(format!("{mark} : jump {svc}"));
+                        chains.push(Step::AddChain(svc.clone()));
+                        add_services.push((Key::Mark(mark), Value::Jump(svc.clone())));
                     } else {
-                        chains.flush_chain(&svc);
+                        chains.push(Step::FlushChain(svc.clone()));
                     }
-                    chains.add_rule(&svc, format_args!("ct mark set numgen inc mod {n}"));
+                    chains.push(Step::AddRoundRobin {
+                        chain: svc,
+                        modulus: n as u32,
+                    });
                 }
             }
         }
 
-        b.elements("delete", "services", &del_services);
-        b.elements("delete", "backends", &del_slots);
-        b.elements("delete", "published", &del_published);
-        b.elements("delete", "vips", &del_vips);
-        b.append(&chains);
-        b.elements("add", "backends", &add_slots);
-        b.elements("add", "published", &add_published);
-        b.elements("add", "vips", &add_vips);
-        b.elements("add", "services", &add_services);
-        for chain in &dead_chains {
-            b.delete_chain(chain);
+        let mut c = Changes::default();
+        let del = |map, keys| Step::DeleteElements { map, keys };
+        let add = |map, elements| Step::AddElements { map, elements };
+        c.push(del("services", del_services));
+        c.push(del("backends", del_slots));
+        c.push(del("published", del_published));
+        c.push(del("vips", del_vips));
+        for step in chains {
+            c.push(step);
         }
+        c.push(add("backends", add_slots));
+        c.push(add("published", add_published));
+        c.push(add("vips", add_vips));
+        c.push(add("services", add_services));
+        for step in dead_chains {
+            c.push(step);
+        }
+        c
     }
 }
 
@@ -221,14 +255,20 @@ impl Ruleset for SboxState {
         let mut b = Batch::default();
         match prev {
             Some(prev) if prev.config == next.config => {
-                next.render_services(&prev.services, &mut b);
+                b.append(&next.service_changes(&prev.services).to_batch());
             }
             _ => {
                 next.render_fixed(&mut b);
-                next.render_services(&BTreeMap::new(), &mut b);
+                b.append(&next.service_changes(&BTreeMap::new()).to_batch());
             }
         }
         Ok(b)
+    }
+
+    /// Only services changed (same configuration): their elements and chains.
+    fn changes(prev: &SboxState, next: &SboxState) -> Result<Option<Changes>> {
+        next.validate()?;
+        Ok((prev.config == next.config).then(|| next.service_changes(&prev.services)))
     }
 
     fn shape(&self) -> TableShape {

@@ -9,11 +9,13 @@ pub mod nft;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
 use std::num::NonZeroU32;
+use std::sync::OnceLock;
 use std::time::Duration;
 
-use firewall::{NsNetfilter, Ruleset, SboxState};
+use firewall::{NfnlSocket, NsNetfilter, Ruleset, SboxState};
 use netns::Netns;
 use proto::agent::LbReport;
+use tracing::warn;
 
 /// Which backend balances.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -98,11 +100,13 @@ pub fn open(kind: LbKind, sbox: Netns, opts: LbOptions) -> Result<Box<dyn LoadBa
     })
 }
 
-/// Our table in one namespace: what we last applied, and the namespace's nf_tables generation
-/// when the table was last found right.
+/// Our table in one namespace: what we last applied, the namespace's nf_tables generation
+/// when the table was last found right, and the netlink socket that carries incremental
+/// changes there (opened by the first one and kept: see [`NfnlSocket`]).
 pub struct Table<R> {
     applied: Option<R>,
     checked_at: Option<u32>,
+    nfnl: OnceLock<NfnlSocket>,
 }
 
 impl<R> Table<R> {
@@ -117,6 +121,7 @@ impl<R> Default for Table<R> {
         Table {
             applied: None,
             checked_at: None,
+            nfnl: OnceLock::new(),
         }
     }
 }
@@ -132,29 +137,44 @@ pub enum Synced {
 }
 
 /// Applies `next` to a namespace's table: a full atomic rebuild the first time (nothing applied
-/// yet, e.g. after a restart: conntrack entries survive it), then only what changed. With
-/// `recheck`, reads the table back and rebuilds it if it drifted, unless the namespace's
-/// nf_tables generation has not moved since the table was last found right (nothing can have
-/// changed it then, and asking is far cheaper than an `nft` listing).
+/// yet, e.g. after a restart: conntrack entries survive it), then only what changed, as one
+/// nf_tables netlink batch where the table has an incremental form (the sandboxes' tables) and
+/// an `nft` batch otherwise. Should an incremental batch fail (the kernel's table is not what
+/// we last applied: changed behind our back), the table is rebuilt atomically instead, a
+/// repair. With `recheck`, reads the table back and rebuilds it if it drifted, unless the
+/// namespace's nf_tables generation has not moved since the table was last found right
+/// (nothing can have changed it then, and asking is far cheaper than an `nft` listing).
 pub fn sync_table<R: Ruleset + Clone + PartialEq>(
     ns: &Netns,
     table: &mut Table<R>,
     next: &R,
     recheck: bool,
 ) -> Result<Synced, firewall::Error> {
-    let nf = NsNetfilter::new(ns);
     if table.applied.as_ref() != Some(next) {
-        firewall::sync(&nf, table.applied.as_ref(), next)?;
+        let nf = NsNetfilter::with_nfnl(ns, &table.nfnl);
+        let synced = firewall::sync_report(&nf, table.applied.as_ref(), next)?;
         table.applied = Some(next.clone());
         // Our own write moved the generation: the next check lists the table once.
         table.checked_at = None;
-        return Ok(Synced::Applied);
+        return Ok(match synced {
+            firewall::Synced::Applied => Synced::Applied,
+            firewall::Synced::Rebuilt(e) => {
+                warn!(error = %e, "incremental change failed: the table was rebuilt");
+                Synced::Repaired
+            }
+        });
     }
     if !recheck {
         return Ok(Synced::Unchanged);
     }
-    // Read before listing: a change made after it moves the generation past it.
-    let generation = firewall::generation(ns).ok();
+    let nf = NsNetfilter::new(ns);
+    // Read before listing: a change made after it moves the generation past it. On the kept
+    // socket where there is one: closing a socket can wait for nf_tables' deferred frees.
+    let generation = match table.nfnl.get() {
+        Some(nfnl) => nfnl.generation(),
+        None => firewall::generation(ns),
+    }
+    .ok();
     if generation.is_some() && generation == table.checked_at {
         return Ok(Synced::Unchanged);
     }
