@@ -154,8 +154,14 @@ pub fn sync_table<R: Ruleset + Clone + PartialEq>(
         let nf = NsNetfilter::with_nfnl(ns, &table.nfnl);
         let synced = firewall::sync_report(&nf, table.applied.as_ref(), next)?;
         table.applied = Some(next.clone());
-        // Our own write moved the generation: the next check lists the table once.
-        table.checked_at = None;
+        // Our write is one transaction: if the generation moved by exactly one since the table
+        // was last found right, nothing else was written meanwhile and it is right still.
+        // Otherwise (or after a rebuild) the next check lists it once.
+        let now = match synced {
+            firewall::Synced::Applied => generation(ns, table),
+            firewall::Synced::Rebuilt(_) => None,
+        };
+        table.checked_at = right_after_own_write(table.checked_at, now);
         return Ok(match synced {
             firewall::Synced::Applied => Synced::Applied,
             firewall::Synced::Rebuilt(e) => {
@@ -168,13 +174,8 @@ pub fn sync_table<R: Ruleset + Clone + PartialEq>(
         return Ok(Synced::Unchanged);
     }
     let nf = NsNetfilter::new(ns);
-    // Read before listing: a change made after it moves the generation past it. On the kept
-    // socket where there is one: closing a socket can wait for nf_tables' deferred frees.
-    let generation = match table.nfnl.get() {
-        Some(nfnl) => nfnl.generation(),
-        None => firewall::generation(ns),
-    }
-    .ok();
+    // Read before listing: a change made after it moves the generation past it.
+    let generation = generation(ns, table);
     if generation.is_some() && generation == table.checked_at {
         return Ok(Synced::Unchanged);
     }
@@ -185,4 +186,43 @@ pub fn sync_table<R: Ruleset + Clone + PartialEq>(
     } else {
         Synced::Unchanged
     })
+}
+
+/// The generation at which a table found right at `before` is known right after one
+/// transaction of ours brought the namespace to `now`: `now` if it was the only one.
+fn right_after_own_write(before: Option<u32>, now: Option<u32>) -> Option<u32> {
+    match (before, now) {
+        (Some(before), Some(now)) if now == before.wrapping_add(1) => Some(now),
+        _ => None,
+    }
+}
+
+/// The namespace's nf_tables generation, on the table's kept socket where there is one (closing
+/// a socket can wait for nf_tables' deferred frees); `None` if it cannot be read.
+fn generation<R>(ns: &Netns, table: &Table<R>) -> Option<u32> {
+    match table.nfnl.get() {
+        Some(nfnl) => nfnl.generation(),
+        None => firewall::generation(ns),
+    }
+    .ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_a_write_of_ours_alone_keeps_a_table_known_right() {
+        assert_eq!(right_after_own_write(Some(41), Some(42)), Some(42));
+        assert_eq!(
+            right_after_own_write(Some(u32::MAX), Some(0)),
+            Some(0),
+            "wraps"
+        );
+        // Someone else wrote too, before or after ours: list it.
+        assert_eq!(right_after_own_write(Some(41), Some(43)), None);
+        // Never found right, or the generation unreadable: list it.
+        assert_eq!(right_after_own_write(None, Some(42)), None);
+        assert_eq!(right_after_own_write(Some(41), None), None);
+    }
 }
