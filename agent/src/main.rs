@@ -414,7 +414,6 @@ async fn run() -> anyhow::Result<()> {
         )
         .context("start the DNS resolver's thread")?,
         metrics,
-        recheck_tables: false,
     };
     let interval = Duration::from_secs(flags.reconcile_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -59,9 +59,6 @@ pub struct Reconciler<K: Kernel> {
     pub settled: bool,
     /// The embedded resolver: its records follow `desired`, its listeners the tasks.
     pub dns: Dns,
-    /// An nftables table of ours changed behind our back, maybe: the next pass compares every
-    /// table with what it should be, as the timer's passes do.
-    pub recheck_tables: bool,
 }
 
 impl<K: Kernel> Reconciler<K> {
@@ -191,6 +188,34 @@ impl<K: Kernel> Reconciler<K> {
         errors + self.sync_mesh(desired, gw.addrs).await
     }
 
+    /// Compares every table with what was last applied (see [`MeshRules::recheck_tables`]).
+    /// Returns the errors.
+    async fn recheck_tables(&mut self) -> usize {
+        let rules = self.mesh.rules.clone();
+        let result = tokio::task::spawn_blocking(move || {
+            let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
+            rules.recheck_tables()
+        })
+        .await;
+        match result {
+            Ok(out) => {
+                self.table_repairs(&out.repaired);
+                out.errors
+            }
+            Err(panicked) => {
+                error!("recheck the tables: {panicked}");
+                1
+            }
+        }
+    }
+
+    fn table_repairs(&self, repaired: &[String]) {
+        for netns in repaired {
+            warn!(kind = "nft_table", %netns, "repair: table ip meshnet differed from what it should be; rebuilt");
+            self.metrics.repair("nft_table");
+        }
+    }
+
     /// DNS listeners for every live task (adopted ones after a restart); the others close.
     async fn sync_dns(&mut self) {
         let live: BTreeSet<String> = self
@@ -252,20 +277,16 @@ impl<K: Kernel> Reconciler<K> {
             .collect();
         let rules = self.mesh.rules.clone();
         let desired = desired.clone();
-        let recheck = std::mem::take(&mut self.recheck_tables);
         let result = tokio::task::spawn_blocking(move || {
             let running: Vec<&TaskSpec> = running.iter().collect();
             let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
-            rules.sync(&desired, &running, &gw_addrs, recheck)
+            rules.sync(&desired, &running, &gw_addrs)
         })
         .await;
         match result {
             Ok(out) => {
                 self.wake = out.wake;
-                for netns in out.repaired {
-                    warn!(kind = "nft_table", %netns, "repair: table ip meshnet differed from what it should be; rebuilt");
-                    self.metrics.repair("nft_table");
-                }
+                self.table_repairs(&out.repaired);
                 if let Some(report) = out.report {
                     self.outbox.lb_state(report);
                 }
@@ -329,6 +350,8 @@ impl<K: Kernel> Reconciler<K> {
         // (saved, or the manager's if it came first). Joining came before; a failed action of
         // that pass is retried as usual and does not hold readiness back.
         let mut notified = false;
+        // When the tables are next compared with what was applied, after an nf_tables change.
+        let mut tables_due: Option<Instant> = None;
         loop {
             tokio::select! {
                 changed = assignments.changed() => {
@@ -352,12 +375,24 @@ impl<K: Kernel> Reconciler<K> {
                     }
                 }
                 Some(Change { netns, what, nft }) = changes.recv() => {
-                    self.recheck_tables |= nft;
-                    // Our own changes come back too: they cost one pass that finds nothing.
                     let soon = Instant::now() + DEBOUNCE;
-                    if soon < next {
+                    if nft {
+                        // Our own writes come back too: they cost a generation query per
+                        // table, not a pass.
+                        if tables_due.is_none_or(|due| soon < due) {
+                            debug!(%netns, %what, "nf_tables change; rechecking the tables");
+                            tables_due = Some(soon);
+                        }
+                    } else if soon < next {
+                        // Our own changes come back too: they cost one pass that finds nothing.
                         debug!(%netns, %what, "kernel change; reconciling");
                         next = soon;
+                    }
+                }
+                _ = tokio::time::sleep_until(tables_due.unwrap_or(next)), if tables_due.is_some() => {
+                    tables_due = None;
+                    if self.recheck_tables().await > 0 {
+                        next = next.min(Instant::now() + RETRY);
                     }
                 }
                 _ = tokio::time::sleep_until(next) => {

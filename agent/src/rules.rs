@@ -101,20 +101,18 @@ impl MeshRules {
 
     /// Brings the tables and the load balancer to `desired`. `running`: the local tasks whose
     /// process runs; `gw_addrs`: their gwbridge addresses. The tables are compared with what
-    /// they should be every `recheck_every`, and now if `recheck`.
+    /// they should be every `recheck_every`.
     pub fn sync(
         &mut self,
         desired: &Assignment,
         running: &[&TaskSpec],
         gw_addrs: &BTreeMap<String, std::net::Ipv4Addr>,
-        recheck: bool,
     ) -> MeshPass {
         let mut out = MeshPass::default();
         let now = Instant::now();
-        let recheck = recheck
-            || self
-                .last_check
-                .is_none_or(|t| now.duration_since(t) >= self.recheck_every);
+        let recheck = self
+            .last_check
+            .is_none_or(|t| now.duration_since(t) >= self.recheck_every);
         if recheck {
             self.last_check = Some(now);
         }
@@ -184,6 +182,42 @@ impl MeshRules {
                 Ok(_) => {}
                 Err(e) => fail(&format!("table of task {name}"), &e),
             }
+        }
+        out
+    }
+
+    /// Compares every table with what was last applied to it and rebuilds the ones that
+    /// drifted, without a pass: on an nf_tables notification, which our own writes cause too.
+    /// Costs a generation query per namespace while nothing moved. Returns the namespaces
+    /// repaired and the errors.
+    pub fn recheck_tables(&mut self) -> MeshPass {
+        let mut out = MeshPass::default();
+        let mut note = |name: &str, result: Result<bool, String>| match result {
+            Ok(true) => out.repaired.push(name.to_string()),
+            Ok(false) => {}
+            Err(e) => {
+                error!("recheck the table in {name}: {e}");
+                out.errors += 1;
+            }
+        };
+        note(
+            "node",
+            lb::recheck_table(&self.node, &mut self.node_table).map_err(|e| e.to_string()),
+        );
+        for (name, (_, lb)) in &mut self.lbs {
+            note(name, lb.recheck().map_err(|e| e.to_string()));
+        }
+        for (name, applied) in &mut self.tasks {
+            let result = Netns::open(&self.dir.join(name))
+                .map_err(|e| e.to_string())
+                .and_then(|ns| {
+                    // A namespace made anew since: the next pass programs it whole.
+                    if ns.inode().map_err(|e| e.to_string())? != applied.inode {
+                        return Ok(false);
+                    }
+                    lb::recheck_table(&ns, &mut applied.state).map_err(|e| e.to_string())
+                });
+            note(name, result);
         }
         out
     }

@@ -22,7 +22,8 @@ use netns::Netns;
 use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
 
 use super::{
-    sync_table, DrainingBackends, LbError, LbOptions, LbSynced, LoadBalancer, Synced, Table,
+    recheck_table, sync_table, DrainingBackends, LbError, LbOptions, LbSynced, LoadBalancer,
+    Synced, Table,
 };
 
 const SCHEDULER: &str = "rr";
@@ -267,6 +268,10 @@ impl LoadBalancer for IpvsLb {
                 .min(),
             repaired: synced == Synced::Repaired,
         })
+    }
+
+    fn recheck(&mut self) -> Result<bool, LbError> {
+        Ok(recheck_table(&self.sbox, &mut self.table)?)
     }
 
     fn report(&self) -> LbReport {

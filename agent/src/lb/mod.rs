@@ -88,6 +88,9 @@ pub trait LoadBalancer: Send {
         draining: &DrainingBackends,
         recheck: bool,
     ) -> Result<LbSynced, LbError>;
+    /// Compares the sandbox's table with what was last applied, and rebuilds it if it drifted.
+    /// Returns whether it did.
+    fn recheck(&mut self) -> Result<bool, LbError>;
     /// What is programmed now, for the manager.
     fn report(&self) -> LbReport;
 }
@@ -186,6 +189,18 @@ pub fn sync_table<R: Ruleset + Clone + PartialEq>(
     } else {
         Synced::Unchanged
     })
+}
+
+/// Compares a namespace's table with what was last applied to it (nothing if nothing was), and
+/// rebuilds it if it drifted. Returns whether it did.
+pub fn recheck_table<R: Ruleset + Clone + PartialEq>(
+    ns: &Netns,
+    table: &mut Table<R>,
+) -> Result<bool, firewall::Error> {
+    let Some(applied) = table.applied.clone() else {
+        return Ok(false);
+    };
+    Ok(sync_table(ns, table, &applied, true)? == Synced::Repaired)
 }
 
 /// The generation at which a table found right at `before` is known right after one

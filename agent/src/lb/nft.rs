@@ -9,7 +9,8 @@ use netns::Netns;
 use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
 
 use super::{
-    sync_table, DrainingBackends, LbError, LbSynced, LoadBalancer, Synced, Table, Timeouts,
+    recheck_table, sync_table, DrainingBackends, LbError, LbSynced, LoadBalancer, Synced, Table,
+    Timeouts,
 };
 
 pub struct NftLb {
@@ -61,6 +62,10 @@ impl LoadBalancer for NftLb {
             wake: None,
             repaired: synced == Synced::Repaired,
         })
+    }
+
+    fn recheck(&mut self) -> Result<bool, LbError> {
+        Ok(recheck_table(&self.sbox, &mut self.table)?)
     }
 
     fn report(&self) -> LbReport {
