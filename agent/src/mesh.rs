@@ -536,6 +536,7 @@ mod tests {
                     peers: vec![],
                     lb_addr: None,
                     services: vec![],
+                    encrypted: false,
                 },
                 sbox_addr: net("10.255.0.2/16"),
             }),
@@ -668,6 +669,7 @@ mod tests {
             vni: 4100,
             peers: vec![],
             lb_addr: None,
+            encrypted: false,
             services,
         }
     }

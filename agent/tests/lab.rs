@@ -376,6 +376,7 @@ fn dns_network(
         peers: vec![],
         lb_addr: None,
         services,
+        encrypted: false,
     }
 }
 

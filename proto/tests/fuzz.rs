@@ -31,8 +31,9 @@ use proptest::option;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proto::agent::{
-    AgentMsg, Assignment, IngressSpec, LbBackendReport, LbReport, LbServiceReport, ManagerMsg,
-    NetworkSpec, Peer, PublishedService, TaskSpec, TaskStatus,
+    AgentMsg, Assignment, EncryptionKeys, EspKey, EspSupport, IngressSpec, LbBackendReport,
+    LbReport, LbServiceReport, ManagerMsg, NetworkSpec, Peer, PublishedService, TaskSpec,
+    TaskStatus, ESP_KEY_BYTES,
 };
 use proto::api::{
     IngressSbox, NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, NodeLb, PublishInfo,
@@ -148,6 +149,7 @@ fn network_spec() -> impl Strategy<Value = NetworkSpec> {
             subnet,
             gateway,
             vni,
+            encrypted: vni % 2 == 0,
             peers,
             lb_addr: None,
             services: vec![],
@@ -217,6 +219,13 @@ fn assignment() -> impl Strategy<Value = Assignment> {
                 tasks,
                 ingress,
                 published,
+                encryption: (revision % 2 == 0).then(|| EncryptionKeys {
+                    keys: vec![EspKey {
+                        tag: revision as u32,
+                        secret: [revision as u8; ESP_KEY_BYTES],
+                    }],
+                    send: revision as u32,
+                }),
             },
         )
 }
@@ -252,6 +261,13 @@ fn agent_msg() -> impl Strategy<Value = AgentMsg> {
             |(version, hostname, advertise_addr, gwbridge_subnet)| AgentMsg::Hello {
                 version,
                 hostname,
+                esp: match version % 3 {
+                    0 => None,
+                    1 => Some(EspSupport::Supported),
+                    _ => Some(EspSupport::Unsupported {
+                        reason: format!("{advertise_addr}"),
+                    }),
+                },
                 advertise_addr,
                 gwbridge_subnet,
             }
@@ -339,6 +355,7 @@ fn request() -> impl Strategy<Value = Request> {
         (role(), any::<bool>()).prop_map(|(role, rotate)| Request::JoinToken { role, rotate }),
         (text(), text(), option::of(text())).prop_map(|(name, driver, subnet)| {
             Request::NetworkCreate {
+                options: subnet.iter().map(|s| (s.clone(), String::new())).collect(),
                 name,
                 driver,
                 subnet,
@@ -402,6 +419,7 @@ fn node_info() -> impl Strategy<Value = NodeInfo> {
                 role,
                 availability,
                 status,
+                no_encryption: labels.keys().next().cloned(),
                 labels,
             },
         );
@@ -434,6 +452,7 @@ fn network() -> impl Strategy<Value = Network> {
                 gateway,
                 vni,
                 ingress,
+                encrypted: !ingress,
             },
         )
 }

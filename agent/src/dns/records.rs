@@ -220,6 +220,7 @@ pub(crate) mod tests {
             peers: vec![],
             lb_addr: None,
             services,
+            encrypted: false,
         }
     }
 

@@ -343,6 +343,7 @@ pub fn assignment(revision: u64, tasks: Vec<TaskSpec>) -> ManagerMsg {
             }],
             lb_addr: None,
             services: vec![],
+            encrypted: false,
         }]
     };
     ManagerMsg::Assign(Assignment {

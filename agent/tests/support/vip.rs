@@ -104,6 +104,7 @@ pub fn assignment(revision: u64, api_tasks: &[Ipv4Addr]) -> ManagerMsg {
                 vtep: IpAddr::V4(REMOTE.1),
             }],
             lb_addr: Some(format!("{LB_ADDR}/24").parse().unwrap()),
+            encrypted: false,
             services: vec![
                 service("api", Some(API_VIP), API_MARK, api_tasks),
                 service("idle", Some(IDLE_VIP), 301, &[]),

@@ -293,6 +293,7 @@ async fn agent(
         hostname,
         advertise_addr: advertise,
         gwbridge_subnet: None,
+        esp: None,
     };
     write_frame(&mut wr, &hello).await.context("send hello")?;
     let mut buf = Vec::new();
@@ -425,6 +426,7 @@ fn realistic_assignment() -> Assignment {
             .collect(),
         lb_addr: None,
         services: vec![],
+        encrypted: false,
     };
     let networks: Vec<NetworkSpec> = (0..5)
         .map(|k| network(k, format!("backend{k}"), [10, 0, k as u8]))
@@ -494,6 +496,7 @@ fn realistic_assignment() -> Assignment {
             sbox_addr: "10.255.0.2/16".parse().unwrap(),
         }),
         published,
+        encryption: None,
     }
 }
 
