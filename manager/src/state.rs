@@ -2303,9 +2303,10 @@ fn network_options(options: &BTreeMap<String, String>) -> Result<bool, Reason> {
 fn no_encryption(esp: Option<&EspSupport>) -> Option<String> {
     match esp {
         Some(EspSupport::Supported) => None,
+        // The agent's reason is the kernel's error: short, but bounded all the same.
         Some(EspSupport::Unsupported { reason }) => Some(format!(
             "its kernel cannot do IPsec ESP ({}): tasks of encrypted networks are not placed here",
-            excerpt(reason)
+            proto::excerpt_within(reason, 200)
         )),
         None => Some(
             "its agent has not reported IPsec ESP support: tasks of encrypted networks are not placed here"

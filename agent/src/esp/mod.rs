@@ -399,7 +399,10 @@ pub fn probe() -> EspSupport {
             src: Ipv4Addr::new(192, 0, 2, 1),
             key: [0; ESP_KEY_BYTES],
         };
-        sock.add_sa(&sa).map_err(|e| e.to_string())
+        sock.add_sa(&sa).map_err(|e| match e {
+            xfrm::XfrmError::Io { source, .. } => format!("add an {AEAD_NAME} state: {source}"),
+            other => other.to_string(),
+        })
     };
     let outcome = std::thread::spawn(run)
         .join()

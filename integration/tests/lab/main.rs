@@ -1,6 +1,7 @@
 //! Lab tier (root, host kernel): the lab itself, and meshnet clusters built in it.
 
 mod cleanup;
+mod encrypted;
 mod global;
 mod overlay;
 mod trust;
