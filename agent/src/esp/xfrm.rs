@@ -67,6 +67,24 @@ impl XfrmSocket {
         sock.bind_auto().map_err(XfrmError::Open)?;
         sock.connect(&SocketAddr::new(0, 0))
             .map_err(XfrmError::Open)?;
+        // The kernel answers at once; a reply that never comes must not hang the agent.
+        let timeout = libc::timeval {
+            tv_sec: 5,
+            tv_usec: 0,
+        };
+        // SAFETY: a valid socket and a timeval of the size passed.
+        let rc = unsafe {
+            libc::setsockopt(
+                std::os::fd::AsRawFd::as_raw_fd(&sock),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                std::ptr::addr_of!(timeout).cast(),
+                std::mem::size_of::<libc::timeval>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            return Err(XfrmError::Open(io::Error::last_os_error()));
+        }
         Ok(XfrmSocket {
             sock,
             seq: 0,
@@ -148,14 +166,8 @@ impl XfrmSocket {
             source,
         };
         let seq = self.next_seq();
-        // The kernel wants a zeroed header of the dumped type's size for GETSA; an empty one
-        // for GETPOLICY.
-        let payload = if kind == XFRM_MSG_GETSA {
-            vec![0u8; USERSA_ID_LEN]
-        } else {
-            Vec::new()
-        };
-        let msg = nlmsg(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, &payload);
+        // No payload: the kernel would read one as filter attributes.
+        let msg = nlmsg(kind, NLM_F_REQUEST | NLM_F_DUMP, seq, &[]);
         self.sock.send(&msg, 0).map_err(io_err)?;
         let mut out = Vec::new();
         loop {
