@@ -295,11 +295,11 @@ fn run_nft(script: &str) -> Result<(), String> {
         .stderr(Stdio::piped())
         .spawn()
         .map_err(|e| format!("run nft for table {TABLE}: {e}"))?;
-    if let Some(mut stdin) = child.stdin.take() {
-        stdin
-            .write_all(script.as_bytes())
-            .map_err(|e| format!("write the rules of table {TABLE} to nft: {e}"))?;
-    }
+    // Written, then the pipe closed, before waiting; nft exits (and is reaped) either way.
+    let written = child
+        .stdin
+        .take()
+        .map(|mut stdin| stdin.write_all(script.as_bytes()));
     let out = child
         .wait_with_output()
         .map_err(|e| format!("wait for nft (table {TABLE}): {e}"))?;
@@ -308,6 +308,9 @@ fn run_nft(script: &str) -> Result<(), String> {
             "apply table {TABLE}: nft: {}",
             String::from_utf8_lossy(&out.stderr).trim()
         ));
+    }
+    if let Some(Err(e)) = written {
+        return Err(format!("write the rules of table {TABLE} to nft: {e}"));
     }
     Ok(())
 }
