@@ -7,7 +7,8 @@
 //!   `lb_<network>` load balancers, and so IPVS services and nft tables in them), VXLAN
 //!   devices first;
 //! - the gwbridge and the node ends of its legs;
-//! - our nft table `ip meshnet` in the node namespace (nothing else there is touched).
+//! - our nft tables `ip meshnet` and `ip meshnet_esp` in the node namespace, and our ESP states
+//!   and policies (nothing else there is touched).
 //!
 //! The state dir stays: the node's certificate (a later start needs no token) and the task
 //! records, so a later start reports those tasks as gone and the manager replaces them.
@@ -47,6 +48,29 @@ pub fn teardown(observed: &Observed) -> Vec<Action> {
     actions
 }
 
+/// Our ESP states and policies and the `meshnet_esp` table: what an assignment without
+/// encrypted networks leaves. Returns the number of failed steps.
+fn remove_esp() -> usize {
+    // A kernel without XFRM netlink holds no state of ours.
+    let mut socket = match crate::esp::xfrm::XfrmSocket::open() {
+        Ok(s) => s,
+        Err(e) => {
+            info!("cleanup: no ESP state to remove ({e})");
+            return 0;
+        }
+    };
+    // The address and port only shape what is desired, and nothing is.
+    let mut sync = crate::esp::EspSync::new(std::net::Ipv4Addr::UNSPECIFIED, 0);
+    let report = sync.sync(&mut socket, &proto::agent::Assignment::default(), true);
+    for change in &report.applied {
+        info!(%change, "cleanup");
+    }
+    for e in &report.errors {
+        error!("{e}");
+    }
+    report.errors.len()
+}
+
 /// Runs the cleanup. Every step is tried; the error counts the ones that failed.
 pub fn run(state: &StateDir, kernel: &dyn Kernel, node: &Netns) -> anyhow::Result<()> {
     let mut failed = 0;
@@ -76,6 +100,7 @@ pub fn run(state: &StateDir, kernel: &dyn Kernel, node: &Netns) -> anyhow::Resul
             failed += 1;
         }
     }
+    failed += remove_esp();
     if failed > 0 {
         anyhow::bail!("cleanup: {failed} step(s) failed (see above)");
     }

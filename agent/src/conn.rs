@@ -14,7 +14,8 @@ use std::time::{Duration, SystemTime};
 use anyhow::{bail, Context};
 use ipnet::Ipv4Net;
 use proto::agent::{
-    AgentMsg, Assignment, LbReport, ManagerMsg, TaskStatus, HEARTBEAT_SECS, NODE_DOWN_SECS,
+    AgentMsg, Assignment, EspSupport, LbReport, ManagerMsg, TaskStatus, HEARTBEAT_SECS,
+    NODE_DOWN_SECS,
 };
 use proto::wire::{read_frame, write_frame};
 use proto::{decode_frame, PROTOCOL_VERSION};
@@ -115,6 +116,8 @@ pub struct Conn {
     pub advertise_addr: IpAddr,
     /// Told to the manager, which keeps overlays clear of it.
     pub gwbridge_subnet: Ipv4Net,
+    /// Told to the manager, which places encrypted networks' tasks only where ESP works.
+    pub esp: EspSupport,
     pub state: StateDir,
     /// Replaced on renewal, and kept in the state dir's tls/.
     pub creds: Credentials,
@@ -155,6 +158,7 @@ impl Conn {
             hostname: self.hostname.clone(),
             advertise_addr: self.advertise_addr,
             gwbridge_subnet: Some(self.gwbridge_subnet),
+            esp: Some(self.esp.clone()),
         };
         write_frame(&mut w, &hello).await.context("send hello")?;
 
@@ -445,6 +449,7 @@ mod tests {
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
             gwbridge_subnet: "172.18.0.0/16".parse().unwrap(),
+            esp: EspSupport::Supported,
             state: state.clone(),
             creds,
             assignments,

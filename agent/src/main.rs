@@ -6,6 +6,7 @@ mod apply;
 mod cleanup;
 mod conn;
 mod dns;
+mod esp;
 mod health;
 mod join;
 mod lb;
@@ -36,6 +37,7 @@ use netns::Netns;
 use crate::apply::{Kernel, NetKernel};
 use crate::lb::{LbKind, LbOptions, Timeouts};
 use crate::plan::Settings;
+use proto::agent::EspSupport;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -343,6 +345,29 @@ async fn run() -> anyhow::Result<()> {
             || {},
         ));
     }
+    // Asked of the kernel once: what the node can do does not change while it runs.
+    let esp_support = match advertise_addr {
+        IpAddr::V4(_) => esp::probe(),
+        // Overlays run on IPv4 underlays only, and so does their encryption.
+        IpAddr::V6(_) => EspSupport::Unsupported {
+            reason: "the node's underlay address is IPv6".into(),
+        },
+    };
+    let esp_node = match (&esp_support, advertise_addr) {
+        (EspSupport::Supported, IpAddr::V4(local)) => {
+            info!("IPsec ESP works on this kernel: encrypted networks can run here");
+            Some(Arc::new(Mutex::new(reconcile::EspNode {
+                socket: esp::xfrm::XfrmSocket::open().context("open the node's XFRM socket")?,
+                sync: esp::EspSync::new(local, flags.data_path_port),
+            })))
+        }
+        (EspSupport::Unsupported { reason }, _) => {
+            info!("no IPsec ESP ({reason}): encrypted networks will not run here");
+            None
+        }
+        // Reported unsupported above.
+        (EspSupport::Supported, IpAddr::V6(_)) => None,
+    };
     let (outbox, outgoing) = conn::Outbox::new();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let supervisor =
@@ -356,6 +381,7 @@ async fn run() -> anyhow::Result<()> {
         hostname,
         advertise_addr,
         gwbridge_subnet: flags.gwbridge_subnet,
+        esp: esp_support,
         state: state.clone(),
         creds,
         assignments: assign_tx,
@@ -414,6 +440,7 @@ async fn run() -> anyhow::Result<()> {
         )
         .context("start the DNS resolver's thread")?,
         metrics,
+        esp: esp_node,
     };
     let interval = Duration::from_secs(flags.reconcile_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

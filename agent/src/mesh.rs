@@ -536,7 +536,7 @@ mod tests {
     fn assignment() -> Assignment {
         Assignment {
             revision: 1,
-            ingress: Some(IngressSpec {
+            ingress: Some(Box::new(IngressSpec {
                 network: NetworkSpec {
                     id: "ing".into(),
                     name: "ingress".into(),
@@ -547,9 +547,10 @@ mod tests {
                     lb_addr: None,
                     draining: vec![],
                     services: vec![],
+                    encrypted: false,
                 },
                 sbox_addr: net("10.255.0.2/16"),
-            }),
+            })),
             published: vec![
                 PublishedService {
                     service_id: "web".into(),
@@ -680,6 +681,7 @@ mod tests {
             peers: vec![],
             lb_addr: None,
             draining: vec![],
+            encrypted: false,
             services,
         }
     }

@@ -454,6 +454,16 @@ fn uses(t: &TaskSpec, network_id: &str) -> bool {
     t.attachments.iter().any(|a| a.network_id == network_id)
 }
 
+/// The MTU of a network's links: the overlay's, less ESP's overhead on an encrypted network,
+/// so that its packets never need fragmenting (libnetwork #1309, moby #33133).
+pub fn network_mtu(s: &Settings, net: &NetworkSpec) -> u32 {
+    if net.encrypted {
+        s.mtu.saturating_sub(crate::esp::ESP_OVERHEAD)
+    } else {
+        s.mtu
+    }
+}
+
 /// Up, with the MTU, and (for a port) in br0.
 fn link_ok(l: &LinkState, mtu: u32, port: bool) -> bool {
     l.up && l.mtu == mtu && (!port || l.master.as_deref() == Some(BRIDGE))
@@ -468,6 +478,7 @@ fn plan_sandbox(
     active: &[&TaskSpec],
     s: &Settings,
 ) {
+    let mtu = network_mtu(s, net);
     for name in obs.links.keys() {
         if !expected.contains(name) {
             p.delete.push(Action::DeleteLink {
@@ -479,7 +490,7 @@ fn plan_sandbox(
 
     let bridge_ok = obs.links.get(BRIDGE).is_some_and(|l| {
         l.kind == LinkKind::Bridge
-            && link_ok(l, s.mtu, false)
+            && link_ok(l, mtu, false)
             && l.addrs == [net.gateway]
             && l.mac == Some(MacAddr::from_ipv4(net.gateway.addr()))
     });
@@ -487,7 +498,7 @@ fn plan_sandbox(
         p.create.push(Action::EnsureBridge {
             sandbox: sb.to_string(),
             gateway: net.gateway,
-            mtu: s.mtu,
+            mtu,
         });
     }
 
@@ -497,12 +508,12 @@ fn plan_sandbox(
         matches!(l.kind, LinkKind::Vxlan(v)
             if v.vni == net.vni && v.port == s.port && !v.learning && v.proxy && v.underlay_elsewhere)
     });
-    if !(vx_kept && vx.is_some_and(|l| link_ok(l, s.mtu, true))) {
+    if !(vx_kept && vx.is_some_and(|l| link_ok(l, mtu, true))) {
         p.create.push(Action::EnsureVxlan {
             sandbox: sb.to_string(),
             vni: net.vni,
             port: s.port,
-            mtu: s.mtu,
+            mtu,
         });
     }
 
@@ -570,10 +581,11 @@ fn plan_endpoints(
     for (i, att) in t.attachments.iter().enumerate() {
         let ifname = format!("eth{i}");
         expected.insert(ifname.clone());
-        if !networks.contains_key(att.network_id.as_str()) {
+        let Some(net) = networks.get(att.network_id.as_str()) else {
             // The manager names no such network: nothing to attach this leg to.
             continue;
-        }
+        };
+        let mtu = network_mtu(s, net);
         let sb = sandbox_name(&att.network_id);
         let veth = veth_name(&t.name, &att.network_id);
         let mac = mac_or_derived(&att.mac, att.addr.addr());
@@ -588,8 +600,8 @@ fn plan_endpoints(
                         if *o == inner.index && *i == outer.index
                 );
                 paired
-                    && link_ok(outer, s.mtu, true)
-                    && link_ok(inner, s.mtu, false)
+                    && link_ok(outer, mtu, true)
+                    && link_ok(inner, mtu, false)
                     && inner.mac == Some(mac)
                     && inner.addrs.len() == want.len()
                     && inner.addrs.iter().all(|a| want.contains(a))
@@ -604,7 +616,7 @@ fn plan_endpoints(
                 ifname,
                 mac,
                 addr: att.addr,
-                mtu: s.mtu,
+                mtu,
                 aliases,
             });
         }
@@ -787,6 +799,7 @@ mod tests {
                 lb_addr: None,
                 draining: vec![],
                 services: vec![],
+                encrypted: false,
             }],
             tasks,
             ..Assignment::default()
@@ -956,6 +969,30 @@ mod tests {
             ]
         );
         // Adoption: the same node, observed again with everything right, needs nothing.
+        assert_eq!(node.plan(&a), []);
+    }
+
+    #[test]
+    fn an_encrypted_network_gets_an_mtu_with_room_for_esp_and_a_change_rebuilds_its_links() {
+        let mut a = assignment(vec![task("web.1.t1", "10.0.9.2")], vec![]);
+        let mut node = fresh_node(&a);
+        a.networks[0].encrypted = true;
+        // 1450 - 37: the ESP header, IV, worst-case padding, trailer and a 128-bit ICV.
+        let mtu = 1413;
+        let acts = node.step(&a);
+        assert!(acts.contains(&Action::EnsureBridge {
+            sandbox: SB.into(),
+            gateway: "10.0.9.1/24".parse().unwrap(),
+            mtu,
+        }));
+        assert!(acts.contains(&Action::EnsureVxlan {
+            sandbox: SB.into(),
+            vni: 4096,
+            port: 4789,
+            mtu,
+        }));
+        assert!(acts.iter().any(|x| matches!(x,
+            Action::EnsureEndpoint { task, mtu: m, .. } if task == "web.1.t1" && *m == mtu)));
         assert_eq!(node.plan(&a), []);
     }
 
@@ -1299,7 +1336,7 @@ mod tests {
     }
 
     fn with_ingress(mut a: Assignment) -> Assignment {
-        a.ingress = Some(proto::agent::IngressSpec {
+        a.ingress = Some(Box::new(proto::agent::IngressSpec {
             network: NetworkSpec {
                 id: ING.into(),
                 name: "ingress".into(),
@@ -1309,10 +1346,11 @@ mod tests {
                 peers: vec![peer("10.255.0.3", "192.168.56.12")],
                 lb_addr: None,
                 draining: vec![],
+                encrypted: false,
                 services: vec![],
             },
             sbox_addr: "10.255.0.2/16".parse().unwrap(),
-        });
+        }));
         a
     }
 

@@ -16,6 +16,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 use crate::apply::Kernel;
 use crate::conn::Outbox;
 use crate::dns::Dns;
+use crate::esp;
 use crate::mesh::{self, Gw, INGRESS_SBOX};
 use crate::metrics::AgentMetrics;
 use crate::netwatch::{Change, Watcher};
@@ -59,6 +60,14 @@ pub struct Reconciler<K: Kernel> {
     pub settled: bool,
     /// The embedded resolver: its records follow `desired`, its listeners the tasks.
     pub dns: Dns,
+    /// ESP for encrypted networks, on a node whose kernel has it.
+    pub esp: Option<Arc<Mutex<EspNode>>>,
+}
+
+/// The node's XFRM socket and what it applied.
+pub struct EspNode {
+    pub socket: esp::xfrm::XfrmSocket,
+    pub sync: esp::EspSync,
 }
 
 impl<K: Kernel> Reconciler<K> {
@@ -185,7 +194,41 @@ impl<K: Kernel> Reconciler<K> {
         // Again once namespaces are in place (a namespace made anew needs a new listener).
         self.sync_dns().await;
         self.watch.sync().await;
-        errors + self.sync_mesh(desired, gw.addrs).await
+        errors + self.sync_mesh(desired, gw.addrs).await + self.sync_esp(desired).await
+    }
+
+    /// ESP states, policies and the `meshnet_esp` table (see [`crate::esp`]).
+    async fn sync_esp(&mut self, desired: &Assignment) -> usize {
+        let Some(node) = self.esp.clone() else {
+            return 0;
+        };
+        let desired = desired.clone();
+        let recheck = self.settled;
+        let result = tokio::task::spawn_blocking(move || {
+            let mut node = node.lock().unwrap_or_else(|p| p.into_inner());
+            let EspNode { socket, sync } = &mut *node;
+            sync.sync(socket, &desired, recheck)
+        })
+        .await;
+        let report = match result {
+            Ok(r) => r,
+            Err(panicked) => {
+                error!("ESP: {panicked}");
+                return 1;
+            }
+        };
+        for applied in &report.applied {
+            if self.settled {
+                warn!(kind = "esp", change = %applied, "repair");
+                self.metrics.repair("esp");
+            } else {
+                info!(change = %applied, "ESP");
+            }
+        }
+        for e in &report.errors {
+            error!("ESP: {e}");
+        }
+        report.errors.len()
     }
 
     /// Compares every table with what was last applied (see [`MeshRules::recheck_tables`]).

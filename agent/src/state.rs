@@ -110,8 +110,13 @@ impl StateDir {
         read_json(&self.root.join("assignment.json"))
     }
 
+    /// Saves the assignment without its IPsec keys, which the agent keeps in memory only.
     pub fn save_assignment(&self, a: &Assignment) -> Result<(), StateError> {
-        write_json(&self.root.join("assignment.json"), a)
+        let keyless = Assignment {
+            encryption: None,
+            ..a.clone()
+        };
+        write_json(&self.root.join("assignment.json"), &keyless)
     }
 
     /// The gwbridge addresses given out in `subnet` (none if they were given in another one).
@@ -251,7 +256,22 @@ mod tests {
             ..Default::default()
         };
         dir.save_assignment(&a).unwrap();
+        assert_eq!(dir.assignment().unwrap(), Some(a.clone()));
+        // IPsec keys never reach the disk.
+        let keyed = Assignment {
+            encryption: Some(proto::agent::EncryptionKeys {
+                keys: vec![proto::agent::EspKey {
+                    tag: 1,
+                    secret: [0x5a; proto::agent::ESP_KEY_BYTES],
+                }],
+                send: 1,
+            }),
+            ..a.clone()
+        };
+        dir.save_assignment(&keyed).unwrap();
         assert_eq!(dir.assignment().unwrap(), Some(a));
+        let text = std::fs::read_to_string(root.join("assignment.json")).unwrap();
+        assert!(!text.contains("5a5a") && !text.contains("secret"), "{text}");
 
         let running = TaskRecord {
             spec: spec("web.2.b"),

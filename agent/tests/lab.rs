@@ -377,6 +377,7 @@ fn dns_network(
         lb_addr: None,
         draining: vec![],
         services,
+        encrypted: false,
     }
 }
 

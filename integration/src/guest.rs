@@ -31,6 +31,14 @@ pub const MODULES: &[&str] = &[
     "nft_fib_inet",
     "nft_fib_ipv4",
     "xt_ipvs",
+    // Encrypted overlays: ESP in transport mode with rfc4106(gcm(aes)), configured over XFRM
+    // netlink.
+    "xfrm_user",
+    "esp4",
+    "gcm",
+    "ghash_generic",
+    "ctr",
+    "seqiv",
 ];
 
 #[derive(Debug, thiserror::Error)]

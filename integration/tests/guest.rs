@@ -5,6 +5,8 @@
 const LB: &str = "ipvs";
 #[path = "shared/discovery.rs"]
 mod discovery;
+#[path = "guest/encrypted.rs"]
+mod encrypted;
 #[path = "shared/mesh.rs"]
 mod mesh;
 #[path = "shared/rolling.rs"]

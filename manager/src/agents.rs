@@ -145,11 +145,13 @@ async fn open(
             hostname,
             advertise_addr,
             gwbridge_subnet,
+            esp,
         }) => Hello {
             version,
             hostname,
             advertise_addr,
             gwbridge_subnet,
+            esp,
         },
         Ok(_) => return Err(refuse(&mut wr, "the first message must be hello".into()).await),
         Err(e) => return Err(refuse(&mut wr, format!("decode hello: {}", frame_error(&e))).await),
@@ -162,6 +164,7 @@ struct Hello {
     hostname: String,
     advertise_addr: std::net::IpAddr,
     gwbridge_subnet: Option<ipnet::Ipv4Net>,
+    esp: Option<proto::agent::EspSupport>,
 }
 
 /// A peer without a certificate: one GetCa or Join, answered, then the connection closes.
@@ -236,6 +239,7 @@ async fn session(
         hostname,
         advertise_addr,
         gwbridge_subnet,
+        esp,
     } = hello;
     if version != proto::PROTOCOL_VERSION {
         let reason = format!(
@@ -254,6 +258,7 @@ async fn session(
     tracing::info!(hostname = %excerpt(&hostname), addr = %advertise_addr, "agent connected");
     if let Err(e) = lock(cluster).transact(|s, _| {
         s.set_gwbridge_subnet(node_id, gwbridge_subnet);
+        s.set_node_esp(node_id, esp.as_ref());
         Ok(())
     }) {
         tracing::error!(

@@ -295,11 +295,23 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                 name,
                 driver,
                 subnet,
+                options,
             } => {
                 let manager_ip = cluster.manager_ip();
+                let rotation = cluster.key_rotation_secs();
                 let id = cluster
                     .transact(|s, now| {
-                        s.create_network(&name, &driver, subnet.as_deref(), manager_ip, now)
+                        let id = s.create_network(
+                            &name,
+                            &driver,
+                            subnet.as_deref(),
+                            &options,
+                            manager_ip,
+                            now,
+                        )?;
+                        // An encrypted network's first tasks find the keys ready.
+                        s.rotate_keys(now, rotation, &mut crate::cluster::fresh_esp_key);
+                        Ok(id)
                     })
                     .map_err(err)?;
                 let network = views::network(cluster.state(), cluster.lb(), &id);
@@ -643,6 +655,7 @@ mod tests {
                 name: "backend".into(),
                 driver: "overlay".into(),
                 subnet: Some("10.0.9.0/24".into()),
+                options: Default::default(),
             },
         );
         ok(&mut c, create(spec("web", 2, &["backend"])));
@@ -655,12 +668,14 @@ mod tests {
                 name: "twin".into(),
                 driver: "overlay".into(),
                 subnet: Some("10.0.9.0/25".into()),
+                options: Default::default(),
             },
         );
         let net = |name: &str, subnet: Option<&str>| Request::NetworkCreate {
             name: name.into(),
             driver: "overlay".into(),
             subnet: subnet.map(str::to_string),
+            options: Default::default(),
         };
         let mut empty_cmd = spec("api", 1, &["backend"]);
         empty_cmd.command.clear();
@@ -711,7 +726,7 @@ mod tests {
             (net("ingress", None), "create network ingress: the name ingress is reserved"),
             (net("-bad", None), "create network -bad: invalid network name"),
             (
-                Request::NetworkCreate { name: "b2".into(), driver: "bridge".into(), subnet: None },
+                Request::NetworkCreate { name: "b2".into(), driver: "bridge".into(), subnet: None, options: Default::default() },
                 "unsupported driver \"bridge\"",
             ),
             (Request::NetworkRm { network: "backend".into() }, "remove network backend: it is in use by services: web"),
@@ -782,6 +797,7 @@ mod tests {
             name: name.into(),
             driver: "overlay".into(),
             subnet: Some(subnet.into()),
+            options: Default::default(),
         };
         let with = |f: &dyn Fn(&mut ServiceSpec)| {
             let mut sp = spec("api", 1, &[]);
@@ -818,7 +834,7 @@ mod tests {
             // Echoes of huge input are excerpts, for every request naming an object.
             (net(&huge, "10.0.50.0/24"), cut),
             (net("n", &huge), cut),
-            (Request::NetworkCreate { name: "n".into(), driver: huge.clone(), subnet: None }, cut),
+            (Request::NetworkCreate { name: "n".into(), driver: huge.clone(), subnet: None, options: Default::default() }, cut),
             (Request::NetworkInspect { network: huge.clone() }, cut),
             (Request::NetworkRm { network: huge.clone() }, cut),
             (Request::NodeInspect { node: huge.clone() }, cut),
@@ -898,6 +914,7 @@ mod tests {
                     name: name.into(),
                     driver: "overlay".into(),
                     subnet: None,
+                    options: Default::default(),
                 },
             );
         }
@@ -968,6 +985,7 @@ mod tests {
                 name: "backend".into(),
                 driver: "overlay".into(),
                 subnet: None,
+                options: Default::default(),
             },
         ) else {
             panic!("network create answers with the network")

@@ -8,7 +8,7 @@ use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use proto::agent::{LbReport, ManagerMsg, NODE_DOWN_SECS};
+use proto::agent::{LbReport, ManagerMsg, ESP_KEY_BYTES, NODE_DOWN_SECS};
 use proto::model::{NodeStatus, Role};
 use tokio::sync::mpsc::UnboundedSender;
 
@@ -46,6 +46,20 @@ pub struct Cluster {
     agent_addr: String,
     /// When the state was last reconciled: timed work due by then is done.
     last_pass_ms: u64,
+    /// `--encryption-key-rotation`, in seconds.
+    key_rotation_secs: u64,
+}
+
+/// Swarm's rotation interval of the IPsec keys.
+pub const DEFAULT_KEY_ROTATION: Duration = Duration::from_secs(12 * 3600);
+
+/// A fresh AES-128 key and salt from the OS's random source.
+pub fn fresh_esp_key() -> [u8; ESP_KEY_BYTES] {
+    let mut key = [0u8; ESP_KEY_BYTES];
+    // getrandom(2) fails only before the kernel's pool is ready at boot, long past here.
+    ring::rand::SecureRandom::fill(&ring::rand::SystemRandom::new(), &mut key)
+        .expect("the OS random source works");
+    key
 }
 
 pub type Shared = Arc<Mutex<Cluster>>;
@@ -91,7 +105,35 @@ impl Cluster {
             pki,
             agent_addr,
             last_pass_ms: 0,
+            key_rotation_secs: DEFAULT_KEY_ROTATION.as_secs(),
         }
+    }
+
+    pub fn set_key_rotation(&mut self, every: Duration) {
+        self.key_rotation_secs = every.as_secs().max(1);
+    }
+
+    pub fn key_rotation_secs(&self) -> u64 {
+        self.key_rotation_secs
+    }
+
+    /// Makes or rotates the IPsec key ring when due (while an encrypted network exists).
+    fn rotate_keys_if_due(&mut self) -> Result<(), TxError> {
+        let interval = self.key_rotation_secs;
+        if self.state.has_encrypted_networks()
+            && self.state.esp_keys.due(unix_now_ms() / 1000, interval)
+        {
+            self.transact(|s, now| {
+                s.rotate_keys(now, interval, &mut fresh_esp_key);
+                Ok(())
+            })?;
+            tracing::info!(
+                keys = self.state.esp_keys.keys.len(),
+                newest = self.state.esp_keys.last_tag,
+                "rotated the IPsec keys"
+            );
+        }
+        Ok(())
     }
 
     pub fn pki(&self) -> &Pki {
@@ -266,6 +308,7 @@ impl Cluster {
         }
         if whole_second {
             self.check_liveness()?;
+            self.rotate_keys_if_due()?;
             if self
                 .state
                 .tasks

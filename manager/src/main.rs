@@ -7,6 +7,7 @@ mod api;
 mod certs;
 mod cluster;
 mod discovery;
+mod keys;
 mod limits;
 mod metrics;
 mod rollout;
@@ -28,7 +29,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use proto::model::Role;
 
-use crate::cluster::{Cluster, Shared};
+use crate::cluster::{lock, Cluster, Shared};
 use crate::state::State;
 use crate::store::Store;
 
@@ -87,6 +88,19 @@ struct Args {
     /// Serve Prometheus metrics (meshnet_manager_*) on ADDR:PORT at /metrics [default: none].
     #[arg(long, env = "MESH_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
+    /// How often the IPsec keys of encrypted networks rotate (e.g. 12h, 30m; at least 10s).
+    /// A new key is receive-only for one interval before nodes send with it.
+    #[arg(long, env = "MESH_ENCRYPTION_KEY_ROTATION", default_value = "12h", value_parser = parse_key_rotation)]
+    encryption_key_rotation: std::time::Duration,
+}
+
+fn parse_key_rotation(s: &str) -> Result<std::time::Duration, String> {
+    let d = certs::parse_duration(s)?;
+    // Shorter would leave nodes too little time to install a key before peers send with it.
+    if d < std::time::Duration::from_secs(10) {
+        return Err(format!("{s} is shorter than the minimum of 10s"));
+    }
+    Ok(d)
 }
 
 fn parse_cert_expiry(s: &str) -> Result<std::time::Duration, String> {
@@ -199,6 +213,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         pki.clone(),
         agent_addr,
     )));
+    lock(&cluster).set_key_rotation(args.encryption_key_rotation);
 
     let agents = TcpListener::bind(args.listen)
         .await

@@ -120,12 +120,14 @@ pub struct NoSuitableNode(String);
 /// one not in `avoid` (where this slot just failed), then the fewest tasks of this service, then
 /// the fewest tasks overall, then the hostname, so that equal clusters fill up predictably.
 /// With `host_port` (a host-mode port of the service) only nodes without a task of the service
-/// qualify, as in Swarm: only one task per node can own the port.
+/// qualify, as in Swarm: only one task per node can own the port. With `encrypted` (the service
+/// is on an encrypted network) only nodes that can do IPsec ESP qualify.
 pub fn pick_node<'a>(
     candidates: &[Candidate<'a>],
     constraints: &[Constraint],
     avoid: &BTreeSet<String>,
     host_port: Option<PublishedPort>,
+    encrypted: bool,
 ) -> Result<&'a Node, NoSuitableNode> {
     if candidates.is_empty() {
         return Err(NoSuitableNode("no nodes have joined".into()));
@@ -141,7 +143,12 @@ pub fn pick_node<'a>(
         .copied()
         .filter(|c| constraints.iter().all(|k| k.matches(c.node)))
         .collect();
-    let open: Vec<&Candidate> = fitting
+    let capable: Vec<&Candidate> = fitting
+        .iter()
+        .copied()
+        .filter(|c| !encrypted || c.node.no_encryption.is_none())
+        .collect();
+    let open: Vec<&Candidate> = capable
         .iter()
         .copied()
         .filter(|c| host_port.is_none() || c.service_tasks == 0)
@@ -176,7 +183,14 @@ pub fn pick_node<'a>(
                     plural(unfit, "node")
                 ));
             }
-            if let (Some(port), false) = (host_port, fitting.is_empty()) {
+            let incapable = fitting.len() - capable.len();
+            if incapable > 0 {
+                reasons.push(format!(
+                    "the service is on an encrypted network and {} cannot do IPsec ESP",
+                    plural(incapable, "node")
+                ));
+            }
+            if let (Some(port), false) = (host_port, capable.is_empty()) {
                 reasons.push(format!(
                     "host-mode port {port} is taken on every eligible node"
                 ));
@@ -197,8 +211,9 @@ pub enum GlobalFit {
     Leave(String),
 }
 
-/// Whether a global service wants a task on `node`, as Swarm's global orchestrator decides it.
-pub fn global_fit(node: &Node, constraints: &[Constraint]) -> GlobalFit {
+/// Whether a global service wants a task on `node`, as Swarm's global orchestrator decides it;
+/// `encrypted`: the service is on an encrypted network, which needs IPsec ESP on the node.
+pub fn global_fit(node: &Node, constraints: &[Constraint], encrypted: bool) -> GlobalFit {
     let host = &node.hostname;
     if node.status == NodeStatus::Down {
         return GlobalFit::Leave(format!("node {host} is down"));
@@ -208,6 +223,11 @@ pub fn global_fit(node: &Node, constraints: &[Constraint]) -> GlobalFit {
     }
     if let Some(unmet) = constraints.iter().find(|k| !k.matches(node)) {
         return GlobalFit::Leave(format!("node {host} does not satisfy constraint {unmet}"));
+    }
+    if encrypted && node.no_encryption.is_some() {
+        return GlobalFit::Leave(format!(
+            "node {host} cannot do IPsec ESP, which the service's encrypted network needs"
+        ));
     }
     match node.availability {
         Availability::Pause => GlobalFit::Keep,
@@ -237,7 +257,34 @@ mod tests {
             availability: Availability::Active,
             status: NodeStatus::Ready,
             labels: BTreeMap::new(),
+            no_encryption: None,
         }
+    }
+
+    #[test]
+    fn encrypted_networks_place_only_on_nodes_with_esp() {
+        let mut nodes = vec![node("a", Role::Worker), node("b", Role::Worker)];
+        nodes[0].no_encryption = Some("no ESP".into());
+        let none = BTreeSet::new();
+        let load = [(0, 0), (0, 0)];
+        // a comes first by name, but cannot encrypt.
+        let c = cands(&nodes, &load);
+        assert_eq!(pick_node(&c, &[], &none, None, true).unwrap().id, "b");
+        assert_eq!(pick_node(&c, &[], &none, None, false).unwrap().id, "a");
+        nodes[1].no_encryption = Some("no ESP".into());
+        let err = pick_node(&cands(&nodes, &load), &[], &none, None, true).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "no suitable node (the service is on an encrypted network and 2 nodes cannot do IPsec ESP)"
+        );
+        assert_eq!(
+            global_fit(&nodes[0], &[], true),
+            GlobalFit::Leave(
+                "node host-a cannot do IPsec ESP, which the service's encrypted network needs"
+                    .into()
+            )
+        );
+        assert_eq!(global_fit(&nodes[0], &[], false), GlobalFit::Place);
     }
 
     fn cands<'a>(nodes: &'a [Node], load: &[(usize, usize)]) -> Vec<Candidate<'a>> {
@@ -256,24 +303,24 @@ mod tests {
     fn a_global_service_fits_ready_active_matching_nodes() {
         let mut n = node("a", Role::Worker);
         let zone = [Constraint::parse("node.labels.zone==a").unwrap()];
-        assert_eq!(global_fit(&n, &[]), GlobalFit::Place);
+        assert_eq!(global_fit(&n, &[], false), GlobalFit::Place);
         assert_eq!(
-            global_fit(&n, &zone),
+            global_fit(&n, &zone, false),
             GlobalFit::Leave("node host-a does not satisfy constraint node.labels.zone==a".into())
         );
         n.labels.insert("zone".into(), "a".into());
-        assert_eq!(global_fit(&n, &zone), GlobalFit::Place);
+        assert_eq!(global_fit(&n, &zone, false), GlobalFit::Place);
         n.availability = Availability::Pause;
-        assert_eq!(global_fit(&n, &zone), GlobalFit::Keep);
+        assert_eq!(global_fit(&n, &zone, false), GlobalFit::Keep);
         n.availability = Availability::Drain;
         assert_eq!(
-            global_fit(&n, &zone),
+            global_fit(&n, &zone, false),
             GlobalFit::Leave("node host-a is drained".into())
         );
         n.availability = Availability::Active;
         n.status = NodeStatus::Down;
         assert_eq!(
-            global_fit(&n, &zone),
+            global_fit(&n, &zone, false),
             GlobalFit::Leave("node host-a is down".into())
         );
     }
@@ -332,11 +379,11 @@ mod tests {
         };
         // b has far fewer tasks overall, but already one of this service: c it is.
         let load = [(1, 1), (1, 1), (0, 9)];
-        let pick = pick_node(&cands(&nodes, &load), &[], &none, Some(port));
+        let pick = pick_node(&cands(&nodes, &load), &[], &none, Some(port), false);
         assert_eq!(pick.unwrap().id, "c");
         let full = [(1, 1), (1, 1), (1, 9)];
         assert_eq!(
-            pick_node(&cands(&nodes, &full), &[], &none, Some(port))
+            pick_node(&cands(&nodes, &full), &[], &none, Some(port), false)
                 .unwrap_err()
                 .to_string(),
             "no suitable node (host-mode port 8081/tcp is taken on every eligible node)"
@@ -344,13 +391,13 @@ mod tests {
         let worker = [Constraint::parse("node.role==worker").unwrap()];
         let only_a_free = [(0, 0), (1, 1), (1, 1)];
         assert_eq!(
-            pick_node(&cands(&nodes, &only_a_free), &worker, &none, Some(port))
+            pick_node(&cands(&nodes, &only_a_free), &worker, &none, Some(port), false)
                 .unwrap_err()
                 .to_string(),
             "no suitable node (scheduling constraints not satisfied on 1 node; host-mode port 8081/tcp is taken on every eligible node)"
         );
         // Without a host-mode port tasks stack up as usual.
-        assert!(pick_node(&cands(&nodes, &full), &[], &none, None).is_ok());
+        assert!(pick_node(&cands(&nodes, &full), &[], &none, None, false).is_ok());
     }
 
     #[test]
@@ -378,7 +425,7 @@ mod tests {
         ];
         let none = BTreeSet::new();
         let pick = |load: &[(usize, usize)]| {
-            pick_node(&cands(&nodes, load), &[], &none, None)
+            pick_node(&cands(&nodes, load), &[], &none, None, false)
                 .unwrap()
                 .id
                 .clone()
@@ -400,14 +447,14 @@ mod tests {
         let none = BTreeSet::new();
         let load = [(0, 0), (1, 1), (1, 1)];
         assert_eq!(
-            pick_node(&cands(&nodes, &load), &worker, &none, None)
+            pick_node(&cands(&nodes, &load), &worker, &none, None, false)
                 .unwrap()
                 .id,
             "b"
         );
         let avoid_b: BTreeSet<String> = ["b".to_string()].into();
         assert_eq!(
-            pick_node(&cands(&nodes, &load), &worker, &avoid_b, None)
+            pick_node(&cands(&nodes, &load), &worker, &avoid_b, None, false)
                 .unwrap()
                 .id,
             "c"
@@ -415,7 +462,7 @@ mod tests {
         // Avoidance is a preference: the only fitting node is still used.
         let only_b = [Constraint::parse("node.hostname==host-b").unwrap()];
         assert_eq!(
-            pick_node(&cands(&nodes, &load), &only_b, &avoid_b, None)
+            pick_node(&cands(&nodes, &load), &only_b, &avoid_b, None, false)
                 .unwrap()
                 .id,
             "b"
@@ -423,15 +470,17 @@ mod tests {
 
         nodes[1].availability = Availability::Drain;
         nodes[2].status = NodeStatus::Down;
-        let err = pick_node(&cands(&nodes, &load), &worker, &none, None).unwrap_err();
+        let err = pick_node(&cands(&nodes, &load), &worker, &none, None, false).unwrap_err();
         assert_eq!(
             err.to_string(),
             "no suitable node (2 nodes not ready or not active; scheduling constraints not satisfied on 1 node)"
         );
         nodes[1].availability = Availability::Pause;
-        assert!(pick_node(&cands(&nodes, &load), &worker, &none, None).is_err());
+        assert!(pick_node(&cands(&nodes, &load), &worker, &none, None, false).is_err());
         assert_eq!(
-            pick_node(&[], &[], &none, None).unwrap_err().to_string(),
+            pick_node(&[], &[], &none, None, false)
+                .unwrap_err()
+                .to_string(),
             "no suitable node (no nodes have joined)"
         );
     }

@@ -8,8 +8,8 @@ use std::net::{IpAddr, Ipv4Addr};
 use ipnet::Ipv4Net;
 use proto::agent::DEFAULT_GWBRIDGE_SUBNET;
 use proto::agent::{
-    Assignment, DrainingBackend, IngressSpec, NetworkService, NetworkSpec, Peer, PublishedService,
-    TaskSpec, TaskStatus,
+    Assignment, DrainingBackend, EspSupport, IngressSpec, NetworkService, NetworkSpec, Peer,
+    PublishedService, TaskSpec, TaskStatus, ESP_KEY_BYTES,
 };
 use proto::api::{
     PublishedPort, ServiceSpec, SpecUpdate, INGRESS_NETWORK, MAX_ALIASES, MAX_COMMAND_ARGS,
@@ -24,6 +24,7 @@ use proto::model::{
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::{self, AllocError};
+use crate::keys::KeyRing;
 use crate::rollout::{self, Drain, Rollout, SpecError, TaskRuntime};
 use crate::sched::{self, Candidate, Constraint, ConstraintError, GlobalFit};
 
@@ -69,6 +70,11 @@ pub struct State {
     /// `alloc::next_free_subnet`).
     #[serde(default)]
     pub last_subnet: Option<Ipv4Net>,
+    /// The IPsec keys of encrypted networks, made with the first one (see [`crate::keys`]).
+    /// Stored like the rest of the state (the file is private to the manager), so a restart
+    /// keeps the keys the nodes use.
+    #[serde(default)]
+    pub esp_keys: KeyRing,
 }
 
 /// Hex of each join token's 16-byte secret (the token itself also carries the CA's digest).
@@ -507,6 +513,10 @@ pub enum Reason {
         alloc::MAX_FWMARK
     )]
     NoFreeFwmark,
+    #[error("unsupported network option {}: only encrypted is supported", excerpt(.0))]
+    NetworkOption(String),
+    #[error("invalid value {} for option encrypted: give it without a value, or true or false", excerpt(.0))]
+    EncryptedValue(String),
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -706,6 +716,7 @@ impl State {
                             gateway: alloc::gateway_of(wanted),
                             vni,
                             ingress: true,
+                            encrypted: false,
                         },
                         created_at: now,
                         last_ip: None,
@@ -903,6 +914,8 @@ impl State {
                         availability: Availability::Active,
                         status: NodeStatus::Ready,
                         labels: BTreeMap::new(),
+                        // Until its agent's Hello says otherwise.
+                        no_encryption: no_encryption(None),
                     },
                     assignment: Assignment {
                         revision,
@@ -994,10 +1007,12 @@ impl State {
         name: &str,
         driver: &str,
         subnet: Option<&str>,
+        options: &BTreeMap<String, String>,
         manager_ip: IpAddr,
         now: u64,
     ) -> Result<String, OpError> {
         let op = format!("create network {}", excerpt(name));
+        let encrypted = network_options(options).or_else(|e| refuse(&op, e))?;
         if name == INGRESS_NETWORK {
             return refuse(op, Reason::ReservedName);
         }
@@ -1061,12 +1076,45 @@ impl State {
                     gateway: alloc::gateway_of(subnet),
                     vni,
                     ingress: false,
+                    encrypted,
                 },
                 created_at: now,
                 last_ip: None,
             },
         );
         Ok(id)
+    }
+
+    /// Whether the cluster has an encrypted network, whose nodes need the key ring.
+    pub fn has_encrypted_networks(&self) -> bool {
+        self.networks.values().any(|r| r.network.encrypted)
+    }
+
+    /// Makes the key ring, or rotates it when due, while an encrypted network exists.
+    pub fn rotate_keys(
+        &mut self,
+        now: u64,
+        interval_secs: u64,
+        fresh: &mut impl FnMut() -> [u8; ESP_KEY_BYTES],
+    ) {
+        if self.has_encrypted_networks() {
+            self.esp_keys.rotate(now, interval_secs, fresh);
+        }
+    }
+
+    /// Whether any network of the service is encrypted: its tasks need a node with ESP.
+    fn needs_encryption(&self, service: &Service) -> bool {
+        self.task_networks(service)
+            .iter()
+            .any(|id| self.networks.get(id).is_some_and(|r| r.network.encrypted))
+    }
+
+    /// Records what a node's agent said about ESP (None: an agent that does not say).
+    pub fn set_node_esp(&mut self, node_id: &str, esp: Option<&EspSupport>) {
+        let Some(record) = self.nodes.get_mut(node_id) else {
+            return;
+        };
+        record.node.no_encryption = no_encryption(esp);
     }
 
     /// Names of the services that use a network, sorted.
@@ -1805,11 +1853,12 @@ impl State {
 
     fn reconcile_global_service(&mut self, service_id: &str, now: u64, index: &mut PlacementIndex) {
         let service = &self.services[service_id];
+        let encrypted = self.needs_encryption(service);
         let fits: BTreeMap<String, GlobalFit> = self
             .nodes
             .values()
             .map(|r| {
-                let fit = sched::global_fit(&r.node, index.constraints(service));
+                let fit = sched::global_fit(&r.node, index.constraints(service), encrypted);
                 (r.node.id.clone(), fit)
             })
             .collect();
@@ -1980,6 +2029,7 @@ impl State {
             index.constraints(service),
             avoid,
             host_port(&service.spec.ports),
+            self.needs_encryption(service),
         )
         .map_err(|e| e.to_string())?
         .id
@@ -2099,7 +2149,7 @@ impl State {
             .map(|a| &a.network_id)
             .collect();
         // Ingress is not among the lazily built networks: it has its own field, on every node.
-        let networks = network_ids
+        let networks: Vec<NetworkSpec> = network_ids
             .into_iter()
             .filter_map(|id| self.networks.get(id))
             .filter(|r| !r.network.ingress)
@@ -2129,18 +2179,25 @@ impl State {
                     }),
             );
             network.peers.sort_by_key(|p| (p.ip, p.vtep));
-            IngressSpec {
+            Box::new(IngressSpec {
                 network,
                 sbox_addr: Ipv4Net::new(ip, net.subnet.prefix_len())
                     .expect("prefix of a valid subnet"),
-            }
+            })
         });
+        // Keys go only to nodes that carry an encrypted network.
+        let encryption = networks
+            .iter()
+            .any(|n| n.encrypted)
+            .then(|| self.esp_keys.for_agents())
+            .flatten();
         Assignment {
             revision: 0,
             networks,
             tasks,
             ingress,
             published: published.to_vec(),
+            encryption,
         }
     }
 
@@ -2161,6 +2218,7 @@ impl State {
             lb_addr: None,
             services: vec![],
             draining: draining.get(&network.id).cloned().unwrap_or_default(),
+            encrypted: network.encrypted,
         }
     }
 
@@ -2263,6 +2321,38 @@ impl State {
     }
 }
 
+/// `network create --opt`: whether the network is encrypted; any other option is refused.
+fn network_options(options: &BTreeMap<String, String>) -> Result<bool, Reason> {
+    let mut encrypted = false;
+    for (key, value) in options {
+        if key != "encrypted" {
+            return Err(Reason::NetworkOption(key.clone()));
+        }
+        encrypted = match value.as_str() {
+            "" | "true" => true,
+            "false" => false,
+            other => return Err(Reason::EncryptedValue(other.to_string())),
+        };
+    }
+    Ok(encrypted)
+}
+
+/// What `node inspect` says about a node that cannot carry encrypted networks.
+fn no_encryption(esp: Option<&EspSupport>) -> Option<String> {
+    match esp {
+        Some(EspSupport::Supported) => None,
+        // The agent's reason is the kernel's error: short, but bounded all the same.
+        Some(EspSupport::Unsupported { reason }) => Some(format!(
+            "its kernel cannot do IPsec ESP ({}): tasks of encrypted networks are not placed here",
+            proto::excerpt_within(reason, 200)
+        )),
+        None => Some(
+            "its agent has not reported IPsec ESP support: tasks of encrypted networks are not placed here"
+                .to_string(),
+        ),
+    }
+}
+
 /// What the manager keeps and logs of a task error an agent reported: bounded, since it may
 /// quote the task's command or output.
 pub fn task_error(text: &str) -> String {
@@ -2345,8 +2435,15 @@ pub(crate) mod tests {
 
     /// Creates an overlay network with the given subnet (at time 1) and returns its id.
     pub(crate) fn add_network(s: &mut State, name: &str, subnet: &str) -> String {
-        s.create_network(name, "overlay", Some(subnet), MANAGER.parse().unwrap(), 1)
-            .unwrap()
+        s.create_network(
+            name,
+            "overlay",
+            Some(subnet),
+            &BTreeMap::new(),
+            MANAGER.parse().unwrap(),
+            1,
+        )
+        .unwrap()
     }
 
     fn node_id(s: &State, hostname: &str) -> String {
@@ -2512,6 +2609,110 @@ pub(crate) mod tests {
             }
         }
         panic!("the cluster did not settle in 600 steps");
+    }
+
+    #[test]
+    fn encrypted_networks_place_on_esp_nodes_and_carry_keys_there_only() {
+        let mut s = cluster(3);
+        let opts = |k: &str, v: &str| BTreeMap::from([(k.to_string(), v.to_string())]);
+        let ip = MANAGER.parse().unwrap();
+        // Unknown options and odd values change nothing.
+        let before = s.clone();
+        let err = s
+            .create_network("sec", "overlay", None, &opts("mtu", "1400"), ip, 1)
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "create network sec: unsupported network option mtu: only encrypted is supported"
+        );
+        let err = s
+            .create_network("sec", "overlay", None, &opts("encrypted", "yes"), ip, 1)
+            .unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("invalid value yes for option encrypted"),
+            "{err}"
+        );
+        assert_eq!(s, before);
+
+        let sec = s
+            .create_network(
+                "sec",
+                "overlay",
+                Some("10.0.7.0/24"),
+                &opts("encrypted", ""),
+                ip,
+                1,
+            )
+            .unwrap();
+        assert!(s.networks[&sec].network.encrypted);
+        add_network(&mut s, "plain", "10.0.8.0/24");
+        let mut fresh = {
+            let mut n = 0u8;
+            move || {
+                n += 1;
+                [n; ESP_KEY_BYTES]
+            }
+        };
+        s.rotate_keys(1, 3600, &mut fresh);
+        assert_eq!(s.esp_keys.keys.len(), 2);
+
+        // Until their agents say so, nodes cannot encrypt: nothing is placed.
+        s.create_service(&spec("secure", 2, &["sec"]), 1).unwrap();
+        s.create_service(&spec("open", 1, &["plain"]), 1).unwrap();
+        s.reconcile(1);
+        assert!(current(&s, "secure").iter().all(|t| t.node_id.is_none()));
+        let (n1, n2, n3) = (
+            node_id(&s, "node1"),
+            node_id(&s, "node2"),
+            node_id(&s, "node3"),
+        );
+        assert!(s.nodes[&n1]
+            .node
+            .no_encryption
+            .as_deref()
+            .unwrap()
+            .contains("has not reported"));
+        s.set_node_esp(&n1, Some(&EspSupport::Supported));
+        s.set_node_esp(&n2, Some(&EspSupport::Supported));
+        let no_esp = EspSupport::Unsupported {
+            reason: "add an ESP state: Function not implemented".into(),
+        };
+        s.set_node_esp(&n3, Some(&no_esp));
+        assert_eq!(
+            s.nodes[&n3].node.no_encryption.as_deref(),
+            Some("its kernel cannot do IPsec ESP (add an ESP state: Function not implemented): tasks of encrypted networks are not placed here")
+        );
+        s.reconcile(2);
+        let placed: BTreeSet<String> = current(&s, "secure")
+            .iter()
+            .map(|t| t.node_id.clone().unwrap())
+            .collect();
+        assert_eq!(placed, BTreeSet::from([n1.clone(), n2.clone()]));
+
+        s.refresh_assignments();
+        for id in [&n1, &n2] {
+            let a = &s.nodes[id].assignment;
+            let net = a.networks.iter().find(|n| n.id == sec).unwrap();
+            assert!(net.encrypted);
+            let keys = a.encryption.as_ref().unwrap();
+            assert_eq!(keys.keys.len(), 2);
+            assert_eq!(keys.send, keys.keys[0].tag);
+        }
+        // The node with only the plain network's task gets no keys.
+        let open_node = current(&s, "open")[0].node_id.clone().unwrap();
+        let plain_only = [&n1, &n2, &n3]
+            .into_iter()
+            .find(|id| **id == open_node && !placed.contains(*id));
+        if let Some(id) = plain_only {
+            assert!(s.nodes[id].assignment.encryption.is_none());
+        }
+        assert!(s.nodes[&n3].assignment.encryption.is_none());
+        assert!(s.nodes[&n3]
+            .assignment
+            .networks
+            .iter()
+            .all(|n| !n.encrypted));
     }
 
     #[test]
@@ -2722,9 +2923,16 @@ pub(crate) mod tests {
         s.set_gwbridge_subnet(&n2, Some("10.0.0.0/16".parse().unwrap()));
         let before = s.clone();
         let create = |s: &mut State, subnet: &str| {
-            s.create_network("bad", "overlay", Some(subnet), MANAGER.parse().unwrap(), 1)
-                .unwrap_err()
-                .to_string()
+            s.create_network(
+                "bad",
+                "overlay",
+                Some(subnet),
+                &BTreeMap::new(),
+                MANAGER.parse().unwrap(),
+                1,
+            )
+            .unwrap_err()
+            .to_string()
         };
         // node1 did not report one: the default 172.18.0.0/16 stands for it.
         assert_eq!(
@@ -2740,7 +2948,14 @@ pub(crate) mod tests {
         assert_eq!(s, before);
         // Automatic allocation skips node2's gwbridge, which covers the start of 10.0.0.0/8.
         let auto = s
-            .create_network("auto", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .create_network(
+                "auto",
+                "overlay",
+                None,
+                &BTreeMap::new(),
+                MANAGER.parse().unwrap(),
+                1,
+            )
             .unwrap();
         assert_eq!(net_of(&s, &auto).subnet.to_string(), "10.1.0.0/24");
         // Without any node, the default gwbridge is kept clear too, and so is ingress.
@@ -2750,6 +2965,7 @@ pub(crate) mod tests {
                 "x",
                 "overlay",
                 Some("172.18.0.0/16"),
+                &BTreeMap::new(),
                 MANAGER.parse().unwrap(),
                 1,
             )
@@ -2914,7 +3130,14 @@ pub(crate) mod tests {
         // Subnets, VNIs and fwmarks: a freed one is not the next one.
         let auto = |s: &mut State, name: &str| {
             let id = s
-                .create_network(name, "overlay", None, MANAGER.parse().unwrap(), 7)
+                .create_network(
+                    name,
+                    "overlay",
+                    None,
+                    &BTreeMap::new(),
+                    MANAGER.parse().unwrap(),
+                    7,
+                )
                 .unwrap();
             net_of(s, &id)
         };
@@ -2939,12 +3162,33 @@ pub(crate) mod tests {
         let huge = "x".repeat(10_000);
         let before = s.clone();
         let errors = [
-            s.create_network(&huge, "overlay", None, MANAGER.parse().unwrap(), 1)
-                .unwrap_err(),
-            s.create_network("n", &huge, None, MANAGER.parse().unwrap(), 1)
-                .unwrap_err(),
-            s.create_network("n", "overlay", Some(&huge), MANAGER.parse().unwrap(), 1)
-                .unwrap_err(),
+            s.create_network(
+                &huge,
+                "overlay",
+                None,
+                &BTreeMap::new(),
+                MANAGER.parse().unwrap(),
+                1,
+            )
+            .unwrap_err(),
+            s.create_network(
+                "n",
+                &huge,
+                None,
+                &BTreeMap::new(),
+                MANAGER.parse().unwrap(),
+                1,
+            )
+            .unwrap_err(),
+            s.create_network(
+                "n",
+                "overlay",
+                Some(&huge),
+                &BTreeMap::new(),
+                MANAGER.parse().unwrap(),
+                1,
+            )
+            .unwrap_err(),
             s.create_service(&spec(&huge, 1, &[]), 1).unwrap_err(),
             s.scale_service(&huge, 1, 1).unwrap_err(),
             s.remove_service(&huge, 1).unwrap_err(),
@@ -3034,7 +3278,14 @@ pub(crate) mod tests {
         s.ensure_ingress("10.0.0.0/16", MANAGER.parse().unwrap(), 0)
             .unwrap();
         let auto = s
-            .create_network("auto", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .create_network(
+                "auto",
+                "overlay",
+                None,
+                &BTreeMap::new(),
+                MANAGER.parse().unwrap(),
+                1,
+            )
             .unwrap();
         assert_eq!(net_of(&s, &auto).subnet.to_string(), "10.1.0.0/24");
         let err = s
@@ -3042,6 +3293,7 @@ pub(crate) mod tests {
                 "bad",
                 "overlay",
                 Some("10.0.5.0/24"),
+                &BTreeMap::new(),
                 MANAGER.parse().unwrap(),
                 1,
             )
@@ -3292,11 +3544,25 @@ pub(crate) mod tests {
     fn networks_get_serial_vnis_and_free_subnets() {
         let mut s = cluster(1);
         let a = s
-            .create_network("a", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .create_network(
+                "a",
+                "overlay",
+                None,
+                &BTreeMap::new(),
+                MANAGER.parse().unwrap(),
+                1,
+            )
             .unwrap();
         let b = add_network(&mut s, "b", "10.0.9.0/24");
         let c = s
-            .create_network("c", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .create_network(
+                "c",
+                "overlay",
+                None,
+                &BTreeMap::new(),
+                MANAGER.parse().unwrap(),
+                1,
+            )
             .unwrap();
         let net = |id: &str| s.networks[id].network.clone();
         // The ingress network took 4096 when the cluster was created.
@@ -3307,7 +3573,14 @@ pub(crate) mod tests {
         s.remove_network("a").unwrap();
         // Neither the freed VNI nor the freed subnet is handed out again at once.
         let d = s
-            .create_network("d", "overlay", None, MANAGER.parse().unwrap(), 1)
+            .create_network(
+                "d",
+                "overlay",
+                None,
+                &BTreeMap::new(),
+                MANAGER.parse().unwrap(),
+                1,
+            )
             .unwrap();
         assert_eq!(net_of(&s, &d).vni, 4100);
         assert_eq!(net_of(&s, &d).subnet.to_string(), "10.0.2.0/24");

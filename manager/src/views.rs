@@ -289,6 +289,7 @@ mod tests {
                 "backend",
                 "overlay",
                 Some("10.0.9.0/24"),
+                &Default::default(),
                 MANAGER.parse().unwrap(),
                 1,
             )

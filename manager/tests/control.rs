@@ -145,6 +145,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
         hostname: "node2".into(),
         advertise_addr: "127.0.0.2".parse().unwrap(),
         gwbridge_subnet: None,
+        esp: None,
     });
     match old.recv::<ManagerMsg>() {
         ManagerMsg::Refused { reason } => assert!(reason.contains("not supported"), "{reason}"),
@@ -177,6 +178,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
         name: "backend".into(),
         driver: "overlay".into(),
         subnet: Some("10.0.9.0/24".into()),
+        options: Default::default(),
     }) else {
         panic!("network create failed; log:\n{}", manager.logs())
     };
@@ -236,6 +238,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
             name: "clash".into(),
             driver: "overlay".into(),
             subnet: Some(subnet.into()),
+            options: Default::default(),
         }) {
             Response::Error { message } => assert!(message.contains(owner), "{message}"),
             other => panic!("{subnet} was accepted: {other:?}"),
@@ -247,6 +250,7 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
             name: "x".into(),
             driver: "overlay".into(),
             subnet: Some("10.0.9.0/16".into()),
+            options: Default::default(),
         }),
         Response::Error { .. }
     ));

@@ -559,6 +559,7 @@ fn an_agent_refuses_the_manager_of_another_cluster() {
         hostname: "node2".into(),
         advertise_addr: "127.0.0.2".parse().unwrap(),
         gwbridge_subnet: None,
+        esp: None,
     });
     let sent = handshake(&mut cross).and_then(|()| cross.write_all(&hello));
     let (bytes, end) = read_rest(&mut cross, DEADLINE);
@@ -591,6 +592,7 @@ fn cleartext_and_certificateless_clients_get_no_state() {
         hostname: "node2".into(),
         advertise_addr: "127.0.0.2".parse().unwrap(),
         gwbridge_subnet: None,
+        esp: None,
     });
     let node_ls = proto::encode_frame(&Request::NodeLs);
     for (port, line, what) in [
@@ -991,6 +993,7 @@ fn idle_connections_do_not_lock_out_meshctl_agents_or_saves() {
         name: "backend".into(),
         driver: "overlay".into(),
         subnet: Some("10.0.9.0/24".into()),
+        options: Default::default(),
     }) {
         Response::Network { network } => assert_eq!(network.network.name, "backend"),
         other => panic!(
@@ -1387,6 +1390,7 @@ fn secrets_and_the_api_socket_are_owner_only() {
         name: "backend".into(),
         driver: "overlay".into(),
         subnet: None,
+        options: Default::default(),
     }) else {
         panic!("network create")
     };

@@ -230,6 +230,10 @@ enum NetworkCmd {
         /// by default) and underlay address; a free /24 of 10.0.0.0/8 when left out
         #[arg(long)]
         subnet: Option<String>,
+        /// Driver option, KEY or KEY=VALUE, repeatable: `encrypted` carries the network's
+        /// traffic between nodes in IPsec ESP (only nodes whose kernel has ESP run its tasks)
+        #[arg(long = "opt", short = 'o', value_name = "KEY[=VALUE]")]
+        opts: Vec<String>,
         /// 1 to 32 of [a-zA-Z0-9_.-], starting with a letter or digit
         name: String,
     },
@@ -922,13 +926,23 @@ fn network(c: &mut Client, cmd: NetworkCmd) -> anyhow::Result<()> {
         NetworkCmd::Create {
             driver,
             subnet,
+            opts,
             name,
         } => {
             let what = format!("create network {}", excerpt(&name));
+            // The manager checks the keys and values; a key given twice keeps the last value.
+            let options = opts
+                .iter()
+                .map(|o| match o.split_once('=') {
+                    Some((k, v)) => (k.to_string(), v.to_string()),
+                    None => (o.clone(), String::new()),
+                })
+                .collect();
             let req = Request::NetworkCreate {
                 name,
                 driver,
                 subnet,
+                options,
             };
             let created = expect!(what, c.call(&req)?, Response::Network { network } => network);
             println!("{}", created.network.id);
@@ -1262,12 +1276,15 @@ mod tests {
             "overlay",
             "--subnet",
             "10.0.9.0/24",
+            "--opt",
+            "encrypted",
             "backend",
         ])
         .unwrap();
         let Command::Network(NetworkCmd::Create {
             driver,
             subnet,
+            opts,
             name,
         }) = cli.command
         else {
@@ -1277,6 +1294,7 @@ mod tests {
             (driver.as_str(), subnet.as_deref(), name.as_str()),
             ("overlay", Some("10.0.9.0/24"), "backend")
         );
+        assert_eq!(opts, ["encrypted"]);
         assert!(parse(&["service", "ps", "web", "--format", "yaml"]).is_err());
         let cli = parse(&["network", "inspect", "backend", "--format", "json"]).unwrap();
         assert!(matches!(

@@ -348,6 +348,7 @@ pub fn network_pretty(n: &NetworkDetail) -> String {
     let _ = writeln!(out, "Name:\t\t{}", net.name);
     let _ = writeln!(out, "Driver:\t\t{}", net.driver);
     let _ = writeln!(out, "Ingress:\t{}", net.ingress);
+    let _ = writeln!(out, "Encrypted:\t{}", net.encrypted);
     let _ = writeln!(out, "Subnet:\t\t{}", net.subnet);
     let _ = writeln!(out, "Gateway:\t{}", net.gateway);
     let _ = writeln!(out, "VNI:\t\t{}", net.vni);
@@ -845,6 +846,7 @@ mod tests {
                 gateway: "10.255.0.1".parse().unwrap(),
                 vni: 4096,
                 ingress: true,
+                encrypted: false,
             },
             created_at: 0,
             endpoints: vec![],
@@ -879,6 +881,7 @@ mod tests {
                 availability: Availability::Drain,
                 status: NodeStatus::Ready,
                 labels: BTreeMap::new(),
+                no_encryption: None,
             },
             tasks: 0,
             revision: 3,
@@ -897,6 +900,7 @@ mod tests {
             gateway: "10.255.0.1".parse().unwrap(),
             vni: 4096,
             ingress: true,
+            encrypted: false,
         }]);
         assert_eq!(
             out,

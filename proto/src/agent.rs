@@ -47,6 +47,10 @@ pub enum AgentMsg {
         /// overlap; agents that do not send it use [`DEFAULT_GWBRIDGE_SUBNET`].
         #[serde(default, skip_serializing_if = "Option::is_none")]
         gwbridge_subnet: Option<Ipv4Net>,
+        /// Whether the node's kernel can do IPsec ESP, as the agent found at start. None: an
+        /// agent that does not say, which gets no encrypted network.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        esp: Option<EspSupport>,
     },
     /// Before joining: the cluster's CA certificate, please.
     GetCa,
@@ -70,6 +74,17 @@ pub enum AgentMsg {
     Heartbeat,
     /// The load balancer as programmed on this node, sent after it changes (for inspection).
     LbState(LbReport),
+}
+
+/// The agent's finding about IPsec ESP on its kernel.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "snake_case")]
+pub enum EspSupport {
+    Supported,
+    /// With what the kernel said, e.g. "add an ESP state: Function not implemented".
+    Unsupported {
+        reason: String,
+    },
 }
 
 /// What the node's load balancer holds now.
@@ -161,11 +176,72 @@ pub struct Assignment {
     /// The routing mesh's network, present on every node (with its ingress_sbox) once the
     /// manager has one.
     #[serde(default)]
-    pub ingress: Option<IngressSpec>,
+    pub ingress: Option<Box<IngressSpec>>,
     /// Every service with published ports, cluster-wide: each node balances ingress-mode ports
     /// over the backends, wherever they run; host-mode ports go to this node's own tasks.
     #[serde(default)]
     pub published: Vec<PublishedService>,
+    /// The cluster's IPsec keys, only for a node with an encrypted network. The agent keeps
+    /// them in memory only: it never writes them to disk nor logs them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub encryption: Option<EncryptionKeys>,
+}
+
+/// The key ring of encrypted overlays, one per cluster (as Swarm's): every node receives with
+/// every key of the ring and sends with `send`. The newest key is receive-only for one rotation
+/// interval before any node sends with it, and a replaced key stays receivable for one interval
+/// more, so nodes that apply a rotation at different moments lose no packet.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncryptionKeys {
+    /// Oldest first; at most three.
+    pub keys: Vec<EspKey>,
+    /// The tag of the key to send with.
+    pub send: u32,
+}
+
+/// One AES-GCM-128 key with its 4-byte salt (`rfc4106(gcm(aes))` takes both as one key of 20
+/// bytes). Its Debug form shows the tag only.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EspKey {
+    /// Serial, cluster-wide; both ends derive their SPIs from it.
+    pub tag: u32,
+    /// 16 key bytes then 4 salt bytes, as hex.
+    #[serde(with = "hex20")]
+    pub secret: [u8; ESP_KEY_BYTES],
+}
+
+/// AES-128 key plus salt.
+pub const ESP_KEY_BYTES: usize = 20;
+
+impl std::fmt::Debug for EspKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EspKey")
+            .field("tag", &self.tag)
+            .finish_non_exhaustive()
+    }
+}
+
+mod hex20 {
+    use super::ESP_KEY_BYTES;
+    use serde::{de::Error, Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(b: &[u8; ESP_KEY_BYTES], s: S) -> Result<S::Ok, S::Error> {
+        let hex: String = b.iter().map(|b| format!("{b:02x}")).collect();
+        s.serialize_str(&hex)
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; ESP_KEY_BYTES], D::Error> {
+        let text = String::deserialize(d)?;
+        let mut out = [0u8; ESP_KEY_BYTES];
+        if text.len() != 2 * ESP_KEY_BYTES || !text.is_ascii() {
+            return Err(D::Error::custom("an ESP key is 40 hex digits"));
+        }
+        for (i, b) in out.iter_mut().enumerate() {
+            *b = u8::from_str_radix(&text[2 * i..2 * i + 2], 16)
+                .map_err(|_| D::Error::custom("an ESP key is 40 hex digits"))?;
+        }
+        Ok(out)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -216,6 +292,9 @@ pub struct NetworkSpec {
     /// on: an IPVS balancer keeps them as weight-0 destinations until they leave this list.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub draining: Vec<DrainingBackend>,
+    /// Its VXLAN traffic to and from other nodes goes in ESP, with the assignment's keys.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub encrypted: bool,
 }
 
 /// A task's address under its service's mark, for a balancer to keep without new connections.
@@ -296,6 +375,7 @@ mod tests {
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
             gwbridge_subnet: None,
+            esp: None,
         };
         let line = encode_frame(&msg);
         assert_eq!(
@@ -309,6 +389,7 @@ mod tests {
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
             gwbridge_subnet: Some("172.30.0.0/16".parse().unwrap()),
+            esp: Some(EspSupport::Supported),
         };
         let line = encode_frame(&newer);
         assert!(std::str::from_utf8(&line)
@@ -347,9 +428,10 @@ mod tests {
                         addr: "10.0.9.3".parse().unwrap(),
                     }],
                 }],
+                encrypted: true,
             }],
             tasks: vec![],
-            ingress: Some(IngressSpec {
+            ingress: Some(Box::new(IngressSpec {
                 network: NetworkSpec {
                     id: "ing".into(),
                     name: "ingress".into(),
@@ -360,9 +442,10 @@ mod tests {
                     lb_addr: None,
                     draining: vec![],
                     services: vec![],
+                    encrypted: false,
                 },
                 sbox_addr: "10.255.0.2/16".parse().unwrap(),
-            }),
+            })),
             published: vec![PublishedService {
                 service_id: "s1".into(),
                 service_name: "web".into(),
@@ -376,6 +459,13 @@ mod tests {
                 backends: vec!["10.255.0.5".parse().unwrap()],
                 vip: Some("10.255.0.3".parse().unwrap()),
             }],
+            encryption: Some(EncryptionKeys {
+                keys: vec![EspKey {
+                    tag: 1,
+                    secret: [0xab; ESP_KEY_BYTES],
+                }],
+                send: 1,
+            }),
         });
         let back: ManagerMsg = decode_frame(&encode_frame(&a)).unwrap();
         assert_eq!(back, a);
@@ -392,6 +482,27 @@ mod tests {
                 ..Assignment::default()
             })
         );
+    }
+
+    #[test]
+    fn keys_travel_as_hex_and_never_show_in_debug() {
+        let key = EspKey {
+            tag: 7,
+            secret: *b"0123456789abcdefsalt",
+        };
+        let wire = serde_json::to_string(&key).unwrap();
+        assert_eq!(
+            wire,
+            r#"{"tag":7,"secret":"3031323334353637383961626364656673616c74"}"#
+        );
+        assert_eq!(serde_json::from_str::<EspKey>(&wire).unwrap(), key);
+        let shown = format!("{key:?}");
+        assert_eq!(shown, "EspKey { tag: 7, .. }");
+        let short = r#"{"tag":7,"secret":"abcd"}"#;
+        assert!(serde_json::from_str::<EspKey>(short)
+            .unwrap_err()
+            .to_string()
+            .contains("40 hex digits"));
     }
 
     #[test]

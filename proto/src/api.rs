@@ -91,6 +91,9 @@ pub enum Request {
         /// Kept as text so that the manager validates it and explains what is wrong.
         #[serde(default)]
         subnet: Option<String>,
+        /// Driver options (`--opt key[=value]`), checked by the manager: only `encrypted`.
+        #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+        options: BTreeMap<String, String>,
     },
     NetworkLs,
     NetworkInspect {
@@ -550,7 +553,8 @@ mod tests {
             Request::NetworkCreate {
                 name: "backend".into(),
                 driver: "overlay".into(),
-                subnet: None
+                subnet: None,
+                options: BTreeMap::new(),
             }
         );
     }
@@ -648,6 +652,7 @@ mod tests {
                 gateway: "10.0.9.1".parse().unwrap(),
                 vni: 4097,
                 ingress: false,
+                encrypted: true,
             },
             created_at: 1,
             endpoints: vec![],

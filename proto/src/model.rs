@@ -39,6 +39,10 @@ pub struct Node {
     pub status: NodeStatus,
     #[serde(default)]
     pub labels: BTreeMap<String, String>,
+    /// Why the node cannot carry encrypted networks (its kernel has no IPsec ESP, or its agent
+    /// has not said): their tasks are not placed there. None: it can.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_encryption: Option<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -53,6 +57,9 @@ pub struct Network {
     /// The routing-mesh network that exists on every node.
     #[serde(default)]
     pub ingress: bool,
+    /// `--opt encrypted`: VXLAN traffic between nodes is carried in IPsec ESP.
+    #[serde(default)]
+    pub encrypted: bool,
 }
 
 /// The lifecycle of a task, as in `docker service ps`.

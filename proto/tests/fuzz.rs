@@ -31,8 +31,9 @@ use proptest::option;
 use proptest::prelude::*;
 use proptest::sample::select;
 use proto::agent::{
-    AgentMsg, Assignment, IngressSpec, LbBackendReport, LbReport, LbServiceReport, ManagerMsg,
-    NetworkSpec, Peer, PublishedService, TaskSpec, TaskStatus,
+    AgentMsg, Assignment, EncryptionKeys, EspKey, EspSupport, IngressSpec, LbBackendReport,
+    LbReport, LbServiceReport, ManagerMsg, NetworkSpec, Peer, PublishedService, TaskSpec,
+    TaskStatus, ESP_KEY_BYTES,
 };
 use proto::api::{
     IngressSbox, NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, NodeLb, PublishInfo,
@@ -148,6 +149,7 @@ fn network_spec() -> impl Strategy<Value = NetworkSpec> {
             subnet,
             gateway,
             vni,
+            encrypted: vni % 2 == 0,
             peers,
             lb_addr: None,
             draining: vec![],
@@ -216,8 +218,15 @@ fn assignment() -> impl Strategy<Value = Assignment> {
                 revision,
                 networks,
                 tasks,
-                ingress,
+                ingress: ingress.map(Box::new),
                 published,
+                encryption: (revision % 2 == 0).then(|| EncryptionKeys {
+                    keys: vec![EspKey {
+                        tag: revision as u32,
+                        secret: [revision as u8; ESP_KEY_BYTES],
+                    }],
+                    send: revision as u32,
+                }),
             },
         )
 }
@@ -253,6 +262,13 @@ fn agent_msg() -> impl Strategy<Value = AgentMsg> {
             |(version, hostname, advertise_addr, gwbridge_subnet)| AgentMsg::Hello {
                 version,
                 hostname,
+                esp: match version % 3 {
+                    0 => None,
+                    1 => Some(EspSupport::Supported),
+                    _ => Some(EspSupport::Unsupported {
+                        reason: format!("{advertise_addr}"),
+                    }),
+                },
                 advertise_addr,
                 gwbridge_subnet,
             }
@@ -340,6 +356,7 @@ fn request() -> impl Strategy<Value = Request> {
         (role(), any::<bool>()).prop_map(|(role, rotate)| Request::JoinToken { role, rotate }),
         (text(), text(), option::of(text())).prop_map(|(name, driver, subnet)| {
             Request::NetworkCreate {
+                options: subnet.iter().map(|s| (s.clone(), String::new())).collect(),
                 name,
                 driver,
                 subnet,
@@ -403,6 +420,7 @@ fn node_info() -> impl Strategy<Value = NodeInfo> {
                 role,
                 availability,
                 status,
+                no_encryption: labels.keys().next().cloned(),
                 labels,
             },
         );
@@ -435,6 +453,7 @@ fn network() -> impl Strategy<Value = Network> {
                 gateway,
                 vni,
                 ingress,
+                encrypted: !ingress,
             },
         )
 }

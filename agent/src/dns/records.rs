@@ -221,6 +221,7 @@ pub(crate) mod tests {
             lb_addr: None,
             draining: vec![],
             services,
+            encrypted: false,
         }
     }
 

@@ -344,6 +344,7 @@ pub fn assignment(revision: u64, tasks: Vec<TaskSpec>) -> ManagerMsg {
             lb_addr: None,
             draining: vec![],
             services: vec![],
+            encrypted: false,
         }]
     };
     ManagerMsg::Assign(Assignment {

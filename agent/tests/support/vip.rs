@@ -105,6 +105,7 @@ pub fn assignment(revision: u64, api_tasks: &[Ipv4Addr]) -> ManagerMsg {
             }],
             lb_addr: Some(format!("{LB_ADDR}/24").parse().unwrap()),
             draining: vec![],
+            encrypted: false,
             services: vec![
                 service("api", Some(API_VIP), API_MARK, api_tasks),
                 service("idle", Some(IDLE_VIP), 301, &[]),

@@ -293,6 +293,7 @@ async fn agent(
         hostname,
         advertise_addr: advertise,
         gwbridge_subnet: None,
+        esp: None,
     };
     write_frame(&mut wr, &hello).await.context("send hello")?;
     let mut buf = Vec::new();
@@ -426,6 +427,7 @@ fn realistic_assignment() -> Assignment {
         lb_addr: None,
         draining: vec![],
         services: vec![],
+        encrypted: false,
     };
     let networks: Vec<NetworkSpec> = (0..5)
         .map(|k| network(k, format!("backend{k}"), [10, 0, k as u8]))
@@ -490,11 +492,12 @@ fn realistic_assignment() -> Assignment {
         revision: 1,
         networks,
         tasks,
-        ingress: Some(IngressSpec {
+        ingress: Some(Box::new(IngressSpec {
             network: ingress,
             sbox_addr: "10.255.0.2/16".parse().unwrap(),
-        }),
+        })),
         published,
+        encryption: None,
     }
 }
 

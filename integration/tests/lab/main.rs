@@ -2,6 +2,7 @@
 
 mod chaos;
 mod cleanup;
+mod encrypted;
 mod global;
 mod overlay;
 mod trust;

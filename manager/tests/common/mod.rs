@@ -94,6 +94,7 @@ impl Conn<Tls> {
             hostname: hostname.into(),
             advertise_addr: addr.parse().unwrap(),
             gwbridge_subnet: gwbridge.map(|g| g.parse().unwrap()),
+            esp: Some(proto::agent::EspSupport::Supported),
         });
         self.recv()
     }

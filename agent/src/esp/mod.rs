@@ -1,0 +1,690 @@
+//! Encrypted overlays: IPsec ESP in transport mode over the VXLAN packets between nodes, as in
+//! Swarm (reference/swarm-cluster.md §6), planned purely from the assignment and what the
+//! kernel holds, applied through XFRM netlink ([`xfrm`]) and one nftables table of our own.
+//!
+//! - States: for every peer node that shares an encrypted network with this node, and every key
+//!   of the cluster's ring, one inbound and one outbound `rfc4106(gcm(aes))` state (ICV 128
+//!   bits). Their SPIs are derived from (source, destination, key tag), so both ends compute the
+//!   same ones without any negotiation. Ours carry reqid [`REQID`]; no other state is touched.
+//! - Policies: one outbound policy per peer, selecting UDP from us to the peer's VXLAN port
+//!   *with our mark* ([`ESP_MARK`]), whose template names the SPI of the send key. Swapping the
+//!   send key is one atomic policy update; both keys' states exist meanwhile.
+//! - Per network, not per node pair: an XFRM selector sees addresses, protocol and ports, never
+//!   the VNI, so the `meshnet_esp` table marks in `output` (a `route` chain, so the kernel looks
+//!   the route and the policy up again) the VXLAN packets whose VNI belongs to an encrypted
+//!   network, drops in `postrouting` the ones of such a VNI about to leave without a transform
+//!   (`rt ipsec missing`: no policy or no state yet, so nothing of an encrypted network ever
+//!   leaves in clear), and drops in `input` the ones of such a VNI that did not come out of ESP
+//!   (`meta ipsec missing`). A plain network between the same nodes stays plain VXLAN.
+//! - No inbound policy: one would match every VXLAN packet from the peer, plain networks' too;
+//!   the input rule does that job per VNI instead.
+//! - Keys live in memory only (the saved assignment has none). An agent restarted without its
+//!   manager has no keys: it leaves the states and policies as they are, which keeps the
+//!   encrypted traffic flowing as last programmed.
+
+pub mod xfrm;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::{IpAddr, Ipv4Addr};
+
+use proto::agent::{Assignment, EncryptionKeys, EspSupport, ESP_KEY_BYTES};
+
+/// Owner tag of our states and templates: "mesh".
+pub const REQID: u32 = 0x6d65_7368;
+/// The mark of VXLAN packets of encrypted networks: the top byte, above every service fwmark
+/// (those stay below 2^24), so the two never mix.
+pub const ESP_MARK: u32 = 0x4d00_0000;
+pub const ESP_MARK_MASK: u32 = 0xff00_0000;
+pub const AEAD_NAME: &str = "rfc4106(gcm(aes))";
+pub const AEAD_ICV_BITS: u32 = 128;
+/// The nftables table that marks and filters VXLAN of encrypted networks.
+pub const TABLE: &str = "meshnet_esp";
+
+/// Bytes ESP adds to a VXLAN packet in transport mode, at most: ESP header (SPI, sequence) 8,
+/// the GCM IV 8, padding to a 4-byte boundary up to 3, pad length and next header 2, ICV 16.
+pub const ESP_OVERHEAD: u32 = 8 + 8 + 3 + 2 + 16;
+
+/// An ESP state, as the kernel names it (destination and SPI).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SaId {
+    pub dst: Ipv4Addr,
+    pub spi: u32,
+}
+
+/// A transport-mode ESP state of ours. Its Debug form hides the key.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Sa {
+    pub id: SaId,
+    pub src: Ipv4Addr,
+    pub key: [u8; ESP_KEY_BYTES],
+}
+
+impl fmt::Debug for Sa {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{} -> {} spi 0x{:08x}",
+            self.src, self.id.dst, self.id.spi
+        )
+    }
+}
+
+/// The outbound policy towards one peer: its VXLAN packets with our mark go in the state with
+/// this SPI.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct OutPolicy {
+    pub src: Ipv4Addr,
+    pub dst: Ipv4Addr,
+    pub port: u16,
+    pub spi: u32,
+}
+
+/// What the node holds of ours.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Observed {
+    pub states: Vec<Sa>,
+    pub policies: Vec<OutPolicy>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum EspAction {
+    AddSa(Sa),
+    DeleteSa(SaId),
+    SetPolicy(OutPolicy),
+    DeletePolicy(OutPolicy),
+}
+
+/// What the node should hold: the states and policies, and the VNIs to mark and guard.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Desired {
+    pub states: Vec<Sa>,
+    pub policies: Vec<OutPolicy>,
+    pub vnis: BTreeSet<u32>,
+}
+
+/// The SPI of the state from `src` to `dst` with key `tag`: FNV-1a over the three, the same on
+/// both ends; kept clear of 0-255, which RFC 4303 reserves.
+pub fn spi(src: Ipv4Addr, dst: Ipv4Addr, tag: u32) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in src
+        .octets()
+        .into_iter()
+        .chain(tag.to_be_bytes())
+        .chain(dst.octets())
+    {
+        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
+    }
+    if h < 256 {
+        h + 256
+    } else {
+        h
+    }
+}
+
+/// The desired ESP state of this node, or None when it must be left as it is: an encrypted
+/// network without keys (an agent restarted while its manager is away keeps what it had).
+pub fn desired(a: &Assignment, local: Ipv4Addr, port: u16) -> Result<Option<Desired>, String> {
+    let encrypted: Vec<_> = a.networks.iter().filter(|n| n.encrypted).collect();
+    if encrypted.is_empty() {
+        return Ok(Some(Desired::default()));
+    }
+    let Some(keys) = &a.encryption else {
+        return Ok(None);
+    };
+    let send = keys
+        .keys
+        .iter()
+        .find(|k| k.tag == keys.send)
+        .ok_or_else(|| format!("the send key {} is not in the key ring", keys.send))?;
+    let peers: BTreeSet<Ipv4Addr> = encrypted
+        .iter()
+        .flat_map(|n| &n.peers)
+        .filter_map(|p| match p.vtep {
+            IpAddr::V4(v) if v != local => Some(v),
+            _ => None,
+        })
+        .collect();
+    Ok(Some(Desired {
+        states: states(local, &peers, keys),
+        policies: peers
+            .iter()
+            .map(|&dst| OutPolicy {
+                src: local,
+                dst,
+                port,
+                spi: spi(local, dst, send.tag),
+            })
+            .collect(),
+        vnis: encrypted.iter().map(|n| n.vni).collect(),
+    }))
+}
+
+fn states(local: Ipv4Addr, peers: &BTreeSet<Ipv4Addr>, keys: &EncryptionKeys) -> Vec<Sa> {
+    let mut out = Vec::new();
+    for &peer in peers {
+        for k in &keys.keys {
+            for (src, dst) in [(peer, local), (local, peer)] {
+                out.push(Sa {
+                    id: SaId {
+                        dst,
+                        spi: spi(src, dst, k.tag),
+                    },
+                    src,
+                    key: k.secret,
+                });
+            }
+        }
+    }
+    out
+}
+
+/// Actions from what is to what should be, in an order that never leaves a packet without a
+/// state: new states, then policies (which may switch to a new state), then stale policies,
+/// then stale states. A state that differs (source or key changed behind our back) is deleted
+/// and added again: the kernel cannot replace a key in place.
+pub fn plan(desired: &Desired, observed: &Observed) -> Vec<EspAction> {
+    let have: BTreeMap<SaId, &Sa> = observed.states.iter().map(|s| (s.id, s)).collect();
+    let want: BTreeSet<SaId> = desired.states.iter().map(|s| s.id).collect();
+    let mut actions = Vec::new();
+    for sa in &desired.states {
+        match have.get(&sa.id) {
+            Some(h) if *h == sa => {}
+            Some(_) => {
+                actions.push(EspAction::DeleteSa(sa.id));
+                actions.push(EspAction::AddSa(sa.clone()));
+            }
+            None => actions.push(EspAction::AddSa(sa.clone())),
+        }
+    }
+    let key = |p: &OutPolicy| (p.src, p.dst, p.port);
+    let pols: BTreeMap<_, &OutPolicy> = observed.policies.iter().map(|p| (key(p), p)).collect();
+    for p in &desired.policies {
+        if pols.get(&key(p)) != Some(&p) {
+            actions.push(EspAction::SetPolicy(p.clone()));
+        }
+    }
+    let wanted: BTreeSet<_> = desired.policies.iter().map(key).collect();
+    for p in &observed.policies {
+        if !wanted.contains(&key(p)) {
+            actions.push(EspAction::DeletePolicy(p.clone()));
+        }
+    }
+    for s in &observed.states {
+        if !want.contains(&s.id) {
+            actions.push(EspAction::DeleteSa(s.id));
+        }
+    }
+    actions
+}
+
+/// The `meshnet_esp` table, whole, as one `nft -f` script that replaces it atomically (the
+/// empty declaration lets the delete succeed on a first run). None of it without encrypted
+/// VNIs: then the script only removes the table.
+pub fn nft_script(vnis: &BTreeSet<u32>, port: u16) -> String {
+    let mut s = format!("table ip {TABLE} {{\n}}\ndelete table ip {TABLE}\n");
+    if vnis.is_empty() {
+        return s;
+    }
+    let set = vnis
+        .iter()
+        .map(u32::to_string)
+        .collect::<Vec<_>>()
+        .join(", ");
+    // @th,96,24: the VNI, after the 8-byte UDP header and the VXLAN flags and reserved bytes.
+    s += &format!(
+        "table ip {TABLE} {{
+\tchain mark-encrypted {{
+\t\ttype route hook output priority mangle; policy accept;
+\t\tudp dport {port} @th,96,24 {{ {set} }} meta mark set meta mark & 0x{keep:08x} | 0x{ESP_MARK:08x}
+\t}}
+\tchain never-send-cleartext {{
+\t\ttype filter hook postrouting priority filter; policy accept;
+\t\tudp dport {port} @th,96,24 {{ {set} }} rt ipsec missing counter drop
+\t}}
+\tchain drop-cleartext {{
+\t\ttype filter hook input priority filter; policy accept;
+\t\tudp dport {port} @th,96,24 {{ {set} }} meta ipsec missing counter drop
+\t}}
+}}
+",
+        keep = !ESP_MARK_MASK
+    );
+    s
+}
+
+/// The node's kernel state, behind a narrow trait (the real one is [`xfrm::XfrmSocket`] plus
+/// `nft`), so the sync is tested without root.
+pub trait EspKernel {
+    fn observe(&mut self) -> Result<Observed, String>;
+    fn apply(&mut self, action: &EspAction) -> Result<(), String>;
+    fn nft(&mut self, script: &str) -> Result<(), String>;
+}
+
+impl EspKernel for xfrm::XfrmSocket {
+    fn observe(&mut self) -> Result<Observed, String> {
+        Ok(Observed {
+            states: self.states().map_err(|e| e.to_string())?,
+            policies: self.policies().map_err(|e| e.to_string())?,
+        })
+    }
+
+    fn apply(&mut self, action: &EspAction) -> Result<(), String> {
+        match action {
+            EspAction::AddSa(sa) => self.add_sa(sa),
+            EspAction::DeleteSa(id) => self.delete_sa(id),
+            EspAction::SetPolicy(p) => self.set_policy(p),
+            EspAction::DeletePolicy(p) => self.delete_policy(p),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    fn nft(&mut self, script: &str) -> Result<(), String> {
+        run_nft(script)
+    }
+}
+
+/// `nft -f -` in the agent's own (the node's) namespace.
+fn run_nft(script: &str) -> Result<(), String> {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new("nft")
+        .args(["-f", "-"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("run nft for table {TABLE}: {e}"))?;
+    // Written, then the pipe closed, before waiting; nft exits (and is reaped) either way.
+    let written = child
+        .stdin
+        .take()
+        .map(|mut stdin| stdin.write_all(script.as_bytes()));
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("wait for nft (table {TABLE}): {e}"))?;
+    if !out.status.success() {
+        return Err(format!(
+            "apply table {TABLE}: nft: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    if let Some(Err(e)) = written {
+        return Err(format!("write the rules of table {TABLE} to nft: {e}"));
+    }
+    Ok(())
+}
+
+/// What one sync did.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct SyncReport {
+    /// Descriptions of what changed (no key material).
+    pub applied: Vec<String>,
+    pub errors: Vec<String>,
+}
+
+/// Keeps the node's ESP states, policies and table as `desired` says. The table is applied
+/// when it changes and again on every `recheck` (an atomic replacement, cheap and idempotent,
+/// which repairs any change made behind our back).
+pub struct EspSync {
+    local: Ipv4Addr,
+    port: u16,
+    last_script: Option<String>,
+}
+
+impl EspSync {
+    pub fn new(local: Ipv4Addr, port: u16) -> EspSync {
+        EspSync {
+            local,
+            port,
+            last_script: None,
+        }
+    }
+
+    pub fn sync(&mut self, k: &mut dyn EspKernel, a: &Assignment, recheck: bool) -> SyncReport {
+        let mut report = SyncReport::default();
+        let desired = match desired(a, self.local, self.port) {
+            Ok(Some(d)) => d,
+            // No keys in memory: what the kernel holds stays.
+            Ok(None) => return report,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        };
+        // The table first: from then on a packet of an encrypted network leaves in ESP or not
+        // at all, whatever the states and policies are yet. An unchanged table is only
+        // re-applied on a recheck.
+        let script = nft_script(&desired.vnis, self.port);
+        if recheck || self.last_script.as_deref() != Some(script.as_str()) {
+            match k.nft(&script) {
+                Ok(()) => {
+                    if self.last_script.as_deref() != Some(script.as_str()) {
+                        report
+                            .applied
+                            .push(format!("table {TABLE}: encrypted VNIs {:?}", desired.vnis));
+                    }
+                    self.last_script = Some(script);
+                }
+                Err(e) => report.errors.push(e),
+            }
+        }
+        let observed = match k.observe() {
+            Ok(o) => o,
+            Err(e) => {
+                report.errors.push(e);
+                return report;
+            }
+        };
+        for action in plan(&desired, &observed) {
+            match k.apply(&action) {
+                Ok(()) => report.applied.push(format!("{action:?}")),
+                Err(e) => report.errors.push(e),
+            }
+        }
+        report
+    }
+}
+
+/// Whether this kernel can do what encrypted overlays need: adds (and drops with it) one
+/// `rfc4106(gcm(aes))` transport state in a throwaway network namespace, on a thread of its
+/// own, so nothing of the node is touched.
+pub fn probe() -> EspSupport {
+    let run = || -> Result<(), String> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
+            .map_err(|e| format!("make a namespace to probe in: {e}"))?;
+        let mut sock = xfrm::XfrmSocket::open().map_err(|e| e.to_string())?;
+        let sa = Sa {
+            id: SaId {
+                dst: Ipv4Addr::new(192, 0, 2, 2),
+                spi: 0x100,
+            },
+            src: Ipv4Addr::new(192, 0, 2, 1),
+            key: [0; ESP_KEY_BYTES],
+        };
+        sock.add_sa(&sa).map_err(|e| match e {
+            xfrm::XfrmError::Io { source, .. } => format!("add an {AEAD_NAME} state: {source}"),
+            other => other.to_string(),
+        })
+    };
+    let outcome = std::thread::spawn(run)
+        .join()
+        .unwrap_or_else(|_| Err("the probe panicked".into()));
+    match outcome {
+        Ok(()) => EspSupport::Supported,
+        Err(reason) => EspSupport::Unsupported { reason },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proto::agent::{EspKey, NetworkSpec, Peer};
+
+    const N1: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 11);
+    const N2: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 12);
+    const N3: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 13);
+
+    fn net(id: &str, vni: u32, encrypted: bool, vteps: &[Ipv4Addr]) -> NetworkSpec {
+        NetworkSpec {
+            id: id.into(),
+            name: id.into(),
+            subnet: "10.0.9.0/24".parse().unwrap(),
+            gateway: "10.0.9.1/24".parse().unwrap(),
+            vni,
+            peers: vteps
+                .iter()
+                .enumerate()
+                .map(|(i, v)| Peer {
+                    ip: Ipv4Addr::new(10, 0, 9, 10 + i as u8),
+                    mac: String::new(),
+                    vtep: IpAddr::V4(*v),
+                })
+                .collect(),
+            lb_addr: None,
+            draining: vec![],
+            services: vec![],
+            encrypted,
+        }
+    }
+
+    fn keys(tags: &[u32], send: u32) -> EncryptionKeys {
+        EncryptionKeys {
+            keys: tags
+                .iter()
+                .map(|&t| EspKey {
+                    tag: t,
+                    secret: [t as u8; ESP_KEY_BYTES],
+                })
+                .collect(),
+            send,
+        }
+    }
+
+    fn assignment(networks: Vec<NetworkSpec>, enc: Option<EncryptionKeys>) -> Assignment {
+        Assignment {
+            networks,
+            encryption: enc,
+            ..Assignment::default()
+        }
+    }
+
+    #[test]
+    fn both_ends_derive_the_same_spis_and_each_direction_differs() {
+        assert_eq!(spi(N1, N2, 1), spi(N1, N2, 1));
+        assert_ne!(spi(N1, N2, 1), spi(N2, N1, 1));
+        assert_ne!(spi(N1, N2, 1), spi(N1, N2, 2));
+        assert_ne!(spi(N1, N2, 1), spi(N3, N2, 1));
+        assert!(spi(N1, N2, 1) >= 256);
+    }
+
+    #[test]
+    fn only_peers_of_encrypted_networks_get_states_and_policies() {
+        let a = assignment(
+            vec![
+                net("sec", 4097, true, &[N2, N1]),
+                net("plain", 4098, false, &[N3]),
+            ],
+            Some(keys(&[1, 2], 1)),
+        );
+        let d = desired(&a, N1, 4789).unwrap().unwrap();
+        assert_eq!(d.vnis, BTreeSet::from([4097]));
+        // N2 only (never ourselves): in and out for each of the two keys.
+        assert_eq!(d.states.len(), 4);
+        assert!(d
+            .states
+            .iter()
+            .all(|s| (s.src == N2 && s.id.dst == N1) || (s.src == N1 && s.id.dst == N2)));
+        assert_eq!(
+            d.policies,
+            vec![OutPolicy {
+                src: N1,
+                dst: N2,
+                port: 4789,
+                spi: spi(N1, N2, 1),
+            }]
+        );
+        // No encrypted network: nothing of ours should exist.
+        let plain = assignment(vec![net("plain", 4098, false, &[N3])], None);
+        assert_eq!(desired(&plain, N1, 4789).unwrap(), Some(Desired::default()));
+        // Encrypted but no keys (restarted without the manager): hands off.
+        let keyless = assignment(vec![net("sec", 4097, true, &[N2])], None);
+        assert_eq!(desired(&keyless, N1, 4789).unwrap(), None);
+        let bad = assignment(vec![net("sec", 4097, true, &[N2])], Some(keys(&[1], 9)));
+        assert!(desired(&bad, N1, 4789).unwrap_err().contains("send key 9"));
+    }
+
+    #[test]
+    fn rotation_adds_states_before_switching_the_policy_and_removes_the_old_last() {
+        let before = assignment(vec![net("sec", 4097, true, &[N2])], Some(keys(&[1, 2], 1)));
+        let d1 = desired(&before, N1, 4789).unwrap().unwrap();
+        let observed = Observed {
+            states: d1.states.clone(),
+            policies: d1.policies.clone(),
+        };
+        assert!(plan(&d1, &observed).is_empty());
+        let after = assignment(vec![net("sec", 4097, true, &[N2])], Some(keys(&[2, 3], 2)));
+        let d2 = desired(&after, N1, 4789).unwrap().unwrap();
+        let actions = plan(&d2, &observed);
+        let kinds: Vec<&str> = actions
+            .iter()
+            .map(|a| match a {
+                EspAction::AddSa(_) => "add",
+                EspAction::SetPolicy(_) => "policy",
+                EspAction::DeletePolicy(_) => "unpolicy",
+                EspAction::DeleteSa(_) => "delete",
+            })
+            .collect();
+        assert_eq!(kinds, ["add", "add", "policy", "delete", "delete"]);
+        assert_eq!(
+            actions[2],
+            EspAction::SetPolicy(OutPolicy {
+                src: N1,
+                dst: N2,
+                port: 4789,
+                spi: spi(N1, N2, 2),
+            })
+        );
+        assert!(actions[3..]
+            .iter()
+            .all(|a| matches!(a, EspAction::DeleteSa(id) if id.spi == spi(N1, N2, 1) || id.spi == spi(N2, N1, 1))));
+    }
+
+    #[test]
+    fn drift_is_repaired_and_a_changed_key_is_replaced() {
+        let a = assignment(vec![net("sec", 4097, true, &[N2])], Some(keys(&[1], 1)));
+        let d = desired(&a, N1, 4789).unwrap().unwrap();
+        let mut tampered = d.states[0].clone();
+        tampered.key = [0xee; ESP_KEY_BYTES];
+        let stale_policy = OutPolicy {
+            src: N1,
+            dst: N3,
+            port: 4789,
+            spi: 77,
+        };
+        let observed = Observed {
+            // One state deleted by hand, the other with another key; a policy to a gone peer.
+            states: vec![tampered],
+            policies: vec![stale_policy.clone()],
+        };
+        let actions = plan(&d, &observed);
+        assert_eq!(
+            actions,
+            vec![
+                EspAction::DeleteSa(d.states[0].id),
+                EspAction::AddSa(d.states[0].clone()),
+                EspAction::AddSa(d.states[1].clone()),
+                EspAction::SetPolicy(d.policies[0].clone()),
+                EspAction::DeletePolicy(stale_policy),
+            ]
+        );
+    }
+
+    #[test]
+    fn keys_never_show_in_debug_forms() {
+        let a = assignment(
+            vec![net("sec", 4097, true, &[N2])],
+            Some(keys(&[0xab], 0xab)),
+        );
+        let d = desired(&a, N1, 4789).unwrap().unwrap();
+        let shown = format!("{:?} {:?}", d, plan(&d, &Observed::default()));
+        assert!(
+            !shown.contains("171") && !shown.to_lowercase().contains("abab"),
+            "{shown}"
+        );
+        assert!(!format!("{a:?}").contains("171, 171"));
+    }
+
+    #[test]
+    fn the_table_marks_and_guards_only_encrypted_vnis() {
+        let s = nft_script(&BTreeSet::from([4097, 4099]), 4789);
+        assert!(s.starts_with("table ip meshnet_esp {\n}\ndelete table ip meshnet_esp\n"));
+        assert!(s.contains(
+            "udp dport 4789 @th,96,24 { 4097, 4099 } meta mark set meta mark & 0x00ffffff | 0x4d000000"
+        ));
+        assert!(
+            s.contains("udp dport 4789 @th,96,24 { 4097, 4099 } meta ipsec missing counter drop")
+        );
+        assert!(s.contains("udp dport 4789 @th,96,24 { 4097, 4099 } rt ipsec missing counter drop"));
+        assert!(s.contains("type route hook output priority mangle"));
+        assert_eq!(
+            nft_script(&BTreeSet::new(), 4789),
+            "table ip meshnet_esp {\n}\ndelete table ip meshnet_esp\n"
+        );
+    }
+
+    /// A kernel in memory that applies actions as the real one would.
+    #[derive(Default)]
+    struct Fake {
+        held: Observed,
+        scripts: Vec<String>,
+    }
+
+    impl EspKernel for Fake {
+        fn observe(&mut self) -> Result<Observed, String> {
+            Ok(self.held.clone())
+        }
+        fn apply(&mut self, action: &EspAction) -> Result<(), String> {
+            let h = &mut self.held;
+            match action {
+                EspAction::AddSa(sa) => {
+                    if h.states.iter().any(|s| s.id == sa.id) {
+                        return Err("File exists".into());
+                    }
+                    h.states.push(sa.clone());
+                }
+                EspAction::DeleteSa(id) => h.states.retain(|s| s.id != *id),
+                EspAction::SetPolicy(p) => {
+                    h.policies
+                        .retain(|q| (q.src, q.dst, q.port) != (p.src, p.dst, p.port));
+                    h.policies.push(p.clone());
+                }
+                EspAction::DeletePolicy(p) => h.policies.retain(|q| q != p),
+            }
+            Ok(())
+        }
+        fn nft(&mut self, script: &str) -> Result<(), String> {
+            self.scripts.push(script.to_string());
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn sync_converges_reapplies_the_table_on_recheck_and_keeps_state_without_keys() {
+        let mut k = Fake::default();
+        let mut s = EspSync::new(N1, 4789);
+        let a = assignment(
+            vec![net("sec", 4097, true, &[N2, N3])],
+            Some(keys(&[1, 2], 1)),
+        );
+        let r = s.sync(&mut k, &a, false);
+        assert!(r.errors.is_empty(), "{:?}", r.errors);
+        assert_eq!(k.held.states.len(), 8);
+        assert_eq!(k.held.policies.len(), 2);
+        assert_eq!(k.scripts.len(), 1);
+        // Converged: nothing to do, and the table is not re-applied until a recheck.
+        assert_eq!(s.sync(&mut k, &a, false), SyncReport::default());
+        assert_eq!(k.scripts.len(), 1);
+        s.sync(&mut k, &a, true);
+        assert_eq!(k.scripts.len(), 2);
+        // The saved assignment after a restart has no keys: nothing is removed.
+        let keyless = Assignment {
+            encryption: None,
+            ..a.clone()
+        };
+        let mut restarted = EspSync::new(N1, 4789);
+        assert_eq!(
+            restarted.sync(&mut k, &keyless, true),
+            SyncReport::default()
+        );
+        assert_eq!(k.held.states.len(), 8);
+        // The encrypted network leaves the node: everything of ours goes, the table too.
+        let r = s.sync(&mut k, &assignment(vec![], None), false);
+        assert!(r.errors.is_empty());
+        assert_eq!(k.held, Observed::default());
+        assert_eq!(
+            k.scripts.last().unwrap(),
+            "table ip meshnet_esp {\n}\ndelete table ip meshnet_esp\n"
+        );
+    }
+}
