@@ -14,19 +14,15 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use netns::Netns;
 
+use crate::nfnl::wire::{self, Msg, HEADERS, NLMSG_ERROR, NLM_F_ACK, NLM_F_REQUEST};
 use crate::{Error, Result};
 
 /// `(NFNL_SUBSYS_CTNETLINK << 8) | IPCTNL_MSG_CT_*`.
 const CT_NEW: u16 = 1 << 8;
 const CT_GET: u16 = (1 << 8) | 1;
 const CT_DELETE: u16 = (1 << 8) | 2;
-const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
-const NLM_F_REQUEST: u16 = 1;
-const NLM_F_ACK: u16 = 4;
 const NLM_F_DUMP: u16 = 0x300;
-/// nlmsghdr (16 bytes) then nfgenmsg (4 bytes).
-const HEADERS: usize = 20;
 
 const CTA_TUPLE_ORIG: u16 = 1;
 const CTA_TUPLE_REPLY: u16 = 2;
@@ -76,17 +72,19 @@ pub fn delete_stale(ns: &Netns, backend: Ipv4Addr) -> Result<u64> {
     Ok(deleted)
 }
 
-/// A request: nlmsghdr, nfgenmsg (AF_INET, version 0, resource 0), then `attrs`.
+/// A request for the IPv4 table (nfgenmsg: AF_INET, resource 0) carrying `attrs`.
 fn request(kind: u16, flags: u16, seq: u32, attrs: &[u8]) -> Vec<u8> {
-    let len = HEADERS + attrs.len();
-    let mut m = Vec::with_capacity(len);
-    m.extend_from_slice(&(len as u32).to_ne_bytes());
-    m.extend_from_slice(&kind.to_ne_bytes());
-    m.extend_from_slice(&(NLM_F_REQUEST | flags).to_ne_bytes());
-    m.extend_from_slice(&seq.to_ne_bytes());
-    m.extend_from_slice(&0u32.to_ne_bytes());
-    m.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0]);
+    let mut m = Vec::with_capacity(HEADERS + attrs.len());
+    let start = wire::begin_msg(
+        &mut m,
+        kind,
+        NLM_F_REQUEST | flags,
+        seq,
+        libc::AF_INET as u8,
+        0,
+    );
     m.extend_from_slice(attrs);
+    wire::end_msg(&mut m, start);
     m
 }
 
@@ -99,13 +97,14 @@ fn send(sock: &OwnedFd, msg: &[u8]) -> io::Result<()> {
     Ok(())
 }
 
-fn recv<'a>(sock: &OwnedFd, buf: &'a mut [u8]) -> io::Result<&'a [u8]> {
+/// The messages of the next datagram on `sock`.
+fn recv<'a>(sock: &OwnedFd, buf: &'a mut [u8]) -> io::Result<Vec<Msg<'a>>> {
     // SAFETY: the buffer is valid for its length.
     let n = unsafe { libc::recv(sock.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), 0) };
     if n < 0 {
         return Err(io::Error::last_os_error());
     }
-    Ok(&buf[..n as usize])
+    wire::messages(&buf[..n as usize]).ok_or_else(|| invalid("truncated message"))
 }
 
 /// Dumps the table and returns, for each stale entry of `backend`, the attributes that name it
@@ -115,12 +114,11 @@ fn dump_stale(sock: &OwnedFd, backend: Ipv4Addr) -> io::Result<Vec<Vec<u8>>> {
     let mut buf = vec![0u8; 64 * 1024];
     let mut out = Vec::new();
     loop {
-        let datagram = recv(sock, &mut buf)?;
-        for msg in messages(datagram)? {
+        for msg in recv(sock, &mut buf)? {
             match msg.kind {
                 NLMSG_DONE => return Ok(out),
-                NLMSG_ERROR => error_of(msg.payload)?,
-                CT_NEW => out.extend(stale_key(msg.payload, backend)),
+                NLMSG_ERROR => error_of(&msg)?,
+                CT_NEW => out.extend(stale_key(&msg.bytes[16..], backend)),
                 _ => {}
             }
         }
@@ -131,77 +129,32 @@ fn delete(sock: &OwnedFd, seq: u32, key: &[u8]) -> io::Result<()> {
     send(sock, &request(CT_DELETE, NLM_F_ACK, seq, key))?;
     let mut buf = [0u8; 4096];
     loop {
-        let datagram = recv(sock, &mut buf)?;
-        for msg in messages(datagram)? {
+        for msg in recv(sock, &mut buf)? {
             if msg.kind == NLMSG_ERROR && msg.seq == seq {
-                return error_of(msg.payload);
+                return error_of(&msg);
             }
         }
     }
-}
-
-struct Message<'a> {
-    kind: u16,
-    seq: u32,
-    /// What follows the nlmsghdr.
-    payload: &'a [u8],
 }
 
 fn invalid(what: &str) -> io::Error {
     io::Error::new(io::ErrorKind::InvalidData, format!("ctnetlink: {what}"))
 }
 
-/// The netlink messages of one datagram.
-fn messages(mut data: &[u8]) -> io::Result<Vec<Message<'_>>> {
-    let mut out = Vec::new();
-    while data.len() >= 16 {
-        let len = u32::from_ne_bytes(data[0..4].try_into().expect("4 bytes")) as usize;
-        if len < 16 || len > data.len() {
-            return Err(invalid("truncated message"));
-        }
-        out.push(Message {
-            kind: u16::from_ne_bytes(data[4..6].try_into().expect("2 bytes")),
-            seq: u32::from_ne_bytes(data[8..12].try_into().expect("4 bytes")),
-            payload: &data[16..len],
-        });
-        data = &data[((len + 3) & !3).min(data.len())..];
-    }
-    Ok(out)
-}
-
-/// An NLMSG_ERROR payload: Ok for an ACK (code 0), the kernel's error otherwise.
-fn error_of(payload: &[u8]) -> io::Result<()> {
-    let code = payload
-        .get(0..4)
-        .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-        .ok_or_else(|| invalid("short error message"))?;
-    match code {
-        0 => Ok(()),
-        c => Err(io::Error::from_raw_os_error(-c)),
+/// An NLMSG_ERROR message: Ok for an ACK (errno 0), the kernel's error otherwise.
+fn error_of(msg: &Msg<'_>) -> io::Result<()> {
+    match wire::parse_ack(msg).ok_or_else(|| invalid("short error message"))? {
+        ack if ack.errno == 0 => Ok(()),
+        ack => Err(io::Error::from_raw_os_error(ack.errno)),
     }
 }
 
-/// The attributes in `data`: (type without the nested and byte-order flags, value, the whole
-/// attribute with its header and padding as it was).
-fn attrs(mut data: &[u8]) -> impl Iterator<Item = (u16, &[u8], &[u8])> {
-    std::iter::from_fn(move || {
-        if data.len() < 4 {
-            return None;
-        }
-        let len = u16::from_ne_bytes(data[0..2].try_into().expect("2 bytes")) as usize;
-        if len < 4 || len > data.len() {
-            return None;
-        }
-        let kind = u16::from_ne_bytes(data[2..4].try_into().expect("2 bytes")) & 0x3fff;
-        let padded = ((len + 3) & !3).min(data.len());
-        let item = (kind, &data[4..len], &data[..padded]);
-        data = &data[padded..];
-        Some(item)
-    })
-}
-
+/// The value of attribute `kind` among `data`'s attributes.
 fn attr(data: &[u8], kind: u16) -> Option<&[u8]> {
-    attrs(data).find(|(k, _, _)| *k == kind).map(|(_, v, _)| v)
+    wire::attrs(data)?
+        .into_iter()
+        .find(|(k, _, _)| *k == kind)
+        .map(|(_, _, value)| value)
 }
 
 /// For an entry (a CT_NEW payload: nfgenmsg, then attributes) whose reply comes from `backend`
@@ -228,10 +181,11 @@ fn stale_key(payload: &[u8], backend: Ipv4Addr) -> Option<Vec<u8>> {
     if !stale {
         return None;
     }
+    // Encoded again as they came (nested flag included), so they name the same entry.
     let mut key = Vec::new();
-    for (kind, _, whole) in attrs(body) {
+    for (kind, flags, value) in wire::attrs(body)? {
         if kind == CTA_TUPLE_ORIG || kind == CTA_ZONE {
-            key.extend_from_slice(whole);
+            wire::attr(&mut key, kind | flags, value);
         }
     }
     Some(key)
@@ -326,17 +280,40 @@ mod tests {
             }
         }
         let mut msg = request(CT_NEW, 0, 7, &udp[4..]);
-        assert_eq!(messages(&msg).unwrap().len(), 1);
+        let parsed = wire::messages(&msg).unwrap();
+        assert_eq!(parsed.len(), 1);
+        assert_eq!(
+            stale_key(&parsed[0].bytes[16..], GONE),
+            stale_key(&udp, GONE)
+        );
         let too_long = msg.len() as u32 + 8;
         msg[0..4].copy_from_slice(&too_long.to_ne_bytes());
-        assert!(messages(&msg).is_err());
+        assert!(wire::messages(&msg).is_none());
+    }
+
+    /// An NLMSG_ERROR message with `code` (0 is an ACK), the original header capped.
+    fn error_msg(code: i32) -> Vec<u8> {
+        let mut m = Vec::new();
+        m.extend_from_slice(&36u32.to_ne_bytes());
+        m.extend_from_slice(&NLMSG_ERROR.to_ne_bytes());
+        m.extend_from_slice(&0u16.to_ne_bytes());
+        m.extend_from_slice(&5u32.to_ne_bytes());
+        m.extend_from_slice(&0u32.to_ne_bytes());
+        m.extend_from_slice(&code.to_ne_bytes());
+        m.extend_from_slice(&[0; 16]);
+        m
     }
 
     #[test]
     fn acks_pass_and_kernel_errors_come_back() {
-        assert!(error_of(&0i32.to_ne_bytes()).is_ok());
-        let err = error_of(&(-libc::ENOENT).to_ne_bytes()).unwrap_err();
+        let ack = error_msg(0);
+        assert!(error_of(&wire::messages(&ack).unwrap()[0]).is_ok());
+        let enoent = error_msg(-libc::ENOENT);
+        let err = error_of(&wire::messages(&enoent).unwrap()[0]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOENT));
-        assert!(error_of(&[1]).is_err());
+        let short = &error_msg(0)[..16];
+        let mut short = short.to_vec();
+        short[0..4].copy_from_slice(&16u32.to_ne_bytes());
+        assert!(error_of(&wire::messages(&short).unwrap()[0]).is_err());
     }
 }

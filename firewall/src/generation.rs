@@ -8,16 +8,14 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
 use netns::Netns;
 
+use crate::nfnl::wire::{self, HEADERS, NLMSG_ERROR, NLM_F_REQUEST};
 use crate::{Error, Result};
 
 const NETLINK_NETFILTER: libc::c_int = 12;
 /// `(NFNL_SUBSYS_NFTABLES << 8) | NFT_MSG_GETGEN`, and the answer's `| NFT_MSG_NEWGEN`.
 const GETGEN: u16 = (10 << 8) | 16;
 const NEWGEN: u16 = (10 << 8) | 15;
-const NLMSG_ERROR: u16 = 2;
 const NFTA_GEN_ID: u16 = 1;
-/// nlmsghdr (16 bytes) then nfgenmsg (4 bytes).
-const HEADERS: usize = 20;
 
 /// The current nf_tables generation of `ns`.
 pub fn generation(ns: &Netns) -> Result<u32> {
@@ -75,12 +73,9 @@ pub(crate) fn open() -> io::Result<OwnedFd> {
 }
 
 pub(crate) fn ask(sock: &OwnedFd) -> io::Result<u32> {
-    let mut req = [0u8; HEADERS];
-    req[0..4].copy_from_slice(&(HEADERS as u32).to_ne_bytes());
-    req[4..6].copy_from_slice(&GETGEN.to_ne_bytes());
-    req[6..8].copy_from_slice(&(libc::NLM_F_REQUEST as u16).to_ne_bytes());
-    req[8..12].copy_from_slice(&1u32.to_ne_bytes());
-    // nfgenmsg: AF_UNSPEC, NFNETLINK_V0, resource id 0.
+    let mut req = Vec::with_capacity(HEADERS);
+    let start = wire::begin_msg(&mut req, GETGEN, NLM_F_REQUEST, 1, 0, 0);
+    wire::end_msg(&mut req, start);
     // SAFETY: the buffer is valid for its length.
     let sent = unsafe { libc::send(sock.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
     if sent < 0 {
@@ -98,40 +93,22 @@ pub(crate) fn ask(sock: &OwnedFd) -> io::Result<u32> {
 /// The generation id in a `NEWGEN` answer; the kernel's error for an error answer.
 fn parse(reply: &[u8]) -> io::Result<u32> {
     let bad = || io::Error::new(io::ErrorKind::InvalidData, "unexpected GETGEN answer");
-    let u16_at = |at: usize| -> Option<u16> {
-        Some(u16::from_ne_bytes(reply.get(at..at + 2)?.try_into().ok()?))
-    };
-    let len = reply
-        .get(0..4)
-        .map(|b| u32::from_ne_bytes(b.try_into().expect("4 bytes")) as usize)
-        .filter(|&l| l <= reply.len() && l >= 16)
-        .ok_or_else(bad)?;
-    match u16_at(4).ok_or_else(bad)? {
+    let messages = wire::messages(reply).ok_or_else(bad)?;
+    let msg = messages.first().ok_or_else(bad)?;
+    match msg.kind {
         NEWGEN => {}
         NLMSG_ERROR => {
-            let code = reply
-                .get(16..20)
-                .map(|b| i32::from_ne_bytes(b.try_into().expect("4 bytes")))
-                .ok_or_else(bad)?;
-            return Err(io::Error::from_raw_os_error(-code));
+            let ack = wire::parse_ack(msg).ok_or_else(bad)?;
+            return Err(io::Error::from_raw_os_error(ack.errno));
         }
         _ => return Err(bad()),
     }
-    let mut at = HEADERS;
-    while at + 4 <= len {
-        let alen = u16_at(at).ok_or_else(bad)? as usize;
-        // The top two bits of the type are flags (nested, network byte order).
-        let kind = u16_at(at + 2).ok_or_else(bad)? & 0x3fff;
-        if alen < 4 {
-            break;
-        }
-        if kind == NFTA_GEN_ID && alen >= 8 {
-            let id = reply.get(at + 4..at + 8).ok_or_else(bad)?;
-            return Ok(u32::from_be_bytes(id.try_into().expect("4 bytes")));
-        }
-        at += (alen + 3) & !3;
-    }
-    Err(bad())
+    let attrs = wire::attrs(msg.bytes.get(HEADERS..).ok_or_else(bad)?).ok_or_else(bad)?;
+    let (_, _, id) = attrs
+        .into_iter()
+        .find(|(kind, _, value)| *kind == NFTA_GEN_ID && value.len() >= 4)
+        .ok_or_else(bad)?;
+    Ok(u32::from_be_bytes(id[..4].try_into().expect("4 bytes")))
 }
 
 #[cfg(test)]

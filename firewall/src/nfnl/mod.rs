@@ -38,7 +38,7 @@
 //!   (an RCU grace period, 8-16 ms): keep an [`NfnlSocket`] per namespace.
 
 mod socket;
-mod wire;
+pub(crate) mod wire;
 
 use std::io;
 use std::os::fd::OwnedFd;

@@ -3,7 +3,6 @@
 //! reply fields we read back.
 
 /// `struct nlmsghdr` (16 bytes) then `struct nfgenmsg` (4 bytes).
-#[cfg(test)]
 pub const HEADERS: usize = 20;
 pub const NLMSG_ERROR: u16 = 2;
 pub const NLM_F_REQUEST: u16 = 0x1;
