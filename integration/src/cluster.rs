@@ -344,6 +344,21 @@ impl Cluster {
         ])
     }
 
+    /// [`Cluster::network_create`] with `--opt encrypted`.
+    pub fn encrypted_network_create(&self, name: &str, subnet: &str) -> Result<String> {
+        self.meshctl_ok(&[
+            "network",
+            "create",
+            "--driver",
+            "overlay",
+            "--opt",
+            "encrypted",
+            "--subnet",
+            subnet,
+            name,
+        ])
+    }
+
     /// Creates `name`, `replicas` hello-servers on port 8080 with extra `service create` flags
     /// (networks, ports, constraints), and waits until they all run.
     pub fn hello_service(

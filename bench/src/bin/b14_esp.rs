@@ -176,17 +176,7 @@ fn task_ns(t: &TaskInfo) -> Result<Netns> {
 fn main() -> Result<()> {
     let args = Args::parse();
     let c = Cluster::up(2, "nftables")?;
-    c.meshctl_ok(&[
-        "network",
-        "create",
-        "--driver",
-        "overlay",
-        "--opt",
-        "encrypted",
-        "--subnet",
-        "10.0.71.0/24",
-        "secure",
-    ])?;
+    c.encrypted_network_create("secure", "10.0.71.0/24")?;
     c.network_create("plain", "10.0.72.0/24")?;
     let secure = pair(&c, "over-esp", "secure")?;
     let plain = pair(&c, "over-vxlan", "plain")?;
@@ -195,6 +185,16 @@ fn main() -> Result<()> {
     reference_esp(&node1, &node2)?;
 
     let bytes = args.mib << 20;
+    // From the pair's task on node1 to its task on node2, over their network.
+    let over = |(from, to): &(TaskInfo, TaskInfo)| {
+        stream(
+            &task_ns(from)?,
+            &task_ns(to)?,
+            to.endpoints[0].ip(),
+            TASK_PORT,
+            bytes,
+        )
+    };
     let (mut b14, mut b14b) = (Vec::new(), Vec::new());
     let mut absolute: [Vec<f64>; 3] = Default::default();
     for round in 0..args.rounds {
@@ -202,26 +202,8 @@ fn main() -> Result<()> {
         for k in 0..3 {
             let path = (k + round) % 3;
             bps[path] = match path {
-                0 => {
-                    let to = secure.1.endpoints[0].ip();
-                    stream(
-                        &task_ns(&secure.0)?,
-                        &task_ns(&secure.1)?,
-                        to,
-                        TASK_PORT,
-                        bytes,
-                    )?
-                }
-                1 => {
-                    let to = plain.1.endpoints[0].ip();
-                    stream(
-                        &task_ns(&plain.0)?,
-                        &task_ns(&plain.1)?,
-                        to,
-                        TASK_PORT,
-                        bytes,
-                    )?
-                }
+                0 => over(&secure)?,
+                1 => over(&plain)?,
                 _ => stream(&node1, &node2, NODE2, REF_PORT, bytes)?,
             };
             absolute[path].push(bps[path] / 1e6);

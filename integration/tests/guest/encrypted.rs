@@ -155,16 +155,7 @@ fn an_encrypted_network_crosses_the_underlay_as_esp_only() {
         let info: NodeInfo = c.json(&["node", "inspect", node]).unwrap();
         assert_eq!(info.node.no_encryption, None, "{node} cannot encrypt");
     }
-    c.meshctl_ok(&[
-        "network",
-        "create",
-        "--opt",
-        "encrypted",
-        "--subnet",
-        "10.0.51.0/24",
-        "sec",
-    ])
-    .unwrap();
+    c.encrypted_network_create("sec", "10.0.51.0/24").unwrap();
     c.network_create("plain", "10.0.52.0/24").unwrap();
     let vni = |name: &str| {
         let d: NetworkDetail = c.json(&["network", "inspect", name]).unwrap();

@@ -9,18 +9,7 @@ use std::time::Duration;
 #[test]
 fn encrypted_networks_wait_for_nodes_that_can_do_esp() {
     let c = Cluster::up(2, super::LB).unwrap();
-    c.meshctl_ok(&[
-        "network",
-        "create",
-        "--driver",
-        "overlay",
-        "--opt",
-        "encrypted",
-        "--subnet",
-        "10.0.41.0/24",
-        "sec",
-    ])
-    .unwrap();
+    c.encrypted_network_create("sec", "10.0.41.0/24").unwrap();
     c.network_create("plain", "10.0.42.0/24").unwrap();
     let sec: NetworkDetail = c.json(&["network", "inspect", "sec"]).unwrap();
     assert!(sec.network.encrypted);
