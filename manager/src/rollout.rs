@@ -819,7 +819,7 @@ mod tests {
 
     use super::*;
     use crate::state::tests::{
-        apply_all, cluster, current, published_spec, report_at, settle, spec, step, web,
+        apply_all, cluster, current, published_spec, report_at, run_placed, settle, spec, step, web,
     };
 
     fn args(a: &[&str]) -> SpecUpdate {
@@ -873,15 +873,7 @@ mod tests {
             }
             assert!(backends(&s).len() >= 2, "at {now}: {:?}", backends(&s));
             apply_all(&mut s);
-            let placed: Vec<Task> = s
-                .tasks
-                .values()
-                .filter(|t| t.is_placed())
-                .cloned()
-                .collect();
-            for t in placed.iter().filter(|t| t.state != TaskState::Running) {
-                report_at(&mut s, t, TaskState::Running, None, now);
-            }
+            run_placed(&mut s, now);
             now += 1;
             assert!(now < 200, "the update did not complete");
         }
@@ -929,15 +921,7 @@ mod tests {
         s.reconcile_ms(10_100);
         s.refresh_assignments();
         apply_all(&mut s);
-        let fresh: Vec<Task> = s
-            .tasks
-            .values()
-            .filter(|t| t.is_placed())
-            .cloned()
-            .collect();
-        for t in fresh.iter().filter(|t| t.state != TaskState::Running) {
-            report_at(&mut s, t, TaskState::Running, None, 10);
-        }
+        run_placed(&mut s, 10);
         s.reconcile_ms(10_200);
         // The new task serves from 10.2 s: its slot is done 2 s later.
         assert_eq!(s.next_deadline_ms(10_200), Some(12_200));

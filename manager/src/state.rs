@@ -2536,6 +2536,19 @@ pub(crate) mod tests {
         }
     }
 
+    /// Every placed task that does not run yet reports Running at `now`.
+    pub(crate) fn run_placed(s: &mut State, now: u64) {
+        let placed: Vec<Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.is_placed() && t.state != TaskState::Running)
+            .cloned()
+            .collect();
+        for t in &placed {
+            report_at(s, t, TaskState::Running, None, now);
+        }
+    }
+
     /// Every node applies its newest assignment, as agents answer Applied.
     pub(crate) fn apply_all(s: &mut State) {
         let revisions: Vec<(String, u64)> = s
