@@ -654,8 +654,8 @@ impl State {
                 task.desired_state = TaskState::Shutdown;
                 task.stopping_until_ms = Some(now_ms + grace + STOP_MARGIN_MS);
             } else {
-                let error = task.error.take();
-                task.retire(TaskState::Shutdown, error, now_ms / 1000);
+                // Keeps its error: why it was stopped.
+                task.retire(TaskState::Shutdown, None, now_ms / 1000);
             }
         }
     }
@@ -675,8 +675,8 @@ impl State {
                 .is_some_and(|r| r.node.status != NodeStatus::Down);
             if now_ms >= until || !node_up {
                 tracing::info!(task = %task.id, node_up, "stopping task given up on");
-                let error = task.error.take();
-                task.retire(TaskState::Shutdown, error, now_ms / 1000);
+                // Keeps its error: why it was stopped.
+                task.retire(TaskState::Shutdown, None, now_ms / 1000);
             }
         }
     }
@@ -1063,6 +1063,7 @@ mod tests {
         s.refresh_assignments();
         assert!(s.tasks[&gone].is_history());
         assert_eq!(s.tasks[&gone].state, TaskState::Shutdown);
+        assert_eq!(s.tasks[&gone].error.as_deref(), Some("scaled down"));
         assert_eq!(seen(&s, addr), (0, 0), "gone once it ended");
     }
 

@@ -1716,8 +1716,8 @@ impl State {
         }
         if task.is_stopping() && status.state.is_terminal() {
             tracing::info!(task = %task.id, "stopped task has ended");
-            let reason = task.error.take();
-            task.retire(TaskState::Shutdown, reason, now);
+            // Keeps its error: why it was stopped.
+            task.retire(TaskState::Shutdown, None, now);
             return Ok(());
         }
         if !task.is_current() {
