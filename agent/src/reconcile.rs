@@ -74,10 +74,12 @@ impl<K: Kernel> Reconciler<K> {
     /// One observe → plan → apply pass. Returns the number of failed or skipped actions.
     pub async fn pass(&mut self, desired: &Assignment) -> usize {
         self.wake = None;
+        let mut clock = PassClock::start();
         // Names first: they need no kernel change, and a change is answered at once. Listeners
         // of tasks that ended close before their namespaces go.
         self.dns.update(desired);
         self.sync_dns().await;
+        clock.lap("dns");
         // The node's addresses and routes, read again: they change under us (DHCP, VPNs).
         let kernel = self.kernel.clone();
         let node = match tokio::task::spawn_blocking(move || kernel.node_nets()).await {
@@ -109,6 +111,7 @@ impl<K: Kernel> Reconciler<K> {
             }
         }
         let desired = &desired;
+        clock.lap("node");
         let gw = match self.allocate_gw(desired) {
             Ok(gw) => gw,
             Err(e) => {
@@ -128,6 +131,7 @@ impl<K: Kernel> Reconciler<K> {
                 self.outbox.lb_state(report);
             }
         }
+        clock.lap("lb");
         let kernel = self.kernel.clone();
         let observed = match tokio::task::spawn_blocking(move || kernel.observe()).await {
             Ok(Ok(o)) => o,
@@ -147,6 +151,7 @@ impl<K: Kernel> Reconciler<K> {
             .map(|(name, o)| (name.clone(), o.inode))
             .collect();
         self.watch.retain(&current).await;
+        clock.lap("observe");
         // A task whose name cannot name its namespace (and files) fails instead of retrying.
         for t in &desired.tasks {
             if let Err(e) = netns::validate_name(&t.name) {
@@ -191,10 +196,17 @@ impl<K: Kernel> Reconciler<K> {
                 errors += 1;
             }
         }
+        clock.lap("apply");
         // Again once namespaces are in place (a namespace made anew needs a new listener).
         self.sync_dns().await;
         self.watch.sync().await;
-        errors + self.sync_mesh(desired, gw.addrs).await + self.sync_esp(desired).await
+        clock.lap("watch");
+        errors += self.sync_mesh(desired, gw.addrs).await;
+        clock.lap("mesh");
+        errors += self.sync_esp(desired).await;
+        clock.lap("esp");
+        debug!(revision = desired.revision, %clock, "pass");
+        errors
     }
 
     /// ESP states, policies and the `meshnet_esp` table (see [`crate::esp`]).
@@ -469,6 +481,39 @@ impl<K: Kernel> Reconciler<K> {
                 }
             }
         }
+    }
+}
+
+/// Where a pass spent its time, for the debug log: a slow pass holds back every revision the
+/// manager waits on, and this names the step to look at.
+struct PassClock {
+    last: Instant,
+    laps: Vec<(&'static str, Duration)>,
+}
+
+impl PassClock {
+    fn start() -> Self {
+        PassClock {
+            last: Instant::now(),
+            laps: Vec::new(),
+        }
+    }
+
+    fn lap(&mut self, step: &'static str) {
+        let now = Instant::now();
+        self.laps.push((step, now - self.last));
+        self.last = now;
+    }
+}
+
+impl std::fmt::Display for PassClock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let total: Duration = self.laps.iter().map(|(_, d)| *d).sum();
+        write!(f, "{} ms:", total.as_millis())?;
+        for (step, d) in &self.laps {
+            write!(f, " {step} {}", d.as_millis())?;
+        }
+        Ok(())
     }
 }
 

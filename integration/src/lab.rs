@@ -20,7 +20,7 @@ use std::sync::Mutex;
 
 use netns::Netns;
 
-use crate::teardown::{self, LABS_DIR, LAB_ENV, OWNER_FILE};
+use crate::teardown::{self, LABS_DIR, LAB_ENV};
 
 pub use crate::teardown::remove_orphans;
 
@@ -175,7 +175,7 @@ impl Lab {
             Owner::Process => teardown::owner_line(),
             Owner::Cli => "cli".to_string(),
         };
-        fs::write(root.join(OWNER_FILE), owner_line).map_err(io("write owner file"))?;
+        teardown::write_owner(&root, &owner_line).map_err(io("write owner file"))?;
         // From here on, Drop removes whatever was built if a later step fails.
         let underlay = Netns::create(&root.join("netns"), UNDERLAY_NS)?;
         let mut lab = Lab {

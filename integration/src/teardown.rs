@@ -72,11 +72,28 @@ pub fn owner_line() -> String {
     format!("{pid} {}", start_time(pid).unwrap_or(0))
 }
 
+/// How long a lab directory may lack its owner file before it counts as left by a crash.
+/// Another test's `Lab::up` runs in the instant between creating a lab's directory and
+/// writing its owner, and must not take that lab for an orphan.
+const UNOWNED_GRACE: Duration = Duration::from_secs(30);
+
+/// Writes the owner file in one step (write a sibling, then rename), so that a concurrent
+/// `remove_orphans` reads the whole line or no file, never an empty one.
+pub fn write_owner(root: &Path, line: &str) -> std::io::Result<()> {
+    let tmp = root.join(format!(".{OWNER_FILE}.tmp"));
+    fs::write(&tmp, line)?;
+    fs::rename(tmp, root.join(OWNER_FILE))
+}
+
 /// True if the lab's owner process is gone (the lab was left by a crash or SIGKILL).
 fn is_orphaned(root: &Path) -> bool {
     let Ok(owner) = fs::read_to_string(root.join(OWNER_FILE)) else {
-        // A lab whose owner file was never written died while being built.
-        return true;
+        // No owner yet: being built now, or died while being built long ago.
+        let age = fs::metadata(root)
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok());
+        return age.is_none_or(|age| age > UNOWNED_GRACE);
     };
     let mut it = owner.split_whitespace();
     let (Some(pid), Some(start)) = (it.next(), it.next()) else {
