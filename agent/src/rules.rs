@@ -101,12 +101,15 @@ impl MeshRules {
 
     /// Brings the tables and the load balancer to `desired`. `running`: the local tasks whose
     /// process runs; `gw_addrs`: their gwbridge addresses. The tables are compared with what
-    /// they should be every `recheck_every`.
+    /// they should be every `recheck_every`. `balancers` false leaves the balancers (and the
+    /// tasks' tables, which hold the VIPs' with nftables) alone: a newer assignment's are
+    /// already in place (see [`MeshRules::sync_lb_first`]) and must not go back.
     pub fn sync(
         &mut self,
         desired: &Assignment,
         running: &[&TaskSpec],
         gw_addrs: &BTreeMap<String, std::net::Ipv4Addr>,
+        balancers: bool,
     ) -> MeshPass {
         let mut out = MeshPass::default();
         let now = Instant::now();
@@ -121,16 +124,18 @@ impl MeshRules {
             out.errors += 1;
         };
 
-        for (key, value) in firewall::node_sysctls(GWBRIDGE) {
-            if let Err(e) = self.node.write_sysctl(&key, &value) {
-                fail("node sysctl", &e);
-            }
+        // Every pass: no notification tells of a sysctl written behind our back.
+        if let Err(e) = self.node.write_sysctls(&firewall::node_sysctls(GWBRIDGE)) {
+            fail("node sysctl", &e);
         }
         let node = mesh::node_state(desired, self.gw_subnet, gw_addrs, running);
         match sync_table(&self.node, &mut self.node_table, &node, recheck) {
             Ok(Synced::Repaired) => out.repaired.push("node".into()),
             Ok(_) => {}
             Err(e) => fail("node table", &e),
+        }
+        if !balancers {
+            return out;
         }
 
         match mesh::sbox_state(desired, self.lb_kind.mode()) {
@@ -294,9 +299,7 @@ impl MeshRules {
     ) -> Result<lb::LbSynced, lb::LbError> {
         let ns = Netns::open(&self.dir.join(name))?;
         let inode = ns.inode()?;
-        for (key, value) in firewall::sbox_sysctls(self.lb_kind.mode(), &self.kernel) {
-            ns.write_sysctl(&key, &value)?;
-        }
+        ns.write_sysctls(&firewall::sbox_sysctls(self.lb_kind.mode(), &self.kernel))?;
         if self.lbs.get(name).is_none_or(|(i, _)| *i != inode) {
             info!(
                 backend = self.lb_kind.name(),

@@ -239,9 +239,25 @@ impl Netns {
 
     /// Writes a sysctl in this namespace.
     pub fn write_sysctl(&self, key: &str, value: &str) -> Result<()> {
-        let file = sysctl_path(key)?;
-        self.run(|| fs::write(&file, value))?
-            .map_err(io_err("write sysctl in", &self.path))
+        self.write_sysctls(&[(key, value)])
+    }
+
+    /// Writes sysctls in this namespace, in order, from one thread that entered it (each
+    /// entry costs a thread otherwise). Stops at the first that fails, and names it.
+    pub fn write_sysctls<K: AsRef<str>, V: AsRef<str> + Sync>(
+        &self,
+        pairs: &[(K, V)],
+    ) -> Result<()> {
+        let files = pairs
+            .iter()
+            .map(|(k, v)| Ok((k.as_ref(), sysctl_path(k.as_ref())?, v.as_ref())))
+            .collect::<Result<Vec<_>>>()?;
+        self.run(|| {
+            files.iter().try_for_each(|(key, file, value)| {
+                fs::write(file, value).map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))
+            })
+        })?
+        .map_err(io_err("write sysctl in", &self.path))
     }
 
     /// Process ids whose network namespace is this one.

@@ -181,4 +181,19 @@ fn sysctls_are_per_namespace() {
         err.contains("write sysctl in network namespace") && err.contains("/a"),
         "{err}"
     );
+    // Several at once, from one thread in the namespace.
+    b.write_sysctls(&[
+        ("net.ipv4.ip_forward", "1"),
+        ("net.ipv4.tcp_fin_timeout", "17"),
+    ])
+    .unwrap();
+    assert_eq!(b.read_sysctl("net.ipv4.tcp_fin_timeout").unwrap(), "17");
+    assert_eq!(b.read_sysctl("net.ipv4.ip_forward").unwrap(), "1");
+    // The one that fails is named, and those before it were written.
+    let err = b
+        .write_sysctls(&[("net.ipv4.tcp_fin_timeout", "23"), ("net.ipv4.nope", "1")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("net.ipv4.nope"), "{err}");
+    assert_eq!(b.read_sysctl("net.ipv4.tcp_fin_timeout").unwrap(), "23");
 }

@@ -259,6 +259,8 @@ pub trait EspKernel {
     fn observe(&mut self) -> Result<Observed, String>;
     fn apply(&mut self, action: &EspAction) -> Result<(), String>;
     fn nft(&mut self, script: &str) -> Result<(), String>;
+    /// The node namespace's nf_tables generation, `None` if it cannot be read.
+    fn generation(&mut self) -> Option<u32>;
 }
 
 impl EspKernel for xfrm::XfrmSocket {
@@ -281,6 +283,12 @@ impl EspKernel for xfrm::XfrmSocket {
 
     fn nft(&mut self, script: &str) -> Result<(), String> {
         run_nft(script)
+    }
+
+    fn generation(&mut self) -> Option<u32> {
+        netns::Netns::current()
+            .ok()
+            .and_then(|ns| firewall::generation(&ns).ok())
     }
 }
 
@@ -324,12 +332,15 @@ pub struct SyncReport {
 }
 
 /// Keeps the node's ESP states, policies and table as `desired` says. The table is applied
-/// when it changes and again on every `recheck` (an atomic replacement, cheap and idempotent,
-/// which repairs any change made behind our back).
+/// when it changes and again on a `recheck` if the node's nf_tables generation moved since it
+/// was last known right (an atomic replacement, idempotent, which repairs any change made
+/// behind our back; asking the generation spares an `nft` process per pass).
 pub struct EspSync {
     local: Ipv4Addr,
     port: u16,
     last_script: Option<String>,
+    /// The generation at which the table was last known right.
+    checked_at: Option<u32>,
 }
 
 impl EspSync {
@@ -338,6 +349,7 @@ impl EspSync {
             local,
             port,
             last_script: None,
+            checked_at: None,
         }
     }
 
@@ -356,17 +368,23 @@ impl EspSync {
         // at all, whatever the states and policies are yet. An unchanged table is only
         // re-applied on a recheck.
         let script = nft_script(&desired.vnis, self.port);
-        if recheck || self.last_script.as_deref() != Some(script.as_str()) {
-            match k.nft(&script) {
-                Ok(()) => {
-                    if self.last_script.as_deref() != Some(script.as_str()) {
-                        report
-                            .applied
-                            .push(format!("table {TABLE}: encrypted VNIs {:?}", desired.vnis));
+        let changed = self.last_script.as_deref() != Some(script.as_str());
+        if changed || recheck {
+            // The script replaces the table whole: right after it, the table is right.
+            let before = k.generation();
+            if changed || before.is_none() || before != self.checked_at {
+                match k.nft(&script) {
+                    Ok(()) => {
+                        if changed {
+                            report
+                                .applied
+                                .push(format!("table {TABLE}: encrypted VNIs {:?}", desired.vnis));
+                        }
+                        self.last_script = Some(script);
+                        self.checked_at = crate::lb::right_after_own_write(before, k.generation());
                     }
-                    self.last_script = Some(script);
+                    Err(e) => report.errors.push(e),
                 }
-                Err(e) => report.errors.push(e),
             }
         }
         let observed = match k.observe() {
@@ -618,6 +636,8 @@ mod tests {
     struct Fake {
         held: Observed,
         scripts: Vec<String>,
+        /// nf_tables' generation: every script moves it, as anyone else's change would.
+        generation: u32,
     }
 
     impl EspKernel for Fake {
@@ -645,12 +665,16 @@ mod tests {
         }
         fn nft(&mut self, script: &str) -> Result<(), String> {
             self.scripts.push(script.to_string());
+            self.generation += 1;
             Ok(())
+        }
+        fn generation(&mut self) -> Option<u32> {
+            Some(self.generation)
         }
     }
 
     #[test]
-    fn sync_converges_reapplies_the_table_on_recheck_and_keeps_state_without_keys() {
+    fn sync_converges_reapplies_the_table_when_nftables_moved_and_keeps_state_without_keys() {
         let mut k = Fake::default();
         let mut s = EspSync::new(N1, 4789);
         let a = assignment(
@@ -662,10 +686,15 @@ mod tests {
         assert_eq!(k.held.states.len(), 8);
         assert_eq!(k.held.policies.len(), 2);
         assert_eq!(k.scripts.len(), 1);
-        // Converged: nothing to do, and the table is not re-applied until a recheck.
+        // Converged: nothing to do, and a recheck re-applies the table only once something
+        // else moved nf_tables.
         assert_eq!(s.sync(&mut k, &a, false), SyncReport::default());
+        assert_eq!(s.sync(&mut k, &a, true), SyncReport::default());
         assert_eq!(k.scripts.len(), 1);
-        s.sync(&mut k, &a, true);
+        k.generation += 1;
+        assert_eq!(s.sync(&mut k, &a, true), SyncReport::default());
+        assert_eq!(k.scripts.len(), 2);
+        assert_eq!(s.sync(&mut k, &a, true), SyncReport::default());
         assert_eq!(k.scripts.len(), 2);
         // The saved assignment after a restart has no keys: nothing is removed.
         let keyless = Assignment {

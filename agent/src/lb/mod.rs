@@ -205,7 +205,7 @@ pub fn recheck_table<R: Ruleset + Clone + PartialEq>(
 
 /// The generation at which a table found right at `before` is known right after one
 /// transaction of ours brought the namespace to `now`: `now` if it was the only one.
-fn right_after_own_write(before: Option<u32>, now: Option<u32>) -> Option<u32> {
+pub(crate) fn right_after_own_write(before: Option<u32>, now: Option<u32>) -> Option<u32> {
     match (before, now) {
         (Some(before), Some(now)) if now == before.wrapping_add(1) => Some(now),
         _ => None,

@@ -39,9 +39,11 @@ pub fn conntrack_sysctls(t: &Timeouts) -> Vec<(&'static str, u32)> {
 
 impl NftLb {
     pub fn open(sbox: Netns, timeouts: Timeouts) -> Result<NftLb, LbError> {
-        for (key, secs) in conntrack_sysctls(&timeouts) {
-            sbox.write_sysctl(key, &secs.to_string())?;
-        }
+        let sysctls: Vec<_> = conntrack_sysctls(&timeouts)
+            .into_iter()
+            .map(|(key, secs)| (key, secs.to_string()))
+            .collect();
+        sbox.write_sysctls(&sysctls)?;
         Ok(NftLb {
             sbox,
             table: Table::default(),
