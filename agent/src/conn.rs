@@ -43,7 +43,6 @@ pub struct Outbox {
 #[derive(Default)]
 struct Table {
     statuses: BTreeMap<String, TaskStatus>,
-    balanced: Option<u64>,
     applied: Option<u64>,
     lb: Option<LbReport>,
 }
@@ -73,15 +72,6 @@ impl Outbox {
         let _ = self.tx.send(AgentMsg::Applied { revision });
     }
 
-    /// Says that the load balancers and DNS answers of `revision` are in place (once).
-    pub fn balanced(&self, revision: u64) {
-        let mut t = self.lock();
-        if t.balanced != Some(revision) {
-            t.balanced = Some(revision);
-            let _ = self.tx.send(AgentMsg::Balanced { revision });
-        }
-    }
-
     /// Sends the load balancer's state if it changed since the last one sent.
     pub fn lb_state(&self, report: LbReport) {
         let mut t = self.lock();
@@ -104,14 +94,12 @@ impl Outbox {
         }
     }
 
-    /// Every task's status, the load balancer's state, then the revisions balanced and
-    /// applied last.
+    /// Every task's status, the load balancer's state, then the revision applied last.
     fn snapshot(&self) -> Vec<AgentMsg> {
         let t = self.lock();
         let statuses = t.statuses.values().cloned().map(AgentMsg::TaskStatus);
         statuses
             .chain(t.lb.clone().map(AgentMsg::LbState))
-            .chain(t.balanced.map(|revision| AgentMsg::Balanced { revision }))
             .chain(t.applied.map(|revision| AgentMsg::Applied { revision }))
             .collect()
     }
@@ -516,10 +504,6 @@ mod tests {
         assignments.changed().await.unwrap();
         assert_eq!(*assignments.borrow_and_update(), assign);
         assert_eq!(state.node_id().unwrap().as_deref(), Some("node-abc"));
-        // Balanced is said once per revision, ahead of applied.
-        outbox.balanced(5);
-        outbox.balanced(5);
-        assert_eq!(next(&mut r).await, AgentMsg::Balanced { revision: 5 });
         outbox.applied(5);
         assert_eq!(next(&mut r).await, AgentMsg::Applied { revision: 5 });
         outbox.task_status(status("t1", TaskState::Failed));
@@ -537,7 +521,6 @@ mod tests {
             next(&mut r).await,
             AgentMsg::TaskStatus(status("t1", TaskState::Failed))
         );
-        assert_eq!(next(&mut r).await, AgentMsg::Balanced { revision: 5 });
         assert_eq!(next(&mut r).await, AgentMsg::Applied { revision: 5 });
 
         agent.abort();

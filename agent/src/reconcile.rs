@@ -15,7 +15,7 @@ use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::apply::Kernel;
 use crate::conn::Outbox;
-use crate::dns::{Dns, Names};
+use crate::dns::Dns;
 use crate::esp;
 use crate::mesh::{self, Gw, INGRESS_SBOX};
 use crate::metrics::AgentMetrics;
@@ -72,12 +72,7 @@ pub struct EspNode {
 
 impl<K: Kernel> Reconciler<K> {
     /// One observe → plan → apply pass. Returns the number of failed or skipped actions.
-    /// `latest`: the newest assignment, which may overtake `desired` while the pass runs.
-    pub async fn pass(
-        &mut self,
-        desired: &Assignment,
-        latest: &watch::Receiver<Assignment>,
-    ) -> usize {
+    pub async fn pass(&mut self, desired: &Assignment) -> usize {
         self.wake = None;
         let mut clock = PassClock::start();
         // Names first: they need no kernel change, and a change is answered at once. Listeners
@@ -124,6 +119,19 @@ impl<K: Kernel> Reconciler<K> {
                 return 1;
             }
         };
+        let rules = self.mesh.rules.clone();
+        let lb_desired = desired.clone();
+        if let Ok(Some(first)) = tokio::task::spawn_blocking(move || {
+            let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
+            rules.sync_lb_first(&lb_desired)
+        })
+        .await
+        {
+            if let Some(report) = first.report {
+                self.outbox.lb_state(report);
+            }
+        }
+        clock.lap("lb");
         let kernel = self.kernel.clone();
         let observed = match tokio::task::spawn_blocking(move || kernel.observe()).await {
             Ok(Ok(o)) => o,
@@ -193,7 +201,7 @@ impl<K: Kernel> Reconciler<K> {
         self.sync_dns().await;
         self.watch.sync().await;
         clock.lap("watch");
-        errors += self.sync_mesh(desired, gw.addrs, latest.clone()).await;
+        errors += self.sync_mesh(desired, gw.addrs).await;
         clock.lap("mesh");
         errors += self.sync_esp(desired).await;
         clock.lap("esp");
@@ -314,7 +322,6 @@ impl<K: Kernel> Reconciler<K> {
         &mut self,
         desired: &Assignment,
         gw_addrs: BTreeMap<String, Ipv4Addr>,
-        latest: watch::Receiver<Assignment>,
     ) -> usize {
         let records = self.supervisor.records();
         let running: Vec<TaskSpec> = desired
@@ -328,10 +335,7 @@ impl<K: Kernel> Reconciler<K> {
         let result = tokio::task::spawn_blocking(move || {
             let running: Vec<&TaskSpec> = running.iter().collect();
             let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
-            // Checked under the lock that `balance_early` takes too: a newer assignment's
-            // balancers may be in place already.
-            let current = *latest.borrow() == desired;
-            rules.sync(&desired, &running, &gw_addrs, current)
+            rules.sync(&desired, &running, &gw_addrs)
         })
         .await;
         match result {
@@ -390,14 +394,6 @@ impl<K: Kernel> Reconciler<K> {
         interval: Duration,
     ) {
         let mut desired = assignments.borrow_and_update().clone();
-        let early = tokio::spawn(balance_early(
-            assignments.clone(),
-            self.mesh.rules.clone(),
-            self.dns.names(),
-            self.outbox.clone(),
-        ));
-        // It ends with the assignments' sender; `run` may end first (its other inputs).
-        let _early = AbortOnDrop(early);
         // The revision the manager waits to hear about, until a clean pass has applied it.
         let mut unreported: Option<u64> = (desired.revision > 0).then_some(desired.revision);
         // It may have come from the manager before this loop started.
@@ -413,8 +409,6 @@ impl<K: Kernel> Reconciler<K> {
         let mut tables_due: Option<Instant> = None;
         loop {
             tokio::select! {
-                // A new assignment first: a pass whose timer is due too runs on it.
-                biased;
                 changed = assignments.changed() => {
                     if changed.is_err() {
                         return;
@@ -458,7 +452,7 @@ impl<K: Kernel> Reconciler<K> {
                 }
                 _ = tokio::time::sleep_until(next) => {
                     let started = Instant::now();
-                    let errors = self.pass(&desired, &assignments).await;
+                    let errors = self.pass(&desired).await;
                     self.supervisor.flush_reports();
                     self.metrics.pass(
                         started.elapsed().as_secs_f64(),
@@ -487,57 +481,6 @@ impl<K: Kernel> Reconciler<K> {
                 }
             }
         }
-    }
-}
-
-/// Puts each new assignment's load balancers and DNS answers in place as it comes, while a pass
-/// may still be busy with an older one (a pass takes seconds on a slow machine), and tells the
-/// manager: a draining task is stopped once every node has said so. Balancers that do not
-/// exist yet are the pass's to make, from the newest assignment by then.
-async fn balance_early(
-    mut assignments: watch::Receiver<Assignment>,
-    rules: Arc<Mutex<MeshRules>>,
-    names: Names,
-    outbox: Outbox,
-) {
-    while assignments.changed().await.is_ok() {
-        let desired = assignments.borrow_and_update().clone();
-        names.update(&desired);
-        let rules = rules.clone();
-        let latest = assignments.clone();
-        let synced = tokio::task::spawn_blocking(move || {
-            let mut rules = rules.lock().unwrap_or_else(|p| p.into_inner());
-            // A newer one came meanwhile: its own turn follows.
-            if *latest.borrow() != desired {
-                return None;
-            }
-            let revision = desired.revision;
-            rules.sync_lb_first(&desired).map(|pass| (revision, pass))
-        })
-        .await;
-        match synced {
-            Ok(Some((revision, pass))) => {
-                if let Some(report) = pass.report {
-                    outbox.lb_state(report);
-                }
-                if pass.errors == 0 {
-                    debug!(revision, "balancers in place");
-                    outbox.balanced(revision);
-                }
-            }
-            // Nothing to balance here yet, or overtaken: the pass reports `applied`.
-            Ok(None) => {}
-            Err(panicked) => error!("load balancers: {panicked}"),
-        }
-    }
-}
-
-/// Aborts a spawned task when dropped.
-struct AbortOnDrop(tokio::task::JoinHandle<()>);
-
-impl Drop for AbortOnDrop {
-    fn drop(&mut self) {
-        self.0.abort();
     }
 }
 

@@ -101,15 +101,12 @@ impl MeshRules {
 
     /// Brings the tables and the load balancer to `desired`. `running`: the local tasks whose
     /// process runs; `gw_addrs`: their gwbridge addresses. The tables are compared with what
-    /// they should be every `recheck_every`. `balancers` false leaves the balancers (and the
-    /// tasks' tables, which hold the VIPs' with nftables) alone: a newer assignment's are
-    /// already in place (see [`MeshRules::sync_lb_first`]) and must not go back.
+    /// they should be every `recheck_every`.
     pub fn sync(
         &mut self,
         desired: &Assignment,
         running: &[&TaskSpec],
         gw_addrs: &BTreeMap<String, std::net::Ipv4Addr>,
-        balancers: bool,
     ) -> MeshPass {
         let mut out = MeshPass::default();
         let now = Instant::now();
@@ -133,9 +130,6 @@ impl MeshRules {
             Ok(Synced::Repaired) => out.repaired.push("node".into()),
             Ok(_) => {}
             Err(e) => fail("node table", &e),
-        }
-        if !balancers {
-            return out;
         }
 
         match mesh::sbox_state(desired, self.lb_kind.mode()) {

@@ -344,15 +344,6 @@ fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<Opti
                 tracing::error!("record applied revision {revision}: {e}");
             }
         }
-        AgentMsg::Balanced { revision } => {
-            tracing::debug!(revision, "agent balanced");
-            if let Err(e) = c.transact(|s, _| {
-                s.set_balanced(node_id, revision);
-                Ok(())
-            }) {
-                tracing::error!("record balanced revision {revision}: {e}");
-            }
-        }
         AgentMsg::TaskStatus(status) => {
             let span = tracing::info_span!("task", task = %excerpt(&status.task_id));
             let _enter = span.enter();

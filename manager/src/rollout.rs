@@ -628,7 +628,7 @@ impl State {
                 .iter()
                 .filter(|(node, rev)| {
                     self.nodes.get(*node).is_some_and(|r| {
-                        r.node.status == NodeStatus::Ready && r.balanced_revision < **rev
+                        r.node.status == NodeStatus::Ready && r.applied_revision < **rev
                     })
                 })
                 .map(|(node, _)| node)
@@ -1001,11 +1001,12 @@ mod tests {
     fn a_drain_waits_for_every_ready_node_and_no_longer_than_the_timeout() {
         let (mut s, gone) = scaled_down();
         let id = s.find_service("web").unwrap();
-        // One node applied, one has only its balancers in place (enough), one neither: the
-        // task keeps running.
+        // Two nodes applied, one did not: the task keeps running.
         let ids: Vec<String> = s.nodes.keys().cloned().collect();
-        s.set_applied(&ids[0], s.nodes[&ids[0]].assignment.revision);
-        s.set_balanced(&ids[1], s.nodes[&ids[1]].assignment.revision);
+        for n in &ids[..2] {
+            let rev = s.nodes[n].assignment.revision;
+            s.set_applied(n, rev);
+        }
         s.reconcile_ms(10_500);
         assert!(s.tasks[&gone].is_draining());
         // That node going down does not hold it any more.

@@ -116,10 +116,6 @@ pub struct NodeRecord {
     pub assignment: Assignment,
     /// The newest revision the node's agent reported applied.
     pub applied_revision: u64,
-    /// The newest revision whose load balancers and DNS answers the node's agent reported in
-    /// place (an applied one counts too): what a draining task waits for.
-    #[serde(default)]
-    pub balanced_revision: u64,
     /// The node's ingress_sbox address on the ingress network; kept for the node's life.
     #[serde(default)]
     pub ingress_addr: Option<Ipv4Addr>,
@@ -926,7 +922,6 @@ impl State {
                         ..Assignment::default()
                     },
                     applied_revision: 0,
-                    balanced_revision: 0,
                     ingress_addr: sbox,
                     gwbridge_subnet: None,
                     lb_addrs: BTreeMap::new(),
@@ -1001,17 +996,6 @@ impl State {
         if let Some(record) = self.nodes.get_mut(id) {
             if revision <= record.assignment.revision && revision > record.applied_revision {
                 record.applied_revision = revision;
-            }
-        }
-        self.set_balanced(id, revision);
-    }
-
-    /// Records the revision whose balancers an agent has in place; a stale or unknown one is
-    /// ignored.
-    pub fn set_balanced(&mut self, id: &str, revision: u64) {
-        if let Some(record) = self.nodes.get_mut(id) {
-            if revision <= record.assignment.revision && revision > record.balanced_revision {
-                record.balanced_revision = revision;
             }
         }
     }
@@ -4261,16 +4245,6 @@ pub(crate) mod tests {
         assert_eq!(s.nodes[&n1].applied_revision, sent);
         s.set_applied(&n1, sent - 1);
         assert_eq!(s.nodes[&n1].applied_revision, sent);
-        // An applied revision is a balanced one too; a balanced one is not applied.
-        assert_eq!(s.nodes[&n1].balanced_revision, sent);
-        let mut s = cluster(1);
-        let n1 = node_id(&s, "node1");
-        let sent = s.nodes[&n1].assignment.revision;
-        s.set_balanced(&n1, sent + 5);
-        assert_eq!(s.nodes[&n1].balanced_revision, 0);
-        s.set_balanced(&n1, sent);
-        assert_eq!(s.nodes[&n1].balanced_revision, sent);
-        assert_eq!(s.nodes[&n1].applied_revision, 0);
     }
 
     #[test]

@@ -13,8 +13,7 @@
 //!    and close). The node is the certificate's CN, whatever the Hello says.
 //! 2. manager → [`ManagerMsg::Assign`] with the node's complete desired state, at once and after
 //!    every change that concerns the node. Each carries a higher `revision`; the agent applies the
-//!    newest and answers [`AgentMsg::Balanced`] as soon as its load balancers and DNS answers
-//!    follow it, then [`AgentMsg::Applied`] once everything does.
+//!    newest and answers [`AgentMsg::Applied`].
 //! 3. agent → [`AgentMsg::TaskStatus`] whenever a task changes state, and [`AgentMsg::Heartbeat`]
 //!    every [`HEARTBEAT_SECS`]. The manager marks a node down after [`NODE_DOWN_SECS`] of silence.
 //! 4. agent → [`AgentMsg::Renew`] when its certificate is between 50 % and 80 % of its life;
@@ -70,12 +69,6 @@ pub enum AgentMsg {
     },
     TaskStatus(TaskStatus),
     Applied {
-        revision: u64,
-    },
-    /// This revision's load balancers and DNS answers are in place on the node, ahead of the
-    /// rest of it (namespaces, links, tables of new tasks): what a draining task waits for.
-    /// `Applied` implies it.
-    Balanced {
         revision: u64,
     },
     Heartbeat,

@@ -286,7 +286,6 @@ fn agent_msg() -> impl Strategy<Value = AgentMsg> {
         text().prop_map(|csr| AgentMsg::Renew { csr }),
         status.prop_map(AgentMsg::TaskStatus),
         any::<u64>().prop_map(|revision| AgentMsg::Applied { revision }),
-        any::<u64>().prop_map(|revision| AgentMsg::Balanced { revision }),
         Just(AgentMsg::Heartbeat),
         (text(), lb_services())
             .prop_map(|(backend, services)| AgentMsg::LbState(LbReport { backend, services })),

@@ -34,31 +34,13 @@ struct Listener {
 }
 
 pub struct Dns {
-    names: Names,
+    records: watch::Sender<Arc<Records>>,
     shared: Arc<Shared>,
     /// The runtime of every listener: one thread of its own, so that a query is answered
     /// without waking another thread, and reconcile work never delays it.
     rt: tokio::runtime::Handle,
     netns_dir: PathBuf,
     listeners: HashMap<String, Listener>,
-}
-
-/// The records every listener answers from.
-#[derive(Clone)]
-pub struct Names(watch::Sender<Arc<Records>>);
-
-impl Names {
-    /// Every listener answers from `desired` from now on.
-    pub fn update(&self, desired: &Assignment) {
-        let new = Records::build(desired);
-        self.0.send_if_modified(|cur| {
-            let changed = **cur != new;
-            if changed {
-                *cur = Arc::new(new);
-            }
-            changed
-        });
-    }
 }
 
 impl Dns {
@@ -76,7 +58,7 @@ impl Dns {
             .name("mesh-dns".into())
             .spawn(move || rt.block_on(std::future::pending::<()>()))?;
         Ok(Dns {
-            names: Names(records),
+            records,
             shared: Arc::new(Shared::new(rx, forwarder, &metrics)),
             rt: handle,
             netns_dir,
@@ -86,12 +68,14 @@ impl Dns {
 
     /// Every listener answers from `desired` from now on.
     pub fn update(&self, desired: &Assignment) {
-        self.names.update(desired);
-    }
-
-    /// A handle that updates the answers without the listeners, for another task.
-    pub fn names(&self) -> Names {
-        self.names.clone()
+        let new = Records::build(desired);
+        self.records.send_if_modified(|cur| {
+            let changed = **cur != new;
+            if changed {
+                *cur = Arc::new(new);
+            }
+            changed
+        });
     }
 
     /// Opens the listeners of `task` inside its namespace (once per namespace).
