@@ -89,14 +89,15 @@ struct Args {
     #[arg(long, env = "MESH_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// How often the IPsec keys of encrypted networks rotate (e.g. 12h, 30m; at least 10s).
-    /// A new key is receive-only for one interval before nodes send with it.
+    /// Each rotation moves on as the nodes confirm its steps: a new key is received with
+    /// everywhere before any node sends with it.
     #[arg(long, env = "MESH_ENCRYPTION_KEY_ROTATION", default_value = "12h", value_parser = parse_key_rotation)]
     encryption_key_rotation: std::time::Duration,
 }
 
 fn parse_key_rotation(s: &str) -> Result<std::time::Duration, String> {
     let d = certs::parse_duration(s)?;
-    // Shorter would leave nodes too little time to install a key before peers send with it.
+    // Rotations this close would each hardly be through before the next begins.
     if d < std::time::Duration::from_secs(10) {
         return Err(format!("{s} is shorter than the minimum of 10s"));
     }

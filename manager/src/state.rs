@@ -24,7 +24,7 @@ use proto::model::{
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::{self, AllocError};
-use crate::keys::KeyRing;
+use crate::keys::{KeyRing, StepKind};
 use crate::rollout::{self, Drain, Rollout, SpecError, TaskRuntime};
 use crate::sched::{self, Candidate, Constraint, ConstraintError, GlobalFit};
 
@@ -1090,16 +1090,89 @@ impl State {
         self.networks.values().any(|r| r.network.encrypted)
     }
 
-    /// Makes the key ring, or rotates it when due, while an encrypted network exists.
+    /// Makes the key ring, or begins a rotation when one is due, while an encrypted network
+    /// exists. The rotation's further steps follow the nodes' confirmations
+    /// ([`State::advance_keys`]).
     pub fn rotate_keys(
         &mut self,
-        now: u64,
+        now_ms: u64,
         interval_secs: u64,
         fresh: &mut impl FnMut() -> [u8; ESP_KEY_BYTES],
     ) {
         if self.has_encrypted_networks() {
-            self.esp_keys.rotate(now, interval_secs, fresh);
+            let step = self.esp_keys.step.is_some();
+            self.esp_keys.rotate(now_ms, interval_secs, fresh);
+            if !step && self.esp_keys.step.is_some() {
+                tracing::info!(
+                    key = self.esp_keys.last_tag,
+                    "IPsec key rotation: a new key, for receiving only until every node has it"
+                );
+            }
         }
+    }
+
+    /// Of the nodes in `revisions` (node → the revision carrying a key step), those that are
+    /// ready and have not applied theirs: a node that is down or gone holds nothing back.
+    fn unconfirmed(&self, revisions: &BTreeMap<String, u64>) -> Vec<String> {
+        revisions
+            .iter()
+            .filter(|(node, rev)| {
+                self.nodes.get(*node).is_some_and(|r| {
+                    r.node.status == NodeStatus::Ready && r.applied_revision < **rev
+                })
+            })
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
+    /// Whether a step of the key rotation under way can be taken now: every node confirmed the
+    /// one before, or it waited [`crate::keys::KEY_STEP_TIMEOUT_MS`].
+    pub fn key_step_ready(&self, now_ms: u64) -> bool {
+        self.esp_keys
+            .ready(now_ms, |revisions| self.unconfirmed(revisions))
+    }
+
+    /// Takes the next step of a key rotation once the nodes applied the one before (see
+    /// [`crate::keys`]).
+    fn advance_keys(&mut self, now_ms: u64) {
+        let mut ring = std::mem::take(&mut self.esp_keys);
+        let done = ring.advance(now_ms, |revisions| self.unconfirmed(revisions));
+        self.esp_keys = ring;
+        let Some(done) = done else {
+            return;
+        };
+        let hosts: Vec<&str> = done
+            .unconfirmed
+            .iter()
+            .filter_map(|id| self.nodes.get(id))
+            .map(|r| r.node.hostname.as_str())
+            .collect();
+        let next = match done.confirmed {
+            StepKind::Added => "sending with the new key",
+            StepKind::Switched => "dropping the oldest key",
+        };
+        if hosts.is_empty() {
+            tracing::info!(
+                send = self.esp_keys.send,
+                keys = self.esp_keys.keys.len(),
+                "IPsec key rotation: every node applied the last step, {next}"
+            );
+        } else {
+            tracing::warn!(nodes = ?hosts, send = self.esp_keys.send, keys = self.esp_keys.keys.len(), "IPsec key rotation: {next} without these nodes' confirmation of the last step");
+        }
+    }
+
+    /// Records the revision carrying a new key step to each ready node that carries keys:
+    /// called once the assignments are computed.
+    fn arm_keys(&mut self) {
+        let nodes = &self.nodes;
+        self.esp_keys.arm(|| {
+            nodes
+                .values()
+                .filter(|r| r.node.status == NodeStatus::Ready && r.assignment.encryption.is_some())
+                .map(|r| (r.node.id.clone(), r.assignment.revision))
+                .collect()
+        });
     }
 
     /// Whether any network of the service is encrypted: its tasks need a node with ESP.
@@ -1759,6 +1832,7 @@ impl State {
     /// before pending tasks are placed.
     pub fn reconcile_ms(&mut self, now_ms: u64) {
         let now = now_ms / 1000;
+        self.advance_keys(now_ms);
         self.end_stops(now_ms);
         self.release_drains(now_ms);
         self.finish_removals();
@@ -2317,6 +2391,7 @@ impl State {
             }
         }
         self.arm_drains();
+        self.arm_keys();
         changed
     }
 }
@@ -2667,8 +2742,8 @@ pub(crate) mod tests {
                 [n; ESP_KEY_BYTES]
             }
         };
-        s.rotate_keys(1, 3600, &mut fresh);
-        assert_eq!(s.esp_keys.keys.len(), 2);
+        s.rotate_keys(1000, 3600, &mut fresh);
+        assert_eq!(s.esp_keys.keys.len(), 1);
 
         // Until their agents say so, nodes cannot encrypt: nothing is placed.
         s.create_service(&spec("secure", 2, &["sec"]), 1).unwrap();
@@ -2709,7 +2784,7 @@ pub(crate) mod tests {
             let net = a.networks.iter().find(|n| n.id == sec).unwrap();
             assert!(net.encrypted);
             let keys = a.encryption.as_ref().unwrap();
-            assert_eq!(keys.keys.len(), 2);
+            assert_eq!(keys.keys.len(), 1);
             assert_eq!(keys.send, keys.keys[0].tag);
         }
         // The node with only the plain network's task gets no keys.
@@ -2726,6 +2801,122 @@ pub(crate) mod tests {
             .networks
             .iter()
             .all(|n| !n.encrypted));
+    }
+
+    /// Three ESP nodes with tasks of an encrypted network, each told its assignment; returns
+    /// the state and the node ids.
+    fn encrypted_cluster() -> (State, Vec<String>) {
+        let mut s = cluster(3);
+        let ip = MANAGER.parse().unwrap();
+        let opts = BTreeMap::from([("encrypted".to_string(), String::new())]);
+        s.create_network("sec", "overlay", Some("10.0.7.0/24"), &opts, ip, 1)
+            .unwrap();
+        let ids: Vec<String> = ["node1", "node2", "node3"]
+            .iter()
+            .map(|n| node_id(&s, n))
+            .collect();
+        for id in &ids {
+            s.set_node_esp(id, Some(&EspSupport::Supported));
+        }
+        let mut n = 0u8;
+        s.rotate_keys(1000, 60, &mut || {
+            n += 1;
+            [n; ESP_KEY_BYTES]
+        });
+        s.create_service(&spec("secure", 3, &["sec"]), 1).unwrap();
+        s.reconcile(1);
+        s.refresh_assignments();
+        apply_all(&mut s);
+        (s, ids)
+    }
+
+    /// (tags of the keys, send tag) as `node` was last told them.
+    fn told(s: &State, node: &str) -> (Vec<u32>, u32) {
+        let k = s.nodes[node].assignment.encryption.as_ref().unwrap();
+        (k.keys.iter().map(|k| k.tag).collect(), k.send)
+    }
+
+    /// A pass of the manager at `now_ms`, as `Cluster::transact` makes one.
+    fn pass(s: &mut State, now_ms: u64) {
+        s.reconcile_ms(now_ms);
+        s.refresh_assignments();
+    }
+
+    #[test]
+    fn a_key_rotation_moves_on_as_every_ready_node_applies_each_step() {
+        let (mut s, ids) = encrypted_cluster();
+        let mut n = 10u8;
+        let mut fresh = move || {
+            n += 1;
+            [n; ESP_KEY_BYTES]
+        };
+        for id in &ids {
+            assert_eq!(told(&s, id), (vec![1], 1));
+        }
+        // Not due: nothing.
+        s.rotate_keys(60_999, 60, &mut fresh);
+        assert_eq!(s.esp_keys.keys.len(), 1);
+        // Due: a new key, receive-only, on every node.
+        s.rotate_keys(61_000, 60, &mut fresh);
+        pass(&mut s, 61_000);
+        for id in &ids {
+            assert_eq!(told(&s, id), (vec![1, 2], 1));
+        }
+        // Two of three nodes applied it: nobody sends with it yet, however often the
+        // manager passes.
+        for id in &ids[..2] {
+            let rev = s.nodes[id].assignment.revision;
+            s.set_applied(id, rev);
+        }
+        assert!(!s.key_step_ready(62_000));
+        pass(&mut s, 62_000);
+        for id in &ids {
+            assert_eq!(told(&s, id), (vec![1, 2], 1));
+        }
+        // The third one did: every node sends with it.
+        let rev = s.nodes[&ids[2]].assignment.revision;
+        s.set_applied(&ids[2], rev);
+        assert!(s.key_step_ready(62_500));
+        pass(&mut s, 62_500);
+        for id in &ids {
+            assert_eq!(told(&s, id), (vec![1, 2], 2));
+        }
+        // Node 3 goes down before it applies the switch: it does not hold the rotation.
+        for id in &ids[..2] {
+            let rev = s.nodes[id].assignment.revision;
+            s.set_applied(id, rev);
+        }
+        assert!(s.esp_keys.step.is_some());
+        s.set_node_status(&ids[2], NodeStatus::Down);
+        pass(&mut s, 63_000);
+        assert_eq!(s.esp_keys.step, None);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2], 2));
+
+        // The next rotation: a node that is up but never answers (node 2) holds each step for
+        // the timeout, no longer.
+        s.set_node_status(&ids[2], NodeStatus::Ready);
+        pass(&mut s, 64_000);
+        apply_all(&mut s);
+        s.rotate_keys(121_000, 60, &mut fresh);
+        pass(&mut s, 121_000);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2, 3], 2));
+        let rev = s.nodes[&ids[0]].assignment.revision;
+        s.set_applied(&ids[0], rev);
+        let until = 121_000 + crate::keys::KEY_STEP_TIMEOUT_MS;
+        pass(&mut s, until - 1);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2, 3], 2));
+        assert!(s.key_step_ready(until));
+        pass(&mut s, until);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2, 3], 3));
+        let rev = s.nodes[&ids[0]].assignment.revision;
+        s.set_applied(&ids[0], rev);
+        pass(&mut s, until + 1);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2, 3], 3));
+        pass(&mut s, until + crate::keys::KEY_STEP_TIMEOUT_MS);
+        for id in &ids[..2] {
+            assert_eq!(told(&s, id), (vec![2, 3], 3));
+        }
+        assert_eq!(s.esp_keys.step, None);
     }
 
     #[test]
