@@ -1176,7 +1176,7 @@ impl State {
     }
 
     /// Whether any network of the service is encrypted: its tasks need a node with ESP.
-    fn needs_encryption(&self, service: &Service) -> bool {
+    pub(crate) fn needs_encryption(&self, service: &Service) -> bool {
         self.task_networks(service)
             .iter()
             .any(|id| self.networks.get(id).is_some_and(|r| r.network.encrypted))
@@ -1188,6 +1188,40 @@ impl State {
             return;
         };
         record.node.no_encryption = no_encryption(esp);
+        if esp.is_some() {
+            if let Some(why) = self.no_routing_mesh(node_id) {
+                let host = &self.nodes[node_id].node.hostname;
+                tracing::warn!(node = %host, "no routing mesh on this node: {why}");
+            }
+        }
+    }
+
+    /// `mesh-manager --ingress-encrypted`: the ingress network follows the flag at every start.
+    /// Returns whether that changed it.
+    pub fn set_ingress_encrypted(&mut self, encrypted: bool) -> bool {
+        let Some(r) = self.networks.values_mut().find(|r| r.network.ingress) else {
+            return false;
+        };
+        let changed = r.network.encrypted != encrypted;
+        r.network.encrypted = encrypted;
+        changed
+    }
+
+    /// Why a node is not given the ingress network (the routing mesh): it is encrypted and the
+    /// node cannot do IPsec ESP. Rather than carry the routing mesh's traffic in clear to and
+    /// from such a node, the cluster leaves it out: its ingress-mode published ports do not
+    /// answer, no other node balances to it, and no task with such a port is placed there.
+    pub fn no_routing_mesh(&self, node_id: &str) -> Option<String> {
+        let record = self.nodes.get(node_id)?;
+        (self.ingress()?.encrypted && record.node.no_encryption.is_some()).then(|| {
+            "the ingress network is encrypted (mesh-manager --ingress-encrypted) and this node cannot do IPsec ESP (see no_encryption): it has no routing mesh, its ingress-mode published ports do not answer (host-mode ones do)".to_string()
+        })
+    }
+
+    /// Whether a node gets the ingress network: every node, except, while it is encrypted,
+    /// those that cannot do ESP (see [`State::no_routing_mesh`]).
+    fn carries_ingress(&self, record: &NodeRecord) -> bool {
+        record.node.no_encryption.is_none() || !self.ingress().is_some_and(|n| n.encrypted)
     }
 
     /// Names of the services that use a network, sorted.
@@ -2237,13 +2271,17 @@ impl State {
                 spec
             })
             .collect();
-        let sbox = self.nodes.get(node_id).and_then(|r| r.ingress_addr);
+        let sbox = self
+            .nodes
+            .get(node_id)
+            .filter(|r| self.carries_ingress(r))
+            .and_then(|r| r.ingress_addr);
         let ingress = self.ingress().zip(sbox).map(|(net, ip)| {
             let mut network = self.network_spec(net, node_id, draining);
             network.peers.extend(
                 self.nodes
                     .values()
-                    .filter(|r| r.node.id != node_id)
+                    .filter(|r| r.node.id != node_id && self.carries_ingress(r))
                     .filter_map(|r| {
                         Some(Peer {
                             ip: r.ingress_addr?,
@@ -2259,9 +2297,10 @@ impl State {
                     .expect("prefix of a valid subnet"),
             })
         });
-        // Keys go only to nodes that carry an encrypted network.
+        // Keys go only to nodes that carry an encrypted network (the ingress one included).
         let encryption = networks
             .iter()
+            .chain(ingress.as_ref().map(|i| &i.network))
             .any(|n| n.encrypted)
             .then(|| self.esp_keys.for_agents())
             .flatten();
@@ -2917,6 +2956,110 @@ pub(crate) mod tests {
             assert_eq!(told(&s, id), (vec![2, 3], 3));
         }
         assert_eq!(s.esp_keys.step, None);
+    }
+
+    #[test]
+    fn an_encrypted_ingress_leaves_out_the_nodes_without_esp() {
+        let mut s = cluster(3);
+        let (n1, n2, n3) = (
+            node_id(&s, "node1"),
+            node_id(&s, "node2"),
+            node_id(&s, "node3"),
+        );
+        for id in [&n1, &n2, &n3] {
+            s.set_node_esp(id, Some(&EspSupport::Supported));
+        }
+        // A task with an ingress port on every node, while the ingress is plain.
+        s.create_service(&published_spec("web", 3, &[], &[web(80)]), 1)
+            .unwrap();
+        s.reconcile(1);
+        run_all(&mut s, "web");
+        let on = |s: &State| -> BTreeSet<String> {
+            current(s, "web")
+                .iter()
+                .filter(|t| s.serves(t))
+                .map(|t| t.node_id.clone().unwrap())
+                .collect()
+        };
+        assert_eq!(on(&s), BTreeSet::from([n1.clone(), n2.clone(), n3.clone()]));
+        assert!(!s.set_ingress_encrypted(false));
+        assert_eq!(s.no_routing_mesh(&n3), None);
+
+        // The manager restarts with --ingress-encrypted; node 3 reports it cannot do ESP.
+        assert!(s.set_ingress_encrypted(true));
+        assert!(!s.set_ingress_encrypted(true));
+        assert!(s.ingress().unwrap().encrypted);
+        assert!(s.has_encrypted_networks());
+        let no_esp = EspSupport::Unsupported {
+            reason: "add an ESP state: Function not implemented".into(),
+        };
+        s.set_node_esp(&n3, Some(&no_esp));
+        let mut n = 0u8;
+        s.rotate_keys(2000, 3600, &mut || {
+            n += 1;
+            [n; ESP_KEY_BYTES]
+        });
+        // Its task moves off node 3 (drains, then stops) to a node that can encrypt.
+        let now = settle(&mut s, 2);
+        assert_eq!(current(&s, "web").len(), 3);
+        assert!(!on(&s).contains(&n3), "{:?}", on(&s));
+        let history = s
+            .tasks
+            .values()
+            .find(|t| t.node_id.as_ref() == Some(&n3) && t.is_history())
+            .unwrap();
+        assert!(
+            history
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("node node3 cannot do IPsec ESP"),
+            "{:?}",
+            history.error
+        );
+        s.reconcile(now);
+        s.refresh_assignments();
+
+        // Node 3: no ingress network, no keys; node inspect says why.
+        let a3 = &s.nodes[&n3].assignment;
+        assert!(a3.ingress.is_none());
+        assert!(a3.encryption.is_none());
+        let why = s.no_routing_mesh(&n3).unwrap();
+        assert!(why.contains("the ingress network is encrypted"), "{why}");
+        assert_eq!(
+            crate::views::node(&s, &n3).no_routing_mesh.as_deref(),
+            Some(why.as_str())
+        );
+        // Nodes 1 and 2: an encrypted ingress whose peers are on each other only, and the keys,
+        // without any encrypted user network.
+        let ip3 = s.nodes[&n3].node.addr;
+        for id in [&n1, &n2] {
+            let a = &s.nodes[id].assignment;
+            let ingress = a.ingress.as_ref().unwrap();
+            assert!(ingress.network.encrypted);
+            assert!(!ingress.network.peers.is_empty());
+            assert!(ingress.network.peers.iter().all(|p| p.vtep != ip3));
+            assert!(a.encryption.is_some());
+            assert_eq!(s.no_routing_mesh(id), None);
+            assert_eq!(crate::views::node(&s, id).no_routing_mesh, None);
+        }
+        // The balancers list the tasks on nodes 1 and 2 only.
+        let backends = &s.published()[0].backends;
+        assert_eq!(backends.len(), 3);
+        for ip in backends {
+            let t = s
+                .tasks
+                .values()
+                .find(|t| s.serves(t) && t.attachments.iter().any(|a| a.addr.addr() == *ip))
+                .unwrap();
+            assert_ne!(t.node_id.as_ref(), Some(&n3));
+        }
+
+        // Back to a plain ingress: node 3 carries the routing mesh again.
+        assert!(s.set_ingress_encrypted(false));
+        s.refresh_assignments();
+        assert!(s.nodes[&n3].assignment.ingress.is_some());
+        assert_eq!(s.no_routing_mesh(&n3), None);
     }
 
     #[test]

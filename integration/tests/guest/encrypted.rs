@@ -1,7 +1,8 @@
 //! Encrypted overlays on the guest kernel, which has ESP: traffic of an encrypted network
 //! crosses the underlay as ESP only, a plain network beside it stays VXLAN in clear, big
 //! transfers fit the lowered MTU, hand-deleted states come back, foreign ones stay, and key
-//! rotations under a request loop lose nothing.
+//! rotations under a request loop lose nothing; with an encrypted ingress network the routing
+//! mesh answers on every node and crosses between them as ESP only.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{Read, Write};
@@ -264,6 +265,21 @@ impl Capture {
     }
 }
 
+/// The two nodes' underlay addresses, once each says it can encrypt and has a routing mesh.
+fn esp_nodes(c: &Cluster) -> [Ipv4Addr; 2] {
+    let mut addrs = Vec::new();
+    for node in ["node1", "node2"] {
+        let info: NodeInfo = c.json(&["node", "inspect", node]).unwrap();
+        assert_eq!(info.node.no_encryption, None, "{node} cannot encrypt");
+        assert_eq!(info.no_routing_mesh, None, "{node} has no routing mesh");
+        match info.node.addr {
+            IpAddr::V4(a) => addrs.push(a),
+            other => panic!("{node} has an IPv6 address {other}"),
+        }
+    }
+    addrs.try_into().unwrap()
+}
+
 #[test]
 fn an_encrypted_network_crosses_the_underlay_as_esp_only() {
     let c = Cluster::up_opts(
@@ -275,16 +291,7 @@ fn an_encrypted_network_crosses_the_underlay_as_esp_only() {
         },
     )
     .unwrap();
-    let mut addrs = Vec::new();
-    for node in ["node1", "node2"] {
-        let info: NodeInfo = c.json(&["node", "inspect", node]).unwrap();
-        assert_eq!(info.node.no_encryption, None, "{node} cannot encrypt");
-        match info.node.addr {
-            IpAddr::V4(a) => addrs.push(a),
-            other => panic!("{node} has an IPv6 address {other}"),
-        }
-    }
-    let nodes: [Ipv4Addr; 2] = addrs.try_into().unwrap();
+    let nodes = esp_nodes(&c);
     c.encrypted_network_create("sec", "10.0.51.0/24").unwrap();
     c.network_create("plain", "10.0.52.0/24").unwrap();
     let vni = |name: &str| {
@@ -432,6 +439,104 @@ fn an_encrypted_network_crosses_the_underlay_as_esp_only() {
     let after = spis(&c, "node2");
     eprintln!("{n} requests across key rotations, SPIs {before:?} -> {after:?}");
     assert_ne!(before, after, "no rotation happened");
+}
+
+/// `mesh-manager --ingress-encrypted`: the routing mesh answers on every node from every task,
+/// and between the nodes its traffic is ESP only, no VXLAN in clear for the ingress VNI.
+#[test]
+fn an_encrypted_ingress_carries_the_routing_mesh_in_esp_only() {
+    let mut c = Cluster::up_opts(
+        2,
+        crate::LB,
+        ClusterOptions {
+            manager_args: &["--ingress-encrypted"],
+            ..ClusterOptions::default()
+        },
+    )
+    .unwrap();
+    c.lab
+        .add_host("client", Ipv4Addr::new(192, 168, 56, 100))
+        .unwrap();
+    let nodes = esp_nodes(&c);
+    let ingress: NetworkDetail = c.json(&["network", "inspect", "ingress"]).unwrap();
+    assert!(ingress.network.encrypted);
+    let ingress_vni = ingress.network.vni;
+    let tasks = c
+        .hello_service("web", 2, &["--publish", "80:8080"])
+        .unwrap();
+    assert_ne!(tasks[0].node, tasks[1].node, "one task per node");
+    // Which node each answer comes from, by the task's ingress address in it.
+    let from: BTreeMap<String, Ipv4Addr> = tasks
+        .iter()
+        .map(|t| {
+            let ip = t
+                .endpoints
+                .iter()
+                .find(|e| e.network == "ingress")
+                .unwrap()
+                .ip();
+            let node = c.lab.node(t.node.as_deref().unwrap()).unwrap().ip;
+            (format!("Hello World! from {ip}\n"), node)
+        })
+        .collect();
+    let get = |c: &Cluster, node: Ipv4Addr| -> Option<String> {
+        let url = format!("http://{node}:80/");
+        let out = c
+            .lab
+            .exec("client", &["curl", "-s", "--max-time", "5", &url])
+            .ok()?;
+        out.status
+            .success()
+            .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    // Both nodes answer from both tasks once the mesh is programmed.
+    for node in nodes {
+        c.wait_for(
+            Duration::from_secs(60),
+            "the routing mesh from both tasks",
+            |c| {
+                let seen: BTreeSet<String> = (0..4).filter_map(|_| get(c, node)).collect();
+                (seen.len() == 2 && seen.iter().all(|a| from.contains_key(a))).then_some(())
+            },
+        )
+        .unwrap();
+    }
+
+    let capture = Capture::start(&c);
+    let (mut answered, mut crossed) = (0, 0);
+    for node in nodes {
+        let mut seen = BTreeSet::new();
+        for i in 0..20 {
+            let answer = get(&c, node).unwrap_or_else(|| panic!("request {i} to {node} failed"));
+            let task_node = from
+                .get(&answer)
+                .unwrap_or_else(|| panic!("{node} answered {answer:?}"));
+            answered += 1;
+            crossed += usize::from(*task_node != node);
+            seen.insert(answer);
+        }
+        assert_eq!(seen.len(), 2, "{node} answered from {seen:?}");
+    }
+    let t = capture.stop(nodes);
+    eprintln!(
+        "{answered} requests answered, {crossed} by the other node's task; capture: {} records; between the nodes {} ESP packets (SPIs {:x?}), VXLAN in clear: {} of the ingress vni {ingress_vni}, all {:?}; {} other, {} unreadable",
+        t.records,
+        t.esp,
+        t.spis,
+        t.vxlan_of(ingress_vni),
+        t.vxlan,
+        t.other,
+        t.unreadable
+    );
+    assert_eq!(t.unreadable, 0, "unreadable packets: {:?}", t.first_error);
+    assert!(
+        crossed >= 10,
+        "only {crossed} requests crossed to the other node"
+    );
+    // Each crossing request is at least SYN, SYN-ACK, ACK, the request and the answer.
+    assert!(t.esp >= 5 * crossed, "too few ESP packets: {t:?}");
+    assert_eq!(t.vxlan_of(ingress_vni), 0, "ingress VXLAN in clear: {t:?}");
+    assert!(t.vxlan.is_empty(), "VXLAN in clear: {t:?}");
 }
 
 /// The capture's reader, on packets made here (no root, no guest): ESP and VXLAN by VNI
