@@ -425,6 +425,7 @@ fn an_encrypted_network_crosses_the_underlay_as_esp_only() {
     // rotation's steps follow the agents' confirmations: a new key is received with before
     // anybody sends with it, and dropped only after nobody does.
     let before = spis(&c, "node2");
+    let log_before = std::fs::metadata(c.log_path("manager")).unwrap().len() as usize;
     let start = Instant::now();
     let mut n = 0;
     while start.elapsed() < Duration::from_secs(30) {
@@ -439,6 +440,15 @@ fn an_encrypted_network_crosses_the_underlay_as_esp_only() {
     let after = spis(&c, "node2");
     eprintln!("{n} requests across key rotations, SPIs {before:?} -> {after:?}");
     assert_ne!(before, after, "no rotation happened");
+    // The rotations' steps during the loop moved on the agents' confirmations (a step waits
+    // for an agent that does not confirm 10 s at most: under emulation an agent may take that
+    // long to apply an assignment, which is reported, not failed).
+    let log = std::fs::read_to_string(c.log_path("manager")).unwrap();
+    let during = log.get(log_before..).unwrap_or_default();
+    let confirmed = during.matches("every node applied the last step").count();
+    let forced = during.matches("without these nodes' confirmation").count();
+    eprintln!("key rotation steps during the loop: {confirmed} confirmed by every node, {forced} taken after the timeout");
+    assert!(confirmed >= 2, "{confirmed} steps confirmed:\n{during}");
 }
 
 /// `mesh-manager --ingress-encrypted`: the routing mesh answers on every node from every task,
