@@ -310,7 +310,11 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                             now,
                         )?;
                         // An encrypted network's first tasks find the keys ready.
-                        s.rotate_keys(now, rotation, &mut crate::cluster::fresh_esp_key);
+                        s.rotate_keys(
+                            now.saturating_mul(1000),
+                            rotation,
+                            &mut crate::cluster::fresh_esp_key,
+                        );
                         Ok(id)
                     })
                     .map_err(err)?;

@@ -117,21 +117,19 @@ impl Cluster {
         self.key_rotation_secs
     }
 
-    /// Makes or rotates the IPsec key ring when due (while an encrypted network exists).
+    /// Makes the IPsec key ring, or begins a rotation, when due (while an encrypted network
+    /// exists); takes a rotation's next step when its last one timed out or had no node to wait
+    /// for (a node's confirmation takes it at once: see `agents`).
     fn rotate_keys_if_due(&mut self) -> Result<(), TxError> {
         let interval = self.key_rotation_secs;
-        if self.state.has_encrypted_networks()
-            && self.state.esp_keys.due(unix_now_ms() / 1000, interval)
-        {
-            self.transact(|s, now| {
-                s.rotate_keys(now, interval, &mut fresh_esp_key);
+        let now_ms = unix_now_ms();
+        if self.state.has_encrypted_networks() && self.state.esp_keys.due(now_ms / 1000, interval) {
+            self.transact(|s, _| {
+                s.rotate_keys(now_ms, interval, &mut fresh_esp_key);
                 Ok(())
             })?;
-            tracing::info!(
-                keys = self.state.esp_keys.keys.len(),
-                newest = self.state.esp_keys.last_tag,
-                "rotated the IPsec keys"
-            );
+        } else if self.state.key_step_ready(now_ms) {
+            self.transact(|_, _| Ok(()))?;
         }
         Ok(())
     }

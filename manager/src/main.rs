@@ -89,14 +89,20 @@ struct Args {
     #[arg(long, env = "MESH_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// How often the IPsec keys of encrypted networks rotate (e.g. 12h, 30m; at least 10s).
-    /// A new key is receive-only for one interval before nodes send with it.
+    /// Each rotation moves on as the nodes confirm its steps: a new key is received with
+    /// everywhere before any node sends with it.
     #[arg(long, env = "MESH_ENCRYPTION_KEY_ROTATION", default_value = "12h", value_parser = parse_key_rotation)]
     encryption_key_rotation: std::time::Duration,
+    /// Encrypt the routing mesh's ingress network (IPsec ESP, like `--opt encrypted`), at every
+    /// start: nodes that cannot do ESP are left without a routing mesh rather than carry its
+    /// traffic in clear (`meshctl node inspect` says so).
+    #[arg(long, env = "MESH_INGRESS_ENCRYPTED")]
+    ingress_encrypted: bool,
 }
 
 fn parse_key_rotation(s: &str) -> Result<std::time::Duration, String> {
     let d = certs::parse_duration(s)?;
-    // Shorter would leave nodes too little time to install a key before peers send with it.
+    // Rotations this close would each hardly be through before the next begins.
     if d < std::time::Duration::from_secs(10) {
         return Err(format!("{s} is shorter than the minimum of 10s"));
     }
@@ -169,6 +175,26 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut changed = state
         .ensure_ingress(&args.ingress_subnet, args.listen.ip(), cluster::unix_now())
         .context("set up the routing mesh")?;
+    if state.set_ingress_encrypted(args.ingress_encrypted) {
+        tracing::info!(
+            encrypted = args.ingress_encrypted,
+            "the ingress network's encryption changed"
+        );
+        changed = true;
+    }
+    // An encrypted ingress network needs the keys before any node is given it.
+    let keys = state.esp_keys.clone();
+    state.rotate_keys(
+        cluster::unix_now_ms(),
+        args.encryption_key_rotation.as_secs(),
+        &mut cluster::fresh_esp_key,
+    );
+    changed |= state.esp_keys != keys;
+    for r in state.nodes.values() {
+        if let Some(why) = state.no_routing_mesh(&r.node.id) {
+            tracing::warn!(node = %r.node.hostname, "no routing mesh on this node: {why}");
+        }
+    }
     if state.cluster_id.is_empty() {
         state.cluster_id = alloc::new_id();
         changed = true;

@@ -762,9 +762,10 @@ impl State {
         out
     }
 
-    /// Replicated tasks on nodes their service's constraints no longer allow (labels changed)
-    /// leave them, draining, and are placed again where they fit. Global services have their
-    /// own rule (see `reconcile_global`).
+    /// Replicated tasks on nodes their service's constraints no longer allow (labels changed),
+    /// or that cannot do IPsec ESP for an encrypted network the service is on (the ingress
+    /// network became encrypted), leave them, draining, and are placed again where they fit.
+    /// Global services have their own rule (see `reconcile_global`).
     pub(crate) fn drain_misplaced(&mut self, now_ms: u64) {
         let mut misplaced = Vec::new();
         for service in self
@@ -777,7 +778,8 @@ impl State {
                 .rollout
                 .as_ref()
                 .is_some_and(|r| r.status.state.is_active());
-            if service.spec.constraints.is_empty() || rolling {
+            let encrypted = self.needs_encryption(service);
+            if (service.spec.constraints.is_empty() && !encrypted) || rolling {
                 continue;
             }
             let constraints = parse_constraints(&service.spec.constraints);
@@ -787,19 +789,20 @@ impl State {
                 .filter(|t| t.service_id == service.id && t.is_placed())
             {
                 let node = &self.nodes[t.node_id.as_ref().expect("placed")].node;
-                if !constraints.iter().all(|c| c.matches(node)) {
-                    misplaced.push((t.id.clone(), node.hostname.clone()));
-                }
+                let why = if !constraints.iter().all(|c| c.matches(node)) {
+                    "no longer satisfies the constraints"
+                } else if encrypted && node.no_encryption.is_some() {
+                    "cannot do IPsec ESP, which an encrypted network of the service needs"
+                } else {
+                    continue;
+                };
+                misplaced.push((t.id.clone(), node.hostname.clone(), why));
             }
         }
-        for (id, host) in misplaced {
-            tracing::info!(task = %id, node = %host, "moving task off a node its constraints no longer allow");
+        for (id, host, why) in misplaced {
+            tracing::info!(task = %id, node = %host, "moving task off a node that {why}");
             let task = self.tasks.get_mut(&id).expect("task exists");
-            task.begin_drain(
-                Some(format!("node {host} no longer satisfies the constraints")),
-                false,
-                now_ms,
-            );
+            task.begin_drain(Some(format!("node {host} {why}")), false, now_ms);
         }
     }
 }

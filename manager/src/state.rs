@@ -24,7 +24,7 @@ use proto::model::{
 use serde::{Deserialize, Serialize};
 
 use crate::alloc::{self, AllocError};
-use crate::keys::KeyRing;
+use crate::keys::{KeyRing, StepKind};
 use crate::rollout::{self, Drain, Rollout, SpecError, TaskRuntime};
 use crate::sched::{self, Candidate, Constraint, ConstraintError, GlobalFit};
 
@@ -1090,20 +1090,93 @@ impl State {
         self.networks.values().any(|r| r.network.encrypted)
     }
 
-    /// Makes the key ring, or rotates it when due, while an encrypted network exists.
+    /// Makes the key ring, or begins a rotation when one is due, while an encrypted network
+    /// exists. The rotation's further steps follow the nodes' confirmations
+    /// ([`State::advance_keys`]).
     pub fn rotate_keys(
         &mut self,
-        now: u64,
+        now_ms: u64,
         interval_secs: u64,
         fresh: &mut impl FnMut() -> [u8; ESP_KEY_BYTES],
     ) {
         if self.has_encrypted_networks() {
-            self.esp_keys.rotate(now, interval_secs, fresh);
+            let step = self.esp_keys.step.is_some();
+            self.esp_keys.rotate(now_ms, interval_secs, fresh);
+            if !step && self.esp_keys.step.is_some() {
+                tracing::info!(
+                    key = self.esp_keys.last_tag,
+                    "IPsec key rotation: a new key, for receiving only until every node has it"
+                );
+            }
         }
     }
 
+    /// Of the nodes in `revisions` (node → the revision carrying a key step), those that are
+    /// ready and have not applied theirs: a node that is down or gone holds nothing back.
+    fn unconfirmed(&self, revisions: &BTreeMap<String, u64>) -> Vec<String> {
+        revisions
+            .iter()
+            .filter(|(node, rev)| {
+                self.nodes.get(*node).is_some_and(|r| {
+                    r.node.status == NodeStatus::Ready && r.applied_revision < **rev
+                })
+            })
+            .map(|(node, _)| node.clone())
+            .collect()
+    }
+
+    /// Whether a step of the key rotation under way can be taken now: every node confirmed the
+    /// one before, or it waited [`crate::keys::KEY_STEP_TIMEOUT_MS`].
+    pub fn key_step_ready(&self, now_ms: u64) -> bool {
+        self.esp_keys
+            .ready(now_ms, |revisions| self.unconfirmed(revisions))
+    }
+
+    /// Takes the next step of a key rotation once the nodes applied the one before (see
+    /// [`crate::keys`]).
+    fn advance_keys(&mut self, now_ms: u64) {
+        let mut ring = std::mem::take(&mut self.esp_keys);
+        let done = ring.advance(now_ms, |revisions| self.unconfirmed(revisions));
+        self.esp_keys = ring;
+        let Some(done) = done else {
+            return;
+        };
+        let hosts: Vec<&str> = done
+            .unconfirmed
+            .iter()
+            .filter_map(|id| self.nodes.get(id))
+            .map(|r| r.node.hostname.as_str())
+            .collect();
+        let next = match done.confirmed {
+            StepKind::Added => "sending with the new key",
+            StepKind::Switched => "dropping the oldest key",
+        };
+        if hosts.is_empty() {
+            tracing::info!(
+                send = self.esp_keys.send,
+                keys = self.esp_keys.keys.len(),
+                "IPsec key rotation: every node applied the last step, {next}"
+            );
+        } else {
+            tracing::warn!(nodes = ?hosts, send = self.esp_keys.send, keys = self.esp_keys.keys.len(), "IPsec key rotation: {next} without these nodes' confirmation of the last step");
+        }
+    }
+
+    /// Records the revision carrying a new key step to each ready node that carries keys:
+    /// called once the assignments are computed.
+    fn arm_keys(&mut self) {
+        let nodes = &self.nodes;
+        self.esp_keys.arm(|| {
+            nodes
+                .values()
+                .filter(|r| r.node.status == NodeStatus::Ready && r.assignment.encryption.is_some())
+                .map(|r| (r.node.id.clone(), r.assignment.revision))
+                .collect()
+        });
+    }
+
     /// Whether any network of the service is encrypted: its tasks need a node with ESP.
-    fn needs_encryption(&self, service: &Service) -> bool {
+    pub(crate) fn needs_encryption(&self, service: &Service) -> bool {
         self.task_networks(service)
             .iter()
             .any(|id| self.networks.get(id).is_some_and(|r| r.network.encrypted))
@@ -1115,6 +1188,40 @@ impl State {
             return;
         };
         record.node.no_encryption = no_encryption(esp);
+        if esp.is_some() {
+            if let Some(why) = self.no_routing_mesh(node_id) {
+                let host = &self.nodes[node_id].node.hostname;
+                tracing::warn!(node = %host, "no routing mesh on this node: {why}");
+            }
+        }
+    }
+
+    /// `mesh-manager --ingress-encrypted`: the ingress network follows the flag at every start.
+    /// Returns whether that changed it.
+    pub fn set_ingress_encrypted(&mut self, encrypted: bool) -> bool {
+        let Some(r) = self.networks.values_mut().find(|r| r.network.ingress) else {
+            return false;
+        };
+        let changed = r.network.encrypted != encrypted;
+        r.network.encrypted = encrypted;
+        changed
+    }
+
+    /// Why a node is not given the ingress network (the routing mesh): it is encrypted and the
+    /// node cannot do IPsec ESP. Rather than carry the routing mesh's traffic in clear to and
+    /// from such a node, the cluster leaves it out: its ingress-mode published ports do not
+    /// answer, no other node balances to it, and no task with such a port is placed there.
+    pub fn no_routing_mesh(&self, node_id: &str) -> Option<String> {
+        let record = self.nodes.get(node_id)?;
+        (self.ingress()?.encrypted && record.node.no_encryption.is_some()).then(|| {
+            "the ingress network is encrypted (mesh-manager --ingress-encrypted) and this node cannot do IPsec ESP (see no_encryption): it has no routing mesh, its ingress-mode published ports do not answer (host-mode ones do)".to_string()
+        })
+    }
+
+    /// Whether a node gets the ingress network: every node, except, while it is encrypted,
+    /// those that cannot do ESP (see [`State::no_routing_mesh`]).
+    fn carries_ingress(&self, record: &NodeRecord) -> bool {
+        record.node.no_encryption.is_none() || !self.ingress().is_some_and(|n| n.encrypted)
     }
 
     /// Names of the services that use a network, sorted.
@@ -1759,6 +1866,7 @@ impl State {
     /// before pending tasks are placed.
     pub fn reconcile_ms(&mut self, now_ms: u64) {
         let now = now_ms / 1000;
+        self.advance_keys(now_ms);
         self.end_stops(now_ms);
         self.release_drains(now_ms);
         self.finish_removals();
@@ -2163,13 +2271,17 @@ impl State {
                 spec
             })
             .collect();
-        let sbox = self.nodes.get(node_id).and_then(|r| r.ingress_addr);
+        let sbox = self
+            .nodes
+            .get(node_id)
+            .filter(|r| self.carries_ingress(r))
+            .and_then(|r| r.ingress_addr);
         let ingress = self.ingress().zip(sbox).map(|(net, ip)| {
             let mut network = self.network_spec(net, node_id, draining);
             network.peers.extend(
                 self.nodes
                     .values()
-                    .filter(|r| r.node.id != node_id)
+                    .filter(|r| r.node.id != node_id && self.carries_ingress(r))
                     .filter_map(|r| {
                         Some(Peer {
                             ip: r.ingress_addr?,
@@ -2185,9 +2297,10 @@ impl State {
                     .expect("prefix of a valid subnet"),
             })
         });
-        // Keys go only to nodes that carry an encrypted network.
+        // Keys go only to nodes that carry an encrypted network (the ingress one included).
         let encryption = networks
             .iter()
+            .chain(ingress.as_ref().map(|i| &i.network))
             .any(|n| n.encrypted)
             .then(|| self.esp_keys.for_agents())
             .flatten();
@@ -2317,6 +2430,7 @@ impl State {
             }
         }
         self.arm_drains();
+        self.arm_keys();
         changed
     }
 }
@@ -2667,8 +2781,8 @@ pub(crate) mod tests {
                 [n; ESP_KEY_BYTES]
             }
         };
-        s.rotate_keys(1, 3600, &mut fresh);
-        assert_eq!(s.esp_keys.keys.len(), 2);
+        s.rotate_keys(1000, 3600, &mut fresh);
+        assert_eq!(s.esp_keys.keys.len(), 1);
 
         // Until their agents say so, nodes cannot encrypt: nothing is placed.
         s.create_service(&spec("secure", 2, &["sec"]), 1).unwrap();
@@ -2709,7 +2823,7 @@ pub(crate) mod tests {
             let net = a.networks.iter().find(|n| n.id == sec).unwrap();
             assert!(net.encrypted);
             let keys = a.encryption.as_ref().unwrap();
-            assert_eq!(keys.keys.len(), 2);
+            assert_eq!(keys.keys.len(), 1);
             assert_eq!(keys.send, keys.keys[0].tag);
         }
         // The node with only the plain network's task gets no keys.
@@ -2726,6 +2840,226 @@ pub(crate) mod tests {
             .networks
             .iter()
             .all(|n| !n.encrypted));
+    }
+
+    /// Three ESP nodes with tasks of an encrypted network, each told its assignment; returns
+    /// the state and the node ids.
+    fn encrypted_cluster() -> (State, Vec<String>) {
+        let mut s = cluster(3);
+        let ip = MANAGER.parse().unwrap();
+        let opts = BTreeMap::from([("encrypted".to_string(), String::new())]);
+        s.create_network("sec", "overlay", Some("10.0.7.0/24"), &opts, ip, 1)
+            .unwrap();
+        let ids: Vec<String> = ["node1", "node2", "node3"]
+            .iter()
+            .map(|n| node_id(&s, n))
+            .collect();
+        for id in &ids {
+            s.set_node_esp(id, Some(&EspSupport::Supported));
+        }
+        let mut n = 0u8;
+        s.rotate_keys(1000, 60, &mut || {
+            n += 1;
+            [n; ESP_KEY_BYTES]
+        });
+        s.create_service(&spec("secure", 3, &["sec"]), 1).unwrap();
+        s.reconcile(1);
+        s.refresh_assignments();
+        apply_all(&mut s);
+        (s, ids)
+    }
+
+    /// (tags of the keys, send tag) as `node` was last told them.
+    fn told(s: &State, node: &str) -> (Vec<u32>, u32) {
+        let k = s.nodes[node].assignment.encryption.as_ref().unwrap();
+        (k.keys.iter().map(|k| k.tag).collect(), k.send)
+    }
+
+    /// A pass of the manager at `now_ms`, as `Cluster::transact` makes one.
+    fn pass(s: &mut State, now_ms: u64) {
+        s.reconcile_ms(now_ms);
+        s.refresh_assignments();
+    }
+
+    #[test]
+    fn a_key_rotation_moves_on_as_every_ready_node_applies_each_step() {
+        let (mut s, ids) = encrypted_cluster();
+        let mut n = 10u8;
+        let mut fresh = move || {
+            n += 1;
+            [n; ESP_KEY_BYTES]
+        };
+        for id in &ids {
+            assert_eq!(told(&s, id), (vec![1], 1));
+        }
+        // Not due: nothing.
+        s.rotate_keys(60_999, 60, &mut fresh);
+        assert_eq!(s.esp_keys.keys.len(), 1);
+        // Due: a new key, receive-only, on every node.
+        s.rotate_keys(61_000, 60, &mut fresh);
+        pass(&mut s, 61_000);
+        for id in &ids {
+            assert_eq!(told(&s, id), (vec![1, 2], 1));
+        }
+        // Two of three nodes applied it: nobody sends with it yet, however often the
+        // manager passes.
+        for id in &ids[..2] {
+            let rev = s.nodes[id].assignment.revision;
+            s.set_applied(id, rev);
+        }
+        assert!(!s.key_step_ready(62_000));
+        pass(&mut s, 62_000);
+        for id in &ids {
+            assert_eq!(told(&s, id), (vec![1, 2], 1));
+        }
+        // The third one did: every node sends with it.
+        let rev = s.nodes[&ids[2]].assignment.revision;
+        s.set_applied(&ids[2], rev);
+        assert!(s.key_step_ready(62_500));
+        pass(&mut s, 62_500);
+        for id in &ids {
+            assert_eq!(told(&s, id), (vec![1, 2], 2));
+        }
+        // Node 3 goes down before it applies the switch: it does not hold the rotation.
+        for id in &ids[..2] {
+            let rev = s.nodes[id].assignment.revision;
+            s.set_applied(id, rev);
+        }
+        assert!(s.esp_keys.step.is_some());
+        s.set_node_status(&ids[2], NodeStatus::Down);
+        pass(&mut s, 63_000);
+        assert_eq!(s.esp_keys.step, None);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2], 2));
+
+        // The next rotation: a node that is up but never answers (node 2) holds each step for
+        // the timeout, no longer.
+        s.set_node_status(&ids[2], NodeStatus::Ready);
+        pass(&mut s, 64_000);
+        apply_all(&mut s);
+        s.rotate_keys(121_000, 60, &mut fresh);
+        pass(&mut s, 121_000);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2, 3], 2));
+        let rev = s.nodes[&ids[0]].assignment.revision;
+        s.set_applied(&ids[0], rev);
+        let until = 121_000 + crate::keys::KEY_STEP_TIMEOUT_MS;
+        pass(&mut s, until - 1);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2, 3], 2));
+        assert!(s.key_step_ready(until));
+        pass(&mut s, until);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2, 3], 3));
+        let rev = s.nodes[&ids[0]].assignment.revision;
+        s.set_applied(&ids[0], rev);
+        pass(&mut s, until + 1);
+        assert_eq!(told(&s, &ids[0]), (vec![1, 2, 3], 3));
+        pass(&mut s, until + crate::keys::KEY_STEP_TIMEOUT_MS);
+        for id in &ids[..2] {
+            assert_eq!(told(&s, id), (vec![2, 3], 3));
+        }
+        assert_eq!(s.esp_keys.step, None);
+    }
+
+    #[test]
+    fn an_encrypted_ingress_leaves_out_the_nodes_without_esp() {
+        let mut s = cluster(3);
+        let (n1, n2, n3) = (
+            node_id(&s, "node1"),
+            node_id(&s, "node2"),
+            node_id(&s, "node3"),
+        );
+        for id in [&n1, &n2, &n3] {
+            s.set_node_esp(id, Some(&EspSupport::Supported));
+        }
+        // A task with an ingress port on every node, while the ingress is plain.
+        s.create_service(&published_spec("web", 3, &[], &[web(80)]), 1)
+            .unwrap();
+        s.reconcile(1);
+        run_all(&mut s, "web");
+        let on = |s: &State| -> BTreeSet<String> {
+            current(s, "web")
+                .iter()
+                .filter(|t| s.serves(t))
+                .map(|t| t.node_id.clone().unwrap())
+                .collect()
+        };
+        assert_eq!(on(&s), BTreeSet::from([n1.clone(), n2.clone(), n3.clone()]));
+        assert!(!s.set_ingress_encrypted(false));
+        assert_eq!(s.no_routing_mesh(&n3), None);
+
+        // The manager restarts with --ingress-encrypted; node 3 reports it cannot do ESP.
+        assert!(s.set_ingress_encrypted(true));
+        assert!(!s.set_ingress_encrypted(true));
+        assert!(s.ingress().unwrap().encrypted);
+        assert!(s.has_encrypted_networks());
+        let no_esp = EspSupport::Unsupported {
+            reason: "add an ESP state: Function not implemented".into(),
+        };
+        s.set_node_esp(&n3, Some(&no_esp));
+        let mut n = 0u8;
+        s.rotate_keys(2000, 3600, &mut || {
+            n += 1;
+            [n; ESP_KEY_BYTES]
+        });
+        // Its task moves off node 3 (drains, then stops) to a node that can encrypt.
+        let now = settle(&mut s, 2);
+        assert_eq!(current(&s, "web").len(), 3);
+        assert!(!on(&s).contains(&n3), "{:?}", on(&s));
+        let history = s
+            .tasks
+            .values()
+            .find(|t| t.node_id.as_ref() == Some(&n3) && t.is_history())
+            .unwrap();
+        assert!(
+            history
+                .error
+                .as_deref()
+                .unwrap()
+                .contains("node node3 cannot do IPsec ESP"),
+            "{:?}",
+            history.error
+        );
+        s.reconcile(now);
+        s.refresh_assignments();
+
+        // Node 3: no ingress network, no keys; node inspect says why.
+        let a3 = &s.nodes[&n3].assignment;
+        assert!(a3.ingress.is_none());
+        assert!(a3.encryption.is_none());
+        let why = s.no_routing_mesh(&n3).unwrap();
+        assert!(why.contains("the ingress network is encrypted"), "{why}");
+        assert_eq!(
+            crate::views::node(&s, &n3).no_routing_mesh.as_deref(),
+            Some(why.as_str())
+        );
+        // Nodes 1 and 2: an encrypted ingress whose peers are on each other only, and the keys,
+        // without any encrypted user network.
+        let ip3 = s.nodes[&n3].node.addr;
+        for id in [&n1, &n2] {
+            let a = &s.nodes[id].assignment;
+            let ingress = a.ingress.as_ref().unwrap();
+            assert!(ingress.network.encrypted);
+            assert!(!ingress.network.peers.is_empty());
+            assert!(ingress.network.peers.iter().all(|p| p.vtep != ip3));
+            assert!(a.encryption.is_some());
+            assert_eq!(s.no_routing_mesh(id), None);
+            assert_eq!(crate::views::node(&s, id).no_routing_mesh, None);
+        }
+        // The balancers list the tasks on nodes 1 and 2 only.
+        let backends = &s.published()[0].backends;
+        assert_eq!(backends.len(), 3);
+        for ip in backends {
+            let t = s
+                .tasks
+                .values()
+                .find(|t| s.serves(t) && t.attachments.iter().any(|a| a.addr.addr() == *ip))
+                .unwrap();
+            assert_ne!(t.node_id.as_ref(), Some(&n3));
+        }
+
+        // Back to a plain ingress: node 3 carries the routing mesh again.
+        assert!(s.set_ingress_encrypted(false));
+        s.refresh_assignments();
+        assert!(s.nodes[&n3].assignment.ingress.is_some());
+        assert_eq!(s.no_routing_mesh(&n3), None);
     }
 
     #[test]

@@ -28,6 +28,7 @@ pub fn node(s: &State, id: &str) -> NodeInfo {
         tasks: record.assignment.tasks.len(),
         revision: record.assignment.revision,
         applied_revision: record.applied_revision,
+        no_routing_mesh: s.no_routing_mesh(id),
     }
 }
 

@@ -886,6 +886,7 @@ mod tests {
             tasks: 0,
             revision: 3,
             applied_revision: 3,
+            no_routing_mesh: None,
         };
         let out = nodes(&[node]);
         assert_eq!(

@@ -188,9 +188,10 @@ pub struct Assignment {
 }
 
 /// The key ring of encrypted overlays, one per cluster (as Swarm's): every node receives with
-/// every key of the ring and sends with `send`. The newest key is receive-only for one rotation
-/// interval before any node sends with it, and a replaced key stays receivable for one interval
-/// more, so nodes that apply a rotation at different moments lose no packet.
+/// every key of the ring and sends with `send`. A new key is receive-only until every node has
+/// applied the revision that brought it, and a replaced key goes only once every node applied
+/// the switch away from it (the manager's `keys` module), so nodes that apply a rotation at
+/// different moments lose no packet.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EncryptionKeys {
     /// Oldest first; at most three.

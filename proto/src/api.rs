@@ -361,6 +361,10 @@ pub struct NodeInfo {
     /// The revision of the node's latest assignment, and the one its agent reported applied.
     pub revision: u64,
     pub applied_revision: u64,
+    /// Why the node has no routing mesh (the ingress network is encrypted and the node cannot
+    /// do IPsec ESP). None: it has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub no_routing_mesh: Option<String>,
 }
 
 /// `meshctl network inspect`: the network with its endpoints and the nodes that carry it.

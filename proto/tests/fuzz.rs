@@ -424,14 +424,22 @@ fn node_info() -> impl Strategy<Value = NodeInfo> {
                 labels,
             },
         );
-    (node, any::<usize>(), any::<u64>(), any::<u64>()).prop_map(
-        |(node, tasks, revision, applied_revision)| NodeInfo {
-            node,
-            tasks,
-            revision,
-            applied_revision,
-        },
+    (
+        node,
+        any::<usize>(),
+        any::<u64>(),
+        any::<u64>(),
+        option::of(text()),
     )
+        .prop_map(
+            |(node, tasks, revision, applied_revision, no_routing_mesh)| NodeInfo {
+                node,
+                tasks,
+                revision,
+                applied_revision,
+                no_routing_mesh,
+            },
+        )
 }
 
 fn network() -> impl Strategy<Value = Network> {

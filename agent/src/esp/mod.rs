@@ -18,6 +18,8 @@
 //!   (`meta ipsec missing`). A plain network between the same nodes stays plain VXLAN.
 //! - No inbound policy: one would match every VXLAN packet from the peer, plain networks' too;
 //!   the input rule does that job per VNI instead.
+//! - The ingress network is encrypted like the others when the manager runs with
+//!   `--ingress-encrypted`: its VNI is marked and guarded, its peers get states and policies.
 //! - Keys live in memory only (the saved assignment has none). An agent restarted without its
 //!   manager has no keys: it leaves the states and policies as they are, which keeps the
 //!   encrypted traffic flowing as last programmed.
@@ -125,7 +127,13 @@ pub fn spi(src: Ipv4Addr, dst: Ipv4Addr, tag: u32) -> u32 {
 /// The desired ESP state of this node, or None when it must be left as it is: an encrypted
 /// network without keys (an agent restarted while its manager is away keeps what it had).
 pub fn desired(a: &Assignment, local: Ipv4Addr, port: u16) -> Result<Option<Desired>, String> {
-    let encrypted: Vec<_> = a.networks.iter().filter(|n| n.encrypted).collect();
+    // The ingress network too, when `mesh-manager --ingress-encrypted` made it so.
+    let encrypted: Vec<_> = a
+        .networks
+        .iter()
+        .chain(a.ingress.as_ref().map(|i| &i.network))
+        .filter(|n| n.encrypted)
+        .collect();
     if encrypted.is_empty() {
         return Ok(Some(Desired::default()));
     }
@@ -530,6 +538,37 @@ mod tests {
         assert_eq!(desired(&keyless, N1, 4789).unwrap(), None);
         let bad = assignment(vec![net("sec", 4097, true, &[N2])], Some(keys(&[1], 9)));
         assert!(desired(&bad, N1, 4789).unwrap_err().contains("send key 9"));
+    }
+
+    #[test]
+    fn an_encrypted_ingress_network_is_carried_in_esp_like_any_other() {
+        let ingress = |encrypted: bool| {
+            Some(Box::new(proto::agent::IngressSpec {
+                network: net("ingress", 4096, encrypted, &[N2, N3]),
+                sbox_addr: "10.255.0.2/16".parse().unwrap(),
+            }))
+        };
+        let mut a = assignment(
+            vec![
+                net("sec", 4097, true, &[N2]),
+                net("plain", 4098, false, &[N3]),
+            ],
+            Some(keys(&[1], 1)),
+        );
+        a.ingress = ingress(true);
+        let d = desired(&a, N1, 4789).unwrap().unwrap();
+        assert_eq!(d.vnis, BTreeSet::from([4096, 4097]));
+        let dsts: Vec<Ipv4Addr> = d.policies.iter().map(|p| p.dst).collect();
+        assert_eq!(dsts, [N2, N3]);
+        assert_eq!(d.states.len(), 4);
+        // Alone, without any encrypted user network.
+        a.networks = vec![net("plain", 4098, false, &[N3])];
+        let d = desired(&a, N1, 4789).unwrap().unwrap();
+        assert_eq!(d.vnis, BTreeSet::from([4096]));
+        assert_eq!(d.policies.len(), 2);
+        // A plain ingress stays plain.
+        a.ingress = ingress(false);
+        assert_eq!(desired(&a, N1, 4789).unwrap(), Some(Desired::default()));
     }
 
     #[test]
