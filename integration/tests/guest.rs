@@ -92,15 +92,7 @@ fn ipvsadm_in_ingress_sbox_shows_the_service() {
     let mark = svc.fwmark.unwrap();
     let mut want: Vec<String> = tasks
         .iter()
-        .map(|t| {
-            let ip = t
-                .endpoints
-                .iter()
-                .find(|e| e.network == "ingress")
-                .unwrap()
-                .ip();
-            format!("-> {ip}:0 Masq 1")
-        })
+        .map(|t| format!("-> {}:0 Masq 1", mesh::ingress_ip(t)))
         .collect();
     want.sort();
     for node in ["node1", "node2"] {

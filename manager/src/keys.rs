@@ -61,6 +61,13 @@ pub struct KeyStep {
     pub armed: bool,
 }
 
+impl KeyStep {
+    /// Whether it waited [`KEY_STEP_TIMEOUT_MS`] for the nodes.
+    fn timed_out(&self, now_ms: u64) -> bool {
+        now_ms >= self.since_ms.saturating_add(KEY_STEP_TIMEOUT_MS)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub enum StepKind {
     /// A new key, receive-only.
@@ -138,9 +145,7 @@ impl KeyRing {
         pending: impl FnOnce(&BTreeMap<String, u64>) -> Vec<String>,
     ) -> bool {
         self.step.as_ref().is_some_and(|step| {
-            step.armed
-                && (now_ms >= step.since_ms.saturating_add(KEY_STEP_TIMEOUT_MS)
-                    || pending(&step.revisions).is_empty())
+            step.armed && (step.timed_out(now_ms) || pending(&step.revisions).is_empty())
         })
     }
 
@@ -153,8 +158,7 @@ impl KeyRing {
     ) -> Option<Advanced> {
         let step = self.step.as_ref().filter(|s| s.armed)?;
         let waiting = pending(&step.revisions);
-        let timed_out = now_ms >= step.since_ms.saturating_add(KEY_STEP_TIMEOUT_MS);
-        if !waiting.is_empty() && !timed_out {
+        if !waiting.is_empty() && !step.timed_out(now_ms) {
             return None;
         }
         let confirmed = step.kind;

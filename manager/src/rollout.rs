@@ -623,16 +623,7 @@ impl State {
         let mut done = Vec::new();
         for task in self.tasks.values().filter(|t| t.is_draining()) {
             let drain = task.drain.as_ref().expect("draining");
-            let pending: Vec<&String> = drain
-                .revisions
-                .iter()
-                .filter(|(node, rev)| {
-                    self.nodes.get(*node).is_some_and(|r| {
-                        r.node.status == NodeStatus::Ready && r.applied_revision < **rev
-                    })
-                })
-                .map(|(node, _)| node)
-                .collect();
+            let pending = self.unconfirmed(&drain.revisions);
             let on_node = task.node_id.is_some();
             if !on_node || (drain.armed && pending.is_empty()) {
                 done.push(task.id.clone());

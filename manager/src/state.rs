@@ -1111,9 +1111,10 @@ impl State {
         }
     }
 
-    /// Of the nodes in `revisions` (node → the revision carrying a key step), those that are
-    /// ready and have not applied theirs: a node that is down or gone holds nothing back.
-    fn unconfirmed(&self, revisions: &BTreeMap<String, u64>) -> Vec<String> {
+    /// Of the nodes in `revisions` (node → the revision carrying a change: a drain, a key
+    /// step), those that are ready and have not applied theirs: a node that is down or gone
+    /// holds nothing back.
+    pub(crate) fn unconfirmed(&self, revisions: &BTreeMap<String, u64>) -> Vec<String> {
         revisions
             .iter()
             .filter(|(node, rev)| {
@@ -1213,7 +1214,7 @@ impl State {
     /// answer, no other node balances to it, and no task with such a port is placed there.
     pub fn no_routing_mesh(&self, node_id: &str) -> Option<String> {
         let record = self.nodes.get(node_id)?;
-        (self.ingress()?.encrypted && record.node.no_encryption.is_some()).then(|| {
+        (!self.carries_ingress(record)).then(|| {
             "the ingress network is encrypted (mesh-manager --ingress-encrypted) and this node cannot do IPsec ESP (see no_encryption): it has no routing mesh, its ingress-mode published ports do not answer (host-mode ones do)".to_string()
         })
     }

@@ -479,12 +479,7 @@ fn an_encrypted_ingress_carries_the_routing_mesh_in_esp_only() {
     let from: BTreeMap<String, Ipv4Addr> = tasks
         .iter()
         .map(|t| {
-            let ip = t
-                .endpoints
-                .iter()
-                .find(|e| e.network == "ingress")
-                .unwrap()
-                .ip();
+            let ip = crate::mesh::ingress_ip(t);
             let node = c.lab.node(t.node.as_deref().unwrap()).unwrap().ip;
             (format!("Hello World! from {ip}\n"), node)
         })

@@ -45,7 +45,7 @@ fn service(c: &Cluster, name: &str, replicas: usize, flags: &[&str]) -> Vec<Task
     c.wait_running(name, replicas).unwrap()
 }
 
-fn ingress_ip(t: &TaskInfo) -> String {
+pub(crate) fn ingress_ip(t: &TaskInfo) -> String {
     t.endpoints
         .iter()
         .find(|e| e.network == "ingress")
