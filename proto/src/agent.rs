@@ -150,6 +150,16 @@ pub enum ManagerMsg {
     Certificate {
         cert: String,
     },
+    /// This manager is a follower (several managers share the cluster's state in etcd; only
+    /// the leader takes agents and joins): try the leader's agent address, when one is known.
+    NotLeader {
+        leader: Option<String>,
+    },
+    /// The agent addresses (ADDR:PORT) of every manager of the cluster, sent after Welcome and
+    /// whenever the set changes: where an agent goes when its manager is gone.
+    Managers {
+        addrs: Vec<String>,
+    },
 }
 
 impl ManagerMsg {
@@ -162,6 +172,8 @@ impl ManagerMsg {
             ManagerMsg::Ca { .. } => "ca",
             ManagerMsg::Joined { .. } => "joined",
             ManagerMsg::Certificate { .. } => "certificate",
+            ManagerMsg::NotLeader { .. } => "not_leader",
+            ManagerMsg::Managers { .. } => "managers",
         }
     }
 }

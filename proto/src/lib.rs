@@ -19,7 +19,7 @@ pub mod wire;
 use serde::{de::DeserializeOwned, Serialize};
 
 /// Bumped on any incompatible change of a message.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Frames larger than this are refused: a guard against a peer that never sends a newline. The
 /// largest frames are assignments of big clusters, manager to agent.
