@@ -1,5 +1,6 @@
-//! A meshnet cluster in a lab: `mesh-manager` on node1, `mesh-agent` on every node, and
-//! `meshctl` against the manager's API socket. Everything runs as real processes of the built
+//! A meshnet cluster in a lab: `mesh-manager` on node1 (or, with [`ClusterOptions::ha`], on
+//! each of node1..node3 with an etcd member beside it), `mesh-agent` on every node, and
+//! `meshctl` against a manager's API socket. Everything runs as real processes of the built
 //! binaries, and is removed with the lab.
 
 use std::collections::BTreeMap;
@@ -23,6 +24,10 @@ pub const CONVERGE_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// The manager's agent port, as Swarm's 2377.
 pub const MANAGER_PORT: u16 = 2377;
+/// The managers' TCP API port in HA labs, where followers forward requests to the leader.
+pub const API_PORT: u16 = 2378;
+/// The nodes that run a manager and an etcd member in HA labs.
+pub const HA_NODES: [&str; 3] = ["node1", "node2", "node3"];
 
 /// Seconds between the lab agents' timer passes (`--reconcile-interval`): short, so that tests
 /// see a deleted object come back soon.
@@ -70,7 +75,13 @@ pub fn bin(name: &str) -> PathBuf {
 pub struct Cluster {
     pub lab: Lab,
     agents: BTreeMap<String, u32>,
-    manager: Option<u32>,
+    /// The running managers by node.
+    managers: BTreeMap<String, u32>,
+    /// HA: the running etcd members by node.
+    etcd: BTreeMap<String, u32>,
+    ha: bool,
+    /// The node whose manager meshctl asks.
+    api_node: std::sync::Mutex<String>,
     lb: String,
     /// The agents' `--reconcile-interval`, in seconds.
     reconcile_interval: u64,
@@ -90,6 +101,9 @@ pub struct ClusterOptions<'a> {
     pub agent_args: &'a [&'a str],
     /// The agents' --reconcile-interval, in seconds.
     pub reconcile_interval: u64,
+    /// Three managers, on node1..node3, sharing the state in a three-member etcd (one member
+    /// on each of those nodes).
+    pub ha: bool,
 }
 
 impl Default for ClusterOptions<'_> {
@@ -98,6 +112,7 @@ impl Default for ClusterOptions<'_> {
             manager_args: &[],
             agent_args: &[],
             reconcile_interval: RECONCILE_INTERVAL,
+            ha: false,
         }
     }
 }
@@ -134,14 +149,26 @@ impl Cluster {
         let mut cluster = Cluster {
             lab,
             agents: BTreeMap::new(),
-            manager: None,
+            managers: BTreeMap::new(),
+            etcd: BTreeMap::new(),
+            ha: opts.ha,
+            api_node: std::sync::Mutex::new("node1".into()),
             lb: lb.to_string(),
             reconcile_interval: opts.reconcile_interval,
             manager_args: opts.manager_args.iter().map(|a| a.to_string()).collect(),
             agent_args: opts.agent_args.iter().map(|a| a.to_string()).collect(),
             token: None,
         };
-        cluster.start_manager()?;
+        if cluster.ha {
+            for n in HA_NODES {
+                cluster.start_etcd(n)?;
+            }
+            for n in HA_NODES {
+                cluster.start_manager_on(n)?;
+            }
+        } else {
+            cluster.start_manager()?;
+        }
         let names: Vec<String> = cluster.lab.nodes().iter().map(|n| n.name.clone()).collect();
         for n in &names {
             cluster.start_agent(n)?;
@@ -154,12 +181,139 @@ impl Cluster {
         Ok(cluster)
     }
 
+    /// The API socket of the manager meshctl asks now (see [`Cluster::use_manager`]).
     pub fn api_socket(&self) -> PathBuf {
-        self.lab.root().join("manager.sock")
+        self.api_socket_of(&self.api_node.lock().unwrap())
+    }
+
+    fn api_socket_of(&self, node: &str) -> PathBuf {
+        match node {
+            "node1" => self.lab.root().join("manager.sock"),
+            n => self.lab.root().join(format!("manager-{n}.sock")),
+        }
+    }
+
+    /// From now on meshctl asks the manager on `node` (HA labs).
+    pub fn use_manager(&self, node: &str) {
+        *self.api_node.lock().unwrap() = node.to_string();
     }
 
     pub fn manager_data_dir(&self) -> PathBuf {
-        self.lab.root().join("manager")
+        self.manager_data_dir_of("node1")
+    }
+
+    fn manager_data_dir_of(&self, node: &str) -> PathBuf {
+        match node {
+            "node1" => self.lab.root().join("manager"),
+            n => self.lab.root().join(format!("manager-{n}")),
+        }
+    }
+
+    /// The etcd endpoints of an HA lab, as `--store` takes them.
+    pub fn etcd_store(&self) -> String {
+        let eps: Vec<String> = HA_NODES
+            .iter()
+            .filter_map(|n| self.lab.node(n).ok())
+            .map(|n| format!("{}:2379", n.ip))
+            .collect();
+        format!("etcd://{}", eps.join(","))
+    }
+
+    /// Starts (or restarts, with its data) the etcd member on `node` of an HA lab.
+    pub fn start_etcd(&mut self, node: &str) -> Result<()> {
+        let ip = self.lab.node(node)?.ip;
+        let initial: Vec<String> = HA_NODES
+            .iter()
+            .filter_map(|n| self.lab.node(n).ok().map(|h| format!("{n}=http://{}:2380", h.ip)))
+            .collect();
+        let (out, err) = self.log_file(&format!("etcd-{node}"))?;
+        let mut cmd = self.lab.command("etcd");
+        cmd.arg("--name")
+            .arg(node)
+            .arg("--data-dir")
+            .arg(self.lab.root().join(format!("etcd-{node}")))
+            .arg("--listen-client-urls")
+            .arg(format!("http://{ip}:2379"))
+            .arg("--advertise-client-urls")
+            .arg(format!("http://{ip}:2379"))
+            .arg("--listen-peer-urls")
+            .arg(format!("http://{ip}:2380"))
+            .arg("--initial-advertise-peer-urls")
+            .arg(format!("http://{ip}:2380"))
+            .arg("--initial-cluster")
+            .arg(initial.join(","))
+            .arg("--initial-cluster-state")
+            .arg("new")
+            // A change writes a key per record it touches: a big `service create` is one
+            // transaction of that many keys.
+            .arg("--max-txn-ops")
+            .arg("100000")
+            .arg("--max-request-bytes")
+            .arg("33554432")
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let pid = self.lab.spawn(node, &mut cmd)?;
+        self.etcd.insert(node.to_string(), pid);
+        Ok(())
+    }
+
+    pub fn kill_etcd(&mut self, node: &str, signal: Signal) {
+        if let Some(pid) = self.etcd.remove(node) {
+            stop(pid, signal);
+        }
+    }
+
+    /// Starts the manager on `node` of an HA lab, on the lab's etcd.
+    pub fn start_manager_on(&mut self, node: &str) -> Result<()> {
+        let ip = self.lab.node(node)?.ip;
+        let store = self.etcd_store();
+        let (out, err) = self.log_file(&format!("manager-{node}"))?;
+        let mut cmd = Command::new(bin("mesh-manager"));
+        cmd.arg("--listen")
+            .arg(format!("{ip}:{MANAGER_PORT}"))
+            .arg("--api-listen")
+            .arg(format!("{ip}:{API_PORT}"))
+            .arg("--store")
+            .arg(&store)
+            .arg("--data-dir")
+            .arg(self.manager_data_dir_of(node))
+            .arg("--api-socket")
+            .arg(self.api_socket_of(node))
+            .args(&self.manager_args)
+            .stdin(Stdio::null())
+            .stdout(out)
+            .stderr(err);
+        let pid = self.lab.spawn(node, &mut cmd)?;
+        self.managers.insert(node.to_string(), pid);
+        let socket = self.api_socket_of(node);
+        self.wait_for(START_TIMEOUT, &format!("the manager's API on {node}"), |c| {
+            c.meshctl_at(&socket, &["node", "ls"])
+                .ok()
+                .filter(|o| o.status.success())
+                .map(|_| ())
+        })
+    }
+
+    /// The process id of the manager on `node`, if the harness started one that runs.
+    pub fn manager_pid_on(&self, node: &str) -> Option<u32> {
+        self.managers.get(node).copied()
+    }
+
+    /// Sends `signal` to the manager on `node` and waits until it is gone.
+    pub fn kill_manager_on(&mut self, node: &str, signal: Signal) {
+        if let Some(pid) = self.managers.remove(node) {
+            stop(pid, signal);
+        }
+    }
+
+    /// The hostname of the node whose manager leads, as `node ls` on the current manager says.
+    pub fn leader(&self) -> Option<String> {
+        let nodes: Vec<NodeInfo> = self.json(&["node", "ls"]).ok()?;
+        nodes
+            .into_iter()
+            .find(|n| n.manager_status == Some(proto::api::ManagerStatus::Leader))
+            .map(|n| n.node.hostname)
     }
 
     /// An agent's state directory (its namespaces are under `netns/` there).
@@ -205,7 +359,7 @@ impl Cluster {
             .stdout(out)
             .stderr(err);
         let pid = self.lab.spawn("node1", &mut cmd)?;
-        self.manager = Some(pid);
+        self.managers.insert("node1".into(), pid);
         // A socket file may be left by a killed manager: ready means it answers.
         self.wait_for(START_TIMEOUT, "the manager's API", |c| {
             c.meshctl(&["node", "ls"])
@@ -253,14 +407,15 @@ impl Cluster {
     /// The mesh-agent command line for `node` (any host of the lab), with extra flags, to be
     /// spawned or run to completion in the node's namespace.
     pub fn agent_command(&self, node: &str, extra: &[&str]) -> Result<Command> {
-        let manager_ip = self.lab.nodes()[0].ip;
+        let managers: Vec<&str> = if self.ha { HA_NODES.to_vec() } else { vec!["node1"] };
         let ip = self.lab.node(node)?.ip;
         let mut cmd = self.lab.command(bin("mesh-agent"));
-        cmd.args(&self.agent_args)
-            .args(extra)
-            .arg("--manager")
-            .arg(format!("{manager_ip}:{MANAGER_PORT}"))
-            .arg("--advertise-addr")
+        cmd.args(&self.agent_args).args(extra);
+        for m in managers {
+            cmd.arg("--manager")
+                .arg(format!("{}:{MANAGER_PORT}", self.lab.node(m)?.ip));
+        }
+        cmd.arg("--advertise-addr")
             .arg(ip.to_string())
             .arg("--hostname")
             .arg(node)
@@ -281,7 +436,7 @@ impl Cluster {
 
     /// The process id of the manager, if the harness started one that runs.
     pub fn manager_pid(&self) -> Option<u32> {
-        self.manager
+        self.managers.get("node1").copied()
     }
 
     /// Sends `signal` to the node's agent and waits until it is gone.
@@ -292,16 +447,19 @@ impl Cluster {
     }
 
     pub fn kill_manager(&mut self, signal: Signal) {
-        if let Some(pid) = self.manager.take() {
-            stop(pid, signal);
-        }
+        self.kill_manager_on("node1", signal)
     }
 
-    /// Runs meshctl with `args` from node1.
+    /// Runs meshctl with `args` from node1, against the current manager (node1's unless
+    /// [`Cluster::use_manager`] chose another).
     pub fn meshctl(&self, args: &[&str]) -> Result<Output> {
+        self.meshctl_at(&self.api_socket(), args)
+    }
+
+    fn meshctl_at(&self, socket: &Path, args: &[&str]) -> Result<Output> {
         let mut cmd = self.lab.command(bin("meshctl"));
         cmd.arg("--host")
-            .arg(format!("unix://{}", self.api_socket().display()))
+            .arg(format!("unix://{}", socket.display()))
             .args(args)
             .stdin(Stdio::null());
         Ok(self

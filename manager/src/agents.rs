@@ -196,6 +196,10 @@ async fn unauthenticated(tls: Tls, peer: SocketAddr, cluster: &Shared) -> anyhow
                 );
                 return Err(refuse(&mut wr, reason).await);
             }
+            if let Some(redirect) = redirect(cluster) {
+                write_frame(&mut wr, &redirect).await.context("redirect the join")?;
+                return Ok(());
+            }
             let joined = {
                 let mut c = lock(cluster);
                 let role = c.pki().check_token(&token, &c.state().join_secrets);
@@ -248,6 +252,11 @@ async fn session(
         );
         return Err(refuse(wr, reason).await);
     }
+    if let Some(redirect) = redirect(cluster) {
+        write_frame(wr, &redirect).await.context("redirect the agent")?;
+        tracing::info!(hostname = %excerpt(&hostname), "agent sent to the leader: this manager follows");
+        return Ok(());
+    }
 
     let (tx, mut rx) = mpsc::unbounded_channel();
     let joined = lock(cluster).connect_agent(node_id, &hostname, advertise_addr, tx);
@@ -271,6 +280,12 @@ async fn session(
     let result = converse(rd, wr, &mut rx, &mut buf, node_id, cluster).await;
     lock(cluster).disconnect_agent(node_id, conn);
     result
+}
+
+/// A follower's answer to an agent or a join: the leader's address, when one is known.
+fn redirect(cluster: &Shared) -> Option<ManagerMsg> {
+    let c = lock(cluster);
+    (!c.leading()).then(|| c.not_leader())
 }
 
 /// Tells the peer why it is turned away (best effort: it may be gone) and returns the reason

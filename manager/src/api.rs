@@ -11,7 +11,8 @@ use proto::excerpt;
 use proto::model::Role;
 use proto::wire::{frame_error, read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader};
-use tokio::net::{TcpListener, UnixListener};
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_rustls::TlsAcceptor;
 use trust::CertRole;
 
@@ -94,6 +95,10 @@ fn api_access(cluster: &Cluster, id: &trust::Identity) -> Result<(), String> {
     }
     match id.role {
         Some(CertRole::Admin) => Ok(()),
+        Some(CertRole::Manager) if !cluster.leading() => Err(format!(
+            "this manager follows the leader, which alone checks a manager certificate: use an admin certificate here, or the leader's API{}",
+            cluster.leader_api().map(|a| format!(" at {a}")).unwrap_or_default()
+        )),
         Some(CertRole::Manager) => {
             let node = cluster.state().nodes.get(&id.common_name);
             if cluster.state().revoked.contains(&id.common_name) || node.is_none() {
@@ -132,6 +137,7 @@ async fn serve<S: AsyncRead + AsyncWrite>(
     let (rd, mut wr) = tokio::io::split(stream);
     let mut rd = BufReader::new(rd);
     let mut buf = Vec::new();
+    let mut upstream: Option<Upstream> = None;
     loop {
         guard.set_busy(false);
         let read = tokio::select! {
@@ -153,12 +159,22 @@ async fn serve<S: AsyncRead + AsyncWrite>(
         let response = match proto::decode_frame::<Request>(&buf) {
             Ok(req) => {
                 let span = tracing::info_span!("api", request = request_kind(&req));
+                let mut req = Some(req);
                 let answered = {
                     let mut c = lock(&cluster);
                     match who.as_ref().map(|id| api_access(&c, id)) {
                         Some(Err(message)) => Err(message),
-                        _ => Ok(span.in_scope(|| handle(&mut c, req))),
+                        _ if !c.leading() => Ok(Err((c.leader_api(), c.pki().forward_tls.clone()))),
+                        _ => Ok(Ok(span.in_scope(|| handle(&mut c, req.take().expect("taken once"))))),
                     }
+                };
+                let answered = match (answered, req) {
+                    (Ok(Err((leader, tls))), Some(req)) => {
+                        Ok(forward(&mut upstream, tls, leader, &req).await)
+                    }
+                    (Ok(Ok(response)), _) => Ok(response),
+                    (Err(message), _) => Err(message),
+                    (Ok(Err(_)), None) => unreachable!("a forwarded request is not handled here"),
                 };
                 match answered {
                     Ok(response) => response,
@@ -177,6 +193,69 @@ async fn serve<S: AsyncRead + AsyncWrite>(
         if let Err(e) = write_frame(&mut wr, &response).await {
             tracing::warn!(error = %e, "write API response");
             return;
+        }
+    }
+}
+
+/// A follower's connection to the leader's API, kept for the client's connection.
+struct Upstream {
+    api: String,
+    rd: BufReader<tokio::io::ReadHalf<tokio_rustls::client::TlsStream<TcpStream>>>,
+    wr: tokio::io::WriteHalf<tokio_rustls::client::TlsStream<TcpStream>>,
+}
+
+/// How long a follower waits for the leader to answer a forwarded request: as long as meshctl
+/// waits for any manager.
+const FORWARD_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A follower passes a request to the leader (`leader`: its API address, when one is known)
+/// and its answer back, as the admin of its cluster.
+async fn forward(
+    upstream: &mut Option<Upstream>,
+    tls: Arc<rustls::ClientConfig>,
+    leader: Option<String>,
+    req: &Request,
+) -> Response {
+    let Some(api) = leader else {
+        return Response::Error {
+            message: crate::store::StoreError::NotLeader(None).to_string(),
+        };
+    };
+    if upstream.as_ref().is_some_and(|u| u.api != api) {
+        *upstream = None;
+    }
+    let answer = async {
+        if upstream.is_none() {
+            let tcp = TcpStream::connect(&api).await?;
+            let stream = tokio_rustls::TlsConnector::from(tls)
+                .connect(trust::tls::manager_name(), tcp)
+                .await?;
+            let (rd, wr) = tokio::io::split(stream);
+            *upstream = Some(Upstream {
+                api: api.clone(),
+                rd: BufReader::new(rd),
+                wr,
+            });
+        }
+        let u = upstream.as_mut().expect("connected above");
+        write_frame(&mut u.wr, req).await?;
+        let mut buf = Vec::new();
+        if !read_frame(&mut u.rd, &mut buf, proto::MAX_FRAME_BYTES).await? {
+            return Err(std::io::Error::other("the leader closed the connection"));
+        }
+        proto::decode_frame::<Response>(&buf).map_err(|e| std::io::Error::other(frame_error(&e)))
+    };
+    match tokio::time::timeout(FORWARD_TIMEOUT, answer).await {
+        Ok(Ok(response)) => response,
+        failed => {
+            *upstream = None;
+            let why = match failed {
+                Ok(Err(e)) => e.to_string(),
+                _ => format!("no answer within {}s", FORWARD_TIMEOUT.as_secs()),
+            };
+            Response::Error {
+                message: format!("this manager follows and could not reach the leader's API at {api}: {why}"),
+            }
         }
     }
 }
@@ -226,7 +305,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
     let result: Result<Response, String> = (|| {
         Ok(match req {
             Request::NodeLs => Response::Nodes {
-                nodes: views::nodes(cluster.state()),
+                nodes: views::nodes(cluster.state(), &|n| cluster.manager_status(n)),
             },
             Request::NodeInspect { node } => {
                 let id = lookup(
@@ -234,7 +313,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     cluster.state().find_node(&node),
                 )?;
                 Response::Node {
-                    node: views::node(cluster.state(), &id),
+                    node: views::node(cluster.state(), &id, &|n| cluster.manager_status(n)),
                 }
             }
             Request::NodeUpdate {
@@ -248,7 +327,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(node = %node, ?availability, "node updated");
                 Response::Node {
-                    node: views::node(cluster.state(), &id),
+                    node: views::node(cluster.state(), &id, &|n| cluster.manager_status(n)),
                 }
             }
             Request::NodeRm { node, force } => {
@@ -262,7 +341,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                     .map_err(err)?;
                 tracing::info!(node = %node, ?role, "node role changed: its next certificate carries it");
                 Response::Node {
-                    node: views::node(cluster.state(), &id),
+                    node: views::node(cluster.state(), &id, &|n| cluster.manager_status(n)),
                 }
             }
             Request::JoinToken { role, rotate } => {

@@ -27,6 +27,8 @@ pub struct Pki {
     own_sans: Vec<String>,
     pub agent_tls: Arc<rustls::ServerConfig>,
     pub api_tls: Arc<rustls::ServerConfig>,
+    /// A follower's client for the leader's API: an admin certificate of its own, in memory.
+    pub forward_tls: Arc<rustls::ClientConfig>,
 }
 
 pub struct ExternalCa<'a> {
@@ -94,7 +96,17 @@ impl Pki {
             .issue(&subject, &sans, cert_expiry)
             .context("issue the manager's certificate")?;
         let own = CertSlot::new(certified_key(&cert, &key)?);
+        let forward = Subject {
+            common_name: "manager-forward".into(),
+            role: CertRole::Admin,
+            cluster_id: cluster_id.into(),
+        };
+        let (fcert, fkey) = ca
+            .issue(&forward, &[], ADMIN_LIFETIME)
+            .context("issue the forwarding client certificate")?;
         let pki = Pki {
+            forward_tls: trust::tls::client_config(ca.cert_pem(), Some((&fcert, &fkey)))
+                .context("the forwarding client's TLS")?,
             agent_tls: server_config(ca.cert_pem(), own.clone(), ClientAuth::Optional)?,
             api_tls: server_config(ca.cert_pem(), own.clone(), ClientAuth::Required)?,
             ca,
@@ -187,6 +199,11 @@ impl Pki {
         Ok(())
     }
 
+    /// The CA's certificate and key (PEM), shared through etcd with the other managers.
+    pub fn ca_pems(&self) -> (String, String) {
+        (self.ca.cert_pem().to_string(), self.ca.key_pem())
+    }
+
     /// Replaces the manager's own certificate at 50-80 % of its life, for as long as it runs;
     /// connections open meanwhile are not touched.
     pub async fn renew_own(self: Arc<Self>) {
@@ -242,6 +259,38 @@ fn store_ca(ca: &Ca, cert: &Path, key: &Path) -> anyhow::Result<()> {
     files::write(key, &ca.key_pem(), 0o600)?;
     files::write(cert, ca.cert_pem(), 0o644)?;
     Ok(())
+}
+
+/// Whether the data dir holds a CA.
+pub fn has_ca(data_dir: &Path) -> bool {
+    tls_dir(data_dir).join("ca.pem").exists()
+}
+
+/// Removes a CA this manager made a moment ago and that another manager's replaced.
+pub fn forget_ca(data_dir: &Path) -> anyhow::Result<()> {
+    for f in ["ca.pem", "ca-key.pem"] {
+        let path = tls_dir(data_dir).join(f);
+        std::fs::remove_file(&path).with_context(|| format!("remove {}", path.display()))?;
+    }
+    Ok(())
+}
+
+/// Puts the cluster's CA, as another manager made it, in this manager's data dir, where
+/// [`Pki::open`] finds it. A data dir that holds another CA belongs to another cluster: refused.
+pub fn install_ca(data_dir: &Path, cert: &str, key: &str) -> anyhow::Result<()> {
+    let dir = tls_dir(data_dir);
+    let (cert_path, key_path) = (dir.join("ca.pem"), dir.join("ca-key.pem"));
+    if let Some(existing) = files::read(&cert_path)? {
+        if existing.trim() != cert.trim() {
+            bail!(
+                "{} holds another cluster's CA than the one in etcd: give this manager an empty --data-dir",
+                cert_path.display()
+            );
+        }
+        return Ok(());
+    }
+    let ca = Ca::from_pem(cert, key).context("the CA in etcd")?;
+    store_ca(&ca, &cert_path, &key_path)
 }
 
 /// Parses `90d`, `2160h`, `30m`, `45s` (or plain seconds).

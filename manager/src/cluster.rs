@@ -9,10 +9,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use proto::agent::{LbReport, ManagerMsg, ESP_KEY_BYTES, NODE_DOWN_SECS};
+use proto::api::ManagerStatus;
 use proto::model::{NodeStatus, Role};
 use tokio::sync::mpsc::UnboundedSender;
 
 use crate::certs::Pki;
+use crate::etcd::ManagerInfo;
 use crate::state::{OpError, State};
 use crate::store::{Store, StoreError};
 use crate::views::LbReports;
@@ -33,17 +35,20 @@ struct Session {
 
 pub struct Cluster {
     state: State,
-    store: Store,
-    /// Agents whose advertise address is this one run on the manager's own node.
-    manager_ip: IpAddr,
+    store: Box<dyn Store>,
+    /// Whether this manager leads: only the leader changes the state, takes agents and runs
+    /// the orchestrator. With the embedded store it always does.
+    leading: bool,
+    /// This manager, the leader (when one is known) and every running manager.
+    me: ManagerInfo,
+    leader: Option<ManagerInfo>,
+    managers: Vec<ManagerInfo>,
     sessions: HashMap<String, Session>,
     last_seen: HashMap<String, Instant>,
     next_conn: u64,
     /// Each node's latest load balancer report, for inspection only: live state, not stored.
     lb: LbReports,
     pki: Arc<Pki>,
-    /// Where agents reach this manager, for the join command `meshctl join-token` prints.
-    agent_addr: String,
     /// When the state was last reconciled: timed work due by then is done.
     last_pass_ms: u64,
     /// `--encryption-key-rotation`, in seconds.
@@ -83,12 +88,13 @@ pub fn unix_now_ms() -> u64 {
 }
 
 impl Cluster {
+    /// A cluster that leads at once (`leading`: the embedded store) or waits to be elected.
     pub fn new(
         state: State,
-        store: Store,
-        manager_ip: IpAddr,
+        store: Box<dyn Store>,
+        leading: bool,
+        me: ManagerInfo,
         pki: Arc<Pki>,
-        agent_addr: String,
     ) -> Cluster {
         // Known nodes get a full grace period to reconnect after a manager restart, rather than
         // being declared down (and their tasks moved) at once.
@@ -97,13 +103,15 @@ impl Cluster {
         Cluster {
             state,
             store,
-            manager_ip,
+            leading,
+            leader: leading.then(|| me.clone()),
+            managers: vec![me.clone()],
+            me,
             sessions: HashMap::new(),
             last_seen,
             next_conn: 0,
             lb: LbReports::new(),
             pki,
-            agent_addr,
             last_pass_ms: 0,
             key_rotation_secs: DEFAULT_KEY_ROTATION.as_secs(),
         }
@@ -138,8 +146,13 @@ impl Cluster {
         &self.pki
     }
 
+    pub fn pki_arc(&self) -> Arc<Pki> {
+        self.pki.clone()
+    }
+
+    /// Where agents reach this manager, for the join command `meshctl join-token` prints.
     pub fn agent_addr(&self) -> &str {
-        &self.agent_addr
+        &self.me.agents
     }
 
     /// A node joined with a valid token for `role`: registers it under a new id and returns
@@ -151,8 +164,8 @@ impl Cluster {
         role: Role,
         csr: &str,
     ) -> Result<(String, String), String> {
-        // The manager's own node is a manager whichever token it used.
-        let role = if addr == self.manager_ip {
+        // A manager's own node is a manager whichever token it used.
+        let role = if self.is_manager_addr(addr) {
             Role::Manager
         } else {
             role
@@ -193,13 +206,102 @@ impl Cluster {
         &self.state
     }
 
+    pub fn leading(&self) -> bool {
+        self.leading
+    }
+
+    /// The leader's API address, for a follower that forwards a request.
+    pub fn leader_api(&self) -> Option<String> {
+        self.leader.as_ref().map(|l| l.api.clone())
+    }
+
+    /// What a follower tells an agent or a joining node: where the leader is.
+    pub fn not_leader(&self) -> ManagerMsg {
+        ManagerMsg::NotLeader {
+            leader: self.leader.as_ref().map(|l| l.agents.clone()),
+        }
+    }
+
+    /// Elected: takes over `state` (what is stored, brought up to date by the caller from
+    /// `stored`), saves it, and starts leading. Known nodes get a full grace period to
+    /// reconnect, as after a restart.
+    pub fn lead(&mut self, stored: &State, state: State) -> Result<(), StoreError> {
+        self.store.save(stored, &state)?;
+        let now = Instant::now();
+        self.last_seen = state.nodes.keys().map(|id| (id.clone(), now)).collect();
+        self.state = state;
+        self.sessions.clear();
+        self.lb = LbReports::new();
+        self.leading = true;
+        self.leader = Some(self.me.clone());
+        tracing::info!(store = %self.store.describe(), nodes = self.state.nodes.len(), services = self.state.services.len(), "this manager is the leader");
+        Ok(())
+    }
+
+    /// Leadership is lost: every agent session ends (the agents go to the new leader) and
+    /// nothing is changed from here until this manager is elected again.
+    pub fn follow(&mut self, why: &str) {
+        if self.leading {
+            tracing::warn!("this manager no longer leads: {why}");
+        }
+        self.leading = false;
+        if self.leader.as_ref() == Some(&self.me) {
+            self.leader = None;
+        }
+        self.sessions.clear();
+        self.lb = LbReports::new();
+    }
+
+    /// The leader and the running managers as etcd shows them now. Agents are told when the
+    /// set of managers changes.
+    pub fn set_view(&mut self, leader: Option<ManagerInfo>, mut managers: Vec<ManagerInfo>) {
+        if !self.leading {
+            self.leader = leader;
+        }
+        if !managers.contains(&self.me) {
+            managers.push(self.me.clone());
+        }
+        managers.sort_by(|a, b| a.agents.cmp(&b.agents));
+        if managers != self.managers {
+            self.managers = managers;
+            let msg = self.managers_msg();
+            self.sessions.retain(|_, s| s.tx.send(msg.clone()).is_ok());
+        }
+    }
+
+    fn managers_msg(&self) -> ManagerMsg {
+        ManagerMsg::Managers {
+            addrs: self.managers.iter().map(|m| m.agents.clone()).collect(),
+        }
+    }
+
+    /// `node ls`'s MANAGER STATUS of a node.
+    pub fn manager_status(&self, node: &proto::model::Node) -> Option<ManagerStatus> {
+        if node.role != Role::Manager {
+            return None;
+        }
+        Some(if self.leader.as_ref().is_some_and(|l| l.addr == node.addr) {
+            ManagerStatus::Leader
+        } else if self.managers.iter().any(|m| m.addr == node.addr) {
+            ManagerStatus::Reachable
+        } else {
+            ManagerStatus::Unreachable
+        })
+    }
+
+    /// Whether a manager runs at `addr`: its node is a manager whichever token it joined with.
+    fn is_manager_addr(&self, addr: IpAddr) -> bool {
+        addr == self.me.addr || self.managers.iter().any(|m| m.addr == addr)
+    }
+
     /// Agents with an open session.
     pub fn connected_agents(&self) -> usize {
         self.sessions.len()
     }
 
+    /// Agents whose advertise address is this one run on the manager's own node.
     pub fn manager_ip(&self) -> IpAddr {
-        self.manager_ip
+        self.me.addr
     }
 
     pub fn lb(&self) -> &LbReports {
@@ -217,6 +319,11 @@ impl Cluster {
         &mut self,
         change: impl FnOnce(&mut State, u64) -> Result<T, OpError>,
     ) -> Result<T, TxError> {
+        if !self.leading {
+            return Err(TxError::Store(StoreError::NotLeader(
+                self.leader.as_ref().map(|l| l.api.clone()),
+            )));
+        }
         let now_ms = unix_now_ms();
         let mut next = self.state.clone();
         let out = change(&mut next, now_ms / 1000)?;
@@ -224,7 +331,12 @@ impl Cluster {
         self.last_pass_ms = now_ms;
         let changed = next.refresh_assignments();
         if next != self.state {
-            self.store.save(&next)?;
+            if let Err(e) = self.store.save(&self.state, &next) {
+                if matches!(e, StoreError::NotLeader(_)) {
+                    self.follow("a write was fenced off: another manager leads");
+                }
+                return Err(e.into());
+            }
             self.state = next;
         }
         for id in changed {
@@ -279,6 +391,7 @@ impl Cluster {
             role,
         });
         let _ = tx.send(ManagerMsg::Assign(assignment));
+        let _ = tx.send(self.managers_msg());
         Ok(conn)
     }
 
@@ -296,6 +409,9 @@ impl Cluster {
     /// tasks, as a restart delay may have passed) and when the clock alone moves a drain or a
     /// rolling update on (see [`State::next_deadline_ms`]). Returns when that is next.
     pub fn tick(&mut self, whole_second: bool) -> Result<Option<u64>, TxError> {
+        if !self.leading {
+            return Ok(None);
+        }
         let now_ms = unix_now_ms();
         if self
             .state
@@ -356,11 +472,12 @@ pub(crate) mod tests {
     use super::*;
     use crate::state::tests::{spec, MANAGER};
     use crate::store::tests::TempDir;
+    use crate::store::FileStore;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     /// A cluster on a fresh state with its store and CA in `tmp`.
     pub(crate) fn cluster(tmp: &TempDir) -> Cluster {
-        let (store, _) = Store::open(&tmp.0).unwrap();
+        let (store, _) = FileStore::open(&tmp.0).unwrap();
         let mut state = crate::state::tests::new_state();
         state.cluster_id = "test-cluster".into();
         state.join_secrets.set(Role::Worker, [1; 16]);
@@ -373,13 +490,12 @@ pub(crate) mod tests {
             vec![],
         )
         .unwrap();
-        Cluster::new(
-            state,
-            store,
-            MANAGER.parse().unwrap(),
-            Arc::new(pki),
-            format!("{MANAGER}:2377"),
-        )
+        let me = ManagerInfo {
+            addr: MANAGER.parse().unwrap(),
+            agents: format!("{MANAGER}:2377"),
+            api: format!("{MANAGER}:2378"),
+        };
+        Cluster::new(state, Box::new(store), true, me, Arc::new(pki))
     }
 
     /// Joins a node as a worker token would and connects its agent: (node id, connection id).

@@ -7,7 +7,9 @@ mod api;
 mod certs;
 mod cluster;
 mod discovery;
+mod etcd;
 mod keys;
+mod leadership;
 mod limits;
 mod metrics;
 mod rollout;
@@ -31,7 +33,7 @@ use proto::model::Role;
 
 use crate::cluster::{lock, Cluster, Shared};
 use crate::state::State;
-use crate::store::Store;
+use crate::store::FileStore;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
@@ -98,6 +100,75 @@ struct Args {
     /// traffic in clear (`meshctl node inspect` says so).
     #[arg(long, env = "MESH_INGRESS_ENCRYPTED")]
     ingress_encrypted: bool,
+    /// Where the desired state is kept: `file` (one JSON file in --data-dir: one manager, nothing
+    /// else to run) or `etcd://HOST:PORT[,HOST:PORT...]` (several managers share it; one is
+    /// elected leader; needs --api-listen, where the others forward requests).
+    #[arg(long, env = "MESH_STORE", default_value = "file")]
+    store: String,
+    /// The CA certificate (PEM) that etcd's server certificates are checked with: etcd is then
+    /// reached over TLS.
+    #[arg(long, env = "MESH_ETCD_CA")]
+    etcd_ca: Option<PathBuf>,
+    /// This manager's client certificate for etcd (PEM), with --etcd-key.
+    #[arg(long, env = "MESH_ETCD_CERT", requires_all = ["etcd_key", "etcd_ca"])]
+    etcd_cert: Option<PathBuf>,
+    #[arg(long, env = "MESH_ETCD_KEY", requires = "etcd_cert")]
+    etcd_key: Option<PathBuf>,
+    /// Moves a single manager's state (its --data-dir, with the cluster's CA) into an empty
+    /// etcd, once, when this manager is first elected. Refused if etcd holds a cluster.
+    #[arg(long, requires = "store")]
+    import: Option<PathBuf>,
+}
+
+/// What every leader does to a state it takes over (also at the first start): configuration
+/// that may have changed since it was saved, and what a new cluster needs first.
+struct Startup {
+    ingress_subnet: String,
+    listen_ip: std::net::IpAddr,
+    ingress_encrypted: bool,
+    key_rotation_secs: u64,
+    agent_port: u16,
+    api_port: Option<u16>,
+}
+
+impl Startup {
+    /// Brings `state` up to date; true if it changed what is stored.
+    fn prepare(&self, state: &mut State, pki: &certs::Pki) -> anyhow::Result<bool> {
+        state.agent_port = Some(self.agent_port);
+        state.api_port = self.api_port;
+        // Also for a state saved before the routing mesh existed: it gets its ingress network now.
+        let mut changed = state
+            .ensure_ingress(&self.ingress_subnet, self.listen_ip, cluster::unix_now())
+            .context("set up the routing mesh")?;
+        if state.set_ingress_encrypted(self.ingress_encrypted) {
+            tracing::info!(
+                encrypted = self.ingress_encrypted,
+                "the ingress network's encryption changed"
+            );
+            changed = true;
+        }
+        // An encrypted ingress network needs the keys before any node is given it.
+        let keys = state.esp_keys.clone();
+        state.rotate_keys(
+            cluster::unix_now_ms(),
+            self.key_rotation_secs,
+            &mut cluster::fresh_esp_key,
+        );
+        changed |= state.esp_keys != keys;
+        for r in state.nodes.values() {
+            if let Some(why) = state.no_routing_mesh(&r.node.id) {
+                tracing::warn!(node = %r.node.hostname, "no routing mesh on this node: {why}");
+            }
+        }
+        for role in [Role::Worker, Role::Manager] {
+            if state.join_secrets.get(role).is_none() {
+                let token = trust::JoinToken::generate(pki.ca_pem()).context("make a join token")?;
+                state.join_secrets.set(role, token.secret);
+                changed = true;
+            }
+        }
+        Ok(changed)
+    }
 }
 
 fn parse_key_rotation(s: &str) -> Result<std::time::Duration, String> {
@@ -152,53 +223,7 @@ fn init_logging(format: LogFormat) {
 }
 
 async fn run(args: Args) -> anyhow::Result<()> {
-    let (store, saved) = Store::open(&args.data_dir).context("open the state store")?;
-    let (mut state, new) = match saved {
-        Some(state) => {
-            tracing::info!(
-                path = %store.path().display(),
-                nodes = state.nodes.len(),
-                networks = state.networks.len(),
-                services = state.services.len(),
-                tasks = state.tasks.len(),
-                revision = state.revision,
-                "state loaded"
-            );
-            (state, false)
-        }
-        None => (State::default(), true),
-    };
-    state.agent_port = Some(args.listen.port());
-    state.api_port = args.api_listen.map(|a| a.port());
     raise_file_limit();
-    // Also for a state saved before the routing mesh existed: it gets its ingress network now.
-    let mut changed = state
-        .ensure_ingress(&args.ingress_subnet, args.listen.ip(), cluster::unix_now())
-        .context("set up the routing mesh")?;
-    if state.set_ingress_encrypted(args.ingress_encrypted) {
-        tracing::info!(
-            encrypted = args.ingress_encrypted,
-            "the ingress network's encryption changed"
-        );
-        changed = true;
-    }
-    // An encrypted ingress network needs the keys before any node is given it.
-    let keys = state.esp_keys.clone();
-    state.rotate_keys(
-        cluster::unix_now_ms(),
-        args.encryption_key_rotation.as_secs(),
-        &mut cluster::fresh_esp_key,
-    );
-    changed |= state.esp_keys != keys;
-    for r in state.nodes.values() {
-        if let Some(why) = state.no_routing_mesh(&r.node.id) {
-            tracing::warn!(node = %r.node.hostname, "no routing mesh on this node: {why}");
-        }
-    }
-    if state.cluster_id.is_empty() {
-        state.cluster_id = alloc::new_id();
-        changed = true;
-    }
     let advertise = args.advertise_addr.unwrap_or(args.listen.ip());
     let mut sans = vec![advertise.to_string()];
     if !args.listen.ip().is_unspecified() && args.listen.ip() != advertise {
@@ -209,37 +234,105 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .as_deref()
         .zip(args.external_ca_key.as_deref())
         .map(|(cert, key)| certs::ExternalCa { cert, key });
-    let pki = certs::Pki::open(
-        &args.data_dir,
-        external,
-        &state.cluster_id,
-        args.cert_expiry,
-        sans,
-    )
-    .context("set up the cluster's certificates")?;
-    for role in [Role::Worker, Role::Manager] {
-        if state.join_secrets.get(role).is_none() {
-            let token = trust::JoinToken::generate(pki.ca_pem()).context("make a join token")?;
-            state.join_secrets.set(role, token.secret);
+    let startup = Startup {
+        ingress_subnet: args.ingress_subnet.clone(),
+        listen_ip: args.listen.ip(),
+        ingress_encrypted: args.ingress_encrypted,
+        key_rotation_secs: args.encryption_key_rotation.as_secs(),
+        agent_port: args.listen.port(),
+        api_port: args.api_listen.map(|a| a.port()),
+    };
+    let me = etcd::ManagerInfo {
+        addr: advertise,
+        agents: SocketAddr::new(advertise, args.listen.port()).to_string(),
+        api: args
+            .api_listen
+            .map(|a| SocketAddr::new(advertise, a.port()).to_string())
+            .unwrap_or_default(),
+    };
+    let mut campaign = None;
+    let cluster = if args.store == "file" {
+        if args.import.is_some() {
+            bail!("--import moves a state into etcd: it needs --store etcd://...");
+        }
+        let (store, saved) = FileStore::open(&args.data_dir).context("open the state store")?;
+        let (mut state, new) = match saved {
+            Some(state) => {
+                tracing::info!(
+                    path = %store.path().display(),
+                    nodes = state.nodes.len(),
+                    networks = state.networks.len(),
+                    services = state.services.len(),
+                    tasks = state.tasks.len(),
+                    revision = state.revision,
+                    "state loaded"
+                );
+                (state, false)
+            }
+            None => (State::default(), true),
+        };
+        let mut changed = false;
+        if state.cluster_id.is_empty() {
+            state.cluster_id = alloc::new_id();
             changed = true;
         }
-    }
-    if new || changed {
-        store.save(&state).context("save the cluster")?;
-    }
-    if new {
-        tracing::info!(path = %store.path().display(), cluster = %state.cluster_id, "new cluster created");
-    }
-    let pki = Arc::new(pki);
-    let agent_addr = SocketAddr::new(advertise, args.listen.port()).to_string();
-    let cluster: Shared = Arc::new(Mutex::new(Cluster::new(
-        state,
-        store,
-        args.listen.ip(),
-        pki.clone(),
-        agent_addr,
-    )));
+        let pki = certs::Pki::open(
+            &args.data_dir,
+            external,
+            &state.cluster_id,
+            args.cert_expiry,
+            sans,
+        )
+        .context("set up the cluster's certificates")?;
+        changed |= startup.prepare(&mut state, &pki)?;
+        if new || changed {
+            store.write(&state).context("save the cluster")?;
+        }
+        if new {
+            tracing::info!(path = %store.path().display(), cluster = %state.cluster_id, "new cluster created");
+        }
+        Cluster::new(state, Box::new(store), true, me.clone(), Arc::new(pki))
+    } else {
+        if args.api_listen.is_none() {
+            bail!("--store etcd://... needs --api-listen: the other managers forward requests to the leader's API");
+        }
+        let tls = match &args.etcd_ca {
+            Some(ca) => Some(etcd::EtcdTls {
+                ca: read_pem(ca)?,
+                identity: match (&args.etcd_cert, &args.etcd_key) {
+                    (Some(c), Some(k)) => Some((read_pem(c)?, read_pem(k)?)),
+                    _ => None,
+                },
+            }),
+            None => None,
+        };
+        let config = etcd::EtcdConfig::parse(&args.store, tls).map_err(anyhow::Error::msg)?;
+        let client = etcd::Etcd::connect(&config).await?;
+        let imported = match &args.import {
+            Some(dir) => Some(import_from(&client, dir, &args.data_dir).await?),
+            None => None,
+        };
+        let pki = shared_pki(&client, &args, imported.as_ref(), sans).await?;
+        let (store, fence) = etcd::EtcdStore::new(client.clone());
+        let pki = Arc::new(pki);
+        campaign = Some((client, fence, imported, pki.clone()));
+        Cluster::new(State::default(), Box::new(store), false, me.clone(), pki)
+    };
+    let pki = cluster.pki_arc();
+    let cluster: Shared = Arc::new(Mutex::new(cluster));
     lock(&cluster).set_key_rotation(args.encryption_key_rotation);
+    let etcd_client = campaign.as_ref().map(|(c, ..)| c.clone());
+    if let Some((client, fence, imported, pki)) = campaign {
+        tokio::spawn(leadership::run(
+            client,
+            cluster.clone(),
+            fence,
+            startup,
+            imported,
+            pki,
+            me,
+        ));
+    }
 
     let agents = TcpListener::bind(args.listen)
         .await
@@ -288,8 +381,79 @@ async fn run(args: Args) -> anyhow::Result<()> {
         _ = int.recv() => {}
     }
     tracing::info!("shutting down");
+    // The others need not wait out the lease to elect a new leader.
+    if let Some(client) = etcd_client {
+        client.revoke().await;
+    }
     let _ = std::fs::remove_file(&args.api_socket);
     Ok(())
+}
+
+/// The cluster's CA as etcd has it, or this manager's (new, imported or the operator's)
+/// stored there when etcd has none. Managers started together race to store theirs: a loser
+/// that made its CA just now drops it and takes the winner's.
+async fn shared_pki(
+    client: &etcd::Etcd,
+    args: &Args,
+    imported: Option<&State>,
+    sans: Vec<String>,
+) -> anyhow::Result<certs::Pki> {
+    let external = || {
+        args.external_ca_cert
+            .as_deref()
+            .zip(args.external_ca_key.as_deref())
+            .map(|(cert, key)| certs::ExternalCa { cert, key })
+    };
+    let had_ca = certs::has_ca(&args.data_dir);
+    for _ in 0..2 {
+        let cluster_id = match client.ca().await? {
+            Some(ca) => {
+                certs::install_ca(&args.data_dir, &ca.cert, &ca.key)?;
+                return certs::Pki::open(&args.data_dir, external(), &ca.cluster_id, args.cert_expiry, sans)
+                    .context("set up the cluster's certificates");
+            }
+            None => imported
+                .map(|s| s.cluster_id.clone())
+                .filter(|id| !id.is_empty())
+                .unwrap_or_else(alloc::new_id),
+        };
+        let pki = certs::Pki::open(&args.data_dir, external(), &cluster_id, args.cert_expiry, sans.clone())
+            .context("set up the cluster's certificates")?;
+        let (cert, key) = pki.ca_pems();
+        let record = etcd::CaRecord { cluster_id, cert, key };
+        if client.put_ca_if_absent(&record).await? {
+            tracing::info!(etcd = %client.endpoints(), "stored the cluster's CA in etcd");
+            return Ok(pki);
+        }
+        if had_ca {
+            bail!("etcd at {} holds another cluster's CA than {}: give this manager an empty --data-dir", client.endpoints(), args.data_dir.display());
+        }
+        certs::forget_ca(&args.data_dir)?;
+    }
+    bail!("the cluster's CA in etcd changed twice while this manager started: start it again")
+}
+
+fn read_pem(path: &Path) -> anyhow::Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("read {}", path.display()))
+}
+
+/// `--import DIR`: the state and CA of a single manager's data dir, for an empty etcd.
+async fn import_from(client: &etcd::Etcd, dir: &Path, data_dir: &Path) -> anyhow::Result<State> {
+    if !etcd::is_empty(client).await? {
+        bail!(
+            "--import {}: etcd at {} already holds a cluster; it is not overwritten",
+            dir.display(),
+            client.endpoints()
+        );
+    }
+    let (_, state) = FileStore::open(dir).context("open the state to import")?;
+    let state = state.with_context(|| format!("--import {}: no state.json there", dir.display()))?;
+    let tls = dir.join("tls");
+    let cert = read_pem(&tls.join("ca.pem"))?;
+    let key = read_pem(&tls.join("ca-key.pem"))?;
+    certs::install_ca(data_dir, &cert, &key)?;
+    tracing::info!(from = %dir.display(), nodes = state.nodes.len(), services = state.services.len(), "importing the state when elected");
+    Ok(state)
 }
 
 /// Binds the API socket, replacing a stale socket file but never a live manager's.

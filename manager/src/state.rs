@@ -3028,7 +3028,7 @@ pub(crate) mod tests {
         let why = s.no_routing_mesh(&n3).unwrap();
         assert!(why.contains("the ingress network is encrypted"), "{why}");
         assert_eq!(
-            crate::views::node(&s, &n3).no_routing_mesh.as_deref(),
+            crate::views::node(&s, &n3, &|_| None).no_routing_mesh.as_deref(),
             Some(why.as_str())
         );
         // Nodes 1 and 2: an encrypted ingress whose peers are on each other only, and the keys,
@@ -3042,7 +3042,7 @@ pub(crate) mod tests {
             assert!(ingress.network.peers.iter().all(|p| p.vtep != ip3));
             assert!(a.encryption.is_some());
             assert_eq!(s.no_routing_mesh(id), None);
-            assert_eq!(crate::views::node(&s, id).no_routing_mesh, None);
+            assert_eq!(crate::views::node(&s, id, &|_| None).no_routing_mesh, None);
         }
         // The balancers list the tasks on nodes 1 and 2 only.
         let backends = &s.published()[0].backends;

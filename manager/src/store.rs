@@ -1,6 +1,7 @@
-//! The desired state on disk: one JSON file in the data dir, replaced atomically (write a temp
-//! file, fsync it, rename it over the old one, fsync the directory), so a crash at any point
-//! leaves either the old state or the new one.
+//! Where the desired state is kept: [`Store`], and its embedded implementation, one JSON file
+//! in the data dir, replaced atomically (write a temp file, fsync it, rename it over the old
+//! one, fsync the directory), so a crash at any point leaves either the old state or the new
+//! one. The other implementation keeps it in etcd for several managers (see [`crate::etcd`]).
 
 use std::fs::{self, File};
 use std::io::{self, Write};
@@ -30,6 +31,27 @@ pub enum StoreError {
     Format { path: PathBuf, found: u32 },
     #[error("write state file {path}: {source}")]
     Write { path: PathBuf, source: io::Error },
+    #[error("etcd: {0}")]
+    Etcd(String),
+    /// The manager is not (or no longer) the leader: it may not write.
+    #[error("this manager is not the leader{}", leader_hint(.0))]
+    NotLeader(Option<String>),
+}
+
+fn leader_hint(leader: &Option<String>) -> String {
+    match leader {
+        Some(addr) => format!(" (the leader's API is at {addr})"),
+        None => " and no manager is now: an election is under way, or etcd has lost its quorum".into(),
+    }
+}
+
+/// Keeps the state: `save` is called with the state as last saved (or loaded) and the next
+/// one, so a store may write only what changed. A failed save must leave the stored state as
+/// it was.
+pub trait Store: Send {
+    fn save(&mut self, prev: &State, next: &State) -> Result<(), StoreError>;
+    /// Where the state is, for logs.
+    fn describe(&self) -> String;
 }
 
 #[derive(Serialize, Deserialize)]
@@ -39,18 +61,28 @@ struct FileFormat<S> {
 }
 
 #[derive(Debug)]
-pub struct Store {
+pub struct FileStore {
     dir: PathBuf,
 }
 
-impl Store {
+impl Store for FileStore {
+    fn save(&mut self, _prev: &State, next: &State) -> Result<(), StoreError> {
+        self.write(next)
+    }
+
+    fn describe(&self) -> String {
+        self.path().display().to_string()
+    }
+}
+
+impl FileStore {
     /// Opens the store in `dir` (created if missing) and loads the state, if any was saved.
-    pub fn open(dir: &Path) -> Result<(Store, Option<State>), StoreError> {
+    pub fn open(dir: &Path) -> Result<(FileStore, Option<State>), StoreError> {
         fs::create_dir_all(dir).map_err(|source| StoreError::CreateDir {
             path: dir.to_path_buf(),
             source,
         })?;
-        let store = Store {
+        let store = FileStore {
             dir: dir.to_path_buf(),
         };
         let path = store.path();
@@ -79,7 +111,7 @@ impl Store {
         self.dir.join(FILE_NAME)
     }
 
-    pub fn save(&self, state: &State) -> Result<(), StoreError> {
+    pub fn write(&self, state: &State) -> Result<(), StoreError> {
         let path = self.path();
         let tmp = self.dir.join(format!("{FILE_NAME}.tmp"));
         let write = || -> io::Result<()> {
@@ -136,7 +168,7 @@ pub(crate) mod tests {
     fn state_round_trips_through_the_file() {
         let tmp = TempDir::new("store");
         let dir = tmp.0.join("data");
-        let (store, loaded) = Store::open(&dir).unwrap();
+        let (store, loaded) = FileStore::open(&dir).unwrap();
         assert!(loaded.is_none());
 
         let mut s = cluster(2);
@@ -146,10 +178,10 @@ pub(crate) mod tests {
         s.refresh_assignments();
         let t = s.tasks.values().next().unwrap().id.clone();
         s.tasks.get_mut(&t).unwrap().state = TaskState::Running;
-        store.save(&s).unwrap();
+        store.write(&s).unwrap();
         assert!(!dir.join("state.json.tmp").exists());
 
-        let (_, loaded) = Store::open(&dir).unwrap();
+        let (_, loaded) = FileStore::open(&dir).unwrap();
         let mut loaded = loaded.unwrap();
         // The agent port is configuration, given to the manager again at every start.
         assert_eq!(loaded.agent_port, None);
@@ -161,10 +193,10 @@ pub(crate) mod tests {
     fn damaged_or_foreign_files_are_refused() {
         let tmp = TempDir::new("store-bad");
         fs::write(tmp.0.join("state.json"), b"{not json").unwrap();
-        let err = Store::open(&tmp.0).unwrap_err();
+        let err = FileStore::open(&tmp.0).unwrap_err();
         assert!(err.to_string().starts_with("parse state file "), "{err}");
         fs::write(tmp.0.join("state.json"), br#"{"format":99,"state":{}}"#).unwrap();
-        let err = Store::open(&tmp.0).unwrap_err();
+        let err = FileStore::open(&tmp.0).unwrap_err();
         assert!(err.to_string().contains("has format 99"), "{err}");
     }
 }

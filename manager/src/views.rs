@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 use ipnet::Ipv4Net;
 use proto::agent::LbReport;
 use proto::api::{
+    ManagerStatus,
     IngressSbox, NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, NodeLb, PublishInfo,
     ServiceInfo, TaskEndpoint, TaskInfo, VirtualIp,
 };
@@ -15,15 +16,20 @@ use crate::state::{State, Task};
 /// The agents' latest load balancer reports, by node id (live state, kept in memory).
 pub type LbReports = BTreeMap<String, LbReport>;
 
-pub fn nodes(s: &State) -> Vec<NodeInfo> {
-    let mut out: Vec<NodeInfo> = s.nodes.keys().map(|id| node(s, id)).collect();
+/// A manager node's status: who leads, and whether a manager runs there (see
+/// [`crate::cluster::Cluster::manager_status`]).
+pub type ManagerStatusOf<'a> = &'a dyn Fn(&proto::model::Node) -> Option<ManagerStatus>;
+
+pub fn nodes(s: &State, status: ManagerStatusOf) -> Vec<NodeInfo> {
+    let mut out: Vec<NodeInfo> = s.nodes.keys().map(|id| node(s, id, status)).collect();
     out.sort_by(|a, b| a.node.hostname.cmp(&b.node.hostname));
     out
 }
 
-pub fn node(s: &State, id: &str) -> NodeInfo {
+pub fn node(s: &State, id: &str, status: ManagerStatusOf) -> NodeInfo {
     let record = &s.nodes[id];
     NodeInfo {
+        manager_status: status(&record.node),
         node: record.node.clone(),
         tasks: record.assignment.tasks.len(),
         revision: record.assignment.revision,

@@ -3,7 +3,7 @@
 
 use std::fmt::Write;
 
-use proto::api::{NetworkDetail, NodeInfo, NodeLb, PublishInfo, ServiceInfo, TaskInfo};
+use proto::api::{ManagerStatus, NetworkDetail, NodeInfo, NodeLb, PublishInfo, ServiceInfo, TaskInfo};
 use proto::model::{
     Availability, Health, HealthCheck, HealthTest, Network, NodeStatus, Role, ServiceMode,
     TaskState,
@@ -90,8 +90,8 @@ pub fn ago(then: u64, now: u64) -> String {
 pub fn nodes(nodes: &[NodeInfo]) -> String {
     let rows: Vec<Vec<String>> = nodes
         .iter()
-        .map(|n| {
-            let n = &n.node;
+        .map(|info| {
+            let n = &info.node;
             vec![
                 n.id.clone(),
                 n.hostname.clone(),
@@ -106,9 +106,11 @@ pub fn nodes(nodes: &[NodeInfo]) -> String {
                     Availability::Drain => "Drain",
                 }
                 .to_string(),
-                match n.role {
-                    Role::Manager => "Leader",
-                    Role::Worker => "",
+                match info.manager_status {
+                    Some(ManagerStatus::Leader) => "Leader",
+                    Some(ManagerStatus::Reachable) => "Reachable",
+                    Some(ManagerStatus::Unreachable) => "Unreachable",
+                    None => "",
                 }
                 .to_string(),
                 n.addr.to_string(),
@@ -887,8 +889,13 @@ mod tests {
             revision: 3,
             applied_revision: 3,
             no_routing_mesh: None,
+            manager_status: Some(ManagerStatus::Leader),
         };
-        let out = nodes(&[node]);
+        let mut other = node.clone();
+        other.node.hostname = "node2".into();
+        other.manager_status = Some(ManagerStatus::Unreachable);
+        let out = nodes(&[node.clone(), other]);
+        assert!(out.lines().nth(2).unwrap().contains(" Unreachable "), "{out}");
         assert_eq!(
             out.lines().nth(1).unwrap(),
             "tkxuxun03da7y2bozka50mpxi   node1      Ready     Drain          Leader           192.168.56.11"

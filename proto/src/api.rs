@@ -365,6 +365,21 @@ pub struct NodeInfo {
     /// do IPsec ESP). None: it has one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub no_routing_mesh: Option<String>,
+    /// A manager node's part in the control plane, as `docker node ls` shows it; None for
+    /// workers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub manager_status: Option<ManagerStatus>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ManagerStatus {
+    /// Runs the orchestrator and the scheduler.
+    Leader,
+    /// A manager is running there and follows the leader.
+    Reachable,
+    /// The node has the manager role but no manager is running there that the leader can see.
+    Unreachable,
 }
 
 /// `meshctl network inspect`: the network with its endpoints and the nodes that carry it.

@@ -4,6 +4,7 @@ mod chaos;
 mod cleanup;
 mod encrypted;
 mod global;
+mod ha;
 mod overlay;
 mod trust;
 mod updates;

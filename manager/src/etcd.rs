@@ -1,0 +1,677 @@
+//! The cluster's state in etcd, for several managers (`--store etcd://...`).
+//!
+//! - **Layout.** Under `/meshnet/`: `state/meta` (everything but the four tables, with the
+//!   format), `state/{nodes,networks,services,tasks}/<id>` (one key per record, so a change
+//!   writes only the records it touched and its size does not grow with the cluster), `ca` (the
+//!   cluster's root CA and id, shared by every manager), `managers/<addr>` (each running
+//!   manager, on its lease) and the election `leader`.
+//! - **Leadership.** Each manager holds a lease (TTL [`LEASE_TTL`]) kept alive twice a second
+//!   and campaigns on `leader`; the winner runs the orchestrator. A manager that has not renewed
+//!   its lease for a TTL steps down on its own, and every write is a transaction that succeeds
+//!   only while its leader key still exists with the revision it was elected at, so a deposed
+//!   leader cannot write even before it notices.
+//! - **Threads.** The client runs on a runtime of its own: `save` is called under the cluster's
+//!   lock and waits for etcd there, which would starve the main runtime's own etcd tasks.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp,
+};
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::sync::mpsc::UnboundedSender;
+
+use crate::state::State;
+use crate::store::{Store, StoreError};
+
+const PREFIX: &str = "/meshnet/";
+const STATE: &str = "/meshnet/state/";
+const META: &str = "/meshnet/state/meta";
+const CA: &str = "/meshnet/ca";
+const MANAGERS: &str = "/meshnet/managers/";
+const ELECTION: &str = "/meshnet/leader";
+/// Bumped when the layout of the keys changes incompatibly.
+const FORMAT: u32 = 1;
+/// The four tables, each a key per record.
+const TABLES: [&str; 4] = ["nodes", "networks", "services", "tasks"];
+
+/// A dead leader is replaced about this long after its last renewal (Kubernetes waits 15 s,
+/// Swarm's raft about 10 s). etcd's own election timeout is 1 s, so shorter would depose
+/// leaders on an etcd election.
+pub const LEASE_TTL: i64 = 2;
+const RENEW_EVERY: Duration = Duration::from_millis(500);
+/// How often followers look up the leader and the managers.
+const POLL_EVERY: Duration = Duration::from_millis(500);
+/// Every etcd call is bounded, so a lost quorum shows as an error rather than a hang.
+const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// `--store etcd://host:2379[,host:2379...]`, with `--etcd-ca`, `--etcd-cert` and `--etcd-key`
+/// for TLS (then the endpoints are reached over https).
+#[derive(Debug, Clone)]
+pub struct EtcdConfig {
+    pub endpoints: Vec<String>,
+    pub tls: Option<EtcdTls>,
+}
+
+#[derive(Debug, Clone)]
+pub struct EtcdTls {
+    pub ca: String,
+    pub identity: Option<(String, String)>,
+}
+
+impl EtcdConfig {
+    /// Parses `etcd://host:port[,host:port...]`.
+    pub fn parse(url: &str, tls: Option<EtcdTls>) -> Result<EtcdConfig, String> {
+        let rest = url
+            .strip_prefix("etcd://")
+            .ok_or_else(|| format!("{url}: a store is etcd://HOST:PORT[,HOST:PORT...]"))?;
+        let scheme = if tls.is_some() { "https" } else { "http" };
+        let mut endpoints = Vec::new();
+        for hp in rest.split(',').map(str::trim) {
+            let ok = hp
+                .rsplit_once(':')
+                .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+            if !ok {
+                return Err(format!("{url}: {hp:?} is not HOST:PORT"));
+            }
+            endpoints.push(format!("{scheme}://{hp}"));
+        }
+        Ok(EtcdConfig { endpoints, tls })
+    }
+}
+
+/// What a manager says about itself, in `managers/` and as the leader's value.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ManagerInfo {
+    /// The node address it advertises: matches a node's address in `node ls`.
+    pub addr: std::net::IpAddr,
+    /// Where agents reach it (ADDR:PORT).
+    pub agents: String,
+    /// Its TCP API (ADDR:PORT), where followers forward requests.
+    pub api: String,
+}
+
+/// The cluster's CA as every manager shares it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CaRecord {
+    pub cluster_id: String,
+    pub cert: String,
+    pub key: String,
+}
+
+/// The leader key this manager was elected with: its writes are fenced on it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Fence {
+    pub key: Vec<u8>,
+    pub rev: i64,
+}
+
+/// What the leadership loop tells the manager.
+#[derive(Debug)]
+pub enum Event {
+    Elected(Fence),
+    /// Leadership, or the chance of it, is gone (lease lost, etcd unreachable).
+    Lost(String),
+    /// Who leads now (polled), and the running managers.
+    View {
+        leader: Option<ManagerInfo>,
+        managers: Vec<ManagerInfo>,
+    },
+}
+
+/// The client's runtime. Dropped from async code (a manager that gives up while starting),
+/// it must not wait for its tasks there, which tokio refuses with a panic.
+struct Rt(Option<tokio::runtime::Runtime>);
+
+impl Rt {
+    fn handle(&self) -> &tokio::runtime::Handle {
+        self.0.as_ref().expect("taken only on drop").handle()
+    }
+}
+
+impl Drop for Rt {
+    fn drop(&mut self) {
+        if let Some(rt) = self.0.take() {
+            rt.shutdown_background();
+        }
+    }
+}
+
+/// A connected client and the runtime it runs on.
+#[derive(Clone)]
+pub struct Etcd {
+    rt: Arc<Rt>,
+    client: Client,
+    endpoints: String,
+    /// The lease of the current term, if any.
+    lease: Arc<Mutex<Option<i64>>>,
+}
+
+impl Etcd {
+    pub async fn connect(config: &EtcdConfig) -> anyhow::Result<Etcd> {
+        let rt = Arc::new(Rt(Some(
+            tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(1)
+                .thread_name("etcd")
+                .enable_all()
+                .build()
+                .context("start the etcd client's runtime")?,
+        )));
+        let mut options = ConnectOptions::new()
+            .with_connect_timeout(CALL_TIMEOUT)
+            .with_timeout(CALL_TIMEOUT)
+            .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
+        if let Some(tls) = &config.tls {
+            let mut t = etcd_client::TlsOptions::new()
+                .ca_certificate(etcd_client::Certificate::from_pem(tls.ca.clone()));
+            if let Some((cert, key)) = &tls.identity {
+                t = t.identity(etcd_client::Identity::from_pem(cert.clone(), key.clone()));
+            }
+            options = options.with_tls(t);
+        }
+        let endpoints = config.endpoints.clone();
+        let client = rt.handle()
+            .spawn(async move { Client::connect(endpoints, Some(options)).await })
+            .await
+            .context("the etcd client's runtime")?
+            .with_context(|| format!("connect to etcd at {}", config.endpoints.join(",")))?;
+        Ok(Etcd {
+            rt,
+            client,
+            endpoints: config.endpoints.join(","),
+            lease: Arc::new(Mutex::new(None)),
+        })
+    }
+
+    /// Runs `f` on the client's runtime and waits for it from async code.
+    async fn run<T, F>(&self, f: impl FnOnce(Client) -> F + Send + 'static) -> anyhow::Result<T>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let client = self.client.clone();
+        let joined = self
+            .rt
+            .handle()
+            .spawn(async move { tokio::time::timeout(CALL_TIMEOUT, f(client)).await })
+            .await
+            .context("the etcd client's runtime")?;
+        match joined {
+            Ok(r) => r.map_err(|e| anyhow::anyhow!("etcd at {}: {e}", self.endpoints)),
+            Err(_) => bail!("etcd at {}: no answer within {CALL_TIMEOUT:?}", self.endpoints),
+        }
+    }
+
+    /// Runs `f` on the client's runtime and blocks this thread until it is done: for a save
+    /// under the cluster's lock.
+    fn run_blocking<T, F>(&self, f: impl FnOnce(Client) -> F + Send + 'static) -> Result<T, String>
+    where
+        T: Send + 'static,
+        F: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
+    {
+        let client = self.client.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        self.rt.handle().spawn(async move {
+            let _ = tx.send(tokio::time::timeout(CALL_TIMEOUT, f(client)).await);
+        });
+        match rx.recv() {
+            Ok(Ok(r)) => r.map_err(|e| format!("{} : {e}", self.endpoints)),
+            Ok(Err(_)) => Err(format!("{}: no answer within {CALL_TIMEOUT:?}", self.endpoints)),
+            Err(_) => Err("the etcd client's runtime is gone".into()),
+        }
+    }
+
+    /// Every key under `prefix`, in key order.
+    async fn range(&self, prefix: &'static str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
+        let resp = self
+            .run(move |mut c| async move {
+                c.get(prefix, Some(GetOptions::new().with_prefix())).await
+            })
+            .await?;
+        Ok(resp
+            .kvs()
+            .iter()
+            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+            .collect())
+    }
+
+    /// The stored state, if a leader ever saved one.
+    pub async fn load(&self) -> anyhow::Result<Option<State>> {
+        decode(self.range(STATE).await?).map_err(|e| anyhow::anyhow!(e))
+    }
+
+    pub async fn ca(&self) -> anyhow::Result<Option<CaRecord>> {
+        let kvs = self.range(CA).await?;
+        let Some((_, v)) = kvs.into_iter().find(|(k, _)| k == CA) else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&v)
+            .map(Some)
+            .with_context(|| format!("parse {CA} in etcd"))
+    }
+
+    /// Stores the CA unless one is there: false if another manager's was first.
+    pub async fn put_ca_if_absent(&self, ca: &CaRecord) -> anyhow::Result<bool> {
+        let value = serde_json::to_vec(ca)?;
+        let resp = self
+            .run(move |mut c| async move {
+                c.txn(
+                    Txn::new()
+                        .when([Compare::create_revision(CA, CompareOp::Equal, 0)])
+                        .and_then([TxnOp::put(CA, value, None)]),
+                )
+                .await
+            })
+            .await?;
+        Ok(resp.succeeded())
+    }
+
+    pub fn endpoints(&self) -> &str {
+        &self.endpoints
+    }
+
+    /// Gives up the current term's lease: leadership, if held, passes at once instead of when
+    /// the lease would run out, and this manager campaigns again with a new one.
+    pub async fn revoke(&self) {
+        let lease = *self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = lease {
+            if let Err(e) = self.run(move |mut c| async move { c.lease_revoke(id).await }).await {
+                tracing::warn!("give up the etcd lease: {e:#}");
+            }
+        }
+    }
+
+    /// Campaigns for leadership for as long as the manager runs, and reports what it sees.
+    pub fn campaign(&self, me: ManagerInfo, events: UnboundedSender<Event>) {
+        let this = self.clone();
+        let tx = events.clone();
+        self.rt.handle().spawn(async move {
+            loop {
+                let why = match this.term(&me, &tx).await {
+                    Ok(()) => "the lease ended".to_string(),
+                    Err(e) => format!("{e:#}"),
+                };
+                if tx.send(Event::Lost(why)).is_err() {
+                    return;
+                }
+                tokio::time::sleep(RENEW_EVERY).await;
+            }
+        });
+        let this = self.clone();
+        self.rt.handle().spawn(async move {
+            loop {
+                let view = this.view().await;
+                let event = match view {
+                    Ok((leader, managers)) => Event::View { leader, managers },
+                    Err(e) => {
+                        tracing::debug!("look up the managers in etcd: {e:#}");
+                        Event::View {
+                            leader: None,
+                            managers: Vec::new(),
+                        }
+                    }
+                };
+                if events.send(event).is_err() {
+                    return;
+                }
+                tokio::time::sleep(POLL_EVERY).await;
+            }
+        });
+    }
+
+    /// The leader (none while an election runs) and the running managers.
+    async fn view(&self) -> anyhow::Result<(Option<ManagerInfo>, Vec<ManagerInfo>)> {
+        let managers = self
+            .range(MANAGERS)
+            .await?
+            .into_iter()
+            .filter_map(|(_, v)| serde_json::from_slice(&v).ok())
+            .collect();
+        // With no leader etcd answers an error ("election: no leader"), not an empty value.
+        let leader = self
+            .run(|mut c| async move { c.leader(ELECTION).await })
+            .await
+            .ok()
+            .and_then(|r| r.kv().and_then(|kv| serde_json::from_slice(kv.value()).ok()));
+        Ok((leader, managers))
+    }
+
+    /// One lease: registered, campaigning, then leading, until the lease is lost.
+    async fn term(&self, me: &ManagerInfo, events: &UnboundedSender<Event>) -> anyhow::Result<()> {
+        let mut client = self.client.clone();
+        let lease = tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(LEASE_TTL, None))
+            .await
+            .context("grant a lease: no answer")??
+            .id();
+        *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
+        let value = serde_json::to_vec(me)?;
+        let key = format!("{MANAGERS}{}", me.addr);
+        tokio::time::timeout(
+            CALL_TIMEOUT,
+            client.put(key, value.clone(), Some(PutOptions::new().with_lease(lease))),
+        )
+        .await
+        .context("register in etcd: no answer")??;
+        let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
+        let renewed = Arc::new(Mutex::new(Instant::now()));
+        let keep = {
+            let renewed = renewed.clone();
+            async move {
+                loop {
+                    tokio::time::sleep(RENEW_EVERY).await;
+                    keeper.keep_alive().await?;
+                    match tokio::time::timeout(RENEW_EVERY, stream.message()).await {
+                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
+                            *renewed.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now()
+                        }
+                        Ok(Ok(Some(_))) => bail!("the lease expired"),
+                        Ok(Ok(None)) => bail!("etcd closed the lease's keep-alive stream"),
+                        Ok(Err(e)) => return Err(e.into()),
+                        Err(_) => {}
+                    }
+                    // Step down before a rival could be elected on our expired lease.
+                    let since = renewed.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
+                    if since >= Duration::from_secs(LEASE_TTL as u64) - RENEW_EVERY {
+                        bail!("the lease was not renewed for {since:?}");
+                    }
+                }
+            }
+        };
+        tokio::pin!(keep);
+        let mut campaigner = client.clone();
+        let elected = tokio::select! {
+            r = &mut keep => return r,
+            r = campaigner.campaign(ELECTION, value, lease) => r.context("campaign")?,
+        };
+        let leader = elected
+            .leader()
+            .context("etcd elected us without a leader key")?;
+        let fence = Fence {
+            key: leader.key().to_vec(),
+            rev: leader.rev(),
+        };
+        if events.send(Event::Elected(fence)).is_err() {
+            return Ok(());
+        }
+        keep.await
+    }
+}
+
+/// Writes the state as [`changes`] from the last saved one, fenced on the leader key.
+pub struct EtcdStore {
+    etcd: Etcd,
+    /// Set while this manager leads.
+    fence: Arc<Mutex<Option<Fence>>>,
+}
+
+impl EtcdStore {
+    pub fn new(etcd: Etcd) -> (EtcdStore, Arc<Mutex<Option<Fence>>>) {
+        let fence = Arc::new(Mutex::new(None));
+        (
+            EtcdStore {
+                etcd,
+                fence: fence.clone(),
+            },
+            fence,
+        )
+    }
+}
+
+impl Store for EtcdStore {
+    fn save(&mut self, prev: &State, next: &State) -> Result<(), StoreError> {
+        let fence = self
+            .fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::NotLeader(None))?;
+        let ops: Vec<TxnOp> = changes(prev, next)
+            .map_err(|e| StoreError::Etcd(format!("encode the state: {e}")))?
+            .into_iter()
+            .map(|op| match op {
+                Op::Put(k, v) => TxnOp::put(k, v, None),
+                Op::Delete(k) => TxnOp::delete(k, None),
+            })
+            .collect();
+        if ops.is_empty() {
+            return Ok(());
+        }
+        let n = ops.len();
+        let resp = self
+            .etcd
+            .run_blocking(move |mut c| async move {
+                c.txn(
+                    Txn::new()
+                        .when([Compare::create_revision(
+                            fence.key,
+                            CompareOp::Equal,
+                            fence.rev,
+                        )])
+                        .and_then(ops),
+                )
+                .await
+            })
+            .map_err(|e| {
+                let hint = if e.contains("too many operations") {
+                    format!(" (this change writes {n} keys: raise etcd's --max-txn-ops)")
+                } else {
+                    String::new()
+                };
+                StoreError::Etcd(format!("{e}{hint}"))
+            })?;
+        if !resp.succeeded() {
+            *self.fence.lock().unwrap_or_else(|p| p.into_inner()) = None;
+            return Err(StoreError::NotLeader(None));
+        }
+        Ok(())
+    }
+
+    fn describe(&self) -> String {
+        format!("etcd at {}", self.etcd.endpoints())
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Op {
+    Put(String, Vec<u8>),
+    Delete(String),
+}
+
+#[derive(Serialize, Deserialize)]
+struct MetaFormat {
+    format: u32,
+    state: Value,
+}
+
+/// The state without its four tables, as stored in `state/meta`.
+fn meta(state: &State) -> serde_json::Result<Vec<u8>> {
+    let mut v = serde_json::to_value(state)?;
+    if let Value::Object(map) = &mut v {
+        for t in TABLES {
+            map.remove(t);
+        }
+    }
+    serde_json::to_vec(&MetaFormat {
+        format: FORMAT,
+        state: v,
+    })
+}
+
+fn table_key(table: &str, id: &str) -> String {
+    format!("{STATE}{table}/{id}")
+}
+
+/// Puts for what `next` changed or added since `prev`, deletes for what it removed.
+pub fn changes(prev: &State, next: &State) -> serde_json::Result<Vec<Op>> {
+    fn diff<T: PartialEq + Serialize>(
+        table: &str,
+        prev: &BTreeMap<String, T>,
+        next: &BTreeMap<String, T>,
+        ops: &mut Vec<Op>,
+    ) -> serde_json::Result<()> {
+        for (id, rec) in next {
+            if prev.get(id) != Some(rec) {
+                ops.push(Op::Put(table_key(table, id), serde_json::to_vec(rec)?));
+            }
+        }
+        for id in prev.keys().filter(|id| !next.contains_key(*id)) {
+            ops.push(Op::Delete(table_key(table, id)));
+        }
+        Ok(())
+    }
+    let mut ops = Vec::new();
+    let m = meta(next)?;
+    if meta(prev)? != m || prev == &State::default() {
+        ops.push(Op::Put(META.into(), m));
+    }
+    diff("nodes", &prev.nodes, &next.nodes, &mut ops)?;
+    diff("networks", &prev.networks, &next.networks, &mut ops)?;
+    diff("services", &prev.services, &next.services, &mut ops)?;
+    diff("tasks", &prev.tasks, &next.tasks, &mut ops)?;
+    Ok(ops)
+}
+
+/// Rebuilds the state from the keys under `state/`; `None` when there are none.
+pub fn decode(kvs: Vec<(String, Vec<u8>)>) -> Result<Option<State>, String> {
+    if kvs.is_empty() {
+        return Ok(None);
+    }
+    let mut meta: Option<Value> = None;
+    let mut tables: BTreeMap<&str, serde_json::Map<String, Value>> =
+        TABLES.iter().map(|t| (*t, serde_json::Map::new())).collect();
+    for (key, value) in kvs {
+        let parse = |v: &[u8]| {
+            serde_json::from_slice::<Value>(v).map_err(|e| format!("parse {key} in etcd: {e}"))
+        };
+        if key == META {
+            let m: MetaFormat = serde_json::from_value(parse(&value)?)
+                .map_err(|e| format!("parse {key} in etcd: {e}"))?;
+            if m.format != FORMAT {
+                return Err(format!(
+                    "{key} in etcd has format {}, this manager reads format {FORMAT}",
+                    m.format
+                ));
+            }
+            meta = Some(m.state);
+            continue;
+        }
+        let rest = key.strip_prefix(STATE).unwrap_or(&key);
+        let Some((table, id)) = rest.split_once('/') else {
+            return Err(format!("unexpected key {key} in etcd"));
+        };
+        let Some(map) = tables.get_mut(table) else {
+            return Err(format!("unexpected key {key} in etcd"));
+        };
+        map.insert(id.to_string(), parse(&value)?);
+    }
+    let Some(Value::Object(mut state)) = meta else {
+        return Err(format!("{META} is missing in etcd, but records are there"));
+    };
+    for (t, map) in tables {
+        state.insert(t.to_string(), Value::Object(map));
+    }
+    serde_json::from_value(Value::Object(state))
+        .map(Some)
+        .map_err(|e| format!("parse the state in etcd: {e}"))
+}
+
+/// Whether anything of a cluster is in etcd yet (for `--import`, which needs it empty).
+pub async fn is_empty(etcd: &Etcd) -> anyhow::Result<bool> {
+    Ok(etcd.range(PREFIX).await?.iter().all(|(k, _)| k.starts_with(MANAGERS) || k.starts_with(ELECTION)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::state::tests::{add_network, cluster, spec};
+
+    fn apply(kv: &mut BTreeMap<String, Vec<u8>>, ops: Vec<Op>) {
+        for op in ops {
+            match op {
+                Op::Put(k, v) => {
+                    kv.insert(k, v);
+                }
+                Op::Delete(k) => {
+                    kv.remove(&k);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_change_writes_only_the_records_it_touched_and_the_keys_rebuild_the_state() {
+        let mut s = cluster(3);
+        add_network(&mut s, "backend", "10.0.9.0/24");
+        s.create_service(&spec("web", 4, &["backend"]), 1).unwrap();
+        s.reconcile(1);
+        s.refresh_assignments();
+        s.agent_port = None;
+
+        let mut kv = BTreeMap::new();
+        let all = changes(&State::default(), &s).unwrap();
+        assert_eq!(
+            all.len(),
+            1 + s.nodes.len() + s.networks.len() + s.services.len() + s.tasks.len()
+        );
+        apply(&mut kv, all);
+        assert_eq!(decode(kv.clone().into_iter().collect()).unwrap(), Some(s.clone()));
+
+        // One task's status: that task's key, and nothing else.
+        let mut next = s.clone();
+        let t = next.tasks.keys().next().unwrap().clone();
+        next.tasks.get_mut(&t).unwrap().error = Some("exit status 1".into());
+        let ops = changes(&s, &next).unwrap();
+        assert_eq!(ops.len(), 1, "{ops:?}");
+        assert!(matches!(&ops[0], Op::Put(k, _) if *k == table_key("tasks", &t)));
+        apply(&mut kv, ops);
+
+        // Removing the service deletes its key and its tasks'.
+        let mut gone = next.clone();
+        gone.services.clear();
+        gone.tasks.clear();
+        let ops = changes(&next, &gone).unwrap();
+        let deletes = ops.iter().filter(|o| matches!(o, Op::Delete(_))).count();
+        assert_eq!(deletes, 1 + next.tasks.len());
+        apply(&mut kv, ops);
+        assert_eq!(decode(kv.into_iter().collect()).unwrap(), Some(gone));
+
+        assert!(changes(&s, &s).unwrap().is_empty(), "no change, no write");
+    }
+
+    #[test]
+    fn foreign_or_damaged_keys_are_refused() {
+        assert_eq!(decode(Vec::new()).unwrap(), None);
+        let meta = |f: u32| {
+            serde_json::to_vec(&serde_json::json!({"format": f, "state": {}})).unwrap()
+        };
+        let err = decode(vec![(META.into(), meta(9))]).unwrap_err();
+        assert!(err.contains("has format 9"), "{err}");
+        let err = decode(vec![(table_key("tasks", "x"), b"{}".to_vec())]).unwrap_err();
+        assert!(err.contains("is missing"), "{err}");
+        let err = decode(vec![
+            (META.into(), meta(FORMAT)),
+            (format!("{STATE}widgets/x"), b"{}".to_vec()),
+        ])
+        .unwrap_err();
+        assert!(err.contains("unexpected key"), "{err}");
+    }
+
+    #[test]
+    fn store_urls() {
+        let c = EtcdConfig::parse("etcd://10.0.0.1:2379,10.0.0.2:2379", None).unwrap();
+        assert_eq!(c.endpoints, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+        let tls = EtcdTls {
+            ca: String::new(),
+            identity: None,
+        };
+        let c = EtcdConfig::parse("etcd://e1:2379", Some(tls)).unwrap();
+        assert_eq!(c.endpoints, ["https://e1:2379"]);
+        for bad in ["http://e1:2379", "etcd://e1", "etcd://:2379", "etcd://e1:0", "etcd://e1:2379,"] {
+            assert!(EtcdConfig::parse(bad, None).is_err(), "{bad}");
+        }
+    }
+}
