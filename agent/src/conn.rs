@@ -1,9 +1,11 @@
 //! The one long-lived connection to the manager, mutual TLS with the node's certificate: Hello,
-//! then Assign in / TaskStatus, Applied and Heartbeat out; reconnects with backoff. Everything
-//! the agent does keeps running while it is down: assignments only ever arrive through here, and
-//! statuses are re-sent on reconnect. The certificate is renewed over the same connection at a
-//! random point between 50 % and 80 % of its life, so nodes do not renew all at once and nothing
-//! reconnects.
+//! then Assign in / TaskStatus, Applied and Heartbeat out. Of several managers only the leader
+//! takes the agent: a follower's NotLeader sends it on, and a lost manager is replaced by the
+//! next known one ([`crate::managers`] decides which, and how long to wait). Everything the agent
+//! does keeps running while it is down or switching managers: assignments only ever arrive
+//! through here, and statuses are re-sent on reconnect. The certificate is renewed over the same
+//! connection at a random point between 50 % and 80 % of its life, so nodes do not renew all at
+//! once and nothing reconnects.
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
@@ -25,11 +27,9 @@ use tokio::sync::{mpsc, watch};
 use tracing::{info, warn};
 use trust::{Credentials, KeyRequest};
 
+use crate::managers::{parse_manager, Managers, Outcome, BACKOFF_MAX};
 use crate::metrics::AgentMetrics;
 use crate::state::StateDir;
-
-const BACKOFF_MIN: Duration = Duration::from_millis(500);
-const BACKOFF_MAX: Duration = Duration::from_secs(10);
 
 /// Messages for the manager. Task statuses are also kept as a table, re-sent whole on every
 /// (re)connect, so nothing said while the manager was away is lost.
@@ -111,7 +111,8 @@ impl Outbox {
 }
 
 pub struct Conn {
-    pub manager: String,
+    /// The known managers; the current one is connected to.
+    pub managers: Managers,
     pub hostname: String,
     pub advertise_addr: IpAddr,
     /// Told to the manager, which keeps overlays clear of it.
@@ -129,25 +130,27 @@ pub struct Conn {
 
 impl Conn {
     pub async fn run(mut self) {
-        let mut backoff = BACKOFF_MIN;
         loop {
-            let mut welcomed = false;
-            match self.session(&mut welcomed).await {
-                Ok(()) => warn!(manager = %self.manager, "manager closed the connection"),
-                Err(e) => warn!(manager = %self.manager, "manager connection: {e:#}"),
-            }
+            let manager = self.managers.current().to_string();
+            let outcome = match self.session(&manager).await {
+                Ok(outcome) => outcome,
+                Err(e) => {
+                    warn!(%manager, "manager connection: {e:#}");
+                    Outcome::Lost
+                }
+            };
             self.metrics.manager_connected.set(0);
-            if welcomed {
-                backoff = BACKOFF_MIN;
-            }
-            tokio::time::sleep(backoff).await;
-            backoff = (backoff * 2).min(BACKOFF_MAX);
+            let next = self.managers.after(outcome);
+            info!(from = %manager, to = %next.addr, wait_ms = next.wait.as_millis() as u64, "next manager: {}", next.reason);
+            tokio::time::sleep(next.wait).await;
         }
     }
 
-    async fn session(&mut self, welcomed: &mut bool) -> anyhow::Result<()> {
+    /// One session with the manager at `manager`, until it closes (`Lost`) or turns out a
+    /// follower.
+    async fn session(&mut self, manager: &str) -> anyhow::Result<Outcome> {
         let config = self.creds.client_config()?;
-        let stream = trust::join::connect(&self.manager, config).await?;
+        let stream = trust::join::connect(manager, config).await?;
         set_user_timeout(stream.get_ref().0);
         let (r, mut w) = tokio::io::split(stream);
         let mut r = BufReader::new(r);
@@ -184,10 +187,11 @@ impl Conn {
                 if self.state.node_id()?.as_deref() != Some(node_id.as_str()) {
                     self.state.save_node_id(&node_id)?;
                 }
-                info!(manager = %self.manager, %node_id, ?role, "connected to the manager");
-                *welcomed = true;
+                info!(%manager, %node_id, ?role, "connected to the manager");
+                self.managers.connected();
                 self.metrics.manager_connected.set(1);
             }
+            ManagerMsg::NotLeader { leader } => return Ok(not_leader(leader)),
             ManagerMsg::Refused { reason } => bail!("refused by the manager: {reason}"),
             other => bail!("expected welcome, got {}", other.kind()),
         }
@@ -207,7 +211,10 @@ impl Conn {
         loop {
             tokio::select! {
                 got = read_frame(&mut r, &mut buf, proto::MAX_FRAME_BYTES) => {
-                    if !got.context("read")? { return Ok(()) }
+                    if !got.context("read")? {
+                        warn!(%manager, "manager closed the connection");
+                        return Ok(Outcome::Lost);
+                    }
                     let msg = decode_frame::<ManagerMsg>(&buf)?;
                     buf.clear();
                     match msg {
@@ -227,12 +234,15 @@ impl Conn {
                                 renew.as_mut().reset(tokio::time::Instant::now() + BACKOFF_MAX);
                             }
                         }
+                        ManagerMsg::Managers { addrs } => self.learn(addrs),
+                        // A leader that stepped down: its agents go to the new one.
+                        ManagerMsg::NotLeader { leader } => return Ok(not_leader(leader)),
                         other => warn!("unexpected {} message from the manager", other.kind()),
                     }
                 }
                 msg = self.outgoing.recv() => {
                     // The Outbox lives as long as the agent: the channel never closes.
-                    let Some(msg) = msg else { return Ok(()) };
+                    let Some(msg) = msg else { return Ok(Outcome::Lost) };
                     write_frame(&mut w, &msg).await.context("send")?;
                 }
                 _ = heartbeat.tick() => {
@@ -245,6 +255,27 @@ impl Conn {
                     renewal = Some(key);
                 }
             }
+        }
+    }
+
+    /// Takes the leader's list of managers, kept in the state dir when it changed. A bad
+    /// address is left out: the others are still worth knowing.
+    fn learn(&mut self, addrs: Vec<String>) {
+        let valid: Vec<String> = addrs
+            .iter()
+            .filter_map(|a| {
+                parse_manager(a)
+                    .map_err(|e| warn!("the manager listed a bad manager address: {e}"))
+                    .ok()
+            })
+            .collect();
+        if !self.managers.learn(valid) {
+            return;
+        }
+        info!(managers = ?self.managers.learned(), "the cluster's managers");
+        if let Err(e) = self.state.save_managers(self.managers.learned()) {
+            // They are still used in this run; only a restart would not know them.
+            warn!("keep the cluster's managers: {e}");
         }
     }
 
@@ -312,6 +343,15 @@ impl Conn {
         );
         self.assignments.send_replace(a);
     }
+}
+
+/// A follower's answer; a leader address that is not ADDR:PORT counts as none known.
+fn not_leader(leader: Option<String>) -> Outcome {
+    Outcome::NotLeader(leader.and_then(|l| {
+        parse_manager(&l)
+            .map_err(|e| warn!("the manager named a bad leader address: {e}"))
+            .ok()
+    }))
 }
 
 /// Whether an assignment of revision `incoming` replaces the one of revision `current`.
@@ -435,6 +475,29 @@ mod tests {
         (BufReader::new(r), w)
     }
 
+    fn addr(listener: &TcpListener) -> String {
+        listener.local_addr().unwrap().to_string()
+    }
+
+    /// Waits up to 5 s for `cond`.
+    async fn until(what: &str, cond: impl Fn() -> bool) {
+        for _ in 0..50 {
+            if cond() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("{what}: not within 5 s");
+    }
+
+    fn welcome() -> ManagerMsg {
+        ManagerMsg::Welcome {
+            version: PROTOCOL_VERSION,
+            node_id: "node-abc".into(),
+            role: Role::Worker,
+        }
+    }
+
     /// node1's connection to the manager listening on `listener`.
     fn node1(
         listener: &TcpListener,
@@ -444,8 +507,21 @@ mod tests {
         outgoing: mpsc::UnboundedReceiver<AgentMsg>,
         assignments: watch::Sender<Assignment>,
     ) -> Conn {
+        let managers = Managers::new(vec![addr(listener)], vec![]);
+        node1_of(managers, state, creds, outbox, outgoing, assignments)
+    }
+
+    /// node1's connection to `managers`.
+    fn node1_of(
+        managers: Managers,
+        state: &StateDir,
+        creds: Credentials,
+        outbox: &Outbox,
+        outgoing: mpsc::UnboundedReceiver<AgentMsg>,
+        assignments: watch::Sender<Assignment>,
+    ) -> Conn {
         Conn {
-            manager: listener.local_addr().unwrap().to_string(),
+            managers,
             hostname: "node1".into(),
             advertise_addr: "192.168.56.11".parse().unwrap(),
             gwbridge_subnet: "172.18.0.0/16".parse().unwrap(),
@@ -576,5 +652,86 @@ mod tests {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         panic!("the renewed certificate was not kept");
+    }
+
+    #[tokio::test]
+    async fn a_follower_sends_the_agent_to_the_leader_it_names() {
+        let (root, state) = temp_state("follower");
+        let follower = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let leader = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_ca, tls, creds) = pki("node-abc", Duration::from_secs(3600));
+        let (outbox, outgoing) = Outbox::new();
+        outbox.task_status(status("t1", TaskState::Running));
+        let (tx, _assignments) = watch::channel(Assignment::default());
+        // Only the follower is known.
+        let conn = node1(&follower, &state, creds, &outbox, outgoing, tx);
+        let metrics = conn.metrics.clone();
+        let agent = tokio::spawn(conn.run());
+
+        let (mut r, mut w) = accept(&follower, &tls).await;
+        assert!(matches!(next(&mut r).await, AgentMsg::Hello { .. }));
+        let hint = ManagerMsg::NotLeader {
+            leader: Some(addr(&leader)),
+        };
+        write_frame(&mut w, &hint).await.unwrap();
+
+        let (mut r, mut w) = accept(&leader, &tls).await;
+        let AgentMsg::Hello { hostname, .. } = next(&mut r).await else {
+            panic!("hello first")
+        };
+        assert_eq!(hostname, "node1");
+        write_frame(&mut w, &welcome()).await.unwrap();
+        // The session with the leader is a full one: what the agent had to say is said.
+        assert_eq!(
+            next(&mut r).await,
+            AgentMsg::TaskStatus(status("t1", TaskState::Running))
+        );
+        until("connected", || metrics.manager_connected.get() == 1).await;
+        assert!(
+            state.managers().unwrap().is_empty(),
+            "a follower's hint is not kept"
+        );
+
+        agent.abort();
+        std::fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[tokio::test]
+    async fn the_leaders_list_of_managers_is_kept_and_used_after_a_restart() {
+        let (root, state) = temp_state("managers");
+        let first = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let second = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let (_ca, tls, creds) = pki("node-abc", Duration::from_secs(3600));
+        let flags = vec![addr(&first)];
+        let (outbox, outgoing) = Outbox::new();
+        let (tx, _assignments) = watch::channel(Assignment::default());
+        let conn = node1(&first, &state, creds.clone(), &outbox, outgoing, tx);
+        let agent = tokio::spawn(conn.run());
+        let (mut r, mut w) = accept(&first, &tls).await;
+        assert!(matches!(next(&mut r).await, AgentMsg::Hello { .. }));
+        write_frame(&mut w, &welcome()).await.unwrap();
+        let listed = vec![addr(&first), addr(&second), "bad address".to_string()];
+        write_frame(&mut w, &ManagerMsg::Managers { addrs: listed })
+            .await
+            .unwrap();
+        let kept = vec![addr(&first), addr(&second)];
+        until("the managers kept", || state.managers().unwrap() == kept).await;
+
+        // The agent restarts while the first manager is gone: it finds the second.
+        agent.abort();
+        drop((r, w, first));
+        let managers = Managers::new(flags, state.managers().unwrap());
+        let (outbox, outgoing) = Outbox::new();
+        let (tx, _assignments) = watch::channel(Assignment::default());
+        let conn = node1_of(managers, &state, creds, &outbox, outgoing, tx);
+        let metrics = conn.metrics.clone();
+        let agent = tokio::spawn(conn.run());
+        let (mut r, mut w) = accept(&second, &tls).await;
+        assert!(matches!(next(&mut r).await, AgentMsg::Hello { .. }));
+        write_frame(&mut w, &welcome()).await.unwrap();
+        until("connected", || metrics.manager_connected.get() == 1).await;
+
+        agent.abort();
+        std::fs::remove_dir_all(&root).unwrap();
     }
 }

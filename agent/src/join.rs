@@ -1,6 +1,9 @@
 //! The node's credentials: those it keeps from an earlier start, or new ones from joining the
 //! cluster with a token. Without either the agent refuses to start: nothing runs on a node that
 //! cannot prove it belongs to the cluster.
+//!
+//! A join goes to the leader of the managers: a follower sends it on (trust::join follows), and
+//! a manager that is down or between leaders is left for the next known one on the next try.
 
 use std::net::IpAddr;
 use std::path::Path;
@@ -10,14 +13,15 @@ use anyhow::{bail, Context};
 use tracing::{info, warn};
 use trust::{Credentials, JoinToken};
 
-/// Transient failures (the manager not up yet) are retried this often, this far apart, as
-/// swarmkit's GetRemoteCA does.
+/// Transient failures (the manager not up yet, no leader yet) are retried this often, this far
+/// apart, as swarmkit's GetRemoteCA does.
 const JOIN_TRIES: u32 = 5;
 const JOIN_RETRY: Duration = Duration::from_secs(2);
 
+/// The node's credentials, joining at `managers` (tried in turn) if it has none yet.
 pub async fn credentials(
     dir: &Path,
-    manager: &str,
+    managers: &[String],
     token: Option<&JoinToken>,
     hostname: &str,
     advertise_addr: IpAddr,
@@ -42,12 +46,13 @@ pub async fn credentials(
         );
     };
     let mut tries = 0;
-    let (node_id, creds) = loop {
+    let (node_id, creds, manager) = loop {
+        let manager = &managers[tries as usize % managers.len()];
         tries += 1;
         match trust::join::join(manager, token, hostname, advertise_addr).await {
-            Ok(joined) => break joined,
+            Ok((node_id, creds)) => break (node_id, creds, manager),
             Err(e) if e.is_transient() && tries < JOIN_TRIES => {
-                warn!("join the cluster (try {tries} of {JOIN_TRIES}): {e}");
+                warn!(%manager, "join the cluster (try {tries} of {JOIN_TRIES}): {e}");
                 tokio::time::sleep(JOIN_RETRY).await;
             }
             Err(e) => return Err(e).context("join the cluster"),
@@ -56,6 +61,6 @@ pub async fn credentials(
     creds
         .store_node(dir)
         .with_context(|| format!("keep the node's credentials in {}", dir.display()))?;
-    info!(node = %node_id, manager, "joined the cluster");
+    info!(node = %node_id, %manager, "joined the cluster");
     Ok(creds)
 }

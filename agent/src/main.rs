@@ -10,6 +10,7 @@ mod esp;
 mod health;
 mod join;
 mod lb;
+mod managers;
 mod mesh;
 mod metrics;
 mod netwatch;
@@ -46,9 +47,11 @@ use proto::agent::EspSupport;
     about = "meshnet node agent: overlays, routing mesh and tasks"
 )]
 struct Flags {
-    /// The manager's agent endpoint, ADDR:PORT (its --listen).
-    #[arg(long, env = "MESH_MANAGER", value_parser = parse_manager, required_unless_present = "cleanup")]
-    manager: Option<String>,
+    /// A manager's agent endpoint, ADDR:PORT (its --listen). With several managers, repeat it
+    /// or give a comma-separated list (MESH_MANAGER=a:2377,b:2377): the agent finds the leader
+    /// among them, and also remembers the managers the leader lists (<state-dir>/managers.json).
+    #[arg(long, env = "MESH_MANAGER", value_name = "ADDR:PORT", value_parser = managers::parse_manager, value_delimiter = ',', required_unless_present = "cleanup")]
+    manager: Vec<String>,
     /// This node's underlay address: the VTEP other nodes send VXLAN traffic to.
     #[arg(long, env = "MESH_ADVERTISE_ADDR", required_unless_present = "cleanup")]
     advertise_addr: Option<IpAddr>,
@@ -123,20 +126,6 @@ enum Lb {
 enum LogFormat {
     Text,
     Json,
-}
-
-fn parse_manager(s: &str) -> Result<String, String> {
-    let (host, port) = s
-        .rsplit_once(':')
-        .ok_or_else(|| format!("{s:?} is not ADDR:PORT"))?;
-    if host.is_empty() {
-        return Err(format!("{s:?} has no address"));
-    }
-    port.parse::<u16>()
-        .ok()
-        .filter(|p| *p != 0)
-        .ok_or_else(|| format!("{s:?} has no valid port"))?;
-    Ok(s.to_string())
 }
 
 fn parse_token(s: &str) -> Result<trust::JoinToken, String> {
@@ -273,8 +262,7 @@ async fn run() -> anyhow::Result<()> {
         // It blocks (waits for tasks to stop): off the async runtime's threads.
         return tokio::task::spawn_blocking(move || cleanup(&flags)).await?;
     }
-    let (Some(manager), Some(advertise_addr)) = (flags.manager.clone(), flags.advertise_addr)
-    else {
+    let (false, Some(advertise_addr)) = (flags.manager.is_empty(), flags.advertise_addr) else {
         anyhow::bail!("--manager and --advertise-addr are required");
     };
     let hostname = match flags.hostname.clone() {
@@ -283,10 +271,11 @@ async fn run() -> anyhow::Result<()> {
     };
     let state = state::StateDir::open(&flags.state_dir)
         .with_context(|| format!("open state dir {}", flags.state_dir.display()))?;
+    let managers = managers::Managers::new(flags.manager.clone(), state.managers()?);
     // Nothing is built on a node that cannot prove it belongs to the cluster.
     let creds = join::credentials(
         &state.tls_dir(),
-        &manager,
+        &managers.candidates(),
         flags.join_token.as_ref(),
         &hostname,
         advertise_addr,
@@ -377,7 +366,7 @@ async fn run() -> anyhow::Result<()> {
     let (assign_tx, assign_rx) = watch::channel(desired);
 
     let connection = conn::Conn {
-        manager,
+        managers,
         hostname,
         advertise_addr,
         gwbridge_subnet: flags.gwbridge_subnet,
@@ -483,7 +472,7 @@ mod tests {
             "192.168.56.12",
         ])
         .unwrap();
-        assert_eq!(f.manager.as_deref(), Some("192.168.56.11:2377"));
+        assert_eq!(f.manager, ["192.168.56.11:2377"]);
         assert!(!f.cleanup);
         assert_eq!(f.data_path_port, 4789);
         assert_eq!(f.lb, Lb::Auto);
@@ -554,11 +543,21 @@ mod tests {
         // --cleanup needs neither the manager nor an address; without it both are required.
         let f =
             Flags::try_parse_from(["mesh-agent", "--cleanup", "--state-dir", "/tmp/x"]).unwrap();
-        assert!(f.cleanup && f.manager.is_none() && f.advertise_addr.is_none());
+        assert!(f.cleanup && f.manager.is_empty() && f.advertise_addr.is_none());
         assert!(Flags::try_parse_from(["mesh-agent", "--manager", "m:1"]).is_err());
         assert!(Flags::try_parse_from(["mesh-agent", "--advertise-addr", "10.0.0.1"]).is_err());
-        for bad in ["nohost", ":2377", "h:0", "h:99999"] {
-            assert!(parse_manager(bad).is_err(), "{bad}");
+        // Several managers: repeated, or a comma-separated list (as MESH_MANAGER gives them),
+        // each entry checked.
+        let m = |args: &[&str]| {
+            let base = ["mesh-agent", "--advertise-addr", "10.0.0.1"];
+            Flags::try_parse_from(base.iter().chain(args).copied()).map(|f| f.manager)
+        };
+        assert_eq!(
+            m(&["--manager", "a:1", "--manager", "b:2,[::1]:3"]).unwrap(),
+            ["a:1", "b:2", "[::1]:3"]
+        );
+        for bad in ["nohost", ":2377", "h:0", "h:99999", "a:1,h:0", "a:1,"] {
+            assert!(m(&["--manager", bad]).is_err(), "{bad}");
         }
     }
 }

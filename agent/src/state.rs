@@ -10,6 +10,8 @@
 //!   task's mount namespace.
 //! - `gwbridge.json`: the gwbridge subnet and each leg's address, so a task keeps its address
 //!   across agent restarts.
+//! - `managers.json`: `{"addrs": ["ADDR:PORT", ...]}`, the managers the leader listed last
+//!   (`ManagerMsg::Managers`), tried besides the `--manager` flags' after a restart.
 
 use std::collections::BTreeMap;
 use std::fs;
@@ -139,6 +141,20 @@ impl StateDir {
         write_json(&self.root.join("gwbridge.json"), &file)
     }
 
+    /// The managers the leader listed last (none before any list).
+    pub fn managers(&self) -> Result<Vec<String>, StateError> {
+        Ok(read_json::<ManagersFile>(&self.root.join("managers.json"))?
+            .map(|f| f.addrs)
+            .unwrap_or_default())
+    }
+
+    pub fn save_managers(&self, addrs: &[String]) -> Result<(), StateError> {
+        let file = ManagersFile {
+            addrs: addrs.to_vec(),
+        };
+        write_json(&self.root.join("managers.json"), &file)
+    }
+
     /// Every task record, sorted by task name. A record that cannot be parsed is an error that
     /// names its file: silently dropping it would orphan a running process.
     pub fn task_records(&self) -> Result<Vec<TaskRecord>, StateError> {
@@ -182,6 +198,11 @@ impl StateDir {
 struct GwFile {
     subnet: Ipv4Net,
     addrs: BTreeMap<String, Ipv4Addr>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ManagersFile {
+    addrs: Vec<String>,
 }
 
 fn read_json<T: DeserializeOwned>(path: &Path) -> Result<Option<T>, StateError> {
@@ -320,6 +341,21 @@ mod tests {
             .gw_addrs("10.99.0.0/24".parse().unwrap())
             .unwrap()
             .is_empty());
+        fs::remove_dir_all(&root).unwrap();
+    }
+
+    #[test]
+    fn managers_persist_as_a_list() {
+        let root = temp_dir("managers");
+        let dir = StateDir::open(&root).unwrap();
+        assert!(dir.managers().unwrap().is_empty());
+        let addrs = vec!["10.0.0.1:2377".to_string(), "10.0.0.2:2377".to_string()];
+        dir.save_managers(&addrs).unwrap();
+        let dir = StateDir::open(&root).unwrap();
+        assert_eq!(dir.managers().unwrap(), addrs);
+        let text = fs::read_to_string(root.join("managers.json")).unwrap();
+        let json: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(json, serde_json::json!({"addrs": addrs}));
         fs::remove_dir_all(&root).unwrap();
     }
 

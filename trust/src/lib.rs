@@ -46,12 +46,26 @@ pub enum Error {
     Net { what: String, source: io::Error },
     #[error("{0}")]
     Protocol(String),
+    /// A follower's answer: only the leader of the managers takes joins.
+    #[error("the manager at {addr} is not the leader ({})", leader_hint(.leader))]
+    NotLeader {
+        addr: String,
+        leader: Option<String>,
+    },
+}
+
+fn leader_hint(leader: &Option<String>) -> String {
+    match leader {
+        Some(l) => format!("the leader is at {}", excerpt(l)),
+        None => "there is no leader right now".into(),
+    }
 }
 
 impl Error {
-    /// Whether trying again later may succeed (the manager was unreachable), as opposed to an
-    /// answer that will not change (a wrong token, another cluster's manager).
+    /// Whether trying again later may succeed (the manager was unreachable, or the managers
+    /// were electing or moving their leader), as opposed to an answer that will not change (a
+    /// wrong token, another cluster's manager).
     pub fn is_transient(&self) -> bool {
-        matches!(self, Error::Net { .. })
+        matches!(self, Error::Net { .. } | Error::NotLeader { .. })
     }
 }
