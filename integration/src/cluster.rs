@@ -224,7 +224,12 @@ impl Cluster {
         let ip = self.lab.node(node)?.ip;
         let initial: Vec<String> = HA_NODES
             .iter()
-            .filter_map(|n| self.lab.node(n).ok().map(|h| format!("{n}=http://{}:2380", h.ip)))
+            .filter_map(|n| {
+                self.lab
+                    .node(n)
+                    .ok()
+                    .map(|h| format!("{n}=http://{}:2380", h.ip))
+            })
             .collect();
         let (out, err) = self.log_file(&format!("etcd-{node}"))?;
         let mut cmd = self.lab.command("etcd");
@@ -287,11 +292,22 @@ impl Cluster {
         let pid = self.lab.spawn(node, &mut cmd)?;
         self.managers.insert(node.to_string(), pid);
         let socket = self.api_socket_of(node);
-        self.wait_for(START_TIMEOUT, &format!("the manager's API on {node}"), |c| {
-            c.meshctl_at(&socket, &["node", "ls"])
-                .ok()
-                .filter(|o| o.status.success())
-                .map(|_| ())
+        self.wait_for(
+            START_TIMEOUT,
+            &format!("the manager's API on {node}"),
+            |c| {
+                c.meshctl_at(&socket, &["node", "ls"])
+                    .ok()
+                    .filter(|o| o.status.success())
+                    .map(|_| ())
+            },
+        )
+        .map_err(|e| match e {
+            // No cluster exists yet to print its logs on the panic: the message carries them.
+            ClusterError::Timeout(after, what) => {
+                ClusterError::Timeout(after, format!("{what}\n{}", self.logs()))
+            }
+            e => e,
         })
     }
 
@@ -407,7 +423,11 @@ impl Cluster {
     /// The mesh-agent command line for `node` (any host of the lab), with extra flags, to be
     /// spawned or run to completion in the node's namespace.
     pub fn agent_command(&self, node: &str, extra: &[&str]) -> Result<Command> {
-        let managers: Vec<&str> = if self.ha { HA_NODES.to_vec() } else { vec!["node1"] };
+        let managers: Vec<&str> = if self.ha {
+            HA_NODES.to_vec()
+        } else {
+            vec!["node1"]
+        };
         let ip = self.lab.node(node)?.ip;
         let mut cmd = self.lab.command(bin("mesh-agent"));
         cmd.args(&self.agent_args).args(extra);

@@ -197,7 +197,9 @@ async fn unauthenticated(tls: Tls, peer: SocketAddr, cluster: &Shared) -> anyhow
                 return Err(refuse(&mut wr, reason).await);
             }
             if let Some(redirect) = redirect(cluster) {
-                write_frame(&mut wr, &redirect).await.context("redirect the join")?;
+                write_frame(&mut wr, &redirect)
+                    .await
+                    .context("redirect the join")?;
                 return Ok(());
             }
             let joined = {
@@ -253,7 +255,9 @@ async fn session(
         return Err(refuse(wr, reason).await);
     }
     if let Some(redirect) = redirect(cluster) {
-        write_frame(wr, &redirect).await.context("redirect the agent")?;
+        write_frame(wr, &redirect)
+            .await
+            .context("redirect the agent")?;
         tracing::info!(hostname = %excerpt(&hostname), "agent sent to the leader: this manager follows");
         return Ok(());
     }

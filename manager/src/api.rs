@@ -10,8 +10,8 @@ use proto::api::{PublishedPort, Request, Response};
 use proto::excerpt;
 use proto::model::Role;
 use proto::wire::{frame_error, read_frame, write_frame};
-use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use std::time::Duration;
+use tokio::io::{AsyncRead, AsyncWrite, BufReader};
 use tokio::net::{TcpListener, TcpStream, UnixListener};
 use tokio_rustls::TlsAcceptor;
 use trust::CertRole;
@@ -165,7 +165,11 @@ async fn serve<S: AsyncRead + AsyncWrite>(
                     match who.as_ref().map(|id| api_access(&c, id)) {
                         Some(Err(message)) => Err(message),
                         _ if !c.leading() => Ok(Err((c.leader_api(), c.pki().forward_tls.clone()))),
-                        _ => Ok(Ok(span.in_scope(|| handle(&mut c, req.take().expect("taken once"))))),
+                        _ => {
+                            Ok(Ok(span.in_scope(|| {
+                                handle(&mut c, req.take().expect("taken once"))
+                            })))
+                        }
                     }
                 };
                 let answered = match (answered, req) {
@@ -254,7 +258,9 @@ async fn forward(
                 _ => format!("no answer within {}s", FORWARD_TIMEOUT.as_secs()),
             };
             Response::Error {
-                message: format!("this manager follows and could not reach the leader's API at {api}: {why}"),
+                message: format!(
+                    "this manager follows and could not reach the leader's API at {api}: {why}"
+                ),
             }
         }
     }
@@ -336,6 +342,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                 Response::Removed { id }
             }
             Request::NodeRole { node, role } => {
+                cluster.check_demote(&node, role)?;
                 let id = cluster
                     .transact(|s, _| s.set_node_role(&node, role))
                     .map_err(err)?;

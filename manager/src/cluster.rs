@@ -267,6 +267,34 @@ impl Cluster {
             let msg = self.managers_msg();
             self.sessions.retain(|_, s| s.tx.send(msg.clone()).is_ok());
         }
+        if self.leading {
+            self.promote_manager_nodes();
+        }
+    }
+
+    /// A node that runs a manager is a manager node, also when it joined (as the lab's do)
+    /// before its manager first registered.
+    fn promote_manager_nodes(&mut self) {
+        let ids: Vec<String> = self
+            .state
+            .nodes
+            .values()
+            .filter(|r| r.node.role == Role::Worker && self.is_manager_addr(r.node.addr))
+            .map(|r| r.node.id.clone())
+            .collect();
+        if ids.is_empty() {
+            return;
+        }
+        let promoted = self.transact(|s, _| {
+            for id in &ids {
+                s.set_node_role(id, Role::Manager)?;
+            }
+            Ok(())
+        });
+        match promoted {
+            Ok(()) => tracing::info!(nodes = ?ids, "nodes that run a manager are manager nodes"),
+            Err(e) => tracing::warn!("make the nodes that run a manager manager nodes: {e}"),
+        }
     }
 
     fn managers_msg(&self) -> ManagerMsg {
@@ -280,13 +308,36 @@ impl Cluster {
         if node.role != Role::Manager {
             return None;
         }
-        Some(if self.leader.as_ref().is_some_and(|l| l.addr == node.addr) {
-            ManagerStatus::Leader
-        } else if self.managers.iter().any(|m| m.addr == node.addr) {
-            ManagerStatus::Reachable
-        } else {
-            ManagerStatus::Unreachable
-        })
+        Some(
+            if self.leader.as_ref().is_some_and(|l| l.addr == node.addr) {
+                ManagerStatus::Leader
+            } else if self.managers.iter().any(|m| m.addr == node.addr) {
+                ManagerStatus::Reachable
+            } else {
+                ManagerStatus::Unreachable
+            },
+        )
+    }
+
+    /// A node whose manager is running stays a manager: demoting it would leave a manager
+    /// that agents and the API trust on a worker's certificate.
+    pub fn check_demote(&self, key: &str, role: Role) -> Result<(), String> {
+        let Ok(id) = self.state.find_node(key) else {
+            return Ok(()); // the operation itself says the node is unknown
+        };
+        let node = &self.state.nodes[&id].node;
+        if role == Role::Worker && self.managers.iter().any(|m| m.addr == node.addr) {
+            return Err(format!(
+                "demote node {}: a manager runs there (mesh-manager at {}); stop it first",
+                node.hostname,
+                self.managers
+                    .iter()
+                    .find(|m| m.addr == node.addr)
+                    .map(|m| m.agents.as_str())
+                    .unwrap_or_default()
+            ));
+        }
+        Ok(())
     }
 
     /// Whether a manager runs at `addr`: its node is a manager whichever token it joined with.

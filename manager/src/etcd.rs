@@ -18,9 +18,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp,
-};
+use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
@@ -48,6 +46,8 @@ const RENEW_EVERY: Duration = Duration::from_millis(500);
 const POLL_EVERY: Duration = Duration::from_millis(500);
 /// Every etcd call is bounded, so a lost quorum shows as an error rather than a hang.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// How long a starting manager waits for etcd to answer.
+const READY_WAIT: Duration = Duration::from_secs(120);
 
 /// `--store etcd://host:2379[,host:2379...]`, with `--etcd-ca`, `--etcd-cert` and `--etcd-key`
 /// for TLS (then the endpoints are reached over https).
@@ -161,9 +161,10 @@ impl Etcd {
                 .build()
                 .context("start the etcd client's runtime")?,
         )));
+        // No timeout for every request: a campaign waits as long as another manager leads.
+        // Calls are bounded one by one instead (`retrying`).
         let mut options = ConnectOptions::new()
             .with_connect_timeout(CALL_TIMEOUT)
-            .with_timeout(CALL_TIMEOUT)
             .with_keep_alive(Duration::from_secs(1), Duration::from_secs(2));
         if let Some(tls) = &config.tls {
             let mut t = etcd_client::TlsOptions::new()
@@ -174,7 +175,8 @@ impl Etcd {
             options = options.with_tls(t);
         }
         let endpoints = config.endpoints.clone();
-        let client = rt.handle()
+        let client = rt
+            .handle()
             .spawn(async move { Client::connect(endpoints, Some(options)).await })
             .await
             .context("the etcd client's runtime")?
@@ -188,27 +190,23 @@ impl Etcd {
     }
 
     /// Runs `f` on the client's runtime and waits for it from async code.
-    async fn run<T, F>(&self, f: impl FnOnce(Client) -> F + Send + 'static) -> anyhow::Result<T>
+    async fn run<T, F>(&self, f: impl Fn(Client) -> F + Send + 'static) -> anyhow::Result<T>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
     {
         let client = self.client.clone();
-        let joined = self
-            .rt
+        self.rt
             .handle()
-            .spawn(async move { tokio::time::timeout(CALL_TIMEOUT, f(client)).await })
+            .spawn(retrying(client, f))
             .await
-            .context("the etcd client's runtime")?;
-        match joined {
-            Ok(r) => r.map_err(|e| anyhow::anyhow!("etcd at {}: {e}", self.endpoints)),
-            Err(_) => bail!("etcd at {}: no answer within {CALL_TIMEOUT:?}", self.endpoints),
-        }
+            .context("the etcd client's runtime")?
+            .map_err(|e| anyhow::anyhow!("etcd at {}: {e}", self.endpoints))
     }
 
     /// Runs `f` on the client's runtime and blocks this thread until it is done: for a save
     /// under the cluster's lock.
-    fn run_blocking<T, F>(&self, f: impl FnOnce(Client) -> F + Send + 'static) -> Result<T, String>
+    fn run_blocking<T, F>(&self, f: impl Fn(Client) -> F + Send + 'static) -> Result<T, String>
     where
         T: Send + 'static,
         F: std::future::Future<Output = Result<T, etcd_client::Error>> + Send + 'static,
@@ -216,26 +214,46 @@ impl Etcd {
         let client = self.client.clone();
         let (tx, rx) = std::sync::mpsc::channel();
         self.rt.handle().spawn(async move {
-            let _ = tx.send(tokio::time::timeout(CALL_TIMEOUT, f(client)).await);
+            let _ = tx.send(retrying(client, f).await);
         });
         match rx.recv() {
-            Ok(Ok(r)) => r.map_err(|e| format!("{} : {e}", self.endpoints)),
-            Ok(Err(_)) => Err(format!("{}: no answer within {CALL_TIMEOUT:?}", self.endpoints)),
+            Ok(r) => r.map_err(|e| format!("{}: {e}", self.endpoints)),
             Err(_) => Err("the etcd client's runtime is gone".into()),
+        }
+    }
+
+    /// Waits until etcd answers: members started together with the managers have no quorum
+    /// for a moment, and a manager should wait that out, not exit.
+    pub async fn wait_ready(&self) -> anyhow::Result<()> {
+        let deadline = Instant::now() + READY_WAIT;
+        loop {
+            match self.range(CA).await {
+                Ok(_) => return Ok(()),
+                Err(e) if Instant::now() < deadline => {
+                    tracing::warn!("waiting for etcd: {e:#}");
+                    tokio::time::sleep(Duration::from_secs(1)).await;
+                }
+                Err(e) => return Err(e.context(format!("etcd did not answer for {READY_WAIT:?}"))),
+            }
         }
     }
 
     /// Every key under `prefix`, in key order.
     async fn range(&self, prefix: &'static str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        let resp = self
-            .run(move |mut c| async move {
+        let resp =
+            self.run(move |mut c| async move {
                 c.get(prefix, Some(GetOptions::new().with_prefix())).await
             })
             .await?;
         Ok(resp
             .kvs()
             .iter()
-            .map(|kv| (String::from_utf8_lossy(kv.key()).into_owned(), kv.value().to_vec()))
+            .map(|kv| {
+                (
+                    String::from_utf8_lossy(kv.key()).into_owned(),
+                    kv.value().to_vec(),
+                )
+            })
             .collect())
     }
 
@@ -258,13 +276,16 @@ impl Etcd {
     pub async fn put_ca_if_absent(&self, ca: &CaRecord) -> anyhow::Result<bool> {
         let value = serde_json::to_vec(ca)?;
         let resp = self
-            .run(move |mut c| async move {
-                c.txn(
-                    Txn::new()
-                        .when([Compare::create_revision(CA, CompareOp::Equal, 0)])
-                        .and_then([TxnOp::put(CA, value, None)]),
-                )
-                .await
+            .run(move |mut c| {
+                let value = value.clone();
+                async move {
+                    c.txn(
+                        Txn::new()
+                            .when([Compare::create_revision(CA, CompareOp::Equal, 0)])
+                            .and_then([TxnOp::put(CA, value, None)]),
+                    )
+                    .await
+                }
             })
             .await?;
         Ok(resp.succeeded())
@@ -279,7 +300,10 @@ impl Etcd {
     pub async fn revoke(&self) {
         let lease = *self.lease.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(id) = lease {
-            if let Err(e) = self.run(move |mut c| async move { c.lease_revoke(id).await }).await {
+            if let Err(e) = self
+                .run(move |mut c| async move { c.lease_revoke(id).await })
+                .await
+            {
                 tracing::warn!("give up the etcd lease: {e:#}");
             }
         }
@@ -336,53 +360,36 @@ impl Etcd {
             .run(|mut c| async move { c.leader(ELECTION).await })
             .await
             .ok()
-            .and_then(|r| r.kv().and_then(|kv| serde_json::from_slice(kv.value()).ok()));
+            .and_then(|r| {
+                r.kv()
+                    .and_then(|kv| serde_json::from_slice(kv.value()).ok())
+            });
         Ok((leader, managers))
     }
 
     /// One lease: registered, campaigning, then leading, until the lease is lost.
     async fn term(&self, me: &ManagerInfo, events: &UnboundedSender<Event>) -> anyhow::Result<()> {
-        let mut client = self.client.clone();
-        let lease = tokio::time::timeout(CALL_TIMEOUT, client.lease_grant(LEASE_TTL, None))
+        let lease = self
+            .run(|mut c| async move { c.lease_grant(LEASE_TTL, None).await })
             .await
-            .context("grant a lease: no answer")??
+            .context("grant a lease")?
             .id();
         *self.lease.lock().unwrap_or_else(|p| p.into_inner()) = Some(lease);
         let value = serde_json::to_vec(me)?;
         let key = format!("{MANAGERS}{}", me.addr);
-        tokio::time::timeout(
-            CALL_TIMEOUT,
-            client.put(key, value.clone(), Some(PutOptions::new().with_lease(lease))),
-        )
-        .await
-        .context("register in etcd: no answer")??;
-        let (mut keeper, mut stream) = client.lease_keep_alive(lease).await?;
-        let renewed = Arc::new(Mutex::new(Instant::now()));
-        let keep = {
-            let renewed = renewed.clone();
+        let v = value.clone();
+        self.run(move |mut c| {
+            let (key, v) = (key.clone(), v.clone());
             async move {
-                loop {
-                    tokio::time::sleep(RENEW_EVERY).await;
-                    keeper.keep_alive().await?;
-                    match tokio::time::timeout(RENEW_EVERY, stream.message()).await {
-                        Ok(Ok(Some(r))) if r.ttl() > 0 => {
-                            *renewed.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now()
-                        }
-                        Ok(Ok(Some(_))) => bail!("the lease expired"),
-                        Ok(Ok(None)) => bail!("etcd closed the lease's keep-alive stream"),
-                        Ok(Err(e)) => return Err(e.into()),
-                        Err(_) => {}
-                    }
-                    // Step down before a rival could be elected on our expired lease.
-                    let since = renewed.lock().unwrap_or_else(|p| p.into_inner()).elapsed();
-                    if since >= Duration::from_secs(LEASE_TTL as u64) - RENEW_EVERY {
-                        bail!("the lease was not renewed for {since:?}");
-                    }
-                }
+                c.put(key, v, Some(PutOptions::new().with_lease(lease)))
+                    .await
             }
-        };
+        })
+        .await
+        .context("register in etcd")?;
+        let keep = keep_alive(self.client.clone(), lease);
         tokio::pin!(keep);
-        let mut campaigner = client.clone();
+        let mut campaigner = self.client.clone();
         let elected = tokio::select! {
             r = &mut keep => return r,
             r = campaigner.campaign(ELECTION, value, lease) => r.context("campaign")?,
@@ -398,6 +405,80 @@ impl Etcd {
             return Ok(());
         }
         keep.await
+    }
+}
+
+/// Renews `lease` twice a second until it is lost: expired, revoked, or not renewed for
+/// nearly a TTL (then this manager steps down before a rival could be elected on it). A
+/// keep-alive stream that breaks, as when its etcd member dies, is opened again on another.
+async fn keep_alive(client: Client, lease: i64) -> anyhow::Result<()> {
+    let ttl = Duration::from_secs(LEASE_TTL as u64);
+    let mut renewed = Instant::now();
+    let mut stream = None;
+    loop {
+        tokio::time::sleep(RENEW_EVERY).await;
+        let since = renewed.elapsed();
+        if since >= ttl - RENEW_EVERY {
+            bail!("the lease was not renewed for {since:?}");
+        }
+        if stream.is_none() {
+            let mut c = client.clone();
+            match tokio::time::timeout(RENEW_EVERY, c.lease_keep_alive(lease)).await {
+                Ok(Ok(s)) => stream = Some(s),
+                Ok(Err(e)) => tracing::debug!("open the lease's keep-alive: {e}"),
+                Err(_) => tracing::debug!("open the lease's keep-alive: no answer"),
+            }
+        }
+        let Some((keeper, responses)) = stream.as_mut() else {
+            continue;
+        };
+        let answer = async {
+            keeper.keep_alive().await?;
+            responses.message().await
+        };
+        match tokio::time::timeout(RENEW_EVERY, answer).await {
+            Ok(Ok(Some(r))) if r.ttl() > 0 => renewed = Instant::now(),
+            Ok(Ok(Some(_))) => bail!("the lease expired"),
+            Ok(Ok(None)) | Ok(Err(_)) | Err(_) => stream = None,
+        }
+    }
+}
+
+/// Runs `f` until it succeeds, fails for a reason other than an unreachable member, or
+/// [`CALL_TIMEOUT`] has passed. The client spreads calls over the endpoints, and one that is
+/// down (or not up yet) fails the calls sent to it; etcd with its quorum answers on the next.
+async fn retrying<T, F>(client: Client, f: impl Fn(Client) -> F) -> Result<T, String>
+where
+    F: std::future::Future<Output = Result<T, etcd_client::Error>>,
+{
+    let deadline = tokio::time::Instant::now() + CALL_TIMEOUT;
+    loop {
+        let last = match tokio::time::timeout_at(deadline, f(client.clone())).await {
+            Ok(Ok(v)) => return Ok(v),
+            Ok(Err(e)) if unreachable(&e) => e.to_string(),
+            Ok(Err(e)) => return Err(e.to_string()),
+            Err(_) => return Err(format!("no answer within {CALL_TIMEOUT:?}")),
+        };
+        if tokio::time::Instant::now() + RETRY_PAUSE >= deadline {
+            return Err(format!(
+                "no member answered within {CALL_TIMEOUT:?}: {last}"
+            ));
+        }
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+}
+
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+/// A member that cannot be reached, as opposed to an answer.
+fn unreachable(e: &etcd_client::Error) -> bool {
+    match e {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(s) => matches!(
+            s.code(),
+            tonic::Code::Unavailable | tonic::Code::Unknown | tonic::Code::DeadlineExceeded
+        ),
+        _ => false,
     }
 }
 
@@ -443,17 +524,20 @@ impl Store for EtcdStore {
         let n = ops.len();
         let resp = self
             .etcd
-            .run_blocking(move |mut c| async move {
-                c.txn(
-                    Txn::new()
-                        .when([Compare::create_revision(
-                            fence.key,
-                            CompareOp::Equal,
-                            fence.rev,
-                        )])
-                        .and_then(ops),
-                )
-                .await
+            .run_blocking(move |mut c| {
+                let (ops, fence) = (ops.clone(), fence.clone());
+                async move {
+                    c.txn(
+                        Txn::new()
+                            .when([Compare::create_revision(
+                                fence.key,
+                                CompareOp::Equal,
+                                fence.rev,
+                            )])
+                            .and_then(ops),
+                    )
+                    .await
+                }
             })
             .map_err(|e| {
                 let hint = if e.contains("too many operations") {
@@ -541,8 +625,10 @@ pub fn decode(kvs: Vec<(String, Vec<u8>)>) -> Result<Option<State>, String> {
         return Ok(None);
     }
     let mut meta: Option<Value> = None;
-    let mut tables: BTreeMap<&str, serde_json::Map<String, Value>> =
-        TABLES.iter().map(|t| (*t, serde_json::Map::new())).collect();
+    let mut tables: BTreeMap<&str, serde_json::Map<String, Value>> = TABLES
+        .iter()
+        .map(|t| (*t, serde_json::Map::new()))
+        .collect();
     for (key, value) in kvs {
         let parse = |v: &[u8]| {
             serde_json::from_slice::<Value>(v).map_err(|e| format!("parse {key} in etcd: {e}"))
@@ -581,7 +667,11 @@ pub fn decode(kvs: Vec<(String, Vec<u8>)>) -> Result<Option<State>, String> {
 
 /// Whether anything of a cluster is in etcd yet (for `--import`, which needs it empty).
 pub async fn is_empty(etcd: &Etcd) -> anyhow::Result<bool> {
-    Ok(etcd.range(PREFIX).await?.iter().all(|(k, _)| k.starts_with(MANAGERS) || k.starts_with(ELECTION)))
+    Ok(etcd
+        .range(PREFIX)
+        .await?
+        .iter()
+        .all(|(k, _)| k.starts_with(MANAGERS) || k.starts_with(ELECTION)))
 }
 
 #[cfg(test)]
@@ -618,7 +708,10 @@ mod tests {
             1 + s.nodes.len() + s.networks.len() + s.services.len() + s.tasks.len()
         );
         apply(&mut kv, all);
-        assert_eq!(decode(kv.clone().into_iter().collect()).unwrap(), Some(s.clone()));
+        assert_eq!(
+            decode(kv.clone().into_iter().collect()).unwrap(),
+            Some(s.clone())
+        );
 
         // One task's status: that task's key, and nothing else.
         let mut next = s.clone();
@@ -645,9 +738,8 @@ mod tests {
     #[test]
     fn foreign_or_damaged_keys_are_refused() {
         assert_eq!(decode(Vec::new()).unwrap(), None);
-        let meta = |f: u32| {
-            serde_json::to_vec(&serde_json::json!({"format": f, "state": {}})).unwrap()
-        };
+        let meta =
+            |f: u32| serde_json::to_vec(&serde_json::json!({"format": f, "state": {}})).unwrap();
         let err = decode(vec![(META.into(), meta(9))]).unwrap_err();
         assert!(err.contains("has format 9"), "{err}");
         let err = decode(vec![(table_key("tasks", "x"), b"{}".to_vec())]).unwrap_err();
@@ -663,14 +755,23 @@ mod tests {
     #[test]
     fn store_urls() {
         let c = EtcdConfig::parse("etcd://10.0.0.1:2379,10.0.0.2:2379", None).unwrap();
-        assert_eq!(c.endpoints, ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]);
+        assert_eq!(
+            c.endpoints,
+            ["http://10.0.0.1:2379", "http://10.0.0.2:2379"]
+        );
         let tls = EtcdTls {
             ca: String::new(),
             identity: None,
         };
         let c = EtcdConfig::parse("etcd://e1:2379", Some(tls)).unwrap();
         assert_eq!(c.endpoints, ["https://e1:2379"]);
-        for bad in ["http://e1:2379", "etcd://e1", "etcd://:2379", "etcd://e1:0", "etcd://e1:2379,"] {
+        for bad in [
+            "http://e1:2379",
+            "etcd://e1",
+            "etcd://:2379",
+            "etcd://e1:0",
+            "etcd://e1:2379,",
+        ] {
             assert!(EtcdConfig::parse(bad, None).is_err(), "{bad}");
         }
     }

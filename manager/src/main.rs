@@ -162,7 +162,8 @@ impl Startup {
         }
         for role in [Role::Worker, Role::Manager] {
             if state.join_secrets.get(role).is_none() {
-                let token = trust::JoinToken::generate(pki.ca_pem()).context("make a join token")?;
+                let token =
+                    trust::JoinToken::generate(pki.ca_pem()).context("make a join token")?;
                 state.join_secrets.set(role, token.secret);
                 changed = true;
             }
@@ -308,6 +309,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         let config = etcd::EtcdConfig::parse(&args.store, tls).map_err(anyhow::Error::msg)?;
         let client = etcd::Etcd::connect(&config).await?;
+        client.wait_ready().await?;
         let imported = match &args.import {
             Some(dir) => Some(import_from(&client, dir, &args.data_dir).await?),
             None => None,
@@ -409,18 +411,34 @@ async fn shared_pki(
         let cluster_id = match client.ca().await? {
             Some(ca) => {
                 certs::install_ca(&args.data_dir, &ca.cert, &ca.key)?;
-                return certs::Pki::open(&args.data_dir, external(), &ca.cluster_id, args.cert_expiry, sans)
-                    .context("set up the cluster's certificates");
+                return certs::Pki::open(
+                    &args.data_dir,
+                    external(),
+                    &ca.cluster_id,
+                    args.cert_expiry,
+                    sans,
+                )
+                .context("set up the cluster's certificates");
             }
             None => imported
                 .map(|s| s.cluster_id.clone())
                 .filter(|id| !id.is_empty())
                 .unwrap_or_else(alloc::new_id),
         };
-        let pki = certs::Pki::open(&args.data_dir, external(), &cluster_id, args.cert_expiry, sans.clone())
-            .context("set up the cluster's certificates")?;
+        let pki = certs::Pki::open(
+            &args.data_dir,
+            external(),
+            &cluster_id,
+            args.cert_expiry,
+            sans.clone(),
+        )
+        .context("set up the cluster's certificates")?;
         let (cert, key) = pki.ca_pems();
-        let record = etcd::CaRecord { cluster_id, cert, key };
+        let record = etcd::CaRecord {
+            cluster_id,
+            cert,
+            key,
+        };
         if client.put_ca_if_absent(&record).await? {
             tracing::info!(etcd = %client.endpoints(), "stored the cluster's CA in etcd");
             return Ok(pki);
@@ -447,7 +465,8 @@ async fn import_from(client: &etcd::Etcd, dir: &Path, data_dir: &Path) -> anyhow
         );
     }
     let (_, state) = FileStore::open(dir).context("open the state to import")?;
-    let state = state.with_context(|| format!("--import {}: no state.json there", dir.display()))?;
+    let state =
+        state.with_context(|| format!("--import {}: no state.json there", dir.display()))?;
     let tls = dir.join("tls");
     let cert = read_pem(&tls.join("ca.pem"))?;
     let key = read_pem(&tls.join("ca-key.pem"))?;

@@ -3028,7 +3028,9 @@ pub(crate) mod tests {
         let why = s.no_routing_mesh(&n3).unwrap();
         assert!(why.contains("the ingress network is encrypted"), "{why}");
         assert_eq!(
-            crate::views::node(&s, &n3, &|_| None).no_routing_mesh.as_deref(),
+            crate::views::node(&s, &n3, &|_| None)
+                .no_routing_mesh
+                .as_deref(),
             Some(why.as_str())
         );
         // Nodes 1 and 2: an encrypted ingress whose peers are on each other only, and the keys,

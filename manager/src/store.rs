@@ -41,7 +41,9 @@ pub enum StoreError {
 fn leader_hint(leader: &Option<String>) -> String {
     match leader {
         Some(addr) => format!(" (the leader's API is at {addr})"),
-        None => " and no manager is now: an election is under way, or etcd has lost its quorum".into(),
+        None => {
+            " and no manager is now: an election is under way, or etcd has lost its quorum".into()
+        }
     }
 }
 

@@ -5,9 +5,8 @@ use std::collections::BTreeMap;
 use ipnet::Ipv4Net;
 use proto::agent::LbReport;
 use proto::api::{
-    ManagerStatus,
-    IngressSbox, NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, NodeLb, PublishInfo,
-    ServiceInfo, TaskEndpoint, TaskInfo, VirtualIp,
+    IngressSbox, ManagerStatus, NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, NodeLb,
+    PublishInfo, ServiceInfo, TaskEndpoint, TaskInfo, VirtualIp,
 };
 use proto::model::{Network, TaskState};
 

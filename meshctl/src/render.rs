@@ -3,10 +3,11 @@
 
 use std::fmt::Write;
 
-use proto::api::{ManagerStatus, NetworkDetail, NodeInfo, NodeLb, PublishInfo, ServiceInfo, TaskInfo};
+use proto::api::{
+    ManagerStatus, NetworkDetail, NodeInfo, NodeLb, PublishInfo, ServiceInfo, TaskInfo,
+};
 use proto::model::{
-    Availability, Health, HealthCheck, HealthTest, Network, NodeStatus, Role, ServiceMode,
-    TaskState,
+    Availability, Health, HealthCheck, HealthTest, Network, NodeStatus, ServiceMode, TaskState,
 };
 
 use crate::ports;
@@ -433,7 +434,7 @@ mod tests {
     use super::*;
     use proto::agent::{LbBackendReport, LbServiceReport};
     use proto::api::{IngressSbox, ServiceSpec, TaskEndpoint, VirtualIp};
-    use proto::model::{Node, PortConfig, Protocol, PublishMode};
+    use proto::model::{Node, PortConfig, Protocol, PublishMode, Role};
     use std::collections::BTreeMap;
 
     #[test]
@@ -895,7 +896,10 @@ mod tests {
         other.node.hostname = "node2".into();
         other.manager_status = Some(ManagerStatus::Unreachable);
         let out = nodes(&[node.clone(), other]);
-        assert!(out.lines().nth(2).unwrap().contains(" Unreachable "), "{out}");
+        assert!(
+            out.lines().nth(2).unwrap().contains(" Unreachable "),
+            "{out}"
+        );
         assert_eq!(
             out.lines().nth(1).unwrap(),
             "tkxuxun03da7y2bozka50mpxi   node1      Ready     Drain          Leader           192.168.56.11"

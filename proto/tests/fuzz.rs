@@ -36,8 +36,9 @@ use proto::agent::{
     TaskStatus, ESP_KEY_BYTES,
 };
 use proto::api::{
-    IngressSbox, NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, NodeLb, PublishInfo,
-    PublishedPort, Request, Response, Scale, ServiceInfo, ServiceSpec, TaskEndpoint, TaskInfo,
+    IngressSbox, ManagerStatus, NetworkDetail, NetworkEndpoint, NetworkPeer, NodeInfo, NodeLb,
+    PublishInfo, PublishedPort, Request, Response, Scale, ServiceInfo, ServiceSpec, TaskEndpoint,
+    TaskInfo,
 };
 use proto::model::{
     Attachment, Availability, Network, Node, NodeStatus, PortConfig, Protocol, PublishMode, Role,
@@ -304,6 +305,8 @@ fn manager_msg() -> impl Strategy<Value = ManagerMsg> {
         text().prop_map(|cert| ManagerMsg::Ca { cert }),
         (text(), text()).prop_map(|(node_id, cert)| ManagerMsg::Joined { node_id, cert }),
         text().prop_map(|cert| ManagerMsg::Certificate { cert }),
+        option::of(text()).prop_map(|leader| ManagerMsg::NotLeader { leader }),
+        vec(text(), 0..4).prop_map(|addrs| ManagerMsg::Managers { addrs }),
     ]
 }
 
@@ -430,14 +433,20 @@ fn node_info() -> impl Strategy<Value = NodeInfo> {
         any::<u64>(),
         any::<u64>(),
         option::of(text()),
+        option::of(prop_oneof![
+            Just(ManagerStatus::Leader),
+            Just(ManagerStatus::Reachable),
+            Just(ManagerStatus::Unreachable),
+        ]),
     )
         .prop_map(
-            |(node, tasks, revision, applied_revision, no_routing_mesh)| NodeInfo {
+            |(node, tasks, revision, applied_revision, no_routing_mesh, manager_status)| NodeInfo {
                 node,
                 tasks,
                 revision,
                 applied_revision,
                 no_routing_mesh,
+                manager_status,
             },
         )
 }

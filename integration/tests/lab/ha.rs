@@ -31,8 +31,19 @@ fn statuses(c: &Cluster) -> Vec<(String, Option<ManagerStatus>)> {
 fn create_after(c: &Cluster) -> Result<String, String> {
     let hello = bin("hello-server").display().to_string();
     c.meshctl_ok(&[
-        "service", "create", "--name", "after", "--replicas", "2", "--network", "app", "--detach",
-        "--", &hello, "--port", "8080",
+        "service",
+        "create",
+        "--name",
+        "after",
+        "--replicas",
+        "2",
+        "--network",
+        "app",
+        "--detach",
+        "--",
+        &hello,
+        "--port",
+        "8080",
     ])
     .map_err(|e| e.to_string())
 }
@@ -41,13 +52,22 @@ fn create_after(c: &Cluster) -> Result<String, String> {
 fn a_killed_leader_is_replaced_and_nothing_stops_or_is_lost() {
     let c = ha();
     let leader = c.leader().expect("a leader");
-    let st = statuses(&c);
-    let count = |s: ManagerStatus| st.iter().filter(|(_, m)| *m == Some(s)).count();
-    assert_eq!(
-        (count(ManagerStatus::Leader), count(ManagerStatus::Reachable)),
-        (1, 2),
-        "{st:?}"
-    );
+    // A node whose manager registered after it joined is made a manager node within a poll.
+    c.wait_for(
+        Duration::from_secs(10),
+        "one Leader and two Reachable",
+        |c| {
+            let st = statuses(c);
+            let count = |s: ManagerStatus| st.iter().filter(|(_, m)| *m == Some(s)).count();
+            (
+                count(ManagerStatus::Leader),
+                count(ManagerStatus::Reachable),
+            )
+                .eq(&(1, 2))
+                .then_some(())
+        },
+    )
+    .unwrap();
     web(&c, &[]);
     let probe = crate::discovery::sleeper(&c, "probe", "app");
     wait_tag(&c, "v1");
@@ -72,7 +92,10 @@ fn a_killed_leader_is_replaced_and_nothing_stops_or_is_lost() {
             }
             std::thread::sleep(Duration::from_millis(100));
         }
-        assert!(!failover.is_zero(), "no write accepted 30 s after the leader was killed: {last}");
+        assert!(
+            !failover.is_zero(),
+            "no write accepted 30 s after the leader was killed: {last}"
+        );
         c.wait_running("after", 2).unwrap();
     });
     eprintln!("leader on {leader} killed: a write was accepted again after {failover:?}");
@@ -116,19 +139,26 @@ fn etcd_without_quorum_refuses_writes_clearly_while_the_mesh_serves() {
     // Two down: no quorum. Writes are refused, saying why; the routing mesh still answers.
     c.kill_etcd("node2", Signal::SIGKILL);
     let refused = c
-        .wait_for(Duration::from_secs(30), "writes refused without quorum", |c| {
-            c.meshctl(&["service", "scale", "web=3"])
-                .ok()
-                .filter(|o| !o.status.success())
-                .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
-        })
+        .wait_for(
+            Duration::from_secs(30),
+            "writes refused without quorum",
+            |c| {
+                c.meshctl(&["service", "scale", "web=3"])
+                    .ok()
+                    .filter(|o| !o.status.success())
+                    .map(|o| String::from_utf8_lossy(&o.stderr).into_owned())
+            },
+        )
         .unwrap();
     assert!(
         refused.contains("no manager is now") || refused.contains("etcd"),
         "an unclear refusal: {refused}"
     );
     for _ in 0..5 {
-        assert!(answers(&c), "the routing mesh stopped answering without etcd's quorum");
+        assert!(
+            answers(&c),
+            "the routing mesh stopped answering without etcd's quorum"
+        );
         std::thread::sleep(Duration::from_millis(500));
     }
 

@@ -122,10 +122,14 @@ impl Conn<Tls> {
         }
     }
 
+    /// The next assignment; the list of managers that follows a Welcome is passed over.
     pub fn assignment(&mut self) -> Assignment {
-        match self.recv() {
-            ManagerMsg::Assign(a) => a,
-            other => panic!("expected Assign, got {other:?}"),
+        loop {
+            match self.recv() {
+                ManagerMsg::Assign(a) => return a,
+                ManagerMsg::Managers { addrs } => assert!(!addrs.is_empty()),
+                other => panic!("expected Assign, got {other:?}"),
+            }
         }
     }
 
