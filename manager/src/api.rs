@@ -374,7 +374,7 @@ pub fn handle(cluster: &mut Cluster, req: Request) -> Response {
                 Response::JoinToken {
                     role,
                     token: cluster.pki().token(secret).to_string(),
-                    manager: cluster.agent_addr().to_string(),
+                    manager: cluster.agent_addrs().join(","),
                 }
             }
             Request::NetworkCreate {

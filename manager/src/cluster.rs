@@ -150,9 +150,17 @@ impl Cluster {
         self.pki.clone()
     }
 
-    /// Where agents reach this manager, for the join command `meshctl join-token` prints.
-    pub fn agent_addr(&self) -> &str {
-        &self.me.agents
+    /// Where agents reach the managers, this one first, for the join command `meshctl
+    /// join-token` prints.
+    pub fn agent_addrs(&self) -> Vec<String> {
+        let mut out = vec![self.me.agents.clone()];
+        out.extend(
+            self.managers
+                .iter()
+                .filter(|m| **m != self.me)
+                .map(|m| m.agents.clone()),
+        );
+        out
     }
 
     /// A node joined with a valid token for `role`: registers it under a new id and returns

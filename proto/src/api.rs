@@ -299,7 +299,8 @@ pub enum Response {
     Removed {
         id: String,
     },
-    /// A join token and the address agents reach the manager at.
+    /// A join token and where agents reach the managers (ADDR:PORT, comma-separated when
+    /// there are several, as `mesh-agent --manager` takes them).
     JoinToken {
         role: Role,
         token: String,

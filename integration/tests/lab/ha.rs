@@ -2,6 +2,7 @@
 //! A killed leader is replaced and nothing it held is lost; etcd without quorum stops writes
 //! with a clear error while the data plane serves on; the routing mesh never stops answering.
 
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use integration::cluster::{bin, Cluster, ClusterOptions, CONVERGE_TIMEOUT, HA_NODES};
@@ -9,6 +10,7 @@ use integration::http;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use proto::api::{ManagerStatus, NodeInfo, ServiceInfo};
+use proto::model::NodeStatus;
 
 use crate::rolling::{assert_no_failures, cluster_with, under_load, wait_tag, web};
 
@@ -108,6 +110,22 @@ fn a_killed_leader_is_replaced_and_nothing_stops_or_is_lost() {
         st.contains(&(leader.clone(), Some(ManagerStatus::Unreachable))),
         "the killed manager's node: {st:?}"
     );
+    // Roles: a node whose manager runs stays a manager; the dead manager's node may go.
+    let err = c.meshctl_ok(&["node", "demote", &now]).unwrap_err().to_string();
+    assert!(err.contains("a manager runs there"), "{err}");
+    c.meshctl_ok(&["node", "demote", &leader]).unwrap();
+    assert!(statuses(&c).contains(&(leader.clone(), None)));
+    c.meshctl_ok(&["node", "promote", &leader]).unwrap();
+    assert!(statuses(&c).contains(&(leader.clone(), Some(ManagerStatus::Unreachable))));
+    let join = c.meshctl_ok(&["join-token", "manager"]).unwrap();
+    assert!(
+        HA_NODES
+            .iter()
+            .filter(|n| **n != leader)
+            .all(|n| join.contains(&format!("{}:2377", c.lab.node(n).unwrap().ip))),
+        "the join command names every running manager: {join}"
+    );
+
     // Nothing the old leader held is lost.
     let services: Vec<ServiceInfo> = c.json(&["service", "ls"]).unwrap();
     let mut names: Vec<&str> = services.iter().map(|s| s.spec.name.as_str()).collect();
@@ -171,4 +189,89 @@ fn etcd_without_quorum_refuses_writes_clearly_while_the_mesh_serves() {
     .unwrap();
     c.wait_running("web", 3).unwrap();
     assert!(answers(&c));
+}
+
+/// A single manager's state moves into an empty etcd with `--import`: the services, the
+/// nodes and their certificates carry on; an etcd that holds a cluster is never overwritten.
+#[test]
+fn a_single_managers_state_is_imported_into_an_empty_etcd_once() {
+    let mut c = cluster_with(ClusterOptions::default());
+    web(&c, &[]);
+    wait_tag(&c, "v1");
+    c.kill_manager(Signal::SIGTERM);
+
+    let root = c.lab.root().to_path_buf();
+    let etcd = |c: &Cluster| {
+        let mut cmd = c.lab.command("etcd");
+        cmd.args(["--name", "solo", "--data-dir"])
+            .arg(root.join("etcd-solo"))
+            .args([
+                "--listen-client-urls",
+                "http://192.168.56.11:2379",
+                "--advertise-client-urls",
+                "http://192.168.56.11:2379",
+                "--listen-peer-urls",
+                "http://192.168.56.11:2380",
+            ])
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        c.lab.spawn("node1", &mut cmd).unwrap();
+    };
+    etcd(&c);
+    let manager = |data_dir: &str, socket: &std::path::Path| {
+        let mut cmd = Command::new(bin("mesh-manager"));
+        cmd.args([
+            "--listen",
+            "192.168.56.11:2377",
+            "--api-listen",
+            "192.168.56.11:2378",
+            "--store",
+            "etcd://192.168.56.11:2379",
+            "--import",
+        ])
+        .arg(c.manager_data_dir())
+        .arg("--data-dir")
+        .arg(root.join(data_dir))
+        .arg("--api-socket")
+        .arg(socket);
+        cmd
+    };
+    let log = std::fs::File::create(c.log_path("manager-imported")).unwrap();
+    let mut first = manager("manager-etcd", &c.api_socket());
+    first
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log);
+    c.lab.spawn("node1", &mut first).unwrap();
+
+    // The agents come back to the same address and find their tasks as they left them.
+    c.wait_for(
+        CONVERGE_TIMEOUT,
+        "the imported cluster with every node ready",
+        |c| {
+            let nodes: Vec<NodeInfo> = c.json(&["node", "ls"]).ok()?;
+            (nodes.len() == 3 && nodes.iter().all(|n| n.node.status == NodeStatus::Ready))
+                .then_some(())
+        },
+    )
+    .unwrap();
+    let services: Vec<ServiceInfo> = c.json(&["service", "ls"]).unwrap();
+    assert_eq!(services.len(), 1, "{services:?}");
+    c.wait_running("web", 3).unwrap();
+    c.meshctl_ok(&["service", "scale", "web=4"]).unwrap();
+    c.wait_running("web", 4).unwrap();
+    wait_tag(&c, "v1");
+
+    // A second import into the now busy etcd is refused, saying why.
+    let out = c
+        .lab
+        .node("node1")
+        .unwrap()
+        .ns
+        .output(manager("manager-again", &root.join("again.sock")).stdin(Stdio::null()))
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("already holds a cluster"), "{err}");
 }
