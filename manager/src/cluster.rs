@@ -263,6 +263,11 @@ impl Cluster {
     /// The leader and the running managers as etcd shows them now. Agents are told when the
     /// set of managers changes.
     pub fn set_view(&mut self, leader: Option<ManagerInfo>, mut managers: Vec<ManagerInfo>) {
+        if self.leading && leader.as_ref().is_some_and(|l| *l != self.me) {
+            // Our lease ended without our noticing yet: our writes are fenced off already;
+            // the agents must not wait for the keep-alive to say so.
+            self.follow("etcd names another leader");
+        }
         if !self.leading {
             self.leader = leader;
         }
@@ -532,6 +537,7 @@ pub(crate) mod tests {
     use crate::state::tests::{spec, MANAGER};
     use crate::store::tests::TempDir;
     use crate::store::FileStore;
+    use std::sync::Mutex;
     use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     /// A cluster on a fresh state with its store and CA in `tmp`.
@@ -613,6 +619,96 @@ pub(crate) mod tests {
             .transact(|s, now| s.create_service(&spec("web", 1, &[]), now))
             .is_err());
         assert!(drain(&mut rx1).is_empty());
+    }
+
+    /// A store whose writes can be fenced off, as etcd does a deposed leader's.
+    struct Fenced(Arc<Mutex<bool>>);
+
+    impl Store for Fenced {
+        fn save(&mut self, _prev: &State, _next: &State) -> Result<(), StoreError> {
+            if *self.0.lock().unwrap() {
+                return Err(StoreError::NotLeader(None));
+            }
+            Ok(())
+        }
+
+        fn describe(&self) -> String {
+            "fenced".into()
+        }
+    }
+
+    fn info(addr: &str) -> ManagerInfo {
+        ManagerInfo {
+            addr: addr.parse().unwrap(),
+            agents: format!("{addr}:2377"),
+            api: format!("{addr}:2378"),
+        }
+    }
+
+    #[test]
+    fn only_the_leader_changes_anything_and_a_fenced_write_makes_it_follow() {
+        let tmp = TempDir::new("cluster-leader");
+        let mut c = cluster(&tmp);
+        let fenced = Arc::new(Mutex::new(false));
+        c.store = Box::new(Fenced(fenced.clone()));
+        let (tx, mut rx) = unbounded_channel();
+        join_and_connect(&mut c, "node2", "192.168.56.12".parse().unwrap(), tx);
+        let (me, other) = (info(MANAGER), info("192.168.56.13"));
+        c.set_view(None, vec![other.clone()]);
+        let msgs = drain(&mut rx);
+        assert!(
+            msgs.iter()
+                .any(|m| matches!(m, ManagerMsg::Managers { addrs } if addrs.len() == 2)),
+            "agents learn of a new manager: {msgs:?}"
+        );
+
+        // Another manager was elected meanwhile: this one's write is fenced off.
+        *fenced.lock().unwrap() = true;
+        let before = c.state().clone();
+        let err = c
+            .transact(|s, now| s.create_service(&spec("web", 1, &[]), now))
+            .unwrap_err();
+        assert!(err.to_string().contains("not the leader"), "{err}");
+        assert_eq!(c.state(), &before, "nothing changed");
+        assert!(!c.leading());
+        assert!(
+            rx.try_recv().is_err() && rx.is_closed(),
+            "agent sessions end"
+        );
+        assert_eq!(
+            c.tick(true).unwrap(),
+            None,
+            "a follower runs no orchestrator"
+        );
+
+        // Following: refusals name the leader, whose node shows as Leader.
+        c.set_view(Some(other.clone()), vec![me.clone(), other.clone()]);
+        let err = c.transact(|_, _| Ok(())).unwrap_err().to_string();
+        assert!(err.contains("192.168.56.13:2378"), "{err}");
+        assert_eq!(
+            c.not_leader(),
+            ManagerMsg::NotLeader {
+                leader: Some(other.agents.clone())
+            }
+        );
+        let mut node = c.state().nodes.values().next().unwrap().node.clone();
+        node.role = Role::Manager;
+        node.addr = other.addr;
+        assert_eq!(c.manager_status(&node), Some(ManagerStatus::Leader));
+        node.addr = me.addr;
+        assert_eq!(c.manager_status(&node), Some(ManagerStatus::Reachable));
+        node.addr = "192.168.56.99".parse().unwrap();
+        assert_eq!(c.manager_status(&node), Some(ManagerStatus::Unreachable));
+        node.role = Role::Worker;
+        assert_eq!(c.manager_status(&node), None);
+
+        // Elected again: it takes over the stored state and changes go through.
+        *fenced.lock().unwrap() = false;
+        let stored = c.state().clone();
+        c.lead(&stored, stored.clone()).unwrap();
+        assert!(c.leading() && c.leader_api() == Some(me.api.clone()));
+        c.transact(|s, now| s.create_service(&spec("web", 1, &[]), now))
+            .unwrap();
     }
 
     #[test]

@@ -298,13 +298,14 @@ impl Etcd {
     /// Gives up the current term's lease: leadership, if held, passes at once instead of when
     /// the lease would run out, and this manager campaigns again with a new one.
     pub async fn revoke(&self) {
-        let lease = *self.lease.lock().unwrap_or_else(|p| p.into_inner());
+        let lease = self.lease.lock().unwrap_or_else(|p| p.into_inner()).take();
         if let Some(id) = lease {
             if let Err(e) = self
                 .run(move |mut c| async move { c.lease_revoke(id).await })
                 .await
             {
-                tracing::warn!("give up the etcd lease: {e:#}");
+                // Expired already, or etcd is away: then it expires on its own.
+                tracing::debug!("give up the etcd lease: {e:#}");
             }
         }
     }
@@ -319,6 +320,8 @@ impl Etcd {
                     Ok(()) => "the lease ended".to_string(),
                     Err(e) => format!("{e:#}"),
                 };
+                // A lease that may still live would hold our old place in the election.
+                this.revoke().await;
                 if tx.send(Event::Lost(why)).is_err() {
                     return;
                 }

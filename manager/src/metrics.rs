@@ -1,5 +1,6 @@
-//! The manager's metrics, served on `--metrics-listen` (prefix `meshnet_manager_`): the
-//! cluster's nodes, services and tasks, read from the state at each scrape.
+//! The manager's metrics, served on `--metrics-listen` (prefix `meshnet_manager_`): whether
+//! this manager leads, and the cluster's nodes, services and tasks, read from the state at
+//! each scrape (a follower, which keeps no state of its own, reports only `leader 0`).
 
 use std::collections::BTreeMap;
 
@@ -44,6 +45,7 @@ pub struct ManagerMetrics {
     services: Gauge,
     tasks: Family<StateLabel, Gauge>,
     revision: Gauge,
+    leader: Gauge,
 }
 
 impl ManagerMetrics {
@@ -65,9 +67,18 @@ impl ManagerMetrics {
             "The last assignment revision handed out",
             self.revision.clone(),
         );
+        registry.register(
+            "leader",
+            "1 while this manager is the leader (with several managers on etcd), else 0",
+            self.leader.clone(),
+        );
     }
 
     pub fn update(&self, cluster: &Cluster) {
+        self.leader.set(i64::from(cluster.leading()));
+        if !cluster.leading() {
+            return;
+        }
         let state = cluster.state();
         for status in NODE_STATUSES {
             let n = state
@@ -126,6 +137,7 @@ mod tests {
             "meshnet_manager_nodes{status=\"down\"} 0",
             "meshnet_manager_agents_connected 1",
             "meshnet_manager_services 1",
+            "meshnet_manager_leader 1",
             "meshnet_manager_tasks{state=\"running\"} 0",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");

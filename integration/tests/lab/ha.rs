@@ -111,7 +111,10 @@ fn a_killed_leader_is_replaced_and_nothing_stops_or_is_lost() {
         "the killed manager's node: {st:?}"
     );
     // Roles: a node whose manager runs stays a manager; the dead manager's node may go.
-    let err = c.meshctl_ok(&["node", "demote", &now]).unwrap_err().to_string();
+    let err = c
+        .meshctl_ok(&["node", "demote", &now])
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("a manager runs there"), "{err}");
     c.meshctl_ok(&["node", "demote", &leader]).unwrap();
     assert!(statuses(&c).contains(&(leader.clone(), None)));
