@@ -16,9 +16,10 @@ use nix::unistd::Pid;
 use tracing::warn;
 use vxlan::{BridgeConfig, EndpointConfig, MacAddr, Sandbox, VxlanConfig};
 
-use crate::mesh::{NodeNets, GWBRIDGE};
+use crate::mesh::NodeNets;
+use crate::names::{BRIDGE, GWBRIDGE, VXLAN};
 use crate::observe::{NsObs, Observed};
-use crate::plan::{Action, BRIDGE, VXLAN};
+use crate::plan::Action;
 
 #[derive(Debug, thiserror::Error)]
 pub enum KernelError {

@@ -23,11 +23,11 @@ use tracing::{error, info, warn};
 use netns::Netns;
 
 use crate::apply::Kernel;
-use crate::mesh::GWBRIDGE;
+use crate::lifecycle::{self, Phase};
+use crate::names::GWBRIDGE;
 use crate::observe::Observed;
 use crate::plan::Action;
 use crate::state::StateDir;
-use crate::tasks::{self, Phase};
 
 /// The actions that remove every object of `observed`: namespaces, then the node's legs,
 /// then the gwbridge they hang on.
@@ -110,7 +110,7 @@ pub fn run(state: &StateDir, kernel: &dyn Kernel, node: &Netns) -> anyhow::Resul
 
 /// SIGTERM to every recorded task process that still runs, SIGKILL to each one left after its
 /// task's stop grace period.
-fn stop_tasks(records: &[tasks::TaskRecord]) {
+fn stop_tasks(records: &[lifecycle::TaskRecord]) {
     let mut alive: Vec<(&str, u32, u64, u64, Duration)> = records
         .iter()
         .filter_map(|r| match r.phase {
@@ -118,7 +118,7 @@ fn stop_tasks(records: &[tasks::TaskRecord]) {
                 pid,
                 start_time,
                 netns_inode,
-            } if tasks::is_alive(pid, start_time, netns_inode) => Some((
+            } if lifecycle::is_alive(pid, start_time, netns_inode) => Some((
                 r.spec.name.as_str(),
                 pid,
                 start_time,
@@ -130,19 +130,19 @@ fn stop_tasks(records: &[tasks::TaskRecord]) {
         .collect();
     for (task, pid, ..) in &alive {
         info!(task = %task, pid, "stopping task");
-        tasks::signal_task(*pid, Signal::SIGTERM);
+        lifecycle::signal_task(*pid, Signal::SIGTERM);
     }
     let started = Instant::now();
     while !alive.is_empty() {
         alive.retain(|(task, pid, start_time, netns_inode, grace)| {
-            if !tasks::is_alive(*pid, *start_time, *netns_inode) {
+            if !lifecycle::is_alive(*pid, *start_time, *netns_inode) {
                 return false;
             }
             if started.elapsed() < *grace {
                 return true;
             }
             warn!(task = %task, pid, "task ignored SIGTERM; killing it");
-            tasks::signal_task(*pid, Signal::SIGKILL);
+            lifecycle::signal_task(*pid, Signal::SIGKILL);
             false
         });
         if !alive.is_empty() {

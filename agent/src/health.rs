@@ -19,13 +19,12 @@ use std::time::{Duration, Instant};
 use nix::sys::signal::Signal;
 use proto::agent::TaskSpec;
 use proto::model::{Health, HealthCheck, HealthTest};
-use serde::{Deserialize, Serialize};
 use tokio::io::{AsyncRead, AsyncReadExt};
 use tokio::sync::mpsc::UnboundedSender;
 use tracing::{debug, info};
 
+use crate::lifecycle::{self, Event, HealthState, ProcEvent};
 use crate::metrics::AgentMetrics;
-use crate::tasks::{self, Event, ProcEvent};
 
 /// Until its first pass a task is probed at least this often, so that it gets traffic soon:
 /// first after [`FIRST_PROBE_DELAY`], then twice as long each time up to this.
@@ -40,15 +39,6 @@ const OUTPUT_BYTES: usize = 4096;
 const LOG_CHARS: usize = 300;
 /// Bytes of an HTTP answer read at most to find its status line.
 const STATUS_LINE_BYTES: usize = 1024;
-
-/// What the checks found, as reported and persisted in the task's record (a restarted agent
-/// goes on from it instead of taking a healthy task out of traffic until its next pass).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct HealthState {
-    pub health: Health,
-    /// The output or error of the last failed probe (bounded).
-    pub log: Option<String>,
-}
 
 /// The decision logic: the results so far make the current health and the next probe's time.
 #[derive(Debug, Clone)]
@@ -172,7 +162,7 @@ impl Checker {
         events: UnboundedSender<ProcEvent>,
         metrics: AgentMetrics,
     ) -> Checker {
-        let env: Vec<(String, String)> = tasks::task_env(spec)
+        let env: Vec<(String, String)> = lifecycle::task_env(spec)
             .map(|(k, v)| (k.to_string(), v.to_string()))
             .collect();
         Checker(tokio::spawn(async move {
@@ -237,7 +227,7 @@ fn task_ns(target: &Target, kind: &str) -> Result<File, String> {
 }
 
 fn check_alive(target: &Target) -> Result<(), String> {
-    if tasks::is_alive(target.pid, target.start_time, target.netns_inode) {
+    if lifecycle::is_alive(target.pid, target.start_time, target.netns_inode) {
         Ok(())
     } else {
         Err("the task's process is gone".into())
@@ -331,7 +321,7 @@ impl KillGroup {
 impl Drop for KillGroup {
     fn drop(&mut self) {
         if let Some(pid) = self.0 {
-            tasks::signal_task(pid, Signal::SIGKILL);
+            lifecycle::signal_task(pid, Signal::SIGKILL);
         }
     }
 }

@@ -10,11 +10,14 @@ mod esp;
 mod health;
 mod join;
 mod lb;
+mod lifecycle;
 mod managers;
 mod mesh;
 mod metrics;
+mod names;
 mod netwatch;
 mod observe;
+mod outbox;
 mod plan;
 mod reconcile;
 mod rules;
@@ -357,7 +360,7 @@ async fn run() -> anyhow::Result<()> {
         // Reported unsupported above.
         (EspSupport::Supported, IpAddr::V6(_)) => None,
     };
-    let (outbox, outgoing) = conn::Outbox::new();
+    let (outbox, outgoing) = outbox::Outbox::new();
     let (events_tx, events_rx) = mpsc::unbounded_channel();
     let supervisor =
         tasks::Supervisor::adopt(state.clone(), events_tx, outbox.clone(), metrics.clone())

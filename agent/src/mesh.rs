@@ -27,16 +27,7 @@ use proto::agent::{Assignment, NetworkSpec, PublishedService, TaskSpec};
 use proto::model::{EndpointMode, PortConfig, Protocol, PublishMode};
 
 use crate::lb::DrainingBackends;
-use crate::plan::veth_name;
-
-/// The node's gateway bridge (Swarm's `docker_gwbridge`).
-pub const GWBRIDGE: &str = "mesh_gwbridge";
-/// The routing mesh's namespace, in the agent's netns dir.
-pub const INGRESS_SBOX: &str = "ingress_sbox";
-/// ingress_sbox's leg on the ingress overlay.
-pub const SBOX_INGRESS_IF: &str = "eth0";
-/// An `lb_<network>` namespace's leg on its network.
-pub const LB_IF: &str = "eth0";
+use crate::names::{GWBRIDGE, INGRESS_SBOX, LB_IF, SBOX_INGRESS_IF};
 
 /// The gwbridge as the planner needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -46,11 +37,6 @@ pub struct Gw {
     pub mtu: u32,
     /// Each leg's address, by task name (and [`INGRESS_SBOX`]).
     pub addrs: BTreeMap<String, Ipv4Addr>,
-}
-
-/// The node end of a task's gwbridge leg: stable per task, and marked as ours by `mgw`.
-pub fn gw_veth_name(task: &str) -> String {
-    format!("mgw{}", &veth_name(task, GWBRIDGE)[4..])
 }
 
 /// The n-th address of a subnet (1 = the first host address).

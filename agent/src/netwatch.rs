@@ -28,7 +28,7 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::mesh::GWBRIDGE;
+use crate::names::GWBRIDGE;
 
 // rtnetlink multicast groups (linux/rtnetlink.h).
 const RTMGRP_LINK: u32 = 0x1;

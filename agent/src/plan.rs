@@ -32,14 +32,10 @@ use vxlan::{LinkKind, LinkState, MacAddr, PeerAction, RemotePeer};
 
 use firewall::LbMode;
 
-use crate::mesh::{self, gw_veth_name, Gw, GWBRIDGE, INGRESS_SBOX};
+use crate::lifecycle::{Phase, TaskRecord};
+use crate::mesh::{self, Gw};
+use crate::names::{gw_veth_name, sandbox_name, veth_name, BRIDGE, GWBRIDGE, INGRESS_SBOX, VXLAN};
 use crate::observe::{NsObs, Observed};
-use crate::tasks::{Phase, TaskRecord};
-
-/// The name of the bridge in every sandbox.
-pub const BRIDGE: &str = "br0";
-/// The name of the VXLAN device in every sandbox.
-pub const VXLAN: &str = "vxlan0";
 
 /// Node-wide settings the plan depends on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,23 +49,6 @@ pub struct Settings {
     /// IPVS balances VIPs: every network in use with an lb address gets its `lb_<name>`
     /// namespace. (The nftables balancer works in the tasks' own namespaces instead.)
     pub lb_namespaces: bool,
-}
-
-/// The namespace file name of a network's sandbox, as Docker names it (`1-` + 10 id chars).
-pub fn sandbox_name(network_id: &str) -> String {
-    let id: String = network_id.chars().take(10).collect();
-    format!("1-{id}")
-}
-
-/// The sandbox-side name of a task's endpoint on a network: stable, so a restarted agent finds
-/// it, and short enough for IFNAMSIZ.
-pub fn veth_name(task: &str, network_id: &str) -> String {
-    // FNV-1a: a fixed, dependency-free hash (std's hasher is not stable across releases).
-    let mut h: u32 = 0x811c_9dc5;
-    for b in task.bytes().chain([b'/']).chain(network_id.bytes()) {
-        h = (h ^ b as u32).wrapping_mul(0x0100_0193);
-    }
-    format!("veth{:07x}", h & 0x0fff_ffff)
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,16 +14,18 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::apply::Kernel;
-use crate::conn::Outbox;
 use crate::dns::Dns;
 use crate::esp;
-use crate::mesh::{self, Gw, INGRESS_SBOX};
+use crate::lifecycle::{Phase, ProcEvent};
+use crate::mesh::{self, Gw};
 use crate::metrics::AgentMetrics;
+use crate::names::{sandbox_name, INGRESS_SBOX};
 use crate::netwatch::{Change, Watcher};
-use crate::plan::{plan, sandbox_name, Action, Settings};
+use crate::outbox::Outbox;
+use crate::plan::{plan, Action, Settings};
 use crate::rules::MeshRules;
 use crate::state::StateDir;
-use crate::tasks::{Phase, ProcEvent, Supervisor};
+use crate::tasks::Supervisor;
 
 /// The routing mesh's node-wide pieces.
 pub struct Mesh {

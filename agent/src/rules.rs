@@ -18,7 +18,8 @@ use tracing::{error, info};
 use crate::lb::{
     self, sync_table, DrainingBackends, LbKind, LbOptions, LoadBalancer, Synced, Table,
 };
-use crate::mesh::{self, GWBRIDGE, INGRESS_SBOX};
+use crate::mesh;
+use crate::names::{GWBRIDGE, INGRESS_SBOX};
 
 /// A table applied in one namespace, tied to the namespace's inode: a recreated namespace
 /// starts empty, so its table is rebuilt in full.

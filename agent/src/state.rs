@@ -24,7 +24,7 @@ use ipnet::Ipv4Net;
 use proto::agent::Assignment;
 use serde::{de::DeserializeOwned, Deserialize, Serialize};
 
-use crate::tasks::TaskRecord;
+use crate::lifecycle::TaskRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -236,7 +236,7 @@ fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), StateError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::tasks::Phase;
+    use crate::lifecycle::Phase;
     use proto::agent::TaskSpec;
     use proto::model::TaskState;
 
