@@ -39,9 +39,10 @@ use tracing::{info, warn};
 use netns::Netns;
 
 use crate::apply::{Kernel, NetKernel};
-use crate::lb::{LbKind, LbOptions, Timeouts};
+use crate::lb::{LbOptions, Timeouts};
 use crate::plan::Settings;
 use proto::agent::EspSupport;
+use proto::model::LbKind;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -174,7 +175,7 @@ fn overlay_mtu(node: &Netns, advertise: IpAddr) -> anyhow::Result<u32> {
 fn choose_lb(lb: Lb) -> anyhow::Result<LbKind> {
     let probe = || ipvs::Client::new().map(|c| c.family_id());
     let (kind, why) = decide_lb(lb, probe)?;
-    info!(lb = ?lb, backend = kind.name(), "routing-mesh load balancer: {why}");
+    info!(lb = ?lb, backend = kind.as_str(), "routing-mesh load balancer: {why}");
     Ok(kind)
 }
 

@@ -19,12 +19,11 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::net::{Ipv4Addr, SocketAddrV4};
 
 use firewall::{
-    Fwmark, LbMode, NodeConfig, NodeState, PortKey, Proto, SboxConfig, SboxService, SboxState,
-    TaskState,
+    Fwmark, NodeConfig, NodeState, PortKey, Proto, SboxConfig, SboxService, SboxState, TaskState,
 };
 use ipnet::Ipv4Net;
 use proto::agent::{Assignment, NetworkSpec, PublishedService, TaskSpec};
-use proto::model::{EndpointMode, PortConfig, Protocol, PublishMode};
+use proto::model::{EndpointMode, LbKind, PortConfig, Protocol, PublishMode};
 
 use crate::lb::DrainingBackends;
 use crate::names::{GWBRIDGE, INGRESS_SBOX, LB_IF, SBOX_INGRESS_IF};
@@ -111,10 +110,6 @@ pub fn allocate_gw(
     Ok(out)
 }
 
-fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
-}
-
 /// What a subnet of ours must not clash with: the node's addresses (but the gwbridge's) and the
 /// destinations of its routes (but those through the gwbridge).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -146,7 +141,11 @@ impl NodeNets {
     /// or one of `more`. The default route overlaps everything and says nothing, so it is not
     /// counted.
     pub fn check_clash(&self, what: &str, subnet: Ipv4Net, more: &[Ipv4Net]) -> Result<(), String> {
-        if let Some((dev, a)) = self.addrs.iter().find(|(_, a)| overlaps(subnet, a.trunc())) {
+        if let Some((dev, a)) = self
+            .addrs
+            .iter()
+            .find(|(_, a)| proto::subnets_overlap(&subnet, &a.trunc()))
+        {
             return Err(format!(
                 "{what} subnet {subnet} clashes with the node's address {a} on {dev}: choose another subnet"
             ));
@@ -155,7 +154,7 @@ impl NodeNets {
             .routes
             .iter()
             .chain(more)
-            .find(|r| r.prefix_len() > 0 && overlaps(subnet, **r))
+            .find(|r| r.prefix_len() > 0 && proto::subnets_overlap(&subnet, r))
         {
             return Err(format!(
                 "{what} subnet {subnet} clashes with the node's route to {r}: choose another subnet"
@@ -220,7 +219,7 @@ pub fn node_state(
 }
 
 /// The ingress_sbox table (and the load balancer's desired state), when there is an ingress.
-pub fn sbox_state(desired: &Assignment, lb: LbMode) -> Option<SboxState> {
+pub fn sbox_state(desired: &Assignment, lb: LbKind) -> Option<SboxState> {
     let ingress = desired.ingress.as_ref()?;
     let mut st = SboxState::new(SboxConfig {
         ingress_iface: SBOX_INGRESS_IF.into(),
@@ -289,7 +288,7 @@ pub fn lb_state(net: &NetworkSpec) -> Option<SboxState> {
         ingress_iface: LB_IF.into(),
         ingress_subnet: net.subnet,
         ingress_ip: lb_addr.addr(),
-        lb: LbMode::Ipvs,
+        lb: LbKind::Ipvs,
     });
     for svc in net
         .services
@@ -337,17 +336,17 @@ pub fn network_vips(net: &NetworkSpec) -> BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>>
 pub fn task_states(
     desired: &Assignment,
     running: &[&TaskSpec],
-    lb: LbMode,
+    lb: LbKind,
 ) -> BTreeMap<String, TaskState> {
     let ingress = desired.ingress.as_ref().map(|i| &i.network);
     // Once per network, not per task: every local task's table changes with a service.
     let vips: BTreeMap<&str, BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>>> = match lb {
-        LbMode::Nftables => desired
+        LbKind::Nftables => desired
             .networks
             .iter()
             .map(|n| (n.id.as_str(), network_vips(n)))
             .collect(),
-        LbMode::Ipvs => BTreeMap::new(),
+        LbKind::Ipvs => BTreeMap::new(),
     };
     let mut out = BTreeMap::new();
     for t in running {
@@ -566,7 +565,7 @@ mod tests {
     fn every_node_balances_ingress_ports_over_all_backends() {
         let a = assignment();
         // A node without any task programs the same ingress ports and services.
-        let sbox = sbox_state(&a, LbMode::Ipvs).unwrap();
+        let sbox = sbox_state(&a, LbKind::Ipvs).unwrap();
         assert_eq!(sbox.config.ingress_ip, ip("10.255.0.2"));
         assert_eq!(
             sbox.services.len(),
@@ -586,14 +585,14 @@ mod tests {
         assert_eq!(node.config.ingress_sbox_ip, ip("172.18.0.2"));
         assert_eq!(node.ingress_ports.len(), 2);
         assert!(node.host_ports.is_empty(), "no local task, no host port");
-        assert!(task_states(&a, &[], LbMode::Nftables).is_empty());
+        assert!(task_states(&a, &[], LbKind::Nftables).is_empty());
 
         // Without an ingress network nothing is published in ingress mode.
         let none = Assignment {
             ingress: None,
             ..a.clone()
         };
-        assert!(sbox_state(&none, LbMode::Nftables).is_none());
+        assert!(sbox_state(&none, LbKind::Nftables).is_none());
         assert!(
             node_state(&none, net("172.18.0.0/16"), &BTreeMap::new(), &[])
                 .ingress_ports
@@ -619,7 +618,7 @@ mod tests {
             node.host_ports,
             [(PortKey::tcp(81), "172.18.0.4:8080".parse().unwrap())].into()
         );
-        let tasks = task_states(&a, &running, LbMode::Nftables);
+        let tasks = task_states(&a, &running, LbKind::Nftables);
         assert_eq!(tasks.len(), 3, "every running task has a table");
         let t = &tasks["web.1.x"];
         assert_eq!(t.ingress_ip, Some(ip("10.255.0.10")));
@@ -721,7 +720,7 @@ mod tests {
             "gw",
             &[("front", "10.0.8.10"), ("back", "10.0.9.11")],
         );
-        let tasks = task_states(&a, &[&client, &both], LbMode::Nftables);
+        let tasks = task_states(&a, &[&client, &both], LbKind::Nftables);
         let want_back: BTreeMap<Ipv4Addr, BTreeSet<Ipv4Addr>> = [
             (ip("10.0.9.2"), [ip("10.0.9.5"), ip("10.0.9.6")].into()),
             (ip("10.0.9.3"), BTreeSet::new()),
@@ -732,7 +731,7 @@ mod tests {
         want_both.insert(ip("10.0.8.2"), [ip("10.0.8.5")].into());
         assert_eq!(tasks["gw.1.g"].vips, want_both);
         // With IPVS the VIPs live in lb_<network>: the tasks' tables hold none.
-        let ipvs = task_states(&a, &[&client, &both], LbMode::Ipvs);
+        let ipvs = task_states(&a, &[&client, &both], LbKind::Ipvs);
         assert!(ipvs.values().all(|t| t.vips.is_empty()));
     }
 
@@ -756,7 +755,7 @@ mod tests {
         let st = lb_state(&back).unwrap();
         assert_eq!(st.config.ingress_ip, ip("10.0.9.250"));
         assert_eq!(st.config.ingress_subnet, net("10.0.9.0/24"));
-        assert_eq!(st.config.lb, LbMode::Ipvs);
+        assert_eq!(st.config.lb, LbKind::Ipvs);
         assert_eq!(
             st.services.keys().map(|m| m.get()).collect::<Vec<_>>(),
             [300],

@@ -30,7 +30,7 @@ use ipnet::Ipv4Net;
 use proto::agent::{Assignment, NetworkSpec, TaskSpec};
 use vxlan::{LinkKind, LinkState, MacAddr, PeerAction, RemotePeer};
 
-use firewall::LbMode;
+use proto::model::LbKind;
 
 use crate::lifecycle::{Phase, TaskRecord};
 use crate::mesh::{self, Gw};
@@ -269,7 +269,7 @@ pub fn plan(
     // ingress_sbox: like a task with one attachment (eth0 on ingress), but no process; it
     // holds the ingress VIPs too.
     let sbox = ingress.map(|i| one_leg(INGRESS_SBOX, &i.network.id, i.sbox_addr));
-    let sbox_aliases = mesh::sbox_state(desired, LbMode::Ipvs)
+    let sbox_aliases = mesh::sbox_state(desired, LbKind::Ipvs)
         .map(|st| mesh::vip_aliases(&st))
         .unwrap_or_default();
     wanted_ns.extend(sbox.iter().map(|s| s.name.clone()));

@@ -13,11 +13,10 @@ use firewall::{NodeState, TaskState};
 use ipnet::Ipv4Net;
 use netns::Netns;
 use proto::agent::{Assignment, LbReport, TaskSpec};
+use proto::model::LbKind;
 use tracing::{error, info};
 
-use crate::lb::{
-    self, sync_table, DrainingBackends, LbKind, LbOptions, LoadBalancer, Synced, Table,
-};
+use crate::lb::{self, sync_table, DrainingBackends, LbOptions, LoadBalancer, Synced, Table};
 use crate::mesh;
 use crate::names::{GWBRIDGE, INGRESS_SBOX};
 
@@ -133,7 +132,7 @@ impl MeshRules {
             Err(e) => fail("node table", &e),
         }
 
-        match mesh::sbox_state(desired, self.lb_kind.mode()) {
+        match mesh::sbox_state(desired, self.lb_kind) {
             Some(st) => {
                 match self.sync_lb(INGRESS_SBOX, &st, &ingress_draining(desired), recheck) {
                     Ok(s) => {
@@ -174,7 +173,7 @@ impl MeshRules {
             }
         }
 
-        let tasks = mesh::task_states(desired, running, self.lb_kind.mode());
+        let tasks = mesh::task_states(desired, running, self.lb_kind);
         self.tasks.retain(|name, _| tasks.contains_key(name));
         for (name, st) in &tasks {
             match self.sync_task(name, st, recheck) {
@@ -247,7 +246,7 @@ impl MeshRules {
             sync(
                 self,
                 INGRESS_SBOX,
-                mesh::sbox_state(desired, self.lb_kind.mode()),
+                mesh::sbox_state(desired, self.lb_kind),
                 ingress_draining(desired),
             );
         }
@@ -264,7 +263,7 @@ impl MeshRules {
             .iter()
             .filter(|t| self.tasks.contains_key(&t.name))
             .collect();
-        for (name, st) in mesh::task_states(desired, &known, self.lb_kind.mode()) {
+        for (name, st) in mesh::task_states(desired, &known, self.lb_kind) {
             synced = true;
             if let Err(e) = self.sync_task(&name, &st, false) {
                 error!("table of task {name}: {e}");
@@ -294,10 +293,10 @@ impl MeshRules {
     ) -> Result<lb::LbSynced, lb::LbError> {
         let ns = Netns::open(&self.dir.join(name))?;
         let inode = ns.inode()?;
-        ns.write_sysctls(&firewall::sbox_sysctls(self.lb_kind.mode(), &self.kernel))?;
+        ns.write_sysctls(&firewall::sbox_sysctls(self.lb_kind, &self.kernel))?;
         if self.lbs.get(name).is_none_or(|(i, _)| *i != inode) {
             info!(
-                backend = self.lb_kind.name(),
+                backend = self.lb_kind.as_str(),
                 netns = name,
                 "load balancer opened"
             );

@@ -256,14 +256,15 @@ impl Netfilter for FakeNetfilter {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{Fwmark, LbMode, PortKey, SboxConfig, SboxService, SboxState};
+    use crate::{Fwmark, PortKey, SboxConfig, SboxService, SboxState};
+    use proto::model::LbKind;
 
     fn sbox(backends: &[u8]) -> SboxState {
         let mut s = SboxState::new(SboxConfig {
             ingress_iface: "eth0".into(),
             ingress_subnet: "10.255.0.0/16".parse().unwrap(),
             ingress_ip: "10.255.0.2".parse().unwrap(),
-            lb: LbMode::Nftables,
+            lb: LbKind::Nftables,
         });
         s.services.insert(
             Fwmark::new(256).unwrap(),

@@ -68,11 +68,11 @@
 //! ```
 //! A service's VIP (a local address of the sandbox) is marked for it whatever the port: the
 //! ingress VIP in ingress_sbox, and each VIP of a network in its `lb_<network>` namespace, whose
-//! table is the same with [`LbMode::Ipvs`], no published port, and the network's subnet, leg
+//! table is the same with [`LbKind::Ipvs`](proto::model::LbKind::Ipvs), no published port, and the network's subnet, leg
 //! and lb address in place of ingress's.
 //!
 //! Lookup is O(1) in the number of services: three map lookups for the first packet of a
-//! connection. The DNAT keeps the port (each task redirects it). With [`LbMode::Ipvs`] only
+//! connection. The DNAT keeps the port (each task redirects it). With [`LbKind::Ipvs`](proto::model::LbKind::Ipvs) only
 //! `published`, the marking chain and the SNAT chain exist (IPVS is programmed elsewhere).
 //! Slot i of a service is its i-th backend in address order. A service without backends is
 //! only marked: the sandbox's own stack refuses its connections.
@@ -134,9 +134,7 @@ pub use listing::{parse_listing, TableShape};
 pub use nfnl::NfnlSocket;
 pub use node::{node_sysctls, NodeConfig, NodeState};
 pub use render::{Batch, ELEMENTS_PER_STATEMENT};
-pub use sbox::{
-    kernel_release, sbox_sysctls, synthetic_sbox, LbMode, SboxConfig, SboxService, SboxState,
-};
+pub use sbox::{kernel_release, sbox_sysctls, synthetic_sbox, SboxConfig, SboxService, SboxState};
 pub use task::TaskState;
 
 /// A rule set of one namespace's table: rendered from desired state, checked by its shape.

@@ -7,17 +7,10 @@ use std::net::Ipv4Addr;
 use ipnet::Ipv4Net;
 
 use crate::changes::{Changes, Key, Step, Value};
+use proto::model::LbKind;
+
 use crate::render::Batch;
 use crate::{check_interface, check_port, Error, Fwmark, PortKey, Result, Ruleset, TableShape};
-
-/// Which load balancer sits behind the fwmarks.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LbMode {
-    /// This table balances: `numgen` round robin per service over a map of backend slots.
-    Nftables,
-    /// IPVS FWM services balance (programmed by the ipvs crate); this table only marks and SNATs.
-    Ipvs,
-}
 
 /// What the sandbox's fixed chains depend on; a change rebuilds the table.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -27,7 +20,7 @@ pub struct SboxConfig {
     pub ingress_subnet: Ipv4Net,
     /// This node's IP on the ingress overlay: the SNAT source, so replies come back here.
     pub ingress_ip: Ipv4Addr,
-    pub lb: LbMode,
+    pub lb: LbKind,
 }
 
 /// One service published in ingress mode.
@@ -35,7 +28,7 @@ pub struct SboxConfig {
 pub struct SboxService {
     pub ports: BTreeSet<PortKey>,
     /// Every task's ingress IP, on any node. The port is kept: each task redirects it.
-    /// Used by [`LbMode::Nftables`]; with IPVS, only for flushing stale conntrack entries.
+    /// Used by [`LbKind::Nftables`]; with IPVS, only for flushing stale conntrack entries.
     pub backends: BTreeSet<Ipv4Addr>,
     /// The service's VIP, a local address of the sandbox: every connection to it, any port,
     /// is marked for the service.
@@ -86,7 +79,7 @@ impl SboxState {
     }
 
     fn balances(&self) -> bool {
-        self.config.lb == LbMode::Nftables
+        self.config.lb == LbKind::Nftables
     }
 
     fn render_fixed(&self, b: &mut Batch) {
@@ -313,9 +306,9 @@ impl Ruleset for SboxState {
 /// connection that reuses a client port to the old one's destination even when it is draining
 /// (kubernetes#81775, #99162), so a stopping task gets new connections. From 5.9 a reused port
 /// is rescheduled without the drop, so it keeps the kernel's 1 there, as kube-proxy does.
-pub fn sbox_sysctls(lb: LbMode, kernel: &str) -> Vec<(String, String)> {
+pub fn sbox_sysctls(lb: LbKind, kernel: &str) -> Vec<(String, String)> {
     let mut out = vec![("net.ipv4.ip_forward", "1")];
-    if lb == LbMode::Ipvs {
+    if lb == LbKind::Ipvs {
         let reuse = if reschedules_reused_ports(kernel) {
             "1"
         } else {
@@ -365,7 +358,7 @@ pub fn synthetic_sbox(services: u16, backends: u8) -> SboxState {
         ingress_iface: "eth0".into(),
         ingress_subnet: "10.0.0.0/8".parse().expect("valid subnet"),
         ingress_ip: Ipv4Addr::new(10, 255, 255, 254),
-        lb: LbMode::Nftables,
+        lb: LbKind::Nftables,
     });
     for i in 0..services {
         let [hi, lo] = i.to_be_bytes();
@@ -386,7 +379,7 @@ pub fn synthetic_sbox(services: u16, backends: u8) -> SboxState {
 mod tests {
     use super::*;
 
-    fn config(lb: LbMode) -> SboxConfig {
+    fn config(lb: LbKind) -> SboxConfig {
         SboxConfig {
             ingress_iface: "eth0".into(),
             ingress_subnet: "10.255.0.0/16".parse().unwrap(),
@@ -399,7 +392,7 @@ mod tests {
         Ipv4Addr::new(10, 255, 0, last)
     }
 
-    fn state(lb: LbMode, services: &[(u32, &[PortKey], &[u8])]) -> SboxState {
+    fn state(lb: LbKind, services: &[(u32, &[PortKey], &[u8])]) -> SboxState {
         let mut s = SboxState::new(config(lb));
         for (mark, ports, backends) in services {
             s.services.insert(
@@ -421,7 +414,7 @@ mod tests {
     #[test]
     fn full_build_with_nftables_lb() {
         let s = state(
-            LbMode::Nftables,
+            LbKind::Nftables,
             &[(256, &[PortKey::tcp(80), PortKey::udp(80)], &[10, 11])],
         );
         let expected = "\
@@ -451,7 +444,7 @@ add element ip meshnet services { 256 : jump svc-256 }
 
     #[test]
     fn full_build_for_ipvs_only_marks_and_snats() {
-        let s = state(LbMode::Ipvs, &[(257, &[PortKey::tcp(443)], &[10])]);
+        let s = state(LbKind::Ipvs, &[(257, &[PortKey::tcp(443)], &[10])]);
         let expected = "\
 add table ip meshnet
 delete table ip meshnet
@@ -467,15 +460,15 @@ add element ip meshnet published { tcp . 443 : 257 }
 ";
         assert_eq!(render(None, &s), expected);
         // Backends do not matter to the IPVS table.
-        let more = state(LbMode::Ipvs, &[(257, &[PortKey::tcp(443)], &[10, 11])]);
+        let more = state(LbKind::Ipvs, &[(257, &[PortKey::tcp(443)], &[10, 11])]);
         assert_eq!(render(Some(&s), &more), "");
     }
 
     #[test]
     fn adding_a_service_touches_only_its_objects() {
-        let before = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[10, 11])]);
+        let before = state(LbKind::Nftables, &[(256, &[PortKey::tcp(80)], &[10, 11])]);
         let after = state(
-            LbMode::Nftables,
+            LbKind::Nftables,
             &[
                 (256, &[PortKey::tcp(80)], &[10, 11]),
                 (257, &[PortKey::udp(53)], &[20]),
@@ -505,11 +498,11 @@ delete chain ip meshnet svc-257
     fn removing_a_backend_refills_only_that_service() {
         let other = (300, &[PortKey::tcp(8000)][..], &[30, 31][..]);
         let before = state(
-            LbMode::Nftables,
+            LbKind::Nftables,
             &[(256, &[PortKey::tcp(80)], &[10, 11, 12]), other],
         );
         let after = state(
-            LbMode::Nftables,
+            LbKind::Nftables,
             &[(256, &[PortKey::tcp(80)], &[10, 12]), other],
         );
         let expected = "\
@@ -524,8 +517,8 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.12 }
 
     #[test]
     fn replacing_a_backend_keeps_the_service_chain() {
-        let before = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[10, 11])]);
-        let after = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[10, 13])]);
+        let before = state(LbKind::Nftables, &[(256, &[PortKey::tcp(80)], &[10, 11])]);
+        let after = state(LbKind::Nftables, &[(256, &[PortKey::tcp(80)], &[10, 13])]);
         let expected = "\
 delete element ip meshnet backends { 256 . 1 }
 add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
@@ -535,7 +528,7 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
 
     #[test]
     fn a_service_without_backends_is_only_marked() {
-        let s = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[])]);
+        let s = state(LbKind::Nftables, &[(256, &[PortKey::tcp(80)], &[])]);
         let text = render(None, &s);
         assert!(text.ends_with(
             "add rule ip meshnet nat-postrouting ip daddr 10.255.0.0/16 oifname \"eth0\" snat to 10.255.0.2\n\
@@ -548,7 +541,7 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
 
     #[test]
     fn a_vip_marks_every_port_of_its_service() {
-        let mut lb = state(LbMode::Ipvs, &[(300, &[], &[10, 11]), (301, &[], &[])]);
+        let mut lb = state(LbKind::Ipvs, &[(300, &[], &[10, 11]), (301, &[], &[])]);
         lb.services.get_mut(&Fwmark::new(300).unwrap()).unwrap().vip = Some(ip(100));
         let text = render(None, &lb);
         assert!(
@@ -588,8 +581,8 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
 
     #[test]
     fn moving_a_port_to_another_service_deletes_then_adds() {
-        let before = state(LbMode::Ipvs, &[(256, &[PortKey::tcp(80)], &[])]);
-        let after = state(LbMode::Ipvs, &[(257, &[PortKey::tcp(80)], &[])]);
+        let before = state(LbKind::Ipvs, &[(256, &[PortKey::tcp(80)], &[])]);
+        let after = state(LbKind::Ipvs, &[(257, &[PortKey::tcp(80)], &[])]);
         assert_eq!(
             render(Some(&before), &after),
             "delete element ip meshnet published { tcp . 80 }\n\
@@ -599,21 +592,21 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
 
     #[test]
     fn a_config_change_rebuilds_the_table() {
-        let before = state(LbMode::Ipvs, &[(256, &[PortKey::tcp(80)], &[10])]);
-        let after = state(LbMode::Nftables, &[(256, &[PortKey::tcp(80)], &[10])]);
+        let before = state(LbKind::Ipvs, &[(256, &[PortKey::tcp(80)], &[10])]);
+        let after = state(LbKind::Nftables, &[(256, &[PortKey::tcp(80)], &[10])]);
         assert_eq!(render(Some(&before), &after), render(None, &after));
     }
 
     #[test]
     fn bad_input_is_rejected() {
-        let zero = state(LbMode::Nftables, &[(256, &[PortKey::tcp(0)], &[10])]);
+        let zero = state(LbKind::Nftables, &[(256, &[PortKey::tcp(0)], &[10])]);
         let err = SboxState::render(None, &zero).unwrap_err();
         assert_eq!(
             err.to_string(),
             "invalid port 0 for service with fwmark 256: ports are 1-65535"
         );
         let twice = state(
-            LbMode::Nftables,
+            LbKind::Nftables,
             &[
                 (256, &[PortKey::tcp(80)], &[10]),
                 (257, &[PortKey::tcp(80)], &[11]),
@@ -623,7 +616,7 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
             SboxState::render(None, &twice).unwrap_err().to_string(),
             "port 80/tcp is published twice"
         );
-        let mut bad_iface = state(LbMode::Nftables, &[]);
+        let mut bad_iface = state(LbKind::Nftables, &[]);
         bad_iface.config.ingress_iface = "eth0\" accept".into();
         assert!(matches!(
             SboxState::render(None, &bad_iface),
@@ -634,7 +627,7 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
     #[test]
     fn shape_counts_what_the_table_holds() {
         let s = state(
-            LbMode::Nftables,
+            LbKind::Nftables,
             &[
                 (256, &[PortKey::tcp(80), PortKey::udp(80)], &[10, 11]),
                 (257, &[PortKey::tcp(81)], &[]),
@@ -666,11 +659,11 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
     #[test]
     fn sysctls_per_lb_mode() {
         assert_eq!(
-            sbox_sysctls(LbMode::Nftables, "6.18.0"),
+            sbox_sysctls(LbKind::Nftables, "6.18.0"),
             vec![("net.ipv4.ip_forward".to_string(), "1".to_string())]
         );
         let reuse = |kernel| {
-            let ipvs = sbox_sysctls(LbMode::Ipvs, kernel);
+            let ipvs = sbox_sysctls(LbKind::Ipvs, kernel);
             assert!(ipvs.contains(&("net.ipv4.vs.expire_nodest_conn".into(), "1".into())));
             assert_eq!(ipvs.len(), 5);
             ipvs.into_iter()

@@ -22,11 +22,12 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use firewall::{
-    parse_listing, reconcile, sync, sync_report, synthetic_sbox, Fwmark, LbMode, Netfilter,
-    NfnlSocket, NodeConfig, NodeState, NsNetfilter, PortKey, Ruleset, SboxConfig, SboxService,
-    SboxState, Synced, TaskState,
+    parse_listing, reconcile, sync, sync_report, synthetic_sbox, Fwmark, Netfilter, NfnlSocket,
+    NodeConfig, NodeState, NsNetfilter, PortKey, Ruleset, SboxConfig, SboxService, SboxState,
+    Synced, TaskState,
 };
 use netns::Netns;
+use proto::model::LbKind;
 
 static LABS: AtomicU32 = AtomicU32::new(0);
 const TIMEOUT: Duration = Duration::from_secs(2);
@@ -264,7 +265,7 @@ fn sbox_with(backends: &[&str]) -> SboxState {
         ingress_iface: "eth0".into(),
         ingress_subnet: "10.255.0.0/16".parse().unwrap(),
         ingress_ip: Ipv4Addr::new(10, 255, 0, 2),
-        lb: LbMode::Nftables,
+        lb: LbKind::Nftables,
     });
     let backends = BACKENDS
         .iter()
@@ -323,7 +324,7 @@ fn ingress_lab() -> (Lab, Desired) {
     lab.sysctls("node", &firewall::node_sysctls("gwbr"));
     lab.sysctls(
         "sbox",
-        &firewall::sbox_sysctls(LbMode::Nftables, &firewall::kernel_release()),
+        &firewall::sbox_sysctls(LbKind::Nftables, &firewall::kernel_release()),
     );
     for ns in ["node", "sbox"] {
         lab.run(ns, "nft", &["add", "table", "ip", "foreign"]);

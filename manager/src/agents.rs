@@ -77,7 +77,7 @@ pub async fn tick(cluster: Shared) {
         };
         let mut wake = next_second;
         if let Some(ms) = deadline {
-            let wait = Duration::from_millis(ms.saturating_sub(crate::cluster::unix_now_ms()));
+            let wait = Duration::from_millis(ms.saturating_sub(proto::unix_now_ms()));
             wake = wake.min(tokio::time::Instant::now() + wait);
         }
         tokio::time::sleep_until(wake).await;

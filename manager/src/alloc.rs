@@ -116,17 +116,13 @@ pub fn parse_subnet(text: &str) -> Result<Ipv4Net, AllocError> {
     Ok(net)
 }
 
-pub fn overlaps(a: &Ipv4Net, b: &Ipv4Net) -> bool {
-    a.contains(&b.network()) || b.contains(&a.network())
-}
-
 /// Refuses `wanted` if it overlaps any `(network name, subnet)` in `existing`.
 pub fn check_overlap<'a>(
     wanted: Ipv4Net,
     existing: impl IntoIterator<Item = (&'a str, Ipv4Net)>,
 ) -> Result<(), AllocError> {
     for (name, subnet) in existing {
-        if overlaps(&wanted, &subnet) {
+        if proto::subnets_overlap(&wanted, &subnet) {
             return Err(AllocError::SubnetOverlap {
                 wanted,
                 existing: subnet,
@@ -152,7 +148,10 @@ pub fn check_underlay(subnet: Ipv4Net, underlay: &[(String, Ipv4Addr)]) -> Resul
 /// Refuses `subnet` if it overlaps one of the `(owner, subnet)` gwbridges: a task's route to its
 /// overlay would shadow its own gwbridge leg (or the other way round).
 pub fn check_gwbridge(subnet: Ipv4Net, gwbridges: &[(String, Ipv4Net)]) -> Result<(), AllocError> {
-    match gwbridges.iter().find(|(_, gw)| overlaps(&subnet, gw)) {
+    match gwbridges
+        .iter()
+        .find(|(_, gw)| proto::subnets_overlap(&subnet, gw))
+    {
         Some((owner, gw)) => Err(AllocError::SubnetOverlapsGwbridge {
             wanted: subnet,
             gwbridge: *gw,
@@ -180,7 +179,11 @@ pub fn next_free_subnet(
             let slot = (start + i) % SLOTS;
             Ipv4Net::new(Ipv4Addr::from(base | (slot << 8)), 24).expect("/24 is a valid prefix")
         })
-        .find(|candidate| !existing.iter().any(|e| overlaps(candidate, e)))
+        .find(|candidate| {
+            !existing
+                .iter()
+                .any(|e| proto::subnets_overlap(candidate, e))
+        })
         .ok_or(AllocError::NoFreeSubnet)
 }
 

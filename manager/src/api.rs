@@ -583,7 +583,7 @@ mod tests {
     use crate::store::tests::TempDir;
     use proto::agent::{LbBackendReport, LbReport, LbServiceReport};
     use proto::api::ServiceSpec;
-    use proto::model::{Availability, PortConfig, Protocol, PublishMode};
+    use proto::model::{Availability, Constraint, PortConfig, Protocol, PublishMode};
     use std::collections::BTreeMap;
 
     fn cluster(tmp: &TempDir) -> Cluster {
@@ -617,6 +617,44 @@ mod tests {
         }
     }
 
+    /// A constraint is parsed where the request is decoded: a bad one never reaches an
+    /// operation, and the refusal says what is wrong with it.
+    #[test]
+    fn bad_constraints_are_refused_as_the_request_is_decoded() {
+        let long = format!("node.hostname=={}", "h".repeat(300));
+        for (text, expected) in [
+            (
+                "node.role=worker",
+                "expected <field>==<value> or <field>!=<value>",
+            ),
+            (
+                "node.labels.==x",
+                "the field must be node.role, node.hostname or node.labels.<key>",
+            ),
+            ("node.role==boss", "node.role is either manager or worker"),
+            ("node.hostname==", "the value is empty"),
+            (long.as_str(), "longer than 256 bytes"),
+        ] {
+            let mut sp = serde_json::to_value(spec("api", 1, &[])).unwrap();
+            sp["constraints"] = serde_json::json!([text]);
+            let req = serde_json::json!({"type": "service_create", "spec": sp});
+            let err = proto::decode_frame::<Request>(req.to_string().as_bytes()).unwrap_err();
+            assert!(err.to_string().contains(expected), "{text}: {err}");
+        }
+        let mut sp = serde_json::to_value(spec("api", 1, &[])).unwrap();
+        sp["constraints"] = serde_json::json!(["node.role == worker"]);
+        let req = serde_json::json!({"type": "service_create", "spec": sp});
+        let Request::ServiceCreate { spec } =
+            proto::decode_frame(req.to_string().as_bytes()).unwrap()
+        else {
+            panic!("a create");
+        };
+        assert_eq!(
+            spec.constraints[0].to_string(),
+            "node.role==worker",
+            "kept canonical"
+        );
+    }
     #[test]
     fn publishing_and_load_balancer_state_through_the_api() {
         let tmp = TempDir::new("api-publish");
@@ -659,7 +697,7 @@ mod tests {
         c.record_lb(
             &n1,
             LbReport {
-                backend: "nftables".into(),
+                backend: proto::model::LbKind::Nftables,
                 services: vec![
                     LbServiceReport {
                         fwmark: 256,
@@ -769,10 +807,8 @@ mod tests {
         };
         let mut empty_cmd = spec("api", 1, &["backend"]);
         empty_cmd.command.clear();
-        let mut bad_constraint = spec("api", 1, &[]);
-        bad_constraint.constraints = vec!["node.role=worker".into()];
         let mut late_bad_network = spec("api", 1, &["backend", "nope"]);
-        late_bad_network.constraints = vec!["node.role==worker".into()];
+        late_bad_network.constraints = vec![Constraint::parse("node.role==worker").unwrap()];
         let add =
             |service: &str, ports: &[PortConfig], rm: &[(Protocol, u16)]| Request::ServiceUpdate {
                 service: service.into(),
@@ -828,7 +864,6 @@ mod tests {
             (create(spec("api", 1, &["ingress"])), "create service api: the ingress network cannot be attached directly"),
             (create(spec("api", 1, &["backend", "backend"])), "network backend is given more than once"),
             (create(empty_cmd), "create service api: a command is required"),
-            (create(bad_constraint), "create service api: invalid constraint \"node.role=worker\""),
             (create(spec("api", 1_000_000, &[])), "1000000 replicas is more than the limit"),
             (create(spec("bad name", 1, &[])), "invalid service name"),
             (
@@ -942,7 +977,6 @@ mod tests {
             (labels(&[(&huge, "v")], &[]), cut),
             (labels(&[("zone", &huge)], &[]), cut),
             (labels(&[], &[&huge]), cut),
-            (with(&|sp| sp.constraints = vec![huge.clone()]), "longer than 256 bytes"),
             (with(&|sp| sp.command = vec![huge.clone(); 7]), "the command has 70000 bytes, more than the limit of 65536"),
             // Labels, constraints and commands within bounds.
             (labels(&[("zone", &"v".repeat(513))], &[]), "invalid value"),
@@ -955,10 +989,7 @@ mod tests {
                 Request::NodeUpdate { node: "node1".into(), availability: None, label_add: many_labels.into_iter().collect(), label_rm: vec![] },
                 "65 labels is more than the limit of 64 per node",
             ),
-            (with(&|sp| sp.constraints = vec!["node.role==worker".into(); 33]), "33 constraints is more than the limit of 32"),
-            (with(&|sp| sp.constraints = vec!["node.labels.==x".into()]), "the field must be node.role, node.hostname or node.labels.<key>"),
-            (with(&|sp| sp.constraints = vec!["node.role==boss".into()]), "node.role is either manager or worker"),
-            (with(&|sp| sp.constraints = vec!["node.hostname==".into()]), "the value is empty"),
+            (with(&|sp| sp.constraints = vec![Constraint::parse("node.role==worker").unwrap(); 33]), "33 constraints is more than the limit of 32"),
             (with(&|sp| sp.command = vec!["x".into(); 1025]), "the command has 1025 arguments, more than the limit of 1024"),
             (with(&|sp| sp.command = vec!["sh".into(), "-c".into(), "a\0b".into()]), "argument 3 of the command"),
             (with(&|sp| sp.command = vec!["".into(), "x".into()]), "a command is required"),

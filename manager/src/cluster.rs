@@ -6,7 +6,7 @@
 use std::collections::HashMap;
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use proto::agent::{LbReport, ManagerMsg, ESP_KEY_BYTES, NODE_DOWN_SECS};
 use proto::api::ManagerStatus;
@@ -76,16 +76,7 @@ pub fn lock(shared: &Shared) -> MutexGuard<'_, Cluster> {
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
-pub fn unix_now() -> u64 {
-    unix_now_ms() / 1000
-}
-
-pub fn unix_now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
+use proto::unix_now_ms;
 
 impl Cluster {
     /// A cluster that leads at once (`leading`: the embedded store) or waits to be elected.
@@ -822,7 +813,7 @@ pub(crate) mod tests {
         let (tx, _rx) = unbounded_channel();
         let (id, _) = join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx);
         let report = LbReport {
-            backend: "ipvs".into(),
+            backend: proto::model::LbKind::Ipvs,
             services: vec![],
         };
         c.record_lb("unknown", report.clone());

@@ -138,7 +138,7 @@ impl Startup {
         state.api_port = self.api_port;
         // Also for a state saved before the routing mesh existed: it gets its ingress network now.
         let mut changed = state
-            .ensure_ingress(&self.ingress_subnet, self.listen_ip, cluster::unix_now())
+            .ensure_ingress(&self.ingress_subnet, self.listen_ip, proto::unix_now())
             .context("set up the routing mesh")?;
         if state.set_ingress_encrypted(self.ingress_encrypted) {
             tracing::info!(
@@ -150,7 +150,7 @@ impl Startup {
         // An encrypted ingress network needs the keys before any node is given it.
         let keys = state.esp_keys.clone();
         state.rotate_keys(
-            cluster::unix_now_ms(),
+            proto::unix_now_ms(),
             self.key_rotation_secs,
             &mut cluster::fresh_esp_key,
         );

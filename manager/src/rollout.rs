@@ -19,8 +19,8 @@ use proto::model::{
 };
 use serde::{Deserialize, Serialize};
 
-use crate::sched::Constraint;
 use crate::state::{Reason, Service, State, Task};
+use proto::model::Constraint;
 
 /// A draining task stops at the latest this long after it left the balancers, when some node
 /// that is not down has not confirmed it applied that (as long as an agent takes to be declared
@@ -327,11 +327,8 @@ pub fn apply_spec_update(spec: &ServiceSpec, u: &SpecUpdate) -> Result<ServiceSp
     next.env
         .extend(u.env_add.iter().map(|(k, v)| (k.clone(), v.clone())));
     for c in &u.constraint_rm {
-        let canonical = Constraint::parse(c)
-            .map(|c| c.to_string())
-            .unwrap_or_else(|_| c.clone());
-        let Some(at) = next.constraints.iter().position(|x| *x == canonical) else {
-            return Err(SpecError::NoSuchConstraint(c.clone()));
+        let Some(at) = next.constraints.iter().position(|x| x == c) else {
+            return Err(SpecError::NoSuchConstraint(c.to_string()));
         };
         next.constraints.remove(at);
     }
@@ -411,7 +408,7 @@ impl State {
 
     /// Slots of a service whose current task is outdated, lowest first.
     fn outdated_slots(&self, service_id: &str) -> BTreeSet<u64> {
-        let constraints = parse_constraints(&self.services[service_id].spec.constraints);
+        let constraints = self.services[service_id].spec.constraints.clone();
         self.tasks
             .values()
             .filter(|t| t.service_id == service_id && t.is_current())
@@ -443,7 +440,7 @@ impl State {
         let config = service.spec.update_config.clone();
         let version = service.version;
         let name = service.spec.name.clone();
-        let constraints = parse_constraints(&service.spec.constraints);
+        let constraints = service.spec.constraints.clone();
         // Tasks that already run this version's spec (a rollback to what they run) say so.
         let current: Vec<String> = self
             .tasks
@@ -773,7 +770,7 @@ impl State {
             if (service.spec.constraints.is_empty() && !encrypted) || rolling {
                 continue;
             }
-            let constraints = parse_constraints(&service.spec.constraints);
+            let constraints = service.spec.constraints.clone();
             for t in self
                 .tasks
                 .values()
@@ -796,13 +793,6 @@ impl State {
             task.begin_drain(Some(format!("node {host} {why}")), false, now_ms);
         }
     }
-}
-
-fn parse_constraints(texts: &[String]) -> Vec<Constraint> {
-    texts
-        .iter()
-        .filter_map(|c| Constraint::parse(c).ok())
-        .collect()
 }
 
 #[cfg(test)]
@@ -1266,11 +1256,11 @@ mod tests {
                 ..SpecUpdate::default()
             },
             SpecUpdate {
-                constraint_rm: vec!["node.role==worker".into()],
+                constraint_rm: vec![Constraint::parse("node.role==worker").unwrap()],
                 ..SpecUpdate::default()
             },
             SpecUpdate {
-                constraint_add: vec!["node.role=worker".into()],
+                constraint_add: vec![Constraint::parse("node.role==worker").unwrap(); 2],
                 ..SpecUpdate::default()
             },
             SpecUpdate {
@@ -1322,7 +1312,7 @@ mod tests {
             s.update_node(n, None, &blue, &[]).unwrap();
         }
         let mut spec = spec("api", 2, &[]);
-        spec.constraints = vec!["node.labels.color==blue".into()];
+        spec.constraints = vec![Constraint::parse("node.labels.color==blue").unwrap()];
         s.create_service(&spec, 1).unwrap();
         let now = settle(&mut s, 1);
         s.update_node("node2", None, &BTreeMap::new(), &["color".into()])

@@ -1,105 +1,9 @@
-//! Pure placement: constraint parsing and matching, and the choice of a node for one task.
+//! Pure placement: the choice of a node for one task (constraints are `proto::model::Constraint`).
 
 use std::collections::BTreeSet;
-use std::fmt;
 
-use proto::api::{PublishedPort, MAX_CONSTRAINT_BYTES};
-use proto::excerpt;
-use proto::model::{Availability, Node, NodeStatus, Role};
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Field {
-    Role,
-    Hostname,
-    Label(String),
-}
-
-/// One placement constraint: `<field>==<value>` or `<field>!=<value>`.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Constraint {
-    pub field: Field,
-    pub equal: bool,
-    pub value: String,
-}
-
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-pub enum ConstraintError {
-    #[error("invalid constraint {:?}: expected <field>==<value> or <field>!=<value>", excerpt(.0))]
-    Syntax(String),
-    #[error(
-        "invalid constraint {:?}: the field must be node.role, node.hostname or node.labels.<key>",
-        excerpt(.0)
-    )]
-    Field(String),
-    #[error("invalid constraint {:?}: node.role is either manager or worker", excerpt(.0))]
-    Role(String),
-    #[error("invalid constraint {:?}: the value is empty", excerpt(.0))]
-    EmptyValue(String),
-    #[error("invalid constraint {:?}: longer than {MAX_CONSTRAINT_BYTES} bytes", excerpt(.0))]
-    TooLong(String),
-}
-
-impl Constraint {
-    pub fn parse(text: &str) -> Result<Self, ConstraintError> {
-        if text.len() > MAX_CONSTRAINT_BYTES {
-            return Err(ConstraintError::TooLong(text.to_string()));
-        }
-        let (field, value, equal) = if let Some((f, v)) = text.split_once("==") {
-            (f, v, true)
-        } else if let Some((f, v)) = text.split_once("!=") {
-            (f, v, false)
-        } else {
-            return Err(ConstraintError::Syntax(text.to_string()));
-        };
-        let (field, value) = (field.trim(), value.trim());
-        if value.is_empty() {
-            return Err(ConstraintError::EmptyValue(text.to_string()));
-        }
-        let field = match field {
-            "node.role" => {
-                if value != "manager" && value != "worker" {
-                    return Err(ConstraintError::Role(text.to_string()));
-                }
-                Field::Role
-            }
-            "node.hostname" => Field::Hostname,
-            f => match f.strip_prefix("node.labels.") {
-                Some(key) if !key.is_empty() => Field::Label(key.to_string()),
-                _ => return Err(ConstraintError::Field(text.to_string())),
-            },
-        };
-        Ok(Constraint {
-            field,
-            equal,
-            value: value.to_string(),
-        })
-    }
-
-    pub fn matches(&self, node: &Node) -> bool {
-        let actual = match &self.field {
-            Field::Role => Some(match node.role {
-                Role::Manager => "manager",
-                Role::Worker => "worker",
-            }),
-            Field::Hostname => Some(node.hostname.as_str()),
-            Field::Label(key) => node.labels.get(key).map(String::as_str),
-        };
-        // As in Swarm, a missing label equals nothing, so `!=` holds for it.
-        (actual == Some(self.value.as_str())) == self.equal
-    }
-}
-
-impl fmt::Display for Constraint {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let field = match &self.field {
-            Field::Role => "node.role".to_string(),
-            Field::Hostname => "node.hostname".to_string(),
-            Field::Label(key) => format!("node.labels.{key}"),
-        };
-        let op = if self.equal { "==" } else { "!=" };
-        write!(f, "{field}{op}{}", self.value)
-    }
-}
+use proto::api::PublishedPort;
+use proto::model::{Availability, Constraint, Node, NodeStatus};
 
 /// A node as the scheduler sees it: the node and how loaded it is.
 #[derive(Debug, Clone)]
@@ -246,6 +150,7 @@ fn plural(n: usize, what: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proto::model::Role;
     use std::collections::BTreeMap;
 
     fn node(id: &str, role: Role) -> Node {
@@ -323,46 +228,6 @@ mod tests {
             global_fit(&n, &zone, false),
             GlobalFit::Leave("node host-a is down".into())
         );
-    }
-
-    #[test]
-    fn parses_constraints() {
-        let c = Constraint::parse("node.role==worker").unwrap();
-        assert_eq!((c.field.clone(), c.equal), (Field::Role, true));
-        assert_eq!(c.to_string(), "node.role==worker");
-        let c = Constraint::parse("node.hostname != node2").unwrap();
-        assert_eq!(
-            (c.field, c.equal, c.value.as_str()),
-            (Field::Hostname, false, "node2")
-        );
-        let c = Constraint::parse("node.labels.zone==eu-1").unwrap();
-        assert_eq!(c.field, Field::Label("zone".into()));
-        assert_eq!(c.to_string(), "node.labels.zone==eu-1");
-
-        assert!(matches!(
-            Constraint::parse("node.role=worker"),
-            Err(ConstraintError::Syntax(_))
-        ));
-        assert!(matches!(
-            Constraint::parse("node.role==boss"),
-            Err(ConstraintError::Role(_))
-        ));
-        assert!(matches!(
-            Constraint::parse("node.ip==1.2.3.4"),
-            Err(ConstraintError::Field(_))
-        ));
-        assert!(matches!(
-            Constraint::parse("node.labels.==x"),
-            Err(ConstraintError::Field(_))
-        ));
-        assert!(matches!(
-            Constraint::parse("node.hostname=="),
-            Err(ConstraintError::EmptyValue(_))
-        ));
-        let long = format!("node.hostname=={}", "x".repeat(10_000));
-        let err = Constraint::parse(&long).unwrap_err();
-        assert!(matches!(err, ConstraintError::TooLong(_)));
-        assert!(err.to_string().len() < 200, "{err}");
     }
 
     #[test]

@@ -111,7 +111,7 @@ fn node_lbs(s: &State, lb: &LbReports, fwmark: Option<u32>) -> Vec<NodeLb> {
             Some(NodeLb {
                 node_id: id.clone(),
                 hostname: node.node.hostname.clone(),
-                backend: report.backend.clone(),
+                backend: report.backend,
                 services: report
                     .services
                     .iter()

@@ -436,7 +436,7 @@ fn a_published_service_reaches_every_agent_with_its_backends() {
         name: "web".into(),
         replicas: 1,
         networks: vec![],
-        constraints: vec!["node.hostname==node2".into()],
+        constraints: vec![proto::model::Constraint::parse("node.hostname==node2").unwrap()],
         command: vec!["hello-server".into()],
         ports,
         endpoint_mode: Default::default(),
@@ -478,7 +478,7 @@ fn a_published_service_reaches_every_agent_with_its_backends() {
     }
 
     a2.send(&AgentMsg::LbState(LbReport {
-        backend: "nftables".into(),
+        backend: proto::model::LbKind::Nftables,
         services: vec![LbServiceReport {
             fwmark: 256,
             backends: vec![LbBackendReport {

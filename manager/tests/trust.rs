@@ -785,7 +785,7 @@ fn a_fake_agent_cannot_register_or_take_over_a_node() {
     );
     let Response::Service { .. } = m.call(Request::ServiceCreate {
         spec: ServiceSpec {
-            constraints: vec!["node.hostname==alpha".into()],
+            constraints: vec![proto::model::Constraint::parse("node.hostname==alpha").unwrap()],
             ..spec("web", 1, vec![])
         },
     }) else {

@@ -8,15 +8,15 @@ mod spec;
 
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use proto::api::{PublishedPort, Request, Response, Scale, ServiceSpec, SpecUpdate};
 use proto::excerpt;
 use proto::model::{
-    default_stop_grace_ms, Availability, EndpointMode, PortConfig, PublishMode, Role, ServiceMode,
-    UpdateConfig,
+    default_stop_grace_ms, Availability, Constraint, EndpointMode, PortConfig, PublishMode, Role,
+    ServiceMode, UpdateConfig,
 };
 use serde::Serialize;
 
@@ -345,11 +345,11 @@ struct UpdateArgs {
     #[arg(long = "env-rm", value_name = "KEY")]
     env_rm: Vec<String>,
     /// Add a placement constraint, e.g. node.labels.zone==a (repeatable)
-    #[arg(long = "constraint-add", value_name = "EXPR")]
-    constraint_add: Vec<String>,
+    #[arg(long = "constraint-add", value_name = "EXPR", value_parser = parse_constraint)]
+    constraint_add: Vec<Constraint>,
     /// Remove a placement constraint, written as `service inspect` shows it (repeatable)
-    #[arg(long = "constraint-rm", value_name = "EXPR")]
-    constraint_rm: Vec<String>,
+    #[arg(long = "constraint-rm", value_name = "EXPR", value_parser = parse_constraint)]
+    constraint_rm: Vec<Constraint>,
     /// Replace every task even if nothing else changes (a rolling restart)
     #[arg(long)]
     force: bool,
@@ -449,8 +449,8 @@ struct CreateArgs {
     endpoint_mode: EndpointMode,
     /// Placement constraint, e.g. node.role==worker (repeatable; at most 32, each up to 256
     /// bytes)
-    #[arg(long = "constraint")]
-    constraints: Vec<String>,
+    #[arg(long = "constraint", value_parser = parse_constraint)]
+    constraints: Vec<Constraint>,
     /// Publish a port: P:T[/tcp|udp] or mode=ingress|host,published=P,target=T,protocol=tcp|udp
     /// (repeatable)
     #[arg(long = "publish", short = 'p', value_parser = ports::parse_publish)]
@@ -662,11 +662,11 @@ macro_rules! expect {
     };
 }
 
-fn unix_now() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0)
+use proto::unix_now;
+
+/// Checked where it is typed: a bad constraint never reaches the manager.
+fn parse_constraint(s: &str) -> Result<Constraint, String> {
+    Constraint::parse(s).map_err(|e| e.to_string())
 }
 
 fn print_json<T: Serialize>(value: &T) -> anyhow::Result<()> {
@@ -1160,7 +1160,10 @@ mod tests {
             [net("backend", &[]), net("front", &["www", "web-v2"])]
         );
         assert_eq!(a.endpoint_mode, EndpointMode::Dnsrr);
-        assert_eq!(a.constraints, ["node.role==worker"]);
+        assert_eq!(
+            a.constraints,
+            [Constraint::parse("node.role==worker").unwrap()]
+        );
         assert!(a.wait.detach);
         assert_eq!(a.command, ["hello-server", "--port", "8080"]);
         assert_eq!(
@@ -1733,8 +1736,8 @@ mod tests {
                 ]),
                 env_add: [("A".to_string(), "1".to_string())].into(),
                 env_rm: vec!["B".into()],
-                constraint_add: vec!["node.labels.zone==a".into()],
-                constraint_rm: vec!["node.role==worker".into()],
+                constraint_add: vec![Constraint::parse("node.labels.zone==a").unwrap()],
+                constraint_rm: vec![Constraint::parse("node.role==worker").unwrap()],
                 force: true,
                 // The current parallelism stays; only the order changes.
                 update_config: Some(UpdateConfig {

@@ -19,15 +19,13 @@ fn parse_port(what: &str, text: &str, whole: &str) -> Result<u16, String> {
 }
 
 fn parse_protocol(text: &str, whole: &str) -> Result<Protocol, String> {
-    match text {
-        "tcp" => Ok(Protocol::Tcp),
-        "udp" => Ok(Protocol::Udp),
-        _ => Err(format!(
+    text.parse().map_err(|()| {
+        format!(
             "invalid publish {:?}: protocol {:?} must be tcp or udp",
             excerpt(whole),
             excerpt(text)
-        )),
-    }
+        )
+    })
 }
 
 /// The port of `meshctl publish`, and whether its long form named the mode (then `--mode` too
@@ -131,13 +129,6 @@ pub fn parse_unpublish(text: &str) -> Result<PublishedPort, String> {
     })
 }
 
-pub fn protocol_word(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-    }
-}
-
 pub fn mode_word(m: PublishMode) -> &'static str {
     match m {
         PublishMode::Ingress => "ingress",
@@ -147,12 +138,7 @@ pub fn mode_word(m: PublishMode) -> &'static str {
 
 /// As docker's `service ls` shows a port: `*:80->8080/tcp`.
 pub fn short(p: &PortConfig) -> String {
-    format!(
-        "*:{}->{}/{}",
-        p.published,
-        p.target,
-        protocol_word(p.protocol)
-    )
+    format!("*:{}->{}/{}", p.published, p.target, p.protocol)
 }
 
 #[cfg(test)]

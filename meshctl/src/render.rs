@@ -180,7 +180,7 @@ pub fn published(ports: &[PublishInfo]) -> String {
                 p.service.clone(),
                 p.port.published.to_string(),
                 p.port.target.to_string(),
-                ports::protocol_word(p.port.protocol).to_string(),
+                p.port.protocol.to_string(),
                 ports::mode_word(p.port.mode).to_string(),
             ]
         })
@@ -198,7 +198,7 @@ fn lb_table(lbs: &[NodeLb]) -> String {
         if lb.services.is_empty() {
             rows.push(vec![
                 lb.hostname.clone(),
-                lb.backend.clone(),
+                lb.backend.to_string(),
                 String::new(),
                 "(none)".to_string(),
             ]);
@@ -211,7 +211,7 @@ fn lb_table(lbs: &[NodeLb]) -> String {
                 .collect();
             rows.push(vec![
                 lb.hostname.clone(),
-                lb.backend.clone(),
+                lb.backend.to_string(),
                 svc.fwmark.to_string(),
                 if backends.is_empty() {
                     "(none)".to_string()
@@ -276,7 +276,8 @@ pub fn service_pretty(s: &ServiceInfo, now: u64) -> String {
     }
     if !s.spec.constraints.is_empty() {
         let _ = writeln!(out, "Placement:");
-        let _ = writeln!(out, " Constraints:\t{}", s.spec.constraints.join(", "));
+        let texts: Vec<String> = s.spec.constraints.iter().map(|c| c.to_string()).collect();
+        let _ = writeln!(out, " Constraints:\t{}", texts.join(", "));
     }
     // Zero delay and monitor are left out, as docker does.
     let u = &s.spec.update_config;
@@ -328,7 +329,7 @@ pub fn service_pretty(s: &ServiceInfo, now: u64) -> String {
         let _ = writeln!(out, "Ports:");
         for p in &s.spec.ports {
             let _ = writeln!(out, " PublishedPort = {}", p.published);
-            let _ = writeln!(out, "  Protocol = {}", ports::protocol_word(p.protocol));
+            let _ = writeln!(out, "  Protocol = {}", p.protocol);
             let _ = writeln!(out, "  TargetPort = {}", p.target);
             let _ = writeln!(out, "  PublishMode = {}", ports::mode_word(p.mode));
         }
@@ -740,7 +741,7 @@ mod tests {
         NodeLb {
             node_id: format!("id-{hostname}"),
             hostname: hostname.into(),
-            backend: "ipvs".into(),
+            backend: proto::model::LbKind::Ipvs,
             services: vec![LbServiceReport {
                 fwmark: 256,
                 backends: backends

@@ -91,7 +91,7 @@ pub enum EspSupport {
 #[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
 pub struct LbReport {
     /// "ipvs" or "nftables".
-    pub backend: String,
+    pub backend: crate::model::LbKind,
     pub services: Vec<LbServiceReport>,
 }
 

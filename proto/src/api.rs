@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::agent::LbServiceReport;
 use crate::model::{
-    Availability, EndpointMode, Health, HealthCheck, Network, Node, PortConfig, Protocol, Role,
-    ServiceMode, TaskState, UpdateConfig, UpdateStatus,
+    Availability, Constraint, EndpointMode, Health, HealthCheck, Network, Node, PortConfig,
+    Protocol, Role, ServiceMode, TaskState, UpdateConfig, UpdateStatus,
 };
 
 /// Where `mesh-manager` listens for `meshctl` unless told otherwise.
@@ -186,9 +186,9 @@ pub struct SpecUpdate {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub env_rm: Vec<String>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub constraint_add: Vec<String>,
+    pub constraint_add: Vec<Constraint>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub constraint_rm: Vec<String>,
+    pub constraint_rm: Vec<Constraint>,
     /// Replace every task even if nothing else changes.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub force: bool,
@@ -220,11 +220,7 @@ pub struct PublishedPort {
 
 impl std::fmt::Display for PublishedPort {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let proto = match self.protocol {
-            Protocol::Tcp => "tcp",
-            Protocol::Udp => "udp",
-        };
-        write!(f, "{}/{proto}", self.published)
+        write!(f, "{}/{}", self.published, self.protocol)
     }
 }
 
@@ -252,7 +248,7 @@ pub struct NodeLb {
     pub node_id: String,
     pub hostname: String,
     /// "ipvs" or "nftables".
-    pub backend: String,
+    pub backend: crate::model::LbKind,
     /// fwmark → backends with weights; in a service's view only that service's fwmark.
     pub services: Vec<LbServiceReport>,
 }
@@ -326,7 +322,7 @@ pub struct ServiceSpec {
     pub networks: Vec<String>,
     /// Placement constraints such as `node.role==worker` or `node.labels.zone==a`.
     #[serde(default)]
-    pub constraints: Vec<String>,
+    pub constraints: Vec<Constraint>,
     /// argv of each task's process.
     pub command: Vec<String>,
     /// Published ports; one in ingress mode attaches the tasks to the ingress network.

@@ -47,6 +47,24 @@ pub fn encode_frame<T: Serialize>(msg: &T) -> Vec<u8> {
     out
 }
 
+/// Whether two subnets share an address (one contains the other's first address).
+pub fn subnets_overlap(a: &ipnet::Ipv4Net, b: &ipnet::Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// Milliseconds since the Unix epoch (0 on a clock before 1970).
+pub fn unix_now_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Seconds since the Unix epoch.
+pub fn unix_now() -> u64 {
+    unix_now_ms() / 1000
+}
+
 /// How many characters of a user's or peer's input an error or log line repeats at most.
 pub const EXCERPT_CHARS: usize = 64;
 

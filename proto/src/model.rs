@@ -110,6 +110,174 @@ pub enum Protocol {
     Udp,
 }
 
+impl Protocol {
+    /// As users write it, and as the rules and the API spell it.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+impl std::fmt::Display for Protocol {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl std::str::FromStr for Protocol {
+    type Err = ();
+
+    fn from_str(s: &str) -> Result<Protocol, ()> {
+        match s {
+            "tcp" => Ok(Protocol::Tcp),
+            "udp" => Ok(Protocol::Udp),
+            _ => Err(()),
+        }
+    }
+}
+
+/// What a constraint looks at on a node.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ConstraintField {
+    Role,
+    Hostname,
+    Label(String),
+}
+
+/// One placement constraint: `<field>==<value>` or `<field>!=<value>`. Parsed once, where it
+/// enters (meshctl, the API's decoding); stored and sent as its canonical text.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub struct Constraint {
+    pub field: ConstraintField,
+    pub equal: bool,
+    pub value: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ConstraintError {
+    #[error("invalid constraint {:?}: expected <field>==<value> or <field>!=<value>", crate::excerpt(.0))]
+    Syntax(String),
+    #[error(
+        "invalid constraint {:?}: the field must be node.role, node.hostname or node.labels.<key>",
+        crate::excerpt(.0)
+    )]
+    Field(String),
+    #[error("invalid constraint {:?}: node.role is either manager or worker", crate::excerpt(.0))]
+    Role(String),
+    #[error("invalid constraint {:?}: the value is empty", crate::excerpt(.0))]
+    EmptyValue(String),
+    #[error("invalid constraint {:?}: longer than {} bytes", crate::excerpt(.0), crate::api::MAX_CONSTRAINT_BYTES)]
+    TooLong(String),
+}
+
+impl Constraint {
+    pub fn parse(text: &str) -> Result<Self, ConstraintError> {
+        if text.len() > crate::api::MAX_CONSTRAINT_BYTES {
+            return Err(ConstraintError::TooLong(text.to_string()));
+        }
+        let (field, value, equal) = if let Some((f, v)) = text.split_once("==") {
+            (f, v, true)
+        } else if let Some((f, v)) = text.split_once("!=") {
+            (f, v, false)
+        } else {
+            return Err(ConstraintError::Syntax(text.to_string()));
+        };
+        let (field, value) = (field.trim(), value.trim());
+        if value.is_empty() {
+            return Err(ConstraintError::EmptyValue(text.to_string()));
+        }
+        let field = match field {
+            "node.role" => {
+                if value != "manager" && value != "worker" {
+                    return Err(ConstraintError::Role(text.to_string()));
+                }
+                ConstraintField::Role
+            }
+            "node.hostname" => ConstraintField::Hostname,
+            f => match f.strip_prefix("node.labels.") {
+                Some(key) if !key.is_empty() => ConstraintField::Label(key.to_string()),
+                _ => return Err(ConstraintError::Field(text.to_string())),
+            },
+        };
+        Ok(Constraint {
+            field,
+            equal,
+            value: value.to_string(),
+        })
+    }
+
+    pub fn matches(&self, node: &Node) -> bool {
+        let actual = match &self.field {
+            ConstraintField::Role => Some(match node.role {
+                Role::Manager => "manager",
+                Role::Worker => "worker",
+            }),
+            ConstraintField::Hostname => Some(node.hostname.as_str()),
+            ConstraintField::Label(key) => node.labels.get(key).map(String::as_str),
+        };
+        // As in Swarm, a missing label equals nothing, so `!=` holds for it.
+        (actual == Some(self.value.as_str())) == self.equal
+    }
+}
+
+impl std::fmt::Display for Constraint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let field = match &self.field {
+            ConstraintField::Role => "node.role".to_string(),
+            ConstraintField::Hostname => "node.hostname".to_string(),
+            ConstraintField::Label(key) => format!("node.labels.{key}"),
+        };
+        let op = if self.equal { "==" } else { "!=" };
+        write!(f, "{field}{op}{}", self.value)
+    }
+}
+
+impl TryFrom<String> for Constraint {
+    type Error = ConstraintError;
+
+    fn try_from(text: String) -> Result<Constraint, ConstraintError> {
+        Constraint::parse(&text)
+    }
+}
+
+impl From<Constraint> for String {
+    fn from(c: Constraint) -> String {
+        c.to_string()
+    }
+}
+
+/// Which load balancer a node's routing mesh and VIPs use.
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum LbKind {
+    /// IPVS FWM services balance; the nftables tables only mark and SNAT.
+    Ipvs,
+    /// The nftables tables balance: `numgen` round robin over a map of backend slots. Works on
+    /// every kernel with nf_tables, so it is what a report says before any balancer is known.
+    #[default]
+    Nftables,
+}
+
+impl LbKind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbKind::Ipvs => "ipvs",
+            LbKind::Nftables => "nftables",
+        }
+    }
+}
+
+impl std::fmt::Display for LbKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
 /// How a published port reaches the service, as in `docker service create --publish mode=...`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -385,6 +553,46 @@ pub fn endpoint_mac(ip: Ipv4Addr) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn parses_constraints() {
+        let c = Constraint::parse("node.role==worker").unwrap();
+        assert_eq!((c.field.clone(), c.equal), (ConstraintField::Role, true));
+        assert_eq!(c.to_string(), "node.role==worker");
+        let c = Constraint::parse("node.hostname != node2").unwrap();
+        assert_eq!(
+            (c.field, c.equal, c.value.as_str()),
+            (ConstraintField::Hostname, false, "node2")
+        );
+        let c = Constraint::parse("node.labels.zone==eu-1").unwrap();
+        assert_eq!(c.field, ConstraintField::Label("zone".into()));
+        assert_eq!(c.to_string(), "node.labels.zone==eu-1");
+
+        assert!(matches!(
+            Constraint::parse("node.role=worker"),
+            Err(ConstraintError::Syntax(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.role==boss"),
+            Err(ConstraintError::Role(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.ip==1.2.3.4"),
+            Err(ConstraintError::Field(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.labels.==x"),
+            Err(ConstraintError::Field(_))
+        ));
+        assert!(matches!(
+            Constraint::parse("node.hostname=="),
+            Err(ConstraintError::EmptyValue(_))
+        ));
+        let long = format!("node.hostname=={}", "x".repeat(10_000));
+        let err = Constraint::parse(&long).unwrap_err();
+        assert!(matches!(err, ConstraintError::TooLong(_)));
+        assert!(err.to_string().len() < 200, "{err}");
+    }
 
     #[test]
     fn mac_is_derived_from_the_ip() {

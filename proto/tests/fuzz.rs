@@ -41,8 +41,8 @@ use proto::api::{
     TaskInfo,
 };
 use proto::model::{
-    Attachment, Availability, Network, Node, NodeStatus, PortConfig, Protocol, PublishMode, Role,
-    TaskState,
+    Attachment, Availability, Constraint, LbKind, Network, Node, NodeStatus, PortConfig, Protocol,
+    PublishMode, Role, TaskState,
 };
 use proto::{decode_frame, encode_frame, wire::read_frame, FrameError};
 use serde::de::DeserializeOwned;
@@ -288,7 +288,7 @@ fn agent_msg() -> impl Strategy<Value = AgentMsg> {
         status.prop_map(AgentMsg::TaskStatus),
         any::<u64>().prop_map(|revision| AgentMsg::Applied { revision }),
         Just(AgentMsg::Heartbeat),
-        (text(), lb_services())
+        (lb_kind(), lb_services())
             .prop_map(|(backend, services)| AgentMsg::LbState(LbReport { backend, services })),
     ]
 }
@@ -319,7 +319,7 @@ fn service_spec() -> impl Strategy<Value = ServiceSpec> {
         text(),
         any::<u64>(),
         texts(),
-        texts(),
+        vec(constraint(), 0..3),
         texts(),
         vec(port_config(), 0..3),
     )
@@ -475,8 +475,21 @@ fn network() -> impl Strategy<Value = Network> {
         )
 }
 
+fn constraint() -> impl Strategy<Value = Constraint> {
+    select(vec![
+        "node.role==worker",
+        "node.hostname!=a",
+        "node.labels.zone==b",
+    ])
+    .prop_map(|c| Constraint::parse(c).unwrap())
+}
+
+fn lb_kind() -> impl Strategy<Value = LbKind> {
+    prop_oneof![Just(LbKind::Ipvs), Just(LbKind::Nftables)]
+}
+
 fn node_lb() -> impl Strategy<Value = NodeLb> {
-    (text(), text(), text(), lb_services()).prop_map(|(node_id, hostname, backend, services)| {
+    (text(), text(), lb_kind(), lb_services()).prop_map(|(node_id, hostname, backend, services)| {
         NodeLb {
             node_id,
             hostname,

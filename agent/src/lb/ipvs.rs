@@ -276,7 +276,7 @@ impl LoadBalancer for IpvsLb {
 
     fn report(&self) -> LbReport {
         LbReport {
-            backend: "ipvs".into(),
+            backend: proto::model::LbKind::Ipvs,
             services: self
                 .programmed
                 .iter()

@@ -15,30 +15,8 @@ use std::time::Duration;
 use firewall::{NfnlSocket, NsNetfilter, Ruleset, SboxState};
 use netns::Netns;
 use proto::agent::LbReport;
+use proto::model::LbKind;
 use tracing::warn;
-
-/// Which backend balances.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LbKind {
-    Ipvs,
-    Nftables,
-}
-
-impl LbKind {
-    pub fn name(self) -> &'static str {
-        match self {
-            LbKind::Ipvs => "ipvs",
-            LbKind::Nftables => "nftables",
-        }
-    }
-
-    pub fn mode(self) -> firewall::LbMode {
-        match self {
-            LbKind::Ipvs => firewall::LbMode::Ipvs,
-            LbKind::Nftables => firewall::LbMode::Nftables,
-        }
-    }
-}
 
 /// Connection timeouts in seconds; `None` keeps the kernel's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]

@@ -72,7 +72,7 @@ impl LoadBalancer for NftLb {
 
     fn report(&self) -> LbReport {
         LbReport {
-            backend: "nftables".into(),
+            backend: proto::model::LbKind::Nftables,
             services: self
                 .table
                 .applied()

@@ -3,7 +3,7 @@
 //!
 //! Three copies of the path client ns → sbox ns → backend ns (veth pairs, throwaway namespaces
 //! under /run), the sbox programmed by the firewall crate exactly as an agent programs
-//! ingress_sbox (`SboxState`, `LbMode::Nftables`, one full batch through `nft -f -`):
+//! ingress_sbox (`SboxState`, `proto::model::LbKind::Nftables`, one full batch through `nft -f -`):
 //! - N=1: `synthetic_sbox(1, 1)`;
 //! - N=10k: `synthetic_sbox(10000, 1)`;
 //! - control: N=1 plus a linear chain of 10k non-matching rules (`ip saddr … counter`) hooked

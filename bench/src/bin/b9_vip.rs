@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result};
 use bench::{close_with_reset, connect_times, header, listen, pin, quantile, row, run_in, Scratch};
 use clap::{Parser, ValueEnum};
-use firewall::{Fwmark, LbMode, NsNetfilter, SboxConfig, SboxService, SboxState, TaskState};
+use firewall::{Fwmark, NsNetfilter, SboxConfig, SboxService, SboxState, TaskState};
 use ipvs::{Client, Destination, Family, Forward, Service, ServiceKey};
 use netns::Netns;
 
@@ -105,7 +105,9 @@ fn ipvs_lb(scratch: &mut Scratch, sb: &Netns) -> Result<Netns> {
         &lb,
         &["ip", "addr", "add", &format!("{VIP}/32"), "dev", "eth0"],
     )?;
-    for (key, value) in firewall::sbox_sysctls(LbMode::Ipvs, &firewall::kernel_release()) {
+    for (key, value) in
+        firewall::sbox_sysctls(proto::model::LbKind::Ipvs, &firewall::kernel_release())
+    {
         lb.write_sysctl(&key, &value)?;
     }
     let mark = Fwmark::new(300)?;
@@ -113,7 +115,7 @@ fn ipvs_lb(scratch: &mut Scratch, sb: &Netns) -> Result<Netns> {
         ingress_iface: "eth0".into(),
         ingress_subnet: "10.0.9.0/24".parse()?,
         ingress_ip: Ipv4Addr::new(10, 0, 9, 250),
-        lb: LbMode::Ipvs,
+        lb: proto::model::LbKind::Ipvs,
     });
     table.services.insert(
         mark,

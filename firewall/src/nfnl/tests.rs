@@ -6,7 +6,8 @@ use std::net::Ipv4Addr;
 
 use super::wire::{self, HEADERS};
 use super::*;
-use crate::{Fwmark, LbMode, PortKey, Ruleset, SboxConfig, SboxService, SboxState};
+use crate::{Fwmark, PortKey, Ruleset, SboxConfig, SboxService, SboxState};
+use proto::model::LbKind;
 
 fn hex(text: &str) -> Vec<Vec<u8>> {
     text.lines()
@@ -61,7 +62,7 @@ fn base() -> SboxState {
         ingress_iface: "eth0".into(),
         ingress_subnet: "10.255.0.0/16".parse().unwrap(),
         ingress_ip: ip(2),
-        lb: LbMode::Nftables,
+        lb: LbKind::Nftables,
     });
     s.services.insert(
         mark(256),

@@ -134,7 +134,7 @@ fn every_node_answers_from_every_task_in_turn() {
         })
         .unwrap();
     for node in &svc.lb {
-        assert_eq!(node.backend, crate::LB, "{node:?}");
+        assert_eq!(node.backend.as_str(), crate::LB, "{node:?}");
         let lb = node.services.iter().find(|s| s.fwmark == mark).unwrap();
         let got: BTreeSet<String> = lb.backends.iter().map(|b| b.ip.to_string()).collect();
         assert_eq!(got, backends, "{}", node.hostname);

@@ -26,7 +26,7 @@ impl State {
         record.gwbridge_subnet = subnet;
         let (hostname, gwbridge) = (&record.node.hostname, record.gwbridge());
         for network in self.networks.values().map(|r| &r.network) {
-            if alloc::overlaps(&gwbridge, &network.subnet) {
+            if proto::subnets_overlap(&gwbridge, &network.subnet) {
                 tracing::warn!(node = %hostname, %gwbridge, network = %network.name, subnet = %network.subnet, "the node's gwbridge overlaps a network: its tasks on it lose their egress route");
             }
         }

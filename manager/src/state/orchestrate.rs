@@ -13,11 +13,10 @@ use proto::excerpt;
 use proto::model::{endpoint_mac, Attachment, Availability, Health, Node, NodeStatus, TaskState};
 
 use super::{
-    host_port, refuse, task_error, OpError, Reason, Service, State, Task, RESTART_DELAY_SECS,
-    TASK_HISTORY,
+    host_port, refuse, task_error, OpError, Reason, State, Task, RESTART_DELAY_SECS, TASK_HISTORY,
 };
 use crate::keys::StepKind;
-use crate::sched::{self, Candidate, Constraint, GlobalFit};
+use crate::sched::{self, Candidate, GlobalFit};
 
 impl State {
     /// A task state reported by the agent of `node_id`. Reports about tasks the manager has
@@ -213,7 +212,7 @@ impl State {
             .nodes
             .values()
             .map(|r| {
-                let fit = sched::global_fit(&r.node, index.constraints(service), encrypted);
+                let fit = sched::global_fit(&r.node, &service.spec.constraints, encrypted);
                 (r.node.id.clone(), fit)
             })
             .collect();
@@ -381,7 +380,7 @@ impl State {
             .collect();
         let node = sched::pick_node(
             &candidates,
-            index.constraints(service),
+            &service.spec.constraints,
             avoid,
             host_port(&service.spec.ports),
             self.needs_encryption(service),
@@ -553,8 +552,6 @@ struct PlacementIndex {
     history: BTreeMap<(String, u64), SlotHistory>,
     /// Current placed tasks per node.
     load: BTreeMap<String, NodeLoad>,
-    /// Each service's constraints, parsed once.
-    constraints: BTreeMap<String, Vec<Constraint>>,
 }
 
 #[derive(Default)]
@@ -591,28 +588,7 @@ impl PlacementIndex {
                 h.nodes.extend(t.node_id.clone());
             }
         }
-        let constraints = s
-            .services
-            .values()
-            .map(|svc| {
-                let parsed = svc
-                    .spec
-                    .constraints
-                    .iter()
-                    .filter_map(|c| Constraint::parse(c).ok())
-                    .collect();
-                (svc.id.clone(), parsed)
-            })
-            .collect();
-        PlacementIndex {
-            history,
-            load,
-            constraints,
-        }
-    }
-
-    fn constraints(&self, service: &Service) -> &[Constraint] {
-        self.constraints.get(&service.id).map_or(&[], Vec::as_slice)
+        PlacementIndex { history, load }
     }
 }
 
@@ -812,7 +788,7 @@ mod tests {
         add_network(&mut s, "backend", "10.0.9.0/24");
         // More replicas than the /24 has addresses, none placeable.
         let mut big = spec("big", 300, &["backend"]);
-        big.constraints = vec!["node.labels.zone==a".into()];
+        big.constraints = vec![proto::model::Constraint::parse("node.labels.zone==a").unwrap()];
         s.create_service(&big, 1).unwrap();
         s.reconcile(1);
         let tasks = current(&s, "big");
@@ -968,7 +944,7 @@ mod tests {
     fn unplaceable_tasks_wait_until_a_node_fits() {
         let mut s = cluster(1);
         let mut sp = spec("web", 1, &[]);
-        sp.constraints = vec!["node.role==worker".into()];
+        sp.constraints = vec![proto::model::Constraint::parse("node.role==worker").unwrap()];
         s.create_service(&sp, 1).unwrap();
         s.reconcile(1);
         let task = current(&s, "web")[0].clone();
@@ -997,7 +973,7 @@ mod tests {
         let add: BTreeMap<String, String> = [("zone".to_string(), "b".to_string())].into();
         s.update_node("node3", None, &add, &[]).unwrap();
         let mut sp = spec("web", 2, &[]);
-        sp.constraints = vec!["node.labels.zone==b".into()];
+        sp.constraints = vec![proto::model::Constraint::parse("node.labels.zone==b").unwrap()];
         s.create_service(&sp, 1).unwrap();
         s.reconcile(1);
         assert_eq!(per_node(&s, "web"), [("node3".into(), 2)].into());
@@ -1195,7 +1171,7 @@ mod tests {
     fn a_global_service_follows_label_constraints() {
         let mut s = cluster(3);
         let mut sp = global("agent", &[]);
-        sp.constraints = vec!["node.labels.zone==a".into()];
+        sp.constraints = vec![proto::model::Constraint::parse("node.labels.zone==a").unwrap()];
         s.create_service(&sp, 1).unwrap();
         s.reconcile(1);
         assert!(current(&s, "agent").is_empty());

@@ -18,7 +18,6 @@ use super::{
 };
 use crate::alloc::{self, AllocError};
 use crate::rollout;
-use crate::sched::Constraint;
 
 impl State {
     pub fn create_service(&mut self, spec: &ServiceSpec, now: u64) -> Result<String, OpError> {
@@ -77,14 +76,6 @@ impl State {
             .or_else(|e| refuse(&op, e))?;
             networks.push(id);
         }
-        let mut constraints = Vec::new();
-        for text in &spec.constraints {
-            constraints.push(
-                Constraint::parse(text)
-                    .or_else(|e| refuse(&op, e))?
-                    .to_string(),
-            );
-        }
         self.check_ports(None, &spec.name, &[], &spec.ports)
             .or_else(|e| refuse(&op, e))?;
         check_endpoint_mode(spec.endpoint_mode, &spec.ports).or_else(|e| refuse(&op, e))?;
@@ -105,7 +96,7 @@ impl State {
                     mode: spec.mode,
                     replicas: spec.replicas,
                     networks,
-                    constraints,
+                    constraints: spec.constraints.clone(),
                     command: spec.command.clone(),
                     ports: spec.ports.clone(),
                     endpoint_mode: spec.endpoint_mode,
@@ -206,9 +197,7 @@ impl State {
             if p.published == 0 || p.target == 0 {
                 return Err(Reason::PortZero(format!(
                     "{}:{}/{}",
-                    p.published,
-                    p.target,
-                    protocol_word(p.protocol)
+                    p.published, p.target, p.protocol
                 )));
             }
             let why = match p.protocol {
@@ -321,23 +310,17 @@ impl State {
         if next.constraints.len() > MAX_CONSTRAINTS {
             return refuse(op, Reason::TooManyConstraints(next.constraints.len()));
         }
-        let mut constraints = Vec::new();
-        for text in &next.constraints {
-            let canonical = Constraint::parse(text)
-                .or_else(|e| refuse(&op, e))?
-                .to_string();
-            if constraints.contains(&canonical) {
+        for (i, c) in next.constraints.iter().enumerate() {
+            if next.constraints[..i].contains(c) {
                 return refuse(
                     op,
                     Reason::Twice {
                         kind: "constraint",
-                        name: canonical,
+                        name: c.to_string(),
                     },
                 );
             }
-            constraints.push(canonical);
         }
-        next.constraints = constraints;
         next.ports = ports;
         next.endpoint_mode = mode;
         let old = &service.spec;
@@ -516,13 +499,6 @@ pub(crate) fn check_command(command: &[String]) -> Result<(), Reason> {
         return Err(Reason::CommandNul(at, arg.clone()));
     }
     Ok(())
-}
-
-fn protocol_word(p: Protocol) -> &'static str {
-    match p {
-        Protocol::Tcp => "tcp",
-        Protocol::Udp => "udp",
-    }
 }
 
 #[cfg(test)]
