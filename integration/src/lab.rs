@@ -26,6 +26,12 @@ pub use crate::teardown::remove_orphans;
 
 /// The underlay subnet, as in the project's Vagrantfile.
 pub const UNDERLAY_PREFIX: &str = "192.168.56";
+/// The host that tests and benchmarks send traffic from, on the underlay beside the nodes
+/// (`Lab::add_host(CLIENT, CLIENT_IP)`).
+pub const CLIENT: &str = "client";
+pub const CLIENT_IP: std::net::Ipv4Addr = std::net::Ipv4Addr::new(192, 168, 56, 100);
+/// The underlay addresses of node1..node3, where a published port answers.
+pub const NODE_IPS: [&str; 3] = ["192.168.56.11", "192.168.56.12", "192.168.56.13"];
 const UNDERLAY_BRIDGE: &str = "ulbr";
 const UNDERLAY_NS: &str = "ul";
 

@@ -23,7 +23,6 @@
 //!
 //! Usage (root): b13_failover [--rounds 3] [--creates 20] [--poll-ms 25] [--pace-ms 10]
 
-use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -33,6 +32,7 @@ use bench::{ms, quantile, quartiles, title};
 use clap::Parser;
 use integration::cluster::{bin, Cluster, ClusterOptions, CONVERGE_TIMEOUT, HA_NODES};
 use integration::http;
+use integration::lab::{CLIENT, CLIENT_IP, NODE_IPS};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use proto::api::{ManagerStatus, NodeInfo};
@@ -54,9 +54,6 @@ struct Args {
     pace_ms: u64,
 }
 
-const CLIENT: &str = "client";
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 100);
-const NODES: [&str; 3] = ["192.168.56.11", "192.168.56.12", "192.168.56.13"];
 /// Past this, no write after a kill is a failure to measure, not a figure.
 const WRITE_WAIT: Duration = Duration::from_secs(60);
 /// The load goes on this long after the write is accepted, to catch late failures.
@@ -145,7 +142,7 @@ fn web(c: &Cluster) -> Result<()> {
     c.wait_running("web", 3)?;
     let client = &c.lab.node(CLIENT)?.ns;
     c.wait_for(CONVERGE_TIMEOUT, "every node answers on port 80", |_| {
-        NODES
+        NODE_IPS
             .iter()
             .all(|n| (0..6).all(|_| http::get(client, n, 80, "/tag").is_ok()))
             .then_some(())
@@ -175,7 +172,7 @@ fn failover(c: &mut Cluster, round: usize, poll: Duration, pace: Duration) -> Re
     let client = &c.lab.node(CLIENT)?.ns;
     let c_ref = &*c;
     let result = std::thread::scope(|scope| {
-        for node in NODES {
+        for node in NODE_IPS {
             let (stop, sent, failed, killed_at) = (&stop, &sent, &failed, &killed_at);
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {

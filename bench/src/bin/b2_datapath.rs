@@ -32,6 +32,7 @@ use anyhow::{bail, Context, Result};
 use bench::{header, mesh_and_direct, pin, row};
 use clap::Parser;
 use integration::cluster::Cluster;
+use integration::lab::CLIENT;
 use netns::Netns;
 
 #[derive(Parser)]
@@ -53,7 +54,6 @@ struct Args {
     crr_threads: usize,
 }
 
-const CLIENT: &str = "client";
 const MESH: &str = "http://192.168.56.11:80/";
 const DIRECT: &str = "http://192.168.56.13:8081/";
 const MESH_ADDR: &str = "192.168.56.11:80";

@@ -28,7 +28,6 @@
 //!
 //! Usage (root): b6_update [--rounds 3] [--pace-ms 10] [--monitor-ms 1000]
 
-use std::net::Ipv4Addr;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
@@ -39,6 +38,7 @@ use bench::{ms, quartiles, title};
 use clap::Parser;
 use integration::cluster::{bin, Cluster};
 use integration::http;
+use integration::lab::{CLIENT, CLIENT_IP, NODE_IPS};
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use proto::api::{ServiceInfo, TaskInfo};
@@ -57,9 +57,6 @@ struct Args {
     monitor_ms: u64,
 }
 
-const CLIENT: &str = "client";
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 100);
-const NODES: [&str; 3] = ["192.168.56.11", "192.168.56.12", "192.168.56.13"];
 const WAIT: Duration = Duration::from_secs(120);
 /// Swarm's fixed wait between taking a task out and stopping the next.
 const SWARM_SLEEP: Duration = Duration::from_secs(2);
@@ -99,7 +96,7 @@ fn under_load<T>(
     let tally = Mutex::new(Tally::default());
     let t0 = Instant::now();
     let out = std::thread::scope(|scope| {
-        for node in NODES {
+        for node in NODE_IPS {
             let (stop, tally) = (&stop, &tally);
             scope.spawn(move || {
                 while !stop.load(Ordering::Relaxed) {

@@ -24,13 +24,14 @@
 //! Usage (root, guest kernel): b7_ipvs_reuse [--rounds 3] [--connections 600]
 
 use std::io::{Read, Write};
-use std::net::{Ipv4Addr, SocketAddrV4};
+use std::net::SocketAddrV4;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result};
 use bench::{connect_from, header, mesh_and_direct, ms, pin, quantile, row};
 use clap::Parser;
 use integration::cluster::Cluster;
+use integration::lab::{CLIENT, CLIENT_IP};
 use netns::Netns;
 
 #[derive(Parser)]
@@ -46,8 +47,6 @@ struct Args {
     max_seconds: u64,
 }
 
-const CLIENT: &str = "client";
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 100);
 const PORTS: u16 = 300;
 
 struct Run {

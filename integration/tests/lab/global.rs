@@ -11,8 +11,7 @@ use proto::api::{ServiceInfo, TaskInfo};
 use proto::model::TaskState;
 
 use crate::mesh::{get as get_at, greetings};
-
-const CLIENT: &str = "client";
+use integration::lab::CLIENT;
 
 /// One `GET /` from the client to `ip:80`; None if it fails.
 fn get(c: &Cluster, ip: &str) -> Option<String> {

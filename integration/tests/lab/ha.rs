@@ -144,7 +144,7 @@ fn etcd_without_quorum_refuses_writes_clearly_while_the_mesh_serves() {
     wait_tag(&c, "v1");
     let answers = |c: &Cluster| {
         let client = &c.lab.node("client").unwrap().ns;
-        ["192.168.56.11", "192.168.56.12", "192.168.56.13"]
+        integration::lab::NODE_IPS
             .iter()
             .all(|n| http::get(client, n, 80, "/tag").ok().as_deref() == Some("v1\n"))
     };

@@ -7,6 +7,7 @@ use std::net::Ipv4Addr;
 use std::process::{Command, Output, Stdio};
 
 use integration::cluster::{Cluster, ClusterOptions, CONVERGE_TIMEOUT};
+use integration::lab::{CLIENT, CLIENT_IP};
 use proto::api::{ServiceInfo, TaskInfo};
 
 /// A resolver on the underlay that the agents forward other names to (dnsmasq, a real peer).
@@ -14,8 +15,6 @@ const UPSTREAM: &str = "upstream";
 const UPSTREAM_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 53);
 const EXTERNAL_NAME: &str = "www.example.test";
 const EXTERNAL_IP: Ipv4Addr = Ipv4Addr::new(203, 0, 113, 7);
-const CLIENT: &str = "client";
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 100);
 
 pub(crate) fn cluster() -> Cluster {
     let upstream = UPSTREAM_IP.to_string();

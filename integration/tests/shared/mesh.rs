@@ -4,17 +4,14 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::{BufRead, BufReader, Write};
-use std::net::{Ipv4Addr, TcpStream, UdpSocket};
+use std::net::{TcpStream, UdpSocket};
 use std::time::Duration;
 
 use integration::cluster::{bin, Cluster, CONVERGE_TIMEOUT};
 use integration::http;
+use integration::lab::{CLIENT, CLIENT_IP, NODE_IPS};
 use nix::sys::signal::Signal;
 use proto::api::{ServiceInfo, TaskInfo};
-
-const CLIENT: &str = "client";
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 100);
-const NODES: [&str; 3] = ["192.168.56.11", "192.168.56.12", "192.168.56.13"];
 
 fn cluster(nodes: usize) -> Cluster {
     let mut c = Cluster::up(nodes, crate::LB).unwrap();
@@ -101,7 +98,7 @@ fn every_node_answers_from_every_task_in_turn() {
     let nodes: BTreeSet<_> = tasks.iter().map(|t| t.node.clone().unwrap()).collect();
     assert_eq!(nodes.len(), 2);
     let want = greetings(&tasks);
-    for node in NODES {
+    for node in NODE_IPS {
         let answers = assert_balanced(&c, node, 80, &want);
         // Round robin: consecutive answers differ.
         assert!(
@@ -149,13 +146,13 @@ fn scaling_to_five_and_to_one_every_node_follows() {
     c.meshctl_ok(&["service", "scale", "web=5", "--detach"])
         .unwrap();
     let five = c.wait_running("web", 5).unwrap();
-    for node in NODES {
+    for node in NODE_IPS {
         assert_balanced(&c, node, 80, &greetings(&five));
     }
     c.meshctl_ok(&["service", "scale", "web=1", "--detach"])
         .unwrap();
     let one = c.wait_running("web", 1).unwrap();
-    for node in NODES {
+    for node in NODE_IPS {
         assert_balanced(&c, node, 80, &greetings(&one));
     }
 }
@@ -166,7 +163,7 @@ fn a_udp_port_is_balanced_too() {
     let tasks = service(&c, "dns", 2, &["--publish", "5353:8080/udp"]);
     let want = greetings(&tasks);
     let client = &c.lab.node(CLIENT).unwrap().ns;
-    for node in NODES.iter().take(2) {
+    for node in NODE_IPS.iter().take(2) {
         c.wait_for(CONVERGE_TIMEOUT, "UDP answers from every task", |_| {
             let mut seen = BTreeSet::new();
             // A new source port per datagram: a new flow, balanced afresh.
@@ -213,7 +210,7 @@ fn host_mode_answers_only_where_a_task_runs_and_keeps_the_client_ip() {
                 .to_string()
         })
         .collect();
-    for node in NODES {
+    for node in NODE_IPS {
         if with_task.contains(node) {
             let who = c
                 .wait_for(CONVERGE_TIMEOUT, "host-mode port answers", |c| {
@@ -238,7 +235,7 @@ fn host_mode_answers_only_where_a_task_runs_and_keeps_the_client_ip() {
 fn a_killed_task_leaves_every_node_and_steady_load_barely_notices() {
     let c = cluster(3);
     let tasks = service(&c, "web", 3, &["--publish", "80:8080"]);
-    for node in NODES {
+    for node in NODE_IPS {
         assert_balanced(&c, node, 80, &greetings(&tasks));
     }
     let victim = &tasks[1];
@@ -247,7 +244,7 @@ fn a_killed_task_leaves_every_node_and_steady_load_barely_notices() {
     let client = &c.lab.node(CLIENT).unwrap().ns;
     for i in 0..30 {
         assert!(
-            http::get(client, NODES[0], 80, "/").is_ok(),
+            http::get(client, NODE_IPS[0], 80, "/").is_ok(),
             "request {i} failed before the kill"
         );
     }
@@ -288,7 +285,7 @@ fn a_killed_task_leaves_every_node_and_steady_load_barely_notices() {
             || results.len() < 60
         {
             let sent = killed.elapsed();
-            results.push((sent, http::get(client, NODES[0], 80, "/").ok()));
+            results.push((sent, http::get(client, NODE_IPS[0], 80, "/").ok()));
             std::thread::sleep(Duration::from_millis(5));
             assert!(
                 killed.elapsed() < CONVERGE_TIMEOUT + Duration::from_secs(10),
@@ -382,10 +379,10 @@ fn foreign_rules_survive_and_a_published_port_cannot_be_taken_twice() {
     c.meshctl_ok(&["service", "scale", "web=3", "--detach"])
         .unwrap();
     let three = c.wait_running("web", 3).unwrap();
-    assert_balanced(&c, NODES[0], 80, &greetings(&three));
+    assert_balanced(&c, NODE_IPS[0], 80, &greetings(&three));
     c.meshctl_ok(&["publish", "8082:8080", "--service", "web", "--detach"])
         .unwrap();
-    assert_balanced(&c, NODES[0], 8082, &greetings(&three));
+    assert_balanced(&c, NODE_IPS[0], 8082, &greetings(&three));
     assert_eq!(
         nft(&["list", "table", "ip", "foreign"]),
         foreign,
@@ -397,10 +394,10 @@ fn foreign_rules_survive_and_a_published_port_cannot_be_taken_twice() {
 fn an_agent_restart_keeps_connections_through_the_mesh() {
     let mut c = cluster(2);
     let tasks = service(&c, "web", 2, &["--publish", "80:8080"]);
-    assert_balanced(&c, NODES[0], 80, &greetings(&tasks));
+    assert_balanced(&c, NODE_IPS[0], 80, &greetings(&tasks));
     let client = &c.lab.node(CLIENT).unwrap().ns;
     let stream = client
-        .run(|| TcpStream::connect(format!("{}:80", NODES[0])))
+        .run(|| TcpStream::connect(format!("{}:80", NODE_IPS[0])))
         .unwrap()
         .unwrap();
     stream
@@ -431,5 +428,5 @@ fn an_agent_restart_keeps_connections_through_the_mesh() {
         first,
         "the same connection, the same task, after the restart"
     );
-    assert_balanced(&c, NODES[0], 80, &greetings(&tasks));
+    assert_balanced(&c, NODE_IPS[0], 80, &greetings(&tasks));
 }

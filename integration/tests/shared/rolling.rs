@@ -7,7 +7,6 @@
 //! The services have a health check: without one a new task gets traffic once its process
 //! runs, which may be before it listens (in the emulated guest, seconds before).
 
-use std::net::Ipv4Addr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
@@ -17,10 +16,7 @@ use proto::api::{ServiceInfo, TaskInfo};
 use proto::model::{TaskState, UpdateState};
 
 use crate::discovery::{in_task, sleeper};
-
-const CLIENT: &str = "client";
-const CLIENT_IP: Ipv4Addr = Ipv4Addr::new(192, 168, 56, 100);
-const NODES: [&str; 3] = ["192.168.56.11", "192.168.56.12", "192.168.56.13"];
+use integration::lab::{CLIENT, CLIENT_IP, NODE_IPS};
 
 pub(crate) fn cluster() -> Cluster {
     cluster_with(ClusterOptions::default())
@@ -80,7 +76,7 @@ pub(crate) fn under_load(c: &Cluster, probe: &TaskInfo, during: impl FnOnce()) -
     let stop = AtomicBool::new(false);
     let client = &c.lab.node(CLIENT).unwrap().ns;
     std::thread::scope(|scope| {
-        let mesh: Vec<_> = NODES
+        let mesh: Vec<_> = NODE_IPS
             .iter()
             .map(|node| {
                 let stop = &stop;
@@ -149,7 +145,7 @@ pub(crate) fn wait_tag(c: &Cluster, tag: &str) {
         CONVERGE_TIMEOUT,
         &format!("every node answers {tag}"),
         |_| {
-            NODES
+            NODE_IPS
                 .iter()
                 .all(|n| {
                     (0..6).all(|_| http::get(client, n, 80, "/tag").ok().as_deref() == Some(&want))
@@ -270,7 +266,7 @@ fn an_open_connection_to_a_stopping_task_lasts_its_grace_period() {
     let client = &c.lab.node(CLIENT).unwrap().ns;
     let mut conn = c
         .wait_for(CONVERGE_TIMEOUT, "node1 answers on 81", |_| {
-            let mut k = http::KeepAlive::open(client, NODES[0], 81).ok()?;
+            let mut k = http::KeepAlive::open(client, NODE_IPS[0], 81).ok()?;
             (k.get("/tag").ok()? == "slow\n").then_some(k)
         })
         .unwrap_or_else(|e| panic!("{e}\n{}", c.logs()));
