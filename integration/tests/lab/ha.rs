@@ -278,3 +278,104 @@ fn a_single_managers_state_is_imported_into_an_empty_etcd_once() {
     assert!(!out.status.success());
     assert!(err.contains("already holds a cluster"), "{err}");
 }
+
+/// etcd kept private with TLS and client certificates (`--etcd-ca/--etcd-cert/--etcd-key`):
+/// the manager reaches it over https, is elected and writes.
+#[test]
+fn a_manager_reaches_etcd_over_tls_with_its_client_certificate() {
+    let lab = integration::lab::Lab::up(integration::lab::LabConfig {
+        nodes: 1,
+        ..Default::default()
+    })
+    .unwrap();
+    let dir = lab.root().join("etcd-tls");
+    std::fs::create_dir_all(&dir).unwrap();
+    let ca = trust::Ca::generate("etcd-test").unwrap();
+    let issue = |cn: &str, sans: &[String]| {
+        let subject = trust::Subject {
+            common_name: cn.into(),
+            role: trust::CertRole::Manager,
+            cluster_id: "etcd-test".into(),
+        };
+        ca.issue(&subject, sans, Duration::from_secs(3600)).unwrap()
+    };
+    let (server, server_key) = issue("etcd", &["192.168.56.11".into()]);
+    let (client, client_key) = issue("mesh-manager", &[]);
+    for (name, body) in [
+        ("ca.pem", ca.cert_pem()),
+        ("server.pem", &server),
+        ("server-key.pem", &server_key),
+        ("client.pem", &client),
+        ("client-key.pem", &client_key),
+    ] {
+        std::fs::write(dir.join(name), body).unwrap();
+    }
+    let path = |f: &str| dir.join(f).display().to_string();
+    let log = |name: &str| std::fs::File::create(dir.join(name)).unwrap();
+    let mut etcd = lab.command("etcd");
+    etcd.args(["--name", "solo", "--data-dir", &path("data")])
+        .args(["--listen-client-urls", "https://192.168.56.11:2379"])
+        .args(["--advertise-client-urls", "https://192.168.56.11:2379"])
+        .args(["--listen-peer-urls", "http://192.168.56.11:2380"])
+        .args([
+            "--cert-file",
+            &path("server.pem"),
+            "--key-file",
+            &path("server-key.pem"),
+        ])
+        .args(["--trusted-ca-file", &path("ca.pem"), "--client-cert-auth"])
+        .stdin(Stdio::null())
+        .stdout(log("etcd.log"))
+        .stderr(log("etcd.err"));
+    lab.spawn("node1", &mut etcd).unwrap();
+    let socket = path("manager.sock");
+    let mut manager = lab.command(bin("mesh-manager"));
+    manager
+        .args([
+            "--listen",
+            "192.168.56.11:2377",
+            "--api-listen",
+            "192.168.56.11:2378",
+        ])
+        .args(["--store", "etcd://192.168.56.11:2379"])
+        .args(["--etcd-ca", &path("ca.pem")])
+        .args([
+            "--etcd-cert",
+            &path("client.pem"),
+            "--etcd-key",
+            &path("client-key.pem"),
+        ])
+        .args(["--data-dir", &path("manager"), "--api-socket", &socket])
+        .stdin(Stdio::null())
+        .stdout(log("manager.log"))
+        .stderr(log("manager.err"));
+    lab.spawn("node1", &mut manager).unwrap();
+
+    let meshctl = bin("meshctl").display().to_string();
+    let host = format!("unix://{socket}");
+    let deadline = Instant::now() + CONVERGE_TIMEOUT;
+    let mut last = String::new();
+    while Instant::now() < deadline {
+        let out = lab
+            .exec(
+                "node1",
+                &[
+                    &meshctl, "--host", &host, "network", "create", "--driver", "overlay", "tls",
+                ],
+            )
+            .unwrap();
+        if out.status.success() {
+            let listed = lab
+                .exec("node1", &[&meshctl, "--host", &host, "network", "ls"])
+                .unwrap();
+            assert!(String::from_utf8_lossy(&listed.stdout).contains(" tls "));
+            return;
+        }
+        last = String::from_utf8_lossy(&out.stderr).into_owned();
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    panic!(
+        "no write through etcd over TLS: {last}\n{}",
+        std::fs::read_to_string(dir.join("manager.err")).unwrap_or_default()
+    );
+}
