@@ -261,35 +261,47 @@ pub fn nft_script(vnis: &BTreeSet<u32>, port: u16) -> String {
     s
 }
 
+/// What the node's kernel, or `nft`, refused.
+#[derive(Debug, thiserror::Error)]
+pub enum EspError {
+    #[error(transparent)]
+    Xfrm(#[from] xfrm::XfrmError),
+    #[error("run nft for table {TABLE}: {0}")]
+    NftSpawn(std::io::Error),
+    #[error("write the rules of table {TABLE} to nft: {0}")]
+    NftWrite(std::io::Error),
+    #[error("apply table {TABLE}: nft: {0}")]
+    Nft(String),
+}
+
 /// The node's kernel state, behind a narrow trait (the real one is [`xfrm::XfrmSocket`] plus
 /// `nft`), so the sync is tested without root.
 pub trait EspKernel {
-    fn observe(&mut self) -> Result<Observed, String>;
-    fn apply(&mut self, action: &EspAction) -> Result<(), String>;
-    fn nft(&mut self, script: &str) -> Result<(), String>;
+    fn observe(&mut self) -> Result<Observed, EspError>;
+    fn apply(&mut self, action: &EspAction) -> Result<(), EspError>;
+    fn nft(&mut self, script: &str) -> Result<(), EspError>;
     /// The node namespace's nf_tables generation, `None` if it cannot be read.
     fn generation(&mut self) -> Option<u32>;
 }
 
 impl EspKernel for xfrm::XfrmSocket {
-    fn observe(&mut self) -> Result<Observed, String> {
+    fn observe(&mut self) -> Result<Observed, EspError> {
         Ok(Observed {
-            states: self.states().map_err(|e| e.to_string())?,
-            policies: self.policies().map_err(|e| e.to_string())?,
+            states: self.states()?,
+            policies: self.policies()?,
         })
     }
 
-    fn apply(&mut self, action: &EspAction) -> Result<(), String> {
-        match action {
+    fn apply(&mut self, action: &EspAction) -> Result<(), EspError> {
+        Ok(match action {
             EspAction::AddSa(sa) => self.add_sa(sa),
             EspAction::DeleteSa(id) => self.delete_sa(id),
             EspAction::SetPolicy(p) => self.set_policy(p),
             EspAction::DeletePolicy(p) => self.delete_policy(p),
-        }
-        .map_err(|e| e.to_string())
+        }?)
     }
 
-    fn nft(&mut self, script: &str) -> Result<(), String> {
+    fn nft(&mut self, script: &str) -> Result<(), EspError> {
         run_nft(script)
     }
 
@@ -301,7 +313,7 @@ impl EspKernel for xfrm::XfrmSocket {
 }
 
 /// `nft -f -` in the agent's own (the node's) namespace.
-fn run_nft(script: &str) -> Result<(), String> {
+fn run_nft(script: &str) -> Result<(), EspError> {
     use std::io::Write;
     use std::process::{Command, Stdio};
     let mut child = Command::new("nft")
@@ -310,23 +322,20 @@ fn run_nft(script: &str) -> Result<(), String> {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
-        .map_err(|e| format!("run nft for table {TABLE}: {e}"))?;
+        .map_err(EspError::NftSpawn)?;
     // Written, then the pipe closed, before waiting; nft exits (and is reaped) either way.
     let written = child
         .stdin
         .take()
         .map(|mut stdin| stdin.write_all(script.as_bytes()));
-    let out = child
-        .wait_with_output()
-        .map_err(|e| format!("wait for nft (table {TABLE}): {e}"))?;
+    let out = child.wait_with_output().map_err(EspError::NftSpawn)?;
     if !out.status.success() {
-        return Err(format!(
-            "apply table {TABLE}: nft: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
+        return Err(EspError::Nft(
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
         ));
     }
     if let Some(Err(e)) = written {
-        return Err(format!("write the rules of table {TABLE} to nft: {e}"));
+        return Err(EspError::NftWrite(e));
     }
     Ok(())
 }
@@ -391,21 +400,21 @@ impl EspSync {
                         self.last_script = Some(script);
                         self.checked_at = crate::lb::right_after_own_write(before, k.generation());
                     }
-                    Err(e) => report.errors.push(e),
+                    Err(e) => report.errors.push(e.to_string()),
                 }
             }
         }
         let observed = match k.observe() {
             Ok(o) => o,
             Err(e) => {
-                report.errors.push(e);
+                report.errors.push(e.to_string());
                 return report;
             }
         };
         for action in plan(&desired, &observed) {
             match k.apply(&action) {
                 Ok(()) => report.applied.push(format!("{action:?}")),
-                Err(e) => report.errors.push(e),
+                Err(e) => report.errors.push(format!("{action:?}: {e}")),
             }
         }
         report
@@ -680,15 +689,18 @@ mod tests {
     }
 
     impl EspKernel for Fake {
-        fn observe(&mut self) -> Result<Observed, String> {
+        fn observe(&mut self) -> Result<Observed, EspError> {
             Ok(self.held.clone())
         }
-        fn apply(&mut self, action: &EspAction) -> Result<(), String> {
+        fn apply(&mut self, action: &EspAction) -> Result<(), EspError> {
             let h = &mut self.held;
             match action {
                 EspAction::AddSa(sa) => {
                     if h.states.iter().any(|s| s.id == sa.id) {
-                        return Err("File exists".into());
+                        return Err(EspError::Xfrm(xfrm::XfrmError::Io {
+                            op: "add SA".into(),
+                            source: std::io::Error::from_raw_os_error(libc::EEXIST),
+                        }));
                     }
                     h.states.push(sa.clone());
                 }
@@ -702,7 +714,7 @@ mod tests {
             }
             Ok(())
         }
-        fn nft(&mut self, script: &str) -> Result<(), String> {
+        fn nft(&mut self, script: &str) -> Result<(), EspError> {
             self.scripts.push(script.to_string());
             self.generation += 1;
             Ok(())
