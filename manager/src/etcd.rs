@@ -46,6 +46,10 @@ const RENEW_EVERY: Duration = Duration::from_millis(500);
 const POLL_EVERY: Duration = Duration::from_millis(500);
 /// Every etcd call is bounded, so a lost quorum shows as an error rather than a hang.
 const CALL_TIMEOUT: Duration = Duration::from_secs(3);
+/// Keys per page of a range read, and the largest page the client accepts (a node's record
+/// holds its whole assignment, which grows with the cluster).
+const PAGE_KEYS: i64 = 1000;
+const MAX_PAGE_BYTES: usize = 256 * 1024 * 1024;
 /// How long a starting manager waits for etcd to answer.
 const READY_WAIT: Duration = Duration::from_secs(120);
 
@@ -238,23 +242,49 @@ impl Etcd {
         }
     }
 
-    /// Every key under `prefix`, in key order.
+    /// Every key under `prefix`, in key order, read in pages at one revision (a consistent
+    /// view, in responses well under the gRPC message limit however big the cluster).
     async fn range(&self, prefix: &'static str) -> anyhow::Result<Vec<(String, Vec<u8>)>> {
-        let resp =
-            self.run(move |mut c| async move {
-                c.get(prefix, Some(GetOptions::new().with_prefix())).await
-            })
-            .await?;
-        Ok(resp
-            .kvs()
-            .iter()
-            .map(|kv| {
+        // Prefixes end in '/' (or are whole keys): the next byte value ends the range.
+        let mut end = prefix.as_bytes().to_vec();
+        *end.last_mut().expect("a prefix is not empty") += 1;
+        let mut out = Vec::new();
+        let mut start = prefix.as_bytes().to_vec();
+        let mut revision = 0;
+        loop {
+            let (from, to) = (start.clone(), end.clone());
+            let resp = self
+                .run(move |c| {
+                    let (from, to) = (from.clone(), to.clone());
+                    async move {
+                        let mut options = GetOptions::new().with_range(to).with_limit(PAGE_KEYS);
+                        if revision > 0 {
+                            options = options.with_revision(revision);
+                        }
+                        c.kv_client()
+                            .max_decoding_message_size(MAX_PAGE_BYTES)
+                            .get(from, Some(options))
+                            .await
+                    }
+                })
+                .await?;
+            if revision == 0 {
+                revision = resp.header().map_or(0, |h| h.revision());
+            }
+            out.extend(resp.kvs().iter().map(|kv| {
                 (
                     String::from_utf8_lossy(kv.key()).into_owned(),
                     kv.value().to_vec(),
                 )
-            })
-            .collect())
+            }));
+            match resp.kvs().last() {
+                Some(last) if resp.more() => {
+                    start = last.key().to_vec();
+                    start.push(0);
+                }
+                _ => return Ok(out),
+            }
+        }
     }
 
     /// The stored state, if a leader ever saved one.
