@@ -356,8 +356,10 @@ fn an_encrypted_network_crosses_the_underlay_as_esp_only() {
         0,
         "VXLAN of the encrypted network in clear: {t:?}"
     );
+    // GSO carries the plain network's 100 KB in a few dozen packets or fewer (38 in one CI
+    // run), more or fewer with the machine's load; ten are far above what ARP alone would give.
     assert!(
-        t.vxlan_of(plain_vni) > 50,
+        t.vxlan_of(plain_vni) >= 10,
         "the plain network's VXLAN is not in clear: {t:?}"
     );
 
