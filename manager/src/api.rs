@@ -159,26 +159,24 @@ async fn serve<S: AsyncRead + AsyncWrite>(
         let response = match proto::decode_frame::<Request>(&buf) {
             Ok(req) => {
                 let span = tracing::info_span!("api", request = request_kind(&req));
-                let mut req = Some(req);
                 let answered = {
                     let mut c = lock(&cluster);
                     match who.as_ref().map(|id| api_access(&c, id)) {
                         Some(Err(message)) => Err(message),
-                        _ if !c.leading() => Ok(Err((c.leader_api(), c.pki().forward_tls.clone()))),
-                        _ => {
-                            Ok(Ok(span.in_scope(|| {
-                                handle(&mut c, req.take().expect("taken once"))
-                            })))
-                        }
+                        _ if !c.leading() => Ok(Answer::Forward {
+                            leader: c.leader_api(),
+                            tls: c.pki().forward_tls.clone(),
+                            req,
+                        }),
+                        _ => Ok(Answer::Here(span.in_scope(|| handle(&mut c, req)))),
                     }
                 };
-                let answered = match (answered, req) {
-                    (Ok(Err((leader, tls))), Some(req)) => {
+                let answered = match answered {
+                    Ok(Answer::Forward { leader, tls, req }) => {
                         Ok(forward(&mut upstream, tls, leader, &req).await)
                     }
-                    (Ok(Ok(response)), _) => Ok(response),
-                    (Err(message), _) => Err(message),
-                    (Ok(Err(_)), None) => unreachable!("a forwarded request is not handled here"),
+                    Ok(Answer::Here(response)) => Ok(response),
+                    Err(message) => Err(message),
                 };
                 match answered {
                     Ok(response) => response,
@@ -199,6 +197,17 @@ async fn serve<S: AsyncRead + AsyncWrite>(
             return;
         }
     }
+}
+
+/// Where a request is answered: here (the leader), or by the leader (a follower forwards it
+/// once the cluster's lock is released).
+enum Answer {
+    Here(Response),
+    Forward {
+        leader: Option<String>,
+        tls: Arc<rustls::ClientConfig>,
+        req: Request,
+    },
 }
 
 /// A follower's connection to the leader's API, kept for the client's connection.

@@ -344,9 +344,10 @@ impl Cluster {
         Ok(())
     }
 
-    /// Whether a manager runs at `addr`: its node is a manager whichever token it joined with.
+    /// Whether a manager runs at `addr` (this one is always among `managers`): its node is a
+    /// manager whichever token it joined with.
     fn is_manager_addr(&self, addr: IpAddr) -> bool {
-        addr == self.me.addr || self.managers.iter().any(|m| m.addr == addr)
+        self.managers.iter().any(|m| m.addr == addr)
     }
 
     /// Agents with an open session.

@@ -116,7 +116,7 @@ struct Args {
     etcd_key: Option<PathBuf>,
     /// Moves a single manager's state (its --data-dir, with the cluster's CA) into an empty
     /// etcd, once, when this manager is first elected. Refused if etcd holds a cluster.
-    #[arg(long, requires = "store")]
+    #[arg(long)]
     import: Option<PathBuf>,
 }
 
@@ -230,11 +230,6 @@ async fn run(args: Args) -> anyhow::Result<()> {
     if !args.listen.ip().is_unspecified() && args.listen.ip() != advertise {
         sans.push(args.listen.ip().to_string());
     }
-    let external = args
-        .external_ca_cert
-        .as_deref()
-        .zip(args.external_ca_key.as_deref())
-        .map(|(cert, key)| certs::ExternalCa { cert, key });
     let startup = Startup {
         ingress_subnet: args.ingress_subnet.clone(),
         listen_ip: args.listen.ip(),
@@ -279,7 +274,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         }
         let pki = certs::Pki::open(
             &args.data_dir,
-            external,
+            external_ca(&args),
             &state.cluster_id,
             args.cert_expiry,
             sans,
@@ -316,22 +311,27 @@ async fn run(args: Args) -> anyhow::Result<()> {
         };
         let pki = shared_pki(&client, &args, imported.as_ref(), sans).await?;
         let (store, fence) = etcd::EtcdStore::new(client.clone());
-        let pki = Arc::new(pki);
-        campaign = Some((client, fence, imported, pki.clone()));
-        Cluster::new(State::default(), Box::new(store), false, me.clone(), pki)
+        campaign = Some((client, fence, imported));
+        Cluster::new(
+            State::default(),
+            Box::new(store),
+            false,
+            me.clone(),
+            Arc::new(pki),
+        )
     };
     let pki = cluster.pki_arc();
     let cluster: Shared = Arc::new(Mutex::new(cluster));
     lock(&cluster).set_key_rotation(args.encryption_key_rotation);
     let etcd_client = campaign.as_ref().map(|(c, ..)| c.clone());
-    if let Some((client, fence, imported, pki)) = campaign {
+    if let Some((client, fence, imported)) = campaign {
         tokio::spawn(leadership::run(
             client,
             cluster.clone(),
             fence,
             startup,
             imported,
-            pki,
+            pki.clone(),
             me,
         ));
     }
@@ -400,12 +400,6 @@ async fn shared_pki(
     imported: Option<&State>,
     sans: Vec<String>,
 ) -> anyhow::Result<certs::Pki> {
-    let external = || {
-        args.external_ca_cert
-            .as_deref()
-            .zip(args.external_ca_key.as_deref())
-            .map(|(cert, key)| certs::ExternalCa { cert, key })
-    };
     let had_ca = certs::has_ca(&args.data_dir);
     for _ in 0..2 {
         let cluster_id = match client.ca().await? {
@@ -413,7 +407,7 @@ async fn shared_pki(
                 certs::install_ca(&args.data_dir, &ca.cert, &ca.key)?;
                 return certs::Pki::open(
                     &args.data_dir,
-                    external(),
+                    external_ca(args),
                     &ca.cluster_id,
                     args.cert_expiry,
                     sans,
@@ -427,7 +421,7 @@ async fn shared_pki(
         };
         let pki = certs::Pki::open(
             &args.data_dir,
-            external(),
+            external_ca(args),
             &cluster_id,
             args.cert_expiry,
             sans.clone(),
@@ -449,6 +443,14 @@ async fn shared_pki(
         certs::forget_ca(&args.data_dir)?;
     }
     bail!("the cluster's CA in etcd changed twice while this manager started: start it again")
+}
+
+/// `--external-ca-cert` with `--external-ca-key`, if given.
+fn external_ca(args: &Args) -> Option<certs::ExternalCa<'_>> {
+    args.external_ca_cert
+        .as_deref()
+        .zip(args.external_ca_key.as_deref())
+        .map(|(cert, key)| certs::ExternalCa { cert, key })
 }
 
 fn read_pem(path: &Path) -> anyhow::Result<String> {

@@ -30,7 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use bench::{ms, quantile, quartiles, title};
 use clap::Parser;
-use integration::cluster::{bin, Cluster, ClusterOptions, CONVERGE_TIMEOUT, HA_NODES};
+use integration::cluster::{Cluster, ClusterOptions, CONVERGE_TIMEOUT, HA_NODES};
 use integration::http;
 use integration::lab::{CLIENT, CLIENT_IP, NODE_IPS};
 use nix::sys::signal::{kill, Signal};
@@ -119,27 +119,18 @@ fn time_creates(c: &Cluster, n: usize) -> Result<Vec<Duration>> {
 
 /// `web`: 3 hello-servers on `app` published on port 80; returns once every node answers.
 fn web(c: &Cluster) -> Result<()> {
-    let hello = bin("hello-server").display().to_string();
-    c.meshctl_ok(&[
-        "service",
-        "create",
-        "--name",
+    c.hello_service(
         "web",
-        "--replicas",
-        "3",
-        "--network",
-        "app",
-        "--publish",
-        "80:8080",
-        "--health-http",
-        "8080/tag",
-        "--detach",
-        "--",
-        &hello,
-        "--port",
-        "8080",
-    ])?;
-    c.wait_running("web", 3)?;
+        3,
+        &[
+            "--network",
+            "app",
+            "--publish",
+            "80:8080",
+            "--health-http",
+            "8080/tag",
+        ],
+    )?;
     let client = &c.lab.node(CLIENT)?.ns;
     c.wait_for(CONVERGE_TIMEOUT, "every node answers on port 80", |_| {
         NODE_IPS
