@@ -9,6 +9,7 @@
 
 use std::net::IpAddr;
 use std::os::fd::AsRawFd;
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{bail, Context};
@@ -135,7 +136,7 @@ impl Conn {
                     let msg = decode_frame::<ManagerMsg>(&buf)?;
                     buf.clear();
                     match msg {
-                        ManagerMsg::Assign(a) => self.accept(a, std::mem::take(&mut first_assign)),
+                        ManagerMsg::Assign(a) => self.accept(Arc::unwrap_or_clone(a), std::mem::take(&mut first_assign)),
                         ManagerMsg::Certificate { cert } => {
                             let Some(key) = renewal.take() else {
                                 warn!("a certificate the agent did not ask for: ignored");
@@ -488,7 +489,7 @@ mod tests {
             revision: 5,
             ..Default::default()
         };
-        write_frame(&mut w, &ManagerMsg::Assign(assign.clone()))
+        write_frame(&mut w, &ManagerMsg::Assign(Arc::new(assign.clone())))
             .await
             .unwrap();
         assert_eq!(

@@ -395,7 +395,7 @@ fn agent_serves_dns_to_tasks() {
     let other = attached("oo", "other", 1, NET2, other_ip);
     let remote = ip("10.0.9.9");
     let assign = |revision: u64, web_tasks: &[(&str, u64, Ipv4Addr)]| {
-        ManagerMsg::Assign(Assignment {
+        ManagerMsg::Assign(std::sync::Arc::new(Assignment {
             revision,
             networks: vec![
                 dns_network(
@@ -431,7 +431,7 @@ fn agent_serves_dns_to_tasks() {
             ],
             tasks: vec![web.clone(), client.clone(), other.clone()],
             ..Assignment::default()
-        })
+        }))
     };
 
     let mut lab = Lab::new();
@@ -607,8 +607,9 @@ fn agent_serves_dns_to_tasks() {
     assert!(files.join("resolv.conf").exists());
     m.send(&ManagerMsg::Assign(match assign(3, &[("wa", 1, web_ip)]) {
         ManagerMsg::Assign(mut a) => {
-            a.tasks.retain(|t| t.name != other.name);
-            a.networks.truncate(1);
+            let a_mut = std::sync::Arc::make_mut(&mut a);
+            a_mut.tasks.retain(|t| t.name != other.name);
+            a_mut.networks.truncate(1);
             a
         }
         _ => unreachable!(),

@@ -16,6 +16,8 @@ use nix::sys::socket::{self, sockopt, AddressFamily, SockFlag, SockType, Sockadd
 use nix::sys::time::TimeVal;
 use nix::unistd::Pid;
 
+pub mod sim;
+
 /// First quartile, median and third quartile.
 pub fn quartiles(v: &[f64]) -> (f64, f64, f64) {
     let mut v = v.to_vec();

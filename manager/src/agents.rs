@@ -10,23 +10,27 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use proto::agent::{AgentMsg, ManagerMsg, NODE_DOWN_SECS};
 use proto::excerpt;
-use proto::model::NodeStatus;
 use proto::wire::{frame_error, read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite, BufReader, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::mpsc;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 use tracing::Instrument;
 use trust::CertRole;
 
-use crate::cluster::{lock, Shared, TxError};
+use crate::cluster::{lock, Liveness, Shared};
 use crate::limits::{Slot, Slots, HANDSHAKE_TIMEOUT, MAX_PENDING, MAX_PENDING_PER_PEER};
-use crate::state::{OpError, Reason};
+use crate::outbox::{outbox, OutboxRx};
+use crate::reports::{Inbox, Report};
 
 type Tls = TlsStream<TcpStream>;
 
-pub async fn serve(listener: TcpListener, cluster: Shared, tls: Arc<rustls::ServerConfig>) {
+pub async fn serve(
+    listener: TcpListener,
+    cluster: Shared,
+    inbox: Arc<Inbox>,
+    tls: Arc<rustls::ServerConfig>,
+) {
     let acceptor = TlsAcceptor::from(tls);
     let pending = Slots::new(MAX_PENDING, MAX_PENDING_PER_PEER);
     loop {
@@ -39,10 +43,10 @@ pub async fn serve(listener: TcpListener, cluster: Shared, tls: Arc<rustls::Serv
                     continue;
                 };
                 let span = tracing::info_span!("agent", %peer, node = tracing::field::Empty);
-                let (cluster, acceptor) = (cluster.clone(), acceptor.clone());
+                let (cluster, inbox, acceptor) = (cluster.clone(), inbox.clone(), acceptor.clone());
                 tokio::spawn(
                     async move {
-                        match connection(stream, peer, acceptor, cluster, slot).await {
+                        match connection(stream, peer, acceptor, cluster, inbox, slot).await {
                             Ok(()) => tracing::debug!("connection ended"),
                             Err(e) => tracing::warn!("{e:#}"),
                         }
@@ -89,6 +93,7 @@ async fn connection(
     peer: SocketAddr,
     acceptor: TlsAcceptor,
     cluster: Shared,
+    inbox: Arc<Inbox>,
     slot: Slot,
 ) -> anyhow::Result<()> {
     let _ = stream.set_nodelay(true);
@@ -104,7 +109,7 @@ async fn connection(
     let Some((node_id, hello, mut rd, mut wr)) = opened else {
         return Ok(());
     };
-    session(&mut rd, &mut wr, &node_id, hello, &cluster).await
+    session(&mut rd, &mut wr, &node_id, hello, &cluster, &inbox).await
 }
 
 /// The TLS handshake, then either a certificate-less peer's one request, answered (`None`), or
@@ -239,6 +244,7 @@ async fn session(
     node_id: &str,
     hello: Hello,
     cluster: &Shared,
+    inbox: &Inbox,
 ) -> anyhow::Result<()> {
     let Hello {
         version,
@@ -262,7 +268,7 @@ async fn session(
         return Ok(());
     }
 
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = outbox();
     let joined = lock(cluster).connect_agent(node_id, &hostname, advertise_addr, tx);
     let conn = match joined {
         Ok(conn) => conn,
@@ -281,7 +287,7 @@ async fn session(
     }
 
     let mut buf = Vec::new();
-    let result = converse(rd, wr, &mut rx, &mut buf, node_id, cluster).await;
+    let result = converse(rd, wr, &mut rx, &mut buf, node_id, cluster, inbox).await;
     lock(cluster).disconnect_agent(node_id, conn);
     result
 }
@@ -311,13 +317,15 @@ async fn refuse<W: AsyncWrite + Unpin>(wr: &mut W, reason: String) -> anyhow::Er
 async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     rd: &mut BufReader<R>,
     wr: &mut W,
-    rx: &mut mpsc::UnboundedReceiver<ManagerMsg>,
+    rx: &mut OutboxRx,
     buf: &mut Vec<u8>,
     node_id: &str,
     cluster: &Shared,
+    inbox: &Inbox,
 ) -> anyhow::Result<()> {
     // A connection that carries nothing for this long is dead even if TCP has not noticed.
     let silence = Duration::from_secs(NODE_DOWN_SECS * 3);
+    let liveness = lock(cluster).liveness();
     loop {
         tokio::select! {
             out = rx.recv() => match out {
@@ -340,7 +348,7 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
                 let msg: AgentMsg = proto::decode_frame(buf)
                     .map_err(|e| anyhow::anyhow!("decode agent message: {}", frame_error(&e)))?;
                 buf.clear();
-                if let Some(reply) = handle(msg, node_id, cluster)? {
+                if let Some(reply) = handle(msg, node_id, cluster, inbox, &liveness)? {
                     write_frame(wr, &reply).await.context("send to agent")?;
                 }
             }
@@ -348,38 +356,41 @@ async fn converse<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
     }
 }
 
-fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<Option<ManagerMsg>> {
-    let mut c = lock(cluster);
-    c.seen(node_id);
+/// Answers what needs an answer (a renewal) and queues the rest for the reports thread
+/// (crate::reports), so reading an agent never waits for the cluster's lock.
+fn handle(
+    msg: AgentMsg,
+    node_id: &str,
+    cluster: &Shared,
+    inbox: &Inbox,
+    liveness: &Liveness,
+) -> anyhow::Result<Option<ManagerMsg>> {
+    liveness.seen(node_id);
+    let node = node_id.to_string();
     let mut reply = None;
-    match msg {
-        AgentMsg::Heartbeat => {}
+    let report = match msg {
+        AgentMsg::Heartbeat => Report::Alive { node_id: node },
         AgentMsg::Applied { revision } => {
             tracing::debug!(revision, "agent applied");
-            if let Err(e) = c.transact(|s, _| {
-                s.set_applied(node_id, revision);
-                Ok(())
-            }) {
-                tracing::error!("record applied revision {revision}: {e}");
+            Report::Applied {
+                node_id: node,
+                revision,
             }
         }
         AgentMsg::TaskStatus(status) => {
-            let span = tracing::info_span!("task", task = %excerpt(&status.task_id));
-            let _enter = span.enter();
             let error = status.error.as_deref().map(crate::state::task_error);
-            tracing::info!(state = ?status.state, error, "task status");
-            match c.transact(|s, now| s.task_status(node_id, &status, now)) {
-                Ok(()) => {}
-                // Tasks removed by a scale-down or service rm are reported as they stop.
-                Err(TxError::Refused(OpError {
-                    reason: Reason::NotFound { .. },
-                    ..
-                })) => tracing::debug!("status of a task the manager no longer has"),
-                Err(e) => tracing::warn!("{e}"),
+            tracing::info!(task = %excerpt(&status.task_id), state = ?status.state, error, "task status");
+            Report::Status {
+                node_id: node,
+                status,
             }
         }
+        AgentMsg::LbState(report) => Report::Lb {
+            node_id: node,
+            report,
+        },
         AgentMsg::Renew { csr } => {
-            reply = Some(match c.renew(node_id, &csr) {
+            reply = Some(match lock(cluster).renew(node_id, &csr) {
                 Ok(cert) => {
                     tracing::info!("renewed the node's certificate");
                     ManagerMsg::Certificate { cert }
@@ -389,27 +400,13 @@ fn handle(msg: AgentMsg, node_id: &str, cluster: &Shared) -> anyhow::Result<Opti
                     ManagerMsg::Refused { reason }
                 }
             });
+            Report::Alive { node_id: node }
         }
         AgentMsg::Hello { .. } => bail!("protocol error: a second hello"),
         AgentMsg::GetCa | AgentMsg::Join { .. } => {
             bail!("protocol error: getca or join on an authenticated connection")
         }
-        AgentMsg::LbState(report) => c.record_lb(node_id, report),
-    }
-    // Heartbeats that stalled long enough to mark the node down have resumed: it is back.
-    let down = c
-        .state()
-        .nodes
-        .get(node_id)
-        .is_some_and(|r| r.node.status == NodeStatus::Down);
-    if down {
-        tracing::info!("node is ready again");
-        if let Err(e) = c.transact(|s, _| {
-            s.set_node_status(node_id, NodeStatus::Ready);
-            Ok(())
-        }) {
-            tracing::error!("mark node ready again: {e}");
-        }
-    }
+    };
+    inbox.push(report);
     Ok(reply)
 }

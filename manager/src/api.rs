@@ -597,7 +597,7 @@ mod tests {
 
     fn cluster(tmp: &TempDir) -> Cluster {
         let mut c = crate::cluster::tests::cluster(tmp);
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, _rx) = crate::outbox::outbox();
         for i in 1..=3u8 {
             crate::cluster::tests::join_and_connect(
                 &mut c,
@@ -901,7 +901,7 @@ mod tests {
             let shown = format!("{req:?}");
             let shown = proto::excerpt_within(&shown, 300);
             let state_before = c.state().clone();
-            let file_before = std::fs::read(tmp.0.join("state.json")).unwrap();
+            let file_before = crate::store::tests::stored_bytes(&tmp.0);
             match handle(&mut c, req) {
                 Response::Error { message } => {
                     assert!(message.contains(expected), "{shown}: {message}");
@@ -912,7 +912,7 @@ mod tests {
             }
             assert_eq!(c.state(), &state_before, "{shown} changed the state");
             assert_eq!(
-                std::fs::read(tmp.0.join("state.json")).unwrap(),
+                crate::store::tests::stored_bytes(&tmp.0),
                 file_before,
                 "{shown} changed the store"
             );

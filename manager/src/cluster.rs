@@ -11,10 +11,10 @@ use std::time::{Duration, Instant};
 use proto::agent::{LbReport, ManagerMsg, ESP_KEY_BYTES, NODE_DOWN_SECS};
 use proto::api::ManagerStatus;
 use proto::model::{NodeStatus, Role};
-use tokio::sync::mpsc::UnboundedSender;
 
 use crate::certs::Pki;
 use crate::etcd::ManagerInfo;
+use crate::outbox::OutboxTx;
 use crate::state::{OpError, State};
 use crate::store::{Store, StoreError};
 use crate::views::LbReports;
@@ -27,10 +27,40 @@ pub enum TxError {
     Store(#[from] StoreError),
 }
 
+/// When each node's agent was last heard from. Agent connections record it without the cluster's
+/// lock, so a node stays alive however long a change holds that lock.
+#[derive(Clone, Default)]
+pub struct Liveness(Arc<Mutex<HashMap<String, Instant>>>);
+
+impl Liveness {
+    fn map(&self) -> MutexGuard<'_, HashMap<String, Instant>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn seen(&self, node_id: &str) {
+        self.map().insert(node_id.to_string(), Instant::now());
+    }
+
+    fn forget(&self, node_id: &str) {
+        self.map().remove(node_id);
+    }
+
+    /// Every node in `nodes` counts as heard from now: a starting or newly leading manager
+    /// gives them a full grace period to reconnect rather than declaring them down at once.
+    fn reset<'a>(&self, nodes: impl Iterator<Item = &'a String>) {
+        let now = Instant::now();
+        *self.map() = nodes.map(|id| (id.clone(), now)).collect();
+    }
+
+    fn silent_for(&self, node_id: &str, limit: Duration) -> bool {
+        self.map().get(node_id).is_none_or(|t| t.elapsed() > limit)
+    }
+}
+
 /// One agent connection; a newer connection of the same node replaces it.
 struct Session {
     conn: u64,
-    tx: UnboundedSender<ManagerMsg>,
+    tx: OutboxTx,
 }
 
 pub struct Cluster {
@@ -44,7 +74,7 @@ pub struct Cluster {
     leader: Option<ManagerInfo>,
     managers: Vec<ManagerInfo>,
     sessions: HashMap<String, Session>,
-    last_seen: HashMap<String, Instant>,
+    last_seen: Liveness,
     next_conn: u64,
     /// Each node's latest load balancer report, for inspection only: live state, not stored.
     lb: LbReports,
@@ -87,10 +117,8 @@ impl Cluster {
         me: ManagerInfo,
         pki: Arc<Pki>,
     ) -> Cluster {
-        // Known nodes get a full grace period to reconnect after a manager restart, rather than
-        // being declared down (and their tasks moved) at once.
-        let now = Instant::now();
-        let last_seen = state.nodes.keys().map(|id| (id.clone(), now)).collect();
+        let last_seen = Liveness::default();
+        last_seen.reset(state.nodes.keys());
         Cluster {
             state,
             store,
@@ -196,7 +224,7 @@ impl Cluster {
     pub fn remove_node(&mut self, key: &str, force: bool) -> Result<String, TxError> {
         let id = self.transact(|s, now| s.remove_node(key, force, now))?;
         self.sessions.remove(&id);
-        self.last_seen.remove(&id);
+        self.last_seen.forget(&id);
         self.lb.remove(&id);
         Ok(id)
     }
@@ -226,8 +254,7 @@ impl Cluster {
     /// reconnect, as after a restart.
     pub fn lead(&mut self, stored: &State, state: State) -> Result<(), StoreError> {
         self.store.save(stored, &state)?;
-        let now = Instant::now();
-        self.last_seen = state.nodes.keys().map(|id| (id.clone(), now)).collect();
+        self.last_seen.reset(state.nodes.keys());
         self.state = state;
         self.sessions.clear();
         self.lb = LbReports::new();
@@ -386,15 +413,14 @@ impl Cluster {
         next.reconcile_ms(now_ms);
         self.last_pass_ms = now_ms;
         let changed = next.refresh_assignments();
-        if next != self.state {
-            if let Err(e) = self.store.save(&self.state, &next) {
-                if matches!(e, StoreError::NotLeader(_)) {
-                    self.follow("a write was fenced off: another manager leads");
-                }
-                return Err(e.into());
+        // The store writes what differs, nothing when nothing does.
+        if let Err(e) = self.store.save(&self.state, &next) {
+            if matches!(e, StoreError::NotLeader(_)) {
+                self.follow("a write was fenced off: another manager leads");
             }
-            self.state = next;
+            return Err(e.into());
         }
+        self.state = next;
         for id in changed {
             self.push(&id);
         }
@@ -425,7 +451,7 @@ impl Cluster {
         id: &str,
         hostname: &str,
         addr: IpAddr,
-        tx: UnboundedSender<ManagerMsg>,
+        tx: OutboxTx,
     ) -> Result<u64, TxError> {
         let role = self.transact(|s, _| s.connect_node(id, hostname, addr))?;
         let id = id.to_string();
@@ -439,7 +465,7 @@ impl Cluster {
                 tx: tx.clone(),
             },
         );
-        self.last_seen.insert(id.clone(), Instant::now());
+        self.last_seen.seen(&id);
         let assignment = self.state.nodes[&id].assignment.clone();
         let _ = tx.send(ManagerMsg::Welcome {
             version: proto::PROTOCOL_VERSION,
@@ -457,8 +483,8 @@ impl Cluster {
         }
     }
 
-    pub fn seen(&mut self, node_id: &str) {
-        self.last_seen.insert(node_id.to_string(), Instant::now());
+    pub fn liveness(&self) -> Liveness {
+        self.last_seen.clone()
     }
 
     /// Runs once a second (`whole_second`: marks silent nodes down, and retries placing pending
@@ -499,11 +525,7 @@ impl Cluster {
             .nodes
             .values()
             .filter(|r| r.node.status == NodeStatus::Ready)
-            .filter(|r| {
-                self.last_seen
-                    .get(&r.node.id)
-                    .is_none_or(|t| t.elapsed() > limit)
-            })
+            .filter(|r| self.last_seen.silent_for(&r.node.id, limit))
             .map(|r| r.node.id.clone())
             .collect();
         if silent.is_empty() {
@@ -526,11 +548,11 @@ impl Cluster {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+    use crate::outbox::{outbox, OutboxRx};
     use crate::state::tests::{spec, MANAGER};
     use crate::store::tests::TempDir;
     use crate::store::FileStore;
     use std::sync::Mutex;
-    use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
     /// A cluster on a fresh state with its store and CA in `tmp`.
     pub(crate) fn cluster(tmp: &TempDir) -> Cluster {
@@ -560,7 +582,7 @@ pub(crate) mod tests {
         c: &mut Cluster,
         hostname: &str,
         addr: IpAddr,
-        tx: UnboundedSender<ManagerMsg>,
+        tx: OutboxTx,
     ) -> (String, u64) {
         let csr = trust::KeyRequest::generate().unwrap().csr_pem;
         let (id, _) = c.join(hostname, addr, Role::Worker, &csr).unwrap();
@@ -568,17 +590,17 @@ pub(crate) mod tests {
         (id, conn)
     }
 
-    fn drain(rx: &mut UnboundedReceiver<ManagerMsg>) -> Vec<ManagerMsg> {
-        std::iter::from_fn(|| rx.try_recv().ok()).collect()
+    fn drain(rx: &mut OutboxRx) -> Vec<ManagerMsg> {
+        std::iter::from_fn(|| rx.try_recv()).collect()
     }
 
     #[test]
     fn agents_get_welcome_then_their_assignment_and_every_change() {
         let tmp = TempDir::new("cluster-push");
         let mut c = cluster(&tmp);
-        let (tx1, mut rx1) = unbounded_channel();
+        let (tx1, mut rx1) = outbox();
         let (id1, _) = join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx1);
-        let (tx2, mut rx2) = unbounded_channel();
+        let (tx2, mut rx2) = outbox();
         join_and_connect(&mut c, "node2", "192.168.56.12".parse().unwrap(), tx2);
         let first = drain(&mut rx1);
         assert!(
@@ -629,6 +651,22 @@ pub(crate) mod tests {
         }
     }
 
+    /// A store whose disk has failed.
+    struct Broken;
+
+    impl Store for Broken {
+        fn save(&mut self, _prev: &State, _next: &State) -> Result<(), StoreError> {
+            Err(StoreError::Write {
+                path: "/broken".into(),
+                source: std::io::Error::other("input/output error"),
+            })
+        }
+
+        fn describe(&self) -> String {
+            "broken".into()
+        }
+    }
+
     fn info(addr: &str) -> ManagerInfo {
         ManagerInfo {
             addr: addr.parse().unwrap(),
@@ -643,7 +681,7 @@ pub(crate) mod tests {
         let mut c = cluster(&tmp);
         let fenced = Arc::new(Mutex::new(false));
         c.store = Box::new(Fenced(fenced.clone()));
-        let (tx, mut rx) = unbounded_channel();
+        let (tx, mut rx) = outbox();
         join_and_connect(&mut c, "node2", "192.168.56.12".parse().unwrap(), tx);
         let (me, other) = (info(MANAGER), info("192.168.56.13"));
         c.set_view(None, vec![other.clone()]);
@@ -664,7 +702,7 @@ pub(crate) mod tests {
         assert_eq!(c.state(), &before, "nothing changed");
         assert!(!c.leading());
         assert!(
-            rx.try_recv().is_err() && rx.is_closed(),
+            rx.try_recv().is_none() && rx.is_closed(),
             "agent sessions end"
         );
         assert_eq!(
@@ -707,14 +745,14 @@ pub(crate) mod tests {
     fn a_newer_connection_replaces_the_older_one() {
         let tmp = TempDir::new("cluster-replace");
         let mut c = cluster(&tmp);
-        let (old_tx, mut old_rx) = unbounded_channel();
+        let (old_tx, mut old_rx) = outbox();
         let (id, old_conn) = join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), old_tx);
-        let (new_tx, mut new_rx) = unbounded_channel();
+        let (new_tx, mut new_rx) = outbox();
         c.connect_agent(&id, "node1", MANAGER.parse().unwrap(), new_tx)
             .unwrap();
         drain(&mut old_rx);
         assert!(
-            old_rx.try_recv().is_err() && old_rx.is_closed(),
+            old_rx.try_recv().is_none() && old_rx.is_closed(),
             "the old session's channel is closed"
         );
         // The old session ending late must not unregister the new one.
@@ -754,7 +792,7 @@ pub(crate) mod tests {
         assert!(err.starts_with("sign the node's certificate"), "{err}");
         assert_eq!(c.state(), &before);
 
-        let (tx, _rx) = unbounded_channel();
+        let (tx, _rx) = outbox();
         c.connect_agent(&id, "node2", addr, tx.clone()).unwrap();
         assert_eq!(c.state().nodes[&id].node.status, NodeStatus::Ready);
         // A certificate's node may not rename itself onto another node.
@@ -773,9 +811,9 @@ pub(crate) mod tests {
     fn a_removed_node_is_revoked_its_session_ends_and_its_tasks_move() {
         let tmp = TempDir::new("cluster-rm");
         let mut c = cluster(&tmp);
-        let (tx1, _rx1) = unbounded_channel();
+        let (tx1, _rx1) = outbox();
         join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx1);
-        let (tx2, mut rx2) = unbounded_channel();
+        let (tx2, mut rx2) = outbox();
         let (n2, _) = join_and_connect(&mut c, "node2", "192.168.56.12".parse().unwrap(), tx2);
         c.transact(|s, now| s.create_service(&spec("web", 2, &[]), now))
             .unwrap();
@@ -798,7 +836,7 @@ pub(crate) mod tests {
         assert_eq!(current, 2, "the removed node's slot is refilled");
         drain(&mut rx2);
         assert!(rx2.is_closed(), "the removed node's session is closed");
-        let (tx, _rx) = unbounded_channel();
+        let (tx, _rx) = outbox();
         let err = c
             .connect_agent(&n2, "node2", "192.168.56.12".parse().unwrap(), tx)
             .unwrap_err();
@@ -811,7 +849,7 @@ pub(crate) mod tests {
     fn load_balancer_reports_are_kept_until_the_node_goes_down() {
         let tmp = TempDir::new("cluster-lb");
         let mut c = cluster(&tmp);
-        let (tx, _rx) = unbounded_channel();
+        let (tx, _rx) = outbox();
         let (id, _) = join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx);
         let report = LbReport {
             backend: proto::model::LbKind::Ipvs,
@@ -829,7 +867,7 @@ pub(crate) mod tests {
         let long_ago = Instant::now()
             .checked_sub(Duration::from_secs(NODE_DOWN_SECS + 1))
             .unwrap();
-        c.last_seen.insert(id.clone(), long_ago);
+        c.last_seen.map().insert(id.clone(), long_ago);
         c.tick(true).unwrap();
         assert_eq!(c.state().nodes[&id].node.status, NodeStatus::Down);
         assert!(c.lb().is_empty());
@@ -839,11 +877,11 @@ pub(crate) mod tests {
     fn a_change_that_cannot_be_saved_is_not_made() {
         let tmp = TempDir::new("cluster-nosave");
         let mut c = cluster(&tmp);
-        let (tx, mut rx) = unbounded_channel();
+        let (tx, mut rx) = outbox();
         join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx);
         drain(&mut rx);
         let before = c.state().clone();
-        std::fs::remove_dir_all(&tmp.0).unwrap();
+        c.store = Box::new(Broken);
         let err = c
             .transact(|s, now| s.create_service(&spec("web", 1, &[]), now))
             .unwrap_err();

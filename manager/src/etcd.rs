@@ -13,29 +13,22 @@
 //! - **Threads.** The client runs on a runtime of its own: `save` is called under the cluster's
 //!   lock and waits for etcd there, which would starve the main runtime's own etcd tasks.
 
-use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use etcd_client::{Client, Compare, CompareOp, ConnectOptions, GetOptions, PutOptions, Txn, TxnOp};
 use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use tokio::sync::mpsc::UnboundedSender;
 
+use crate::records::{changes, decode, Op, STATE};
 use crate::state::State;
 use crate::store::{Store, StoreError};
 
 const PREFIX: &str = "/meshnet/";
-const STATE: &str = "/meshnet/state/";
-const META: &str = "/meshnet/state/meta";
 const CA: &str = "/meshnet/ca";
 const MANAGERS: &str = "/meshnet/managers/";
 const ELECTION: &str = "/meshnet/leader";
-/// Bumped when the layout of the keys changes incompatibly.
-const FORMAT: u32 = 1;
-/// The four tables, each a key per record.
-const TABLES: [&str; 4] = ["nodes", "networks", "services", "tasks"];
 
 /// A dead leader is replaced about this long after its last renewal (Kubernetes waits 15 s,
 /// Swarm's raft about 10 s). etcd's own election timeout is 1 s, so shorter would depose
@@ -537,12 +530,6 @@ impl EtcdStore {
 
 impl Store for EtcdStore {
     fn save(&mut self, prev: &State, next: &State) -> Result<(), StoreError> {
-        let fence = self
-            .fence
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
-            .ok_or(StoreError::NotLeader(None))?;
         let ops: Vec<TxnOp> = changes(prev, next)
             .map_err(|e| StoreError::Etcd(format!("encode the state: {e}")))?
             .into_iter()
@@ -554,6 +541,12 @@ impl Store for EtcdStore {
         if ops.is_empty() {
             return Ok(());
         }
+        let fence = self
+            .fence
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+            .ok_or(StoreError::NotLeader(None))?;
         let n = ops.len();
         let resp = self
             .etcd
@@ -592,112 +585,6 @@ impl Store for EtcdStore {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Op {
-    Put(String, Vec<u8>),
-    Delete(String),
-}
-
-#[derive(Serialize, Deserialize)]
-struct MetaFormat {
-    format: u32,
-    state: Value,
-}
-
-/// The state without its four tables, as stored in `state/meta`.
-fn meta(state: &State) -> serde_json::Result<Vec<u8>> {
-    let mut v = serde_json::to_value(state)?;
-    if let Value::Object(map) = &mut v {
-        for t in TABLES {
-            map.remove(t);
-        }
-    }
-    serde_json::to_vec(&MetaFormat {
-        format: FORMAT,
-        state: v,
-    })
-}
-
-fn table_key(table: &str, id: &str) -> String {
-    format!("{STATE}{table}/{id}")
-}
-
-/// Puts for what `next` changed or added since `prev`, deletes for what it removed.
-pub fn changes(prev: &State, next: &State) -> serde_json::Result<Vec<Op>> {
-    fn diff<T: PartialEq + Serialize>(
-        table: &str,
-        prev: &BTreeMap<String, T>,
-        next: &BTreeMap<String, T>,
-        ops: &mut Vec<Op>,
-    ) -> serde_json::Result<()> {
-        for (id, rec) in next {
-            if prev.get(id) != Some(rec) {
-                ops.push(Op::Put(table_key(table, id), serde_json::to_vec(rec)?));
-            }
-        }
-        for id in prev.keys().filter(|id| !next.contains_key(*id)) {
-            ops.push(Op::Delete(table_key(table, id)));
-        }
-        Ok(())
-    }
-    let mut ops = Vec::new();
-    let m = meta(next)?;
-    if meta(prev)? != m || prev == &State::default() {
-        ops.push(Op::Put(META.into(), m));
-    }
-    diff("nodes", &prev.nodes, &next.nodes, &mut ops)?;
-    diff("networks", &prev.networks, &next.networks, &mut ops)?;
-    diff("services", &prev.services, &next.services, &mut ops)?;
-    diff("tasks", &prev.tasks, &next.tasks, &mut ops)?;
-    Ok(ops)
-}
-
-/// Rebuilds the state from the keys under `state/`; `None` when there are none.
-pub fn decode(kvs: Vec<(String, Vec<u8>)>) -> Result<Option<State>, String> {
-    if kvs.is_empty() {
-        return Ok(None);
-    }
-    let mut meta: Option<Value> = None;
-    let mut tables: BTreeMap<&str, serde_json::Map<String, Value>> = TABLES
-        .iter()
-        .map(|t| (*t, serde_json::Map::new()))
-        .collect();
-    for (key, value) in kvs {
-        let parse = |v: &[u8]| {
-            serde_json::from_slice::<Value>(v).map_err(|e| format!("parse {key} in etcd: {e}"))
-        };
-        if key == META {
-            let m: MetaFormat = serde_json::from_value(parse(&value)?)
-                .map_err(|e| format!("parse {key} in etcd: {e}"))?;
-            if m.format != FORMAT {
-                return Err(format!(
-                    "{key} in etcd has format {}, this manager reads format {FORMAT}",
-                    m.format
-                ));
-            }
-            meta = Some(m.state);
-            continue;
-        }
-        let rest = key.strip_prefix(STATE).unwrap_or(&key);
-        let Some((table, id)) = rest.split_once('/') else {
-            return Err(format!("unexpected key {key} in etcd"));
-        };
-        let Some(map) = tables.get_mut(table) else {
-            return Err(format!("unexpected key {key} in etcd"));
-        };
-        map.insert(id.to_string(), parse(&value)?);
-    }
-    let Some(Value::Object(mut state)) = meta else {
-        return Err(format!("{META} is missing in etcd, but records are there"));
-    };
-    for (t, map) in tables {
-        state.insert(t.to_string(), Value::Object(map));
-    }
-    serde_json::from_value(Value::Object(state))
-        .map(Some)
-        .map_err(|e| format!("parse the state in etcd: {e}"))
-}
-
 /// Whether anything of a cluster is in etcd yet (for `--import`, which needs it empty).
 pub async fn is_empty(etcd: &Etcd) -> anyhow::Result<bool> {
     Ok(etcd
@@ -710,80 +597,6 @@ pub async fn is_empty(etcd: &Etcd) -> anyhow::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::state::tests::{add_network, cluster, spec};
-
-    fn apply(kv: &mut BTreeMap<String, Vec<u8>>, ops: Vec<Op>) {
-        for op in ops {
-            match op {
-                Op::Put(k, v) => {
-                    kv.insert(k, v);
-                }
-                Op::Delete(k) => {
-                    kv.remove(&k);
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn a_change_writes_only_the_records_it_touched_and_the_keys_rebuild_the_state() {
-        let mut s = cluster(3);
-        add_network(&mut s, "backend", "10.0.9.0/24");
-        s.create_service(&spec("web", 4, &["backend"]), 1).unwrap();
-        s.reconcile(1);
-        s.refresh_assignments();
-        s.agent_port = None;
-
-        let mut kv = BTreeMap::new();
-        let all = changes(&State::default(), &s).unwrap();
-        assert_eq!(
-            all.len(),
-            1 + s.nodes.len() + s.networks.len() + s.services.len() + s.tasks.len()
-        );
-        apply(&mut kv, all);
-        assert_eq!(
-            decode(kv.clone().into_iter().collect()).unwrap(),
-            Some(s.clone())
-        );
-
-        // One task's status: that task's key, and nothing else.
-        let mut next = s.clone();
-        let t = next.tasks.keys().next().unwrap().clone();
-        next.tasks.get_mut(&t).unwrap().error = Some("exit status 1".into());
-        let ops = changes(&s, &next).unwrap();
-        assert_eq!(ops.len(), 1, "{ops:?}");
-        assert!(matches!(&ops[0], Op::Put(k, _) if *k == table_key("tasks", &t)));
-        apply(&mut kv, ops);
-
-        // Removing the service deletes its key and its tasks'.
-        let mut gone = next.clone();
-        gone.services.clear();
-        gone.tasks.clear();
-        let ops = changes(&next, &gone).unwrap();
-        let deletes = ops.iter().filter(|o| matches!(o, Op::Delete(_))).count();
-        assert_eq!(deletes, 1 + next.tasks.len());
-        apply(&mut kv, ops);
-        assert_eq!(decode(kv.into_iter().collect()).unwrap(), Some(gone));
-
-        assert!(changes(&s, &s).unwrap().is_empty(), "no change, no write");
-    }
-
-    #[test]
-    fn foreign_or_damaged_keys_are_refused() {
-        assert_eq!(decode(Vec::new()).unwrap(), None);
-        let meta =
-            |f: u32| serde_json::to_vec(&serde_json::json!({"format": f, "state": {}})).unwrap();
-        let err = decode(vec![(META.into(), meta(9))]).unwrap_err();
-        assert!(err.contains("has format 9"), "{err}");
-        let err = decode(vec![(table_key("tasks", "x"), b"{}".to_vec())]).unwrap_err();
-        assert!(err.contains("is missing"), "{err}");
-        let err = decode(vec![
-            (META.into(), meta(FORMAT)),
-            (format!("{STATE}widgets/x"), b"{}".to_vec()),
-        ])
-        .unwrap_err();
-        assert!(err.contains("unexpected key"), "{err}");
-    }
 
     #[test]
     fn store_urls() {

@@ -12,6 +12,9 @@ mod keys;
 mod leadership;
 mod limits;
 mod metrics;
+mod outbox;
+mod records;
+mod reports;
 mod rollout;
 mod sched;
 mod state;
@@ -160,6 +163,8 @@ impl Startup {
                 tracing::warn!(node = %r.node.hostname, "no routing mesh on this node: {why}");
             }
         }
+        // Assignments are not stored: every node gets its own anew, under a new revision.
+        changed |= !state.refresh_assignments().is_empty();
         for role in [Role::Worker, Role::Manager] {
             if state.join_secrets.get(role).is_none() {
                 let token =
@@ -251,7 +256,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         if args.import.is_some() {
             bail!("--import moves a state into etcd: it needs --store etcd://...");
         }
-        let (store, saved) = FileStore::open(&args.data_dir).context("open the state store")?;
+        let (mut store, saved) = FileStore::open(&args.data_dir).context("open the state store")?;
         let (mut state, new) = match saved {
             Some(state) => {
                 tracing::info!(
@@ -282,7 +287,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .context("set up the cluster's certificates")?;
         changed |= startup.prepare(&mut state, &pki)?;
         if new || changed {
-            store.write(&state).context("save the cluster")?;
+            store.snapshot(&state).context("save the cluster")?;
         }
         if new {
             tracing::info!(path = %store.path().display(), cluster = %state.cluster_id, "new cluster created");
@@ -341,9 +346,18 @@ async fn run(args: Args) -> anyhow::Result<()> {
         .with_context(|| format!("listen for agents on {}", args.listen))?;
     let unix = bind_api_socket(&args.api_socket)?;
     tracing::info!(agents = %args.listen, api = %args.api_socket.display(), "listening");
+    let inbox = Arc::new(reports::Inbox::default());
+    {
+        let (inbox, cluster) = (inbox.clone(), cluster.clone());
+        std::thread::Builder::new()
+            .name("agent-reports".into())
+            .spawn(move || reports::apply_forever(&inbox, &cluster))
+            .context("start the agent reports thread")?;
+    }
     tokio::spawn(agents::serve(
         agents,
         cluster.clone(),
+        inbox,
         pki.agent_tls.clone(),
     ));
     tokio::spawn(agents::tick(cluster.clone()));

@@ -123,7 +123,7 @@ mod tests {
     fn nodes_services_and_tasks_are_counted() {
         let tmp = TempDir::new("metrics");
         let mut c = cluster(&tmp);
-        let (tx, _rx) = tokio::sync::mpsc::unbounded_channel();
+        let (tx, _rx) = crate::outbox::outbox();
         join_and_connect(&mut c, "node1", MANAGER.parse().unwrap(), tx);
         c.transact(|s, now| s.create_service(&spec("web", 2, &[]), now))
             .unwrap();

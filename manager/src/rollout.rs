@@ -1029,7 +1029,8 @@ mod tests {
         let (mut s, gone) = scaled_down();
         let addr = s.tasks[&gone].attachments[0].addr.addr();
         // Draining: out of the balancers, kept by them for its open connections.
-        assert_eq!(seen(&s, addr), (2, 3));
+        // Every node lists it among the ingress endpoints (its own node's agent skips it).
+        assert_eq!(seen(&s, addr), (3, 3));
         apply_all(&mut s);
         s.reconcile_ms(10_100);
         s.refresh_assignments();
@@ -1040,7 +1041,7 @@ mod tests {
             !node.assignment.tasks.iter().any(|spec| spec.id == gone),
             "its node is told to stop it"
         );
-        assert_eq!(seen(&s, addr), (2, 3), "still reachable while it stops");
+        assert_eq!(seen(&s, addr), (3, 3), "still reachable while it stops");
         assert!(s.next_deadline_ms(10_100) <= Some(10_100 + 10_000 + STOP_MARGIN_MS));
 
         report_at(&mut s, &t, TaskState::Shutdown, None, 12);

@@ -269,17 +269,13 @@ fn agents_get_their_tasks_and_a_restart_loses_nothing() {
             (network.network.id.as_str(), network.network.vni)
         );
         assert_eq!(net.gateway.to_string(), "10.0.9.1/24");
-        // The peers are the other node's task and its load balancer, both reached through the
-        // other node's address.
-        assert_eq!(net.peers.len(), 2, "{me}: {:?}", net.peers);
+        // The peers are every endpoint of the network, each behind its node's address: the
+        // other node's task and load balancer, and this node's own, which the agent skips.
+        assert_eq!(net.peers.len(), 4, "{me}: {:?}", net.peers);
         let own = [task.attachments[0].addr.addr(), net.lb_addr.unwrap().addr()];
         for peer in &net.peers {
-            assert_eq!(peer.vtep, other_vtep.parse::<IpAddr>().unwrap());
-            assert!(
-                !own.contains(&peer.ip),
-                "{me}: own address {} as a peer",
-                peer.ip
-            );
+            let behind_other = peer.vtep == other_vtep.parse::<IpAddr>().unwrap();
+            assert_eq!(behind_other, !own.contains(&peer.ip), "{me}: {peer:?}");
         }
         // Both see the service, with its VIP, outside every task's and balancer's address.
         assert_eq!(net.services.len(), 1);
@@ -407,22 +403,28 @@ fn a_published_service_reaches_every_agent_with_its_backends() {
     let mut a2 = Conn::agent(port, &c2);
     let (id2, _) = a2.hello("node2", "127.0.0.2");
     let second = a2.assignment();
-    // node2 sees node1's sbox as a peer behind node1's address, and node1 is told about node2.
-    let peers = &second.ingress.as_ref().unwrap().network.peers;
-    assert_eq!(peers.len(), 1);
+    // Both nodes' sboxes are the ingress network's endpoints, each behind its node's address,
+    // and node1 is told about node2's.
+    let sboxes = |peers: &[proto::agent::Peer]| -> Vec<(String, String)> {
+        peers
+            .iter()
+            .map(|p| (p.ip.to_string(), p.vtep.to_string()))
+            .collect()
+    };
+    let both = vec![
+        ("10.255.0.2".to_string(), "127.0.0.1".to_string()),
+        ("10.255.0.3".to_string(), "127.0.0.2".to_string()),
+    ];
     assert_eq!(
-        (peers[0].ip.to_string(), peers[0].vtep.to_string()),
-        ("10.255.0.2".to_string(), "127.0.0.1".to_string())
+        sboxes(&second.ingress.as_ref().unwrap().network.peers),
+        both
     );
     let a = a1.assignment_until(|a| {
         a.ingress
             .as_ref()
-            .is_some_and(|i| i.network.peers.len() == 1)
+            .is_some_and(|i| i.network.peers.len() == 2)
     });
-    assert_eq!(
-        a.ingress.unwrap().network.peers[0].ip.to_string(),
-        "10.255.0.3"
-    );
+    assert_eq!(sboxes(&a.ingress.unwrap().network.peers), both);
 
     let mut api = Conn::unix(&tmp.0.join("api.sock"));
     let web = |published: u16| PortConfig {

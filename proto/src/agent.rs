@@ -24,6 +24,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
@@ -136,7 +137,8 @@ pub enum ManagerMsg {
     Refused {
         reason: String,
     },
-    Assign(Assignment),
+    /// Shared, so a manager keeps one copy of a node's assignment however many sends queue.
+    Assign(Arc<Assignment>),
     /// The cluster's root CA certificate (PEM).
     Ca {
         cert: String,
@@ -413,7 +415,7 @@ mod tests {
 
     #[test]
     fn assignment_round_trips() {
-        let a = ManagerMsg::Assign(Assignment {
+        let a = ManagerMsg::Assign(Arc::new(Assignment {
             revision: 7,
             networks: vec![NetworkSpec {
                 id: "n1".into(),
@@ -479,7 +481,7 @@ mod tests {
                 }],
                 send: 1,
             }),
-        });
+        }));
         let back: ManagerMsg = decode_frame(&encode_frame(&a)).unwrap();
         assert_eq!(back, a);
     }
@@ -490,10 +492,10 @@ mod tests {
         let back: ManagerMsg = decode_frame(old).unwrap();
         assert_eq!(
             back,
-            ManagerMsg::Assign(Assignment {
+            ManagerMsg::Assign(Arc::new(Assignment {
                 revision: 3,
                 ..Assignment::default()
-            })
+            }))
         );
     }
 

@@ -301,7 +301,7 @@ fn manager_msg() -> impl Strategy<Value = ManagerMsg> {
             role
         }),
         text().prop_map(|reason| ManagerMsg::Refused { reason }),
-        assignment().prop_map(ManagerMsg::Assign),
+        assignment().prop_map(|a| ManagerMsg::Assign(std::sync::Arc::new(a))),
         text().prop_map(|cert| ManagerMsg::Ca { cert }),
         (text(), text()).prop_map(|(node_id, cert)| ManagerMsg::Joined { node_id, cert }),
         text().prop_map(|cert| ManagerMsg::Certificate { cert }),

@@ -347,12 +347,12 @@ pub fn assignment(revision: u64, tasks: Vec<TaskSpec>) -> ManagerMsg {
             encrypted: false,
         }]
     };
-    ManagerMsg::Assign(Assignment {
+    ManagerMsg::Assign(std::sync::Arc::new(Assignment {
         revision,
         networks,
         tasks,
         ..Assignment::default()
-    })
+    }))
 }
 
 pub fn has_remote_fdb(seen: &vxlan::Observed) -> bool {

@@ -90,7 +90,7 @@ fn service(name: &str, vip: Option<Ipv4Addr>, fwmark: u32, tasks: &[Ipv4Addr]) -
 
 /// The three tasks run; `api` lists `api_tasks` as its running tasks.
 pub fn assignment(revision: u64, api_tasks: &[Ipv4Addr]) -> ManagerMsg {
-    ManagerMsg::Assign(Assignment {
+    ManagerMsg::Assign(std::sync::Arc::new(Assignment {
         revision,
         networks: vec![NetworkSpec {
             id: NET.into(),
@@ -114,7 +114,7 @@ pub fn assignment(revision: u64, api_tasks: &[Ipv4Addr]) -> ManagerMsg {
         }],
         tasks: tasks().to_vec(),
         ..Assignment::default()
-    })
+    }))
 }
 
 /// Sends revision 1 (api over a1, a2 and the ghost) and waits until it runs and is applied.

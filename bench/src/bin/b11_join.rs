@@ -33,24 +33,18 @@
 //! Usage (no root needed): b11_join [--agents 100] [--rounds 3] [--pushes 2000]
 //! [--push-rounds 5] [--one-source]
 
-use std::fs::File;
-use std::io::{BufRead, BufReader as StdBufReader, Read, Write};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::os::unix::net::UnixStream;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use bench::sim::{self, Manager, Tls};
 use bench::{header, ms, pin, quantile, row, us};
 use clap::Parser;
-use nix::sys::signal::{kill, Signal};
-use nix::unistd::Pid;
 use proto::agent::{
     AgentMsg, Assignment, IngressSpec, ManagerMsg, NetworkSpec, Peer, PublishedService, TaskSpec,
 };
 use proto::api::{Request, Response};
-use proto::model::{endpoint_mac, Attachment, NodeStatus, PortConfig, Protocol, PublishMode, Role};
+use proto::model::{endpoint_mac, Attachment, NodeStatus, PortConfig, Protocol, PublishMode};
 use proto::wire::{read_frame, write_frame};
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, BufReader, ReadHalf, WriteHalf};
 use tokio::net::{TcpListener, TcpStream};
@@ -77,141 +71,8 @@ struct Args {
     one_source: bool,
 }
 
-/// Each step of an agent (connect, handshake, answer) must finish within this.
-const STEP: Duration = trust::join::STEP_TIMEOUT;
-
-// ---------------------------------------------------------------------------------------------
-// B11: the real manager.
-
-struct Manager {
-    child: Child,
-    dir: PathBuf,
-    api: PathBuf,
-    addr: SocketAddr,
-}
-
-impl Manager {
-    fn start(tag: &str) -> Result<Manager> {
-        let dir = std::env::temp_dir().join(format!("meshnet-b11-{}-{tag}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).with_context(|| format!("create {}", dir.display()))?;
-        // A port free a moment ago; the manager takes it at once.
-        let addr = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?;
-        let api = dir.join("api.sock");
-        let log = File::create(dir.join("manager.log"))?;
-        let bin = integration::cluster::bin("mesh-manager");
-        let child = Command::new(&bin)
-            .arg("--listen")
-            .arg(addr.to_string())
-            .arg("--data-dir")
-            .arg(dir.join("data"))
-            .arg("--api-socket")
-            .arg(&api)
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .with_context(|| {
-                format!(
-                    "start {} (cargo build --release -p mesh-manager)",
-                    bin.display()
-                )
-            })?;
-        let mut m = Manager {
-            child,
-            dir,
-            api,
-            addr,
-        };
-        let t0 = Instant::now();
-        while UnixStream::connect(&m.api).is_err() {
-            if let Some(status) = m.child.try_wait()? {
-                bail!("mesh-manager exited ({status}): {}", m.log_tail());
-            }
-            if t0.elapsed() > Duration::from_secs(20) {
-                bail!(
-                    "mesh-manager did not open its API socket in 20 s: {}",
-                    m.log_tail()
-                );
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Ok(m)
-    }
-
-    fn log_tail(&self) -> String {
-        let log = std::fs::read_to_string(self.dir.join("manager.log")).unwrap_or_default();
-        let lines: Vec<&str> = log.lines().collect();
-        lines[lines.len().saturating_sub(10)..].join("\n")
-    }
-
-    /// One API request over the Unix socket, as meshctl sends it.
-    fn call(&self, req: &Request) -> Result<Response> {
-        let mut s = UnixStream::connect(&self.api)
-            .with_context(|| format!("connect to {}", self.api.display()))?;
-        s.set_read_timeout(Some(Duration::from_secs(30)))?;
-        s.write_all(&proto::encode_frame(req))?;
-        let mut line = Vec::new();
-        StdBufReader::new(s)
-            .take(proto::MAX_FRAME_BYTES as u64 + 1)
-            .read_until(b'\n', &mut line)
-            .context("read the manager's answer")?;
-        match proto::decode_frame(&line)? {
-            Response::Error { message } => bail!("the manager refused {req:?}: {message}"),
-            r => Ok(r),
-        }
-    }
-
-    /// The manager's user and system CPU time so far.
-    fn cpu(&self) -> Result<(Duration, Duration)> {
-        let stat = std::fs::read_to_string(format!("/proc/{}/stat", self.child.id()))?;
-        // Fields after the command name (which may hold spaces) in parentheses: state is
-        // field 3, utime 14, stime 15, in clock ticks.
-        let rest = &stat[stat.rfind(')').context("/proc/<pid>/stat")? + 1..];
-        let f: Vec<&str> = rest.split_whitespace().collect();
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { nix::libc::sysconf(nix::libc::_SC_CLK_TCK) }.max(1) as f64;
-        let secs = |field: &str| -> Result<Duration> {
-            Ok(Duration::from_secs_f64(field.parse::<u64>()? as f64 / hz))
-        };
-        Ok((secs(f[11])?, secs(f[12])?))
-    }
-}
-
-impl Drop for Manager {
-    fn drop(&mut self) {
-        let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
-        let t0 = Instant::now();
-        while matches!(self.child.try_wait(), Ok(None)) && t0.elapsed() < Duration::from_secs(5) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
-
 // ---------------------------------------------------------------------------------------------
 // B11: one simulated agent.
-
-type Tls = tokio_rustls::client::TlsStream<TcpStream>;
-
-async fn timed<T, E: Into<anyhow::Error>>(
-    what: &str,
-    f: impl std::future::Future<Output = std::result::Result<T, E>>,
-) -> Result<T> {
-    match tokio::time::timeout(STEP, f).await {
-        Ok(r) => r.map_err(Into::into).with_context(|| what.to_string()),
-        Err(_) => bail!("{what}: timed out after {STEP:?}"),
-    }
-}
-
-fn kind(msg: &ManagerMsg) -> String {
-    match msg {
-        ManagerMsg::Refused { reason } => format!("refused: {reason}"),
-        other => format!("an unexpected {} message", other.kind()),
-    }
-}
 
 /// A connected agent: its time to the first assignment, how often it was turned away and
 /// retried, and the task that keeps it connected until the round ends.
@@ -249,15 +110,14 @@ async fn agent(
     t0: Instant,
     one_source: bool,
 ) -> Result<Ready> {
-    let local = IpAddr::V4(Ipv4Addr::new(127, 1, (i / 250) as u8, (i % 250 + 1) as u8));
+    let local = sim::agent_addr(i);
     let hostname = format!("b11-agent{i:03}");
     let addr = to.to_string();
     let mut retries = 0;
-    let (stream, advertise) = if one_source {
+    let stream = if one_source {
         // trust::join as it is, from 127.0.0.1; what the manager turns away is retried.
-        let advertise = local;
         let creds = loop {
-            match trust::join::join(&addr, &token, &hostname, advertise).await {
+            match trust::join::join(&addr, &token, &hostname, local).await {
                 Ok((_, creds)) => break creds,
                 Err(e) if e.is_transient() && t0.elapsed() < Duration::from_secs(60) => {
                     retries += 1;
@@ -267,7 +127,7 @@ async fn agent(
             }
         };
         let config = creds.client_config()?;
-        let stream = loop {
+        loop {
             match trust::join::connect(&addr, config.clone()).await {
                 Ok(s) => break s,
                 Err(e) if e.is_transient() && t0.elapsed() < Duration::from_secs(60) => {
@@ -276,42 +136,11 @@ async fn agent(
                 }
                 Err(e) => return Err(e).context("connect"),
             }
-        };
-        (stream, advertise)
+        }
     } else {
-        let to = to.to_string();
-        let (_, creds) = trust::join::join_from(&to, Some(local), &token, &hostname, local).await?;
-        (
-            trust::join::connect_from(&to, Some(local), creds.client_config()?).await?,
-            local,
-        )
+        sim::join(i, to, &token, &hostname).await?
     };
-    let (rd, mut wr) = tokio::io::split(stream);
-    let mut rd = BufReader::new(rd);
-    let hello = AgentMsg::Hello {
-        version: proto::PROTOCOL_VERSION,
-        hostname,
-        advertise_addr: advertise,
-        gwbridge_subnet: None,
-        esp: None,
-    };
-    write_frame(&mut wr, &hello).await.context("send hello")?;
-    let mut buf = Vec::new();
-    for want in ["welcome", "assign"] {
-        buf.clear();
-        let got = timed(
-            "read from the manager",
-            read_frame(&mut rd, &mut buf, proto::MAX_FRAME_BYTES),
-        )
-        .await?;
-        if !got {
-            bail!("the manager closed the connection before {want}");
-        }
-        match (want, proto::decode_frame::<ManagerMsg>(&buf)?) {
-            ("welcome", ManagerMsg::Welcome { .. }) | ("assign", ManagerMsg::Assign(_)) => {}
-            (_, other) => bail!("expected {want}, got {}", kind(&other)),
-        }
-    }
+    let (rd, wr, _) = sim::hello(stream, hostname, local).await?;
     Ok(Ready {
         took: t0.elapsed(),
         retries,
@@ -330,14 +159,8 @@ struct JoinRound {
 }
 
 fn join_round(args: &Args, round: usize) -> Result<JoinRound> {
-    let m = Manager::start(&format!("r{round}"))?;
-    let token = match m.call(&Request::JoinToken {
-        role: Role::Worker,
-        rotate: false,
-    })? {
-        Response::JoinToken { token, .. } => token.parse::<JoinToken>()?,
-        other => bail!("join-token: unexpected answer {other:?}"),
-    };
+    let m = Manager::start(&format!("b11-r{round}"), &[])?;
+    let token = m.worker_token()?;
     let rt = tokio::runtime::Runtime::new()?;
     let cpu0 = m.cpu()?;
     let (ready, total) = rt
@@ -356,18 +179,8 @@ fn join_round(args: &Args, round: usize) -> Result<JoinRound> {
         .with_context(|| format!("manager log:\n{}", m.log_tail()))?;
     // The joins' cost includes what follows the last Welcome: every join changes every node's
     // ingress peers, so the manager pushes new assignments to all. Count until it is idle
-    // (under 2 % of a CPU over 200 ms; the agents' heartbeats cost less).
-    let mut cpu1 = m.cpu()?;
-    let settle = Instant::now();
-    while settle.elapsed() < Duration::from_secs(10) {
-        std::thread::sleep(Duration::from_millis(200));
-        let now = m.cpu()?;
-        let busy = (now.0 + now.1) - (cpu1.0 + cpu1.1);
-        cpu1 = now;
-        if busy < Duration::from_millis(4) {
-            break;
-        }
-    }
+    // (the agents' heartbeats cost less).
+    let cpu1 = m.settle()?;
     let (user, sys) = (cpu1.0 - cpu0.0, cpu1.1 - cpu0.1);
     let nodes = match m.call(&Request::NodeLs)? {
         Response::Nodes { nodes } => nodes,
@@ -521,7 +334,7 @@ async fn answer_pushes<S: AsyncRead + AsyncWrite + Unpin>(stream: S) -> Result<(
                 )
                 .await?
             }
-            other => bail!("expected an assignment, got {}", kind(&other)),
+            other => bail!("expected an assignment, got {}", sim::kind(&other)),
         }
     }
 }
@@ -549,7 +362,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin> Pusher<S> {
         let mut out = Vec::with_capacity(n);
         for _ in 0..n {
             a.revision += 1;
-            let msg = ManagerMsg::Assign(a.clone());
+            let msg = ManagerMsg::Assign(std::sync::Arc::new(a.clone()));
             let t0 = Instant::now();
             write_frame(&mut self.wr, &msg).await?;
             self.buf.clear();
@@ -654,7 +467,8 @@ fn push_bench(args: &Args) -> Result<PushResult> {
         let mut tls = Pusher::new(tls);
         let mut plain = Pusher::new(plain);
         let mut a = realistic_assignment();
-        let frame_bytes = proto::encode_frame(&ManagerMsg::Assign(a.clone())).len();
+        let frame_bytes =
+            proto::encode_frame(&ManagerMsg::Assign(std::sync::Arc::new(a.clone()))).len();
         // Warm both paths (allocations, TCP windows, TLS session keys).
         tls.push(&mut a, 100).await?;
         plain.push(&mut a, 100).await?;

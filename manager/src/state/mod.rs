@@ -23,6 +23,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use proto::agent::{Assignment, DEFAULT_GWBRIDGE_SUBNET};
@@ -131,8 +132,11 @@ impl JoinSecrets {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NodeRecord {
     pub node: Node,
-    /// The node's desired state as last computed; sent on connect and whenever it changes.
-    pub assignment: Assignment,
+    /// The node's desired state as last computed; sent on connect and whenever it changes. A
+    /// projection of the rest, so it is not stored: a starting manager computes it afresh, under
+    /// a new revision. Shared, so copying the state does not copy every node's assignment.
+    #[serde(skip)]
+    pub assignment: Arc<Assignment>,
     /// The newest revision the node's agent reported applied.
     pub applied_revision: u64,
     /// The node's ingress_sbox address on the ingress network; kept for the node's life.
@@ -144,6 +148,26 @@ pub struct NodeRecord {
     /// Network id → the node's load-balancer address there, on each user network it carries.
     #[serde(default)]
     pub lb_addrs: BTreeMap<String, Ipv4Addr>,
+}
+
+impl NodeRecord {
+    /// Equal as stored: in all but the assignment, which is not stored. Listing every field
+    /// makes a new one a compile error here, so none is left out of the store by mistake.
+    pub fn same_stored(&self, other: &NodeRecord) -> bool {
+        let NodeRecord {
+            node,
+            assignment: _,
+            applied_revision,
+            ingress_addr,
+            gwbridge_subnet,
+            lb_addrs,
+        } = self;
+        *node == other.node
+            && *applied_revision == other.applied_revision
+            && *ingress_addr == other.ingress_addr
+            && *gwbridge_subnet == other.gwbridge_subnet
+            && *lb_addrs == other.lb_addrs
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -647,6 +671,15 @@ pub fn task_error(text: &str) -> String {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
+
+    /// The state as a restart finds it in the store: without the assignments.
+    pub(crate) fn as_stored(s: &State) -> State {
+        let mut s = s.clone();
+        for r in s.nodes.values_mut() {
+            r.assignment = Default::default();
+        }
+        s
+    }
     use proto::agent::TaskStatus;
     use proto::api::SpecUpdate;
     use proto::model::Protocol;

@@ -6,6 +6,7 @@
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use proto::agent::{Assignment, EspSupport};
@@ -194,10 +195,10 @@ impl State {
                         // Until its agent's Hello says otherwise.
                         no_encryption: no_encryption(None),
                     },
-                    assignment: Assignment {
+                    assignment: Arc::new(Assignment {
                         revision,
                         ..Assignment::default()
-                    },
+                    }),
                     applied_revision: 0,
                     ingress_addr: sbox,
                     gwbridge_subnet: None,

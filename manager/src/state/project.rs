@@ -6,6 +6,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::sync::Arc;
 
 use ipnet::Ipv4Net;
 use proto::agent::{
@@ -34,20 +35,17 @@ impl State {
         record.node.no_encryption.is_none() || !self.ingress().is_some_and(|n| n.encrypted)
     }
 
-    /// The complete desired state of one node, without its revision. Deterministic (sorted), so
-    /// comparing it with the last one tells whether the node needs a new revision.
-    pub fn assignment_for(
+    /// One node's assignment without what every node of a network shares (its peers and
+    /// services, and the published services, all left empty) and without its revision: its
+    /// tasks, the networks they use with the node's load-balancer address and the draining
+    /// backends, the ingress network and the keys. Deterministic (sorted), so it can be
+    /// compared.
+    fn own_part(
         &self,
         node_id: &str,
-        published: &[PublishedService],
-        services: &BTreeMap<String, Vec<NetworkService>>,
+        mine: &[&Task],
         draining: &BTreeMap<String, Vec<DrainingBackend>>,
     ) -> Assignment {
-        let mine: Vec<&Task> = self
-            .tasks
-            .values()
-            .filter(|t| t.is_on_node() && t.node_id.as_deref() == Some(node_id))
-            .collect();
         let tasks = mine
             .iter()
             .map(|t| {
@@ -77,12 +75,11 @@ impl State {
             .filter_map(|id| self.networks.get(id))
             .filter(|r| !r.network.ingress)
             .map(|r| {
-                let mut spec = self.network_spec(&r.network, node_id, draining);
+                let mut spec = network_spec(&r.network, draining);
                 spec.lb_addr = self.nodes.get(node_id).and_then(|n| {
                     let ip = *n.lb_addrs.get(&r.network.id)?;
                     Ipv4Net::new(ip, r.network.subnet.prefix_len()).ok()
                 });
-                spec.services = services.get(&r.network.id).cloned().unwrap_or_default();
                 spec
             })
             .collect();
@@ -92,22 +89,8 @@ impl State {
             .filter(|r| self.carries_ingress(r))
             .and_then(|r| r.ingress_addr);
         let ingress = self.ingress().zip(sbox).map(|(net, ip)| {
-            let mut network = self.network_spec(net, node_id, draining);
-            network.peers.extend(
-                self.nodes
-                    .values()
-                    .filter(|r| r.node.id != node_id && self.carries_ingress(r))
-                    .filter_map(|r| {
-                        Some(Peer {
-                            ip: r.ingress_addr?,
-                            mac: endpoint_mac(r.ingress_addr?),
-                            vtep: r.node.addr,
-                        })
-                    }),
-            );
-            network.peers.sort_by_key(|p| (p.ip, p.vtep));
             Box::new(IngressSpec {
-                network,
+                network: network_spec(net, draining),
                 sbox_addr: Ipv4Net::new(ip, net.subnet.prefix_len())
                     .expect("prefix of a valid subnet"),
             })
@@ -124,29 +107,8 @@ impl State {
             networks,
             tasks,
             ingress,
-            published: published.to_vec(),
+            published: Vec::new(),
             encryption,
-        }
-    }
-
-    fn network_spec(
-        &self,
-        network: &Network,
-        node_id: &str,
-        draining: &BTreeMap<String, Vec<DrainingBackend>>,
-    ) -> NetworkSpec {
-        NetworkSpec {
-            id: network.id.clone(),
-            name: network.name.clone(),
-            subnet: network.subnet,
-            gateway: Ipv4Net::new(network.gateway, network.subnet.prefix_len())
-                .expect("prefix of a valid subnet"),
-            vni: network.vni,
-            peers: self.peers(&network.id, node_id),
-            lb_addr: None,
-            services: vec![],
-            draining: draining.get(&network.id).cloned().unwrap_or_default(),
-            encrypted: network.encrypted,
         }
     }
 
@@ -186,68 +148,184 @@ impl State {
         out
     }
 
-    /// Endpoints of a network on nodes other than `node_id` (tasks and load balancers), each
-    /// with its node's VTEP.
-    fn peers(&self, network_id: &str, node_id: &str) -> Vec<Peer> {
-        let mut peers: Vec<Peer> = self
-            .tasks
-            .values()
-            .filter(|t| t.is_reachable())
-            .filter_map(|t| {
-                let node = self.nodes.get(t.node_id.as_deref()?)?;
-                (node.node.id != node_id).then_some((t, node.node.addr))
-            })
-            .flat_map(|(t, vtep)| {
-                t.attachments
-                    .iter()
-                    .filter(|a| a.network_id == network_id)
-                    .map(move |a| Peer {
-                        ip: a.addr.addr(),
-                        mac: a.mac.clone(),
-                        vtep,
-                    })
-            })
-            .collect();
-        peers.extend(
-            self.nodes
-                .values()
-                .filter(|r| r.node.id != node_id)
-                .filter_map(|r| {
-                    let ip = *r.lb_addrs.get(network_id)?;
-                    Some(Peer {
+    /// Every endpoint of every network, sorted, with the VTEP of its node: tasks (also those
+    /// stopping, still reachable), the nodes' load balancers and, on the ingress network, the
+    /// ingress sandboxes of the nodes that carry it. The same list goes to every node of a
+    /// network; each agent skips the endpoints behind its own VTEP.
+    fn endpoints(&self) -> BTreeMap<&str, Vec<Peer>> {
+        let mut out: BTreeMap<&str, Vec<Peer>> = BTreeMap::new();
+        for t in self.tasks.values().filter(|t| t.is_reachable()) {
+            let Some(node) = t.node_id.as_deref().and_then(|n| self.nodes.get(n)) else {
+                continue;
+            };
+            for a in &t.attachments {
+                out.entry(&a.network_id).or_default().push(Peer {
+                    ip: a.addr.addr(),
+                    mac: a.mac.clone(),
+                    vtep: node.node.addr,
+                });
+            }
+        }
+        let ingress = self.ingress().map(|n| n.id.as_str());
+        for r in self.nodes.values() {
+            for (network, &ip) in &r.lb_addrs {
+                out.entry(network).or_default().push(Peer {
+                    ip,
+                    mac: endpoint_mac(ip),
+                    vtep: r.node.addr,
+                });
+            }
+            if let (Some(ingress), Some(ip)) = (ingress, r.ingress_addr) {
+                if self.carries_ingress(r) {
+                    out.entry(ingress).or_default().push(Peer {
                         ip,
                         mac: endpoint_mac(ip),
                         vtep: r.node.addr,
-                    })
-                }),
-        );
-        peers.sort_by_key(|p| (p.ip, p.vtep));
-        peers
+                    });
+                }
+            }
+        }
+        for peers in out.values_mut() {
+            peers.sort_by_key(|p| (p.ip, p.vtep));
+        }
+        out
     }
 
     /// Recomputes every node's assignment; a node whose assignment changed gets the next
     /// revision. Returns the ids of those nodes, to be pushed to their agents.
+    ///
+    /// Cost: what every node shares (each network's endpoints and services, the published
+    /// services) is computed once, and a node is given a new assignment only if its own part or
+    /// a shared list it uses changed; so a change that moves no endpoint costs O(tasks), not
+    /// O(nodes × tasks).
     pub fn refresh_assignments(&mut self) -> Vec<String> {
         self.sync_lb_addrs();
-        let ids: Vec<String> = self.nodes.keys().cloned().collect();
         let published = self.published();
         let services = self.network_services();
         let draining = self.draining_backends();
-        let mut changed = Vec::new();
-        for id in ids {
-            let mut fresh = self.assignment_for(&id, &published, &services, &draining);
-            let current = &self.nodes[&id].assignment;
-            fresh.revision = current.revision;
-            if fresh != *current {
-                fresh.revision = self.next_revision();
-                self.nodes.get_mut(&id).expect("node exists").assignment = fresh;
-                changed.push(id);
+        let endpoints = self.endpoints();
+        let mut by_node: BTreeMap<&str, Vec<&Task>> = BTreeMap::new();
+        for t in self.tasks.values().filter(|t| t.is_on_node()) {
+            if let Some(node) = t.node_id.as_deref() {
+                by_node.entry(node).or_default().push(t);
             }
+        }
+        let no_peers: Vec<Peer> = Vec::new();
+        let peers_of = |n: &NetworkSpec| endpoints.get(n.id.as_str()).unwrap_or(&no_peers);
+        let no_services: Vec<NetworkService> = Vec::new();
+        // The ingress network's services are not given (its VIPs are in `published`).
+        let ingress_id = self.ingress().map(|n| n.id.as_str());
+        let services_of = |n: &NetworkSpec| {
+            if Some(n.id.as_str()) == ingress_id {
+                &no_services
+            } else {
+                services.get(&n.id).unwrap_or(&no_services)
+            }
+        };
+        // Whether a network's endpoints and services are as the nodes have them. Every node
+        // that has a network was given the same lists at the last refresh (a node never given
+        // one has no network), so the first such node tells for all.
+        let mut shared_same: BTreeMap<String, bool> = BTreeMap::new();
+        let mut fresh: Vec<(String, Assignment)> = Vec::new();
+        for (id, record) in &self.nodes {
+            let mine = by_node.get(id.as_str()).map_or(&[][..], |v| v.as_slice());
+            let own = self.own_part(id, mine, &draining);
+            let current = &record.assignment;
+            let nets_now: Vec<&NetworkSpec> = own
+                .networks
+                .iter()
+                .chain(own.ingress.as_ref().map(|i| &i.network))
+                .collect();
+            let nets_then: Vec<&NetworkSpec> = current
+                .networks
+                .iter()
+                .chain(current.ingress.as_ref().map(|i| &i.network))
+                .collect();
+            let same = own.tasks == current.tasks
+                && own.encryption == current.encryption
+                && own.ingress.as_ref().map(|i| i.sbox_addr)
+                    == current.ingress.as_ref().map(|i| i.sbox_addr)
+                && nets_now.len() == nets_then.len()
+                && nets_now
+                    .iter()
+                    .zip(&nets_then)
+                    .all(|(a, b)| same_but_peers(a, b))
+                && current.published == published
+                && nets_now.iter().zip(&nets_then).all(|(now, then)| {
+                    *shared_same.entry(now.id.clone()).or_insert_with(|| {
+                        then.peers == *peers_of(now) && then.services == *services_of(now)
+                    })
+                });
+            if same {
+                continue;
+            }
+            let mut a = own;
+            for n in a.networks.iter_mut() {
+                n.peers = peers_of(n).clone();
+                n.services = services_of(n).clone();
+            }
+            if let Some(i) = a.ingress.as_mut() {
+                i.network.peers = peers_of(&i.network).clone();
+            }
+            a.published = published.clone();
+            fresh.push((id.clone(), a));
+        }
+        let mut changed = Vec::new();
+        for (id, mut a) in fresh {
+            a.revision = self.next_revision();
+            self.nodes.get_mut(&id).expect("node exists").assignment = Arc::new(a);
+            changed.push(id);
         }
         self.arm_drains();
         self.arm_keys();
         changed
     }
+}
+
+/// A network as a node is given it, without its peers (see [`State::endpoints`]) and without
+/// the node's own parts (load-balancer address, services), which the caller fills in.
+fn network_spec(
+    network: &Network,
+    draining: &BTreeMap<String, Vec<DrainingBackend>>,
+) -> NetworkSpec {
+    NetworkSpec {
+        id: network.id.clone(),
+        name: network.name.clone(),
+        subnet: network.subnet,
+        gateway: Ipv4Net::new(network.gateway, network.subnet.prefix_len())
+            .expect("prefix of a valid subnet"),
+        vni: network.vni,
+        peers: Vec::new(),
+        lb_addr: None,
+        services: vec![],
+        draining: draining.get(&network.id).cloned().unwrap_or_default(),
+        encrypted: network.encrypted,
+    }
+}
+
+/// Equal in all but the peers and services, which every node of the network shares. Listing
+/// every field makes a new one a compile error here.
+fn same_but_peers(a: &NetworkSpec, b: &NetworkSpec) -> bool {
+    let NetworkSpec {
+        id,
+        name,
+        subnet,
+        gateway,
+        vni,
+        peers: _,
+        lb_addr,
+        services: _,
+        draining,
+        encrypted,
+    } = a;
+    *id == b.id
+        && *name == b.name
+        && *subnet == b.subnet
+        && *gateway == b.gateway
+        && *vni == b.vni
+        && *lb_addr == b.lb_addr
+        && *draining == b.draining
+        && *encrypted == b.encrypted
 }
 
 #[cfg(test)]
@@ -496,7 +574,8 @@ mod tests {
             assert_eq!(a.published[0].ports, [web(80)]);
             assert!(a.published[0].backends.is_empty());
         }
-        // Peers: the other nodes' sboxes and the remote tasks' ingress endpoints.
+        // Peers: every node's sbox and every task's ingress endpoint, each with its node's VTEP
+        // (each agent skips those behind its own).
         let n3 = node_id(&s, "node3");
         let peers: Vec<(String, String)> = s.nodes[&n3]
             .assignment
@@ -515,6 +594,7 @@ mod tests {
         let mut expected = vec![
             ("10.255.0.2".to_string(), "192.168.56.11".to_string()),
             ("10.255.0.3".to_string(), "192.168.56.12".to_string()),
+            ("10.255.0.4".to_string(), "192.168.56.13".to_string()),
         ];
         for t in &tasks {
             let vtep = s.nodes[t.node_id.as_ref().unwrap()].node.addr.to_string();
@@ -565,7 +645,7 @@ mod tests {
     }
 
     #[test]
-    fn assignments_name_own_tasks_and_only_other_nodes_endpoints_as_peers() {
+    fn assignments_name_own_tasks_and_every_endpoint_of_their_networks_as_peers() {
         let mut s = cluster(3);
         add_network(&mut s, "backend", "10.0.9.0/24");
         add_network(&mut s, "other", "10.0.10.0/24");
@@ -595,10 +675,17 @@ mod tests {
             .flat_map(|t| &t.attachments)
             .map(|x| x.addr.addr())
             .collect();
-        // Three web tasks elsewhere, and node2's and node3's load balancers on backend.
-        assert_eq!(backend.peers.len(), 5);
+        // Every endpoint on backend: every task's there, and the three nodes' load balancers,
+        // each with its node's VTEP.
+        let on_backend = s
+            .tasks
+            .values()
+            .flat_map(|t| &t.attachments)
+            .filter(|x| x.network_id == backend.id)
+            .count();
+        assert_eq!(backend.peers.len(), on_backend + 3);
         let lb = |n: &str| s.nodes[&node_id(&s, n)].lb_addrs[&backend.id];
-        for node in ["node2", "node3"] {
+        for node in ["node1", "node2", "node3"] {
             assert!(backend.peers.iter().any(|p| p.ip == lb(node)), "{node}");
         }
         assert_eq!(backend.lb_addr.map(|a| a.addr()), Some(lb("node1")));
@@ -614,25 +701,32 @@ mod tests {
         );
         assert_eq!(backend.services.len(), 1);
         for peer in &backend.peers {
-            assert!(
-                !own.contains(&peer.ip),
-                "own endpoint {} listed as a peer",
-                peer.ip
+            // The node's own endpoints come with its own VTEP, which its agent skips.
+            assert_eq!(
+                own.contains(&peer.ip) || peer.ip == lb("node1"),
+                peer.vtep.to_string() == "192.168.56.11",
+                "{peer:?}"
             );
-            assert_ne!(peer.vtep.to_string(), "192.168.56.11");
             assert_eq!(peer.mac, endpoint_mac(peer.ip));
         }
-        let vteps: BTreeSet<String> = backend.peers.iter().map(|p| p.vtep.to_string()).collect();
-        assert_eq!(
-            vteps,
-            ["192.168.56.12".to_string(), "192.168.56.13".to_string()].into()
-        );
+        // The same list goes to every node of the network.
+        let n2 = node_id(&s, "node2");
+        let backend2 = s.nodes[&n2]
+            .assignment
+            .networks
+            .iter()
+            .find(|n| n.name == "backend")
+            .unwrap();
+        assert_eq!(backend2.peers, backend.peers);
         let other = a.networks.iter().find(|n| n.name == "other").unwrap();
-        assert!(other.peers.is_empty());
+        // Only node1 is on it: its endpoints only, which its agent skips.
+        assert!(other
+            .peers
+            .iter()
+            .all(|p| p.vtep.to_string() == "192.168.56.11"));
 
         // Nothing changed: no new revision. A task on node2 ending changes node1's peers.
         assert!(s.refresh_assignments().is_empty());
-        let n2 = node_id(&s, "node2");
         let t2 = s
             .tasks
             .values()

@@ -126,7 +126,7 @@ impl Conn<Tls> {
     pub fn assignment(&mut self) -> Assignment {
         loop {
             match self.recv() {
-                ManagerMsg::Assign(a) => return a,
+                ManagerMsg::Assign(a) => return std::sync::Arc::unwrap_or_clone(a),
                 ManagerMsg::Managers { addrs } => assert!(!addrs.is_empty()),
                 other => panic!("expected Assign, got {other:?}"),
             }
