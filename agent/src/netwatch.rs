@@ -12,6 +12,7 @@ use std::collections::BTreeMap;
 use std::io;
 use std::path::{Path, PathBuf};
 
+use firewall::nfnl::{our_table_changes, NFNLGRP_NFTABLES};
 use netlink_packet_core::{NetlinkBuffer, NetlinkMessage, NetlinkPayload};
 use netlink_packet_route::link::LinkAttribute;
 use netlink_packet_route::neighbour::NeighbourState;
@@ -35,12 +36,6 @@ const RTMGRP_LINK: u32 = 0x1;
 const RTMGRP_NEIGH: u32 = 0x4;
 const RTMGRP_IPV4_IFADDR: u32 = 0x10;
 const RTMGRP_IPV4_ROUTE: u32 = 0x40;
-/// nf_tables' multicast group (linux/netfilter/nfnetlink.h), and its messages' subsystem.
-const NFNLGRP_NFTABLES: u32 = 7;
-const NFNL_SUBSYS_NFTABLES: u16 = 10;
-const NFPROTO_IPV4: u8 = 2;
-/// The table every agent rule set lives in (see the firewall crate).
-const OUR_TABLE: &[u8] = b"meshnet";
 
 /// A change the agent may have to repair.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -247,7 +242,7 @@ async fn read(sock: Socket, netns: String, source: Source, tx: mpsc::UnboundedSe
             Err(_would_block) => continue,
             Ok(Ok(_)) => match source {
                 Source::Route { node } => parse(&buf, node),
-                Source::Nft => parse_nft(&buf),
+                Source::Nft => our_table_changes(&buf),
             },
             // The socket overflowed: something changed, we do not know what.
             Ok(Err(e)) if e.raw_os_error() == Some(libc::ENOBUFS) => {
@@ -291,59 +286,6 @@ fn parse(datagram: &[u8], node: bool) -> Vec<String> {
         rest = &rest[next..];
     }
     out
-}
-
-/// The changes to our table in one datagram of nf_tables notifications. Every message that
-/// changes a table's content names its table in attribute 1 (`NFTA_*_TABLE`); the others
-/// (a new generation, flowtables, objects) and other tables are not ours.
-fn parse_nft(datagram: &[u8]) -> Vec<String> {
-    let mut out = Vec::new();
-    let mut rest = datagram;
-    while rest.len() >= 16 {
-        let len = u32::from_ne_bytes(rest[0..4].try_into().expect("4 bytes")) as usize;
-        if len < 16 || len > rest.len() {
-            break;
-        }
-        let kind = u16::from_ne_bytes(rest[4..6].try_into().expect("2 bytes"));
-        let verb = match (kind >> 8 == NFNL_SUBSYS_NFTABLES, kind & 0xff) {
-            (true, 0) => Some("table added"),
-            (true, 2) => Some("table deleted"),
-            (true, 3) => Some("chain added or changed"),
-            (true, 5) => Some("chain deleted"),
-            (true, 6) => Some("rule added or changed"),
-            (true, 8) => Some("rule deleted"),
-            (true, 9) => Some("set added"),
-            (true, 11) => Some("set deleted"),
-            (true, 12) => Some("element added"),
-            (true, 14) => Some("element deleted"),
-            _ => None,
-        };
-        let body = &rest[16..len];
-        if let Some(verb) = verb.filter(|_| body.first() == Some(&NFPROTO_IPV4)) {
-            if table_of(body.get(4..).unwrap_or_default()) == Some(OUR_TABLE) {
-                out.push(format!("nf_tables: {verb} in table ip meshnet"));
-            }
-        }
-        rest = &rest[((len + 3) & !3).min(rest.len())..];
-    }
-    out
-}
-
-/// The value of attribute 1 among `attrs`, without its terminating NULs.
-fn table_of(mut attrs: &[u8]) -> Option<&[u8]> {
-    while attrs.len() >= 4 {
-        let len = u16::from_ne_bytes(attrs[0..2].try_into().expect("2 bytes")) as usize;
-        if len < 4 || len > attrs.len() {
-            return None;
-        }
-        if u16::from_ne_bytes(attrs[2..4].try_into().expect("2 bytes")) & 0x3fff == 1 {
-            let value = &attrs[4..len];
-            let end = value.iter().position(|&b| b == 0).unwrap_or(value.len());
-            return Some(&value[..end]);
-        }
-        attrs = &attrs[((len + 3) & !3).min(attrs.len())..];
-    }
-    None
 }
 
 /// Whether a notification may concern the agent. In its own namespaces every link, address and
@@ -484,48 +426,5 @@ mod tests {
             ["link eth1 deleted", "route to prefix /0 deleted"]
         );
         assert!(parse(&[1, 2, 3], false).is_empty(), "garbage is ignored");
-    }
-
-    /// An nf_tables notification of `msg` in table `family table`.
-    fn nft_msg(msg: u16, family: u8, table: &str) -> Vec<u8> {
-        let mut name = table.as_bytes().to_vec();
-        name.push(0);
-        let mut attr = Vec::new();
-        attr.extend_from_slice(&((4 + name.len()) as u16).to_ne_bytes());
-        attr.extend_from_slice(&1u16.to_ne_bytes());
-        attr.extend_from_slice(&name);
-        while attr.len() % 4 != 0 {
-            attr.push(0);
-        }
-        let mut m = Vec::new();
-        m.extend_from_slice(&((20 + attr.len()) as u32).to_ne_bytes());
-        m.extend_from_slice(&((NFNL_SUBSYS_NFTABLES << 8) | msg).to_ne_bytes());
-        m.extend_from_slice(&[0; 10]);
-        m.extend_from_slice(&[family, 0, 0, 0]);
-        m.extend_from_slice(&attr);
-        m
-    }
-
-    #[test]
-    fn only_changes_to_our_table_count() {
-        let datagram = [
-            nft_msg(8, NFPROTO_IPV4, "meshnet"),
-            nft_msg(14, NFPROTO_IPV4, "filter"),
-            nft_msg(2, 1, "meshnet"),
-            nft_msg(15, NFPROTO_IPV4, "meshnet"),
-            nft_msg(12, NFPROTO_IPV4, "meshnet"),
-        ]
-        .concat();
-        assert_eq!(
-            parse_nft(&datagram),
-            [
-                "nf_tables: rule deleted in table ip meshnet",
-                "nf_tables: element added in table ip meshnet"
-            ]
-        );
-        let table = nft_msg(2, NFPROTO_IPV4, "meshnet");
-        for cut in 0..table.len() {
-            assert!(parse_nft(&table[..cut]).is_empty(), "cut at {cut}");
-        }
     }
 }

@@ -266,9 +266,9 @@ impl<K: Kernel> Reconciler<K> {
         }
     }
 
-    fn table_repairs(&self, repaired: &[String]) {
-        for netns in repaired {
-            warn!(kind = "nft_table", %netns, "repair: table ip meshnet differed from what it should be; rebuilt");
+    fn table_repairs(&self, repaired: &[(String, String)]) {
+        for (netns, how) in repaired {
+            warn!(kind = "nft_table", %netns, differed = %how, "repair: table ip meshnet differed from what it should be; rebuilt");
             self.metrics.repair("nft_table");
         }
     }

@@ -71,8 +71,8 @@ pub struct MeshPass {
     /// Run again within this (an IPVS drain deadline).
     pub wake: Option<Duration>,
     pub report: Option<LbReport>,
-    /// The namespaces whose table had drifted and was rebuilt.
-    pub repaired: Vec<String>,
+    /// The namespaces whose table had drifted and was rebuilt, each with how it differed.
+    pub repaired: Vec<(String, String)>,
 }
 
 impl MeshRules {
@@ -127,7 +127,7 @@ impl MeshRules {
         }
         let node = mesh::node_state(desired, self.gw_subnet, gw_addrs, running);
         match sync_table(&self.node, &mut self.node_table, &node, recheck) {
-            Ok(Synced::Repaired) => out.repaired.push("node".into()),
+            Ok(Synced::Repaired(how)) => out.repaired.push(("node".into(), how)),
             Ok(_) => {}
             Err(e) => fail("node table", &e),
         }
@@ -137,8 +137,8 @@ impl MeshRules {
                 match self.sync_lb(INGRESS_SBOX, &st, &ingress_draining(desired), recheck) {
                     Ok(s) => {
                         out.wake = s.wake;
-                        if s.repaired {
-                            out.repaired.push(INGRESS_SBOX.into());
+                        if let Some(how) = s.repaired {
+                            out.repaired.push((INGRESS_SBOX.into(), how));
                         }
                     }
                     Err(e) => fail("load balancer in ingress_sbox", &e),
@@ -165,8 +165,8 @@ impl MeshRules {
             match self.sync_lb(&name, &st, &mesh::draining(net), recheck) {
                 Ok(s) => {
                     out.wake = earliest(out.wake, s.wake);
-                    if s.repaired {
-                        out.repaired.push(name);
+                    if let Some(how) = s.repaired {
+                        out.repaired.push((name, how));
                     }
                 }
                 Err(e) => fail(&format!("load balancer in {name}"), &e),
@@ -177,7 +177,7 @@ impl MeshRules {
         self.tasks.retain(|name, _| tasks.contains_key(name));
         for (name, st) in &tasks {
             match self.sync_task(name, st, recheck) {
-                Ok(Synced::Repaired) => out.repaired.push(name.clone()),
+                Ok(Synced::Repaired(how)) => out.repaired.push((name.clone(), how)),
                 Ok(_) => {}
                 Err(e) => fail(&format!("table of task {name}"), &e),
             }
@@ -191,9 +191,9 @@ impl MeshRules {
     /// repaired and the errors.
     pub fn recheck_tables(&mut self) -> MeshPass {
         let mut out = MeshPass::default();
-        let mut note = |name: &str, result: Result<bool, String>| match result {
-            Ok(true) => out.repaired.push(name.to_string()),
-            Ok(false) => {}
+        let mut note = |name: &str, result: Result<Option<String>, String>| match result {
+            Ok(Some(how)) => out.repaired.push((name.to_string(), how)),
+            Ok(None) => {}
             Err(e) => {
                 error!("recheck the table in {name}: {e}");
                 out.errors += 1;
@@ -212,7 +212,7 @@ impl MeshRules {
                 .and_then(|ns| {
                     // A namespace made anew since: the next pass programs it whole.
                     if ns.inode().map_err(|e| e.to_string())? != applied.inode {
-                        return Ok(false);
+                        return Ok(None);
                     }
                     lb::recheck_table(&ns, &mut applied.state).map_err(|e| e.to_string())
                 });

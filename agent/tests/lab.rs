@@ -71,6 +71,13 @@ fn agent_builds_adopts_repairs_and_tears_down() {
         .unwrap();
     echo(&mut client, &mut server, b"before");
 
+    // The nf_tables generations of the namespaces with our tables: a restart that finds them
+    // right writes nothing to them.
+    let generations = |lab: &Lab| {
+        [&lab.node, &lab.ns(&a.name), &lab.ns(&b.name)].map(|ns| firewall::generation(ns).unwrap())
+    };
+    let before_crash = generations(&lab);
+
     // Crash; meanwhile a peer entry is deleted and a stale namespace appears.
     lab.crash_agent();
     drop(m);
@@ -94,6 +101,11 @@ fn agent_builds_adopts_repairs_and_tears_down() {
     lab.eventually("the stale namespace goes", || {
         !lab.namespaces().contains(&"web.9.stale".to_string())
     });
+    assert_eq!(
+        generations(&lab),
+        before_crash,
+        "no nft transaction after the restart"
+    );
     echo(&mut client, &mut server, b"after the restart");
     echo(&mut server, &mut client, b"and back");
 

@@ -9,7 +9,7 @@ use std::sync::{Mutex, OnceLock};
 use netns::Netns;
 
 use crate::changes::Changes;
-use crate::listing::parse_listing;
+use crate::content::{Content, Drift};
 use crate::nfnl::NfnlSocket;
 use crate::render::Batch;
 use crate::{Error, Result, Ruleset, TABLE};
@@ -77,19 +77,29 @@ pub fn sync_report<R: Ruleset>(nf: &dyn Netfilter, prev: Option<&R>, next: &R) -
     Ok(synced)
 }
 
-/// Reads our table back and rebuilds it atomically if it is missing or its shape differs from
-/// `desired` (a rule, chain or element deleted or added behind our back). Returns whether it
-/// rebuilt. Lists the whole table: for the periodic check, not for every change.
-pub fn reconcile<R: Ruleset>(nf: &dyn Netfilter, desired: &R) -> Result<bool> {
-    let observed = match nf.list_table()? {
-        Some(json) => Some(parse_listing(&json)?),
-        None => None,
+/// Reads our table back and rebuilds it atomically if it is missing or its content differs
+/// from `desired`'s (a rule, chain or element deleted, added or edited behind our back).
+/// Returns how it differed when it rebuilt; a table already right is left alone, so an agent
+/// that starts over right tables writes nothing. Lists the whole table: for the periodic
+/// check and the start, not for every change.
+pub fn reconcile<R: Ruleset>(nf: &dyn Netfilter, desired: &R) -> Result<Option<Drift>> {
+    let full = R::render(None, desired)?;
+    let drift = match nf.list_table()? {
+        None => Some(Drift::Missing),
+        Some(json) => match Content::from_listing(&json) {
+            Ok(listed) => {
+                let differences = Content::from_script(&full)?.differences(&listed);
+                (!differences.is_empty()).then_some(Drift::Differs(differences))
+            }
+            // No proof that the table is right: rebuilding it is safe, an error would leave
+            // it as it is.
+            Err(e) => Some(Drift::Unreadable(e.to_string())),
+        },
     };
-    if observed.as_ref() == Some(&desired.shape()) {
-        return Ok(false);
+    if drift.is_some() {
+        nf.apply(&full)?;
     }
-    nf.apply(&R::render(None, desired)?)?;
-    Ok(true)
+    Ok(drift)
 }
 
 /// Runs `nft`/`conntrack` inside a namespace via [`Netns::spawn`], and sends incremental
@@ -280,22 +290,6 @@ mod tests {
         s
     }
 
-    /// A listing with the given chains (one rule each) and sets, as nft prints them.
-    fn listing(shape: &crate::TableShape) -> String {
-        let mut items = vec![serde_json::json!({"table": {"family": "ip", "name": "meshnet"}})];
-        for (name, n) in &shape.sets {
-            let elem: Vec<u32> = (0..*n as u32).collect();
-            items.push(serde_json::json!({"map": {"name": name, "elem": elem}}));
-        }
-        for (name, rules) in &shape.chains {
-            items.push(serde_json::json!({"chain": {"name": name}}));
-            for _ in 0..*rules {
-                items.push(serde_json::json!({"rule": {"chain": name}}));
-            }
-        }
-        serde_json::json!({ "nftables": items }).to_string()
-    }
-
     #[test]
     fn sync_applies_the_diff_and_flushes_udp_flows_of_removed_backends() {
         let nf = FakeNetfilter::default();
@@ -343,31 +337,50 @@ mod tests {
     }
 
     #[test]
-    fn reconcile_rebuilds_only_on_drift() {
+    fn reconcile_rebuilds_only_on_drift_and_says_what_differed() {
         let nf = FakeNetfilter::default();
-        let desired = sbox(&[10, 11]);
-        assert!(
-            reconcile(&nf, &desired).unwrap(),
-            "a missing table is rebuilt"
-        );
-
-        *nf.listing.lock().unwrap() = Some(listing(&desired.shape()));
-        assert!(
-            !reconcile(&nf, &desired).unwrap(),
-            "an intact table is left alone"
-        );
-
-        let mut drifted = desired.shape();
-        drifted.sets.insert("backends".into(), 1);
-        *nf.listing.lock().unwrap() = Some(listing(&drifted));
-        assert!(
-            reconcile(&nf, &desired).unwrap(),
-            "a lost element is rebuilt"
-        );
-
-        let applied = nf.applied.lock().unwrap();
-        assert_eq!(applied.len(), 2);
+        let desired = crate::fixtures::sbox(LbKind::Nftables);
         let full = SboxState::render(None, &desired).unwrap().to_string();
-        assert!(applied.iter().all(|a| *a == full));
+        assert_eq!(reconcile(&nf, &desired).unwrap(), Some(Drift::Missing));
+        assert_eq!(
+            nf.applied.lock().unwrap().as_slice(),
+            std::slice::from_ref(&full)
+        );
+
+        // A table that is right, as the kernel lists it, is left alone.
+        *nf.listing.lock().unwrap() = Some(crate::fixtures::SBOX.into());
+        assert_eq!(reconcile(&nf, &desired).unwrap(), None);
+        assert_eq!(nf.applied.lock().unwrap().len(), 1, "nothing applied");
+
+        for (listing, how) in [
+            (
+                crate::fixtures::SBOX_EDITED_ELEMENT,
+                "map published: element tcp . 443 : 257 missing; \
+                 map published: element tcp . 443 : 258 extra",
+            ),
+            (
+                crate::fixtures::SBOX_MISSING_ELEMENT,
+                "map backends: element 256 . 1 : 10.255.0.11 missing",
+            ),
+            (
+                crate::fixtures::SBOX_EDITED_SVC_RULE,
+                "chain svc-256 rule 1 differs: \
+                 `ct mark set numgen inc mod 3` instead of `ct mark set numgen inc mod 2`",
+            ),
+        ] {
+            *nf.listing.lock().unwrap() = Some(listing.into());
+            let drift = reconcile(&nf, &desired).unwrap().expect("a drift");
+            assert_eq!(drift.to_string(), how);
+        }
+        *nf.listing.lock().unwrap() = Some("{\"nftables\": 1}".into());
+        assert_eq!(
+            reconcile(&nf, &desired).unwrap(),
+            Some(Drift::Unreadable(
+                "parse the listing of table ip meshnet: no \"nftables\" array".into()
+            ))
+        );
+        let applied = nf.applied.lock().unwrap();
+        assert_eq!(applied.len(), 5);
+        assert!(applied.iter().all(|a| *a == full), "full rebuilds");
     }
 }

@@ -23,9 +23,11 @@
 //!   set of the namespace. The same [`Changes`] render as the `nft -f` script
 //!   ([`Changes::to_batch`]), so both paths apply the same transition; the lab tests check that
 //!   they list the same table. Full rebuilds stay `nft -f` scripts.
-//! - The incremental path never lists the table. [`TableShape`] (chains with their rule counts,
-//!   sets with their element counts) read back with `nft -j list table ip meshnet` lets the
-//!   agent detect drift (a deleted rule, chain or element) and rebuild: see [`reconcile`].
+//! - The incremental path never lists the table. [`reconcile`] reads it back with
+//!   `nft -j list table ip meshnet` and compares its [`Content`] (chains with their rules in
+//!   order, sets and maps with their elements) with the full build's: any rule, chain or
+//!   element deleted, added or edited behind our back makes it rebuild the table, and the
+//!   [`Drift`] says what differed. A table that is already right is left alone.
 //!
 //! # Node namespace ([`NodeState`])
 //! ```text
@@ -104,7 +106,7 @@
 //! chain nat-prerouting (nat prerouting, dstnat)  ip daddr <task ingress IP> tcp dport <P> redirect to :<T>
 //! chain nat-output     (nat output, -100)        ip daddr vmap @vips
 //! chain vip-<VIP>      dnat to numgen inc mod <N> map { 0 : <task 0>, 1 : <task 1>, ... }
-//!                      (no task: meta l4proto tcp reject with tcp reset; reject)
+//!                      (no task: reject with tcp reset; reject)
 //! ```
 //! A connection from the task to a service VIP, any port, is DNATed in the task's own
 //! namespace (kube-proxy's nftables proxier does the same on the node): no extra hop, no SNAT,
@@ -116,9 +118,11 @@
 
 mod changes;
 mod conntrack;
+mod content;
 mod exec;
+#[cfg(test)]
+mod fixtures;
 mod generation;
-mod listing;
 pub mod nfnl;
 mod node;
 mod render;
@@ -128,16 +132,17 @@ mod task;
 use std::fmt;
 
 pub use changes::{Changes, Key, Step, Value};
+pub use content::{Content, Drift};
 pub use exec::{reconcile, sync, sync_report, FakeNetfilter, Netfilter, NsNetfilter, Synced};
 pub use generation::generation;
-pub use listing::{parse_listing, TableShape};
 pub use nfnl::NfnlSocket;
 pub use node::{node_sysctls, NodeConfig, NodeState};
 pub use render::{Batch, ELEMENTS_PER_STATEMENT};
 pub use sbox::{kernel_release, sbox_sysctls, synthetic_sbox, SboxConfig, SboxService, SboxState};
 pub use task::TaskState;
 
-/// A rule set of one namespace's table: rendered from desired state, checked by its shape.
+/// A rule set of one namespace's table: rendered from desired state, checked against the
+/// content of its full build ([`Content::from_script`]).
 pub trait Ruleset: Sized {
     /// The batch that takes the table from `prev` (what was last applied; `None` when unknown)
     /// to `next`. Validates `next` first: bad input renders nothing.
@@ -150,9 +155,6 @@ pub trait Ruleset: Sized {
     fn changes(_prev: &Self, _next: &Self) -> Result<Option<Changes>> {
         Ok(None)
     }
-
-    /// What `nft -j list table ip meshnet` must show when `self` is applied.
-    fn shape(&self) -> TableShape;
 
     /// Destinations whose stale conntrack entries (see [`Netfilter::delete_stale_conntrack`])
     /// must go after moving from `prev` to `next`.
@@ -205,6 +207,8 @@ pub enum Error {
     },
     #[error("parse the listing of table {TABLE}: {0}")]
     Listing(String),
+    #[error("read the content of table {TABLE} from its script: unexpected line {0:?}")]
+    Script(String),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

@@ -7,7 +7,7 @@ use std::net::{Ipv4Addr, SocketAddrV4};
 use ipnet::Ipv4Net;
 
 use crate::render::Batch;
-use crate::{check_interface, check_port, Error, PortKey, Result, Ruleset, TableShape};
+use crate::{check_interface, check_port, Error, PortKey, Result, Ruleset};
 
 /// The base chain that drops packets to 127.0.0.0/8 arriving on any interface but lo.
 const LOCALNET_GUARD_CHAIN: &str = "raw-prerouting";
@@ -195,26 +195,6 @@ impl Ruleset for NodeState {
             }
         }
         Ok(b)
-    }
-
-    fn shape(&self) -> TableShape {
-        let chains = [
-            (LOCALNET_GUARD_CHAIN, 1),
-            ("published", 2),
-            ("nat-prerouting", 1),
-            ("nat-output", 1),
-            ("nat-postrouting", 2),
-            ("filter-forward", 4),
-        ];
-        let sets = [
-            ("ingress-ports", self.ingress_ports.len()),
-            ("host-ports", self.host_ports.len()),
-            ("host-targets", self.host_ports.len()),
-        ];
-        TableShape {
-            chains: chains.iter().map(|(c, n)| (c.to_string(), *n)).collect(),
-            sets: sets.iter().map(|(s, n)| (s.to_string(), *n)).collect(),
-        }
     }
 }
 
@@ -420,15 +400,7 @@ add element ip meshnet host-targets { 172.18.0.4 . udp . 8080 }
     }
 
     #[test]
-    fn shape_and_sysctls() {
-        let mut s = state();
-        s.host_ports
-            .insert(PortKey::tcp(81), "172.18.0.3:8080".parse().unwrap());
-        let shape = s.shape();
-        assert_eq!(shape.sets["host-ports"], 1);
-        assert_eq!(shape.sets["ingress-ports"], 0);
-        assert_eq!(shape.chains["filter-forward"], 4);
-        assert_eq!(shape.chains["raw-prerouting"], 1);
+    fn sysctls() {
         assert_eq!(
             node_sysctls("gw.1"),
             vec![

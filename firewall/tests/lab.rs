@@ -22,7 +22,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use firewall::{
-    parse_listing, reconcile, sync, sync_report, synthetic_sbox, Fwmark, Netfilter, NfnlSocket,
+    reconcile, sync, sync_report, synthetic_sbox, Content, Fwmark, Netfilter, NfnlSocket,
     NodeConfig, NodeState, NsNetfilter, PortKey, Ruleset, SboxConfig, SboxService, SboxState,
     Synced, TaskState,
 };
@@ -376,8 +376,11 @@ fn ingress_lab() -> (Lab, Desired) {
     (lab, desired)
 }
 
-fn shape_of(lab: &Lab, ns: &str) -> firewall::TableShape {
-    parse_listing(&lab.nf(ns).list_table().unwrap().expect("our table exists")).unwrap()
+/// How the table listed in `nf`'s namespace differs from the full build of `state`.
+fn differences<R: Ruleset>(nf: &dyn Netfilter, state: &R) -> Vec<String> {
+    let listed = nf.list_table().unwrap().expect("our table exists");
+    let built = Content::from_script(&R::render(None, state).unwrap()).unwrap();
+    built.differences(&Content::from_listing(&listed).unwrap())
 }
 
 /// Connects from local `port` (reused at once) with a 500 ms timeout; true if it connected.
@@ -492,8 +495,14 @@ fn routing_mesh_balances_round_robin_and_follows_incremental_updates() {
         .iter()
         .map(|n| lab.list(n, FOREIGN))
         .collect();
-    assert_eq!(shape_of(&lab, "node"), desired.node.shape());
-    assert_eq!(shape_of(&lab, "sbox"), desired.sbox.shape());
+    assert_eq!(
+        differences(&lab.nf("node"), &desired.node),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        differences(&lab.nf("sbox"), &desired.sbox),
+        Vec::<String>::new()
+    );
 
     // Round robin: every window of three new connections meets every backend once. The
     // backend sees the sandbox's ingress IP (SNAT), so replies come back through this node.
@@ -538,7 +547,10 @@ fn routing_mesh_balances_round_robin_and_follows_incremental_updates() {
         .expect("b2 answers one of three flows");
     let without_b2 = sbox_with(&["b1", "b3"]);
     sync(&lab.nf("sbox"), Some(&desired.sbox), &without_b2).unwrap();
-    assert_eq!(shape_of(&lab, "sbox"), without_b2.shape());
+    assert_eq!(
+        differences(&lab.nf("sbox"), &without_b2),
+        Vec::<String>::new()
+    );
     let after: BTreeSet<String> = (0..4).map(|_| who(&lab, "cl", published(80))).collect();
     assert_eq!(after, ["b1", "b3"].map(String::from).into());
 
@@ -567,7 +579,10 @@ fn routing_mesh_balances_round_robin_and_follows_incremental_updates() {
     let moved: BTreeSet<String> = (0..3).map(|_| who(&lab, "cl", published(80))).collect();
     assert_eq!(moved, ["b1-alt", "b2", "b3"].map(String::from).into());
     sync(&lab.nf("b1"), Some(&b1), &desired.tasks["b1"]).unwrap();
-    assert_eq!(shape_of(&lab, "b1"), desired.tasks["b1"].shape());
+    assert_eq!(
+        differences(&lab.nf("b1"), &desired.tasks["b1"]),
+        Vec::<String>::new()
+    );
 
     // Unpublishing a port on the node takes it away; publishing brings it back.
     let mut node = desired.node.clone();
@@ -577,18 +592,48 @@ fn routing_mesh_balances_round_robin_and_follows_incremental_updates() {
     sync(&lab.nf("node"), Some(&node), &desired.node).unwrap();
     assert!(who(&lab, "cl", published(80)).starts_with('b'));
 
-    // Reconciliation: an intact table is left alone; an element deleted behind our back is
-    // detected and the table rebuilt.
-    assert!(!reconcile(&lab.nf("sbox"), &desired.sbox).unwrap());
+    // Reconciliation: an intact table is left alone; an element deleted or edited behind our
+    // back (the count unchanged) is detected and the table rebuilt.
+    assert_eq!(reconcile(&lab.nf("sbox"), &desired.sbox).unwrap(), None);
     lab.run(
         "sbox",
         "nft",
         &["delete element ip meshnet backends { 256 . 0 }"],
     );
-    assert!(reconcile(&lab.nf("sbox"), &desired.sbox).unwrap());
-    assert_eq!(shape_of(&lab, "sbox"), desired.sbox.shape());
+    let drift = reconcile(&lab.nf("sbox"), &desired.sbox)
+        .unwrap()
+        .expect("a drift");
+    assert!(
+        drift
+            .to_string()
+            .starts_with("map backends: element 256 . 0 : "),
+        "{drift}"
+    );
+    assert_eq!(
+        differences(&lab.nf("sbox"), &desired.sbox),
+        Vec::<String>::new()
+    );
+    lab.run(
+        "sbox",
+        "nft",
+        &["delete element ip meshnet backends { 256 . 0 }; \
+           add element ip meshnet backends { 256 . 0 : 10.255.0.99 }"],
+    );
+    let drift = reconcile(&lab.nf("sbox"), &desired.sbox)
+        .unwrap()
+        .expect("a drift");
+    assert!(
+        drift
+            .to_string()
+            .contains("map backends: element 256 . 0 : 10.255.0.99 extra"),
+        "{drift}"
+    );
+    assert_eq!(
+        differences(&lab.nf("sbox"), &desired.sbox),
+        Vec::<String>::new()
+    );
     lab.run("node", "nft", &["delete table ip meshnet"]);
-    assert!(reconcile(&lab.nf("node"), &desired.node).unwrap());
+    assert!(reconcile(&lab.nf("node"), &desired.node).unwrap().is_some());
     let ids: BTreeSet<String> = (0..3).map(|_| who(&lab, "cl", published(80))).collect();
     assert_eq!(ids, ["b1", "b2", "b3"].map(String::from).into());
 
@@ -628,7 +673,7 @@ fn vips_balance_in_the_client_namespace() {
     };
     let all = client(&BACKENDS.map(|(_, ip)| ip));
     sync(&lab.nf("c"), None, &all).unwrap();
-    assert_eq!(shape_of(&lab, "c"), all.shape());
+    assert_eq!(differences(&lab.nf("c"), &all), Vec::<String>::new());
 
     for port in [8080, 7000] {
         let mut seen = Vec::new();
@@ -670,7 +715,7 @@ fn vips_balance_in_the_client_namespace() {
         .to_string();
     assert_eq!(batch.lines().count(), 2, "{batch}");
     sync(&lab.nf("c"), Some(&all), &without_b2).unwrap();
-    assert_eq!(shape_of(&lab, "c"), without_b2.shape());
+    assert_eq!(differences(&lab.nf("c"), &without_b2), Vec::<String>::new());
     let after: BTreeSet<String> = (0..4)
         .map(|_| who(&lab, "c", SocketAddr::from((vip, 7000))))
         .collect();
@@ -687,7 +732,7 @@ fn vips_balance_in_the_client_namespace() {
 
     // A VIP chain deleted behind our back is found and rebuilt.
     lab.run("c", "nft", &["flush chain ip meshnet vip-10.255.0.100"]);
-    assert!(reconcile(&lab.nf("c"), &without_b2).unwrap());
+    assert!(reconcile(&lab.nf("c"), &without_b2).unwrap().is_some());
     assert!(who(&lab, "c", SocketAddr::from((vip, 7000))).starts_with('b'));
 }
 
@@ -702,7 +747,10 @@ fn an_ingress_vip_is_balanced_like_the_published_port() {
     let mut with_vip = desired.sbox.clone();
     with_vip.services.get_mut(&mark()).unwrap().vip = Some(vip);
     sync(&lab.nf("sbox"), Some(&desired.sbox), &with_vip).unwrap();
-    assert_eq!(shape_of(&lab, "sbox"), with_vip.shape());
+    assert_eq!(
+        differences(&lab.nf("sbox"), &with_vip),
+        Vec::<String>::new()
+    );
     // The target port straight, and the published port (redirected in each task).
     for port in [8080, 80] {
         let mut seen = BTreeSet::new();
@@ -776,8 +824,11 @@ fn neighbours_on_the_gwbridge_cannot_reach_the_node_localhost() {
     let (_, greeting) = connect(&lab, "nb", local)
         .unwrap_or_else(|e| panic!("without the guard the neighbour should get through: {e}"));
     assert_eq!(greeting, "node-local 172.18.0.9");
-    assert!(reconcile(&lab.nf("node"), &desired.node).unwrap());
-    assert_eq!(shape_of(&lab, "node"), desired.node.shape());
+    assert!(reconcile(&lab.nf("node"), &desired.node).unwrap().is_some());
+    assert_eq!(
+        differences(&lab.nf("node"), &desired.node),
+        Vec::<String>::new()
+    );
     blocked(&lab, "after the reconcile");
     assert!(lab
         .list("node", "table ip meshnet")
@@ -821,7 +872,7 @@ fn full_rebuild_is_atomic_and_idempotent() {
         "a rebuild changes nothing"
     );
     assert_eq!(lab.list("sbox", FOREIGN), foreign);
-    assert!(!reconcile(&lab.nf("sbox"), &desired.sbox).unwrap());
+    assert_eq!(reconcile(&lab.nf("sbox"), &desired.sbox).unwrap(), None);
 }
 
 /// Median and maximum of the timings.
@@ -876,7 +927,7 @@ fn programming_ten_thousand_services() {
     let empty = synthetic_sbox(0, 2);
     nf.apply(&SboxState::render(None, &empty).unwrap()).unwrap();
     let [add0, remove0, _] = one_service_changes(&nf, &empty);
-    assert!(!reconcile(&nf, &empty).unwrap());
+    assert_eq!(reconcile(&nf, &empty).unwrap(), None);
 
     // Ours: render the changes from the empty table, then one `nft -f -`.
     let state = synthetic_sbox(10_000, 2);
@@ -885,10 +936,7 @@ fn programming_ten_thousand_services() {
     let rendered = start.elapsed();
     nf.apply(&batch).unwrap();
     let ours = start.elapsed();
-    assert_eq!(
-        parse_listing(&nf.list_table().unwrap().unwrap()).unwrap(),
-        state.shape()
-    );
+    assert_eq!(differences(&nf, &state), Vec::<String>::new());
 
     // The floor: `nft -f` of the same ruleset as nft itself prints it, into an empty namespace.
     let listed = lab.list("scale", "table ip meshnet");
@@ -907,8 +955,9 @@ fn programming_ten_thousand_services() {
 
     let [add, remove, cleanup] = one_service_changes(&nf, &state);
     let start = Instant::now();
-    assert!(
-        !reconcile(&nf, &state).unwrap(),
+    assert_eq!(
+        reconcile(&nf, &state).unwrap(),
+        None,
         "the table matches after all the updates"
     );
     let check = start.elapsed();
@@ -1106,7 +1155,11 @@ fn incremental_changes_over_netlink_list_as_with_nft() {
             normalized_listing(&lab, "full", false),
             "{what}: the incremental table differs from a full build"
         );
-        assert!(!reconcile(&lab.nf("nl"), next).unwrap(), "{what}: drift");
+        assert_eq!(
+            reconcile(&lab.nf("nl"), next).unwrap(),
+            None,
+            "{what}: drift"
+        );
         prev = next;
     }
 }
@@ -1152,7 +1205,7 @@ fn a_failed_netlink_batch_changes_nothing_and_names_the_element() {
         Synced::Rebuilt(e) => assert_eq!(e.to_string(), err),
         other => panic!("{other:?}"),
     }
-    assert!(!reconcile(&nf, &next).unwrap());
+    assert_eq!(reconcile(&nf, &next).unwrap(), None);
 
     // The same socket goes on with the next batches.
     assert!(matches!(
@@ -1185,5 +1238,5 @@ fn ten_thousand_services_in_one_netlink_batch() {
         gen0 + 1,
         "one transaction"
     );
-    assert!(!reconcile(&nf, &state).unwrap());
+    assert_eq!(reconcile(&nf, &state).unwrap(), None);
 }

@@ -266,11 +266,14 @@ impl LoadBalancer for IpvsLb {
                 .values()
                 .map(|since| (*since + self.grace).saturating_duration_since(now))
                 .min(),
-            repaired: synced == Synced::Repaired,
+            repaired: match synced {
+                Synced::Repaired(how) => Some(how),
+                Synced::Unchanged | Synced::Applied => None,
+            },
         })
     }
 
-    fn recheck(&mut self) -> Result<bool, LbError> {
+    fn recheck(&mut self) -> Result<Option<String>, LbError> {
         Ok(recheck_table(&self.sbox, &mut self.table)?)
     }
 

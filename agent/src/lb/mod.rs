@@ -12,11 +12,11 @@ use std::num::NonZeroU32;
 use std::sync::OnceLock;
 use std::time::Duration;
 
-use firewall::{NfnlSocket, NsNetfilter, Ruleset, SboxState};
+use firewall::{Drift, Netfilter, NfnlSocket, NsNetfilter, Ruleset, SboxState};
 use netns::Netns;
 use proto::agent::LbReport;
 use proto::model::LbKind;
-use tracing::warn;
+use tracing::{info, warn};
 
 /// Connection timeouts in seconds; `None` keeps the kernel's.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -48,12 +48,12 @@ pub enum LbError {
 pub type DrainingBackends = BTreeMap<u32, BTreeSet<Ipv4Addr>>;
 
 /// What one [`LoadBalancer::sync`] did.
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 pub struct LbSynced {
     /// Run again within this, at the latest (a drain deadline).
     pub wake: Option<Duration>,
-    /// The sandbox's table had drifted and was rebuilt.
-    pub repaired: bool,
+    /// The sandbox's table had drifted and was rebuilt: how it differed.
+    pub repaired: Option<String>,
 }
 
 pub trait LoadBalancer: Send {
@@ -67,8 +67,8 @@ pub trait LoadBalancer: Send {
         recheck: bool,
     ) -> Result<LbSynced, LbError>;
     /// Compares the sandbox's table with what was last applied, and rebuilds it if it drifted.
-    /// Returns whether it did.
-    fn recheck(&mut self) -> Result<bool, LbError>;
+    /// Returns how it differed when it did.
+    fn recheck(&mut self) -> Result<Option<String>, LbError>;
     /// What is programmed now, for the manager.
     fn report(&self) -> LbReport;
 }
@@ -81,104 +81,202 @@ pub fn open(kind: LbKind, sbox: Netns, opts: LbOptions) -> Result<Box<dyn LoadBa
     })
 }
 
-/// Our table in one namespace: what we last applied, the namespace's nf_tables generation
-/// when the table was last found right, and the netlink socket that carries incremental
-/// changes there (opened by the first one and kept: see [`NfnlSocket`]).
+/// Our table in one namespace: what we know of it, and the netlink socket that carries
+/// incremental changes there (opened by the first one and kept: see [`NfnlSocket`]).
 pub struct Table<R> {
-    applied: Option<R>,
-    checked_at: Option<u32>,
+    known: Known<R>,
     nfnl: OnceLock<NfnlSocket>,
-}
-
-impl<R> Table<R> {
-    /// What we last applied, if anything.
-    pub fn applied(&self) -> Option<&R> {
-        self.applied.as_ref()
-    }
 }
 
 impl<R> Default for Table<R> {
     fn default() -> Self {
         Table {
-            applied: None,
-            checked_at: None,
+            known: Known::default(),
             nfnl: OnceLock::new(),
         }
     }
 }
 
+impl<R> Table<R> {
+    /// What we last applied, if anything.
+    pub fn applied(&self) -> Option<&R> {
+        self.known.applied.as_ref()
+    }
+}
+
+/// What we know of a namespace's table: what we last applied (or found already there), and
+/// the namespace's nf_tables generation when the table was last found right.
+struct Known<R> {
+    applied: Option<R>,
+    checked_at: Option<u32>,
+}
+
+impl<R> Default for Known<R> {
+    fn default() -> Self {
+        Known {
+            applied: None,
+            checked_at: None,
+        }
+    }
+}
+
 /// What [`sync_table`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Synced {
     Unchanged,
     /// A new desired state applied.
     Applied,
-    /// The table had drifted from the desired state: rebuilt.
-    Repaired,
+    /// The table had drifted from the desired state: rebuilt. Says how it differed.
+    Repaired(String),
 }
 
-/// Applies `next` to a namespace's table: a full atomic rebuild the first time (nothing applied
-/// yet, e.g. after a restart: conntrack entries survive it), then only what changed, as one
-/// nf_tables netlink batch where the table has an incremental form (the sandboxes' tables) and
-/// an `nft` batch otherwise. Should an incremental batch fail (the kernel's table is not what
-/// we last applied: changed behind our back), the table is rebuilt atomically instead, a
-/// repair. With `recheck`, reads the table back and rebuilds it if it drifted, unless the
-/// namespace's nf_tables generation has not moved since the table was last found right
-/// (nothing can have changed it then, and asking is far cheaper than an `nft` listing).
+/// The kernel side of one namespace's table, behind a trait so that the decisions of
+/// [`sync_table`] are tested without root.
+trait TableKernel {
+    /// The namespace's name, for the log.
+    fn name(&self) -> String;
+    fn netfilter(&self) -> &dyn Netfilter;
+    /// The namespace's nf_tables generation; `None` if it cannot be read.
+    fn generation(&self) -> Option<u32>;
+}
+
+struct NsTable<'a> {
+    nf: NsNetfilter<'a>,
+    ns: &'a Netns,
+    nfnl: &'a OnceLock<NfnlSocket>,
+}
+
+impl TableKernel for NsTable<'_> {
+    fn name(&self) -> String {
+        self.ns.name()
+    }
+
+    fn netfilter(&self) -> &dyn Netfilter {
+        &self.nf
+    }
+
+    /// On the table's kept socket where there is one (closing a socket can wait for
+    /// nf_tables' deferred frees).
+    fn generation(&self) -> Option<u32> {
+        match self.nfnl.get() {
+            Some(nfnl) => nfnl.generation(),
+            None => firewall::generation(self.ns),
+        }
+        .ok()
+    }
+}
+
+/// Applies `next` to a namespace's table. The first time (nothing applied yet, e.g. after a
+/// restart) the table is read back and left alone if it already holds exactly `next`, else
+/// rebuilt in full, atomically (conntrack entries survive it). Then only what changed, as one
+/// nf_tables netlink batch where the table has an incremental form (the sandboxes' tables)
+/// and an `nft` batch otherwise. Should an incremental batch fail (the kernel's table is not
+/// what we last applied: changed behind our back), the table is rebuilt atomically instead, a
+/// repair. With `recheck`, reads the table back and rebuilds it if its content differs,
+/// unless the namespace's nf_tables generation has not moved since the table was last found
+/// right (nothing can have changed it then, and asking is far cheaper than an `nft` listing).
 pub fn sync_table<R: Ruleset + Clone + PartialEq>(
     ns: &Netns,
     table: &mut Table<R>,
     next: &R,
     recheck: bool,
 ) -> Result<Synced, firewall::Error> {
-    if table.applied.as_ref() != Some(next) {
-        let nf = NsNetfilter::with_nfnl(ns, &table.nfnl);
-        let synced = firewall::sync_report(&nf, table.applied.as_ref(), next)?;
-        table.applied = Some(next.clone());
+    let kernel = NsTable {
+        nf: NsNetfilter::with_nfnl(ns, &table.nfnl),
+        ns,
+        nfnl: &table.nfnl,
+    };
+    sync_known(&kernel, &mut table.known, next, recheck)
+}
+
+fn sync_known<R: Ruleset + Clone + PartialEq>(
+    kernel: &dyn TableKernel,
+    known: &mut Known<R>,
+    next: &R,
+    recheck: bool,
+) -> Result<Synced, firewall::Error> {
+    let nf = kernel.netfilter();
+    let Some(applied) = &known.applied else {
+        // What the kernel holds is not known: a restart finds its tables right, and writes
+        // nothing to them. A table that differs here may just be an older desired state.
+        let before = kernel.generation();
+        let drift = firewall::reconcile(nf, next)?;
+        known.checked_at = checked_after(&drift, before, kernel);
+        known.applied = Some(next.clone());
+        return Ok(match drift {
+            None => Synced::Unchanged,
+            // A new namespace's first build.
+            Some(Drift::Missing) => Synced::Applied,
+            Some(drift) => {
+                let netns = kernel.name();
+                info!(%netns, differed = %drift, "table {} rebuilt", firewall::TABLE);
+                Synced::Applied
+            }
+        });
+    };
+    if applied != next {
+        let synced = firewall::sync_report(nf, Some(applied), next)?;
+        known.applied = Some(next.clone());
         // Our write is one transaction: if the generation moved by exactly one since the table
         // was last found right, nothing else was written meanwhile and it is right still.
         // Otherwise (or after a rebuild) the next check lists it once.
         let now = match synced {
-            firewall::Synced::Applied => generation(ns, table),
+            firewall::Synced::Applied => kernel.generation(),
             firewall::Synced::Rebuilt(_) => None,
         };
-        table.checked_at = right_after_own_write(table.checked_at, now);
+        known.checked_at = right_after_own_write(known.checked_at, now);
         return Ok(match synced {
             firewall::Synced::Applied => Synced::Applied,
             firewall::Synced::Rebuilt(e) => {
                 warn!(error = %e, "incremental change failed: the table was rebuilt");
-                Synced::Repaired
+                Synced::Repaired(format!("an incremental change failed: {e}"))
             }
         });
     }
     if !recheck {
         return Ok(Synced::Unchanged);
     }
-    let nf = NsNetfilter::new(ns);
     // Read before listing: a change made after it moves the generation past it.
-    let generation = generation(ns, table);
-    if generation.is_some() && generation == table.checked_at {
+    let before = kernel.generation();
+    if before.is_some() && before == known.checked_at {
         return Ok(Synced::Unchanged);
     }
-    let rebuilt = firewall::reconcile(&nf, next)?;
-    table.checked_at = if rebuilt { None } else { generation };
-    Ok(if rebuilt {
-        Synced::Repaired
-    } else {
-        Synced::Unchanged
+    let drift = firewall::reconcile(nf, next)?;
+    known.checked_at = checked_after(&drift, before, kernel);
+    Ok(match drift {
+        None => Synced::Unchanged,
+        Some(drift) => Synced::Repaired(drift.to_string()),
     })
 }
 
+/// The generation at which a table compared at generation `before` is known right: `before`
+/// if it was, and after our rebuild the generation it brought, if it was the only write
+/// meanwhile (so a comparison that never finds a table right rebuilds it once, not again on
+/// the notifications of its own rebuild).
+fn checked_after(
+    drift: &Option<Drift>,
+    before: Option<u32>,
+    kernel: &dyn TableKernel,
+) -> Option<u32> {
+    match drift {
+        None => before,
+        Some(_) => right_after_own_write(before, kernel.generation()),
+    }
+}
+
 /// Compares a namespace's table with what was last applied to it (nothing if nothing was), and
-/// rebuilds it if it drifted. Returns whether it did.
+/// rebuilds it if it drifted. Returns how it differed when it did.
 pub fn recheck_table<R: Ruleset + Clone + PartialEq>(
     ns: &Netns,
     table: &mut Table<R>,
-) -> Result<bool, firewall::Error> {
-    let Some(applied) = table.applied.clone() else {
-        return Ok(false);
+) -> Result<Option<String>, firewall::Error> {
+    let Some(applied) = table.known.applied.clone() else {
+        return Ok(None);
     };
-    Ok(sync_table(ns, table, &applied, true)? == Synced::Repaired)
+    Ok(match sync_table(ns, table, &applied, true)? {
+        Synced::Repaired(how) => Some(how),
+        Synced::Unchanged | Synced::Applied => None,
+    })
 }
 
 /// The generation at which a table found right at `before` is known right after one
@@ -190,19 +288,139 @@ pub(crate) fn right_after_own_write(before: Option<u32>, now: Option<u32>) -> Op
     }
 }
 
-/// The namespace's nf_tables generation, on the table's kept socket where there is one (closing
-/// a socket can wait for nf_tables' deferred frees); `None` if it cannot be read.
-fn generation<R>(ns: &Netns, table: &Table<R>) -> Option<u32> {
-    match table.nfnl.get() {
-        Some(nfnl) => nfnl.generation(),
-        None => firewall::generation(ns),
-    }
-    .ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use firewall::{FakeNetfilter, PortKey, TaskState};
+    use std::cell::Cell;
+
+    /// The firewall crate's task fixture: `nft -j list table ip meshnet` of [`task`] applied.
+    const LISTED: &str = include_str!(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../firewall/src/fixtures/listing-task.json"
+    ));
+
+    fn task() -> TaskState {
+        let ip = |s: &str| -> Ipv4Addr { s.parse().unwrap() };
+        TaskState {
+            ingress_ip: Some(ip("10.255.0.10")),
+            redirects: [
+                (PortKey::tcp(80), 8080),
+                (PortKey::udp(53), 5353),
+                (PortKey::tcp(9000), 9000),
+            ]
+            .into(),
+            vips: [
+                (ip("10.0.9.2"), [ip("10.0.9.6"), ip("10.0.9.5")].into()),
+                (ip("10.0.9.3"), Default::default()),
+            ]
+            .into(),
+        }
+    }
+
+    /// [`LISTED`] with one backend of a VIP's rule edited: the same counts everywhere.
+    fn edited() -> String {
+        let edited = LISTED.replace("\"10.0.9.6\"", "\"10.0.9.7\"");
+        assert_ne!(edited, LISTED);
+        edited
+    }
+
+    /// A kernel whose generation moves with every write: each batch of ours, and `others`.
+    #[derive(Default)]
+    struct FakeTable {
+        nf: FakeNetfilter,
+        others: Cell<u32>,
+    }
+
+    impl TableKernel for FakeTable {
+        fn name(&self) -> String {
+            "fake".into()
+        }
+
+        fn netfilter(&self) -> &dyn Netfilter {
+            &self.nf
+        }
+
+        fn generation(&self) -> Option<u32> {
+            Some(self.nf.applied.lock().unwrap().len() as u32 + self.others.get())
+        }
+    }
+
+    impl FakeTable {
+        fn listing(&self, json: Option<String>) {
+            *self.nf.listing.lock().unwrap() = json;
+        }
+
+        fn writes(&self) -> Vec<String> {
+            self.nf.applied.lock().unwrap().clone()
+        }
+    }
+
+    #[test]
+    fn a_restart_over_a_right_table_writes_nothing() {
+        let k = FakeTable::default();
+        k.listing(Some(LISTED.into()));
+        let mut known = Known::default();
+        let desired = task();
+        let synced = sync_known(&k, &mut known, &desired, false).unwrap();
+        assert_eq!(synced, Synced::Unchanged);
+        assert_eq!(
+            k.writes(),
+            Vec::<String>::new(),
+            "a right table is not rebuilt"
+        );
+        assert_eq!(known.applied.as_ref(), Some(&desired));
+        // Found right at this generation: the next check does not even list it (a listing
+        // now would find no table and rebuild it).
+        k.listing(None);
+        let synced = sync_known(&k, &mut known, &desired, true).unwrap();
+        assert_eq!(synced, Synced::Unchanged);
+        assert_eq!(k.writes(), Vec::<String>::new());
+    }
+
+    #[test]
+    fn a_restart_over_another_or_no_table_rebuilds_it() {
+        let desired = task();
+        let full = TaskState::render(None, &desired).unwrap().to_string();
+        for listing in [Some(edited()), None] {
+            let k = FakeTable::default();
+            k.listing(listing);
+            let mut known = Known::default();
+            // Not a repair: what differs may be the state before the restart.
+            let synced = sync_known(&k, &mut known, &desired, false).unwrap();
+            assert_eq!(synced, Synced::Applied);
+            assert_eq!(k.writes(), std::slice::from_ref(&full));
+        }
+    }
+
+    #[test]
+    fn a_recheck_repairs_an_edit_that_kept_the_counts_and_says_what_differed() {
+        let k = FakeTable::default();
+        k.listing(Some(LISTED.into()));
+        let mut known = Known::default();
+        let desired = task();
+        sync_known(&k, &mut known, &desired, false).unwrap();
+        // Someone edits the rule.
+        k.others.set(1);
+        k.listing(Some(edited()));
+        let synced = sync_known(&k, &mut known, &desired, true).unwrap();
+        assert_eq!(
+            synced,
+            Synced::Repaired(
+                "chain vip-10.0.9.2 rule 1 differs: \
+                 `dnat to numgen inc mod 2 map { 0 : 10.0.9.5, 1 : 10.0.9.7 }` instead of \
+                 `dnat to numgen inc mod 2 map { 0 : 10.0.9.5, 1 : 10.0.9.6 }`"
+                    .into()
+            )
+        );
+        let full = TaskState::render(None, &desired).unwrap().to_string();
+        assert_eq!(k.writes(), std::slice::from_ref(&full));
+        // The recheck that the rebuild's own notifications set off: our write alone moved the
+        // generation, so the table is right without a listing (this one would rebuild again).
+        let synced = sync_known(&k, &mut known, &desired, true).unwrap();
+        assert_eq!(synced, Synced::Unchanged);
+        assert_eq!(k.writes(), [full]);
+    }
 
     #[test]
     fn only_a_write_of_ours_alone_keeps_a_table_known_right() {

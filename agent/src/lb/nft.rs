@@ -62,11 +62,14 @@ impl LoadBalancer for NftLb {
         let synced = sync_table(&self.sbox, &mut self.table, desired, recheck)?;
         Ok(LbSynced {
             wake: None,
-            repaired: synced == Synced::Repaired,
+            repaired: match synced {
+                Synced::Repaired(how) => Some(how),
+                Synced::Unchanged | Synced::Applied => None,
+            },
         })
     }
 
-    fn recheck(&mut self) -> Result<bool, LbError> {
+    fn recheck(&mut self) -> Result<Option<String>, LbError> {
         Ok(recheck_table(&self.sbox, &mut self.table)?)
     }
 

@@ -36,7 +36,12 @@
 //!   graph (loop and hook checks through the `services` map into every service chain): ~1 ms.
 //! - Closing a netlink socket waits for nf_tables to free what earlier transactions deleted
 //!   (an RCU grace period, 8-16 ms): keep an [`NfnlSocket`] per namespace.
+//!
+//! # Notifications
+//! The same messages, multicast to [`NFNLGRP_NFTABLES`] for every committed change, tell a
+//! watcher when our table changed ([`our_table_changes`]).
 
+mod notify;
 mod socket;
 pub(crate) mod wire;
 
@@ -49,6 +54,8 @@ use netns::Netns;
 use crate::changes::{Changes, Key, Step, Value};
 use crate::{Error, Result, TABLE};
 use wire::{attr, attr_be32, attr_str, begin_msg, begin_nest, end_msg, end_nest};
+
+pub use notify::{our_table_changes, NFNLGRP_NFTABLES};
 
 const TABLE_NAME: &str = "meshnet";
 const NFPROTO_IPV4: u8 = 2;

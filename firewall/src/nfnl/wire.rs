@@ -106,20 +106,38 @@ pub struct Msg<'a> {
 pub fn messages(mut buf: &[u8]) -> Option<Vec<Msg<'_>>> {
     let mut out = Vec::new();
     while !buf.is_empty() {
-        let len = u32_at(buf, 0)? as usize;
-        if len < 16 || len > buf.len() {
-            return None;
-        }
-        out.push(Msg {
-            kind: u16_at(buf, 4)?,
-            flags: u16_at(buf, 6)?,
-            seq: u32_at(buf, 8)?,
-            bytes: &buf[..len],
-        });
-        let next = (len + 3) & !3;
-        buf = buf.get(next..).unwrap_or(&[]);
+        let (msg, rest) = first_message(buf)?;
+        out.push(msg);
+        buf = rest;
     }
     Some(out)
+}
+
+/// The messages of a buffer up to the first whose length is out of bounds: what is whole of
+/// a datagram of notifications.
+pub fn whole_messages(mut buf: &[u8]) -> impl Iterator<Item = Msg<'_>> {
+    std::iter::from_fn(move || {
+        let (msg, rest) = first_message(buf)?;
+        buf = rest;
+        Some(msg)
+    })
+}
+
+/// The first message of `buf` and what follows it; `None` if its length is out of bounds.
+fn first_message(buf: &[u8]) -> Option<(Msg<'_>, &[u8])> {
+    let len = u32_at(buf, 0)? as usize;
+    if len < 16 || len > buf.len() {
+        return None;
+    }
+    let msg = Msg {
+        kind: u16_at(buf, 4)?,
+        flags: u16_at(buf, 6)?,
+        seq: u32_at(buf, 8)?,
+        bytes: &buf[..len],
+    };
+    // Messages are 4-byte aligned.
+    let next = (len + 3) & !3;
+    Some((msg, buf.get(next..).unwrap_or(&[])))
 }
 
 /// The attributes in `buf` as (type without flags, flags, payload); `None` if malformed.

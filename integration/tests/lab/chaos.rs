@@ -1,10 +1,11 @@
 //! Chaos under load (lab tier, nftables): while clients keep asking every node's published port
 //! and the service's name, objects node2's agent owns are deleted or altered behind its back,
 //! one after another: an FDB entry, a task's veth, a task's default route, the node's nftables
-//! table, the balancer's backend map, a bridge, a sysctl. Each must come back: the ones the
-//! kernel tells the agent about within 1 s (the agent's reconcile interval is an hour here, so
-//! only its notifications can explain that), the sysctl (no notification exists) with the
-//! next pass. Prints how long each took and how many requests failed.
+//! table, the balancer's backend map (flushed, then one slot edited in place), a bridge, a
+//! sysctl. Each must come back: the ones the kernel tells the agent about within 1 s (the
+//! agent's reconcile interval is an hour here, so only its notifications can explain that),
+//! the sysctl (no notification exists) with the next pass. Prints how long each took and how
+//! many requests failed.
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -98,6 +99,21 @@ fn objects_deleted_or_altered_under_load_come_back_and_traffic_goes_on() {
         .find(|n| n.starts_with("veth"))
         .expect("a task veth on br0");
 
+    // A slot of the balancer's backend map, as nft lists it (`0x00000100 . 0x00000000 :
+    // 10.255.0.5`): edited in place, the map keeps its size.
+    let backends = must(
+        &c,
+        &sbox,
+        &["nft", "list", "map", "ip", "meshnet", "backends"],
+    );
+    let slot = backends
+        .split_once("elements = { ")
+        .and_then(|(_, rest)| rest.split([',', '}']).next())
+        .map(|e| e.trim().to_string())
+        .expect("a backend slot");
+    let slot_key = slot.split_once(" : ").expect("key : address").0.to_string();
+    const NOWHERE: &str = "10.255.255.254";
+
     let faults = [
         Fault {
             what: "FDB entry of a remote endpoint",
@@ -162,6 +178,25 @@ fn objects_deleted_or_altered_under_load_come_back_and_traffic_goes_on() {
                     &["nft", "list", "map", "ip", "meshnet", "backends"],
                 )
                 .is_ok_and(|o| o.contains("elements"))
+            }),
+        },
+        Fault {
+            what: "a backend slot pointed elsewhere (the map's size unchanged)",
+            limit: Duration::from_secs(1),
+            break_it: Box::new(|| {
+                let edit = format!(
+                    "delete element ip meshnet backends {{ {slot_key} }}; \
+                     add element ip meshnet backends {{ {slot_key} : {NOWHERE} }}"
+                );
+                must(&c, &sbox, &["nft", &edit]);
+            }),
+            is_back: Box::new(|| {
+                run(
+                    &c,
+                    &sbox,
+                    &["nft", "list", "map", "ip", "meshnet", "backends"],
+                )
+                .is_ok_and(|o| o.contains(&slot) && !o.contains(NOWHERE))
             }),
         },
         Fault {
