@@ -5,7 +5,8 @@
 //! A 3-node lab running mesh-manager and mesh-agent (`--lb nftables` by default), a client host
 //! on the underlay (192.168.56.100), and a service of one hello-server task pinned to node3 by
 //! constraint, published as 80:8080. Four paths from the same client, all ending in the same
-//! hello-server binary on node3, measured in turn in each round (the order rotates per round):
+//! hello-server binary on node3 (direct and floor in the same process, swarm and meshnet each
+//! in its own task's), measured in turn in each round (the order rotates per round):
 //! - direct: a second hello-server in node3's own namespace on its underlay address, port 8081.
 //!   Neither NAT nor overlay: the client's veth, the underlay bridge, node3's veth.
 //! - floor: node1:8090, one DNAT in node1 straight to node3:8081 and an SNAT to node1's address
@@ -20,18 +21,20 @@
 //!   and FDB entries, sandbox namespaces `b2ov1` and `b2ov3`) to a task namespace on node3
 //!   (`b2task`, 10.254.9.10) whose REDIRECT sends 8091 to its own hello-server on 8080. With
 //!   `--lb nftables` (host kernel, no IPVS) the rules are those of
-//!   ../shared/reference/ingress-path-nftables.sh; with `--lb ipvs` (guest kernel) they are
-//!   iptables (iptables-nft) and an IPVS FWM service, rr, masq, as swarm-dataplane.md §3 lists
-//!   them, the filter rules and sysctls included.
+//!   ../shared/reference/ingress-path-nftables.sh (which sets the fwmark in its NAT chain, so
+//!   on a connection's first packet only); with `--lb ipvs` (guest kernel) they are iptables
+//!   (iptables-nft) and an IPVS FWM service, rr, masq, as swarm-dataplane.md §3 lists them,
+//!   the filter rules and sysctls included (the mangle rule marks every packet).
 //! - meshnet: node1:80, a node WITHOUT a local task: node1's DNAT to ingress_sbox, fwmark, the
 //!   LB's DNAT and SNAT, the ingress overlay (VXLAN) to node3, the task's redirect.
 //!
 //! The swarm and meshnet paths cross the same kinds of objects; the floor is what is left when
 //! the overlay and the sandbox go. Everything hand-built lives in node1's or node3's namespace
 //! or in namespaces bound under the lab's own directory, so the lab's teardown removes it
-//! whatever happens. Rules hand-built in node1 and node3 see the other paths' packets too (the
-//! NAT chains only a connection's first packet; with `--lb ipvs`, Swarm's iptables filter
-//! chains in node1 every forwarded packet, meshnet's and the floor's included).
+//! whatever happens. The rules hand-built in node1 see the other paths' packets too (their NAT
+//! chains only a connection's first packet; with `--lb ipvs`, Swarm's iptables filter chains
+//! every packet node1 forwards, meshnet's and the floor's included), as meshnet's node1 table
+//! sees theirs.
 //!
 //! All servers are pinned to CPU1 with `taskset -a`. Keep-alive req/s (RR): wrk on the client,
 //! pinned to CPU0. New connection per request (CRR, conn/s): a Rust loop on the client
