@@ -1,7 +1,7 @@
 # Shared by scripts/test and scripts/demo: install what meshnet needs on a Debian machine,
 # idempotently (only what is missing), then build. Sourced, not run.
 
-APT_PACKAGES=(iproute2 iputils-ping nftables ipvsadm iperf3 curl wrk tcpdump conntrack dnsmasq-base dnsperf
+APT_PACKAGES=(iproute2 iputils-ping nftables iptables ipvsadm iperf3 curl wrk tcpdump conntrack dnsmasq-base dnsperf
               busybox-static kmod procps protobuf-compiler etcd-server etcd-client psmisc python3-pip qemu-system-x86 linux-image-amd64)
 
 log() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
