@@ -77,7 +77,7 @@ impl fmt::Display for Drift {
 }
 
 /// The numbers of the named chain priorities of the ip family, as nft lists them.
-fn priority(name: &str) -> Option<i64> {
+pub(crate) fn priority(name: &str) -> Option<i64> {
     Some(match name {
         "raw" => -300,
         "mangle" => -150,

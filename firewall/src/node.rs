@@ -270,22 +270,13 @@ add element ip meshnet host-targets { 172.18.0.3 . tcp . 8080 }
     /// before any NAT, in every full build whatever is published.
     #[test]
     fn localnet_guard_drops_non_loopback_packets_to_127_before_nat() {
-        // nft's named priorities of the ip family, as numbers.
-        fn priority(chain_line: &str) -> i32 {
+        fn priority(chain_line: &str) -> i64 {
             let name = chain_line
                 .split("priority ")
                 .nth(1)
                 .and_then(|rest| rest.split(';').next())
                 .unwrap_or_else(|| panic!("no priority in {chain_line}"));
-            match name {
-                "raw" => -300,
-                "mangle" => -150,
-                "dstnat" => -100,
-                "filter" => 0,
-                "security" => 50,
-                "srcnat" => 100,
-                n => n.parse().unwrap(),
-            }
+            crate::content::priority(name).unwrap_or_else(|| panic!("priority {name}"))
         }
         let text = render(None, &state());
         let prerouting: Vec<&str> = text
