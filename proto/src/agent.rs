@@ -12,8 +12,9 @@
 //! 1. agent → [`AgentMsg::Hello`]; manager → [`ManagerMsg::Welcome`] (or [`ManagerMsg::Refused`]
 //!    and close). The node is the certificate's CN, whatever the Hello says.
 //! 2. manager → [`ManagerMsg::Assign`] with the node's complete desired state, at once and after
-//!    every change that concerns the node. Each carries a higher `revision`; the agent applies the
-//!    newest and answers [`AgentMsg::Applied`].
+//!    every change that concerns the node (to an agent slow to read, only the newest of those
+//!    waiting). Each carries a higher `revision`; the agent applies the newest and answers
+//!    [`AgentMsg::Applied`].
 //! 3. agent → [`AgentMsg::TaskStatus`] whenever a task changes state, and [`AgentMsg::Heartbeat`]
 //!    every [`HEARTBEAT_SECS`]. The manager marks a node down after [`NODE_DOWN_SECS`] of silence.
 //! 4. agent → [`AgentMsg::Renew`] when its certificate is between 50 % and 80 % of its life;
@@ -261,8 +262,8 @@ mod hex20 {
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IngressSpec {
-    /// The `ingress` overlay. Its peers are every other node's ingress_sbox endpoint and every
-    /// remote task endpoint on it.
+    /// The `ingress` overlay. Its peers are every node's ingress_sbox endpoint and every task
+    /// endpoint on it (the agent skips those behind its own VTEP).
     pub network: NetworkSpec,
     /// This node's address on it: eth0 of ingress_sbox.
     pub sbox_addr: Ipv4Net,
@@ -291,7 +292,9 @@ pub struct NetworkSpec {
     /// The gateway address with its prefix, held by the sandbox's br0.
     pub gateway: Ipv4Net,
     pub vni: u32,
-    /// Endpoints of this network on other nodes, with the VTEP that reaches each.
+    /// Every endpoint of this network (tasks, load balancers), with the VTEP of its node: the
+    /// same list for every node, so the manager builds it once; an agent skips the endpoints
+    /// behind its own VTEP.
     pub peers: Vec<Peer>,
     /// This node's load-balancer endpoint on the network (eth0 of the `lb_<name>` namespace,
     /// where the IPVS balancer holds the network's VIPs and SNATs to this address). Its peers
