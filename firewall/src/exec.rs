@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::process::{Command, Output, Stdio};
-use std::sync::{Mutex, OnceLock};
+use std::sync::OnceLock;
 
 use netns::Netns;
 
@@ -226,14 +226,17 @@ impl Netfilter for NsNetfilter<'_> {
 
 /// Records what would run; `listing` plays the table nft would list. With `changes_fail`,
 /// incremental changes fail as a netlink batch does when the table is not what we think.
+/// For tests only (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
 #[derive(Debug, Default)]
 pub struct FakeNetfilter {
-    pub applied: Mutex<Vec<String>>,
-    pub listing: Mutex<Option<String>>,
-    pub conntrack_deleted: Mutex<Vec<Ipv4Addr>>,
-    pub changes_fail: Mutex<bool>,
+    pub applied: std::sync::Mutex<Vec<String>>,
+    pub listing: std::sync::Mutex<Option<String>>,
+    pub conntrack_deleted: std::sync::Mutex<Vec<Ipv4Addr>>,
+    pub changes_fail: std::sync::Mutex<bool>,
 }
 
+#[cfg(any(test, feature = "testing"))]
 impl Netfilter for FakeNetfilter {
     fn apply(&self, batch: &Batch) -> Result<()> {
         if !batch.is_empty() {

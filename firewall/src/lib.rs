@@ -133,12 +133,16 @@ use std::fmt;
 
 pub use changes::{Changes, Key, Step, Value};
 pub use content::{Content, Drift};
-pub use exec::{reconcile, sync, sync_report, FakeNetfilter, Netfilter, NsNetfilter, Synced};
+#[cfg(any(test, feature = "testing"))]
+pub use exec::FakeNetfilter;
+pub use exec::{reconcile, sync, sync_report, Netfilter, NsNetfilter, Synced};
 pub use generation::generation;
 pub use nfnl::NfnlSocket;
 pub use node::{node_sysctls, NodeConfig, NodeState};
 pub use render::{Batch, ELEMENTS_PER_STATEMENT};
-pub use sbox::{kernel_release, sbox_sysctls, synthetic_sbox, SboxConfig, SboxService, SboxState};
+#[cfg(any(test, feature = "testing"))]
+pub use sbox::synthetic_sbox;
+pub use sbox::{kernel_release, sbox_sysctls, SboxConfig, SboxService, SboxState};
 pub use task::TaskState;
 
 /// A rule set of one namespace's table: rendered from desired state, checked against the

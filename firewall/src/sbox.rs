@@ -325,7 +325,8 @@ fn reschedules_reused_ports(kernel: &str) -> bool {
 
 /// A sandbox with `services` services, each on its own TCP port (from 1024, fwmark from 256)
 /// with `backends` backends: the ruleset benchmarks time. At most 64511 services and 254
-/// backends, so ports and addresses stay valid.
+/// backends, so ports and addresses stay valid. For tests and benchmarks (feature `testing`).
+#[cfg(any(test, feature = "testing"))]
 pub fn synthetic_sbox(services: u16, backends: u8) -> SboxState {
     assert!(
         services <= 64511 && backends <= 254,
