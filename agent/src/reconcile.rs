@@ -14,7 +14,7 @@ use tokio::time::Instant;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
 use crate::apply::{Kernel, KernelError};
-use crate::dns::Dns;
+use crate::dns::{Dns, DnsError};
 use crate::esp;
 use crate::lifecycle::{Phase, ProcEvent};
 use crate::mesh::{self, Gw};
@@ -53,8 +53,8 @@ pub enum ApplyError {
         #[source]
         source: tokio::task::JoinError,
     },
-    #[error("{0}")]
-    Dns(String),
+    #[error(transparent)]
+    Dns(#[from] DnsError),
     #[error("task {0} is not in the assignment")]
     NotAssigned(String),
     /// The gwbridge subnet is full ([`mesh::allocate_gw`] says which leg went without).
@@ -394,7 +394,7 @@ impl<K: Kernel> Reconciler<K> {
             Action::StartTask { task } => match desired.tasks.iter().find(|t| &t.name == task) {
                 Some(spec) => {
                     // The resolver listens before the task's first query.
-                    self.dns.open(task).await.map_err(ApplyError::Dns)?;
+                    self.dns.open(task).await?;
                     self.supervisor.start(spec)
                 }
                 None => return Err(ApplyError::NotAssigned(task.clone())),
