@@ -57,9 +57,8 @@ pub enum ApplyError {
     Dns(#[from] DnsError),
     #[error("task {0} is not in the assignment")]
     NotAssigned(String),
-    /// The gwbridge subnet is full ([`mesh::allocate_gw`] says which leg went without).
-    #[error("{0}")]
-    GwFull(String),
+    #[error(transparent)]
+    GwFull(#[from] mesh::GwFull),
     #[error("persist gwbridge addresses: {0}")]
     PersistGw(#[source] StateError),
 }
@@ -330,8 +329,7 @@ impl<K: Kernel> Reconciler<K> {
             wanted.insert(INGRESS_SBOX.to_string());
         }
         let m = &mut self.mesh;
-        let addrs =
-            mesh::allocate_gw(m.gw_subnet, &m.gw_addrs, &wanted).map_err(ApplyError::GwFull)?;
+        let addrs = mesh::allocate_gw(m.gw_subnet, &m.gw_addrs, &wanted)?;
         if addrs != m.gw_addrs {
             self.state
                 .save_gw_addrs(m.gw_subnet, &addrs)
