@@ -39,8 +39,8 @@ pub struct Mesh {
     pub rules: Arc<Mutex<MeshRules>>,
 }
 
-/// Why an action of a pass (or the gwbridge allocation before them) failed. Logged where it
-/// happens; the pass skips what depends on it and is retried.
+/// Why an action of a pass (or the gwbridge allocation before them) failed. The pass logs it,
+/// skips what depends on it and is retried.
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
     /// Already says what was being done, and in which namespace.
