@@ -13,7 +13,7 @@ use std::net::{Ipv4Addr, SocketAddr, TcpStream};
 use std::os::fd::AsRawFd;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
-use std::process::Stdio;
+use std::process::{ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::Signal;
@@ -37,6 +37,77 @@ const MIN_INTERVAL: Duration = Duration::from_millis(100);
 const OUTPUT_BYTES: usize = 4096;
 /// Characters of a failed probe's output or error the manager is told.
 const LOG_CHARS: usize = 300;
+
+/// Why a probe failed. Its text is the health log the manager is told (bounded by [`bound`]).
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("the task's process is gone")]
+    Gone,
+    #[error("open {path}: {source}")]
+    OpenNs {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    #[error("timed out after {0:?}")]
+    Timeout(Duration),
+    #[error("the check has an empty command")]
+    EmptyCommand,
+    #[error("spawn {prog}: {source}")]
+    Spawn {
+        prog: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("wait for {prog}: {source}")]
+    Wait {
+        prog: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The command ran and did not exit 0; `output` is its stdout and stderr, trimmed.
+    #[error("{}{}", exit_how(status), if output.is_empty() { String::new() } else { format!(": {output}") })]
+    Exit { status: ExitStatus, output: String },
+    /// The HTTP probe's blocking thread panicked.
+    #[error("http probe: {0}")]
+    Panicked(#[source] tokio::task::JoinError),
+    #[error("invalid path {:?}", proto::excerpt(.0))]
+    InvalidPath(String),
+    #[error("connect {addr}: {source}")]
+    Connect {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("send GET {path}: {source}")]
+    Send {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("read the answer to GET {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// An answer whose status is not 2xx or 3xx: `line` is its status line.
+    #[error("GET {path}: {line}")]
+    Status { path: String, line: String },
+    #[error("GET {path}: not an HTTP answer: {line:?}")]
+    NotHttp { path: String, line: String },
+}
+
+/// How a command that did not succeed ended.
+fn exit_how(status: &ExitStatus) -> String {
+    match (status.code(), status.signal()) {
+        (Some(code), _) => format!("exit status {code}"),
+        (None, Some(sig)) => format!("killed by signal {sig}"),
+        (None, None) => "exited".into(),
+    }
+}
 /// Bytes of an HTTP answer read at most to find its status line.
 const STATUS_LINE_BYTES: usize = 1024;
 
@@ -206,10 +277,10 @@ async fn probe(
             let (target, path, port) = (target.clone(), path.clone(), *port);
             tokio::task::spawn_blocking(move || http_get(&target, port, &path, timeout))
                 .await
-                .unwrap_or_else(|e| Err(format!("http probe: {e}")))
+                .unwrap_or_else(|e| Err(ProbeError::Panicked(e)))
         }
     };
-    result.map_err(|e| bound(&e))
+    result.map_err(|e| bound(&e.to_string()))
 }
 
 /// A failed probe's output or error as the manager is told it.
@@ -219,18 +290,18 @@ fn bound(text: &str) -> String {
 
 /// The task's namespace file `kind` (`net`, `mnt`), checked to be the task's own: opened
 /// first, then the process checked to be still the same, so a reused pid is never entered.
-fn task_ns(target: &Target, kind: &str) -> Result<File, String> {
+fn task_ns(target: &Target, kind: &str) -> Result<File, ProbeError> {
     let path = format!("/proc/{}/ns/{kind}", target.pid);
-    let file = File::open(&path).map_err(|e| format!("open {path}: {e}"))?;
+    let file = File::open(&path).map_err(|source| ProbeError::OpenNs { path, source })?;
     check_alive(target)?;
     Ok(file)
 }
 
-fn check_alive(target: &Target) -> Result<(), String> {
+fn check_alive(target: &Target) -> Result<(), ProbeError> {
     if lifecycle::is_alive(target.pid, target.start_time, target.netns_inode) {
         Ok(())
     } else {
-        Err("the task's process is gone".into())
+        Err(ProbeError::Gone)
     }
 }
 
@@ -241,10 +312,8 @@ async fn run_cmd(
     argv: &[String],
     env: &[(String, String)],
     timeout: Duration,
-) -> Result<(), String> {
-    let (prog, args) = argv
-        .split_first()
-        .ok_or_else(|| "the check has an empty command".to_string())?;
+) -> Result<(), ProbeError> {
+    let (prog, args) = argv.split_first().ok_or(ProbeError::EmptyCommand)?;
     let net = task_ns(target, "net")?;
     let mnt = task_ns(target, "mnt")?;
     let mut cmd = std::process::Command::new(prog);
@@ -271,7 +340,10 @@ async fn run_cmd(
     let mut child = tokio::process::Command::from(cmd)
         .kill_on_drop(true)
         .spawn()
-        .map_err(|e| format!("spawn {prog}: {e}"))?;
+        .map_err(|source| ProbeError::Spawn {
+            prog: prog.clone(),
+            source,
+        })?;
     drop((net, mnt));
     let group = KillGroup(child.id());
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
@@ -287,23 +359,20 @@ async fn run_cmd(
         }
         Ok((output, Ok(status))) => {
             group.disarm();
-            let what = match (status.code(), status.signal()) {
-                (Some(code), _) => format!("exit status {code}"),
-                (None, Some(sig)) => format!("killed by signal {sig}"),
-                (None, None) => "exited".into(),
-            };
-            Err(if output.trim().is_empty() {
-                what
-            } else {
-                format!("{what}: {}", output.trim())
+            Err(ProbeError::Exit {
+                status,
+                output: output.trim().to_string(),
             })
         }
-        Ok((_, Err(e))) => Err(format!("wait for {prog}: {e}")),
+        Ok((_, Err(source))) => Err(ProbeError::Wait {
+            prog: prog.clone(),
+            source,
+        }),
         Err(_) => {
             drop(group);
             // Reaped here so that no zombie is left; the group was killed.
             let _ = child.wait().await;
-            Err(format!("timed out after {timeout:?}"))
+            Err(ProbeError::Timeout(timeout))
         }
     }
 }
@@ -345,27 +414,25 @@ async fn read_bounded(stream: Option<impl AsyncRead + Unpin>) -> String {
 
 /// `GET path` over HTTP/1.0 to 127.0.0.1:port in the task's network namespace, all of it
 /// within `timeout`; a 2xx or 3xx status passes. Blocking.
-fn http_get(target: &Target, port: u16, path: &str, timeout: Duration) -> Result<(), String> {
+fn http_get(target: &Target, port: u16, path: &str, timeout: Duration) -> Result<(), ProbeError> {
     // The path goes into the request line as is: no way to smuggle in another line.
     if !path.starts_with('/') || path.chars().any(|c| c.is_whitespace() || c.is_control()) {
-        return Err(format!("invalid path {:?}", proto::excerpt(path)));
+        return Err(ProbeError::InvalidPath(path.to_string()));
     }
     let deadline = Instant::now() + timeout;
     let left = || {
         deadline
             .checked_duration_since(Instant::now())
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| format!("timed out after {timeout:?}"))
+            .ok_or(ProbeError::Timeout(timeout))
     };
     let addr = SocketAddr::from((Ipv4Addr::LOCALHOST, port));
-    let ns = netns::Netns::open(Path::new(&format!("/proc/{}/ns/net", target.pid)))
-        .map_err(|e| e.to_string())?;
+    let ns = netns::Netns::open(Path::new(&format!("/proc/{}/ns/net", target.pid)))?;
     check_alive(target)?;
     // The socket is made (and so belongs) in the task's namespace; it is used from here on.
     let mut s = ns
-        .run(|| TcpStream::connect_timeout(&addr, timeout))
-        .map_err(|e| e.to_string())?
-        .map_err(|e| format!("connect {addr}: {e}"))?;
+        .run(|| TcpStream::connect_timeout(&addr, timeout))?
+        .map_err(|source| ProbeError::Connect { addr, source })?;
     s.set_write_timeout(Some(left()?))
         .and_then(|()| {
             s.write_all(
@@ -373,12 +440,18 @@ fn http_get(target: &Target, port: u16, path: &str, timeout: Duration) -> Result
                     .as_bytes(),
             )
         })
-        .map_err(|e| format!("send GET {path}: {e}"))?;
+        .map_err(|source| ProbeError::Send {
+            path: path.to_string(),
+            source,
+        })?;
     let mut got = Vec::new();
     let mut buf = [0u8; 256];
+    let read_err = |source| ProbeError::Read {
+        path: path.to_string(),
+        source,
+    };
     while !got.contains(&b'\n') && got.len() < STATUS_LINE_BYTES {
-        s.set_read_timeout(Some(left()?))
-            .map_err(|e| format!("read the answer to GET {path}: {e}"))?;
+        s.set_read_timeout(Some(left()?)).map_err(read_err)?;
         match s.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => got.extend_from_slice(&buf[..n]),
@@ -388,17 +461,23 @@ fn http_get(target: &Target, port: u16, path: &str, timeout: Duration) -> Result
                     std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
                 ) =>
             {
-                return Err(format!("timed out after {timeout:?}"))
+                return Err(ProbeError::Timeout(timeout))
             }
-            Err(e) => return Err(format!("read the answer to GET {path}: {e}")),
+            Err(e) => return Err(read_err(e)),
         }
     }
     let text = String::from_utf8_lossy(&got);
     let line = text.lines().next().unwrap_or_default();
     match status_code(line) {
         Some(200..=399) => Ok(()),
-        Some(_) => Err(format!("GET {path}: {line}")),
-        None => Err(format!("GET {path}: not an HTTP answer: {line:?}")),
+        Some(_) => Err(ProbeError::Status {
+            path: path.to_string(),
+            line: line.to_string(),
+        }),
+        None => Err(ProbeError::NotHttp {
+            path: path.to_string(),
+            line: line.to_string(),
+        }),
     }
 }
 
@@ -578,6 +657,20 @@ mod tests {
     }
 
     #[test]
+    fn a_failed_command_is_reported_as_before() {
+        let exit = |raw, output: &str| {
+            ProbeError::Exit {
+                status: ExitStatus::from_raw(raw),
+                output: output.into(),
+            }
+            .to_string()
+        };
+        assert_eq!(exit(1 << 8, ""), "exit status 1");
+        assert_eq!(exit(1 << 8, "no"), "exit status 1: no");
+        assert_eq!(exit(9, "x"), "killed by signal 9: x");
+    }
+
+    #[test]
     fn a_bad_path_is_refused_before_any_connection() {
         let target = Target {
             task: "t".into(),
@@ -586,7 +679,9 @@ mod tests {
             netns_inode: 0,
         };
         for path in ["health", "/a b", "/a\r\nX-Evil: 1"] {
-            let e = http_get(&target, 80, path, ms(100)).unwrap_err();
+            let e = http_get(&target, 80, path, ms(100))
+                .unwrap_err()
+                .to_string();
             assert!(e.starts_with("invalid path"), "{e}");
         }
     }

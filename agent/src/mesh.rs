@@ -69,13 +69,21 @@ pub fn check_gw_subnet(subnet: Ipv4Net) -> Result<(), String> {
     Ok(())
 }
 
+/// The gwbridge subnet ran out of addresses: `name` got none.
+#[derive(Debug, thiserror::Error)]
+#[error("gwbridge subnet {subnet} has no free address for {name}")]
+pub struct GwFull {
+    subnet: Ipv4Net,
+    name: String,
+}
+
 /// Addresses for `wanted` legs: ingress_sbox gets .2; everyone else keeps a previous address
 /// that is still valid and unique, or gets the lowest free one from .3 on.
 pub fn allocate_gw(
     subnet: Ipv4Net,
     prev: &BTreeMap<String, Ipv4Addr>,
     wanted: &BTreeSet<String>,
-) -> Result<BTreeMap<String, Ipv4Addr>, String> {
+) -> Result<BTreeMap<String, Ipv4Addr>, GwFull> {
     let first = u32::from(subnet.network()) + 3;
     let last = u32::from(subnet.broadcast()) - 1;
     let usable = |ip: Ipv4Addr| (first..=last).contains(&u32::from(ip));
@@ -100,9 +108,10 @@ pub fn allocate_gw(
             next += 1;
         }
         if next > last {
-            return Err(format!(
-                "gwbridge subnet {subnet} has no free address for {name}"
-            ));
+            return Err(GwFull {
+                subnet,
+                name: name.clone(),
+            });
         }
         taken.insert(Ipv4Addr::from(next));
         out.insert(name.clone(), Ipv4Addr::from(next));
@@ -426,7 +435,8 @@ mod tests {
             &BTreeMap::new(),
             &names(&["a", "b", "c", "d", "e", "f"]),
         )
-        .unwrap_err();
+        .unwrap_err()
+        .to_string();
         assert!(err.contains("10.0.0.0/29"), "{err}");
     }
 

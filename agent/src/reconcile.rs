@@ -13,8 +13,8 @@ use tokio::sync::{mpsc, watch};
 use tokio::time::Instant;
 use tracing::{debug, error, info, info_span, warn, Instrument};
 
-use crate::apply::Kernel;
-use crate::dns::Dns;
+use crate::apply::{Kernel, KernelError};
+use crate::dns::{Dns, DnsError};
 use crate::esp;
 use crate::lifecycle::{Phase, ProcEvent};
 use crate::mesh::{self, Gw};
@@ -24,7 +24,7 @@ use crate::netwatch::{Change, Watcher};
 use crate::outbox::Outbox;
 use crate::plan::{plan, Action, Settings};
 use crate::rules::MeshRules;
-use crate::state::StateDir;
+use crate::state::{StateDir, StateError};
 use crate::tasks::Supervisor;
 
 /// The routing mesh's node-wide pieces.
@@ -37,6 +37,30 @@ pub struct Mesh {
     /// gwbridge addresses as given out (and persisted).
     pub gw_addrs: BTreeMap<String, Ipv4Addr>,
     pub rules: Arc<Mutex<MeshRules>>,
+}
+
+/// Why an action of a pass (or the gwbridge allocation before them) failed. The pass logs it,
+/// skips what depends on it and is retried.
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    /// Already says what was being done, and in which namespace.
+    #[error(transparent)]
+    Kernel(#[from] KernelError),
+    /// The blocking thread applying `action` panicked.
+    #[error("{action}: {source}")]
+    KernelPanicked {
+        action: String,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error(transparent)]
+    Dns(#[from] DnsError),
+    #[error("task {0} is not in the assignment")]
+    NotAssigned(String),
+    #[error(transparent)]
+    GwFull(#[from] mesh::GwFull),
+    #[error("persist gwbridge addresses: {0}")]
+    PersistGw(#[source] StateError),
 }
 
 /// A pass that failed is retried this soon, not only at the next interval.
@@ -287,7 +311,7 @@ impl<K: Kernel> Reconciler<K> {
 
     /// gwbridge addresses for every leg wanted now (tasks kept while they stop included),
     /// persisted when they change.
-    fn allocate_gw(&mut self, desired: &Assignment) -> Result<Gw, String> {
+    fn allocate_gw(&mut self, desired: &Assignment) -> Result<Gw, ApplyError> {
         let records = self.supervisor.records();
         let mut wanted: BTreeSet<String> = desired
             .tasks
@@ -309,7 +333,7 @@ impl<K: Kernel> Reconciler<K> {
         if addrs != m.gw_addrs {
             self.state
                 .save_gw_addrs(m.gw_subnet, &addrs)
-                .map_err(|e| format!("persist gwbridge addresses: {e}"))?;
+                .map_err(ApplyError::PersistGw)?;
             m.gw_addrs = addrs.clone();
         }
         Ok(Gw {
@@ -356,7 +380,7 @@ impl<K: Kernel> Reconciler<K> {
         }
     }
 
-    async fn apply(&mut self, action: Action, desired: &Assignment) -> Result<(), String> {
+    async fn apply(&mut self, action: Action, desired: &Assignment) -> Result<(), ApplyError> {
         match &action {
             Action::StopTask { task } => self.supervisor.stop(task),
             Action::ForgetTask { task } => self.supervisor.forget(task),
@@ -371,20 +395,23 @@ impl<K: Kernel> Reconciler<K> {
                     self.dns.open(task).await?;
                     self.supervisor.start(spec)
                 }
-                None => return Err(format!("task {task} is not in the assignment")),
+                None => return Err(ApplyError::NotAssigned(task.clone())),
             },
             _ => self.apply_kernel(action).await?,
         }
         Ok(())
     }
 
-    async fn apply_kernel(&self, action: Action) -> Result<(), String> {
+    async fn apply_kernel(&self, action: Action) -> Result<(), ApplyError> {
         let kernel = self.kernel.clone();
         let shown = format!("{action:?}");
         tokio::task::spawn_blocking(move || kernel.apply(&action))
             .await
-            .map_err(|e| format!("{shown}: {e}"))?
-            .map_err(|e| e.to_string())
+            .map_err(|source| ApplyError::KernelPanicked {
+                action: shown,
+                source,
+            })?
+            .map_err(ApplyError::from)
     }
 
     /// Runs forever: passes on new assignments, process events, kernel changes and the timer.

@@ -20,6 +20,18 @@ use crate::lb::{self, sync_table, DrainingBackends, LbOptions, LoadBalancer, Syn
 use crate::mesh;
 use crate::names::{GWBRIDGE, INGRESS_SBOX};
 
+/// Why a table (or a balancer, on recheck) could not be programmed or read back. Each source
+/// already names the namespace and the step.
+#[derive(Debug, thiserror::Error)]
+pub enum TableError {
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    #[error(transparent)]
+    Nft(#[from] firewall::Error),
+    #[error(transparent)]
+    Lb(#[from] lb::LbError),
+}
+
 /// A table applied in one namespace, tied to the namespace's inode: a recreated namespace
 /// starts empty, so its table is rebuilt in full.
 struct Applied<R> {
@@ -191,7 +203,7 @@ impl MeshRules {
     /// repaired and the errors.
     pub fn recheck_tables(&mut self) -> MeshPass {
         let mut out = MeshPass::default();
-        let mut note = |name: &str, result: Result<Option<String>, String>| match result {
+        let mut note = |name: &str, result: Result<Option<String>, TableError>| match result {
             Ok(Some(how)) => out.repaired.push((name.to_string(), how)),
             Ok(None) => {}
             Err(e) => {
@@ -201,20 +213,20 @@ impl MeshRules {
         };
         note(
             "node",
-            lb::recheck_table(&self.node, &mut self.node_table).map_err(|e| e.to_string()),
+            lb::recheck_table(&self.node, &mut self.node_table).map_err(TableError::from),
         );
         for (name, (_, lb)) in &mut self.lbs {
-            note(name, lb.recheck().map_err(|e| e.to_string()));
+            note(name, lb.recheck().map_err(TableError::from));
         }
         for (name, applied) in &mut self.tasks {
             let result = Netns::open(&self.dir.join(name))
-                .map_err(|e| e.to_string())
+                .map_err(TableError::from)
                 .and_then(|ns| {
                     // A namespace made anew since: the next pass programs it whole.
-                    if ns.inode().map_err(|e| e.to_string())? != applied.inode {
+                    if ns.inode()? != applied.inode {
                         return Ok(None);
                     }
-                    lb::recheck_table(&ns, &mut applied.state).map_err(|e| e.to_string())
+                    Ok(lb::recheck_table(&ns, &mut applied.state)?)
                 });
             note(name, result);
         }
@@ -307,9 +319,14 @@ impl MeshRules {
         lb.sync(st, draining, recheck)
     }
 
-    fn sync_task(&mut self, name: &str, st: &TaskState, recheck: bool) -> Result<Synced, String> {
-        let ns = Netns::open(&self.dir.join(name)).map_err(|e| e.to_string())?;
-        let inode = ns.inode().map_err(|e| e.to_string())?;
+    fn sync_task(
+        &mut self,
+        name: &str,
+        st: &TaskState,
+        recheck: bool,
+    ) -> Result<Synced, TableError> {
+        let ns = Netns::open(&self.dir.join(name))?;
+        let inode = ns.inode()?;
         let applied = self.tasks.entry(name.to_string()).or_insert(Applied {
             inode,
             state: Table::default(),
@@ -320,6 +337,6 @@ impl MeshRules {
                 state: Table::default(),
             };
         }
-        sync_table(&ns, &mut applied.state, st, recheck).map_err(|e| e.to_string())
+        Ok(sync_table(&ns, &mut applied.state, st, recheck)?)
     }
 }

@@ -33,6 +33,37 @@ use crate::metrics::AgentMetrics;
 use crate::outbox::Outbox;
 use crate::state::StateDir;
 
+/// Why a task's process could not be started. The manager is told it as text.
+#[derive(Debug, thiserror::Error)]
+pub enum SpawnError {
+    #[error("the task has an empty command")]
+    EmptyCommand,
+    /// The task's namespace, the list of ours, or the task's own mounts.
+    #[error(transparent)]
+    Netns(#[from] netns::Error),
+    #[error("open log {}: {source}", path.display())]
+    Log {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("write resolv.conf and hosts of the task: {0}")]
+    Files(#[source] std::io::Error),
+    /// The namespace path is left out: it is the task's own, and says nothing more.
+    #[error("spawn {prog}: {source}")]
+    Spawn {
+        prog: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("spawn {prog}: {source}")]
+    SpawnNetns {
+        prog: String,
+        #[source]
+        source: netns::Error,
+    },
+}
+
 pub struct Supervisor {
     state: StateDir,
     records: BTreeMap<String, TaskRecord>,
@@ -262,7 +293,8 @@ impl Supervisor {
             }
             Err(e) => {
                 warn!("start failed: {e}");
-                Event::SpawnFailed(e)
+                // The manager is told the reason as text.
+                Event::SpawnFailed(e.to_string())
             }
         };
         if let Some(next) = transition(&Phase::Starting, &event, false) {
@@ -273,22 +305,21 @@ impl Supervisor {
     }
 
     /// Spawns the process and its waiter thread; returns (pid, start time, netns inode).
-    fn spawn(&self, spec: &TaskSpec) -> Result<(u32, u64, u64), String> {
-        let (prog, args) = spec
-            .command
-            .split_first()
-            .ok_or_else(|| "the task has an empty command".to_string())?;
-        let ns = netns::Netns::open(&self.netns_path(&spec.name)).map_err(|e| e.to_string())?;
-        let netns_inode = ns.inode().map_err(|e| e.to_string())?;
+    fn spawn(&self, spec: &TaskSpec) -> Result<(u32, u64, u64), SpawnError> {
+        let (prog, args) = spec.command.split_first().ok_or(SpawnError::EmptyCommand)?;
+        let ns = netns::Netns::open(&self.netns_path(&spec.name))?;
+        let netns_inode = ns.inode()?;
         let log_path = self.state.task_log(&spec.name);
+        let log_err = |source| SpawnError::Log {
+            path: log_path.clone(),
+            source,
+        };
         let log = OpenOptions::new()
             .create(true)
             .append(true)
             .open(&log_path)
-            .map_err(|e| format!("open log {}: {e}", log_path.display()))?;
-        let log2 = log
-            .try_clone()
-            .map_err(|e| format!("open log {}: {e}", log_path.display()))?;
+            .map_err(log_err)?;
+        let log2 = log.try_clone().map_err(log_err)?;
         let mut cmd = Command::new(prog);
         cmd.args(args)
             .stdin(Stdio::null())
@@ -302,16 +333,22 @@ impl Supervisor {
         // namespace of its own that holds none of our namespace files.
         let (resolv, hosts) =
             crate::dns::view::write(&self.state.task_files_dir(&spec.name), spec, &self.search)
-                .map_err(|e| format!("write resolv.conf and hosts of the task: {e}"))?;
-        let ours = netns::list(&self.state.netns_dir()).map_err(|e| e.to_string())?;
+                .map_err(SpawnError::Files)?;
+        let ours = netns::list(&self.state.netns_dir())?;
         let binds = present_targets(&[
             (&resolv, Path::new("/etc/resolv.conf")),
             (&hosts, Path::new("/etc/hosts")),
         ]);
-        netns::prepare_own_mounts(&mut cmd, &binds, &ours).map_err(|e| e.to_string())?;
+        netns::prepare_own_mounts(&mut cmd, &binds, &ours)?;
         let mut child = ns.spawn(&mut cmd).map_err(|e| match e {
-            netns::Error::Io { cause, .. } => format!("spawn {prog}: {cause}"),
-            other => format!("spawn {prog}: {other}"),
+            netns::Error::Io { cause, .. } => SpawnError::Spawn {
+                prog: prog.clone(),
+                source: cause,
+            },
+            other => SpawnError::SpawnNetns {
+                prog: prog.clone(),
+                source: other,
+            },
         })?;
         let pid = child.id();
         let start_time = proc_start_time(pid).unwrap_or(0);

@@ -26,6 +26,33 @@ use self::server::Shared;
 use self::upstream::Forwarder;
 use crate::metrics::AgentMetrics;
 
+/// Why a task's listeners could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum DnsError {
+    /// Opening, or entering, the task's namespace.
+    #[error("DNS listener: {0}")]
+    Netns(#[from] netns::Error),
+    /// The thread binding inside the namespace panicked.
+    #[error("DNS listener in {}: {source}", path.display())]
+    Panicked {
+        path: PathBuf,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error("bind {} in {}: {source}", server::LISTEN, path.display())]
+    Bind {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("serve DNS in {}: {source}", path.display())]
+    Serve {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 struct Listener {
     /// The namespace it was opened in: a task namespace made anew needs a new listener.
     inode: u64,
@@ -79,22 +106,24 @@ impl Dns {
     }
 
     /// Opens the listeners of `task` inside its namespace (once per namespace).
-    pub async fn open(&mut self, task: &str) -> Result<(), String> {
+    pub async fn open(&mut self, task: &str) -> Result<(), DnsError> {
         let path = self.netns_dir.join(task);
-        let ns = netns::Netns::open(&path).map_err(|e| format!("DNS listener: {e}"))?;
-        let inode = ns.inode().map_err(|e| format!("DNS listener: {e}"))?;
+        let ns = netns::Netns::open(&path)?;
+        let inode = ns.inode()?;
         if self.listeners.get(task).is_some_and(|l| l.inode == inode) {
             return Ok(());
         }
         // Sockets are made on a thread inside the namespace, then served by the runtime.
-        let bound = tokio::task::spawn_blocking(move || ns.run(server::bind))
-            .await
-            .map_err(|e| format!("DNS listener in {}: {e}", path.display()))?
-            .map_err(|e| format!("DNS listener: {e}"))?
-            .map_err(|e| format!("bind {} in {}: {e}", server::LISTEN, path.display()))?;
-        let (udp, tcp) = bound;
+        let bound = match tokio::task::spawn_blocking(move || ns.run(server::bind)).await {
+            Ok(ran) => ran?,
+            Err(source) => return Err(DnsError::Panicked { path, source }),
+        };
+        let (udp, tcp) = bound.map_err(|source| DnsError::Bind {
+            path: path.clone(),
+            source,
+        })?;
         let serving = server::serve(task.to_string(), udp, tcp, self.shared.clone(), &self.rt)
-            .map_err(|e| format!("serve DNS in {}: {e}", path.display()))?;
+            .map_err(|source| DnsError::Serve { path, source })?;
         info!(task = %task, addr = %server::LISTEN, "DNS listening");
         self.listeners.insert(
             task.to_string(),
