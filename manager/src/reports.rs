@@ -82,10 +82,11 @@ impl Inbox {
 
 /// Applies the inbox's reports as they come, a batch per transaction, for the manager's life.
 /// A report after a quiet spell is applied at once (a failed task leaves the balancers without
-/// delay); under a stream of reports, batches start at most every [`BATCH_EVERY`] (as Swarm's
-/// dispatcher batches task updates), so a burst costs a few transactions, not one per report.
-/// After a batch the cluster's lock stays free for as long as the batch held it (at most
-/// [`BATCH_EVERY`]): the API and the timer get their turn however busy the agents are.
+/// delay); under a stream of changes, transactions start at most every [`BATCH_EVERY`] (as
+/// Swarm's dispatcher batches task updates), so a burst costs a few transactions, not one per
+/// report. Batches that change nothing (heartbeats) do not count. After a batch the cluster's
+/// lock stays free for as long as the batch held it (at most [`BATCH_EVERY`]): the API and the
+/// timer get their turn however busy the agents are.
 pub fn apply_forever(inbox: &Inbox, cluster: &Shared) {
     let mut last: Option<Instant> = None;
     loop {
@@ -95,8 +96,9 @@ pub fn apply_forever(inbox: &Inbox, cluster: &Shared) {
             batch.extend(inbox.take_waiting());
         }
         let t0 = Instant::now();
-        last = Some(t0);
-        apply(&batch, cluster);
+        if apply(&batch, cluster) {
+            last = Some(t0);
+        }
         let took = t0.elapsed();
         tracing::debug!(
             reports = batch.len(),
@@ -109,13 +111,14 @@ pub fn apply_forever(inbox: &Inbox, cluster: &Shared) {
 
 const BATCH_EVERY: Duration = Duration::from_millis(100);
 
-/// One transaction for `batch`. A report the state refuses (a task removed meanwhile, a task
-/// of another node) is logged and skipped; the others are kept.
-pub fn apply(batch: &[Report], cluster: &Shared) {
+/// One transaction for `batch`, if it holds a change; returns whether it did. A report the
+/// state refuses (a task removed meanwhile, a task of another node) is logged and skipped; the
+/// others are kept.
+pub fn apply(batch: &[Report], cluster: &Shared) -> bool {
     let mut c = lock(cluster);
     if !c.leading() {
         // A follower takes no reports: its agents move to the leader, which learns them anew.
-        return;
+        return false;
     }
     // A node marked down whose agent speaks again is back.
     let back: BTreeSet<&str> = batch
@@ -137,7 +140,7 @@ pub fn apply(batch: &[Report], cluster: &Shared) {
         }
     }
     if back.is_empty() && !changes {
-        return;
+        return false;
     }
     for id in &back {
         tracing::info!(node = %id, "node is ready again");
@@ -168,6 +171,7 @@ pub fn apply(batch: &[Report], cluster: &Shared) {
         Err(TxError::Refused(e)) => tracing::error!("agent reports: {e}"),
         Err(e) => tracing::error!("{} agent reports were not recorded: {e}", batch.len()),
     }
+    true
 }
 
 #[cfg(test)]
@@ -234,7 +238,7 @@ mod tests {
                 revision,
             },
         ];
-        apply(&batch, &shared);
+        assert!(apply(&batch, &shared));
         let c = lock(&shared);
         for t in &tasks {
             assert_eq!(c.state().tasks[t].state, TaskState::Running);
@@ -259,13 +263,13 @@ mod tests {
             backend: LbKind::Nftables,
             services: vec![],
         };
-        apply(
+        assert!(apply(
             &[Report::Lb {
                 node_id: node.clone(),
                 report: report.clone(),
             }],
             &shared,
-        );
+        ));
         assert_eq!(lock(&shared).lb().get(&node), Some(&report));
         assert_eq!(
             lock(&shared).state().nodes[&node].node.status,
@@ -275,12 +279,12 @@ mod tests {
         let lines_after = journal_lines(&tmp);
         assert!(lines_after > lines);
         // A heartbeat of a ready node changes nothing and writes nothing.
-        apply(
+        assert!(!apply(
             &[Report::Alive {
                 node_id: node.clone(),
             }],
             &shared,
-        );
+        ));
         assert_eq!(journal_lines(&tmp), lines_after, "nothing to write");
     }
 
@@ -290,13 +294,13 @@ mod tests {
         let (shared, node, tasks) = with_tasks(&tmp);
         lock(&shared).follow("a test");
         let before = lock(&shared).state().clone();
-        apply(
+        assert!(!apply(
             &[Report::Status {
                 node_id: node,
                 status: running(&tasks[0]),
             }],
             &shared,
-        );
+        ));
         assert_eq!(lock(&shared).state(), &before);
     }
 }
