@@ -120,8 +120,10 @@ mod changes;
 mod conntrack;
 mod content;
 mod exec;
-#[cfg(test)]
-mod fixtures;
+/// Real listings of our tables and the states they were made from, for tests (feature
+/// `testing`).
+#[cfg(any(test, feature = "testing"))]
+pub mod fixtures;
 mod generation;
 pub mod nfnl;
 mod node;

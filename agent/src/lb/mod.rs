@@ -291,32 +291,10 @@ pub(crate) fn right_after_own_write(before: Option<u32>, now: Option<u32>) -> Op
 #[cfg(test)]
 mod tests {
     use super::*;
-    use firewall::{FakeNetfilter, PortKey, TaskState};
+    use firewall::{FakeNetfilter, TaskState};
     use std::cell::Cell;
 
-    /// The firewall crate's task fixture: `nft -j list table ip meshnet` of [`task`] applied.
-    const LISTED: &str = include_str!(concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/../firewall/src/fixtures/listing-task.json"
-    ));
-
-    fn task() -> TaskState {
-        let ip = |s: &str| -> Ipv4Addr { s.parse().unwrap() };
-        TaskState {
-            ingress_ip: Some(ip("10.255.0.10")),
-            redirects: [
-                (PortKey::tcp(80), 8080),
-                (PortKey::udp(53), 5353),
-                (PortKey::tcp(9000), 9000),
-            ]
-            .into(),
-            vips: [
-                (ip("10.0.9.2"), [ip("10.0.9.6"), ip("10.0.9.5")].into()),
-                (ip("10.0.9.3"), Default::default()),
-            ]
-            .into(),
-        }
-    }
+    use firewall::fixtures::{task, TASK as LISTED};
 
     /// [`LISTED`] with one backend of a VIP's rule edited: the same counts everywhere.
     fn edited() -> String {
