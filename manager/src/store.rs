@@ -78,8 +78,9 @@ struct FileFormat<S> {
     state: S,
 }
 
-/// One change in the journal: the records it wrote or deleted (see [`crate::records`]).
-#[derive(Serialize, Deserialize)]
+/// One change in the journal: the records it wrote or deleted (see [`crate::records`]); written
+/// by [`entry_line`].
+#[derive(Deserialize)]
 struct Entry {
     seq: u64,
     put: BTreeMap<String, Value>,
@@ -253,29 +254,8 @@ impl FileStore {
     /// the journal never holds half a change before a later one.
     fn append(&mut self, ops: &[Op]) -> Result<(), StoreError> {
         let seq = self.seq + 1;
-        let mut entry = Entry {
-            seq,
-            put: BTreeMap::new(),
-            delete: Vec::new(),
-        };
+        let line = entry_line(seq, ops);
         let path = self.journal_path();
-        for op in ops {
-            match op {
-                Op::Put(key, bytes) => {
-                    let value = serde_json::from_slice(bytes).map_err(|e| StoreError::Write {
-                        path: path.clone(),
-                        source: io::Error::other(e),
-                    })?;
-                    entry.put.insert(key.clone(), value);
-                }
-                Op::Delete(key) => entry.delete.push(key.clone()),
-            }
-        }
-        let mut line = serde_json::to_vec(&entry).map_err(|e| StoreError::Write {
-            path: path.clone(),
-            source: io::Error::other(e),
-        })?;
-        line.push(b'\n');
         let len = self.journal_bytes;
         let file = self.journal_file()?;
         let written = file.write_all(&line).and_then(|()| file.sync_data());
@@ -335,6 +315,31 @@ impl FileStore {
         }
         Ok(())
     }
+}
+
+/// One journal line, an [`Entry`]: the records go in as `changes` encoded them (JSON already),
+/// not parsed and encoded again on every save. Compact JSON holds no raw newline.
+fn entry_line(seq: u64, ops: &[Op]) -> Vec<u8> {
+    let string = |s: &str| serde_json::to_vec(s).expect("a string encodes");
+    let mut line = format!("{{\"seq\":{seq},\"put\":{{").into_bytes();
+    let mut deletes = Vec::new();
+    for op in ops {
+        match op {
+            Op::Put(key, record) => {
+                if line.last() != Some(&b'{') {
+                    line.push(b',');
+                }
+                line.extend(string(key));
+                line.push(b':');
+                line.extend(record);
+            }
+            Op::Delete(key) => deletes.push(key.as_str()),
+        }
+    }
+    line.extend(b"},\"delete\":");
+    line.extend(serde_json::to_vec(&deletes).expect("strings encode"));
+    line.extend(b"}\n");
+    line
 }
 
 #[cfg(test)]
