@@ -412,7 +412,11 @@ impl Cluster {
         let out = change(&mut next, now_ms / 1000)?;
         next.reconcile_ms(now_ms);
         self.last_pass_ms = now_ms;
-        let changed = next.refresh_assignments();
+        let changed = if next.projects_as(&self.state) {
+            Vec::new()
+        } else {
+            next.refresh_assignments()
+        };
         // The store writes what differs, nothing when nothing does.
         if let Err(e) = self.store.save(&self.state, &next) {
             if matches!(e, StoreError::NotLeader(_)) {

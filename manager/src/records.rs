@@ -90,13 +90,21 @@ pub fn changes(prev: &State, next: &State) -> serde_json::Result<Vec<Op>> {
         same: impl Fn(&T, &T) -> bool,
         ops: &mut Vec<Op>,
     ) -> serde_json::Result<()> {
+        // One walk over both in key order: no lookup per record.
+        let mut old = prev.iter().peekable();
         for (id, rec) in next {
-            if !prev.get(id).is_some_and(|p| same(p, rec)) {
+            while let Some((gone, _)) = old.next_if(|(k, _)| *k < id) {
+                ops.push(Op::Delete(table_key(table, gone)));
+            }
+            if !old
+                .next_if(|(k, _)| *k == id)
+                .is_some_and(|(_, p)| same(p, rec))
+            {
                 ops.push(Op::Put(table_key(table, id), serde_json::to_vec(rec)?));
             }
         }
-        for id in prev.keys().filter(|id| !next.contains_key(*id)) {
-            ops.push(Op::Delete(table_key(table, id)));
+        for (gone, _) in old {
+            ops.push(Op::Delete(table_key(table, gone)));
         }
         Ok(())
     }
@@ -193,6 +201,7 @@ pub fn apply(records: &mut BTreeMap<String, Vec<u8>>, ops: Vec<Op>) {
 mod tests {
     use super::*;
     use crate::state::tests::{add_network, as_stored, cluster, spec};
+    use crate::state::Task;
 
     #[test]
     fn a_change_writes_only_the_records_it_touched_and_the_keys_rebuild_the_state() {
@@ -237,6 +246,33 @@ mod tests {
         assert_eq!(decode(kv.into_iter().collect()).unwrap(), Some(gone));
 
         assert!(changes(&s, &s).unwrap().is_empty(), "no change, no write");
+
+        // Removed, changed and added records side by side in key order, each found once.
+        let ids: Vec<String> = s.tasks.keys().cloned().collect();
+        let mut mixed = s.clone();
+        mixed.tasks.remove(&ids[0]);
+        mixed.tasks.remove(&ids[2]);
+        mixed.tasks.get_mut(&ids[1]).unwrap().error = Some("changed".into());
+        let mut added = Task::clone(&s.tasks[&ids[3]]);
+        added.id = format!("{}z", ids[1]);
+        mixed.tasks.insert(added.id.clone(), added.clone().into());
+        let ops = changes(&s, &mixed).unwrap();
+        let mut keys: Vec<String> = ops
+            .iter()
+            .map(|o| match o {
+                Op::Put(k, _) => format!("put {k}"),
+                Op::Delete(k) => format!("delete {k}"),
+            })
+            .collect();
+        let mut want = vec![
+            format!("delete {}", table_key("tasks", &ids[0])),
+            format!("delete {}", table_key("tasks", &ids[2])),
+            format!("put {}", table_key("tasks", &ids[1])),
+            format!("put {}", table_key("tasks", &added.id)),
+        ];
+        keys.sort();
+        want.sort();
+        assert_eq!(keys, want);
     }
 
     #[test]

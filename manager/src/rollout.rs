@@ -611,7 +611,7 @@ impl State {
         let service = &self.services[service_id];
         let task = Task::pending(service, slot, now_ms / 1000);
         tracing::info!(service = %service.spec.name, slot, task = %task.id, "new task beside the one it replaces");
-        self.tasks.insert(task.id.clone(), task);
+        self.tasks.insert(task.id.clone(), task.into());
     }
 
     /// Stops draining tasks that every node has stopped balancing to (or that waited
@@ -702,8 +702,10 @@ impl State {
             .filter(|r| r.node.status == NodeStatus::Ready)
             .map(|r| (r.node.id.clone(), r.assignment.revision))
             .collect();
+        // Tested before written: a write copies the shared record.
         for task in self.tasks.values_mut() {
-            if let Some(drain) = task.drain.as_mut().filter(|d| !d.armed) {
+            if task.drain.as_ref().is_some_and(|d| !d.armed) {
+                let drain = task.drain.as_mut().expect("tested above");
                 drain.revisions = revisions.clone();
                 drain.armed = true;
             }
@@ -846,7 +848,12 @@ mod tests {
         while status(&s, "web").state == UpdateState::Updating {
             s.reconcile(now);
             s.refresh_assignments();
-            let draining: Vec<&Task> = s.tasks.values().filter(|t| t.is_draining()).collect();
+            let draining: Vec<&Task> = s
+                .tasks
+                .values()
+                .filter(|t| t.is_draining())
+                .map(|t| &**t)
+                .collect();
             most_draining = most_draining.max(draining.len());
             for t in &draining {
                 // Out of every balancer, still running on its node until every node applied.

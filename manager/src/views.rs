@@ -222,6 +222,7 @@ pub fn tasks(s: &State, service_id: &str) -> Vec<TaskInfo> {
         .tasks
         .values()
         .filter(|t| t.service_id == service_id)
+        .map(|t| &**t)
         .collect();
     tasks.sort_by_key(|t| {
         (

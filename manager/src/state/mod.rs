@@ -37,11 +37,14 @@ use proto::model::{
 };
 use serde::{Deserialize, Serialize};
 
+pub use cow::ArcCow;
+
 use crate::alloc::{self, AllocError};
 use crate::keys::KeyRing;
 use crate::rollout::{Drain, Rollout, SpecError, TaskRuntime};
 use proto::model::ConstraintError;
 
+mod cow;
 mod networks;
 mod nodes;
 mod orchestrate;
@@ -61,7 +64,8 @@ pub struct State {
     pub nodes: BTreeMap<String, NodeRecord>,
     pub networks: BTreeMap<String, NetworkRecord>,
     pub services: BTreeMap<String, Service>,
-    pub tasks: BTreeMap<String, Task>,
+    /// Shared between copies of the state until changed (see [`ArcCow`]).
+    pub tasks: BTreeMap<String, ArcCow<Task>>,
     /// The last assignment revision handed out. One counter for all nodes, persisted, so a node's
     /// revisions only ever grow, also across manager restarts.
     pub revision: u64,
@@ -151,6 +155,23 @@ pub struct NodeRecord {
 }
 
 impl NodeRecord {
+    /// Equal in all the projection to agents reads (see [`State::projects_as`]): all but its
+    /// assignment, the projection's output, and the revision its agent applied.
+    pub fn projects_as(&self, other: &NodeRecord) -> bool {
+        let NodeRecord {
+            node,
+            assignment: _,
+            applied_revision: _,
+            ingress_addr,
+            gwbridge_subnet,
+            lb_addrs,
+        } = self;
+        *node == other.node
+            && *ingress_addr == other.ingress_addr
+            && *gwbridge_subnet == other.gwbridge_subnet
+            && *lb_addrs == other.lb_addrs
+    }
+
     /// Equal as stored: in all but the assignment, which is not stored. Listing every field
     /// makes a new one a compile error here, so none is left out of the store by mistake.
     pub fn same_stored(&self, other: &NodeRecord) -> bool {
@@ -291,6 +312,43 @@ pub struct Task {
 }
 
 impl Task {
+    /// Equal in all the projection to agents reads (see [`State::projects_as`]): all but what
+    /// its agent reports of a running process and the times. Listing every field makes a new
+    /// one a compile error here.
+    pub fn projects_as(&self, other: &Task) -> bool {
+        let Task {
+            id,
+            service_id,
+            slot,
+            node_id,
+            desired_state,
+            state,
+            error: _,
+            pid: _,
+            netns: _,
+            attachments,
+            created_at: _,
+            updated_at: _,
+            spec_version,
+            runtime,
+            health,
+            drain,
+            stopping_until_ms,
+        } = self;
+        *id == other.id
+            && *service_id == other.service_id
+            && *slot == other.slot
+            && *node_id == other.node_id
+            && *desired_state == other.desired_state
+            && *state == other.state
+            && *attachments == other.attachments
+            && *spec_version == other.spec_version
+            && *runtime == other.runtime
+            && *health == other.health
+            && *drain == other.drain
+            && *stopping_until_ms == other.stopping_until_ms
+    }
+
     /// A task the manager still wants: it counts for its slot and holds its addresses.
     pub fn is_current(&self) -> bool {
         self.desired_state == TaskState::Running && !self.state.is_terminal()
@@ -756,6 +814,7 @@ pub(crate) mod tests {
             .tasks
             .values()
             .filter(|t| t.service_id == id && t.is_current())
+            .map(|t| &**t)
             .collect();
         tasks.sort_by_key(|t| t.slot);
         tasks
@@ -842,7 +901,7 @@ pub(crate) mod tests {
             .tasks
             .values()
             .filter(|t| t.is_placed() && t.state != TaskState::Running)
-            .cloned()
+            .map(|t| Task::clone(t))
             .collect();
         for t in &placed {
             report_at(s, t, TaskState::Running, None, now);
@@ -871,7 +930,7 @@ pub(crate) mod tests {
             .tasks
             .values()
             .filter(|t| t.is_stopping())
-            .cloned()
+            .map(|t| Task::clone(t))
             .collect();
         for t in &stopped {
             report_at(s, t, TaskState::Shutdown, None, now);
@@ -883,7 +942,7 @@ pub(crate) mod tests {
             .tasks
             .values()
             .filter(|t| t.is_placed())
-            .cloned()
+            .map(|t| Task::clone(t))
             .collect();
         for t in &placed {
             let status = TaskStatus {

@@ -179,7 +179,7 @@ impl State {
             for slot in (1..=replicas).filter(|s| !filled.contains(s)) {
                 let task = Task::pending(service, slot, now);
                 tracing::info!(service = %service.spec.name, slot, task = %task.id, "new task");
-                self.tasks.insert(task.id.clone(), task);
+                self.tasks.insert(task.id.clone(), task.into());
             }
         }
     }
@@ -287,7 +287,7 @@ impl State {
                     let task = Task::pending(service, slot, now);
                     tracing::info!(service = %name, slot, task = %task.id, %node, "new global task");
                     let id = task.id.clone();
-                    self.tasks.insert(id.clone(), task);
+                    self.tasks.insert(id.clone(), task.into());
                     id
                 }
             };
@@ -855,7 +855,12 @@ mod tests {
         assert_eq!(tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), kept);
         // Slots 3..6 drain first: off the balancers, still on their nodes until every node
         // applied that.
-        let draining: Vec<&Task> = s.tasks.values().filter(|t| t.is_draining()).collect();
+        let draining: Vec<&Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.is_draining())
+            .map(|t| &**t)
+            .collect();
         assert_eq!(draining.len(), 4);
         assert!(draining.iter().all(|t| t.slot > 2 && t.is_on_node()));
         let freed: Vec<Ipv4Net> = draining.iter().map(|t| t.attachments[0].addr).collect();

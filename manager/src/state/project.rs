@@ -191,6 +191,52 @@ impl State {
         out
     }
 
+    /// Whether every node's assignment would come out of `self` as it came out of `prev`, which
+    /// was projected when it was committed: nothing the projection reads differs. Agents
+    /// re-report running tasks (a new pid, a restart of their session) far more often than
+    /// anything they are told changes, and such a batch then costs no projection. Records
+    /// not written since `prev` are compared by pointer ([`super::ArcCow`]); listing every
+    /// field makes a new one a compile error here, so none is left out by mistake.
+    pub fn projects_as(&self, prev: &State) -> bool {
+        let State {
+            nodes,
+            networks,
+            services,
+            tasks,
+            // Written by the projection itself.
+            revision: _,
+            last_vni,
+            last_fwmark,
+            agent_port,
+            api_port,
+            cluster_id,
+            join_secrets,
+            revoked,
+            last_subnet,
+            esp_keys,
+        } = self;
+        *last_vni == prev.last_vni
+            && *last_fwmark == prev.last_fwmark
+            && *agent_port == prev.agent_port
+            && *api_port == prev.api_port
+            && *cluster_id == prev.cluster_id
+            && *join_secrets == prev.join_secrets
+            && *revoked == prev.revoked
+            && *last_subnet == prev.last_subnet
+            && *esp_keys == prev.esp_keys
+            && *networks == prev.networks
+            && *services == prev.services
+            && nodes.len() == prev.nodes.len()
+            && nodes
+                .iter()
+                .zip(&prev.nodes)
+                .all(|((a, ra), (b, rb))| a == b && ra.projects_as(rb))
+            && tasks.len() == prev.tasks.len()
+            && tasks.iter().zip(&prev.tasks).all(|((a, ta), (b, tb))| {
+                a == b && (super::ArcCow::same_record(ta, tb) || ta.projects_as(tb))
+            })
+    }
+
     /// Recomputes every node's assignment; a node whose assignment changed gets the next
     /// revision. Returns the ids of those nodes, to be pushed to their agents.
     ///
@@ -727,6 +773,20 @@ mod tests {
 
         // Nothing changed: no new revision. A task on node2 ending changes node1's peers.
         assert!(s.refresh_assignments().is_empty());
+        assert!(s.clone().projects_as(&s));
+        // A task re-reported with another pid changes nothing a node is told: a transaction
+        // may skip the projection, which would give no new revision anyway.
+        let mut pid_only = s.clone();
+        let running = pid_only
+            .tasks
+            .values_mut()
+            .find(|t| t.is_on_node())
+            .unwrap();
+        running.pid = Some(4242);
+        running.updated_at += 1;
+        assert!(pid_only.projects_as(&s));
+        assert!(pid_only.refresh_assignments().is_empty());
+        let projected = s.clone();
         let t2 = s
             .tasks
             .values()
@@ -736,6 +796,7 @@ mod tests {
         let before = s.nodes[&n1].assignment.revision;
         report(&mut s, &t2, TaskState::Failed, Some("exit status 2"));
         s.reconcile(5);
+        assert!(!s.projects_as(&projected));
         let changed = s.refresh_assignments();
         assert!(changed.contains(&n1));
         assert!(s.nodes[&n1].assignment.revision > before);

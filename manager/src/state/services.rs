@@ -14,7 +14,7 @@ use proto::excerpt;
 use proto::model::{EndpointMode, PortConfig, Protocol, ServiceMode};
 
 use super::{
-    has_ingress_port, host_port, refuse, OpError, Reason, Service, State, Task, VXLAN_PORT,
+    has_ingress_port, host_port, refuse, ArcCow, OpError, Reason, Service, State, Task, VXLAN_PORT,
 };
 use crate::alloc::{self, AllocError};
 use crate::rollout;
@@ -357,7 +357,8 @@ impl State {
     /// replacements on other nodes or leaves them pending.
     fn retire_extra_host_tasks(&mut self, service_id: &str, now: u64) {
         let mut kept: BTreeSet<String> = BTreeSet::new();
-        let mut placed: Vec<&mut Task> = self
+        // Written only where a task is replaced: the others stay shared.
+        let mut placed: Vec<&mut ArcCow<Task>> = self
             .tasks
             .values_mut()
             .filter(|t| t.service_id == service_id && t.is_placed())
@@ -675,7 +676,12 @@ mod tests {
         s.reconcile(3);
         assert_eq!(s.services[&id].fwmark, Some(256));
         assert_eq!(s.services[&id].updated_at, 3);
-        let draining: Vec<&Task> = s.tasks.values().filter(|t| t.is_draining()).collect();
+        let draining: Vec<&Task> = s
+            .tasks
+            .values()
+            .filter(|t| t.is_draining())
+            .map(|t| &**t)
+            .collect();
         assert_eq!(draining.len(), 1, "parallelism 1: one old task at a time");
         let now = settle(&mut s, 3);
         let new = current(&s, "web");
