@@ -378,8 +378,9 @@ fn handle(
             }
         }
         AgentMsg::TaskStatus(status) => {
+            // Every report at debug; the state's changes are logged where they are recorded.
             let error = status.error.as_deref().map(crate::state::task_error);
-            tracing::info!(task = %excerpt(&status.task_id), state = ?status.state, error, "task status");
+            tracing::debug!(task = %excerpt(&status.task_id), state = ?status.state, error, "task status");
             Report::Status {
                 node_id: node,
                 status,

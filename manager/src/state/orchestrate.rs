@@ -55,11 +55,13 @@ impl State {
         if !task.is_current() {
             return Ok(());
         }
+        let error = status.error.as_deref().map(task_error);
         if task.state != status.state {
+            tracing::info!(task = %task.id, node = %node_id, from = ?task.state, to = ?status.state, error, "task state");
             task.state = status.state;
             task.updated_at = now;
         }
-        task.error = status.error.as_deref().map(task_error);
+        task.error = error;
         task.pid = status.pid;
         task.netns = status.netns.clone();
         task.health = status.health.filter(|_| status.state == TaskState::Running);
