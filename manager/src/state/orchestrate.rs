@@ -361,6 +361,9 @@ impl State {
     fn place(&mut self, task_id: &str, now: u64, index: &mut PlacementIndex) -> Result<(), String> {
         self.check_restart_delay(task_id, now, index)?;
         let task = &self.tasks[task_id];
+        if let Some(why) = index.unplaceable.get(&task.service_id) {
+            return Err(why.clone());
+        }
         let history = index.history.get(&(task.service_id.clone(), task.slot));
         let service = &self.services[&task.service_id];
         let no_nodes = BTreeSet::new();
@@ -380,16 +383,23 @@ impl State {
                 }
             })
             .collect();
-        let node = sched::pick_node(
+        let picked = sched::pick_node(
             &candidates,
             &service.spec.constraints,
             avoid,
             host_port(&service.spec.ports),
             self.needs_encryption(service),
-        )
-        .map_err(|e| e.to_string())?
-        .id
-        .clone();
+        );
+        let node = match picked {
+            Ok(node) => node.id.clone(),
+            Err(e) => {
+                let why = e.to_string();
+                index
+                    .unplaceable
+                    .insert(task.service_id.clone(), why.clone());
+                return Err(why);
+            }
+        };
         self.assign(task_id, &node, now, index)
     }
 
@@ -554,6 +564,11 @@ struct PlacementIndex {
     history: BTreeMap<(String, u64), SlotHistory>,
     /// Current placed tasks per node.
     load: BTreeMap<String, NodeLoad>,
+    /// Services no node can take, with why, found during this pass: the next pending task of
+    /// such a service fails alike (constraints, ports and encryption are the service's, and
+    /// nothing was placed for it since), so 10,000 unplaceable replicas cost one search, not
+    /// 10,000 under the cluster's lock.
+    unplaceable: BTreeMap<String, String>,
 }
 
 #[derive(Default)]
@@ -590,7 +605,11 @@ impl PlacementIndex {
                 h.nodes.extend(t.node_id.clone());
             }
         }
-        PlacementIndex { history, load }
+        PlacementIndex {
+            history,
+            load,
+            unplaceable: BTreeMap::new(),
+        }
     }
 }
 
@@ -950,16 +969,19 @@ mod tests {
     #[test]
     fn unplaceable_tasks_wait_until_a_node_fits() {
         let mut s = cluster(1);
-        let mut sp = spec("web", 1, &[]);
+        let mut sp = spec("web", 3, &[]);
         sp.constraints = vec![proto::model::Constraint::parse("node.role==worker").unwrap()];
         s.create_service(&sp, 1).unwrap();
         s.reconcile(1);
+        // Each replica says why, though the pass searched the nodes once for the service.
+        for task in current(&s, "web") {
+            assert_eq!(task.state, TaskState::Pending);
+            assert_eq!(
+                task.error.as_deref(),
+                Some("no suitable node (scheduling constraints not satisfied on 1 node)")
+            );
+        }
         let task = current(&s, "web")[0].clone();
-        assert_eq!(task.state, TaskState::Pending);
-        assert_eq!(
-            task.error.as_deref(),
-            Some("no suitable node (scheduling constraints not satisfied on 1 node)")
-        );
         s.register_node(
             "node2",
             "192.168.56.12".parse().unwrap(),
@@ -972,6 +994,7 @@ mod tests {
         assert_eq!(task.state, TaskState::Assigned);
         assert_eq!(task.node_id.as_deref(), Some(node_id(&s, "node2").as_str()));
         assert_eq!(task.error, None);
+        assert_eq!(per_node(&s, "web"), [("node2".into(), 3)].into());
     }
 
     #[test]
