@@ -149,28 +149,55 @@ pub fn published(s: &State) -> Vec<PublishInfo> {
 }
 
 pub fn services(s: &State, lb: &LbReports) -> Vec<ServiceInfo> {
+    // Counted in one walk over the tasks, not one per service.
+    let mut counts: BTreeMap<&str, TaskCounts> = BTreeMap::new();
+    for t in s.tasks.values() {
+        counts.entry(&t.service_id).or_default().add(t);
+    }
     let mut out: Vec<ServiceInfo> = s
         .services
         .values()
         .filter(|v| !v.removing)
-        .map(|v| service(s, lb, &v.id))
+        .map(|v| {
+            let counts = counts.get(v.id.as_str()).copied().unwrap_or_default();
+            service_counted(s, lb, &v.id, counts)
+        })
         .collect();
     out.sort_by(|a, b| a.spec.name.cmp(&b.spec.name));
     out
 }
 
+/// A service's current tasks, and how many of them run.
+#[derive(Debug, Default, Clone, Copy)]
+struct TaskCounts {
+    current: u64,
+    running: usize,
+}
+
+impl TaskCounts {
+    fn add(&mut self, t: &Task) {
+        if t.is_current() {
+            self.current += 1;
+            if t.state == TaskState::Running {
+                self.running += 1;
+            }
+        }
+    }
+}
+
 pub fn service(s: &State, lb: &LbReports, id: &str) -> ServiceInfo {
+    let mut counts = TaskCounts::default();
+    for t in s.tasks.values().filter(|t| t.service_id == id) {
+        counts.add(t);
+    }
+    service_counted(s, lb, id, counts)
+}
+
+fn service_counted(s: &State, lb: &LbReports, id: &str, counts: TaskCounts) -> ServiceInfo {
     let svc = &s.services[id];
-    let running = s
-        .tasks
-        .values()
-        .filter(|t| t.service_id == id && t.is_current() && t.state == TaskState::Running)
-        .count();
+    let running = counts.running;
     let desired = if svc.is_global() {
-        s.tasks
-            .values()
-            .filter(|t| t.service_id == id && t.is_current())
-            .count() as u64
+        counts.current
     } else {
         svc.spec.replicas
     };
@@ -349,5 +376,37 @@ mod tests {
         assert_eq!(ts[1].id, first.id);
         assert!(ts[0].node.is_some());
         assert_eq!(service(&s, &LbReports::new(), &id).running, 0);
+    }
+
+    #[test]
+    fn service_list_counts_as_each_service_alone() {
+        let mut s = cluster(3);
+        s.create_service(&spec("web", 2, &[]), 1).unwrap();
+        let mut agent = spec("agent", 0, &[]);
+        agent.mode = proto::model::ServiceMode::Global;
+        s.create_service(&agent, 1).unwrap();
+        s.create_service(&spec("idle", 3, &[]), 1).unwrap();
+        s.reconcile(1);
+        crate::state::tests::run_placed(&mut s, 2);
+        let web = s.find_service("web").unwrap();
+        let one = s
+            .tasks
+            .values()
+            .find(|t| t.service_id == web)
+            .unwrap()
+            .id
+            .clone();
+        s.tasks.get_mut(&one).unwrap().state = TaskState::Failed;
+        let lb = LbReports::new();
+        let listed = services(&s, &lb);
+        assert_eq!(listed.len(), 3);
+        for info in &listed {
+            let alone = service(&s, &lb, &info.id);
+            assert_eq!((info.running, info.desired), (alone.running, alone.desired));
+        }
+        let by_name = |n: &str| listed.iter().find(|i| i.spec.name == n).unwrap();
+        assert_eq!((by_name("web").running, by_name("web").desired), (1, 2));
+        assert_eq!((by_name("agent").running, by_name("agent").desired), (3, 3));
+        assert_eq!((by_name("idle").running, by_name("idle").desired), (3, 3));
     }
 }
