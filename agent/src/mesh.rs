@@ -26,7 +26,7 @@ use proto::agent::{Assignment, NetworkSpec, PublishedService, TaskSpec};
 use proto::model::{EndpointMode, LbKind, PortConfig, Protocol, PublishMode};
 
 use crate::lb::DrainingBackends;
-use crate::names::{GWBRIDGE, INGRESS_SBOX, LB_IF, SBOX_INGRESS_IF};
+use crate::names::{sandbox_name, GWBRIDGE, INGRESS_SBOX, LB_IF, SBOX_INGRESS_IF};
 
 /// The gwbridge as the planner needs it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -260,6 +260,31 @@ pub fn vip_aliases(st: &SboxState) -> Vec<Ipv4Net> {
         .values()
         .filter_map(|s| s.vip)
         .map(Ipv4Net::from)
+        .collect()
+}
+
+/// The overlay sandboxes (`1-<netid>`) by name, with their network: the ingress network's
+/// always, and the sandbox of every network one of `tasks` is attached to. The planner makes
+/// those of the active tasks; the pass writes the sysctls of those of the running ones.
+pub fn overlay_networks<'a>(
+    desired: &'a Assignment,
+    tasks: &[&TaskSpec],
+) -> BTreeMap<String, &'a NetworkSpec> {
+    let ingress = desired.ingress.as_ref().map(|i| &i.network);
+    let networks: BTreeMap<&str, &NetworkSpec> = desired
+        .networks
+        .iter()
+        .chain(ingress)
+        .map(|n| (n.id.as_str(), n))
+        .collect();
+    let attached = tasks
+        .iter()
+        .flat_map(|t| &t.attachments)
+        .filter_map(|a| networks.get(a.network_id.as_str()).copied());
+    ingress
+        .into_iter()
+        .chain(attached)
+        .map(|n| (sandbox_name(&n.id), n))
         .collect()
 }
 
@@ -743,6 +768,47 @@ mod tests {
         // With IPVS the VIPs live in lb_<network>: the tasks' tables hold none.
         let ipvs = task_states(&a, &[&client, &both], LbKind::Ipvs);
         assert!(ipvs.values().all(|t| t.vips.is_empty()));
+    }
+
+    #[test]
+    fn overlay_sandboxes_are_ingress_and_the_networks_tasks_use() {
+        let mut a = assignment();
+        a.networks = vec![
+            user_net("back", "10.0.9.0/24", vec![]),
+            user_net("front", "10.0.8.0/24", vec![]),
+            user_net("idle", "10.0.7.0/24", vec![]),
+        ];
+        let names = |a: &Assignment, tasks: &[&TaskSpec]| -> Vec<(String, String)> {
+            overlay_networks(a, tasks)
+                .into_iter()
+                .map(|(sb, n)| (sb, n.id.clone()))
+                .collect()
+        };
+        let pair = |sb: &str, id: &str| (sb.to_string(), id.to_string());
+        // A node without tasks still has the ingress network's sandbox.
+        assert_eq!(names(&a, &[]), [pair("1-ing", "ing")]);
+        let web = on(
+            "web.1.a",
+            "web",
+            &[("ing", "10.255.0.5"), ("back", "10.0.9.5")],
+        );
+        let gw = on(
+            "gw.1.b",
+            "gw",
+            &[("back", "10.0.9.6"), ("front", "10.0.8.6")],
+        );
+        // A network no listed task uses has none; one named by no network is skipped.
+        let lost = on("lost.1.c", "lost", &[("gone", "10.0.6.5")]);
+        assert_eq!(
+            names(&a, &[&web, &gw, &lost]),
+            [
+                pair("1-back", "back"),
+                pair("1-front", "front"),
+                pair("1-ing", "ing")
+            ]
+        );
+        a.ingress = None;
+        assert_eq!(names(&a, &[&web]), [pair("1-back", "back")]);
     }
 
     #[test]

@@ -252,17 +252,7 @@ pub fn plan(
     }
 
     // Networks in use by an active task, by sandbox name; the ingress network always.
-    let mut used: BTreeMap<String, &NetworkSpec> = BTreeMap::new();
-    if let Some(i) = ingress {
-        used.insert(sandbox_name(&i.network.id), &i.network);
-    }
-    for t in &active {
-        for att in &t.attachments {
-            if let Some(n) = networks.get(att.network_id.as_str()) {
-                used.insert(sandbox_name(&n.id), n);
-            }
-        }
-    }
+    let used = mesh::overlay_networks(desired, &active);
 
     let mut wanted_ns: BTreeSet<String> = used.keys().cloned().collect();
     wanted_ns.extend(active.iter().map(|t| t.name.clone()));

@@ -137,6 +137,15 @@ impl MeshRules {
         if let Err(e) = self.node.write_sysctls(&firewall::node_sysctls(GWBRIDGE)) {
             fail("node sysctl", &e);
         }
+        // Where present: br_netfilter, and with it these keys, may come at any time.
+        let overlay = firewall::overlay_sysctls();
+        for sandbox in mesh::overlay_networks(desired, running).keys() {
+            let written = Netns::open(&self.dir.join(sandbox))
+                .and_then(|ns| ns.write_present_sysctls(&overlay));
+            if let Err(e) = written {
+                fail(&format!("sysctl in {sandbox}"), &e);
+            }
+        }
         let node = mesh::node_state(desired, self.gw_subnet, gw_addrs, running);
         match sync_table(&self.node, &mut self.node_table, &node, recheck) {
             Ok(Synced::Repaired(how)) => out.repaired.push(("node".into(), how)),

@@ -144,7 +144,7 @@ pub use node::{node_sysctls, NodeConfig, NodeState};
 pub use render::{Batch, ELEMENTS_PER_STATEMENT};
 #[cfg(any(test, feature = "testing"))]
 pub use sbox::synthetic_sbox;
-pub use sbox::{kernel_release, sbox_sysctls, SboxConfig, SboxService, SboxState};
+pub use sbox::{kernel_release, overlay_sysctls, sbox_sysctls, SboxConfig, SboxService, SboxState};
 pub use task::TaskState;
 
 /// A rule set of one namespace's table: rendered from desired state, checked against the

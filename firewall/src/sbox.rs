@@ -303,6 +303,20 @@ pub fn sbox_sysctls(lb: LbKind, kernel: &str) -> Vec<(String, String)> {
         .collect()
 }
 
+/// Sysctls of an overlay network's sandbox (`1-<netid>`: br0, vxlan0 and the tasks' veths),
+/// which holds no rules: bridge netfilter off, so that frames crossing br0 do not run this
+/// namespace's IP, IPv6 and ARP hooks (conntrack included) for nothing. Not for the node's
+/// namespace, whose gwbridge icc drop needs them, nor ingress_sbox and `lb_` namespaces, which
+/// hold no bridge. The keys exist only while `br_netfilter` is loaded, and outside the node's
+/// namespace only from Linux 5.3, where they are per namespace (before, they were global):
+/// write them where present, with [`netns::Netns::write_present_sysctls`].
+pub fn overlay_sysctls() -> Vec<(String, String)> {
+    ["iptables", "ip6tables", "arptables"]
+        .into_iter()
+        .map(|family| (format!("net.bridge.bridge-nf-call-{family}"), "0".into()))
+        .collect()
+}
+
 /// The running kernel's release (`uname -r`), for [`sbox_sysctls`]; empty if unreadable.
 pub fn kernel_release() -> String {
     std::fs::read_to_string("/proc/sys/kernel/osrelease")
@@ -619,6 +633,19 @@ add element ip meshnet backends { 256 . 1 : 10.255.0.13 }
         assert_eq!(reuse("5.8.18-100.fc31.x86_64"), "0");
         assert_eq!(reuse("4.19.0"), "0");
         assert_eq!(reuse("garbage"), "0");
+    }
+
+    #[test]
+    fn overlay_sandboxes_turn_bridge_netfilter_off_for_every_family() {
+        let want: Vec<(String, String)> = [
+            "net.bridge.bridge-nf-call-iptables",
+            "net.bridge.bridge-nf-call-ip6tables",
+            "net.bridge.bridge-nf-call-arptables",
+        ]
+        .into_iter()
+        .map(|k| (k.to_string(), "0".to_string()))
+        .collect();
+        assert_eq!(overlay_sysctls(), want);
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! between worker threads.
 
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, ErrorKind};
+use std::io::{self, ErrorKind, Write};
 use std::os::fd::{AsFd, AsRawFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::os::unix::process::CommandExt;
@@ -248,13 +248,39 @@ impl Netns {
         &self,
         pairs: &[(K, V)],
     ) -> Result<()> {
+        self.write_sysctls_with(pairs, false)
+    }
+
+    /// Like [`Netns::write_sysctls`], but a key this namespace does not have is skipped: keys
+    /// that exist only while their module is loaded (`net.bridge.*` with br_netfilter).
+    pub fn write_present_sysctls<K: AsRef<str>, V: AsRef<str> + Sync>(
+        &self,
+        pairs: &[(K, V)],
+    ) -> Result<()> {
+        self.write_sysctls_with(pairs, true)
+    }
+
+    fn write_sysctls_with<K: AsRef<str>, V: AsRef<str> + Sync>(
+        &self,
+        pairs: &[(K, V)],
+        skip_absent: bool,
+    ) -> Result<()> {
         let files = pairs
             .iter()
             .map(|(k, v)| Ok((k.as_ref(), sysctl_path(k.as_ref())?, v.as_ref())))
             .collect::<Result<Vec<_>>>()?;
         self.run(|| {
             files.iter().try_for_each(|(key, file, value)| {
-                fs::write(file, value).map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))
+                // Not created if absent (procfs would refuse it anyway): a missing key is
+                // NotFound, whatever of its path is missing.
+                let written = OpenOptions::new()
+                    .write(true)
+                    .open(file)
+                    .and_then(|mut f| f.write_all(value.as_bytes()));
+                match written {
+                    Err(e) if skip_absent && e.kind() == ErrorKind::NotFound => Ok(()),
+                    r => r.map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}"))),
+                }
             })
         })?
         .map_err(io_err("write sysctl in", &self.path))

@@ -196,4 +196,18 @@ fn sysctls_are_per_namespace() {
         .to_string();
     assert!(err.contains("net.ipv4.nope"), "{err}");
     assert_eq!(b.read_sysctl("net.ipv4.tcp_fin_timeout").unwrap(), "23");
+    // Keys the namespace lacks (a key, or a whole directory of a module not loaded) skipped.
+    b.write_present_sysctls(&[
+        ("net.ipv4.nope", "1"),
+        ("net.nomodule.key", "1"),
+        ("net.ipv4.tcp_fin_timeout", "29"),
+    ])
+    .unwrap();
+    assert_eq!(b.read_sysctl("net.ipv4.tcp_fin_timeout").unwrap(), "29");
+    // Any other failure is still one.
+    let err = b
+        .write_present_sysctls(&[("net.ipv4.tcp_fin_timeout", "not a number")])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("net.ipv4.tcp_fin_timeout"), "{err}");
 }
