@@ -263,6 +263,9 @@ impl<K: Kernel> Reconciler<K> {
                 info!(change = %applied, "ESP");
             }
         }
+        if let Some(how) = report.repaired {
+            self.table_repairs(&[("node".into(), how)], &format!("ip {}", esp::TABLE));
+        }
         for e in &report.errors {
             error!("ESP: {e}");
         }
@@ -280,7 +283,7 @@ impl<K: Kernel> Reconciler<K> {
         .await;
         match result {
             Ok(out) => {
-                self.table_repairs(&out.repaired);
+                self.table_repairs(&out.repaired, firewall::TABLE);
                 out.errors
             }
             Err(panicked) => {
@@ -290,9 +293,10 @@ impl<K: Kernel> Reconciler<K> {
         }
     }
 
-    fn table_repairs(&self, repaired: &[(String, String)]) {
+    /// Logs and counts the tables (`table`: family and name) rebuilt because they differed.
+    fn table_repairs(&self, repaired: &[(String, String)], table: &str) {
         for (netns, how) in repaired {
-            warn!(kind = "nft_table", %netns, differed = %how, "repair: table ip meshnet differed from what it should be; rebuilt");
+            warn!(kind = "nft_table", %netns, differed = %how, "repair: table {table} differed from what it should be; rebuilt");
             self.metrics.repair("nft_table");
         }
     }
@@ -367,7 +371,7 @@ impl<K: Kernel> Reconciler<K> {
         match result {
             Ok(out) => {
                 self.wake = out.wake;
-                self.table_repairs(&out.repaired);
+                self.table_repairs(&out.repaired, firewall::TABLE);
                 if let Some(report) = out.report {
                     self.outbox.lb_state(report);
                 }
