@@ -264,7 +264,10 @@ impl<K: Kernel> Reconciler<K> {
             }
         }
         if let Some(how) = report.repaired {
-            self.table_repairs(&[("node".into(), how)], &format!("ip {}", esp::TABLE));
+            self.table_repairs(
+                &[("node".into(), how.to_string())],
+                &format!("ip {}", esp::TABLE),
+            );
         }
         for e in &report.errors {
             error!("ESP: {e}");

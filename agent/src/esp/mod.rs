@@ -128,7 +128,7 @@ pub fn spi(src: Ipv4Addr, dst: Ipv4Addr, tag: u32) -> u32 {
 
 /// The desired ESP state of this node, or None when it must be left as it is: an encrypted
 /// network without keys (an agent restarted while its manager is away keeps what it had).
-pub fn desired(a: &Assignment, local: Ipv4Addr, port: u16) -> Result<Option<Desired>, String> {
+pub fn desired(a: &Assignment, local: Ipv4Addr, port: u16) -> Result<Option<Desired>, EspError> {
     // The ingress network too, when `mesh-manager --ingress-encrypted` made it so.
     let encrypted: Vec<_> = a
         .networks
@@ -146,7 +146,7 @@ pub fn desired(a: &Assignment, local: Ipv4Addr, port: u16) -> Result<Option<Desi
         .keys
         .iter()
         .find(|k| k.tag == keys.send)
-        .ok_or_else(|| format!("the send key {} is not in the key ring", keys.send))?;
+        .ok_or(EspError::NoSendKey(keys.send))?;
     let peers: BTreeSet<Ipv4Addr> = encrypted
         .iter()
         .flat_map(|n| &n.peers)
@@ -263,9 +263,18 @@ pub fn nft_script(vnis: &BTreeSet<u32>, port: u16) -> String {
     s
 }
 
-/// What the node's kernel, or `nft`, refused.
+/// What the node's kernel, or `nft`, refused, or the assignment got wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum EspError {
+    #[error("the send key {0} is not in the key ring")]
+    NoSendKey(u32),
+    /// An action of a sync that failed (its Debug form hides the key).
+    #[error("{action:?}: {source}")]
+    Action {
+        action: EspAction,
+        #[source]
+        source: Box<EspError>,
+    },
     #[error(transparent)]
     Xfrm(#[from] xfrm::XfrmError),
     #[error("run nft for table {TABLE}: {0}")]
@@ -458,13 +467,13 @@ fn list_table() -> Result<Option<String>, EspError> {
 }
 
 /// What one sync did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct SyncReport {
     /// Descriptions of what changed (no key material).
     pub applied: Vec<String>,
     /// The table had drifted from what was last applied and was rebuilt: how it differed.
-    pub repaired: Option<String>,
-    pub errors: Vec<String>,
+    pub repaired: Option<TableDrift>,
+    pub errors: Vec<EspError>,
 }
 
 /// What [`EspSync`] did to the table.
@@ -521,20 +530,23 @@ impl EspSync {
             Ok(TableSynced::Applied) => report
                 .applied
                 .push(format!("table {TABLE}: encrypted VNIs {:?}", desired.vnis)),
-            Ok(TableSynced::Repaired(how)) => report.repaired = Some(how.to_string()),
-            Err(e) => report.errors.push(e.to_string()),
+            Ok(TableSynced::Repaired(how)) => report.repaired = Some(how),
+            Err(e) => report.errors.push(e),
         }
         let observed = match k.observe() {
             Ok(o) => o,
             Err(e) => {
-                report.errors.push(e.to_string());
+                report.errors.push(e);
                 return report;
             }
         };
         for action in plan(&desired, &observed) {
             match k.apply(&action) {
                 Ok(()) => report.applied.push(format!("{action:?}")),
-                Err(e) => report.errors.push(format!("{action:?}: {e}")),
+                Err(e) => report.errors.push(EspError::Action {
+                    action,
+                    source: Box::new(e),
+                }),
             }
         }
         report
@@ -597,14 +609,28 @@ impl EspSync {
     }
 }
 
+/// Why the kernel cannot do ESP, as the probe found it; sent to the manager as the node's
+/// `no_encryption` reason.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("make a namespace to probe in: {0}")]
+    Namespace(nix::Error),
+    #[error("add an {AEAD_NAME} state: {0}")]
+    AddState(std::io::Error),
+    /// Opening the socket, or an answer that could not be read.
+    #[error(transparent)]
+    Xfrm(#[from] xfrm::XfrmError),
+    #[error("the probe panicked")]
+    Panicked,
+}
+
 /// Whether this kernel can do what encrypted overlays need: adds (and drops with it) one
 /// `rfc4106(gcm(aes))` transport state in a throwaway network namespace, on a thread of its
 /// own, so nothing of the node is touched.
 pub fn probe() -> EspSupport {
-    let run = || -> Result<(), String> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("make a namespace to probe in: {e}"))?;
-        let mut sock = xfrm::XfrmSocket::open().map_err(|e| e.to_string())?;
+    let run = || -> Result<(), ProbeError> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(ProbeError::Namespace)?;
+        let mut sock = xfrm::XfrmSocket::open()?;
         let sa = Sa {
             id: SaId {
                 dst: Ipv4Addr::new(192, 0, 2, 2),
@@ -614,16 +640,18 @@ pub fn probe() -> EspSupport {
             key: [0; ESP_KEY_BYTES],
         };
         sock.add_sa(&sa).map_err(|e| match e {
-            xfrm::XfrmError::Io { source, .. } => format!("add an {AEAD_NAME} state: {source}"),
-            other => other.to_string(),
+            xfrm::XfrmError::Io { source, .. } => ProbeError::AddState(source),
+            other => ProbeError::Xfrm(other),
         })
     };
     let outcome = std::thread::spawn(run)
         .join()
-        .unwrap_or_else(|_| Err("the probe panicked".into()));
+        .unwrap_or(Err(ProbeError::Panicked));
     match outcome {
         Ok(()) => EspSupport::Supported,
-        Err(reason) => EspSupport::Unsupported { reason },
+        Err(e) => EspSupport::Unsupported {
+            reason: e.to_string(),
+        },
     }
 }
 
@@ -722,7 +750,10 @@ mod tests {
         let keyless = assignment(vec![net("sec", 4097, true, &[N2])], None);
         assert_eq!(desired(&keyless, N1, 4789).unwrap(), None);
         let bad = assignment(vec![net("sec", 4097, true, &[N2])], Some(keys(&[1], 9)));
-        assert!(desired(&bad, N1, 4789).unwrap_err().contains("send key 9"));
+        assert_eq!(
+            desired(&bad, N1, 4789).unwrap_err().to_string(),
+            "the send key 9 is not in the key ring"
+        );
     }
 
     #[test]
@@ -928,6 +959,14 @@ mod tests {
         }
     }
 
+    /// A sync that found nothing to do.
+    fn assert_quiet(r: SyncReport) {
+        assert!(
+            r.applied.is_empty() && r.repaired.is_none() && r.errors.is_empty(),
+            "{r:?}"
+        );
+    }
+
     fn secure() -> Assignment {
         assignment(
             vec![net("sec", 4097, true, &[N2, N3])],
@@ -954,18 +993,12 @@ mod tests {
         let mut k = built();
         let (held, generation) = (k.held.clone(), k.generation);
         let mut restarted = EspSync::new(N1, 4789);
-        assert_eq!(
-            restarted.sync(&mut k, &secure(), false),
-            SyncReport::default()
-        );
+        assert_quiet(restarted.sync(&mut k, &secure(), false));
         // The table listed once, against the script's own listing; nothing written.
         assert_eq!((k.lists, k.references, k.scripts.len()), (1, 1, 1));
         assert_eq!((&k.held, k.generation), (&held, generation));
         // Known right at that generation: later rechecks do not list it again.
-        assert_eq!(
-            restarted.sync(&mut k, &secure(), true),
-            SyncReport::default()
-        );
+        assert_quiet(restarted.sync(&mut k, &secure(), true));
         assert_eq!(k.lists, 1);
     }
 
@@ -975,13 +1008,8 @@ mod tests {
             let mut k = built();
             k.table = table;
             let r = EspSync::new(N1, 4789).sync(&mut k, &secure(), false);
-            assert_eq!(
-                r,
-                SyncReport {
-                    applied: vec!["table meshnet_esp: encrypted VNIs {4097}".into()],
-                    ..SyncReport::default()
-                }
-            );
+            assert_eq!(r.applied, ["table meshnet_esp: encrypted VNIs {4097}"]);
+            assert!(r.repaired.is_none() && r.errors.is_empty(), "{r:?}");
             assert_eq!(k.scripts.len(), 2);
             assert_eq!(k.table, listing(&k.scripts[0], 0));
         }
@@ -991,30 +1019,30 @@ mod tests {
     fn a_table_changed_behind_our_back_is_found_on_recheck_and_rebuilt() {
         let mut k = built();
         let mut s = EspSync::new(N1, 4789);
-        assert_eq!(s.sync(&mut k, &secure(), false), SyncReport::default());
+        assert_quiet(s.sync(&mut k, &secure(), false));
         // Someone else's transaction that left the table right: listed once, kept.
         k.generation += 1;
-        assert_eq!(s.sync(&mut k, &secure(), true), SyncReport::default());
+        assert_quiet(s.sync(&mut k, &secure(), true));
         assert_eq!((k.lists, k.scripts.len()), (2, 1));
         // Edited: found only on a recheck (a pass that is asked for something else does not
         // list), rebuilt, and said how it differed.
         k.table = listing(&nft_script(&BTreeSet::from([4099]), 4789), 0);
         k.generation += 1;
-        assert_eq!(s.sync(&mut k, &secure(), false), SyncReport::default());
+        assert_quiet(s.sync(&mut k, &secure(), false));
         let r = s.sync(&mut k, &secure(), true);
-        let how = r.repaired.clone().expect("a repair");
+        let how = r.repaired.as_ref().expect("a repair").to_string();
         assert!(how.starts_with("chain c rule 1 differs"), "{how}");
         assert!(r.applied.is_empty() && r.errors.is_empty(), "{r:?}");
         assert_eq!(k.scripts.len(), 2);
         assert_eq!(k.table, listing(&k.scripts[0], 0));
         // Our rebuild was the only transaction since: right at its generation, not listed.
-        assert_eq!(s.sync(&mut k, &secure(), true), SyncReport::default());
+        assert_quiet(s.sync(&mut k, &secure(), true));
         assert_eq!(k.lists, 3);
         // Deleted.
         k.table = None;
         k.generation += 1;
         let r = s.sync(&mut k, &secure(), true);
-        assert_eq!(r.repaired.as_deref(), Some("table ip meshnet_esp missing"));
+        assert_eq!(r.repaired, Some(TableDrift::Missing));
         assert_eq!(k.references, 1, "one reference listing per script");
     }
 
@@ -1038,10 +1066,7 @@ mod tests {
             ..two.clone()
         };
         let mut restarted = EspSync::new(N1, 4789);
-        assert_eq!(
-            restarted.sync(&mut k, &keyless, true),
-            SyncReport::default()
-        );
+        assert_quiet(restarted.sync(&mut k, &keyless, true));
         assert_eq!(k.held.states.len(), 8);
         // The encrypted networks leave the node: everything of ours goes, the table too.
         let r = s.sync(&mut k, &assignment(vec![], None), false);
@@ -1052,10 +1077,7 @@ mod tests {
         // one that finds the table removes it.
         let scripts = k.scripts.len();
         let mut plain = EspSync::new(N1, 4789);
-        assert_eq!(
-            plain.sync(&mut k, &assignment(vec![], None), false),
-            SyncReport::default()
-        );
+        assert_quiet(plain.sync(&mut k, &assignment(vec![], None), false));
         assert_eq!(k.scripts.len(), scripts);
         k.table = listing(&k.scripts[0], 0);
         let r = EspSync::new(N1, 4789).sync(&mut k, &assignment(vec![], None), false);
