@@ -497,9 +497,6 @@ impl<K: Kernel> Reconciler<K> {
                 }
                 Some(Change { netns, what, nft }) = changes.recv() => {
                     let soon = Instant::now() + DEBOUNCE;
-                    if !nft {
-                        self.observed.invalidate(&netns);
-                    }
                     if nft {
                         // Our own writes come back too: they cost a generation query per
                         // table, not a pass.
@@ -507,10 +504,14 @@ impl<K: Kernel> Reconciler<K> {
                             debug!(%netns, %what, "nf_tables change; rechecking the tables");
                             tables_due = Some(soon);
                         }
-                    } else if soon < next {
-                        // Our own changes come back too: they cost one pass that finds nothing.
-                        debug!(%netns, %what, "kernel change; reconciling");
-                        next = soon;
+                    } else {
+                        self.observed.invalidate(&netns);
+                        if soon < next {
+                            // Our own changes come back too: they cost one pass that finds
+                            // nothing.
+                            debug!(%netns, %what, "kernel change; reconciling");
+                            next = soon;
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(tables_due.unwrap_or(next)), if tables_due.is_some() => {
