@@ -15,7 +15,7 @@ use etherparse::{
     EtherType, IpNumber, LaxNetSlice, LaxSlicedPacket, LinuxSllProtocolType, LinuxSllSlice,
     TransportSlice,
 };
-use integration::cluster::{Cluster, ClusterOptions};
+use integration::cluster::{Cluster, ClusterOptions, RECONCILE_INTERVAL};
 use netns::Netns;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -575,20 +575,23 @@ fn an_encrypted_ingress_carries_the_routing_mesh_in_esp_only() {
     // Past the second, so that a state added anew would show another time.
     std::thread::sleep(Duration::from_millis(1100));
     c.start_agent(&node).unwrap();
-    // A pass over the manager's assignment, keys included (the saved one has none).
+    // The manager's assignment received (keys included: the saved one has none) and applied;
+    // then a few reconcile intervals, so that passes with the keys have run whatever pass
+    // over the saved assignment was under way when it came.
     c.wait_for(
         Duration::from_secs(60),
-        "the restarted agent's pass",
+        "the manager's assignment applied",
         |_| {
             let text = std::fs::read_to_string(&log).ok()?;
             let rest = text.get(offset..)?;
-            let connected = rest.find("connected to the manager")?;
-            rest[connected..]
+            let received = rest.find("assignment received")?;
+            rest[received..]
                 .contains("assignment applied")
                 .then_some(())
         },
     )
     .unwrap();
+    std::thread::sleep(Duration::from_secs(5 * RECONCILE_INTERVAL));
     assert_eq!(esp_objects(&c), before, "the restart changed ESP objects");
     for node in nodes {
         assert!(get(&c, node).is_some_and(|a| from.contains_key(&a)));
