@@ -3,6 +3,7 @@
 //! dedicated thread inside each namespace) and `netns`, so no thread of the agent, and no tokio
 //! worker, ever changes namespace.
 
+use std::collections::BTreeMap;
 use std::fs::{self, OpenOptions};
 use std::io;
 use std::net::Ipv4Addr;
@@ -40,7 +41,12 @@ pub enum KernelError {
 
 /// Reads and changes the kernel objects the agent owns.
 pub trait Kernel: Send + Sync + 'static {
-    fn observe(&self) -> Result<Observed, KernelError>;
+    fn observe(&self) -> Result<Observed, KernelError> {
+        self.observe_reusing(&BTreeMap::new())
+    }
+    /// [`Kernel::observe`], taking the observation of each namespace in `reuse` as it is
+    /// where the namespace's inode is still the same, instead of reading it.
+    fn observe_reusing(&self, reuse: &BTreeMap<String, NsObs>) -> Result<Observed, KernelError>;
     /// The node's own addresses and routes, which our subnets must not clash with.
     fn node_nets(&self) -> Result<NodeNets, KernelError>;
     /// Applies one kernel action (every [`Action`] but the task ones).
@@ -137,7 +143,7 @@ impl NetKernel {
 }
 
 impl Kernel for NetKernel {
-    fn observe(&self) -> Result<Observed, KernelError> {
+    fn observe_reusing(&self, reuse: &BTreeMap<String, NsObs>) -> Result<Observed, KernelError> {
         let mut out = Observed::default();
         for path in netns::list(&self.dir)? {
             let name = path
@@ -151,8 +157,11 @@ impl Kernel for NetKernel {
                 Err(e) => return Err(e.into()),
             };
             let inode = sandbox.netns().inode()?;
-            out.namespaces
-                .insert(name, NsObs::new(inode, sandbox.observe()?));
+            let obs = match reuse.get(&name) {
+                Some(kept) if kept.inode == inode => kept.clone(),
+                _ => NsObs::new(inode, sandbox.observe()?),
+            };
+            out.namespaces.insert(name, obs);
         }
         // Of the node's links, only ours: the gwbridge and the `mgw` legs on it.
         let node = self.node_sandbox()?;
@@ -404,8 +413,18 @@ pub mod fake {
     }
 
     impl Kernel for FakeKernel {
-        fn observe(&self) -> Result<Observed, KernelError> {
-            Ok(self.state.lock().unwrap().clone())
+        fn observe_reusing(
+            &self,
+            reuse: &BTreeMap<String, NsObs>,
+        ) -> Result<Observed, KernelError> {
+            let mut out = self.state.lock().unwrap().clone();
+            for (name, obs) in &mut out.namespaces {
+                match reuse.get(name) {
+                    Some(kept) if kept.inode == obs.inode => *obs = kept.clone(),
+                    _ => {}
+                }
+            }
+            Ok(out)
         }
 
         /// A node with no addresses or routes of its own: nothing clashes.

@@ -40,6 +40,7 @@ use netns::Netns;
 
 use crate::apply::{Kernel, NetKernel};
 use crate::lb::{LbOptions, Timeouts};
+use crate::observe::ObsCache;
 use crate::plan::Settings;
 use proto::agent::EspSupport;
 use proto::model::LbKind;
@@ -434,6 +435,7 @@ async fn run() -> anyhow::Result<()> {
         .context("start the DNS resolver's thread")?,
         metrics,
         esp: esp_node,
+        observed: ObsCache::default(),
     };
     let interval = Duration::from_secs(flags.reconcile_interval);
     let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;

@@ -103,6 +103,14 @@ impl Watcher {
         Ok((w, rx))
     }
 
+    /// The namespaces watched now, name → inode.
+    pub fn watched(&self) -> BTreeMap<String, u64> {
+        self.watched
+            .iter()
+            .map(|(name, (inode, _))| (name.clone(), *inode))
+            .collect()
+    }
+
     /// Ends the watch of each namespace that is not in `current` (name → inode) as watched.
     pub async fn retain(&mut self, current: &BTreeMap<String, u64>) {
         let stale: Vec<String> = self
@@ -130,11 +138,7 @@ impl Watcher {
     /// Watches every namespace in the agent's dir not watched yet.
     pub async fn sync(&mut self) {
         let dir = self.dir.clone();
-        let known: BTreeMap<String, u64> = self
-            .watched
-            .iter()
-            .map(|(n, (i, _))| (n.clone(), *i))
-            .collect();
+        let known = self.watched();
         let opened = tokio::task::spawn_blocking(move || open_new(&dir, &known)).await;
         let opened = match opened {
             Ok(v) => v,

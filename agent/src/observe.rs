@@ -43,6 +43,44 @@ impl NsObs {
     }
 }
 
+/// The last pass's observations of the agent's namespaces, kept for the next pass while the
+/// kernel says nothing changed there: a pass set off by a change in one namespace reads that
+/// one again, not every namespace the agent owns. Only a namespace watched (see
+/// [`crate::netwatch`]) since before it was observed is kept, so that any later change to it
+/// is notified; the timer pass clears the cache (the backstop for a lost notification or a
+/// watch that ended).
+#[derive(Debug, Default)]
+pub struct ObsCache {
+    kept: BTreeMap<String, NsObs>,
+}
+
+impl ObsCache {
+    /// Keeps the namespaces of `observed` that `watched` (name → inode, as it was before the
+    /// observation began) holds with the same inode.
+    pub fn store(&mut self, observed: &Observed, watched: &BTreeMap<String, u64>) {
+        self.kept = observed
+            .namespaces
+            .iter()
+            .filter(|(name, o)| watched.get(*name) == Some(&o.inode))
+            .map(|(name, o)| (name.clone(), o.clone()))
+            .collect();
+    }
+
+    /// `name` changed (a notification, or an action of ours): the next pass reads it again.
+    pub fn invalidate(&mut self, name: &str) {
+        self.kept.remove(name);
+    }
+
+    pub fn clear(&mut self) {
+        self.kept.clear();
+    }
+
+    /// The observations a pass may take as they are, while the namespace's inode is the same.
+    pub fn reusable(&self) -> &BTreeMap<String, NsObs> {
+        &self.kept
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -75,5 +113,31 @@ mod tests {
         let obs = NsObs::new(7, seen);
         assert_eq!(obs.inode, 7);
         assert_eq!(obs.links.keys().collect::<Vec<_>>(), ["br0"]);
+    }
+
+    #[test]
+    fn only_watched_unchanged_namespaces_are_kept() {
+        let ns = |inode| NsObs {
+            inode,
+            ..NsObs::default()
+        };
+        let observed = Observed {
+            namespaces: BTreeMap::from([
+                ("a".to_string(), ns(1)),
+                ("b".to_string(), ns(2)),
+                ("c".to_string(), ns(3)),
+            ]),
+            node: NsObs::default(),
+        };
+        // a watched; b not yet; c watched, but an older namespace of that name.
+        let watched = BTreeMap::from([("a".to_string(), 1), ("c".to_string(), 9)]);
+        let mut cache = ObsCache::default();
+        cache.store(&observed, &watched);
+        assert_eq!(cache.reusable().keys().collect::<Vec<_>>(), ["a"]);
+        cache.invalidate("a");
+        assert!(cache.reusable().is_empty());
+        cache.store(&observed, &watched);
+        cache.clear();
+        assert!(cache.reusable().is_empty());
     }
 }

@@ -21,6 +21,7 @@ use crate::mesh::{self, Gw};
 use crate::metrics::AgentMetrics;
 use crate::names::{sandbox_name, INGRESS_SBOX};
 use crate::netwatch::{Change, Watcher};
+use crate::observe::ObsCache;
 use crate::outbox::Outbox;
 use crate::plan::{plan, Action, Settings};
 use crate::rules::MeshRules;
@@ -88,6 +89,8 @@ pub struct Reconciler<K: Kernel> {
     pub dns: Dns,
     /// ESP for encrypted networks, on a node whose kernel has it.
     pub esp: Option<Arc<Mutex<EspNode>>>,
+    /// What the last pass observed of the namespaces nothing changed in since.
+    pub observed: ObsCache,
 }
 
 /// The node's XFRM socket and what it applied.
@@ -159,17 +162,21 @@ impl<K: Kernel> Reconciler<K> {
         }
         clock.lap("lb");
         let kernel = self.kernel.clone();
-        let observed = match tokio::task::spawn_blocking(move || kernel.observe()).await {
-            Ok(Ok(o)) => o,
-            Ok(Err(e)) => {
-                error!("observe the node: {e}");
-                return 1;
-            }
-            Err(panicked) => {
-                error!("observe the node: {panicked}");
-                return 1;
-            }
-        };
+        // Watched before the observation begins: a change after it is bound to be notified.
+        let watched = self.watch.watched();
+        let reuse = self.observed.reusable().clone();
+        let observed =
+            match tokio::task::spawn_blocking(move || kernel.observe_reusing(&reuse)).await {
+                Ok(Ok(o)) => o,
+                Ok(Err(e)) => {
+                    error!("observe the node: {e}");
+                    return 1;
+                }
+                Err(panicked) => {
+                    error!("observe the node: {panicked}");
+                    return 1;
+                }
+            };
         // A watch holds its namespace alive: none outlives the file it was opened through.
         let current = observed
             .namespaces
@@ -177,6 +184,17 @@ impl<K: Kernel> Reconciler<K> {
             .map(|(name, o)| (name.clone(), o.inode))
             .collect();
         self.watch.retain(&current).await;
+        let reused = observed
+            .namespaces
+            .iter()
+            .filter(|(name, o)| {
+                self.observed
+                    .reusable()
+                    .get(*name)
+                    .is_some_and(|kept| kept.inode == o.inode)
+            })
+            .count();
+        self.observed.store(&observed, &watched);
         clock.lap("observe");
         // A task whose name cannot name its namespace (and files) fails instead of retrying.
         for t in &desired.tasks {
@@ -205,6 +223,10 @@ impl<K: Kernel> Reconciler<K> {
                 errors += 1;
                 continue;
             }
+            // Whether it worked or not, the namespaces it is about changed.
+            for scope in action.scopes() {
+                self.observed.invalidate(scope);
+            }
             let span = span_of(&action, desired);
             if self.settled {
                 span.in_scope(|| warn!(kind = action.kind(), ?action, "repair"));
@@ -231,7 +253,13 @@ impl<K: Kernel> Reconciler<K> {
         clock.lap("mesh");
         errors += self.sync_esp(desired).await;
         clock.lap("esp");
-        debug!(revision = desired.revision, %clock, "pass");
+        debug!(
+            revision = desired.revision,
+            namespaces = observed.namespaces.len(),
+            reused,
+            %clock,
+            "pass"
+        );
         errors
     }
 
@@ -263,6 +291,12 @@ impl<K: Kernel> Reconciler<K> {
                 info!(change = %applied, "ESP");
             }
         }
+        if let Some(how) = report.repaired {
+            self.table_repairs(
+                &[("node".into(), how.to_string())],
+                &format!("ip {}", esp::TABLE),
+            );
+        }
         for e in &report.errors {
             error!("ESP: {e}");
         }
@@ -280,7 +314,7 @@ impl<K: Kernel> Reconciler<K> {
         .await;
         match result {
             Ok(out) => {
-                self.table_repairs(&out.repaired);
+                self.table_repairs(&out.repaired, firewall::TABLE);
                 out.errors
             }
             Err(panicked) => {
@@ -290,9 +324,10 @@ impl<K: Kernel> Reconciler<K> {
         }
     }
 
-    fn table_repairs(&self, repaired: &[(String, String)]) {
+    /// Logs and counts the tables (`table`: family and name) rebuilt because they differed.
+    fn table_repairs(&self, repaired: &[(String, String)], table: &str) {
         for (netns, how) in repaired {
-            warn!(kind = "nft_table", %netns, differed = %how, "repair: table ip meshnet differed from what it should be; rebuilt");
+            warn!(kind = "nft_table", %netns, differed = %how, "repair: table {table} differed from what it should be; rebuilt");
             self.metrics.repair("nft_table");
         }
     }
@@ -367,7 +402,7 @@ impl<K: Kernel> Reconciler<K> {
         match result {
             Ok(out) => {
                 self.wake = out.wake;
-                self.table_repairs(&out.repaired);
+                self.table_repairs(&out.repaired, firewall::TABLE);
                 if let Some(report) = out.report {
                     self.outbox.lb_state(report);
                 }
@@ -436,6 +471,8 @@ impl<K: Kernel> Reconciler<K> {
         let mut notified = false;
         // When the tables are next compared with what was applied, after an nf_tables change.
         let mut tables_due: Option<Instant> = None;
+        // When a pass last read every namespace.
+        let mut last_full: Option<Instant> = None;
         loop {
             tokio::select! {
                 changed = assignments.changed() => {
@@ -467,10 +504,14 @@ impl<K: Kernel> Reconciler<K> {
                             debug!(%netns, %what, "nf_tables change; rechecking the tables");
                             tables_due = Some(soon);
                         }
-                    } else if soon < next {
-                        // Our own changes come back too: they cost one pass that finds nothing.
-                        debug!(%netns, %what, "kernel change; reconciling");
-                        next = soon;
+                    } else {
+                        self.observed.invalidate(&netns);
+                        if soon < next {
+                            // Our own changes come back too: they cost one pass that finds
+                            // nothing.
+                            debug!(%netns, %what, "kernel change; reconciling");
+                            next = soon;
+                        }
                     }
                 }
                 _ = tokio::time::sleep_until(tables_due.unwrap_or(next)), if tables_due.is_some() => {
@@ -481,6 +522,11 @@ impl<K: Kernel> Reconciler<K> {
                 }
                 _ = tokio::time::sleep_until(next) => {
                     let started = Instant::now();
+                    // The backstop: every namespace read again once an interval.
+                    if last_full.is_none_or(|t| started.duration_since(t) >= interval) {
+                        self.observed.clear();
+                        last_full = Some(started);
+                    }
                     let errors = self.pass(&desired).await;
                     self.supervisor.flush_reports();
                     self.metrics.pass(

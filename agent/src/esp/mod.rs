@@ -30,7 +30,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;
 use std::net::{IpAddr, Ipv4Addr};
 
+use firewall::Content;
 use proto::agent::{Assignment, EncryptionKeys, EspSupport, ESP_KEY_BYTES};
+use tracing::info;
 
 /// Owner tag of our states and templates: "mesh".
 pub const REQID: u32 = 0x6d65_7368;
@@ -126,7 +128,7 @@ pub fn spi(src: Ipv4Addr, dst: Ipv4Addr, tag: u32) -> u32 {
 
 /// The desired ESP state of this node, or None when it must be left as it is: an encrypted
 /// network without keys (an agent restarted while its manager is away keeps what it had).
-pub fn desired(a: &Assignment, local: Ipv4Addr, port: u16) -> Result<Option<Desired>, String> {
+pub fn desired(a: &Assignment, local: Ipv4Addr, port: u16) -> Result<Option<Desired>, EspError> {
     // The ingress network too, when `mesh-manager --ingress-encrypted` made it so.
     let encrypted: Vec<_> = a
         .networks
@@ -144,7 +146,7 @@ pub fn desired(a: &Assignment, local: Ipv4Addr, port: u16) -> Result<Option<Desi
         .keys
         .iter()
         .find(|k| k.tag == keys.send)
-        .ok_or_else(|| format!("the send key {} is not in the key ring", keys.send))?;
+        .ok_or(EspError::NoSendKey(keys.send))?;
     let peers: BTreeSet<Ipv4Addr> = encrypted
         .iter()
         .flat_map(|n| &n.peers)
@@ -261,9 +263,18 @@ pub fn nft_script(vnis: &BTreeSet<u32>, port: u16) -> String {
     s
 }
 
-/// What the node's kernel, or `nft`, refused.
+/// What the node's kernel, or `nft`, refused, or the assignment got wrong.
 #[derive(Debug, thiserror::Error)]
 pub enum EspError {
+    #[error("the send key {0} is not in the key ring")]
+    NoSendKey(u32),
+    /// An action of a sync that failed (its Debug form hides the key).
+    #[error("{action:?}: {source}")]
+    Action {
+        action: EspAction,
+        #[source]
+        source: Box<EspError>,
+    },
     #[error(transparent)]
     Xfrm(#[from] xfrm::XfrmError),
     #[error("run nft for table {TABLE}: {0}")]
@@ -272,6 +283,82 @@ pub enum EspError {
     NftWrite(std::io::Error),
     #[error("apply table {TABLE}: nft: {0}")]
     Nft(String),
+    #[error("list table {TABLE}: nft: {0}")]
+    NftList(String),
+    #[error("make a namespace to list table {TABLE} as it should be: {0}")]
+    Scratch(nix::Error),
+    #[error("list table {TABLE} as it should be: the thread panicked")]
+    ScratchPanicked,
+    #[error("list table {TABLE} as it should be: nft applied it but lists none")]
+    ScratchEmpty,
+    #[error("parse the listing of table {TABLE}: {0}")]
+    Listing(String),
+}
+
+/// How the node's `meshnet_esp` table differed from what it should hold.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableDrift {
+    Missing,
+    /// There while no encrypted network wants it.
+    Unwanted,
+    /// A listing that could not be read (the error): no proof that the table is right.
+    Unreadable(String),
+    /// What differs, one item each (`chain drop-cleartext rule 1 missing: …`).
+    Differs(Vec<String>),
+}
+
+impl fmt::Display for TableDrift {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            TableDrift::Missing => write!(f, "table ip {TABLE} missing"),
+            TableDrift::Unwanted => write!(f, "table ip {TABLE} there, no network encrypted"),
+            TableDrift::Unreadable(e) => write!(f, "unreadable listing ({e})"),
+            TableDrift::Differs(items) => f.write_str(&items.join("; ")),
+        }
+    }
+}
+
+/// The content of a `nft -j list table ip meshnet_esp`, its counters zeroed (traffic moves
+/// them; a counter is ours, its value is not).
+fn listed_content(json: &str) -> Result<Content, EspError> {
+    let mut v: serde_json::Value =
+        serde_json::from_str(json).map_err(|e| EspError::Listing(format!("not JSON: {e}")))?;
+    let rules = v
+        .get_mut("nftables")
+        .and_then(serde_json::Value::as_array_mut)
+        .into_iter()
+        .flatten()
+        .filter_map(|item| item.pointer_mut("/rule/expr")?.as_array_mut());
+    for expr in rules {
+        for statement in expr {
+            if let Some(counter) = statement.get_mut("counter").and_then(|c| c.as_object_mut()) {
+                for n in counter.values_mut() {
+                    *n = 0.into();
+                }
+            }
+        }
+    }
+    Content::from_listing(&v.to_string()).map_err(|e| match e {
+        firewall::Error::Listing(why) => EspError::Listing(why),
+        other => EspError::Listing(other.to_string()),
+    })
+}
+
+/// How `listed` (the node's listing, `None` without the table) differs from `want` (the
+/// content the script gives, `None` when no table is wanted); `None` when it does not.
+fn table_drift(want: Option<&Content>, listed: Option<&str>) -> Option<TableDrift> {
+    match (want, listed) {
+        (None, None) => None,
+        (None, Some(_)) => Some(TableDrift::Unwanted),
+        (Some(_), None) => Some(TableDrift::Missing),
+        (Some(want), Some(json)) => match listed_content(json) {
+            Ok(got) => {
+                let differences = want.differences(&got);
+                (!differences.is_empty()).then_some(TableDrift::Differs(differences))
+            }
+            Err(e) => Some(TableDrift::Unreadable(e.to_string())),
+        },
+    }
 }
 
 /// The node's kernel state, behind a narrow trait (the real one is [`xfrm::XfrmSocket`] plus
@@ -280,6 +367,12 @@ pub trait EspKernel {
     fn observe(&mut self) -> Result<Observed, EspError>;
     fn apply(&mut self, action: &EspAction) -> Result<(), EspError>;
     fn nft(&mut self, script: &str) -> Result<(), EspError>;
+    /// `nft -j list table ip meshnet_esp` in the node's namespace; `None` without the table.
+    fn list(&mut self) -> Result<Option<String>, EspError>;
+    /// What the table lists once `script` is applied: the same nft and kernel print it there
+    /// as they would in the node's namespace, whatever they make of the script (nft rewrites
+    /// some expressions).
+    fn reference(&mut self, script: &str) -> Result<String, EspError>;
     /// The node namespace's nf_tables generation, `None` if it cannot be read.
     fn generation(&mut self) -> Option<u32>;
 }
@@ -303,6 +396,23 @@ impl EspKernel for xfrm::XfrmSocket {
 
     fn nft(&mut self, script: &str) -> Result<(), EspError> {
         run_nft(script)
+    }
+
+    fn list(&mut self) -> Result<Option<String>, EspError> {
+        list_table()
+    }
+
+    /// Applied and listed in a throwaway namespace, on a thread of its own (the `nft`
+    /// processes it spawns are in that namespace too), so nothing of the node is touched.
+    fn reference(&mut self, script: &str) -> Result<String, EspError> {
+        let script = script.to_string();
+        std::thread::spawn(move || {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(EspError::Scratch)?;
+            run_nft(&script)?;
+            list_table()?.ok_or(EspError::ScratchEmpty)
+        })
+        .join()
+        .map_err(|_| EspError::ScratchPanicked)?
     }
 
     fn generation(&mut self) -> Option<u32> {
@@ -340,22 +450,53 @@ fn run_nft(script: &str) -> Result<(), EspError> {
     Ok(())
 }
 
+/// `nft -j list table ip meshnet_esp` in the calling thread's namespace; `None` without it.
+fn list_table() -> Result<Option<String>, EspError> {
+    let out = std::process::Command::new("nft")
+        .args(["-j", "list", "table", "ip", TABLE])
+        .output()
+        .map_err(EspError::NftSpawn)?;
+    if out.status.success() {
+        return Ok(Some(String::from_utf8_lossy(&out.stdout).into_owned()));
+    }
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    if stderr.contains("No such file or directory") {
+        return Ok(None);
+    }
+    Err(EspError::NftList(stderr.trim().to_string()))
+}
+
 /// What one sync did.
-#[derive(Debug, Default, PartialEq, Eq)]
+#[derive(Debug, Default)]
 pub struct SyncReport {
     /// Descriptions of what changed (no key material).
     pub applied: Vec<String>,
-    pub errors: Vec<String>,
+    /// The table had drifted from what was last applied and was rebuilt: how it differed.
+    pub repaired: Option<TableDrift>,
+    pub errors: Vec<EspError>,
 }
 
-/// Keeps the node's ESP states, policies and table as `desired` says. The table is applied
-/// when it changes and again on a `recheck` if the node's nf_tables generation moved since it
-/// was last known right (an atomic replacement, idempotent, which repairs any change made
-/// behind our back; asking the generation spares an `nft` process per pass).
+/// What [`EspSync`] did to the table.
+#[derive(Debug, PartialEq, Eq)]
+enum TableSynced {
+    Unchanged,
+    Applied,
+    Repaired(TableDrift),
+}
+
+/// Keeps the node's ESP states, policies and table as `desired` says. The table is compared
+/// with what it should be (its listing against the script's, see [`EspKernel::reference`])
+/// when nothing is known of it yet (a start: a right table is kept, no transaction), and on a
+/// `recheck` if the node's nf_tables generation moved since it was last known right (asking
+/// the generation spares an `nft` process per pass); it is replaced whole, atomically, when
+/// the script changes or the table differs.
 pub struct EspSync {
     local: Ipv4Addr,
     port: u16,
+    /// The script last applied, or found in force.
     last_script: Option<String>,
+    /// A script's content as the kernel lists it, made the first time it is compared.
+    reference: Option<(String, Content)>,
     /// The generation at which the table was last known right.
     checked_at: Option<u32>,
 }
@@ -366,6 +507,7 @@ impl EspSync {
             local,
             port,
             last_script: None,
+            reference: None,
             checked_at: None,
         }
     }
@@ -382,53 +524,113 @@ impl EspSync {
             }
         };
         // The table first: from then on a packet of an encrypted network leaves in ESP or not
-        // at all, whatever the states and policies are yet. An unchanged table is only
-        // re-applied on a recheck.
-        let script = nft_script(&desired.vnis, self.port);
-        let changed = self.last_script.as_deref() != Some(script.as_str());
-        if changed || recheck {
-            // The script replaces the table whole: right after it, the table is right.
-            let before = k.generation();
-            if changed || before.is_none() || before != self.checked_at {
-                match k.nft(&script) {
-                    Ok(()) => {
-                        if changed {
-                            report
-                                .applied
-                                .push(format!("table {TABLE}: encrypted VNIs {:?}", desired.vnis));
-                        }
-                        self.last_script = Some(script);
-                        self.checked_at = crate::lb::right_after_own_write(before, k.generation());
-                    }
-                    Err(e) => report.errors.push(e.to_string()),
-                }
-            }
+        // at all, whatever the states and policies are yet.
+        match self.sync_table(k, &desired.vnis, recheck) {
+            Ok(TableSynced::Unchanged) => {}
+            Ok(TableSynced::Applied) => report
+                .applied
+                .push(format!("table {TABLE}: encrypted VNIs {:?}", desired.vnis)),
+            Ok(TableSynced::Repaired(how)) => report.repaired = Some(how),
+            Err(e) => report.errors.push(e),
         }
         let observed = match k.observe() {
             Ok(o) => o,
             Err(e) => {
-                report.errors.push(e.to_string());
+                report.errors.push(e);
                 return report;
             }
         };
         for action in plan(&desired, &observed) {
             match k.apply(&action) {
                 Ok(()) => report.applied.push(format!("{action:?}")),
-                Err(e) => report.errors.push(format!("{action:?}: {e}")),
+                Err(e) => report.errors.push(EspError::Action {
+                    action,
+                    source: Box::new(e),
+                }),
             }
         }
         report
     }
+
+    fn sync_table(
+        &mut self,
+        k: &mut dyn EspKernel,
+        vnis: &BTreeSet<u32>,
+        recheck: bool,
+    ) -> Result<TableSynced, EspError> {
+        let script = nft_script(vnis, self.port);
+        let known = self.last_script.as_deref();
+        if known.is_some_and(|last| last != script) {
+            // The script replaces the table whole: right after it, the table is right.
+            let before = k.generation();
+            k.nft(&script)?;
+            self.checked_at = crate::lb::right_after_own_write(before, k.generation());
+            self.last_script = Some(script);
+            return Ok(TableSynced::Applied);
+        }
+        // Read before listing: a change made after it moves the generation past it.
+        let before = k.generation();
+        if known.is_some() && (!recheck || (before.is_some() && before == self.checked_at)) {
+            return Ok(TableSynced::Unchanged);
+        }
+        let want = if vnis.is_empty() {
+            None
+        } else {
+            Some(self.reference(k, &script)?)
+        };
+        let Some(drift) = table_drift(want.as_ref(), k.list()?.as_deref()) else {
+            self.checked_at = before;
+            self.last_script = Some(script);
+            return Ok(TableSynced::Unchanged);
+        };
+        k.nft(&script)?;
+        self.checked_at = crate::lb::right_after_own_write(before, k.generation());
+        let first = self.last_script.replace(script).is_none();
+        if !first {
+            return Ok(TableSynced::Repaired(drift));
+        }
+        // What a start finds may be an older desired state: applied, not a repair.
+        if !matches!(drift, TableDrift::Missing | TableDrift::Unwanted) {
+            info!(differed = %drift, "table ip {TABLE} rebuilt");
+        }
+        Ok(TableSynced::Applied)
+    }
+
+    /// The content `script` gives, as the kernel lists it: made once per script.
+    fn reference(&mut self, k: &mut dyn EspKernel, script: &str) -> Result<Content, EspError> {
+        if let Some((s, content)) = &self.reference {
+            if s == script {
+                return Ok(content.clone());
+            }
+        }
+        let content = listed_content(&k.reference(script)?)?;
+        self.reference = Some((script.to_string(), content.clone()));
+        Ok(content)
+    }
+}
+
+/// Why the kernel cannot do ESP, as the probe found it; sent to the manager as the node's
+/// `no_encryption` reason.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("make a namespace to probe in: {0}")]
+    Namespace(nix::Error),
+    #[error("add an {AEAD_NAME} state: {0}")]
+    AddState(std::io::Error),
+    /// Opening the socket, or an answer that could not be read.
+    #[error(transparent)]
+    Xfrm(#[from] xfrm::XfrmError),
+    #[error("the probe panicked")]
+    Panicked,
 }
 
 /// Whether this kernel can do what encrypted overlays need: adds (and drops with it) one
 /// `rfc4106(gcm(aes))` transport state in a throwaway network namespace, on a thread of its
 /// own, so nothing of the node is touched.
 pub fn probe() -> EspSupport {
-    let run = || -> Result<(), String> {
-        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET)
-            .map_err(|e| format!("make a namespace to probe in: {e}"))?;
-        let mut sock = xfrm::XfrmSocket::open().map_err(|e| e.to_string())?;
+    let run = || -> Result<(), ProbeError> {
+        nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNET).map_err(ProbeError::Namespace)?;
+        let mut sock = xfrm::XfrmSocket::open()?;
         let sa = Sa {
             id: SaId {
                 dst: Ipv4Addr::new(192, 0, 2, 2),
@@ -438,16 +640,18 @@ pub fn probe() -> EspSupport {
             key: [0; ESP_KEY_BYTES],
         };
         sock.add_sa(&sa).map_err(|e| match e {
-            xfrm::XfrmError::Io { source, .. } => format!("add an {AEAD_NAME} state: {source}"),
-            other => other.to_string(),
+            xfrm::XfrmError::Io { source, .. } => ProbeError::AddState(source),
+            other => ProbeError::Xfrm(other),
         })
     };
     let outcome = std::thread::spawn(run)
         .join()
-        .unwrap_or_else(|_| Err("the probe panicked".into()));
+        .unwrap_or(Err(ProbeError::Panicked));
     match outcome {
         Ok(()) => EspSupport::Supported,
-        Err(reason) => EspSupport::Unsupported { reason },
+        Err(e) => EspSupport::Unsupported {
+            reason: e.to_string(),
+        },
     }
 }
 
@@ -546,7 +750,10 @@ mod tests {
         let keyless = assignment(vec![net("sec", 4097, true, &[N2])], None);
         assert_eq!(desired(&keyless, N1, 4789).unwrap(), None);
         let bad = assignment(vec![net("sec", 4097, true, &[N2])], Some(keys(&[1], 9)));
-        assert!(desired(&bad, N1, 4789).unwrap_err().contains("send key 9"));
+        assert_eq!(
+            desired(&bad, N1, 4789).unwrap_err().to_string(),
+            "the send key 9 is not in the key ring"
+        );
     }
 
     #[test]
@@ -684,8 +891,27 @@ mod tests {
     struct Fake {
         held: Observed,
         scripts: Vec<String>,
+        /// The table's listing, `None` without it.
+        table: Option<String>,
+        lists: usize,
+        references: usize,
         /// nf_tables' generation: every script moves it, as anyone else's change would.
         generation: u32,
+    }
+
+    /// What the fake lists for a script: none for one that only deletes the table, else one
+    /// rule holding the script, with a counter that traffic moves.
+    fn listing(script: &str, packets: u64) -> Option<String> {
+        if script == nft_script(&BTreeSet::new(), 4789) {
+            return None;
+        }
+        let json = serde_json::json!({"nftables": [
+            {"chain": {"family": "ip", "table": TABLE, "name": "c", "handle": 1}},
+            {"rule": {"family": "ip", "table": TABLE, "chain": "c", "handle": 2, "expr": [
+                {"script": script}, {"counter": {"packets": packets, "bytes": packets * 100}}
+            ]}}
+        ]});
+        Some(json.to_string())
     }
 
     impl EspKernel for Fake {
@@ -716,55 +942,188 @@ mod tests {
         }
         fn nft(&mut self, script: &str) -> Result<(), EspError> {
             self.scripts.push(script.to_string());
+            self.table = listing(script, 0);
             self.generation += 1;
             Ok(())
+        }
+        fn list(&mut self) -> Result<Option<String>, EspError> {
+            self.lists += 1;
+            Ok(self.table.clone())
+        }
+        fn reference(&mut self, script: &str) -> Result<String, EspError> {
+            self.references += 1;
+            Ok(listing(script, 0).expect("a table that is wanted"))
         }
         fn generation(&mut self) -> Option<u32> {
             Some(self.generation)
         }
     }
 
-    #[test]
-    fn sync_converges_reapplies_the_table_when_nftables_moved_and_keeps_state_without_keys() {
-        let mut k = Fake::default();
-        let mut s = EspSync::new(N1, 4789);
-        let a = assignment(
+    /// A sync that found nothing to do.
+    fn assert_quiet(r: SyncReport) {
+        assert!(
+            r.applied.is_empty() && r.repaired.is_none() && r.errors.is_empty(),
+            "{r:?}"
+        );
+    }
+
+    fn secure() -> Assignment {
+        assignment(
             vec![net("sec", 4097, true, &[N2, N3])],
             Some(keys(&[1, 2], 1)),
-        );
-        let r = s.sync(&mut k, &a, false);
+        )
+    }
+
+    /// A node as an agent left it: states, policies and table right, the table's counters
+    /// moved by traffic since.
+    fn built() -> Fake {
+        let mut k = Fake::default();
+        let r = EspSync::new(N1, 4789).sync(&mut k, &secure(), false);
         assert!(r.errors.is_empty(), "{:?}", r.errors);
         assert_eq!(k.held.states.len(), 8);
         assert_eq!(k.held.policies.len(), 2);
         assert_eq!(k.scripts.len(), 1);
-        // Converged: nothing to do, and a recheck re-applies the table only once something
-        // else moved nf_tables.
-        assert_eq!(s.sync(&mut k, &a, false), SyncReport::default());
-        assert_eq!(s.sync(&mut k, &a, true), SyncReport::default());
-        assert_eq!(k.scripts.len(), 1);
+        k.table = listing(&k.scripts[0], 1234);
+        (k.lists, k.references) = (0, 0);
+        k
+    }
+
+    #[test]
+    fn a_restart_over_a_right_node_changes_nothing() {
+        let mut k = built();
+        let (held, generation) = (k.held.clone(), k.generation);
+        let mut restarted = EspSync::new(N1, 4789);
+        assert_quiet(restarted.sync(&mut k, &secure(), false));
+        // The table listed once, against the script's own listing; nothing written.
+        assert_eq!((k.lists, k.references, k.scripts.len()), (1, 1, 1));
+        assert_eq!((&k.held, k.generation), (&held, generation));
+        // Known right at that generation: later rechecks do not list it again.
+        assert_quiet(restarted.sync(&mut k, &secure(), true));
+        assert_eq!(k.lists, 1);
+    }
+
+    #[test]
+    fn a_restart_rebuilds_a_missing_or_differing_table_as_applied_not_repaired() {
+        for table in [None, listing(&nft_script(&BTreeSet::from([4099]), 4789), 0)] {
+            let mut k = built();
+            k.table = table;
+            let r = EspSync::new(N1, 4789).sync(&mut k, &secure(), false);
+            assert_eq!(r.applied, ["table meshnet_esp: encrypted VNIs {4097}"]);
+            assert!(r.repaired.is_none() && r.errors.is_empty(), "{r:?}");
+            assert_eq!(k.scripts.len(), 2);
+            assert_eq!(k.table, listing(&k.scripts[0], 0));
+        }
+    }
+
+    #[test]
+    fn a_table_changed_behind_our_back_is_found_on_recheck_and_rebuilt() {
+        let mut k = built();
+        let mut s = EspSync::new(N1, 4789);
+        assert_quiet(s.sync(&mut k, &secure(), false));
+        // Someone else's transaction that left the table right: listed once, kept.
         k.generation += 1;
-        assert_eq!(s.sync(&mut k, &a, true), SyncReport::default());
+        assert_quiet(s.sync(&mut k, &secure(), true));
+        assert_eq!((k.lists, k.scripts.len()), (2, 1));
+        // Edited: found only on a recheck (a pass that is asked for something else does not
+        // list), rebuilt, and said how it differed.
+        k.table = listing(&nft_script(&BTreeSet::from([4099]), 4789), 0);
+        k.generation += 1;
+        assert_quiet(s.sync(&mut k, &secure(), false));
+        let r = s.sync(&mut k, &secure(), true);
+        let how = r.repaired.as_ref().expect("a repair").to_string();
+        assert!(how.starts_with("chain c rule 1 differs"), "{how}");
+        assert!(r.applied.is_empty() && r.errors.is_empty(), "{r:?}");
         assert_eq!(k.scripts.len(), 2);
-        assert_eq!(s.sync(&mut k, &a, true), SyncReport::default());
-        assert_eq!(k.scripts.len(), 2);
+        assert_eq!(k.table, listing(&k.scripts[0], 0));
+        // Our rebuild was the only transaction since: right at its generation, not listed.
+        assert_quiet(s.sync(&mut k, &secure(), true));
+        assert_eq!(k.lists, 3);
+        // Deleted.
+        k.table = None;
+        k.generation += 1;
+        let r = s.sync(&mut k, &secure(), true);
+        assert_eq!(r.repaired, Some(TableDrift::Missing));
+        assert_eq!(k.references, 1, "one reference listing per script");
+    }
+
+    #[test]
+    fn sync_follows_the_networks_and_keeps_state_without_keys() {
+        let mut k = built();
+        let mut s = EspSync::new(N1, 4789);
+        s.sync(&mut k, &secure(), false);
+        // Another encrypted network: the table is replaced, without being listed first.
+        let mut two = secure();
+        two.networks.push(net("sec2", 4099, true, &[N2]));
+        let r = s.sync(&mut k, &two, false);
+        assert_eq!(
+            r.applied,
+            vec!["table meshnet_esp: encrypted VNIs {4097, 4099}".to_string()]
+        );
+        assert_eq!((k.lists, k.scripts.len()), (1, 2));
         // The saved assignment after a restart has no keys: nothing is removed.
         let keyless = Assignment {
             encryption: None,
-            ..a.clone()
+            ..two.clone()
         };
         let mut restarted = EspSync::new(N1, 4789);
-        assert_eq!(
-            restarted.sync(&mut k, &keyless, true),
-            SyncReport::default()
-        );
+        assert_quiet(restarted.sync(&mut k, &keyless, true));
         assert_eq!(k.held.states.len(), 8);
-        // The encrypted network leaves the node: everything of ours goes, the table too.
+        // The encrypted networks leave the node: everything of ours goes, the table too.
         let r = s.sync(&mut k, &assignment(vec![], None), false);
         assert!(r.errors.is_empty());
         assert_eq!(k.held, Observed::default());
+        assert_eq!(k.table, None);
+        // A start without encrypted networks over a node without the table writes nothing;
+        // one that finds the table removes it.
+        let scripts = k.scripts.len();
+        let mut plain = EspSync::new(N1, 4789);
+        assert_quiet(plain.sync(&mut k, &assignment(vec![], None), false));
+        assert_eq!(k.scripts.len(), scripts);
+        k.table = listing(&k.scripts[0], 0);
+        let r = EspSync::new(N1, 4789).sync(&mut k, &assignment(vec![], None), false);
         assert_eq!(
-            k.scripts.last().unwrap(),
-            "table ip meshnet_esp {\n}\ndelete table ip meshnet_esp\n"
+            r.applied,
+            vec!["table meshnet_esp: encrypted VNIs {}".to_string()]
         );
+        assert_eq!(k.table, None);
+    }
+
+    /// `nft -j list table ip meshnet_esp` (nft 1.0.6) after [`nft_script`] of VNI 4097,
+    /// one chain of it.
+    const LISTED: &str = r#"{"nftables": [{"metainfo": {"version": "1.0.6", "release_name": "Lester Gooch #5", "json_schema_version": 1}}, {"table": {"family": "ip", "name": "meshnet_esp", "handle": 2}}, {"chain": {"family": "ip", "table": "meshnet_esp", "name": "drop-cleartext", "handle": 3, "type": "filter", "hook": "input", "prio": 0, "policy": "accept"}}, {"rule": {"family": "ip", "table": "meshnet_esp", "chain": "drop-cleartext", "handle": 9, "expr": [{"match": {"op": "==", "left": {"payload": {"protocol": "udp", "field": "dport"}}, "right": 4789}}, {"match": {"op": "==", "left": {"payload": {"base": "th", "offset": 96, "len": 24}}, "right": {"set": [4097]}}}, {"match": {"op": "==", "left": {"meta": {"key": "ipsec"}}, "right": false}}, {"counter": {"packets": 0, "bytes": 0}}, {"drop": null}]}}]}"#;
+
+    #[test]
+    fn listings_compare_by_content_whatever_the_counters_say() {
+        let want = listed_content(LISTED).unwrap();
+        let counted = LISTED.replace(
+            r#""packets": 0, "bytes": 0"#,
+            r#""packets": 812, "bytes": 98304"#,
+        );
+        let handles = LISTED.replace(r#""handle": 9"#, r#""handle": 40"#);
+        for same in [&counted, &handles] {
+            assert_ne!(same, LISTED);
+            assert_eq!(table_drift(Some(&want), Some(same)), None);
+        }
+        let edited = LISTED.replace(r#""set": [4097]"#, r#""set": [4098]"#);
+        let Some(TableDrift::Differs(items)) = table_drift(Some(&want), Some(&edited)) else {
+            panic!("an edited set compared equal");
+        };
+        assert_eq!(items.len(), 1);
+        assert!(
+            items[0].starts_with("chain drop-cleartext rule 1 differs"),
+            "{items:?}"
+        );
+        let flushed = LISTED.replace(r#"{"rule""#, r#"{"ignored""#);
+        assert!(table_drift(Some(&want), Some(&flushed))
+            .unwrap()
+            .to_string()
+            .contains("chain drop-cleartext rule 1 missing"));
+        assert_eq!(
+            table_drift(Some(&want), Some("nft said nothing")).map(|d| d.to_string()),
+            Some("unreadable listing (parse the listing of table meshnet_esp: not JSON: expected ident at line 1 column 2)".into())
+        );
+        assert_eq!(table_drift(None, Some(LISTED)), Some(TableDrift::Unwanted));
+        assert_eq!(table_drift(Some(&want), None), Some(TableDrift::Missing));
+        assert_eq!(table_drift(None, None), None);
     }
 }

@@ -15,7 +15,7 @@ use etherparse::{
     EtherType, IpNumber, LaxNetSlice, LaxSlicedPacket, LinuxSllProtocolType, LinuxSllSlice,
     TransportSlice,
 };
-use integration::cluster::{Cluster, ClusterOptions};
+use integration::cluster::{Cluster, ClusterOptions, RECONCILE_INTERVAL};
 use netns::Netns;
 use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
@@ -544,6 +544,58 @@ fn an_encrypted_ingress_carries_the_routing_mesh_in_esp_only() {
     assert!(t.esp >= 5 * crossed, "too few ESP packets: {t:?}");
     assert_eq!(t.vxlan_of(ingress_vni), 0, "ingress VXLAN in clear: {t:?}");
     assert!(t.vxlan.is_empty(), "VXLAN in clear: {t:?}");
+
+    // An agent restarted over a right node changes nothing of ESP: the table keeps its rule
+    // handles (a rebuild gives new ones) and every state and policy its time of addition.
+    let node = tasks[0].node.clone().unwrap();
+    let esp_objects = |c: &Cluster| {
+        let show = |args: &[&str]| {
+            let out = c.lab.exec(&node, args).unwrap();
+            assert!(out.status.success(), "{args:?}");
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let table = show(&["nft", "-a", "list", "table", "ip", "meshnet_esp"]);
+        // Only the times of addition: traffic moves the counters and the times of use.
+        let added: Vec<String> = [
+            show(&["ip", "-s", "xfrm", "state"]),
+            show(&["ip", "-s", "xfrm", "policy"]),
+        ]
+        .iter()
+        .flat_map(|s| s.lines())
+        .filter(|l| l.trim_start().starts_with("add ") || !l.starts_with(['\t', ' ']))
+        .map(|l| l.split(" use ").next().unwrap_or(l).to_string())
+        .collect();
+        (table, added)
+    };
+    let before = esp_objects(&c);
+    assert!(before.0.contains("# handle"), "{}", before.0);
+    let log = c.log_path(&format!("agent-{node}"));
+    let offset = std::fs::metadata(&log).unwrap().len() as usize;
+    c.kill_agent(&node, Signal::SIGKILL);
+    // Past the second, so that a state added anew would show another time.
+    std::thread::sleep(Duration::from_millis(1100));
+    c.start_agent(&node).unwrap();
+    // The manager's assignment received (keys included: the saved one has none) and applied;
+    // then a few reconcile intervals, so that passes with the keys have run whatever pass
+    // over the saved assignment was under way when it came.
+    c.wait_for(
+        Duration::from_secs(60),
+        "the manager's assignment applied",
+        |_| {
+            let text = std::fs::read_to_string(&log).ok()?;
+            let rest = text.get(offset..)?;
+            let received = rest.find("assignment received")?;
+            rest[received..]
+                .contains("assignment applied")
+                .then_some(())
+        },
+    )
+    .unwrap();
+    std::thread::sleep(Duration::from_secs(5 * RECONCILE_INTERVAL));
+    assert_eq!(esp_objects(&c), before, "the restart changed ESP objects");
+    for node in nodes {
+        assert!(get(&c, node).is_some_and(|a| from.contains_key(&a)));
+    }
 }
 
 /// The capture's reader, on packets made here (no root, no guest): ESP and VXLAN by VNI
