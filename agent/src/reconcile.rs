@@ -69,6 +69,9 @@ const RETRY: Duration = Duration::from_secs(2);
 /// A kernel change brings the next pass this close: the rest of a burst (a veth takes its
 /// peer, addresses and routes with it) comes in meanwhile and is seen by the same pass.
 const DEBOUNCE: Duration = Duration::from_millis(75);
+/// How often the sysctls the agent keeps are read between passes: no notification tells of
+/// one written behind its back, and a repair must follow within a second.
+const SYSCTL_WATCH: Duration = Duration::from_millis(500);
 
 pub struct Reconciler<K: Kernel> {
     pub kernel: Arc<K>,
@@ -324,6 +327,19 @@ impl<K: Kernel> Reconciler<K> {
         }
     }
 
+    /// Logs the sysctls written because they differed, and counts them as repairs once the
+    /// node has settled (before, they are what a start sets).
+    fn sysctl_repairs(&self, written: &[(String, netns::SysctlDiff)]) {
+        for (netns, d) in written {
+            if self.settled {
+                warn!(kind = "sysctl", %netns, key = %d.key, was = %d.was, want = %d.want, "repair: sysctl {} in {netns} was {}; set to {}", d.key, d.was, d.want);
+                self.metrics.repair("sysctl");
+            } else {
+                info!(%netns, key = %d.key, was = %d.was, value = %d.want, "sysctl set");
+            }
+        }
+    }
+
     /// Logs and counts the tables (`table`: family and name) rebuilt because they differed.
     fn table_repairs(&self, repaired: &[(String, String)], table: &str) {
         for (netns, how) in repaired {
@@ -403,6 +419,7 @@ impl<K: Kernel> Reconciler<K> {
             Ok(out) => {
                 self.wake = out.wake;
                 self.table_repairs(&out.repaired, firewall::TABLE);
+                self.sysctl_repairs(&out.sysctls);
                 if let Some(report) = out.report {
                     self.outbox.lb_state(report);
                 }
@@ -473,6 +490,8 @@ impl<K: Kernel> Reconciler<K> {
         let mut tables_due: Option<Instant> = None;
         // When a pass last read every namespace.
         let mut last_full: Option<Instant> = None;
+        let mut sysctl_watch = tokio::time::interval(SYSCTL_WATCH);
+        sysctl_watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
             tokio::select! {
                 changed = assignments.changed() => {
@@ -510,6 +529,22 @@ impl<K: Kernel> Reconciler<K> {
                             // Our own changes come back too: they cost one pass that finds
                             // nothing.
                             debug!(%netns, %what, "kernel change; reconciling");
+                            next = soon;
+                        }
+                    }
+                }
+                _ = sysctl_watch.tick() => {
+                    let rules = self.mesh.rules.clone();
+                    let drift = tokio::task::spawn_blocking(move || {
+                        rules.lock().unwrap_or_else(|p| p.into_inner()).sysctl_drift()
+                    })
+                    .await
+                    .ok()
+                    .flatten();
+                    if let Some(what) = drift {
+                        let soon = Instant::now() + DEBOUNCE;
+                        if soon < next {
+                            debug!(%what, "sysctl changed; reconciling");
                             next = soon;
                         }
                     }

@@ -54,7 +54,21 @@ pub struct MeshRules {
     /// Balancers by namespace: the routing mesh's in ingress_sbox and, with IPVS, the VIP
     /// balancer of each `lb_<network>`.
     lbs: BTreeMap<String, OpenLb>,
+    /// The sysctls the last pass kept, by namespace (`node`, or a file name in `dir`), for
+    /// [`MeshRules::sysctl_drift`] between passes.
+    sysctls: Vec<WantedSysctls>,
 }
+
+/// Sysctls kept in one namespace.
+struct WantedSysctls {
+    netns: String,
+    pairs: Vec<(String, String)>,
+    /// Keys that exist only while a module is loaded: skipped where absent.
+    skip_absent: bool,
+}
+
+/// The namespace the node's own objects live in, as repairs name it.
+const NODE_NS: &str = "node";
 
 /// A balancer opened in a namespace, tied to the namespace's inode: a recreated namespace
 /// starts empty, so the balancer is opened (and programmed) afresh.
@@ -85,6 +99,8 @@ pub struct MeshPass {
     pub report: Option<LbReport>,
     /// The namespaces whose table had drifted and was rebuilt, each with how it differed.
     pub repaired: Vec<(String, String)>,
+    /// The sysctls found with another value and written, by namespace.
+    pub sysctls: Vec<(String, netns::SysctlDiff)>,
 }
 
 impl MeshRules {
@@ -108,6 +124,7 @@ impl MeshRules {
             node_table: Table::default(),
             tasks: BTreeMap::new(),
             lbs: BTreeMap::new(),
+            sysctls: Vec::new(),
         }
     }
 
@@ -133,17 +150,42 @@ impl MeshRules {
             out.errors += 1;
         };
 
-        // Every pass: no notification tells of a sysctl written behind our back.
-        if let Err(e) = self.node.write_sysctls(&firewall::node_sysctls(GWBRIDGE)) {
-            fail("node sysctl", &e);
-        }
+        // Every pass, and watched between passes (see `sysctl_drift`): no notification tells
+        // of a sysctl written behind our back.
+        let mut wanted = vec![WantedSysctls {
+            netns: NODE_NS.into(),
+            pairs: firewall::node_sysctls(GWBRIDGE),
+            skip_absent: false,
+        }];
         // Where present: br_netfilter, and with it these keys, may come at any time.
-        let overlay = firewall::overlay_sysctls();
         for sandbox in mesh::overlay_networks(desired, running).keys() {
-            let written = Netns::open(&self.dir.join(sandbox))
-                .and_then(|ns| ns.write_present_sysctls(&overlay));
-            if let Err(e) = written {
-                fail(&format!("sysctl in {sandbox}"), &e);
+            wanted.push(WantedSysctls {
+                netns: sandbox.clone(),
+                pairs: firewall::overlay_sysctls(),
+                skip_absent: true,
+            });
+        }
+        let sbox = mesh::sbox_state(desired, self.lb_kind);
+        // The planner made (or deleted) the lb_ namespaces; the same rule picks them here.
+        let lbs = match self.lb_kind {
+            LbKind::Ipvs => mesh::lb_networks(desired, running),
+            LbKind::Nftables => BTreeMap::new(),
+        };
+        // A balancer's sysctls are in place before it is opened.
+        let balancers = sbox.iter().map(|_| INGRESS_SBOX.to_string());
+        for name in balancers.chain(lbs.keys().cloned()) {
+            wanted.push(WantedSysctls {
+                netns: name,
+                pairs: self.lb_sysctls(),
+                skip_absent: false,
+            });
+        }
+        for w in &wanted {
+            match self.in_netns(&w.netns, |ns| ns.sync_sysctls(&w.pairs, w.skip_absent)) {
+                Ok(diffs) => out
+                    .sysctls
+                    .extend(diffs.into_iter().map(|d| (w.netns.clone(), d))),
+                Err(e) => fail(&format!("sysctls in {}", w.netns), &e),
             }
         }
         let node = mesh::node_state(desired, self.gw_subnet, gw_addrs, running);
@@ -153,7 +195,8 @@ impl MeshRules {
             Err(e) => fail("node table", &e),
         }
 
-        match mesh::sbox_state(desired, self.lb_kind) {
+        self.sysctls = wanted;
+        match sbox {
             Some(st) => {
                 match self.sync_lb(INGRESS_SBOX, &st, &ingress_draining(desired), recheck) {
                     Ok(s) => {
@@ -172,11 +215,6 @@ impl MeshRules {
         }
         out.report = self.report();
 
-        // The planner made (or deleted) the lb_ namespaces; the same rule picks them here.
-        let lbs = match self.lb_kind {
-            LbKind::Ipvs => mesh::lb_networks(desired, running),
-            LbKind::Nftables => BTreeMap::new(),
-        };
         self.lbs
             .retain(|name, _| name == INGRESS_SBOX || lbs.contains_key(name));
         for (name, net) in lbs {
@@ -303,6 +341,46 @@ impl MeshRules {
         self.lbs.get(INGRESS_SBOX).map(|(_, lb)| lb.report())
     }
 
+    /// The sysctls of a balancer's namespace: the sandbox's, and with nftables the conntrack
+    /// timeouts asked for (IPVS keeps its own, set over its netlink).
+    fn lb_sysctls(&self) -> Vec<(String, String)> {
+        let mut pairs = firewall::sbox_sysctls(self.lb_kind, &self.kernel);
+        if self.lb_kind == LbKind::Nftables {
+            pairs.extend(
+                lb::nft::conntrack_sysctls(&self.lb_opts.timeouts)
+                    .into_iter()
+                    .map(|(key, secs)| (key.to_string(), secs.to_string())),
+            );
+        }
+        pairs
+    }
+
+    /// `f` on `node`, or on a namespace of the agent's directory.
+    fn in_netns<T>(
+        &self,
+        netns: &str,
+        f: impl FnOnce(&Netns) -> Result<T, netns::Error>,
+    ) -> Result<T, netns::Error> {
+        if netns == NODE_NS {
+            return f(&self.node);
+        }
+        f(&Netns::open(&self.dir.join(netns))?)
+    }
+
+    /// The first sysctl the last pass kept that differs now, if any: a change written behind
+    /// the agent's back, which no notification tells of. Reads only.
+    pub fn sysctl_drift(&self) -> Option<String> {
+        self.sysctls.iter().find_map(|w| {
+            let diffs = self.in_netns(&w.netns, |ns| ns.differing_sysctls(&w.pairs, w.skip_absent));
+            // A namespace gone or unreadable is the next pass's to report.
+            let d = diffs.ok()?.into_iter().next()?;
+            Some(format!(
+                "sysctl {} in {} is {}, should be {}",
+                d.key, w.netns, d.was, d.want
+            ))
+        })
+    }
+
     /// Programs the balancer of namespace `name` (ingress_sbox or an `lb_` namespace), opening
     /// it first if the namespace is new to us.
     fn sync_lb(
@@ -314,7 +392,6 @@ impl MeshRules {
     ) -> Result<lb::LbSynced, lb::LbError> {
         let ns = Netns::open(&self.dir.join(name))?;
         let inode = ns.inode()?;
-        ns.write_sysctls(&firewall::sbox_sysctls(self.lb_kind, &self.kernel))?;
         if self.lbs.get(name).is_none_or(|(i, _)| *i != inode) {
             info!(
                 backend = self.lb_kind.as_str(),

@@ -309,7 +309,7 @@ pub fn sbox_sysctls(lb: LbKind, kernel: &str) -> Vec<(String, String)> {
 /// namespace, whose gwbridge icc drop needs them, nor ingress_sbox and `lb_` namespaces, which
 /// hold no bridge. The keys exist only while `br_netfilter` is loaded, and outside the node's
 /// namespace only from Linux 5.3, where they are per namespace (before, they were global):
-/// write them where present, with [`netns::Netns::write_present_sysctls`].
+/// write them where present (`netns::Netns::sync_sysctls` with `skip_absent`).
 pub fn overlay_sysctls() -> Vec<(String, String)> {
     ["iptables", "ip6tables", "arptables"]
         .into_iter()

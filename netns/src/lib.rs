@@ -248,23 +248,6 @@ impl Netns {
         &self,
         pairs: &[(K, V)],
     ) -> Result<()> {
-        self.write_sysctls_with(pairs, false)
-    }
-
-    /// Like [`Netns::write_sysctls`], but a key this namespace does not have is skipped: keys
-    /// that exist only while their module is loaded (`net.bridge.*` with br_netfilter).
-    pub fn write_present_sysctls<K: AsRef<str>, V: AsRef<str> + Sync>(
-        &self,
-        pairs: &[(K, V)],
-    ) -> Result<()> {
-        self.write_sysctls_with(pairs, true)
-    }
-
-    fn write_sysctls_with<K: AsRef<str>, V: AsRef<str> + Sync>(
-        &self,
-        pairs: &[(K, V)],
-        skip_absent: bool,
-    ) -> Result<()> {
         let files = pairs
             .iter()
             .map(|(k, v)| Ok((k.as_ref(), sysctl_path(k.as_ref())?, v.as_ref())))
@@ -273,17 +256,74 @@ impl Netns {
             files.iter().try_for_each(|(key, file, value)| {
                 // Not created if absent (procfs would refuse it anyway): a missing key is
                 // NotFound, whatever of its path is missing.
-                let written = OpenOptions::new()
+                OpenOptions::new()
                     .write(true)
                     .open(file)
-                    .and_then(|mut f| f.write_all(value.as_bytes()));
-                match written {
-                    Err(e) if skip_absent && e.kind() == ErrorKind::NotFound => Ok(()),
-                    r => r.map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}"))),
-                }
+                    .and_then(|mut f| f.write_all(value.as_bytes()))
+                    .map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))
             })
         })?
         .map_err(io_err("write sysctl in", &self.path))
+    }
+
+    /// Brings sysctls to the values given, from one thread in this namespace: reads each and
+    /// writes only those that differ, which it returns with what they were. A key this
+    /// namespace does not have is skipped when `skip_absent` (keys that exist only while their
+    /// module is loaded, as `net.bridge.*` with br_netfilter), an error otherwise.
+    pub fn sync_sysctls<K: AsRef<str>, V: AsRef<str> + Sync>(
+        &self,
+        pairs: &[(K, V)],
+        skip_absent: bool,
+    ) -> Result<Vec<SysctlDiff>> {
+        self.compare_sysctls(pairs, skip_absent, true)
+    }
+
+    /// The sysctls whose value is not the one given, with what they are; writes nothing.
+    pub fn differing_sysctls<K: AsRef<str>, V: AsRef<str> + Sync>(
+        &self,
+        pairs: &[(K, V)],
+        skip_absent: bool,
+    ) -> Result<Vec<SysctlDiff>> {
+        self.compare_sysctls(pairs, skip_absent, false)
+    }
+
+    fn compare_sysctls<K: AsRef<str>, V: AsRef<str> + Sync>(
+        &self,
+        pairs: &[(K, V)],
+        skip_absent: bool,
+        write: bool,
+    ) -> Result<Vec<SysctlDiff>> {
+        let files = pairs
+            .iter()
+            .map(|(k, v)| Ok((k.as_ref(), sysctl_path(k.as_ref())?, v.as_ref())))
+            .collect::<Result<Vec<_>>>()?;
+        self.run(|| {
+            let mut differ = Vec::new();
+            for (key, file, want) in &files {
+                let was = match fs::read_to_string(file) {
+                    Err(e) if skip_absent && e.kind() == ErrorKind::NotFound => continue,
+                    r => r.map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))?,
+                };
+                // procfs prints multi-value keys with tabs; ours are single values.
+                if was.trim_end() == want.trim() {
+                    continue;
+                }
+                if write {
+                    OpenOptions::new()
+                        .write(true)
+                        .open(file)
+                        .and_then(|mut f| f.write_all(want.as_bytes()))
+                        .map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))?;
+                }
+                differ.push(SysctlDiff {
+                    key: key.to_string(),
+                    was: was.trim_end().to_string(),
+                    want: want.to_string(),
+                });
+            }
+            Ok::<_, io::Error>(differ)
+        })?
+        .map_err(io_err("sync sysctls in", &self.path))
     }
 
     /// Process ids whose network namespace is this one.
@@ -294,6 +334,14 @@ impl Netns {
             .map(|(pid, _)| pid)
             .collect())
     }
+}
+
+/// A sysctl found with another value than the one wanted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SysctlDiff {
+    pub key: String,
+    pub was: String,
+    pub want: String,
 }
 
 impl AsFd for Netns {

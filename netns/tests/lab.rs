@@ -196,17 +196,50 @@ fn sysctls_are_per_namespace() {
         .to_string();
     assert!(err.contains("net.ipv4.nope"), "{err}");
     assert_eq!(b.read_sysctl("net.ipv4.tcp_fin_timeout").unwrap(), "23");
+    // Synced: only what differs is written, and returned with what it was.
+    let diff = b
+        .sync_sysctls(
+            &[
+                ("net.ipv4.tcp_fin_timeout", "31"),
+                ("net.ipv4.ip_forward", "1"),
+            ],
+            false,
+        )
+        .unwrap();
+    assert_eq!(
+        diff,
+        vec![netns::SysctlDiff {
+            key: "net.ipv4.tcp_fin_timeout".into(),
+            was: "23".into(),
+            want: "31".into(),
+        }]
+    );
+    assert_eq!(b.read_sysctl("net.ipv4.tcp_fin_timeout").unwrap(), "31");
+    // Compared only: nothing written.
+    let pairs = [("net.ipv4.ip_forward", "0")];
+    assert_eq!(b.differing_sysctls(&pairs, false).unwrap().len(), 1);
+    assert_eq!(b.read_sysctl("net.ipv4.ip_forward").unwrap(), "1");
     // Keys the namespace lacks (a key, or a whole directory of a module not loaded) skipped.
-    b.write_present_sysctls(&[
-        ("net.ipv4.nope", "1"),
-        ("net.nomodule.key", "1"),
-        ("net.ipv4.tcp_fin_timeout", "29"),
-    ])
-    .unwrap();
+    let diff = b
+        .sync_sysctls(
+            &[
+                ("net.ipv4.nope", "1"),
+                ("net.nomodule.key", "1"),
+                ("net.ipv4.tcp_fin_timeout", "29"),
+            ],
+            true,
+        )
+        .unwrap();
+    assert_eq!(diff.len(), 1);
     assert_eq!(b.read_sysctl("net.ipv4.tcp_fin_timeout").unwrap(), "29");
-    // Any other failure is still one.
+    // ... but not otherwise, and any other failure is still one.
     let err = b
-        .write_present_sysctls(&[("net.ipv4.tcp_fin_timeout", "not a number")])
+        .sync_sysctls(&[("net.ipv4.nope", "1")], false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("net.ipv4.nope"), "{err}");
+    let err = b
+        .sync_sysctls(&[("net.ipv4.tcp_fin_timeout", "not a number")], true)
         .unwrap_err()
         .to_string();
     assert!(err.contains("net.ipv4.tcp_fin_timeout"), "{err}");

@@ -77,7 +77,7 @@ pub trait LoadBalancer: Send {
 pub fn open(kind: LbKind, sbox: Netns, opts: LbOptions) -> Result<Box<dyn LoadBalancer>, LbError> {
     Ok(match kind {
         LbKind::Ipvs => Box::new(ipvs::IpvsLb::open(sbox, opts)?),
-        LbKind::Nftables => Box::new(nft::NftLb::open(sbox, opts.timeouts)?),
+        LbKind::Nftables => Box::new(nft::NftLb::open(sbox)),
     })
 }
 

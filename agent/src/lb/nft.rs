@@ -38,16 +38,12 @@ pub fn conntrack_sysctls(t: &Timeouts) -> Vec<(&'static str, u32)> {
 }
 
 impl NftLb {
-    pub fn open(sbox: Netns, timeouts: Timeouts) -> Result<NftLb, LbError> {
-        let sysctls: Vec<_> = conntrack_sysctls(&timeouts)
-            .into_iter()
-            .map(|(key, secs)| (key, secs.to_string()))
-            .collect();
-        sbox.write_sysctls(&sysctls)?;
-        Ok(NftLb {
+    /// The conntrack timeouts are the namespace's sysctls, which `MeshRules` keeps.
+    pub fn open(sbox: Netns) -> NftLb {
+        NftLb {
             sbox,
             table: Table::default(),
-        })
+        }
     }
 }
 
