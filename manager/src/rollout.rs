@@ -848,12 +848,7 @@ mod tests {
         while status(&s, "web").state == UpdateState::Updating {
             s.reconcile(now);
             s.refresh_assignments();
-            let draining: Vec<&Task> = s
-                .tasks
-                .values()
-                .filter(|t| t.is_draining())
-                .map(|t| &**t)
-                .collect();
+            let draining = crate::state::tests::draining(&s);
             most_draining = most_draining.max(draining.len());
             for t in &draining {
                 // Out of every balancer, still running on its node until every node applied.

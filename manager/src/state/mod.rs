@@ -808,6 +808,15 @@ pub(crate) mod tests {
         s.find_node(hostname).unwrap()
     }
 
+    /// The tasks draining now, in id order.
+    pub(crate) fn draining(s: &State) -> Vec<&Task> {
+        s.tasks
+            .values()
+            .filter(|t| t.is_draining())
+            .map(|t| &**t)
+            .collect()
+    }
+
     pub(crate) fn current<'a>(s: &'a State, service: &str) -> Vec<&'a Task> {
         let id = s.find_service(service).unwrap();
         let mut tasks: Vec<&Task> = s

@@ -876,12 +876,7 @@ mod tests {
         assert_eq!(tasks.iter().map(|t| t.id.clone()).collect::<Vec<_>>(), kept);
         // Slots 3..6 drain first: off the balancers, still on their nodes until every node
         // applied that.
-        let draining: Vec<&Task> = s
-            .tasks
-            .values()
-            .filter(|t| t.is_draining())
-            .map(|t| &**t)
-            .collect();
+        let draining = crate::state::tests::draining(&s);
         assert_eq!(draining.len(), 4);
         assert!(draining.iter().all(|t| t.slot > 2 && t.is_on_node()));
         let freed: Vec<Ipv4Net> = draining.iter().map(|t| t.attachments[0].addr).collect();

@@ -676,12 +676,7 @@ mod tests {
         s.reconcile(3);
         assert_eq!(s.services[&id].fwmark, Some(256));
         assert_eq!(s.services[&id].updated_at, 3);
-        let draining: Vec<&Task> = s
-            .tasks
-            .values()
-            .filter(|t| t.is_draining())
-            .map(|t| &**t)
-            .collect();
+        let draining = crate::state::tests::draining(&s);
         assert_eq!(draining.len(), 1, "parallelism 1: one old task at a time");
         let now = settle(&mut s, 3);
         let new = current(&s, "web");
