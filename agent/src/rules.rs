@@ -65,6 +65,9 @@ struct WantedSysctls {
     pairs: Vec<(String, String)>,
     /// Keys that exist only while a module is loaded: skipped where absent.
     skip_absent: bool,
+    /// Handles on the keys present, opened by the last pass: the watch between passes reads
+    /// them without entering the namespace (a thread each time).
+    handles: Vec<(String, std::fs::File)>,
 }
 
 /// The namespace the node's own objects live in, as repairs name it.
@@ -156,6 +159,7 @@ impl MeshRules {
             netns: NODE_NS.into(),
             pairs: firewall::node_sysctls(GWBRIDGE),
             skip_absent: false,
+            handles: Vec::new(),
         }];
         // Where present: br_netfilter, and with it these keys, may come at any time.
         for sandbox in mesh::overlay_networks(desired, running).keys() {
@@ -163,6 +167,7 @@ impl MeshRules {
                 netns: sandbox.clone(),
                 pairs: firewall::overlay_sysctls(),
                 skip_absent: true,
+                handles: Vec::new(),
             });
         }
         let sbox = mesh::sbox_state(desired, self.lb_kind);
@@ -178,13 +183,21 @@ impl MeshRules {
                 netns: name,
                 pairs: self.lb_sysctls(),
                 skip_absent: false,
+                handles: Vec::new(),
             });
         }
-        for w in &wanted {
-            match self.in_netns(&w.netns, |ns| ns.sync_sysctls(&w.pairs, w.skip_absent)) {
-                Ok(diffs) => out
-                    .sysctls
-                    .extend(diffs.into_iter().map(|d| (w.netns.clone(), d))),
+        for w in &mut wanted {
+            let synced = self.in_netns(&w.netns, |ns| {
+                let diffs = ns.sync_sysctls(&w.pairs, w.skip_absent)?;
+                let keys: Vec<&str> = w.pairs.iter().map(|(k, _)| k.as_str()).collect();
+                Ok((diffs, ns.open_sysctls(&keys, w.skip_absent)?))
+            });
+            match synced {
+                Ok((diffs, handles)) => {
+                    w.handles = handles;
+                    out.sysctls
+                        .extend(diffs.into_iter().map(|d| (w.netns.clone(), d)));
+                }
                 Err(e) => fail(&format!("sysctls in {}", w.netns), &e),
             }
         }
@@ -368,16 +381,17 @@ impl MeshRules {
     }
 
     /// The first sysctl the last pass kept that differs now, if any: a change written behind
-    /// the agent's back, which no notification tells of. Reads only.
+    /// the agent's back, which no notification tells of. Reads only, through the handles the
+    /// pass opened.
     pub fn sysctl_drift(&self) -> Option<String> {
         self.sysctls.iter().find_map(|w| {
-            let diffs = self.in_netns(&w.netns, |ns| ns.differing_sysctls(&w.pairs, w.skip_absent));
-            // A namespace gone or unreadable is the next pass's to report.
-            let d = diffs.ok()?.into_iter().next()?;
-            Some(format!(
-                "sysctl {} in {} is {}, should be {}",
-                d.key, w.netns, d.was, d.want
-            ))
+            w.handles.iter().find_map(|(key, file)| {
+                // A namespace gone or unreadable is the next pass's to report.
+                let now = netns::read_sysctl_handle(file).ok()?;
+                let want = &w.pairs.iter().find(|(k, _)| k == key)?.1;
+                (now != want.trim())
+                    .then(|| format!("sysctl {key} in {} is {now}, should be {want}", w.netns))
+            })
         })
     }
 

@@ -275,24 +275,6 @@ impl Netns {
         pairs: &[(K, V)],
         skip_absent: bool,
     ) -> Result<Vec<SysctlDiff>> {
-        self.compare_sysctls(pairs, skip_absent, true)
-    }
-
-    /// The sysctls whose value is not the one given, with what they are; writes nothing.
-    pub fn differing_sysctls<K: AsRef<str>, V: AsRef<str> + Sync>(
-        &self,
-        pairs: &[(K, V)],
-        skip_absent: bool,
-    ) -> Result<Vec<SysctlDiff>> {
-        self.compare_sysctls(pairs, skip_absent, false)
-    }
-
-    fn compare_sysctls<K: AsRef<str>, V: AsRef<str> + Sync>(
-        &self,
-        pairs: &[(K, V)],
-        skip_absent: bool,
-        write: bool,
-    ) -> Result<Vec<SysctlDiff>> {
         let files = pairs
             .iter()
             .map(|(k, v)| Ok((k.as_ref(), sysctl_path(k.as_ref())?, v.as_ref())))
@@ -308,13 +290,11 @@ impl Netns {
                 if was.trim_end() == want.trim() {
                     continue;
                 }
-                if write {
-                    OpenOptions::new()
-                        .write(true)
-                        .open(file)
-                        .and_then(|mut f| f.write_all(want.as_bytes()))
-                        .map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))?;
-                }
+                OpenOptions::new()
+                    .write(true)
+                    .open(file)
+                    .and_then(|mut f| f.write_all(want.as_bytes()))
+                    .map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))?;
                 differ.push(SysctlDiff {
                     key: key.to_string(),
                     was: was.trim_end().to_string(),
@@ -326,6 +306,35 @@ impl Netns {
         .map_err(io_err("sync sysctls in", &self.path))
     }
 
+    /// Read-only handles on sysctls of this namespace, opened from inside it: a handle goes on
+    /// reading this namespace's value from any thread, without entering it again (see
+    /// [`read_sysctl_handle`]). A key this namespace does not have is left out when
+    /// `skip_absent`, an error otherwise.
+    pub fn open_sysctls<K: AsRef<str> + Sync>(
+        &self,
+        keys: &[K],
+        skip_absent: bool,
+    ) -> Result<Vec<(String, File)>> {
+        let files = keys
+            .iter()
+            .map(|k| Ok((k.as_ref(), sysctl_path(k.as_ref())?)))
+            .collect::<Result<Vec<_>>>()?;
+        self.run(|| {
+            let mut out = Vec::new();
+            for (key, file) in &files {
+                match File::open(file) {
+                    Err(e) if skip_absent && e.kind() == ErrorKind::NotFound => {}
+                    r => out.push((
+                        key.to_string(),
+                        r.map_err(|e| io::Error::new(e.kind(), format!("{key}: {e}")))?,
+                    )),
+                }
+            }
+            Ok::<_, io::Error>(out)
+        })?
+        .map_err(io_err("open sysctls in", &self.path))
+    }
+
     /// Process ids whose network namespace is this one.
     pub fn pids(&self) -> Result<Vec<u32>> {
         let ino = self.inode()?;
@@ -334,6 +343,14 @@ impl Netns {
             .map(|(pid, _)| pid)
             .collect())
     }
+}
+
+/// The value of a sysctl through a handle from [`Netns::open_sysctls`], read from its start.
+pub fn read_sysctl_handle(file: &File) -> io::Result<String> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = [0u8; 256];
+    let n = file.read_at(&mut buf, 0)?;
+    Ok(String::from_utf8_lossy(&buf[..n]).trim_end().to_string())
 }
 
 /// A sysctl found with another value than the one wanted.

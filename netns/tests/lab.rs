@@ -215,10 +215,18 @@ fn sysctls_are_per_namespace() {
         }]
     );
     assert_eq!(b.read_sysctl("net.ipv4.tcp_fin_timeout").unwrap(), "31");
-    // Compared only: nothing written.
-    let pairs = [("net.ipv4.ip_forward", "0")];
-    assert_eq!(b.differing_sysctls(&pairs, false).unwrap().len(), 1);
-    assert_eq!(b.read_sysctl("net.ipv4.ip_forward").unwrap(), "1");
+    // A handle opened inside the namespace reads its value from this thread, outside it.
+    let handles = b
+        .open_sysctls(&["net.ipv4.ip_forward", "net.nomodule.key"], true)
+        .unwrap();
+    assert_eq!(handles.len(), 1);
+    assert_eq!(netns::read_sysctl_handle(&handles[0].1).unwrap(), "1");
+    a.write_sysctl("net.ipv4.ip_forward", "0").unwrap();
+    assert_eq!(netns::read_sysctl_handle(&handles[0].1).unwrap(), "1");
+    b.write_sysctl("net.ipv4.ip_forward", "0").unwrap();
+    assert_eq!(netns::read_sysctl_handle(&handles[0].1).unwrap(), "0");
+    b.write_sysctl("net.ipv4.ip_forward", "1").unwrap();
+    assert!(b.open_sysctls(&["net.nomodule.key"], false).is_err());
     // Keys the namespace lacks (a key, or a whole directory of a module not loaded) skipped.
     let diff = b
         .sync_sysctls(
