@@ -75,9 +75,10 @@ impl ObsCache {
         self.kept.clear();
     }
 
-    /// The observations a pass may take as they are, while the namespace's inode is the same.
-    pub fn reusable(&self) -> &BTreeMap<String, NsObs> {
-        &self.kept
+    /// The observations a pass may take as they are, while the namespace's inode is the same,
+    /// leaving none: the pass stores its own after.
+    pub fn take(&mut self) -> BTreeMap<String, NsObs> {
+        std::mem::take(&mut self.kept)
     }
 }
 
@@ -133,11 +134,14 @@ mod tests {
         let watched = BTreeMap::from([("a".to_string(), 1), ("c".to_string(), 9)]);
         let mut cache = ObsCache::default();
         cache.store(&observed, &watched);
-        assert_eq!(cache.reusable().keys().collect::<Vec<_>>(), ["a"]);
+        cache.invalidate("b");
+        assert_eq!(cache.take().keys().collect::<Vec<_>>(), ["a"]);
+        assert!(cache.take().is_empty(), "taken, none left");
+        cache.store(&observed, &watched);
         cache.invalidate("a");
-        assert!(cache.reusable().is_empty());
+        assert!(cache.take().is_empty());
         cache.store(&observed, &watched);
         cache.clear();
-        assert!(cache.reusable().is_empty());
+        assert!(cache.take().is_empty());
     }
 }

@@ -167,19 +167,25 @@ impl<K: Kernel> Reconciler<K> {
         let kernel = self.kernel.clone();
         // Watched before the observation begins: a change after it is bound to be notified.
         let watched = self.watch.watched();
-        let reuse = self.observed.reusable().clone();
-        let observed =
-            match tokio::task::spawn_blocking(move || kernel.observe_reusing(&reuse)).await {
-                Ok(Ok(o)) => o,
-                Ok(Err(e)) => {
-                    error!("observe the node: {e}");
-                    return 1;
-                }
-                Err(panicked) => {
-                    error!("observe the node: {panicked}");
-                    return 1;
-                }
-            };
+        // Taken, not copied: the observation replaces it below (a failed one leaves it empty,
+        // so the next pass reads everything).
+        let reuse = self.observed.take();
+        let observed = tokio::task::spawn_blocking(move || {
+            let observed = kernel.observe_reusing(&reuse);
+            (observed, reuse)
+        })
+        .await;
+        let (observed, reuse) = match observed {
+            Ok((Ok(o), reuse)) => (o, reuse),
+            Ok((Err(e), _)) => {
+                error!("observe the node: {e}");
+                return 1;
+            }
+            Err(panicked) => {
+                error!("observe the node: {panicked}");
+                return 1;
+            }
+        };
         // A watch holds its namespace alive: none outlives the file it was opened through.
         let current = observed
             .namespaces
@@ -190,12 +196,7 @@ impl<K: Kernel> Reconciler<K> {
         let reused = observed
             .namespaces
             .iter()
-            .filter(|(name, o)| {
-                self.observed
-                    .reusable()
-                    .get(*name)
-                    .is_some_and(|kept| kept.inode == o.inode)
-            })
+            .filter(|(name, o)| reuse.get(*name).is_some_and(|kept| kept.inode == o.inode))
             .count();
         self.observed.store(&observed, &watched);
         clock.lap("observe");
